@@ -1,0 +1,212 @@
+//! The connection loop: one session per WebSocket, and the backoff between sessions.
+//! A session registers, then runs a `select!` over cancellation, the heartbeat timer
+//! and inbound frames until the connection ends.
+
+use std::time::Duration;
+
+use adi_protocol::{
+    decode, encode, DeviceSecret, DeviceToHub, ErrorCode, Heartbeat, HubToDevice, Register,
+    SUPPORTED_VERSIONS,
+};
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::watch;
+use tokio::time::{interval, timeout, Instant, MissedTickBehavior};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{CocoonConfig, CocoonError, ConnState};
+
+/// How long to wait for the hub's answer to a registration.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Heartbeat intervals without any frame from the hub before the link counts as dead.
+const SILENT_INTERVALS: u32 = 3;
+
+/// How one session ended.
+enum Outcome {
+    Cancelled,
+    Refused(ErrorCode, String),
+    Lost { registered: bool, reason: String },
+}
+
+pub(crate) async fn run(
+    config: CocoonConfig,
+    ws_url: String,
+    secret: DeviceSecret,
+    state: watch::Sender<ConnState>,
+    cancel: CancellationToken,
+) -> Result<(), CocoonError> {
+    let mut token = config.setup_token.clone();
+    let mut attempt: u32 = 0;
+    loop {
+        state.send_replace(ConnState::Connecting);
+        let outcome = session(&config, &ws_url, &secret, &mut token, &state, &cancel).await;
+        let reason = match outcome {
+            Outcome::Cancelled => {
+                state.send_replace(ConnState::Stopped);
+                return Ok(());
+            }
+            Outcome::Refused(code, message) if !code.is_retryable() => {
+                state.send_replace(ConnState::Failed {
+                    code,
+                    message: message.clone(),
+                });
+                return Err(CocoonError::Refused { code, message });
+            }
+            Outcome::Refused(code, message) => format!("hub refused ({code}): {message}"),
+            Outcome::Lost { registered, reason } => {
+                if registered {
+                    attempt = 0;
+                }
+                reason
+            }
+        };
+        let delay = config.backoff(attempt);
+        warn!(
+            attempt,
+            delay_ms = delay.as_millis() as u64,
+            "hub connection lost: {reason}"
+        );
+        state.send_replace(ConnState::Reconnecting { attempt, reason });
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                state.send_replace(ConnState::Stopped);
+                return Ok(());
+            }
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+async fn session(
+    config: &CocoonConfig,
+    ws_url: &str,
+    secret: &DeviceSecret,
+    token: &mut Option<String>,
+    state: &watch::Sender<ConnState>,
+    cancel: &CancellationToken,
+) -> Outcome {
+    let ws_config = WebSocketConfig::default()
+        .read_buffer_size(16 * 1024)
+        .max_message_size(Some(config.max_frame_bytes))
+        .max_frame_size(Some(config.max_frame_bytes));
+    let connect = tokio_tungstenite::connect_async_with_config(ws_url, Some(ws_config), true);
+    let mut ws = tokio::select! {
+        _ = cancel.cancelled() => return Outcome::Cancelled,
+        r = timeout(REGISTER_TIMEOUT, connect) => match r {
+            Err(_) => return lost(false, "connecting timed out"),
+            Ok(Err(e)) => return lost(false, format!("cannot connect to {ws_url}: {e}")),
+            Ok(Ok((ws, _))) => ws,
+        },
+    };
+    let register = DeviceToHub::Register(Register {
+        versions: SUPPORTED_VERSIONS.to_vec(),
+        secret: secret.clone(),
+        setup_token: token.clone(),
+        name: config.name.clone(),
+        services: config.services.clone(),
+        capabilities: Vec::new(),
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+    });
+    if let Err(e) = ws.send(Message::text(encode(&register))).await {
+        return lost(false, format!("sending registration failed: {e}"));
+    }
+    let registered = tokio::select! {
+        _ = cancel.cancelled() => return Outcome::Cancelled,
+        r = timeout(REGISTER_TIMEOUT, ws.next()) => r,
+    };
+    let registered = match registered {
+        Err(_) => return lost(false, "no answer to registration"),
+        Ok(None) => return lost(false, "hub closed before answering"),
+        Ok(Some(Err(e))) => return lost(false, format!("reading registration answer: {e}")),
+        Ok(Some(Ok(msg))) => match msg {
+            Message::Text(t) => match decode::<HubToDevice>(t.as_bytes(), config.max_frame_bytes) {
+                Ok(HubToDevice::Registered(r)) => r,
+                Ok(HubToDevice::Error { code, message }) => return Outcome::Refused(code, message),
+                Err(e) => return lost(false, format!("bad registration answer: {e}")),
+            },
+            Message::Close(frame) => return lost(false, close_reason(frame.as_ref())),
+            _ => return lost(false, "unexpected registration answer"),
+        },
+    };
+    if registered.enrolled {
+        info!(device_id = %registered.device_id, "device enrolled");
+    }
+    // The token is spent; later reconnects prove identity with the secret alone.
+    *token = None;
+    let heartbeat_every = Duration::from_millis(registered.heartbeat_interval_ms.max(100));
+    info!(device_id = %registered.device_id, heartbeat_ms = registered.heartbeat_interval_ms, "connected to hub");
+    state.send_replace(ConnState::Online {
+        device_id: registered.device_id.clone(),
+    });
+
+    let mut ticker = interval(heartbeat_every);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    ticker.reset();
+    let mut seq = 0u64;
+    let mut last_heard = Instant::now();
+    loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => {
+                let _ = ws.send(Message::Close(Some(CloseFrame {
+                    code: CloseCode::Normal,
+                    reason: "cocoon stopping".into(),
+                }))).await;
+                let _ = timeout(Duration::from_secs(1), ws.close(None)).await;
+                return Outcome::Cancelled;
+            }
+            _ = ticker.tick() => {
+                if last_heard.elapsed() > heartbeat_every * SILENT_INTERVALS {
+                    return lost(true, "hub silent for 3 heartbeat intervals");
+                }
+                seq += 1;
+                let hb = encode(&DeviceToHub::Heartbeat(Heartbeat { seq }));
+                // The ping makes the hub answer, so a dead hub is noticed even though
+                // heartbeats themselves are not acknowledged.
+                let sent = async {
+                    ws.feed(Message::text(hb)).await?;
+                    ws.feed(Message::Ping(Default::default())).await?;
+                    ws.flush().await
+                };
+                if let Err(e) = sent.await {
+                    return lost(true, format!("sending heartbeat failed: {e}"));
+                }
+            }
+            frame = ws.next() => {
+                last_heard = Instant::now();
+                match frame {
+                    None => return lost(true, "hub closed the connection"),
+                    Some(Err(e)) => return lost(true, format!("connection failed: {e}")),
+                    Some(Ok(Message::Close(frame))) => return lost(true, close_reason(frame.as_ref())),
+                    Some(Ok(Message::Text(t))) => {
+                        match decode::<HubToDevice>(t.as_bytes(), config.max_frame_bytes) {
+                            Ok(HubToDevice::Error { code, message }) => warn!(%code, "hub reported an error: {message}"),
+                            Ok(HubToDevice::Registered(_)) => warn!("unexpected second registration answer"),
+                            Err(e) => warn!("undecodable frame from hub: {e}"),
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                }
+            }
+        }
+    }
+}
+
+fn lost(registered: bool, reason: impl Into<String>) -> Outcome {
+    Outcome::Lost {
+        registered,
+        reason: reason.into(),
+    }
+}
+
+fn close_reason(frame: Option<&CloseFrame>) -> String {
+    match frame {
+        Some(f) if !f.reason.is_empty() => format!("hub closed the connection: {}", f.reason),
+        Some(f) => format!("hub closed the connection (code {})", u16::from(f.code)),
+        None => "hub closed the connection".into(),
+    }
+}

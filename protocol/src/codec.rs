@@ -1,0 +1,214 @@
+//! Frame codec: bytes in, typed message or a descriptive error out, never a panic.
+
+use serde::{de::DeserializeOwned, Serialize};
+
+/// Default cap on one control frame. Bodies travel in their own chunked frames, so
+/// control messages stay small; a peer that sends more is broken or hostile.
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 * 1024;
+
+/// Longest serde message we pass on, so a hostile peer cannot bloat our logs.
+const MAX_REASON_LEN: usize = 200;
+
+/// Why a frame did not decode into a message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The frame is bigger than the limit.
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge {
+        /// Size of the frame.
+        len: usize,
+        /// The limit in force.
+        max: usize,
+    },
+    /// The frame is not a message of this protocol.
+    #[error("invalid message: {0}")]
+    Invalid(String),
+}
+
+/// Decodes one frame. Errors never quote field values, which may be secrets.
+pub fn decode<T: DeserializeOwned>(frame: &[u8], max_len: usize) -> Result<T, DecodeError> {
+    if frame.len() > max_len {
+        return Err(DecodeError::TooLarge {
+            len: frame.len(),
+            max: max_len,
+        });
+    }
+    serde_json::from_slice(frame).map_err(|e| DecodeError::Invalid(describe(&e)))
+}
+
+/// Encodes one message as the text of a frame.
+pub fn encode<T: Serialize>(msg: &T) -> String {
+    // Our message types contain only strings, numbers and maps with string keys, for
+    // which serde_json cannot fail; an empty object keeps this total all the same.
+    serde_json::to_string(msg).unwrap_or_else(|_| String::from("{}"))
+}
+
+fn describe(e: &serde_json::Error) -> String {
+    let msg = e.to_string();
+    // "invalid type: string \"<value>\"" would echo the value back; say where instead.
+    if msg.starts_with("invalid type") || msg.starts_with("invalid value") {
+        return format!(
+            "a field has the wrong type or value at line {} column {}",
+            e.line(),
+            e.column()
+        );
+    }
+    let mut out: String = msg.chars().take(MAX_REASON_LEN).collect();
+    if out.len() < msg.len() {
+        out.push('…');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        DeviceId, DeviceSecret, DeviceToHub, ErrorCode, Heartbeat, HubToDevice, Register,
+        Registered, ServiceInfo,
+    };
+    use proptest::prelude::*;
+
+    fn service() -> impl Strategy<Value = ServiceInfo> {
+        (
+            "[a-z][a-z0-9-]{0,20}",
+            any::<u16>(),
+            proptest::option::of("/[a-z/]{0,20}"),
+        )
+            .prop_map(|(name, port, health_path)| ServiceInfo {
+                name,
+                port,
+                health_path,
+            })
+    }
+
+    fn device_to_hub() -> impl Strategy<Value = DeviceToHub> {
+        prop_oneof![
+            (
+                proptest::collection::vec(any::<u32>(), 0..4),
+                "[A-Za-z0-9_-]{32,64}",
+                proptest::option::of("\\PC{0,40}"),
+                "\\PC{0,40}",
+                proptest::collection::vec(service(), 0..4),
+                proptest::collection::vec("[a-z.]{1,10}:[0-9]\\.[0-9]\\.[0-9]", 0..3),
+                "\\PC{0,10}",
+            )
+                .prop_map(
+                    |(versions, secret, setup_token, name, services, capabilities, agent)| {
+                        DeviceToHub::Register(Register {
+                            versions,
+                            secret: DeviceSecret::new(secret).expect("generated long enough"),
+                            setup_token,
+                            name,
+                            services,
+                            capabilities,
+                            agent_version: agent,
+                        })
+                    }
+                ),
+            any::<u64>().prop_map(|seq| DeviceToHub::Heartbeat(Heartbeat { seq })),
+            proptest::collection::vec(service(), 0..5)
+                .prop_map(|services| DeviceToHub::ServiceRegister { services }),
+        ]
+    }
+
+    fn hub_to_device() -> impl Strategy<Value = HubToDevice> {
+        prop_oneof![
+            (
+                proptest::collection::vec(any::<u8>(), 16),
+                any::<u32>(),
+                any::<u64>(),
+                any::<bool>()
+            )
+                .prop_map(|(mac, v, hb, enrolled)| HubToDevice::Registered(
+                    Registered {
+                        device_id: DeviceId::from_mac(&mac),
+                        protocol_version: v,
+                        heartbeat_interval_ms: hb,
+                        enrolled,
+                    }
+                )),
+            (
+                prop_oneof![
+                    Just(ErrorCode::BadRequest),
+                    Just(ErrorCode::TokenUsed),
+                    Just(ErrorCode::NotEnrolled),
+                    Just(ErrorCode::Internal)
+                ],
+                "\\PC{0,60}"
+            )
+                .prop_map(|(code, message)| HubToDevice::Error { code, message }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn device_to_hub_round_trips(msg in device_to_hub()) {
+            let text = encode(&msg);
+            let back: DeviceToHub = decode(text.as_bytes(), usize::MAX).expect("decodes");
+            prop_assert_eq!(back, msg);
+        }
+
+        #[test]
+        fn hub_to_device_round_trips(msg in hub_to_device()) {
+            let text = encode(&msg);
+            let back: HubToDevice = decode(text.as_bytes(), usize::MAX).expect("decodes");
+            prop_assert_eq!(back, msg);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode::<DeviceToHub>(&bytes, DEFAULT_MAX_FRAME_BYTES);
+            let _ = decode::<HubToDevice>(&bytes, DEFAULT_MAX_FRAME_BYTES);
+        }
+
+        #[test]
+        fn json_shaped_garbage_never_panics(s in "\\{\"type\":\"(register|heartbeat|service_register|x)\"(,\"[a-z_]{1,10}\":(\\[|\\{|\"|[0-9]|null|true)){0,4}\\}?") {
+            let _ = decode::<DeviceToHub>(s.as_bytes(), DEFAULT_MAX_FRAME_BYTES);
+        }
+    }
+
+    #[test]
+    fn oversized_frame_is_refused_before_parsing() {
+        let frame = vec![b' '; 100];
+        assert_eq!(
+            decode::<DeviceToHub>(&frame, 10),
+            Err(DecodeError::TooLarge { len: 100, max: 10 })
+        );
+    }
+
+    #[test]
+    fn unknown_type_is_an_error_and_unknown_fields_are_ignored() {
+        let err = decode::<DeviceToHub>(br#"{"type":"teleport"}"#, 1024).expect_err("unknown");
+        assert!(err.to_string().contains("unknown variant"), "{err}");
+        let hb: DeviceToHub = decode(
+            br#"{"type":"heartbeat","seq":3,"future_field":[1,2]}"#,
+            1024,
+        )
+        .expect("ok");
+        assert_eq!(hb, DeviceToHub::Heartbeat(Heartbeat { seq: 3 }));
+    }
+
+    #[test]
+    fn errors_do_not_echo_secret_values() {
+        let frame = br#"{"type":"register","versions":"SUPERSECRETVALUE-0123456789abcdefghijkl","secret":"x","name":"n"}"#;
+        let err = decode::<DeviceToHub>(frame, 1024).expect_err("wrong type");
+        assert!(!err.to_string().contains("SUPERSECRET"), "{err}");
+    }
+
+    #[test]
+    fn short_secret_on_the_wire_is_caught_by_validate() {
+        let frame = br#"{"type":"register","versions":[1],"secret":"short","name":"n"}"#;
+        let DeviceToHub::Register(r) = decode::<DeviceToHub>(frame, 1024).expect("decodes") else {
+            panic!("not a register");
+        };
+        assert!(r.secret.validate().is_err());
+    }
+
+    #[test]
+    fn version_negotiation_picks_the_newest_common() {
+        assert_eq!(crate::negotiate_version(&[1, 2, 99]), Some(1));
+        assert_eq!(crate::negotiate_version(&[0, 99]), None);
+        assert_eq!(crate::negotiate_version(&[]), None);
+    }
+}

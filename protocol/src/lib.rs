@@ -1,0 +1,35 @@
+//! Wire types shared by the hub (`signaling`), the device agent (`cocoon`) and clients.
+//!
+//! This crate owns the shape of every message and the codec that turns frames into them.
+//! It must never do I/O: no sockets, no tokio, no files.
+//!
+//! # Protocol flow (one WebSocket per cocoon, `GET /ws/cocoon`)
+//!
+//! 1. The cocoon connects and sends [`DeviceToHub::Register`] as its first text frame,
+//!    listing every protocol version it speaks, its device secret and, on first run only,
+//!    a one-time setup token.
+//! 2. The hub picks the highest version both sides speak, derives the device id from the
+//!    secret (HMAC-SHA256 under a hub key), enrols the device if a token was given, and
+//!    answers [`HubToDevice::Registered`] with the device id, the chosen version and the
+//!    heartbeat interval. Any failure is answered with [`HubToDevice::Error`] and a close
+//!    frame whose reason names the error code.
+//! 3. The cocoon sends [`DeviceToHub::Heartbeat`] every interval. The hub keeps heartbeat
+//!    state in RAM only and closes a connection that stays silent for three intervals.
+//! 4. A frame that does not decode is answered with [`HubToDevice::Error`] (`bad_request`);
+//!    the connection stays up. An oversized frame closes the connection with code 1009.
+//!
+//! Control messages are JSON text frames tagged by `type`; unknown fields are ignored so
+//! either side can grow, unknown types are errors.
+
+mod codec;
+mod error;
+mod ids;
+mod messages;
+
+pub use codec::{decode, encode, DecodeError, DEFAULT_MAX_FRAME_BYTES};
+pub use error::ErrorCode;
+pub use ids::{DeviceId, DeviceSecret, InvalidId, SecretError, MIN_SECRET_LEN};
+pub use messages::{
+    negotiate_version, DeviceToHub, Heartbeat, HubToDevice, Register, Registered, ServiceInfo,
+    PROTOCOL_VERSION, SUPPORTED_VERSIONS,
+};

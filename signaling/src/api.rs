@@ -1,0 +1,448 @@
+//! The REST edge: JSON in and out, a bearer JWT on every `/api` route but the token
+//! exchange, and one error shape (`{"error": {"code", "message"}}`) whose status comes
+//! from the shared [`ErrorCode`]. Internal detail is logged, never sent.
+//!
+//! Ownership is checked on every device route; a device the caller does not own is
+//! answered exactly like one that does not exist.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use adi_protocol::{DeviceId, ErrorCode, ServiceInfo};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, FromRequestParts, Path, State, WebSocketUpgrade};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use crate::auth::{self, unix_now_i64, AuthError};
+use crate::catalog::{CatalogError, DeviceRecord, Owner, TokenKind, UserId};
+use crate::tokens::{self, TokenError};
+use crate::HubState;
+
+type AppState = Arc<HubState>;
+
+/// Every route of the hub.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/ws/cocoon", get(cocoon_ws))
+        .route("/api/auth/token", post(auth_token))
+        .route("/api/cocoons", get(list_cocoons))
+        .route("/api/cocoons/{id}", get(get_cocoon))
+        .route("/api/cocoons/{id}/services", get(get_services))
+        .route("/api/tokens", post(create_token))
+        .route("/api/tokens/claim", post(claim_token))
+        .route("/api/{*rest}", axum::routing::any(api_not_found))
+        .merge(crate::install::routes())
+        .with_state(state)
+}
+
+/// An error as the REST edge answers it.
+#[derive(Debug)]
+pub struct ApiError {
+    code: ErrorCode,
+    message: String,
+}
+
+impl ApiError {
+    /// An error with a message safe to show the caller.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ApiError {
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn not_found_device() -> Self {
+        ApiError::new(ErrorCode::NotFound, "no such device")
+    }
+
+    /// Logs the detail and answers a bare "internal error".
+    fn internal(detail: &dyn std::fmt::Display) -> Self {
+        warn!("request failed: {detail:#}");
+        ApiError::new(ErrorCode::Internal, "internal error")
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorDetail<'a> {
+    code: ErrorCode,
+    message: &'a str,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.code.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code,
+                message: &self.message,
+            },
+        };
+        let mut resp = (status, axum::Json(body)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        resp
+    }
+}
+
+impl From<CatalogError> for ApiError {
+    fn from(e: CatalogError) -> Self {
+        match e {
+            CatalogError::Conflict(what) => {
+                ApiError::new(ErrorCode::Conflict, format!("{what} already exists"))
+            }
+            other => ApiError::internal(&other),
+        }
+    }
+}
+
+impl From<TokenError> for ApiError {
+    fn from(e: TokenError) -> Self {
+        match e {
+            TokenError::Catalog(inner) => inner.into(),
+            other => ApiError::new(other.code(), other.to_string()),
+        }
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::Catalog(inner) => inner.into(),
+            other => ApiError::new(ErrorCode::Unauthorized, other.to_string()),
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> Self {
+        ApiError::new(ErrorCode::BadRequest, e.body_text())
+    }
+}
+
+/// A JSON body whose rejections use the API's error shape.
+#[derive(FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct Json<T>(pub T);
+
+impl<T: Serialize> IntoResponse for Json<T> {
+    fn into_response(self) -> Response {
+        axum::Json(self.0).into_response()
+    }
+}
+
+/// The authenticated caller, from `Authorization: Bearer <jwt>`.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The user's id.
+    pub id: UserId,
+    /// The user's name.
+    pub name: String,
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let header = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "missing bearer token"))?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|h| {
+                h.strip_prefix("Bearer ")
+                    .or_else(|| h.strip_prefix("bearer "))
+            })
+            .ok_or_else(|| {
+                ApiError::new(ErrorCode::Unauthorized, "malformed Authorization header")
+            })?;
+        let claims = state.auth.verify(token.trim())?;
+        Ok(Caller {
+            id: claims.sub,
+            name: claims.name,
+        })
+    }
+}
+
+async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
+    state
+        .catalog
+        .ping()
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    Ok("ready")
+}
+
+async fn api_not_found() -> ApiError {
+    ApiError::new(ErrorCode::NotFound, "no such API route")
+}
+
+async fn cocoon_ws(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
+    let max = state.config.max_frame_bytes;
+    ws.read_buffer_size(state.config.ws_read_buffer_bytes)
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| crate::connection::serve(state, socket))
+}
+
+#[derive(Deserialize)]
+struct AuthRequest {
+    api_key: String,
+}
+
+#[derive(Serialize)]
+struct AuthResponse {
+    token: String,
+    expires_at: u64,
+    user: UserView,
+}
+
+#[derive(Serialize)]
+struct UserView {
+    id: UserId,
+    name: String,
+}
+
+async fn auth_token(
+    State(state): State<AppState>,
+    Json(req): Json<AuthRequest>,
+) -> Result<Json<AuthResponse>, ApiError> {
+    let user = auth::user_for_api_key(&state.catalog, &req.api_key).await?;
+    let (token, expires_at) = state.auth.issue(&user);
+    Ok(Json(AuthResponse {
+        token,
+        expires_at,
+        user: UserView {
+            id: user.id,
+            name: user.name,
+        },
+    }))
+}
+
+/// A device as the API shows it: catalog configuration plus live presence.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct CocoonView {
+    /// Device id.
+    pub id: DeviceId,
+    /// Device name.
+    pub name: String,
+    /// `online` or `offline`, from heartbeat age.
+    pub status: String,
+    /// Whether the device is online.
+    pub online: bool,
+    /// Seconds since the last heartbeat, when connected.
+    pub last_heartbeat_age_secs: Option<f64>,
+    /// Declared services.
+    pub services: Vec<ServiceInfo>,
+    /// Declared capabilities.
+    pub capabilities: Vec<String>,
+    /// Owners.
+    pub owners: Vec<OwnerView>,
+    /// Unix seconds of enrolment.
+    pub created_at: i64,
+}
+
+/// An owner as the API shows it.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct OwnerView {
+    /// User id.
+    pub id: UserId,
+    /// User name.
+    pub name: String,
+}
+
+impl From<Owner> for OwnerView {
+    fn from(o: Owner) -> Self {
+        OwnerView {
+            id: o.id,
+            name: o.name,
+        }
+    }
+}
+
+fn view(state: &HubState, d: DeviceRecord) -> CocoonView {
+    let presence = state.registry.presence(&d.id);
+    CocoonView {
+        status: if presence.online { "online" } else { "offline" }.into(),
+        online: presence.online,
+        last_heartbeat_age_secs: presence
+            .last_heartbeat_age
+            .map(|a| (a.as_secs_f64() * 10.0).round() / 10.0),
+        id: d.id,
+        name: d.name,
+        services: d.services,
+        capabilities: d.capabilities,
+        owners: d.owners.into_iter().map(Into::into).collect(),
+        created_at: d.created_at,
+    }
+}
+
+#[derive(Serialize)]
+struct CocoonList {
+    cocoons: Vec<CocoonView>,
+}
+
+async fn list_cocoons(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<CocoonList>, ApiError> {
+    let devices = state.catalog.devices_owned_by(caller.id).await?;
+    Ok(Json(CocoonList {
+        cocoons: devices.into_iter().map(|d| view(&state, d)).collect(),
+    }))
+}
+
+/// Loads a device the caller owns; anything else is the same 404.
+async fn owned_device(
+    state: &HubState,
+    caller: &Caller,
+    raw_id: &str,
+) -> Result<DeviceRecord, ApiError> {
+    let id: DeviceId = raw_id.parse().map_err(|_| ApiError::not_found_device())?;
+    let device = state
+        .catalog
+        .device(&id)
+        .await?
+        .ok_or_else(ApiError::not_found_device)?;
+    if !device.owners.iter().any(|o| o.id == caller.id) {
+        return Err(ApiError::not_found_device());
+    }
+    Ok(device)
+}
+
+async fn get_cocoon(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<CocoonView>, ApiError> {
+    let device = owned_device(&state, &caller, &id).await?;
+    Ok(Json(view(&state, device)))
+}
+
+#[derive(Serialize)]
+struct ServiceList {
+    device_id: DeviceId,
+    services: Vec<ServiceInfo>,
+}
+
+async fn get_services(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<ServiceList>, ApiError> {
+    let device = owned_device(&state, &caller, &id).await?;
+    Ok(Json(ServiceList {
+        device_id: device.id,
+        services: device.services,
+    }))
+}
+
+#[derive(Deserialize)]
+struct TokenRequest {
+    kind: TokenKind,
+    #[serde(default)]
+    device_id: Option<String>,
+    #[serde(default = "default_token_ttl")]
+    expires_in_secs: u64,
+}
+
+fn default_token_ttl() -> u64 {
+    3600
+}
+
+#[derive(Serialize)]
+struct TokenResponse {
+    token: String,
+    kind: TokenKind,
+    expires_at: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device_id: Option<DeviceId>,
+}
+
+async fn create_token(
+    State(state): State<AppState>,
+    caller: Caller,
+    Json(req): Json<TokenRequest>,
+) -> Result<(StatusCode, Json<TokenResponse>), ApiError> {
+    let device = match (req.kind, req.device_id.as_deref()) {
+        (TokenKind::Setup, None) => None,
+        (TokenKind::Setup, Some(_)) => {
+            return Err(ApiError::new(
+                ErrorCode::BadRequest,
+                "a setup token enrols a new device; it takes no device_id",
+            ))
+        }
+        (TokenKind::Share, None) => {
+            return Err(ApiError::new(
+                ErrorCode::BadRequest,
+                "a share token needs the device_id of a device you own",
+            ))
+        }
+        (TokenKind::Share, Some(id)) => Some(owned_device(&state, &caller, id).await?.id),
+    };
+    let issued = tokens::issue(
+        state.catalog.as_ref(),
+        caller.id,
+        req.kind,
+        device.clone(),
+        Duration::from_secs(req.expires_in_secs),
+        unix_now_i64(),
+    )
+    .await?;
+    tracing::info!(token_id = %issued.id, kind = req.kind.as_str(), user = %caller.id, "token issued");
+    Ok((
+        StatusCode::CREATED,
+        Json(TokenResponse {
+            token: issued.token,
+            kind: req.kind,
+            expires_at: issued.expires_at,
+            device_id: device,
+        }),
+    ))
+}
+
+#[derive(Deserialize)]
+struct ClaimRequest {
+    token: String,
+}
+
+async fn claim_token(
+    State(state): State<AppState>,
+    caller: Caller,
+    Json(req): Json<ClaimRequest>,
+) -> Result<Json<CocoonView>, ApiError> {
+    let device_id = tokens::claim(
+        state.catalog.as_ref(),
+        &req.token,
+        caller.id,
+        unix_now_i64(),
+    )
+    .await
+    .inspect_err(|e| warn!(user = %caller.id, "share token refused: {e}"))?;
+    tracing::info!(device_id = %device_id, user = %caller.id, "device shared");
+    let device = state
+        .catalog
+        .device(&device_id)
+        .await?
+        .ok_or_else(ApiError::not_found_device)?;
+    Ok(Json(view(&state, device)))
+}

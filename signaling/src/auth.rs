@@ -1,0 +1,253 @@
+//! User authentication: API keys (stored hashed) are exchanged for short-lived JWTs,
+//! and every REST call presents the JWT. Only HS256 under the hub's own key is
+//! accepted: `alg: none`, other algorithms, wrong signatures and expired tokens fail.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::{ApiKeyRecord, Catalog, CatalogError, User, UserId};
+use crate::credential::{self, API_KEY_PREFIX};
+
+/// Issuer claim the hub writes and demands.
+const ISSUER: &str = "adi-hub";
+
+/// What a hub JWT asserts.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Claims {
+    /// The user's id.
+    pub sub: UserId,
+    /// The user's name, for display only; authorization uses `sub`.
+    pub name: String,
+    /// Issued at, unix seconds.
+    pub iat: u64,
+    /// Expiry, unix seconds.
+    pub exp: u64,
+    /// Always [`ISSUER`].
+    pub iss: String,
+}
+
+/// Why a credential was refused. Messages are safe to show: they never quote it.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// Not an API key of this hub's format.
+    #[error("malformed API key")]
+    MalformedKey,
+    /// Unknown key id or wrong secret; the two are not told apart.
+    #[error("invalid API key")]
+    InvalidKey,
+    /// The JWT is expired.
+    #[error("session expired; sign in again")]
+    Expired,
+    /// The JWT is malformed, wrongly signed or of a refused algorithm.
+    #[error("invalid bearer token")]
+    InvalidToken,
+    /// The catalog failed.
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+}
+
+/// Issues and checks JWTs under the hub's key.
+pub struct Auth {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+    ttl: Duration,
+}
+
+impl Auth {
+    /// Builds the authenticator from the hub's JWT key and the token lifetime.
+    pub fn new(key: &[u8], ttl: Duration) -> Self {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_issuer(&[ISSUER]);
+        validation.set_required_spec_claims(&["exp", "iss", "sub"]);
+        validation.leeway = 5;
+        Auth {
+            encoding: EncodingKey::from_secret(key),
+            decoding: DecodingKey::from_secret(key),
+            validation,
+            ttl,
+        }
+    }
+
+    /// Issues a JWT for `user`; returns it and its expiry in unix seconds.
+    pub fn issue(&self, user: &User) -> (String, u64) {
+        let iat = unix_now();
+        let exp = iat + self.ttl.as_secs().max(1);
+        let claims = Claims {
+            sub: user.id,
+            name: user.name.clone(),
+            iat,
+            exp,
+            iss: ISSUER.to_owned(),
+        };
+        // HS256 signing of a plain struct cannot fail; an empty token would be refused.
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .unwrap_or_default();
+        (token, exp)
+    }
+
+    /// Checks a JWT's algorithm, signature, issuer and expiry.
+    pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+        jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map(|d| d.claims)
+            .map_err(|e| match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+                _ => AuthError::InvalidToken,
+            })
+    }
+}
+
+/// Creates a user and their first API key; returns the key, shown once.
+pub async fn add_user(catalog: &dyn Catalog, name: &str) -> Result<(User, String), CatalogError> {
+    let user = catalog.create_user(name).await?;
+    let key = add_api_key(catalog, user.id).await?;
+    Ok((user, key))
+}
+
+/// Mints another API key for a user; returns it, shown once.
+pub async fn add_api_key(catalog: &dyn Catalog, user: UserId) -> Result<String, CatalogError> {
+    let minted = credential::mint(API_KEY_PREFIX);
+    catalog
+        .insert_api_key(&ApiKeyRecord {
+            key_id: minted.id,
+            user_id: user,
+            secret_hash: minted.secret_hash,
+            created_at: unix_now_i64(),
+        })
+        .await?;
+    Ok(minted.full)
+}
+
+/// Finds the user an API key belongs to.
+pub async fn user_for_api_key(catalog: &Arc<dyn Catalog>, key: &str) -> Result<User, AuthError> {
+    let parsed = credential::parse(key)
+        .filter(|p| p.prefix == API_KEY_PREFIX)
+        .ok_or(AuthError::MalformedKey)?;
+    let record = catalog
+        .api_key(parsed.id)
+        .await?
+        .ok_or(AuthError::InvalidKey)?;
+    if !parsed.verify(&record.secret_hash) {
+        return Err(AuthError::InvalidKey);
+    }
+    catalog
+        .user(record.user_id)
+        .await?
+        .ok_or(AuthError::InvalidKey)
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Seconds since the Unix epoch, in the catalog's integer type.
+pub fn unix_now_i64() -> i64 {
+    i64::try_from(unix_now()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+
+    fn user() -> User {
+        User {
+            id: UserId(uuid::Uuid::new_v4()),
+            name: "alice".into(),
+            created_at: 0,
+        }
+    }
+
+    #[test]
+    fn issued_token_verifies() {
+        let auth = Auth::new(b"0123456789abcdef0123456789abcdef", Duration::from_secs(60));
+        let u = user();
+        let (token, exp) = auth.issue(&u);
+        let claims = auth.verify(&token).expect("valid");
+        assert_eq!(claims.sub, u.id);
+        assert_eq!(claims.exp, exp);
+    }
+
+    #[test]
+    fn wrong_key_is_refused() {
+        let a = Auth::new(b"key-one-key-one-key-one-key-one!", Duration::from_secs(60));
+        let b = Auth::new(b"key-two-key-two-key-two-key-two!", Duration::from_secs(60));
+        let (token, _) = a.issue(&user());
+        assert!(matches!(b.verify(&token), Err(AuthError::InvalidToken)));
+    }
+
+    #[test]
+    fn expired_token_is_refused_as_expired() {
+        let key = b"0123456789abcdef0123456789abcdef";
+        let auth = Auth::new(key, Duration::from_secs(60));
+        let past = unix_now() - 3600;
+        let claims = Claims {
+            sub: user().id,
+            name: "alice".into(),
+            iat: past - 60,
+            exp: past,
+            iss: ISSUER.into(),
+        };
+        let token = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(key),
+        )
+        .expect("encodes");
+        assert!(matches!(auth.verify(&token), Err(AuthError::Expired)));
+    }
+
+    #[test]
+    fn alg_none_and_other_algorithms_are_refused() {
+        let key = b"0123456789abcdef0123456789abcdef";
+        let auth = Auth::new(key, Duration::from_secs(60));
+        let (token, _) = auth.issue(&user());
+        let payload = token.split('.').nth(1).expect("payload part");
+        for header in [
+            r#"{"alg":"none","typ":"JWT"}"#,
+            r#"{"alg":"None","typ":"JWT"}"#,
+            r#"{"alg":"HS512","typ":"JWT"}"#,
+        ] {
+            let forged = format!("{}.{payload}.", URL_SAFE_NO_PAD.encode(header));
+            assert!(auth.verify(&forged).is_err(), "{header} accepted");
+        }
+        let hs512 = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS512),
+            &auth.verify(&token).expect("valid"),
+            &EncodingKey::from_secret(key),
+        )
+        .expect("encodes");
+        assert!(
+            auth.verify(&hs512).is_err(),
+            "HS512 under the same key accepted"
+        );
+    }
+
+    #[test]
+    fn foreign_issuer_is_refused() {
+        let key = b"0123456789abcdef0123456789abcdef";
+        let auth = Auth::new(key, Duration::from_secs(60));
+        let claims = Claims {
+            sub: user().id,
+            name: "alice".into(),
+            iat: unix_now(),
+            exp: unix_now() + 60,
+            iss: "someone-else".into(),
+        };
+        let token = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(key),
+        )
+        .expect("encodes");
+        assert!(auth.verify(&token).is_err());
+    }
+}

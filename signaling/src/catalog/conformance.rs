@@ -1,0 +1,919 @@
+//! The catalog conformance suite: every [`Catalog`] behaviour the hub relies on, written
+//! once against `Arc<dyn Catalog>` and run against both backends.
+//!
+//! SQLite runs on a real file in a temporary directory. PostgreSQL runs on a fresh
+//! database per test, created on the server named by `ADI_TEST_POSTGRES_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/postgres`) and dropped afterwards. When that
+//! server is unreachable the PostgreSQL tests fail if `CI` is set, and are skipped with
+//! a loud line on stderr otherwise.
+
+use std::future::Future;
+use std::io::Write;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use adi_protocol::{DeviceId, ServiceInfo};
+use futures_util::FutureExt;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, Connection};
+use tokio::sync::Semaphore;
+
+use super::{
+    ApiKeyRecord, Catalog, CatalogError, DeviceConfig, Owner, PgCatalog, SqliteCatalog, TokenKind,
+    TokenRecord, User, UserId,
+};
+
+/// The `now` the token tests run at; tokens expire an hour after it.
+const NOW: i64 = 1_700_000_000;
+const HOUR: i64 = 3600;
+
+// ---------------------------------------------------------------------------------------
+// Harnesses
+// ---------------------------------------------------------------------------------------
+
+/// Runs `test` against a fresh SQLite catalog file.
+async fn on_sqlite<F, Fut>(test: F)
+where
+    F: FnOnce(Arc<dyn Catalog>) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let dir = tempfile::tempdir().expect("temporary directory");
+    // A nested path, so `open` has to create the parent directories.
+    let path = dir.path().join("data").join("catalog.db");
+    let catalog = Arc::new(
+        SqliteCatalog::open(&path)
+            .await
+            .expect("open SQLite catalog"),
+    );
+    test(catalog.clone()).await;
+    catalog.close().await;
+}
+
+/// Default server the PostgreSQL tests create their databases on.
+const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// Caps how many PostgreSQL tests hold databases (and pools) at once, so a many-core
+/// test run stays under the server's connection limit. Shared by every test's runtime.
+static POSTGRES_SLOTS: Semaphore = Semaphore::const_new(4);
+
+/// A throwaway database on the test server.
+struct TestDatabase {
+    admin: PgConnectOptions,
+    name: String,
+}
+
+impl TestDatabase {
+    /// Creates a fresh database, or returns `None` (after saying so) when the server is
+    /// unreachable outside CI. Panics when it is unreachable in CI.
+    async fn create() -> Option<Self> {
+        let url =
+            std::env::var("ADI_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_POSTGRES_URL.into());
+        let admin: PgConnectOptions = url
+            .parse()
+            .expect("ADI_TEST_POSTGRES_URL is not a PostgreSQL URL");
+        let admin = admin.disable_statement_logging();
+        let server = format!("{}:{}", admin.get_host(), admin.get_port());
+        let mut conn = match tokio::time::timeout(Duration::from_secs(5), admin.connect()).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return unreachable(&server, &e.to_string()),
+            Err(_) => return unreachable(&server, "connection timed out"),
+        };
+        let name = format!("adi_test_{}", uuid::Uuid::new_v4().simple());
+        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+            .execute(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("CREATE DATABASE {name} on {server}: {e}"));
+        let _ = conn.close().await;
+        Some(TestDatabase { admin, name })
+    }
+
+    fn options(&self) -> PgConnectOptions {
+        self.admin.clone().database(&self.name)
+    }
+
+    /// Drops the database, best-effort.
+    async fn drop_database(self) {
+        let Ok(mut conn) = self.admin.connect().await else {
+            eprintln!(
+                "warning: could not reconnect to drop test database {}",
+                self.name
+            );
+            return;
+        };
+        let dropped = sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+            self.name
+        ))
+        .execute(&mut conn)
+        .await;
+        if let Err(e) = dropped {
+            eprintln!("warning: could not drop test database {}: {e}", self.name);
+        }
+        let _ = conn.close().await;
+    }
+}
+
+/// What to do when the PostgreSQL test server cannot be reached.
+fn unreachable(server: &str, why: &str) -> Option<TestDatabase> {
+    let in_ci = std::env::var("CI").is_ok_and(|v| !v.is_empty());
+    if in_ci {
+        panic!(
+            "PostgreSQL is unreachable at {server} ({why}) and CI is set: the PostgreSQL \
+             catalog tests must run in CI. Start a server or set ADI_TEST_POSTGRES_URL."
+        );
+    }
+    // Straight to the process's stderr: libtest captures `eprintln!` of passing tests.
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n*** SKIPPED: postgres unreachable at {server} ({why}); PostgreSQL catalog test \
+         not run. Set ADI_TEST_POSTGRES_URL, or CI=1 to make this a failure. ***\n"
+    );
+    None
+}
+
+/// Runs `test` against a PostgreSQL catalog in a fresh database, then drops it (also
+/// when the test panics).
+async fn on_postgres<F, Fut>(test: F)
+where
+    F: FnOnce(Arc<dyn Catalog>) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let _slot = POSTGRES_SLOTS
+        .acquire()
+        .await
+        .expect("the semaphore is never closed");
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let outcome = AssertUnwindSafe(async {
+        let catalog = Arc::new(
+            PgCatalog::connect_with(db.options())
+                .await
+                .expect("connect PostgreSQL catalog"),
+        );
+        let result = AssertUnwindSafe(test(catalog.clone())).catch_unwind().await;
+        // Tasks a failed test left behind may hold connections; the drop forces them out.
+        let _ = tokio::time::timeout(Duration::from_secs(5), catalog.close()).await;
+        if let Err(panic) = result {
+            std::panic::resume_unwind(panic);
+        }
+    })
+    .catch_unwind()
+    .await;
+    db.drop_database().await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// Declares each suite function as a test on both backends:
+/// `catalog::conformance::sqlite::NAME` and `catalog::conformance::postgres::NAME`.
+macro_rules! conformance {
+    ($($name:ident),+ $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::on_sqlite(super::$name).await;
+                }
+            )+
+        }
+
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::on_postgres(super::$name).await;
+                }
+            )+
+        }
+    };
+}
+
+conformance!(
+    ping_works,
+    hub_secret_is_stored_once,
+    hub_secret_concurrent_callers_agree,
+    users_round_trip,
+    duplicate_user_name_conflicts,
+    api_keys_round_trip,
+    tokens_round_trip,
+    enrol_creates_device_owned_by_token_creator,
+    enrol_twice_with_same_token_is_refused,
+    enrol_with_expired_or_unknown_token_is_refused,
+    enrol_with_share_token_is_refused,
+    enrol_existing_device_conflicts_and_keeps_token,
+    concurrent_enrols_with_one_token_one_wins,
+    claim_share_adds_co_owner,
+    claim_share_twice_is_refused,
+    claim_share_with_setup_or_expired_token_is_refused,
+    owner_claiming_own_share_adds_no_duplicate,
+    concurrent_claims_with_one_token_one_wins,
+    devices_owned_by_is_ordered_and_isolated,
+    is_owner_reports_ownership,
+    update_device_rewrites_config,
+    update_unknown_device_is_not_found,
+);
+
+// ---------------------------------------------------------------------------------------
+// Fixtures
+// ---------------------------------------------------------------------------------------
+
+/// A random, well-formed device id.
+fn new_device_id() -> DeviceId {
+    DeviceId::from_mac(uuid::Uuid::new_v4().as_bytes())
+}
+
+fn config(id: &DeviceId, name: &str) -> DeviceConfig {
+    DeviceConfig {
+        id: id.clone(),
+        name: name.to_owned(),
+        services: vec![
+            ServiceInfo {
+                name: "web".into(),
+                port: 8080,
+                health_path: Some("/healthz".into()),
+            },
+            ServiceInfo {
+                name: "ssh".into(),
+                port: 22,
+                health_path: None,
+            },
+        ],
+        capabilities: vec!["proxy:1".into(), "exec:2".into()],
+    }
+}
+
+fn token_record(id: &str, kind: TokenKind, by: UserId, device: Option<&DeviceId>) -> TokenRecord {
+    TokenRecord {
+        id: id.to_owned(),
+        kind,
+        secret_hash: format!("hash of {id}").into_bytes(),
+        created_by: by,
+        device_id: device.cloned(),
+        created_at: NOW - 60,
+        expires_at: NOW + HOUR,
+        used_at: None,
+    }
+}
+
+/// Stores an unused setup token made by `by`, valid for an hour after [`NOW`].
+async fn setup_token(c: &dyn Catalog, id: &str, by: UserId) -> String {
+    c.insert_token(&token_record(id, TokenKind::Setup, by, None))
+        .await
+        .expect("insert setup token");
+    id.to_owned()
+}
+
+/// Stores an unused share token for `device` made by `by`.
+async fn share_token(c: &dyn Catalog, id: &str, by: UserId, device: &DeviceId) -> String {
+    c.insert_token(&token_record(id, TokenKind::Share, by, Some(device)))
+        .await
+        .expect("insert share token");
+    id.to_owned()
+}
+
+async fn user(c: &dyn Catalog, name: &str) -> User {
+    c.create_user(name).await.expect("create user")
+}
+
+/// Enrols a device named `name` owned by `owner`, through a fresh setup token.
+async fn enrolled(c: &dyn Catalog, owner: &User, name: &str) -> DeviceId {
+    let id = new_device_id();
+    let token = setup_token(c, &format!("setup-{}", uuid::Uuid::new_v4()), owner.id).await;
+    c.enrol_device(&token, NOW, &config(&id, name))
+        .await
+        .expect("enrol device");
+    id
+}
+
+fn owner(u: &User) -> Owner {
+    Owner {
+        id: u.id,
+        name: u.name.clone(),
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs()
+        .try_into()
+        .expect("seconds fit i64")
+}
+
+// ---------------------------------------------------------------------------------------
+// The suite
+// ---------------------------------------------------------------------------------------
+
+async fn ping_works(c: Arc<dyn Catalog>) {
+    c.ping().await.expect("ping");
+}
+
+async fn hub_secret_is_stored_once(c: Arc<dyn Catalog>) {
+    let first = c
+        .hub_secret_or_insert("device_id_key", b"first candidate")
+        .await
+        .expect("first call");
+    assert_eq!(first, b"first candidate");
+    let again = c
+        .hub_secret_or_insert("device_id_key", b"second candidate")
+        .await
+        .expect("second call");
+    assert_eq!(again, b"first candidate", "the first stored value wins");
+    let other = c
+        .hub_secret_or_insert("jwt_key", &[0, 1, 2, 255])
+        .await
+        .expect("another name");
+    assert_eq!(
+        other,
+        vec![0, 1, 2, 255],
+        "names are independent, bytes exact"
+    );
+}
+
+async fn hub_secret_concurrent_callers_agree(c: Arc<dyn Catalog>) {
+    let tasks: Vec<_> = (0u8..8)
+        .map(|i| {
+            let c = c.clone();
+            tokio::spawn(async move { c.hub_secret_or_insert("shared", &[i; 32]).await })
+        })
+        .collect();
+    let mut values = Vec::new();
+    for task in tasks {
+        values.push(task.await.expect("task").expect("hub_secret_or_insert"));
+    }
+    let first = values[0].clone();
+    assert!(
+        values.iter().all(|v| *v == first),
+        "every caller gets one value: {values:?}"
+    );
+    assert!(
+        (0u8..8).any(|i| first == [i; 32]),
+        "it is one of the candidates"
+    );
+    let later = c
+        .hub_secret_or_insert("shared", b"late")
+        .await
+        .expect("later call");
+    assert_eq!(later, first);
+}
+
+async fn users_round_trip(c: Arc<dyn Catalog>) {
+    let before = unix_now();
+    let alice = user(&*c, "alice").await;
+    let after = unix_now();
+    assert_eq!(alice.name, "alice");
+    assert_eq!(alice.id.0.get_version_num(), 4, "user ids are uuid v4");
+    assert!(
+        (before..=after).contains(&alice.created_at),
+        "created_at {} is now ({before}..={after})",
+        alice.created_at
+    );
+    let bob = user(&*c, "bob").await;
+    assert_ne!(alice.id, bob.id);
+
+    let by_name = c.user_by_name("alice").await.expect("user_by_name");
+    assert_eq!(by_name, Some(alice.clone()));
+    let by_id = c.user(alice.id).await.expect("user");
+    assert_eq!(by_id, Some(alice.clone()));
+    assert_eq!(c.user(bob.id).await.expect("user"), Some(bob));
+
+    assert_eq!(c.user_by_name("carol").await.expect("unknown name"), None);
+    assert_eq!(c.user_by_name("Alice").await.expect("case differs"), None);
+    let nobody = UserId(uuid::Uuid::new_v4());
+    assert_eq!(c.user(nobody).await.expect("unknown id"), None);
+}
+
+async fn duplicate_user_name_conflicts(c: Arc<dyn Catalog>) {
+    let alice = user(&*c, "alice").await;
+    let err = c.create_user("alice").await.expect_err("name is taken");
+    assert!(matches!(err, CatalogError::Conflict(_)), "got {err:?}");
+    assert_eq!(
+        c.user_by_name("alice").await.expect("lookup"),
+        Some(alice),
+        "the first user is untouched"
+    );
+}
+
+async fn api_keys_round_trip(c: Arc<dyn Catalog>) {
+    let alice = user(&*c, "alice").await;
+    let key = ApiKeyRecord {
+        key_id: "ak_0123456789".into(),
+        user_id: alice.id,
+        secret_hash: (0u8..=255).collect(),
+        created_at: NOW,
+    };
+    c.insert_api_key(&key).await.expect("insert api key");
+    assert_eq!(
+        c.api_key("ak_0123456789").await.expect("api_key"),
+        Some(key.clone())
+    );
+    assert_eq!(c.api_key("ak_unknown").await.expect("unknown key"), None);
+    let err = c.insert_api_key(&key).await.expect_err("same key id twice");
+    assert!(matches!(err, CatalogError::Conflict(_)), "got {err:?}");
+}
+
+async fn tokens_round_trip(c: Arc<dyn Catalog>) {
+    let alice = user(&*c, "alice").await;
+    let setup = token_record("st_1", TokenKind::Setup, alice.id, None);
+    c.insert_token(&setup).await.expect("insert setup token");
+    assert_eq!(c.token("st_1").await.expect("token"), Some(setup.clone()));
+
+    let device = enrolled(&*c, &alice, "pi").await;
+    let mut share = token_record("sh_1", TokenKind::Share, alice.id, Some(&device));
+    share.secret_hash = vec![0, 0, 7, 255];
+    share.expires_at = NOW + 7 * 24 * HOUR;
+    c.insert_token(&share).await.expect("insert share token");
+    assert_eq!(c.token("sh_1").await.expect("token"), Some(share.clone()));
+
+    assert_eq!(c.token("nope").await.expect("unknown token"), None);
+    let err = c
+        .insert_token(&setup)
+        .await
+        .expect_err("same token id twice");
+    assert!(matches!(err, CatalogError::Conflict(_)), "got {err:?}");
+}
+
+async fn enrol_creates_device_owned_by_token_creator(c: Arc<dyn Catalog>) {
+    let alice = user(&*c, "alice").await;
+    let token = setup_token(&*c, "st_enrol", alice.id).await;
+    let id = new_device_id();
+    let cfg = config(&id, "kitchen-pi");
+    let record = c
+        .enrol_device(&token, NOW, &cfg)
+        .await
+        .expect("enrol device");
+    assert_eq!(record.id, id);
+    assert_eq!(record.name, "kitchen-pi");
+    assert_eq!(record.services, cfg.services);
+    assert_eq!(record.capabilities, cfg.capabilities);
+    assert_eq!(record.created_at, NOW);
+    assert_eq!(record.owners, vec![owner(&alice)]);
+
+    assert_eq!(c.device(&id).await.expect("device"), Some(record.clone()));
+    assert_eq!(
+        c.devices_owned_by(alice.id)
+            .await
+            .expect("devices_owned_by"),
+        vec![record]
+    );
+    assert!(c.is_owner(&id, alice.id).await.expect("is_owner"));
+    let used = c.token(&token).await.expect("token").expect("token exists");
+    assert_eq!(used.used_at, Some(NOW), "the token is marked used");
+}
+
+async fn enrol_twice_with_same_token_is_refused(c: Arc<dyn Catalog>) {
+    let alice = user(&*c, "alice").await;
+    let token = setup_token(&*c, "st_once", alice.id).await;
+    let first = new_device_id();
+    c.enrol_device(&token, NOW, &config(&first, "one"))
+        .await
+        .expect("first enrol");
+    let second = new_device_id();
+    let err = c
+        .enrol_device(&token, NOW + 1, &config(&second, "two"))
+        .await
+        .expect_err("token already used");
+    assert!(matches!(err, CatalogError::TokenUnavailable), "got {err:?}");
+    assert_eq!(c.device(&second).await.expect("device"), None);
+    let used = c.token(&token).await.expect("token").expect("token exists");
+    assert_eq!(used.used_at, Some(NOW), "the first use is kept");
+}
+
+async fn enrol_with_expired_or_unknown_token_is_refused(c: Arc<dyn Catalog>) {
+    let alice = user(&*c, "alice").await;
+    let mut expired = token_record("st_old", TokenKind::Setup, alice.id, None);
+    expired.expires_at = NOW;
+    c.insert_token(&expired).await.expect("insert token");
+    let id = new_device_id();
+
+    // `expires_at` itself is already too late.
+    let err = c
+        .enrol_device("st_old", NOW, &config(&id, "late"))
+        .await
+        .expect_err("expired token");
+    assert!(matches!(err, CatalogError::TokenUnavailable), "got {err:?}");
+    let err = c
+        .enrol_device("st_old", NOW + HOUR, &config(&id, "later"))
+        .await
+        .expect_err("expired token");
+    assert!(matches!(err, CatalogError::TokenUnavailable), "got {err:?}");
+    let err = c
+        .enrol_device("st_missing", NOW, &config(&id, "nobody's"))
+        .await
+        .expect_err("unknown token");
+    assert!(matches!(err, CatalogError::TokenUnavailable), "got {err:?}");
+
+    assert_eq!(
+        c.device(&id).await.expect("device"),
+        None,
+        "nothing created"
+    );
+    assert!(c
+        .devices_owned_by(alice.id)
+        .await
+        .expect("devices_owned_by")
+        .is_empty());
+    let token = c.token("st_old").await.expect("token").expect("exists");
+    assert_eq!(token.used_at, None, "a refused token is not marked used");
+
+    // One second before expiry still works.
+    let fresh = setup_token(&*c, "st_edge", alice.id).await;
+    c.enrol_device(&fresh, NOW + HOUR - 1, &config(&id, "just in time"))
+        .await
+        .expect("enrol just before expiry");
+}
+
+async fn enrol_with_share_token_is_refused(c: Arc<dyn Catalog>) {
+    let alice = user(&*c, "alice").await;
+    let device = enrolled(&*c, &alice, "pi").await;
+    let share = share_token(&*c, "sh_not_setup", alice.id, &device).await;
+    let id = new_device_id();
+    let err = c
+        .enrol_device(&share, NOW, &config(&id, "sneaky"))
+        .await
+        .expect_err("a share token does not enrol");
+    assert!(matches!(err, CatalogError::TokenUnavailable), "got {err:?}");
+    assert_eq!(c.device(&id).await.expect("device"), None);
+    let token = c.token(&share).await.expect("token").expect("exists");
+    assert_eq!(token.used_at, None);
+}
+
+async fn enrol_existing_device_conflicts_and_keeps_token(c: Arc<dyn Catalog>) {
+    let alice = user(&*c, "alice").await;
+    let bob = user(&*c, "bob").await;
+    let id = enrolled(&*c, &alice, "original").await;
+
+    let token = setup_token(&*c, "st_bob", bob.id).await;
+    let err = c
+        .enrol_device(&token, NOW, &config(&id, "impostor"))
+        .await
+        .expect_err("device exists");
+    assert!(matches!(err, CatalogError::Conflict(_)), "got {err:?}");
+
+    let token_after = c.token(&token).await.expect("token").expect("exists");
+    assert_eq!(
+        token_after.used_at, None,
+        "the token update was rolled back"
+    );
+    let device = c.device(&id).await.expect("device").expect("exists");
+    assert_eq!(device.name, "original", "the device is untouched");
+    assert_eq!(
+        device.owners,
+        vec![owner(&alice)],
+        "bob did not become an owner"
+    );
+    assert!(!c.is_owner(&id, bob.id).await.expect("is_owner"));
+
+    // The token is still good for another device.
+    let other = new_device_id();
+    c.enrol_device(&token, NOW, &config(&other, "bob's"))
+        .await
+        .expect("token still usable");
+}
+
+async fn concurrent_enrols_with_one_token_one_wins(c: Arc<dyn Catalog>) {
+    let alice = user(&*c, "alice").await;
+    let token = setup_token(&*c, "st_race", alice.id).await;
+    let tasks: Vec<_> = (0..4)
+        .map(|i| {
+            let c = c.clone();
+            let token = token.clone();
+            tokio::spawn(async move {
+                let cfg = config(&new_device_id(), &format!("racer-{i}"));
+                c.enrol_device(&token, NOW, &cfg).await
+            })
+        })
+        .collect();
+    let mut wins = 0;
+    for task in tasks {
+        match task.await.expect("task") {
+            Ok(_) => wins += 1,
+            Err(CatalogError::TokenUnavailable) => {}
+            Err(e) => panic!("unexpected error from a losing enrol: {e:?}"),
+        }
+    }
+    assert_eq!(wins, 1, "exactly one enrol succeeds");
+    let devices = c
+        .devices_owned_by(alice.id)
+        .await
+        .expect("devices_owned_by");
+    assert_eq!(devices.len(), 1, "exactly one device exists: {devices:?}");
+}
+
+async fn claim_share_adds_co_owner(c: Arc<dyn Catalog>) {
+    // Named so that the co-owner sorts first.
+    let zoe = user(&*c, "zoe").await;
+    let bob = user(&*c, "bob").await;
+    let id = enrolled(&*c, &zoe, "nas").await;
+    let token = share_token(&*c, "sh_nas", zoe.id, &id).await;
+
+    assert!(!c.is_owner(&id, bob.id).await.expect("is_owner"));
+    let claimed = c.claim_share(&token, NOW, bob.id).await.expect("claim");
+    assert_eq!(claimed, id);
+
+    let device = c.device(&id).await.expect("device").expect("exists");
+    assert_eq!(
+        device.owners,
+        vec![owner(&bob), owner(&zoe)],
+        "ordered by name"
+    );
+    let bobs = c.devices_owned_by(bob.id).await.expect("devices_owned_by");
+    assert_eq!(bobs, vec![device.clone()]);
+    assert_eq!(
+        c.devices_owned_by(zoe.id).await.expect("devices_owned_by"),
+        vec![device]
+    );
+    assert!(c.is_owner(&id, bob.id).await.expect("is_owner"));
+    let used = c.token(&token).await.expect("token").expect("exists");
+    assert_eq!(used.used_at, Some(NOW));
+}
+
+async fn claim_share_twice_is_refused(c: Arc<dyn Catalog>) {
+    let alice = user(&*c, "alice").await;
+    let bob = user(&*c, "bob").await;
+    let carol = user(&*c, "carol").await;
+    let id = enrolled(&*c, &alice, "nas").await;
+    let token = share_token(&*c, "sh_once", alice.id, &id).await;
+    c.claim_share(&token, NOW, bob.id)
+        .await
+        .expect("first claim");
+    let err = c
+        .claim_share(&token, NOW + 1, carol.id)
+        .await
+        .expect_err("token already used");
+    assert!(matches!(err, CatalogError::TokenUnavailable), "got {err:?}");
+    assert!(!c.is_owner(&id, carol.id).await.expect("is_owner"));
+    let err = c
+        .claim_share(&token, NOW + 2, bob.id)
+        .await
+        .expect_err("not even by the same user");
+    assert!(matches!(err, CatalogError::TokenUnavailable), "got {err:?}");
+}
+
+async fn claim_share_with_setup_or_expired_token_is_refused(c: Arc<dyn Catalog>) {
+    let alice = user(&*c, "alice").await;
+    let bob = user(&*c, "bob").await;
+    let id = enrolled(&*c, &alice, "nas").await;
+
+    let setup = setup_token(&*c, "st_not_share", alice.id).await;
+    let err = c
+        .claim_share(&setup, NOW, bob.id)
+        .await
+        .expect_err("a setup token does not share");
+    assert!(matches!(err, CatalogError::TokenUnavailable), "got {err:?}");
+    let token = c.token(&setup).await.expect("token").expect("exists");
+    assert_eq!(token.used_at, None, "the setup token is not consumed");
+
+    let mut expired = token_record("sh_old", TokenKind::Share, alice.id, Some(&id));
+    expired.expires_at = NOW;
+    c.insert_token(&expired).await.expect("insert token");
+    let err = c
+        .claim_share("sh_old", NOW, bob.id)
+        .await
+        .expect_err("expired token");
+    assert!(matches!(err, CatalogError::TokenUnavailable), "got {err:?}");
+    let err = c
+        .claim_share("sh_missing", NOW, bob.id)
+        .await
+        .expect_err("unknown token");
+    assert!(matches!(err, CatalogError::TokenUnavailable), "got {err:?}");
+
+    assert!(!c.is_owner(&id, bob.id).await.expect("is_owner"));
+    assert!(c
+        .devices_owned_by(bob.id)
+        .await
+        .expect("devices_owned_by")
+        .is_empty());
+}
+
+async fn owner_claiming_own_share_adds_no_duplicate(c: Arc<dyn Catalog>) {
+    let alice = user(&*c, "alice").await;
+    let id = enrolled(&*c, &alice, "nas").await;
+    let token = share_token(&*c, "sh_self", alice.id, &id).await;
+    let claimed = c
+        .claim_share(&token, NOW, alice.id)
+        .await
+        .expect("claiming one's own share is allowed");
+    assert_eq!(claimed, id);
+    let device = c.device(&id).await.expect("device").expect("exists");
+    assert_eq!(device.owners, vec![owner(&alice)], "no duplicate owner");
+    let devices = c
+        .devices_owned_by(alice.id)
+        .await
+        .expect("devices_owned_by");
+    assert_eq!(devices.len(), 1, "listed once: {devices:?}");
+}
+
+async fn concurrent_claims_with_one_token_one_wins(c: Arc<dyn Catalog>) {
+    let alice = user(&*c, "alice").await;
+    let id = enrolled(&*c, &alice, "nas").await;
+    let token = share_token(&*c, "sh_race", alice.id, &id).await;
+    let mut claimants = Vec::new();
+    for i in 0..4 {
+        claimants.push(user(&*c, &format!("claimant-{i}")).await);
+    }
+    let tasks: Vec<_> = claimants
+        .iter()
+        .map(|u| {
+            let c = c.clone();
+            let token = token.clone();
+            let who = u.id;
+            tokio::spawn(async move { c.claim_share(&token, NOW, who).await })
+        })
+        .collect();
+    let mut wins = 0;
+    for task in tasks {
+        match task.await.expect("task") {
+            Ok(got) => {
+                assert_eq!(got, id);
+                wins += 1;
+            }
+            Err(CatalogError::TokenUnavailable) => {}
+            Err(e) => panic!("unexpected error from a losing claim: {e:?}"),
+        }
+    }
+    assert_eq!(wins, 1, "exactly one claim succeeds");
+    let device = c.device(&id).await.expect("device").expect("exists");
+    assert_eq!(device.owners.len(), 2, "alice and one claimant: {device:?}");
+}
+
+async fn devices_owned_by_is_ordered_and_isolated(c: Arc<dyn Catalog>) {
+    let alice = user(&*c, "alice").await;
+    let bob = user(&*c, "bob").await;
+    let zeta = enrolled(&*c, &alice, "zeta").await;
+    let alpha = enrolled(&*c, &alice, "alpha").await;
+    let twin_a = enrolled(&*c, &alice, "twin").await;
+    let twin_b = enrolled(&*c, &alice, "twin").await;
+    let bobs = enrolled(&*c, &bob, "bobs-box").await;
+
+    let mut twins = [twin_a, twin_b];
+    twins.sort();
+    let expected = vec![alpha.clone(), twins[0].clone(), twins[1].clone(), zeta];
+    let listed: Vec<DeviceId> = c
+        .devices_owned_by(alice.id)
+        .await
+        .expect("devices_owned_by")
+        .into_iter()
+        .map(|d| {
+            assert_eq!(d.owners, vec![owner(&alice)]);
+            d.id
+        })
+        .collect();
+    assert_eq!(listed, expected, "ordered by name, then id");
+
+    let bob_list = c.devices_owned_by(bob.id).await.expect("devices_owned_by");
+    assert_eq!(bob_list.len(), 1);
+    assert_eq!(bob_list[0].id, bobs);
+    assert_eq!(bob_list[0].owners, vec![owner(&bob)]);
+
+    // After sharing one device, each list carries the full owner list of that device.
+    let token = share_token(&*c, "sh_alpha", alice.id, &alpha).await;
+    c.claim_share(&token, NOW, bob.id).await.expect("claim");
+    let bob_list = c.devices_owned_by(bob.id).await.expect("devices_owned_by");
+    let names: Vec<&str> = bob_list.iter().map(|d| d.name.as_str()).collect();
+    assert_eq!(names, ["alpha", "bobs-box"]);
+    assert_eq!(bob_list[0].owners, vec![owner(&alice), owner(&bob)]);
+    assert_eq!(bob_list[1].owners, vec![owner(&bob)]);
+    let alice_list = c
+        .devices_owned_by(alice.id)
+        .await
+        .expect("devices_owned_by");
+    assert_eq!(alice_list.len(), 4, "bob's own device is not alice's");
+    assert_eq!(alice_list[0].owners, vec![owner(&alice), owner(&bob)]);
+
+    let nobody = UserId(uuid::Uuid::new_v4());
+    assert!(c
+        .devices_owned_by(nobody)
+        .await
+        .expect("devices_owned_by")
+        .is_empty());
+}
+
+async fn is_owner_reports_ownership(c: Arc<dyn Catalog>) {
+    let alice = user(&*c, "alice").await;
+    let bob = user(&*c, "bob").await;
+    let id = enrolled(&*c, &alice, "pi").await;
+    assert!(c.is_owner(&id, alice.id).await.expect("is_owner"));
+    assert!(!c.is_owner(&id, bob.id).await.expect("is_owner"));
+    let unknown = new_device_id();
+    assert!(!c.is_owner(&unknown, alice.id).await.expect("is_owner"));
+    assert_eq!(c.device(&unknown).await.expect("device"), None);
+}
+
+async fn update_device_rewrites_config(c: Arc<dyn Catalog>) {
+    let alice = user(&*c, "alice").await;
+    let id = enrolled(&*c, &alice, "old-name").await;
+    let before = c.device(&id).await.expect("device").expect("exists");
+
+    let new = DeviceConfig {
+        id: id.clone(),
+        name: "new-name".into(),
+        services: vec![ServiceInfo {
+            name: "grafana".into(),
+            port: 3000,
+            health_path: Some("/api/health?full=1".into()),
+        }],
+        capabilities: vec!["proxy:2".into()],
+    };
+    c.update_device(&new).await.expect("update_device");
+    let after = c.device(&id).await.expect("device").expect("exists");
+    assert_eq!(after.name, "new-name");
+    assert_eq!(
+        after.services, new.services,
+        "services round-trip, health_path too"
+    );
+    assert_eq!(after.capabilities, new.capabilities);
+    assert_eq!(after.created_at, before.created_at, "created_at is kept");
+    assert_eq!(after.owners, before.owners, "owners are kept");
+
+    let empty = DeviceConfig {
+        id: id.clone(),
+        name: "bare".into(),
+        services: Vec::new(),
+        capabilities: Vec::new(),
+    };
+    c.update_device(&empty).await.expect("update_device");
+    let bare = c.device(&id).await.expect("device").expect("exists");
+    assert!(bare.services.is_empty() && bare.capabilities.is_empty());
+}
+
+async fn update_unknown_device_is_not_found(c: Arc<dyn Catalog>) {
+    let unknown = new_device_id();
+    let err = c
+        .update_device(&config(&unknown, "ghost"))
+        .await
+        .expect_err("not enrolled");
+    assert!(matches!(err, CatalogError::NotFound(_)), "got {err:?}");
+    assert_eq!(c.device(&unknown).await.expect("device"), None);
+}
+
+// ---------------------------------------------------------------------------------------
+// Backend-specific: data and schema survive a reopen
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn sqlite_reopen_keeps_data() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("catalog.db");
+    let first = SqliteCatalog::open(&path).await.expect("open");
+    let alice = first.create_user("alice").await.expect("create user");
+    let secret = first
+        .hub_secret_or_insert("k", b"v1")
+        .await
+        .expect("secret");
+    first.close().await;
+
+    let second = SqliteCatalog::open(&path)
+        .await
+        .expect("reopen runs migrations again");
+    assert_eq!(
+        second.user_by_name("alice").await.expect("lookup"),
+        Some(alice)
+    );
+    assert_eq!(
+        second
+            .hub_secret_or_insert("k", b"v2")
+            .await
+            .expect("secret"),
+        secret
+    );
+    second.close().await;
+}
+
+#[tokio::test]
+async fn postgres_reconnect_keeps_data() {
+    let _slot = POSTGRES_SLOTS
+        .acquire()
+        .await
+        .expect("the semaphore is never closed");
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let outcome = AssertUnwindSafe(async {
+        let first = PgCatalog::connect_with(db.options())
+            .await
+            .expect("connect");
+        let alice = first.create_user("alice").await.expect("create user");
+        first.close().await;
+        // Two hubs starting at once both run the migrator; it must not fail.
+        let (a, b) = tokio::join!(
+            PgCatalog::connect_with(db.options()),
+            PgCatalog::connect_with(db.options())
+        );
+        let (a, b) = (a.expect("second hub"), b.expect("third hub"));
+        assert_eq!(a.user_by_name("alice").await.expect("lookup"), Some(alice));
+        b.ping().await.expect("ping");
+        a.close().await;
+        b.close().await;
+    })
+    .catch_unwind()
+    .await;
+    db.drop_database().await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}

@@ -1,0 +1,252 @@
+//! The catalog: everything the hub must remember across restarts — users, API-key
+//! hashes, devices and their owners, setup/share token hashes, hub secrets.
+//!
+//! It is written on configuration changes only (enrol, claim, user add, a device
+//! renaming itself). It must never be written per heartbeat: live state belongs to the
+//! registry. Secrets are stored as hashes, never in the clear; device secrets are not
+//! stored at all.
+//!
+//! Two backends implement [`Catalog`]: SQLite (embedded default, one hub) and
+//! PostgreSQL (several hubs sharing one catalog). One conformance suite runs against both.
+
+mod postgres;
+mod sqlite;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use adi_protocol::{DeviceId, ServiceInfo};
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+pub use postgres::PgCatalog;
+pub use sqlite::SqliteCatalog;
+
+/// A user's stable id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct UserId(pub uuid::Uuid);
+
+impl std::fmt::Display for UserId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A person who owns devices.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct User {
+    /// Stable id.
+    pub id: UserId,
+    /// Unique login name.
+    pub name: String,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+/// One API key of a user, as stored: the public key id and a hash of the secret part.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKeyRecord {
+    /// Public part of the key, used to find the record.
+    pub key_id: String,
+    /// Whose key it is.
+    pub user_id: UserId,
+    /// SHA-256 of the secret part.
+    pub secret_hash: Vec<u8>,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+/// What a token grants when it is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenKind {
+    /// Enrols a new device owned by the token's creator.
+    Setup,
+    /// Makes whoever claims it a co-owner of an existing device.
+    Share,
+}
+
+impl TokenKind {
+    /// The name stored in the catalog and used on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenKind::Setup => "setup",
+            TokenKind::Share => "share",
+        }
+    }
+
+    /// Parses the stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "setup" => Some(TokenKind::Setup),
+            "share" => Some(TokenKind::Share),
+            _ => None,
+        }
+    }
+}
+
+/// A one-time token, as stored: id and a hash of the secret part, never the token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRecord {
+    /// Public part of the token, used to find the record.
+    pub id: String,
+    /// What it grants.
+    pub kind: TokenKind,
+    /// SHA-256 of the secret part.
+    pub secret_hash: Vec<u8>,
+    /// The user who made it; a setup token enrols devices owned by them.
+    pub created_by: UserId,
+    /// For share tokens: the device shared.
+    pub device_id: Option<DeviceId>,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds; the token is refused from this instant on.
+    pub expires_at: i64,
+    /// Unix seconds; set once, when the token is used.
+    pub used_at: Option<i64>,
+}
+
+/// A device as the catalog knows it: its configuration, never its live state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeviceRecord {
+    /// Derived from the device secret.
+    pub id: DeviceId,
+    /// Human name the device gave itself.
+    pub name: String,
+    /// Services it declared.
+    pub services: Vec<ServiceInfo>,
+    /// Capabilities it declared, as `protocol:version`.
+    pub capabilities: Vec<String>,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Users who own it, ordered by name.
+    pub owners: Vec<Owner>,
+}
+
+/// A user who owns a device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Owner {
+    /// The user's id.
+    pub id: UserId,
+    /// The user's name.
+    pub name: String,
+}
+
+/// A device's declared configuration, as the device reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceConfig {
+    /// Derived device id.
+    pub id: DeviceId,
+    /// Human name.
+    pub name: String,
+    /// Declared services.
+    pub services: Vec<ServiceInfo>,
+    /// Declared capabilities.
+    pub capabilities: Vec<String>,
+}
+
+/// Why a catalog operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    /// A unique name or id is already taken.
+    #[error("{0} already exists")]
+    Conflict(String),
+    /// A token was used or expired between our check and our update.
+    #[error("the token was used or expired concurrently")]
+    TokenUnavailable,
+    /// The row the operation needs does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The database failed.
+    #[error("catalog storage: {0}")]
+    Storage(#[from] sqlx::Error),
+    /// The schema could not be brought up to date.
+    #[error("catalog migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The database URL names a backend we do not have.
+    #[error("unsupported database URL: use postgres://... or sqlite:PATH")]
+    UnsupportedUrl,
+    /// A stored value is not what this build expects.
+    #[error("catalog holds a corrupt value: {0}")]
+    Corrupt(String),
+}
+
+/// Shorthand for catalog results.
+pub type Result<T, E = CatalogError> = std::result::Result<T, E>;
+
+/// The hub's durable store. Both backends keep the same semantics; the conformance
+/// suite in this module's tests holds them to it.
+#[async_trait]
+pub trait Catalog: Send + Sync + 'static {
+    /// Returns the hub secret called `name`, storing `candidate` first if there is none.
+    /// Concurrent callers (several hubs on one database) all get the same stored value.
+    async fn hub_secret_or_insert(&self, name: &str, candidate: &[u8]) -> Result<Vec<u8>>;
+
+    /// Creates a user; `Conflict` if the name is taken.
+    async fn create_user(&self, name: &str) -> Result<User>;
+    /// Looks a user up by name.
+    async fn user_by_name(&self, name: &str) -> Result<Option<User>>;
+    /// Looks a user up by id.
+    async fn user(&self, id: UserId) -> Result<Option<User>>;
+
+    /// Stores an API key record.
+    async fn insert_api_key(&self, key: &ApiKeyRecord) -> Result<()>;
+    /// Finds an API key record by its public id.
+    async fn api_key(&self, key_id: &str) -> Result<Option<ApiKeyRecord>>;
+
+    /// Stores a new token record.
+    async fn insert_token(&self, token: &TokenRecord) -> Result<()>;
+    /// Finds a token record by its public id.
+    async fn token(&self, id: &str) -> Result<Option<TokenRecord>>;
+
+    /// In one transaction: marks setup token `token_id` used (only if it is still unused
+    /// and `expires_at > now`, else `TokenUnavailable`), creates the device (`Conflict`
+    /// if it exists) and makes the token's creator its owner. Nothing is written on error.
+    async fn enrol_device(
+        &self,
+        token_id: &str,
+        now: i64,
+        device: &DeviceConfig,
+    ) -> Result<DeviceRecord>;
+
+    /// In one transaction: marks share token `token_id` used (same conditions as
+    /// `enrol_device`) and adds `user` as co-owner of the token's device (a no-op if
+    /// they already own it). Returns the device id.
+    async fn claim_share(&self, token_id: &str, now: i64, user: UserId) -> Result<DeviceId>;
+
+    /// A device with its owners.
+    async fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>>;
+    /// Every device `user` owns, ordered by name then id.
+    async fn devices_owned_by(&self, user: UserId) -> Result<Vec<DeviceRecord>>;
+    /// Whether `user` owns `device`.
+    async fn is_owner(&self, device: &DeviceId, user: UserId) -> Result<bool>;
+    /// Rewrites a device's declared configuration; `NotFound` if it is not enrolled.
+    async fn update_device(&self, device: &DeviceConfig) -> Result<()>;
+
+    /// Cheap round trip, for readiness checks.
+    async fn ping(&self) -> Result<()>;
+}
+
+/// Opens the catalog a hub is configured with: PostgreSQL when `database_url` is given,
+/// else SQLite in `data_dir/catalog.db`. Runs migrations before returning.
+pub async fn open(database_url: Option<&str>, data_dir: &Path) -> Result<Arc<dyn Catalog>> {
+    match database_url {
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            Ok(Arc::new(PgCatalog::connect(url).await?))
+        }
+        Some(url) if url.starts_with("sqlite:") => {
+            let path = url
+                .trim_start_matches("sqlite://")
+                .trim_start_matches("sqlite:");
+            Ok(Arc::new(SqliteCatalog::open(Path::new(path)).await?))
+        }
+        Some(_) => Err(CatalogError::UnsupportedUrl),
+        None => Ok(Arc::new(
+            SqliteCatalog::open(&data_dir.join("catalog.db")).await?,
+        )),
+    }
+}
+
+#[cfg(test)]
+mod conformance;

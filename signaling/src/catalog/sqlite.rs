@@ -1,0 +1,450 @@
+//! The embedded SQLite backend of the [`Catalog`]: one file, one hub.
+//!
+//! This module owns the SQLite connection settings (WAL, `synchronous=NORMAL`, foreign
+//! keys, busy timeout), the SQLite schema migrations under `migrations/sqlite`, and the
+//! mapping between catalog rows and the record types. Write transactions start with
+//! `BEGIN IMMEDIATE`, so two hub tasks racing for one token serialise on the write lock
+//! instead of failing on a stale snapshot.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use adi_protocol::{DeviceId, ServiceInfo};
+use async_trait::async_trait;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Row, SqliteConnection};
+
+use super::{
+    ApiKeyRecord, Catalog, CatalogError, DeviceConfig, DeviceRecord, Owner, Result, TokenKind,
+    TokenRecord, User, UserId,
+};
+
+/// How long a statement waits for another connection's write lock before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// SQLite has one writer at a time; a few connections are enough for concurrent reads.
+const MAX_CONNECTIONS: u32 = 4;
+
+const DEVICE_COLUMNS: &str = "id, name, services, capabilities, created_at";
+
+/// The catalog in one SQLite file.
+#[derive(Debug, Clone)]
+pub struct SqliteCatalog {
+    pool: SqlitePool,
+}
+
+impl SqliteCatalog {
+    /// Opens (creating it and its parent directories if needed) the catalog file at
+    /// `path` and brings its schema up to date.
+    pub async fn open(path: &Path) -> Result<Self> {
+        if let Some(parent) = path.parent() {
+            if !parent.as_os_str().is_empty() {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| CatalogError::Storage(sqlx::Error::Io(e)))?;
+            }
+        }
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(BUSY_TIMEOUT * 2)
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+        Ok(SqliteCatalog { pool })
+    }
+
+    /// Closes every connection, waiting for those in use to be returned.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+#[async_trait]
+impl Catalog for SqliteCatalog {
+    async fn hub_secret_or_insert(&self, name: &str, candidate: &[u8]) -> Result<Vec<u8>> {
+        sqlx::query(
+            "INSERT INTO hub_secrets (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(candidate)
+        .execute(&self.pool)
+        .await?;
+        let value: Vec<u8> = sqlx::query_scalar("SELECT value FROM hub_secrets WHERE name = ?")
+            .bind(name)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(value)
+    }
+
+    async fn create_user(&self, name: &str) -> Result<User> {
+        let user = User {
+            id: UserId(uuid::Uuid::new_v4()),
+            name: name.to_owned(),
+            created_at: unix_now(),
+        };
+        sqlx::query("INSERT INTO users (id, name, created_at) VALUES (?, ?, ?)")
+            .bind(user.id.to_string())
+            .bind(&user.name)
+            .bind(user.created_at)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| conflict(e, || format!("user {name:?}")))?;
+        Ok(user)
+    }
+
+    async fn user_by_name(&self, name: &str) -> Result<Option<User>> {
+        sqlx::query("SELECT id, name, created_at FROM users WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|row| user_from_row(&row))
+            .transpose()
+    }
+
+    async fn user(&self, id: UserId) -> Result<Option<User>> {
+        sqlx::query("SELECT id, name, created_at FROM users WHERE id = ?")
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|row| user_from_row(&row))
+            .transpose()
+    }
+
+    async fn insert_api_key(&self, key: &ApiKeyRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO api_keys (key_id, user_id, secret_hash, created_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(&key.key_id)
+        .bind(key.user_id.to_string())
+        .bind(&key.secret_hash)
+        .bind(key.created_at)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| conflict(e, || format!("api key {:?}", key.key_id)))?;
+        Ok(())
+    }
+
+    async fn api_key(&self, key_id: &str) -> Result<Option<ApiKeyRecord>> {
+        let Some(row) = sqlx::query(
+            "SELECT key_id, user_id, secret_hash, created_at FROM api_keys WHERE key_id = ?",
+        )
+        .bind(key_id)
+        .fetch_optional(&self.pool)
+        .await?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(ApiKeyRecord {
+            key_id: row.try_get("key_id")?,
+            user_id: parse_user_id(&row.try_get::<String, _>("user_id")?)?,
+            secret_hash: row.try_get("secret_hash")?,
+            created_at: row.try_get("created_at")?,
+        }))
+    }
+
+    async fn insert_token(&self, token: &TokenRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO tokens \
+             (id, kind, secret_hash, created_by, device_id, created_at, expires_at, used_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&token.id)
+        .bind(token.kind.as_str())
+        .bind(&token.secret_hash)
+        .bind(token.created_by.to_string())
+        .bind(token.device_id.as_ref().map(DeviceId::as_str))
+        .bind(token.created_at)
+        .bind(token.expires_at)
+        .bind(token.used_at)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| conflict(e, || format!("token {:?}", token.id)))?;
+        Ok(())
+    }
+
+    async fn token(&self, id: &str) -> Result<Option<TokenRecord>> {
+        let Some(row) = sqlx::query(
+            "SELECT id, kind, secret_hash, created_by, device_id, created_at, expires_at, used_at \
+             FROM tokens WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let kind: String = row.try_get("kind")?;
+        Ok(Some(TokenRecord {
+            id: row.try_get("id")?,
+            kind: TokenKind::parse(&kind)
+                .ok_or_else(|| CatalogError::Corrupt(format!("token kind {kind:?}")))?,
+            secret_hash: row.try_get("secret_hash")?,
+            created_by: parse_user_id(&row.try_get::<String, _>("created_by")?)?,
+            device_id: row
+                .try_get::<Option<String>, _>("device_id")?
+                .as_deref()
+                .map(parse_device_id)
+                .transpose()?,
+            created_at: row.try_get("created_at")?,
+            expires_at: row.try_get("expires_at")?,
+            used_at: row.try_get("used_at")?,
+        }))
+    }
+
+    async fn enrol_device(
+        &self,
+        token_id: &str,
+        now: i64,
+        device: &DeviceConfig,
+    ) -> Result<DeviceRecord> {
+        let services = encode_json(&device.services)?;
+        let capabilities = encode_json(&device.capabilities)?;
+        // Dropping `tx` on any early return rolls everything back.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let owner: Option<String> = sqlx::query_scalar(
+            "UPDATE tokens SET used_at = ?, used_by = created_by \
+             WHERE id = ? AND kind = 'setup' AND used_at IS NULL AND expires_at > ? \
+             RETURNING created_by",
+        )
+        .bind(now)
+        .bind(token_id)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(owner) = owner else {
+            return Err(CatalogError::TokenUnavailable);
+        };
+        sqlx::query(
+            "INSERT INTO devices (id, name, services, capabilities, created_at) \
+             VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(device.id.as_str())
+        .bind(&device.name)
+        .bind(&services)
+        .bind(&capabilities)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| conflict(e, || format!("device {}", device.id)))?;
+        sqlx::query("INSERT INTO device_owners (device_id, user_id, added_at) VALUES (?, ?, ?)")
+            .bind(device.id.as_str())
+            .bind(&owner)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        let owners = owners_of(&mut tx, &device.id).await?;
+        tx.commit().await?;
+        Ok(DeviceRecord {
+            id: device.id.clone(),
+            name: device.name.clone(),
+            services: device.services.clone(),
+            capabilities: device.capabilities.clone(),
+            created_at: now,
+            owners,
+        })
+    }
+
+    async fn claim_share(&self, token_id: &str, now: i64, user: UserId) -> Result<DeviceId> {
+        let user = user.to_string();
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let device: Option<Option<String>> = sqlx::query_scalar(
+            "UPDATE tokens SET used_at = ?, used_by = ? \
+             WHERE id = ? AND kind = 'share' AND used_at IS NULL AND expires_at > ? \
+             RETURNING device_id",
+        )
+        .bind(now)
+        .bind(&user)
+        .bind(token_id)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(device) = device else {
+            return Err(CatalogError::TokenUnavailable);
+        };
+        let device = device.ok_or_else(|| {
+            CatalogError::Corrupt(format!("share token {token_id:?} has no device"))
+        })?;
+        let device_id = parse_device_id(&device)?;
+        sqlx::query(
+            "INSERT INTO device_owners (device_id, user_id, added_at) VALUES (?, ?, ?) \
+             ON CONFLICT (device_id, user_id) DO NOTHING",
+        )
+        .bind(&device)
+        .bind(&user)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(device_id)
+    }
+
+    async fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>> {
+        // One snapshot for the device and its owners.
+        let mut tx = self.pool.begin().await?;
+        let Some(row) = sqlx::query(&format!(
+            "SELECT {DEVICE_COLUMNS} FROM devices WHERE id = ?"
+        ))
+        .bind(id.as_str())
+        .fetch_optional(&mut *tx)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let owners = owners_of(&mut tx, id).await?;
+        tx.commit().await?;
+        device_from_row(&row, owners).map(Some)
+    }
+
+    async fn devices_owned_by(&self, user: UserId) -> Result<Vec<DeviceRecord>> {
+        let user = user.to_string();
+        // Both reads in one transaction so the owner lists match the device list.
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(
+            "SELECT d.id, d.name, d.services, d.capabilities, d.created_at \
+             FROM devices d JOIN device_owners o ON o.device_id = d.id \
+             WHERE o.user_id = ? ORDER BY d.name, d.id",
+        )
+        .bind(&user)
+        .fetch_all(&mut *tx)
+        .await?;
+        let owner_rows = sqlx::query(
+            "SELECT o.device_id, u.id, u.name \
+             FROM device_owners o JOIN users u ON u.id = o.user_id \
+             WHERE o.device_id IN (SELECT device_id FROM device_owners WHERE user_id = ?) \
+             ORDER BY u.name, u.id",
+        )
+        .bind(&user)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let mut owners: HashMap<String, Vec<Owner>> = HashMap::new();
+        for row in &owner_rows {
+            owners
+                .entry(row.try_get("device_id")?)
+                .or_default()
+                .push(owner_from_row(row)?);
+        }
+        rows.iter()
+            .map(|row| {
+                let id: String = row.try_get("id")?;
+                device_from_row(row, owners.remove(&id).unwrap_or_default())
+            })
+            .collect()
+    }
+
+    async fn is_owner(&self, device: &DeviceId, user: UserId) -> Result<bool> {
+        let owns: i64 = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM device_owners WHERE device_id = ? AND user_id = ?)",
+        )
+        .bind(device.as_str())
+        .bind(user.to_string())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(owns != 0)
+    }
+
+    async fn update_device(&self, device: &DeviceConfig) -> Result<()> {
+        let done =
+            sqlx::query("UPDATE devices SET name = ?, services = ?, capabilities = ? WHERE id = ?")
+                .bind(&device.name)
+                .bind(encode_json(&device.services)?)
+                .bind(encode_json(&device.capabilities)?)
+                .bind(device.id.as_str())
+                .execute(&self.pool)
+                .await?;
+        if done.rows_affected() == 0 {
+            return Err(CatalogError::NotFound(format!("device {}", device.id)));
+        }
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}
+
+/// The owners of `device`, ordered by name.
+async fn owners_of(conn: &mut SqliteConnection, device: &DeviceId) -> Result<Vec<Owner>> {
+    sqlx::query(
+        "SELECT u.id, u.name FROM device_owners o JOIN users u ON u.id = o.user_id \
+         WHERE o.device_id = ? ORDER BY u.name, u.id",
+    )
+    .bind(device.as_str())
+    .fetch_all(&mut *conn)
+    .await?
+    .iter()
+    .map(owner_from_row)
+    .collect()
+}
+
+fn user_from_row(row: &SqliteRow) -> Result<User> {
+    Ok(User {
+        id: parse_user_id(&row.try_get::<String, _>("id")?)?,
+        name: row.try_get("name")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn owner_from_row(row: &SqliteRow) -> Result<Owner> {
+    Ok(Owner {
+        id: parse_user_id(&row.try_get::<String, _>("id")?)?,
+        name: row.try_get("name")?,
+    })
+}
+
+fn device_from_row(row: &SqliteRow, owners: Vec<Owner>) -> Result<DeviceRecord> {
+    let services: String = row.try_get("services")?;
+    let capabilities: String = row.try_get("capabilities")?;
+    Ok(DeviceRecord {
+        id: parse_device_id(&row.try_get::<String, _>("id")?)?,
+        name: row.try_get("name")?,
+        services: decode_json::<Vec<ServiceInfo>>(&services, "device services")?,
+        capabilities: decode_json::<Vec<String>>(&capabilities, "device capabilities")?,
+        created_at: row.try_get("created_at")?,
+        owners,
+    })
+}
+
+/// Maps a unique violation to `Conflict(what)`, anything else to `Storage`.
+fn conflict(e: sqlx::Error, what: impl FnOnce() -> String) -> CatalogError {
+    match &e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => CatalogError::Conflict(what()),
+        _ => CatalogError::Storage(e),
+    }
+}
+
+fn parse_user_id(s: &str) -> Result<UserId> {
+    uuid::Uuid::parse_str(s)
+        .map(UserId)
+        .map_err(|_| CatalogError::Corrupt(format!("user id {s:?}")))
+}
+
+fn parse_device_id(s: &str) -> Result<DeviceId> {
+    s.parse()
+        .map_err(|_| CatalogError::Corrupt(format!("device id {s:?}")))
+}
+
+fn encode_json<T: serde::Serialize>(value: &T) -> Result<String> {
+    serde_json::to_string(value).map_err(|e| CatalogError::Corrupt(format!("encoding JSON: {e}")))
+}
+
+fn decode_json<T: serde::de::DeserializeOwned>(s: &str, what: &str) -> Result<T> {
+    serde_json::from_str(s).map_err(|e| CatalogError::Corrupt(format!("{what}: {e}")))
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or_default()
+}

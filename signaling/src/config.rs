@@ -1,0 +1,86 @@
+//! Hub configuration, validated before any port is bound.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use adi_protocol::DEFAULT_MAX_FRAME_BYTES;
+
+/// Everything a hub needs to start.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// Address to listen on; port 0 picks a free one (tests, `adi dev`).
+    pub listen: SocketAddr,
+    /// Where the embedded SQLite catalog lives when no database URL is given.
+    pub data_dir: PathBuf,
+    /// `postgres://...` (or `sqlite:PATH`) to use instead of the embedded catalog.
+    pub database_url: Option<String>,
+    /// How often cocoons heartbeat; told to each cocoon at registration.
+    pub heartbeat_interval: Duration,
+    /// Largest control frame accepted from a cocoon.
+    pub max_frame_bytes: usize,
+    /// Lifetime of the JWTs handed out for API keys.
+    pub jwt_ttl: Duration,
+    /// URL under which users reach this hub (for the install script); when unset the
+    /// request's Host header is used.
+    pub public_url: Option<String>,
+    /// Bytes of the read buffer of each cocoon socket. Control frames are small, so
+    /// a small buffer keeps per-device memory low; larger frames still arrive whole.
+    pub ws_read_buffer_bytes: usize,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("adi-hub-data"),
+            database_url: None,
+            heartbeat_interval: Duration::from_secs(5),
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            jwt_ttl: Duration::from_secs(3600),
+            public_url: None,
+            ws_read_buffer_bytes: 4096,
+        }
+    }
+}
+
+/// A configuration that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Heartbeat interval out of range.
+    #[error("heartbeat interval must be between 100 ms and 1 hour")]
+    HeartbeatInterval,
+    /// Frame limit out of range.
+    #[error("max frame size must be between 1 KiB and 64 MiB")]
+    MaxFrame,
+    /// JWT lifetime out of range.
+    #[error("JWT lifetime must be between 1 minute and 30 days")]
+    JwtTtl,
+    /// Public URL is not an http(s) URL.
+    #[error("public URL must start with http:// or https://")]
+    PublicUrl,
+}
+
+impl HubConfig {
+    /// Checks every field; called by `spawn` before anything starts.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.heartbeat_interval < Duration::from_millis(100)
+            || self.heartbeat_interval > Duration::from_secs(3600)
+        {
+            return Err(ConfigError::HeartbeatInterval);
+        }
+        if !(1024..=64 * 1024 * 1024).contains(&self.max_frame_bytes) {
+            return Err(ConfigError::MaxFrame);
+        }
+        if self.jwt_ttl < Duration::from_secs(60) || self.jwt_ttl > Duration::from_secs(30 * 86400)
+        {
+            return Err(ConfigError::JwtTtl);
+        }
+        if let Some(url) = &self.public_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(ConfigError::PublicUrl);
+            }
+        }
+        Ok(())
+    }
+}

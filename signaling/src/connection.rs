@@ -1,0 +1,396 @@
+//! One actor per cocoon WebSocket: registration, then a `select!` over cancellation,
+//! outbound frames, inbound frames and a staleness check, until the connection ends.
+//! The actor owns the socket; everyone else talks to it through its [`ConnHandle`].
+//!
+//! It must never panic on input: every frame either decodes or is answered with an
+//! error, and an oversized frame closes this connection alone.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use adi_protocol::{
+    decode, encode, negotiate_version, DecodeError, DeviceId, DeviceToHub, ErrorCode, HubToDevice,
+    Register, Registered, SUPPORTED_VERSIONS,
+};
+use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket};
+use tokio::sync::mpsc;
+use tokio::time::{interval, timeout, Instant, MissedTickBehavior};
+use tracing::{debug, info, warn, Instrument};
+
+use crate::auth::unix_now_i64;
+use crate::catalog::{CatalogError, DeviceConfig};
+use crate::registry::{ConnHandle, ConnId};
+use crate::tokens::{self, TokenError};
+use crate::HubState;
+
+/// How long a new connection may take to send its registration.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Frames queued for one device before senders are refused.
+const OUTBOUND_QUEUE: usize = 32;
+/// Heartbeat intervals of silence after which the hub drops a connection.
+const SILENT_INTERVALS: u32 = 3;
+
+/// A refusal sent to the device before the connection is closed.
+struct Refusal {
+    code: ErrorCode,
+    message: String,
+}
+
+impl Refusal {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Refusal {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Runs one cocoon connection to its end.
+pub(crate) async fn serve(state: Arc<HubState>, socket: WebSocket) {
+    let conn_id = state.registry.next_conn_id();
+    let span = tracing::info_span!("cocoon_conn", conn_id, device_id = tracing::field::Empty);
+    run(state, socket, conn_id).instrument(span).await;
+}
+
+async fn run(state: Arc<HubState>, mut socket: WebSocket, conn_id: ConnId) {
+    let max = state.config.max_frame_bytes;
+    let register = match timeout(REGISTER_TIMEOUT, socket.recv()).await {
+        Err(_) => {
+            let refusal = Refusal::new(ErrorCode::BadRequest, "no registration within 10 s");
+            return refuse(socket, refusal).await;
+        }
+        Ok(None) | Ok(Some(Err(_))) => return,
+        Ok(Some(Ok(msg))) => match frame_bytes(&msg) {
+            None => return,
+            Some(bytes) => match decode::<DeviceToHub>(bytes, max) {
+                Ok(DeviceToHub::Register(r)) => r,
+                Ok(_) => {
+                    let refusal =
+                        Refusal::new(ErrorCode::BadRequest, "the first frame must be register");
+                    return refuse(socket, refusal).await;
+                }
+                Err(e) => return refuse(socket, decode_refusal(&e)).await,
+            },
+        },
+    };
+    let accepted = match register_device(&state, &register).await {
+        Ok(a) => a,
+        Err(refusal) => {
+            warn!(code = %refusal.code, "registration refused: {}", refusal.message);
+            return refuse(socket, refusal).await;
+        }
+    };
+    let device_id = accepted.config.id.clone();
+    tracing::Span::current().record("device_id", tracing::field::display(&device_id));
+    let interval_ms =
+        u64::try_from(state.config.heartbeat_interval.as_millis()).unwrap_or(u64::MAX);
+    let reply = HubToDevice::Registered(Registered {
+        device_id: device_id.clone(),
+        protocol_version: accepted.version,
+        heartbeat_interval_ms: interval_ms,
+        enrolled: accepted.enrolled,
+    });
+    if socket.send(text(&reply)).await.is_err() {
+        return;
+    }
+    let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+    let cancel = state.shutdown.child_token();
+    state.registry.insert(
+        device_id.clone(),
+        conn_id,
+        ConnHandle {
+            outbound: tx,
+            cancel: cancel.clone(),
+        },
+    );
+    info!(enrolled = accepted.enrolled, name = %accepted.config.name, "device online");
+    let mut conn = Connection {
+        state: state.clone(),
+        conn_id,
+        config: accepted.config,
+    };
+    let end = conn.pump(&mut socket, rx, &cancel).await;
+    state.registry.remove(&device_id, conn_id);
+    match end {
+        End::Closed(reason) => info!("device connection closed: {reason}"),
+        End::Send(code, reason) => {
+            info!("closing device connection: {reason}");
+            let _ = socket
+                .send(Message::Close(Some(CloseFrame {
+                    code,
+                    reason: reason.into(),
+                })))
+                .await;
+        }
+    }
+}
+
+/// What ended a connection.
+enum End {
+    /// The peer closed or the socket failed; nothing more to send.
+    Closed(String),
+    /// We close, with this code and reason.
+    Send(u16, String),
+}
+
+struct Connection {
+    state: Arc<HubState>,
+    conn_id: ConnId,
+    config: DeviceConfig,
+}
+
+impl Connection {
+    async fn pump(
+        &mut self,
+        socket: &mut WebSocket,
+        mut outbound: mpsc::Receiver<Message>,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> End {
+        let heartbeat = self.state.config.heartbeat_interval;
+        let mut stale_check = interval(heartbeat);
+        stale_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut last_heard = Instant::now();
+        loop {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => {
+                    return if self.state.shutdown.is_cancelled() {
+                        End::Send(close_code::RESTART, "hub restarting".into())
+                    } else {
+                        End::Send(close_code::POLICY, "replaced by a newer connection of this device".into())
+                    };
+                }
+                Some(msg) = outbound.recv() => {
+                    if let Err(e) = socket.send(msg).await {
+                        return End::Closed(format!("send failed: {e}"));
+                    }
+                }
+                frame = socket.recv() => {
+                    last_heard = Instant::now();
+                    match frame {
+                        None => return End::Closed("peer went away".into()),
+                        Some(Err(e)) => return classify_read_error(e, self.state.config.max_frame_bytes),
+                        Some(Ok(Message::Close(_))) => return End::Closed("peer closed".into()),
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                        Some(Ok(msg)) => {
+                            if let Some(reply) = self.handle(&msg).await {
+                                if let Err(e) = socket.send(text(&reply)).await {
+                                    return End::Closed(format!("send failed: {e}"));
+                                }
+                            }
+                        }
+                    }
+                }
+                _ = stale_check.tick() => {
+                    if last_heard.elapsed() > heartbeat * SILENT_INTERVALS {
+                        return End::Send(close_code::AWAY, "no heartbeat for 3 intervals".into());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles one data frame; returns the reply to send, if any.
+    async fn handle(&mut self, msg: &Message) -> Option<HubToDevice> {
+        let bytes = frame_bytes(msg)?;
+        let decoded = decode::<DeviceToHub>(bytes, self.state.config.max_frame_bytes);
+        match decoded {
+            Err(e) => {
+                debug!("undecodable frame: {e}");
+                let r = decode_refusal(&e);
+                Some(HubToDevice::Error {
+                    code: r.code,
+                    message: r.message,
+                })
+            }
+            Ok(DeviceToHub::Heartbeat(_)) => {
+                self.state.registry.heartbeat(&self.config.id, self.conn_id);
+                None
+            }
+            Ok(DeviceToHub::Register(_)) => Some(HubToDevice::Error {
+                code: ErrorCode::BadRequest,
+                message: "already registered on this connection".into(),
+            }),
+            Ok(DeviceToHub::ServiceRegister { services }) => {
+                if services == self.config.services {
+                    return None;
+                }
+                let mut next = self.config.clone();
+                next.services = services;
+                match self.state.catalog.update_device(&next).await {
+                    Ok(()) => {
+                        self.config = next;
+                        None
+                    }
+                    Err(e) => {
+                        warn!("storing services failed: {e:#}");
+                        Some(HubToDevice::Error {
+                            code: ErrorCode::Internal,
+                            message: "the hub could not store the services".into(),
+                        })
+                    }
+                }
+            }
+        }
+    }
+}
+
+struct Accepted {
+    config: DeviceConfig,
+    version: u32,
+    enrolled: bool,
+}
+
+/// Negotiates the version, checks the secret, and finds or enrols the device.
+async fn register_device(state: &HubState, reg: &Register) -> Result<Accepted, Refusal> {
+    let version = negotiate_version(&reg.versions).ok_or_else(|| {
+        Refusal::new(
+            ErrorCode::UnsupportedVersion,
+            format!("no common protocol version; the hub speaks {SUPPORTED_VERSIONS:?}"),
+        )
+    })?;
+    reg.secret
+        .validate()
+        .map_err(|e| Refusal::new(ErrorCode::BadRequest, e.to_string()))?;
+    let name = reg.name.trim();
+    if name.is_empty() || name.chars().count() > 128 {
+        return Err(Refusal::new(
+            ErrorCode::BadRequest,
+            "device name must be 1 to 128 characters",
+        ));
+    }
+    let config = DeviceConfig {
+        id: state.device_ids.derive(&reg.secret),
+        name: name.to_owned(),
+        services: reg.services.clone(),
+        capabilities: reg.capabilities.clone(),
+    };
+    if let Some(known) = existing(state, &config.id).await? {
+        update_if_changed(state, &known, &config).await?;
+        return Ok(Accepted {
+            config,
+            version,
+            enrolled: false,
+        });
+    }
+    let Some(token) = reg.setup_token.as_deref() else {
+        return Err(Refusal::new(
+            ErrorCode::NotEnrolled,
+            "this device is not enrolled on this hub; start it once with a setup token",
+        ));
+    };
+    match tokens::enrol(state.catalog.as_ref(), token, &config, unix_now_i64()).await {
+        Ok(_) => Ok(Accepted {
+            config,
+            version,
+            enrolled: true,
+        }),
+        // Enrolled concurrently by another connection with the same secret.
+        Err(TokenError::Catalog(CatalogError::Conflict(_))) => Ok(Accepted {
+            config,
+            version,
+            enrolled: false,
+        }),
+        Err(e) => {
+            if let TokenError::Catalog(inner) = &e {
+                warn!("enrolment failed in the catalog: {inner:#}");
+            }
+            Err(Refusal::new(e.code(), refusal_text(&e)))
+        }
+    }
+}
+
+async fn existing(state: &HubState, id: &DeviceId) -> Result<Option<DeviceConfig>, Refusal> {
+    match state.catalog.device(id).await {
+        Ok(found) => Ok(found.map(|d| DeviceConfig {
+            id: d.id,
+            name: d.name,
+            services: d.services,
+            capabilities: d.capabilities,
+        })),
+        Err(e) => {
+            warn!("catalog lookup failed: {e:#}");
+            Err(Refusal::new(
+                ErrorCode::Internal,
+                "the hub's catalog is unavailable; retry later",
+            ))
+        }
+    }
+}
+
+/// Writes a device's configuration only when it differs: the catalog is for changes.
+async fn update_if_changed(
+    state: &HubState,
+    known: &DeviceConfig,
+    reported: &DeviceConfig,
+) -> Result<(), Refusal> {
+    if known == reported {
+        return Ok(());
+    }
+    state.catalog.update_device(reported).await.map_err(|e| {
+        warn!("storing device configuration failed: {e:#}");
+        Refusal::new(
+            ErrorCode::Internal,
+            "the hub's catalog is unavailable; retry later",
+        )
+    })
+}
+
+fn refusal_text(e: &TokenError) -> String {
+    match e {
+        TokenError::Catalog(_) => "the hub's catalog is unavailable; retry later".into(),
+        other => format!("setup token refused: {other}"),
+    }
+}
+
+fn decode_refusal(e: &DecodeError) -> Refusal {
+    match e {
+        DecodeError::TooLarge { .. } => Refusal::new(ErrorCode::PayloadTooLarge, e.to_string()),
+        DecodeError::Invalid(_) => Refusal::new(ErrorCode::BadRequest, e.to_string()),
+    }
+}
+
+fn classify_read_error(e: axum::Error, max: usize) -> End {
+    let text = e.to_string();
+    // tungstenite reports an over-limit message as a capacity error.
+    if text.contains("Space limit exceeded") || text.to_ascii_lowercase().contains("too long") {
+        End::Send(
+            close_code::SIZE,
+            format!("frame exceeds the limit of {max} bytes"),
+        )
+    } else {
+        End::Closed(format!("read failed: {text}"))
+    }
+}
+
+fn frame_bytes(msg: &Message) -> Option<&[u8]> {
+    match msg {
+        Message::Text(t) => Some(t.as_bytes()),
+        Message::Binary(b) => Some(b),
+        _ => None,
+    }
+}
+
+fn text(msg: &HubToDevice) -> Message {
+    Message::Text(encode(msg).into())
+}
+
+/// Sends the refusal as an error frame, then closes with the code as the reason.
+async fn refuse(mut socket: WebSocket, refusal: Refusal) {
+    let frame = HubToDevice::Error {
+        code: refusal.code,
+        message: refusal.message,
+    };
+    let close_code = match refusal.code {
+        ErrorCode::PayloadTooLarge => close_code::SIZE,
+        ErrorCode::Internal => close_code::ERROR,
+        _ => close_code::POLICY,
+    };
+    let _ = socket.send(text(&frame)).await;
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            code: close_code,
+            reason: refusal.code.as_str().into(),
+        })))
+        .await;
+}

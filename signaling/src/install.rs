@@ -1,0 +1,151 @@
+//! Self-distribution: the hub serves an install script and its own executable, so a new
+//! device needs nothing but `curl -fsSL HUB/install.sh | sh -s -- TOKEN`. Also serves
+//! the web UI's page.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use tokio_util::io::ReaderStream;
+
+use crate::HubState;
+
+pub(crate) fn routes() -> Router<Arc<HubState>> {
+    Router::new()
+        .route("/", get(|| async { Html(adi_web::INDEX_HTML) }))
+        .route("/install.sh", get(install_script))
+        .route("/download/adi", get(download))
+}
+
+/// The URL a device should use to reach this hub: the configured public URL, else what
+/// the request itself was addressed to.
+fn hub_url(state: &HubState, headers: &HeaderMap) -> String {
+    if let Some(url) = &state.config.public_url {
+        return url.trim_end_matches('/').to_owned();
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| {
+            h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b".:-[]".contains(&b))
+        })
+        .map(str::to_owned)
+        .unwrap_or_else(|| state_addr(state));
+    let scheme = match headers
+        .get("x-forwarded-proto")
+        .and_then(|h| h.to_str().ok())
+    {
+        Some("https") => "https",
+        _ => "http",
+    };
+    format!("{scheme}://{host}")
+}
+
+fn state_addr(state: &HubState) -> String {
+    state.config.listen.to_string()
+}
+
+async fn install_script(State(state): State<Arc<HubState>>, headers: HeaderMap) -> Response {
+    let script = INSTALL_SH
+        .replace("@HUB@", &hub_url(&state, &headers))
+        .replace("@OS@", std::env::consts::OS)
+        .replace("@ARCH@", std::env::consts::ARCH);
+    (
+        [(header::CONTENT_TYPE, "text/x-shellscript; charset=utf-8")],
+        script,
+    )
+        .into_response()
+}
+
+async fn download() -> Response {
+    // /proc/self/exe still reads when the file on disk was replaced by an upgrade.
+    let path = if cfg!(target_os = "linux") {
+        std::path::PathBuf::from("/proc/self/exe")
+    } else {
+        match std::env::current_exe() {
+            Ok(p) => p,
+            Err(e) => return unavailable(&e),
+        }
+    };
+    let file = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(e) => return unavailable(&e),
+    };
+    let len = file.metadata().await.map(|m| m.len()).ok();
+    let mut resp = Response::new(Body::from_stream(ReaderStream::with_capacity(
+        file,
+        64 * 1024,
+    )));
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/octet-stream"),
+    );
+    headers.insert(
+        header::CONTENT_DISPOSITION,
+        header::HeaderValue::from_static("attachment; filename=\"adi\""),
+    );
+    if let Some(len) = len {
+        headers.insert(header::CONTENT_LENGTH, header::HeaderValue::from(len));
+    }
+    resp
+}
+
+fn unavailable(e: &std::io::Error) -> Response {
+    tracing::warn!("cannot serve own executable: {e:#}");
+    (StatusCode::SERVICE_UNAVAILABLE, "executable unavailable").into_response()
+}
+
+/// Installs `adi` from the hub into `$ADI_PREFIX/bin` (default `~/.local`), then starts
+/// the cocoon with the token given as the first argument, or says how to.
+const INSTALL_SH: &str = r#"#!/bin/sh
+# Installs adi from @HUB@ and enrols this device with a setup token.
+# Usage: curl -fsSL @HUB@/install.sh | sh -s -- SETUP_TOKEN
+# Environment: ADI_PREFIX (default $HOME/.local), ADI_NO_START=1 to only install,
+#              ADI_COCOON_NAME (default: hostname), ADI_COCOON_DATA_DIR.
+set -eu
+HUB="@HUB@"
+TOKEN="${1:-}"
+PREFIX="${ADI_PREFIX:-$HOME/.local}"
+BIN="$PREFIX/bin"
+
+os="$(uname -s | tr '[:upper:]' '[:lower:]')"
+arch="$(uname -m)"
+if [ "$os" != "@OS@" ] || [ "$arch" != "@ARCH@" ]; then
+  echo "adi install: this hub serves a @OS@/@ARCH@ build, but this machine is $os/$arch" >&2
+  exit 1
+fi
+
+mkdir -p "$BIN"
+tmp="$(mktemp "$BIN/.adi.XXXXXX")"
+trap 'rm -f "$tmp"' EXIT
+if command -v curl >/dev/null 2>&1; then
+  curl -fsSL "$HUB/download/adi" -o "$tmp"
+elif command -v wget >/dev/null 2>&1; then
+  wget -qO "$tmp" "$HUB/download/adi"
+else
+  echo "adi install: need curl or wget" >&2
+  exit 1
+fi
+chmod 0755 "$tmp"
+mv -f "$tmp" "$BIN/adi"
+trap - EXIT
+echo "adi installed to $BIN/adi"
+
+name="${ADI_COCOON_NAME:-$(hostname 2>/dev/null || echo device)}"
+if [ -z "$TOKEN" ]; then
+  echo "enrol this device with: $BIN/adi cocoon run --hub $HUB --token SETUP_TOKEN --name $name"
+  exit 0
+fi
+if [ "${ADI_NO_START:-}" = "1" ]; then
+  echo "start the cocoon with: $BIN/adi cocoon run --hub $HUB --token <your token> --name $name"
+  exit 0
+fi
+echo "starting the cocoon; it keeps running (Ctrl-C stops it)"
+exec "$BIN/adi" cocoon run --hub "$HUB" --token "$TOKEN" --name "$name"
+"#;

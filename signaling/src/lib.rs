@@ -1,0 +1,173 @@
+//! The adi signaling hub.
+//!
+//! Cocoons hold one WebSocket each to the hub (`/ws/cocoon`); people reach their devices
+//! through the REST API (`/api/...`) and the web UI (`/`). The hub keeps two kinds of
+//! state apart: the durable [`catalog`] (users, devices, owners, token hashes), written
+//! on configuration changes only, and the RAM [`registry`] of live connections, written
+//! on every heartbeat. Routing and presence read RAM only.
+//!
+//! [`spawn`] starts a hub and hands back a [`HubHandle`], so tests and `adi dev` can run
+//! hubs in-process.
+
+pub mod api;
+pub mod auth;
+pub mod catalog;
+pub mod config;
+mod connection;
+pub mod credential;
+pub mod identity;
+mod install;
+pub mod registry;
+pub mod tokens;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use rand::RngCore;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use config::{ConfigError, HubConfig};
+
+use crate::auth::Auth;
+use crate::catalog::{Catalog, CatalogError};
+use crate::identity::DeviceIdKey;
+use crate::registry::Registry;
+
+/// Catalog name of the key device ids are derived under.
+const DEVICE_ID_KEY: &str = "device_id_key";
+/// Catalog name of the key JWTs are signed with.
+const JWT_KEY: &str = "jwt_key";
+
+/// Why a hub could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The catalog could not be opened.
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Address asked for.
+        addr: SocketAddr,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+}
+
+/// Shared state of one hub, reachable from every handler.
+pub struct HubState {
+    /// Validated configuration.
+    pub config: HubConfig,
+    /// Durable store.
+    pub catalog: Arc<dyn Catalog>,
+    /// Live connections.
+    pub registry: Registry,
+    /// JWT issuer and checker.
+    pub auth: Auth,
+    /// Device id derivation key.
+    pub device_ids: DeviceIdKey,
+    /// Cancelled when the hub shuts down; every connection holds a child token.
+    pub shutdown: CancellationToken,
+}
+
+/// A running hub.
+pub struct HubHandle {
+    addr: SocketAddr,
+    state: Arc<HubState>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl HubHandle {
+    /// The address the hub listens on (with the real port when 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR`, the base URL clients and cocoons use.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The hub's catalog, for administrative commands run in the same process.
+    pub fn catalog(&self) -> Arc<dyn Catalog> {
+        self.state.catalog.clone()
+    }
+
+    /// The hub's shared state.
+    pub fn state(&self) -> &Arc<HubState> {
+        &self.state
+    }
+
+    /// Stops accepting, closes every cocoon connection with "hub restarting" and waits
+    /// until every handler is gone.
+    pub async fn shutdown(self) {
+        self.state.shutdown.cancel();
+        self.state.registry.cancel_all();
+        match self.task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!("hub server ended with an error: {e:#}"),
+            Err(e) => tracing::error!("hub server task failed: {e:#}"),
+        }
+    }
+
+    /// Waits until the hub stops (it runs until `shutdown` or a fatal error).
+    pub async fn wait(self) -> std::io::Result<()> {
+        match self.task.await {
+            Ok(r) => r,
+            Err(e) => Err(std::io::Error::other(e)),
+        }
+    }
+
+    /// A token that stops the hub when cancelled (for signal handlers).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.state.shutdown.clone()
+    }
+}
+
+/// Opens the catalog, loads or creates the hub keys, binds and starts serving.
+pub async fn spawn(config: HubConfig) -> Result<HubHandle, HubError> {
+    config.validate()?;
+    let catalog = catalog::open(config.database_url.as_deref(), &config.data_dir).await?;
+    let device_key = catalog
+        .hub_secret_or_insert(DEVICE_ID_KEY, &random_key())
+        .await?;
+    let jwt_key = catalog.hub_secret_or_insert(JWT_KEY, &random_key()).await?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| HubError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| HubError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let state = Arc::new(HubState {
+        registry: Registry::new(config.heartbeat_interval),
+        auth: Auth::new(&jwt_key, config.jwt_ttl),
+        device_ids: DeviceIdKey::new(device_key),
+        shutdown: CancellationToken::new(),
+        catalog,
+        config,
+    });
+    let app = api::router(state.clone());
+    let shutdown = state.shutdown.clone();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await
+    });
+    tracing::info!(%addr, "hub listening");
+    Ok(HubHandle { addr, state, task })
+}
+
+fn random_key() -> Vec<u8> {
+    let mut key = vec![0u8; 32];
+    rand::thread_rng().fill_bytes(&mut key);
+    key
+}

@@ -1,0 +1,213 @@
+//! The live registry: which devices are connected right now, through which connection,
+//! and when each last sent a heartbeat. RAM only (`DashMap`), rebuilt from heartbeats
+//! after a restart; it must never write to the catalog.
+//!
+//! A device that reconnects replaces its old entry; the old connection is cancelled and,
+//! because removal compares connection ids, its late exit cannot evict the new one.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use adi_protocol::DeviceId;
+use axum::extract::ws::Message;
+use dashmap::DashMap;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Identifies one WebSocket connection, so a stale one can be told from its successor.
+pub type ConnId = u64;
+
+/// A cheap handle to a connection's actor.
+#[derive(Clone, Debug)]
+pub struct ConnHandle {
+    /// Frames to send to the device. Bounded: a full queue means the device is not
+    /// reading, and senders get an error rather than growing the hub's memory.
+    pub outbound: mpsc::Sender<Message>,
+    /// Ends the connection's actor.
+    pub cancel: CancellationToken,
+}
+
+/// One connected device.
+#[derive(Debug)]
+pub struct LiveDevice {
+    /// Which connection this entry belongs to.
+    pub conn_id: ConnId,
+    /// Handle to the connection's actor.
+    pub handle: ConnHandle,
+    /// When the last heartbeat (or the registration) arrived.
+    pub last_heartbeat: Instant,
+    /// When this connection registered.
+    pub connected_at: Instant,
+}
+
+/// What the registry says of a device at one instant.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Presence {
+    /// Connected and heard from within the online window.
+    pub online: bool,
+    /// Age of the last heartbeat, if the device is connected.
+    pub last_heartbeat_age: Option<Duration>,
+}
+
+/// All live connections of this hub.
+pub struct Registry {
+    devices: DashMap<DeviceId, LiveDevice>,
+    next_conn: AtomicU64,
+    heartbeat_interval: Duration,
+}
+
+impl Registry {
+    /// An empty registry for devices heartbeating every `heartbeat_interval`.
+    pub fn new(heartbeat_interval: Duration) -> Self {
+        Registry {
+            devices: DashMap::new(),
+            next_conn: AtomicU64::new(1),
+            heartbeat_interval,
+        }
+    }
+
+    /// A fresh connection id.
+    pub fn next_conn_id(&self) -> ConnId {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// How long a device may stay silent and still count as online: one missed
+    /// heartbeat is jitter, two mean it is gone.
+    pub fn online_window(&self) -> Duration {
+        self.heartbeat_interval * 2
+    }
+
+    /// Records a newly registered connection; cancels the one it replaces, if any.
+    pub fn insert(&self, id: DeviceId, conn_id: ConnId, handle: ConnHandle) {
+        let now = Instant::now();
+        let old = self.devices.insert(
+            id,
+            LiveDevice {
+                conn_id,
+                handle,
+                last_heartbeat: now,
+                connected_at: now,
+            },
+        );
+        if let Some(old) = old {
+            old.handle.cancel.cancel();
+        }
+    }
+
+    /// Notes a heartbeat from `conn_id`; false if that connection is no longer current.
+    pub fn heartbeat(&self, id: &DeviceId, conn_id: ConnId) -> bool {
+        match self.devices.get_mut(id) {
+            Some(mut live) if live.conn_id == conn_id => {
+                live.last_heartbeat = Instant::now();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Removes the entry only if it still belongs to `conn_id`.
+    pub fn remove(&self, id: &DeviceId, conn_id: ConnId) -> bool {
+        self.devices
+            .remove_if(id, |_, live| live.conn_id == conn_id)
+            .is_some()
+    }
+
+    /// The device's presence now.
+    pub fn presence(&self, id: &DeviceId) -> Presence {
+        match self.devices.get(id) {
+            Some(live) => {
+                let age = live.last_heartbeat.elapsed();
+                Presence {
+                    online: age <= self.online_window(),
+                    last_heartbeat_age: Some(age),
+                }
+            }
+            None => Presence {
+                online: false,
+                last_heartbeat_age: None,
+            },
+        }
+    }
+
+    /// A handle to the device's current connection, cloned out so no guard is held.
+    pub fn handle(&self, id: &DeviceId) -> Option<ConnHandle> {
+        self.devices.get(id).map(|live| live.handle.clone())
+    }
+
+    /// Number of connected devices.
+    pub fn len(&self) -> usize {
+        self.devices.len()
+    }
+
+    /// Whether no device is connected.
+    pub fn is_empty(&self) -> bool {
+        self.devices.is_empty()
+    }
+
+    /// Cancels every connection, for shutdown.
+    pub fn cancel_all(&self) {
+        for live in self.devices.iter() {
+            live.handle.cancel.cancel();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handle() -> (ConnHandle, mpsc::Receiver<Message>) {
+        let (tx, rx) = mpsc::channel(1);
+        (
+            ConnHandle {
+                outbound: tx,
+                cancel: CancellationToken::new(),
+            },
+            rx,
+        )
+    }
+
+    fn id(b: u8) -> DeviceId {
+        DeviceId::from_mac(&[b; 16])
+    }
+
+    #[test]
+    fn replacement_cancels_the_old_connection_and_its_late_removal_is_ignored() {
+        let reg = Registry::new(Duration::from_secs(5));
+        let (h1, _r1) = handle();
+        let (h2, _r2) = handle();
+        let c1 = reg.next_conn_id();
+        let c2 = reg.next_conn_id();
+        reg.insert(id(1), c1, h1.clone());
+        reg.insert(id(1), c2, h2.clone());
+        assert!(h1.cancel.is_cancelled());
+        assert!(!h2.cancel.is_cancelled());
+        assert!(!reg.remove(&id(1), c1), "stale connection must not evict");
+        assert!(reg.presence(&id(1)).online);
+        assert!(!reg.heartbeat(&id(1), c1), "stale heartbeat is refused");
+        assert!(reg.heartbeat(&id(1), c2));
+        assert!(reg.remove(&id(1), c2));
+        assert!(!reg.presence(&id(1)).online);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn presence_follows_heartbeat_age() {
+        let reg = Registry::new(Duration::from_secs(5));
+        let (h, _r) = handle();
+        let c = reg.next_conn_id();
+        reg.insert(id(2), c, h);
+        assert!(reg.presence(&id(2)).online);
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert!(
+            reg.presence(&id(2)).online,
+            "one missed heartbeat is tolerated"
+        );
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let p = reg.presence(&id(2));
+        assert!(!p.online, "silent for over two intervals");
+        assert!(p.last_heartbeat_age.expect("connected") >= Duration::from_secs(11));
+        assert!(reg.heartbeat(&id(2), c));
+        assert!(reg.presence(&id(2)).online);
+    }
+}

@@ -1,0 +1,187 @@
+//! One-time setup and share tokens: minting, checking and redeeming them.
+//!
+//! Checks happen in a fixed order so the refusal names the real reason: format, then
+//! existence (an unknown id and a wrong secret look the same), then kind, expiry and
+//! use. Redemption is one catalog transaction guarded by "still unused and unexpired",
+//! so two concurrent redeemers cannot both win and a failure leaves nothing half-made.
+
+use std::time::Duration;
+
+use adi_protocol::{DeviceId, ErrorCode};
+
+use crate::catalog::{
+    Catalog, CatalogError, DeviceConfig, DeviceRecord, TokenKind, TokenRecord, UserId,
+};
+use crate::credential::{self, SETUP_PREFIX, SHARE_PREFIX};
+
+/// Longest lifetime a token may be given: long enough to ship a box, short enough
+/// that a forgotten token does not stay a standing invitation.
+pub const MAX_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Why a token was refused, worded for the person who presented it.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// Not of the token format.
+    #[error("the token is malformed (not an adi setup or share token)")]
+    Malformed,
+    /// Unknown to this hub, or its secret part is wrong.
+    #[error("the token is unknown to this hub")]
+    Unknown,
+    /// Past its expiry.
+    #[error("the token has expired")]
+    Expired,
+    /// Already used once.
+    #[error("the token was already used")]
+    Used,
+    /// A token of the other kind.
+    #[error("this is a {actual} token, but a {expected} token is needed here")]
+    WrongKind {
+        /// What was needed.
+        expected: &'static str,
+        /// What was given.
+        actual: &'static str,
+    },
+    /// Lifetime out of range.
+    #[error("token lifetime must be between 1 second and {} days", MAX_TTL.as_secs() / 86400)]
+    BadTtl,
+    /// The catalog failed.
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+}
+
+impl TokenError {
+    /// The protocol error code for this refusal.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            TokenError::Malformed => ErrorCode::TokenMalformed,
+            TokenError::Unknown => ErrorCode::TokenUnknown,
+            TokenError::Expired => ErrorCode::TokenExpired,
+            TokenError::Used => ErrorCode::TokenUsed,
+            TokenError::WrongKind { .. } | TokenError::BadTtl => ErrorCode::BadRequest,
+            TokenError::Catalog(CatalogError::Conflict(_)) => ErrorCode::Conflict,
+            TokenError::Catalog(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+/// A token just minted: the full string is shown once and never stored.
+#[derive(Debug)]
+pub struct Issued {
+    /// The token to hand over.
+    pub token: String,
+    /// Public id, safe to log.
+    pub id: String,
+    /// Unix seconds.
+    pub expires_at: i64,
+}
+
+/// Mints a token of `kind` for `creator`, valid for `ttl` from `now`.
+pub async fn issue(
+    catalog: &dyn Catalog,
+    creator: UserId,
+    kind: TokenKind,
+    device: Option<DeviceId>,
+    ttl: Duration,
+    now: i64,
+) -> Result<Issued, TokenError> {
+    if ttl.is_zero() || ttl > MAX_TTL {
+        return Err(TokenError::BadTtl);
+    }
+    let minted = credential::mint(prefix_of(kind));
+    let expires_at = now.saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX));
+    catalog
+        .insert_token(&TokenRecord {
+            id: minted.id.clone(),
+            kind,
+            secret_hash: minted.secret_hash,
+            created_by: creator,
+            device_id: device,
+            created_at: now,
+            expires_at,
+            used_at: None,
+        })
+        .await?;
+    Ok(Issued {
+        token: minted.full,
+        id: minted.id,
+        expires_at,
+    })
+}
+
+/// Checks `raw` is a valid, unused, unexpired token of `kind` at `now`.
+pub async fn check(
+    catalog: &dyn Catalog,
+    raw: &str,
+    kind: TokenKind,
+    now: i64,
+) -> Result<TokenRecord, TokenError> {
+    let parsed = credential::parse(raw).ok_or(TokenError::Malformed)?;
+    let given = match parsed.prefix {
+        SETUP_PREFIX => TokenKind::Setup,
+        SHARE_PREFIX => TokenKind::Share,
+        _ => return Err(TokenError::Malformed),
+    };
+    if given != kind {
+        return Err(TokenError::WrongKind {
+            expected: kind.as_str(),
+            actual: given.as_str(),
+        });
+    }
+    let record = catalog
+        .token(parsed.id)
+        .await?
+        .filter(|r| parsed.verify(&r.secret_hash) && r.kind == kind)
+        .ok_or(TokenError::Unknown)?;
+    if record.used_at.is_some() {
+        return Err(TokenError::Used);
+    }
+    if record.expires_at <= now {
+        return Err(TokenError::Expired);
+    }
+    Ok(record)
+}
+
+/// Enrols a new device with a setup token, owned by the token's creator.
+pub async fn enrol(
+    catalog: &dyn Catalog,
+    raw: &str,
+    device: &DeviceConfig,
+    now: i64,
+) -> Result<DeviceRecord, TokenError> {
+    let record = check(catalog, raw, TokenKind::Setup, now).await?;
+    catalog
+        .enrol_device(&record.id, now, device)
+        .await
+        .map_err(|e| lost_race(e, now, &record))
+}
+
+/// Makes `user` a co-owner of the device a share token names.
+pub async fn claim(
+    catalog: &dyn Catalog,
+    raw: &str,
+    user: UserId,
+    now: i64,
+) -> Result<DeviceId, TokenError> {
+    let record = check(catalog, raw, TokenKind::Share, now).await?;
+    catalog
+        .claim_share(&record.id, now, user)
+        .await
+        .map_err(|e| lost_race(e, now, &record))
+}
+
+/// A token that passed `check` but failed the guarded update was used or expired
+/// in between; say which.
+fn lost_race(e: CatalogError, now: i64, record: &TokenRecord) -> TokenError {
+    match e {
+        CatalogError::TokenUnavailable if record.expires_at <= now => TokenError::Expired,
+        CatalogError::TokenUnavailable => TokenError::Used,
+        other => TokenError::Catalog(other),
+    }
+}
+
+fn prefix_of(kind: TokenKind) -> &'static str {
+    match kind {
+        TokenKind::Setup => SETUP_PREFIX,
+        TokenKind::Share => SHARE_PREFIX,
+    }
+}

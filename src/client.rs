@@ -1,0 +1,199 @@
+//! The CLI's side of the REST API: where the hub is, which session to present, and
+//! turning the hub's error bodies into plain sentences.
+
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::paths;
+
+/// Flags every client command takes.
+#[derive(Args, Debug, Clone)]
+pub struct HubArgs {
+    /// Hub URL; defaults to the one `adi login` stored.
+    #[arg(long, env = "ADI_HUB", global = true)]
+    pub hub: Option<String>,
+    /// API key to use instead of the stored session.
+    #[arg(long, env = "ADI_API_KEY", global = true, hide_env_values = true)]
+    pub api_key: Option<String>,
+}
+
+/// What `adi login` keeps in the config dir.
+#[derive(Serialize, Deserialize)]
+pub struct Session {
+    pub hub: String,
+    pub token: String,
+    pub expires_at: u64,
+    pub user: String,
+}
+
+fn session_path() -> PathBuf {
+    paths::config_dir().join("session.json")
+}
+
+/// Stores the session with mode 0600: it is a bearer credential.
+pub fn save_session(session: &Session) -> Result<PathBuf> {
+    let path = session_path();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let tmp = path.with_extension("json.tmp");
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let file = opts
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    serde_json::to_writer_pretty(file, session)?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+fn load_session() -> Result<Option<Session>> {
+    let path = session_path();
+    match std::fs::read(&path) {
+        Ok(bytes) => Ok(Some(
+            serde_json::from_slice(&bytes)
+                .with_context(|| format!("reading {}", path.display()))?,
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// An authenticated connection to one hub.
+pub struct HubClient {
+    pub base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+#[derive(Deserialize)]
+pub struct TokenAnswer {
+    pub token: String,
+    pub expires_at: u64,
+    pub user: UserAnswer,
+}
+
+#[derive(Deserialize)]
+pub struct UserAnswer {
+    pub name: String,
+}
+
+fn http() -> Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .user_agent(concat!("adi/", env!("CARGO_PKG_VERSION")))
+        .build()?)
+}
+
+/// Trims a trailing slash so paths join cleanly.
+pub fn normalize_hub(url: &str) -> Result<String> {
+    let url = url.trim().trim_end_matches('/');
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        bail!("hub URL must start with http:// or https:// (got {url:?})");
+    }
+    Ok(url.to_owned())
+}
+
+/// Exchanges an API key for a JWT.
+pub async fn exchange_key(hub: &str, api_key: &str) -> Result<TokenAnswer> {
+    let resp = http()?
+        .post(format!("{hub}/api/auth/token"))
+        .json(&serde_json::json!({ "api_key": api_key }))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the hub at {hub}"))?;
+    parse(resp).await
+}
+
+impl HubClient {
+    /// Resolves hub and credentials: flags/env first, then the stored session.
+    pub async fn connect(args: &HubArgs) -> Result<Self> {
+        let stored = load_session()?;
+        let hub = match (&args.hub, &stored) {
+            (Some(h), _) => normalize_hub(h)?,
+            (None, Some(s)) => s.hub.clone(),
+            (None, None) => bail!("no hub given: pass --hub or set ADI_HUB, or run `adi login`"),
+        };
+        let token = if let Some(key) = &args.api_key {
+            exchange_key(&hub, key).await?.token
+        } else {
+            match stored {
+                Some(s) if s.hub == hub => {
+                    if s.expires_at <= adi_signaling::auth::unix_now() {
+                        bail!("your session expired: run `adi login` again (or set ADI_API_KEY)");
+                    }
+                    s.token
+                }
+                _ => bail!("not logged in to {hub}: run `adi login --hub {hub} --api-key KEY` or set ADI_API_KEY"),
+            }
+        };
+        Ok(HubClient {
+            base: hub,
+            token,
+            http: http()?,
+        })
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the hub at {}", self.base))?;
+        parse(resp).await
+    }
+
+    pub async fn post<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<T> {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .json(body)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the hub at {}", self.base))?;
+        parse(resp).await
+    }
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Deserialize)]
+struct ErrorDetail {
+    code: String,
+    message: String,
+}
+
+async fn parse<T: DeserializeOwned>(resp: reqwest::Response) -> Result<T> {
+    let status = resp.status();
+    let bytes = resp.bytes().await.context("reading the hub's answer")?;
+    if status.is_success() {
+        return serde_json::from_slice(&bytes)
+            .context("the hub's answer is not what this adi expects");
+    }
+    match serde_json::from_slice::<ErrorBody>(&bytes) {
+        Ok(b) if b.error.code == "unauthorized" => Err(anyhow!(
+            "{} — run `adi login` again or check ADI_API_KEY",
+            b.error.message
+        )),
+        Ok(b) => Err(anyhow!("{} ({})", b.error.message, b.error.code)),
+        Err(_) => Err(anyhow!("the hub answered HTTP {status}")),
+    }
+}

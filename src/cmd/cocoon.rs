@@ -1,0 +1,379 @@
+//! `adi cocoon ...`: run this device's agent, and manage devices through the hub.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use serde::Deserialize;
+
+use adi_cocoon::{CocoonConfig, CocoonError, ConnState};
+use adi_protocol::ServiceInfo;
+use adi_signaling::api::CocoonView;
+
+use crate::client::{normalize_hub, HubArgs, HubClient};
+use crate::paths;
+
+#[derive(Subcommand)]
+pub enum CocoonCmd {
+    /// Run this device's agent: connect to the hub and stay connected.
+    Run(RunArgs),
+    /// Print a one-time token: a setup token enrols a new device, a share token
+    /// (--share DEVICE) makes whoever claims it a co-owner.
+    GenerateToken(TokenArgs),
+    /// Become a co-owner of a device with a share token someone gave you.
+    Claim(ClaimArgs),
+    /// List your devices.
+    List(ListArgs),
+    /// List a device's services.
+    Services(ServicesArgs),
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// Hub URL.
+    #[arg(long, env = "ADI_HUB")]
+    hub: String,
+    /// One-time setup token; needed only the first time this data dir is used.
+    #[arg(long, env = "ADI_COCOON_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Device name (default: host name).
+    #[arg(long, env = "ADI_COCOON_NAME")]
+    name: Option<String>,
+    /// Where the device secret lives (default: XDG data dir).
+    #[arg(long, env = "ADI_COCOON_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// A service on this device's loopback, NAME:PORT[/HEALTH_PATH]; repeatable.
+    #[arg(long = "service", env = "COCOON_SERVICES", value_delimiter = ',', value_parser = parse_service)]
+    services: Vec<ServiceInfo>,
+    /// Longest delay between reconnect attempts.
+    #[arg(long, env = "ADI_COCOON_BACKOFF_MAX", default_value = "10s", value_parser = humantime::parse_duration)]
+    backoff_max: Duration,
+}
+
+#[derive(Args)]
+pub struct TokenArgs {
+    /// Make a share token for this device instead of a setup token.
+    #[arg(long, value_name = "DEVICE")]
+    share: Option<String>,
+    /// How long the token stays valid (e.g. 10m, 1h, 7d).
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    expires: Duration,
+    /// Print the hub's full answer as JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    hub: HubArgs,
+}
+
+#[derive(Args)]
+pub struct ClaimArgs {
+    /// The share token.
+    token: String,
+    #[command(flatten)]
+    hub: HubArgs,
+}
+
+#[derive(Args)]
+pub struct ListArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    hub: HubArgs,
+}
+
+#[derive(Args)]
+pub struct ServicesArgs {
+    /// Device id.
+    device: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    hub: HubArgs,
+}
+
+pub async fn run(cmd: CocoonCmd) -> Result<()> {
+    match cmd {
+        CocoonCmd::Run(a) => run_agent(a).await,
+        CocoonCmd::GenerateToken(a) => generate_token(a).await,
+        CocoonCmd::Claim(a) => claim(a).await,
+        CocoonCmd::List(a) => list(a).await,
+        CocoonCmd::Services(a) => services(a).await,
+    }
+}
+
+/// Parses `NAME:PORT[/HEALTH_PATH]`.
+pub fn parse_service(s: &str) -> Result<ServiceInfo, String> {
+    let (name, rest) = s
+        .trim()
+        .split_once(':')
+        .ok_or_else(|| format!("service {s:?} is not NAME:PORT"))?;
+    let (port, health) = match rest.split_once('/') {
+        Some((p, h)) => (p, Some(format!("/{h}"))),
+        None => (rest, None),
+    };
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    {
+        return Err(format!(
+            "service name {name:?} must be 1-64 of [A-Za-z0-9._-]"
+        ));
+    }
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("service port {port:?} is not 1-65535"))?;
+    Ok(ServiceInfo {
+        name: name.to_owned(),
+        port,
+        health_path: health,
+    })
+}
+
+async fn run_agent(args: RunArgs) -> Result<()> {
+    let hub = normalize_hub(&args.hub)?;
+    let mut names: Vec<&str> = args.services.iter().map(|s| s.name.as_str()).collect();
+    names.sort_unstable();
+    if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+        bail!("service {:?} is given twice", w[0]);
+    }
+    let mut config = CocoonConfig::new(
+        hub.clone(),
+        args.data_dir.unwrap_or_else(|| paths::data_dir("cocoon")),
+        args.name.unwrap_or_else(paths::hostname),
+    );
+    config.setup_token = args.token;
+    config.services = args.services;
+    config.backoff_max = args.backoff_max;
+    let handle = adi_cocoon::spawn(config).context("starting the cocoon")?;
+    let mut state = handle.state();
+    let watcher = tokio::spawn(async move {
+        while state.changed().await.is_ok() {
+            let now = state.borrow_and_update().clone();
+            if let ConnState::Online { device_id } = now {
+                eprintln!("cocoon online as device {device_id} at {hub}");
+            }
+        }
+    });
+    let stopper = {
+        let signal = crate::cmd::signaling::shutdown_signal();
+        tokio::spawn(signal)
+    };
+    let result = tokio::select! {
+        _ = stopper => {
+            handle.stop();
+            handle.join().await
+        }
+        r = wait_end(&handle) => {
+            r?;
+            handle.join().await
+        }
+    };
+    watcher.abort();
+    match result {
+        Ok(()) => Ok(()),
+        Err(CocoonError::Refused { code, message }) => {
+            bail!("the hub refused this device ({code}): {message}")
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Resolves when the cocoon ends by itself (a final refusal).
+async fn wait_end(handle: &adi_cocoon::CocoonHandle) -> Result<()> {
+    let mut state = handle.state();
+    loop {
+        if matches!(
+            *state.borrow_and_update(),
+            ConnState::Failed { .. } | ConnState::Stopped
+        ) {
+            return Ok(());
+        }
+        if state.changed().await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+#[derive(Deserialize, serde::Serialize)]
+struct TokenAnswer {
+    token: String,
+    kind: String,
+    expires_at: i64,
+    #[serde(default)]
+    device_id: Option<String>,
+}
+
+async fn generate_token(args: TokenArgs) -> Result<()> {
+    let client = HubClient::connect(&args.hub).await?;
+    let body = match &args.share {
+        Some(device) => serde_json::json!({
+            "kind": "share", "device_id": device, "expires_in_secs": args.expires.as_secs()
+        }),
+        None => serde_json::json!({ "kind": "setup", "expires_in_secs": args.expires.as_secs() }),
+    };
+    let answer: TokenAnswer = client.post("/api/tokens", &body).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+        return Ok(());
+    }
+    println!("{}", answer.token);
+    let expires = humantime::format_duration(args.expires);
+    if args.share.is_some() {
+        eprintln!(
+            "one-time share token, valid {expires}; the recipient runs: adi cocoon claim TOKEN"
+        );
+    } else {
+        eprintln!(
+            "one-time setup token, valid {expires}; on the new device run:\n  curl -fsSL {hub}/install.sh | sh -s -- TOKEN\nor: adi cocoon run --hub {hub} --token TOKEN --name NAME",
+            hub = client.base
+        );
+    }
+    Ok(())
+}
+
+async fn claim(args: ClaimArgs) -> Result<()> {
+    let client = HubClient::connect(&args.hub).await?;
+    let device: CocoonView = client
+        .post(
+            "/api/tokens/claim",
+            &serde_json::json!({ "token": args.token.trim() }),
+        )
+        .await?;
+    println!("you now co-own {} ({})", device.name, device.id);
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct CocoonList {
+    cocoons: Vec<CocoonView>,
+}
+
+async fn list(args: ListArgs) -> Result<()> {
+    let client = HubClient::connect(&args.hub).await?;
+    let list: CocoonList = client.get("/api/cocoons").await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&list.cocoons)?);
+        return Ok(());
+    }
+    if list.cocoons.is_empty() {
+        println!("no devices yet: `adi cocoon generate-token` makes a setup token for one");
+        return Ok(());
+    }
+    let rows: Vec<[String; 6]> = list
+        .cocoons
+        .iter()
+        .map(|c| {
+            [
+                c.id.to_string(),
+                c.name.clone(),
+                c.status.clone(),
+                c.last_heartbeat_age_secs
+                    .map(|a| format!("{a:.1}s ago"))
+                    .unwrap_or_else(|| "-".into()),
+                join_or_dash(c.services.iter().map(|s| format!("{}:{}", s.name, s.port))),
+                join_or_dash(c.capabilities.iter().cloned()),
+            ]
+        })
+        .collect();
+    print_table(
+        [
+            "ID",
+            "NAME",
+            "STATUS",
+            "HEARTBEAT",
+            "SERVICES",
+            "CAPABILITIES",
+        ],
+        &rows,
+    );
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct ServiceList {
+    services: Vec<ServiceInfo>,
+}
+
+async fn services(args: ServicesArgs) -> Result<()> {
+    let client = HubClient::connect(&args.hub).await?;
+    let list: ServiceList = client
+        .get(&format!("/api/cocoons/{}/services", args.device))
+        .await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&list.services)?);
+        return Ok(());
+    }
+    let rows: Vec<[String; 3]> = list
+        .services
+        .iter()
+        .map(|s| {
+            [
+                s.name.clone(),
+                s.port.to_string(),
+                s.health_path.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    print_table(["NAME", "PORT", "HEALTH PATH"], &rows);
+    Ok(())
+}
+
+fn join_or_dash(items: impl Iterator<Item = String>) -> String {
+    let joined: Vec<String> = items.collect();
+    if joined.is_empty() {
+        "-".into()
+    } else {
+        joined.join(",")
+    }
+}
+
+fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
+    let mut widths = header.map(str::len);
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == N {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn services_parse_with_and_without_health() {
+        let s = parse_service("grafana:3000").expect("ok");
+        assert_eq!(
+            (s.name.as_str(), s.port, s.health_path),
+            ("grafana", 3000, None)
+        );
+        let s = parse_service("api:8092/healthz").expect("ok");
+        assert_eq!(s.health_path.as_deref(), Some("/healthz"));
+        assert!(parse_service("nope").is_err());
+        assert!(parse_service("x:0").is_err());
+        assert!(parse_service("x:70000").is_err());
+        assert!(parse_service("../etc:80").is_err());
+    }
+}

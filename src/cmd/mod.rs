@@ -1,0 +1,6 @@
+//! One module per top-level command.
+
+pub mod cocoon;
+pub mod dev;
+pub mod login;
+pub mod signaling;

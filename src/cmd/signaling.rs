@@ -1,0 +1,154 @@
+//! `adi signaling serve` and `adi signaling user add`: run a hub, administer its users.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+
+use adi_signaling::catalog::{self, CatalogError};
+use adi_signaling::HubConfig;
+
+use crate::paths;
+
+#[derive(Subcommand)]
+pub enum SignalingCmd {
+    /// Run the hub until Ctrl-C or SIGTERM.
+    Serve(ServeArgs),
+    /// Manage users (run on the hub host, against its catalog).
+    #[command(subcommand)]
+    User(UserCmd),
+}
+
+#[derive(Subcommand)]
+pub enum UserCmd {
+    /// Create a user and print their API key (only the key, on one line).
+    Add(UserAddArgs),
+}
+
+/// Where a hub's catalog is.
+#[derive(Args, Clone)]
+pub struct CatalogArgs {
+    /// Directory of the embedded SQLite catalog.
+    #[arg(long, env = "ADI_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Use this PostgreSQL catalog instead (postgres://...).
+    #[arg(long, env = "ADI_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+}
+
+impl CatalogArgs {
+    fn data_dir(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| paths::data_dir("hub"))
+    }
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "ADI_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    #[command(flatten)]
+    catalog: CatalogArgs,
+    /// How often cocoons heartbeat (e.g. 5s, 500ms).
+    #[arg(long, env = "ADI_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    heartbeat_interval: Duration,
+    /// Largest control frame accepted from a cocoon, in bytes.
+    #[arg(long, env = "ADI_MAX_FRAME_BYTES", default_value_t = adi_protocol::DEFAULT_MAX_FRAME_BYTES)]
+    max_frame_bytes: usize,
+    /// Lifetime of sessions handed out for API keys.
+    #[arg(long, env = "ADI_JWT_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
+    jwt_ttl: Duration,
+    /// URL users reach this hub at, for the install script (default: the request's Host).
+    #[arg(long, env = "ADI_PUBLIC_URL")]
+    public_url: Option<String>,
+}
+
+#[derive(Args)]
+pub struct UserAddArgs {
+    /// Login name.
+    name: String,
+    #[command(flatten)]
+    catalog: CatalogArgs,
+}
+
+pub async fn run(cmd: SignalingCmd) -> Result<()> {
+    match cmd {
+        SignalingCmd::Serve(args) => serve(args).await,
+        SignalingCmd::User(UserCmd::Add(args)) => user_add(args).await,
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let config = HubConfig {
+        listen: args.listen,
+        data_dir: args.catalog.data_dir(),
+        database_url: args.catalog.database_url.clone(),
+        heartbeat_interval: args.heartbeat_interval,
+        max_frame_bytes: args.max_frame_bytes,
+        jwt_ttl: args.jwt_ttl,
+        public_url: args.public_url,
+        ..HubConfig::default()
+    };
+    let hub = adi_signaling::spawn(config)
+        .await
+        .context("starting the hub")?;
+    eprintln!("adi hub listening on {}", hub.url());
+    let stop = hub.shutdown_token();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        stop.cancel();
+    });
+    hub.wait().await.context("hub server")?;
+    Ok(())
+}
+
+async fn user_add(args: UserAddArgs) -> Result<()> {
+    let name = args.name.trim();
+    anyhow::ensure!(
+        !name.is_empty()
+            && name.len() <= 64
+            && name
+                .chars()
+                .all(|c| c.is_alphanumeric() || "._-@".contains(c)),
+        "user name must be 1-64 letters, digits or . _ - @"
+    );
+    let data_dir = args.catalog.data_dir();
+    let catalog = catalog::open(args.catalog.database_url.as_deref(), &data_dir)
+        .await
+        .context("opening the catalog")?;
+    match adi_signaling::auth::add_user(catalog.as_ref(), name).await {
+        Ok((_, key)) => {
+            println!("{key}");
+            Ok(())
+        }
+        Err(CatalogError::Conflict(_)) => anyhow::bail!("user {name:?} already exists"),
+        Err(e) => Err(e).context("creating the user"),
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

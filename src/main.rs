@@ -1,0 +1,81 @@
+//! `adi`: one binary for both sides — the signaling hub and the cocoon device agent —
+//! plus the client commands people use. This file only parses arguments, sets up
+//! logging and hands over to the command modules.
+
+mod client;
+mod cmd;
+mod paths;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "adi",
+    version,
+    about = "Reach every device you own through one hub"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run or administer a signaling hub.
+    #[command(subcommand)]
+    Signaling(cmd::signaling::SignalingCmd),
+    /// Exchange an API key for a session and remember the hub.
+    Login(cmd::login::LoginArgs),
+    /// Run a device agent, or manage devices.
+    #[command(subcommand)]
+    Cocoon(cmd::cocoon::CocoonCmd),
+    /// Run a hub on SQLite plus a local cocoon attached to it, in this process.
+    Dev(cmd::dev::DevArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let quiet = !matches!(
+        cli.command,
+        Command::Dev(_)
+            | Command::Signaling(cmd::signaling::SignalingCmd::Serve(_))
+            | Command::Cocoon(cmd::cocoon::CocoonCmd::Run(_))
+    );
+    init_logging(if quiet { "warn" } else { "info" });
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Signaling(c) => cmd::signaling::run(c).await,
+            Command::Login(a) => cmd::login::run(a).await,
+            Command::Cocoon(c) => cmd::cocoon::run(c).await,
+            Command::Dev(a) => cmd::dev::run(a).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

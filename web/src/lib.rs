@@ -1,0 +1,5 @@
+//! The web UI, compiled into the hub so running it needs no build step and no second
+//! server. The page talks only to the hub's public REST API, like the CLI does.
+
+/// The single page the hub serves at `/`.
+pub const INDEX_HTML: &str = include_str!("../assets/index.html");
