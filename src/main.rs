@@ -44,6 +44,9 @@ fn main() -> ExitCode {
             | Command::Cocoon(cmd::cocoon::CocoonCmd::Run(_))
     );
     init_logging(if quiet { "warn" } else { "info" });
+    if !quiet {
+        raise_open_file_limit();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -78,4 +81,13 @@ fn init_logging(default: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+}
+
+/// A hub holds one socket per device: lift the soft open-file limit to the hard one,
+/// as servers that expect many connections do, instead of failing at 1,024.
+fn raise_open_file_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!(limit = n, "open-file limit"),
+        Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
+    }
 }
