@@ -1,1 +1,11 @@
-//! e2e
+//! End-to-end tests: real `adi` processes (hub, cocoons, CLI) on loopback ports, real
+//! SQLite files in temp dirs, the machine's PostgreSQL, raw WebSocket clients for the
+//! wire-level refusals.
+
+mod access;
+mod auth;
+mod enrolment;
+mod harness;
+mod install;
+mod presence;
+mod wire;

@@ -1,0 +1,212 @@
+//! Enrolment with one-time setup tokens: a device joins once, comes back with its
+//! secret alone, and every bad token is refused with a message naming the reason,
+//! leaving nothing half-created.
+
+use std::time::Duration;
+
+use anyhow::Result;
+
+use crate::harness::{cli, wait_for, Api, Cocoon, Hub};
+
+/// Starts a cocoon that must be refused; returns its output.
+async fn refused(hub: &Hub, token: Option<&str>) -> Result<String> {
+    let mut c = Cocoon::start(&hub.url, "refused", token, &[])?;
+    let code = c.proc.wait_exit(Duration::from_secs(20)).await?;
+    assert_ne!(code, 0, "a refused cocoon must exit non-zero");
+    Ok(c.proc.output())
+}
+
+#[tokio::test]
+async fn bad_tokens_are_refused_and_say_why() -> Result<()> {
+    let hub = Hub::start().await?;
+    let alice_key = hub.add_user("alice")?;
+    let alice = Api::login(&hub.url, &alice_key).await?;
+
+    // A good token enrols once; the same token again is "already used".
+    let token = alice.setup_token(3600).await?;
+    let first = Cocoon::start(&hub.url, "first", Some(&token), &[])?;
+    first.device_id().await?;
+    let out = refused(&hub, Some(&token)).await?;
+    assert!(
+        out.contains("token_used") && out.contains("already used"),
+        "{out}"
+    );
+
+    // Expired.
+    let short = alice.setup_token(1).await?;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let out = refused(&hub, Some(&short)).await?;
+    assert!(
+        out.contains("token_expired") && out.contains("expired"),
+        "{out}"
+    );
+
+    // Unknown: right format, never issued.
+    let unknown = format!("adi_setup_0123456789abcdef_{}", "A".repeat(43));
+    let out = refused(&hub, Some(&unknown)).await?;
+    assert!(
+        out.contains("token_unknown") && out.contains("unknown"),
+        "{out}"
+    );
+
+    // A real token's id with a wrong secret is just as unknown.
+    let real = alice.setup_token(3600).await?;
+    let forged = format!("{}{}", &real[..real.len() - 43], "B".repeat(43));
+    let out = refused(&hub, Some(&forged)).await?;
+    assert!(out.contains("token_unknown"), "{out}");
+
+    // Malformed.
+    let out = refused(&hub, Some("let-me-in")).await?;
+    assert!(
+        out.contains("token_malformed") && out.contains("malformed"),
+        "{out}"
+    );
+
+    // A share token is not a setup token.
+    let (status, share) = alice
+        .post(
+            "/api/tokens",
+            serde_json::json!({"kind": "share", "device_id": first.device_id().await?}),
+        )
+        .await?;
+    assert_eq!(status, 201);
+    let out = refused(&hub, share["token"].as_str()).await?;
+    assert!(out.contains("share token"), "{out}");
+
+    // No token and never enrolled.
+    let out = refused(&hub, None).await?;
+    assert!(out.contains("not_enrolled"), "{out}");
+
+    // None of that created a device, and the unused token still works.
+    assert_eq!(alice.cocoons().await?.len(), 1);
+    let late = Cocoon::start(&hub.url, "late", Some(&real), &[])?;
+    late.device_id().await?;
+    assert_eq!(alice.cocoons().await?.len(), 2);
+
+    // The hub logged each refusal, without the tokens themselves.
+    let logs = hub.proc.output();
+    for reason in [
+        "token_used",
+        "token_expired",
+        "token_unknown",
+        "token_malformed",
+        "not_enrolled",
+    ] {
+        assert!(logs.contains(reason), "hub did not log {reason}:\n{logs}");
+    }
+    for t in [&token, &short, &real, &forged] {
+        assert!(
+            !logs.contains(t.as_str()),
+            "a token appeared in the hub log"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn same_data_dir_is_the_same_device_without_a_token() -> Result<()> {
+    let hub = Hub::start().await?;
+    let alice = Api::login(&hub.url, &hub.add_user("alice")?).await?;
+    let dir = tempfile::tempdir()?;
+    let token = alice.setup_token(3600).await?;
+    let mut c = Cocoon::start_in(&hub.url, "laptop", Some(&token), dir.path(), &[])?;
+    let id = c.device_id().await?;
+    c.proc.terminate().await?;
+    alice
+        .wait_online(&id, false, Duration::from_secs(5))
+        .await?;
+
+    let again = Cocoon::start_in(&hub.url, "laptop-renamed", None, dir.path(), &[])?;
+    assert_eq!(again.device_id().await?, id);
+    let list = alice.cocoons().await?;
+    assert_eq!(list.len(), 1);
+    assert_eq!(
+        list[0]["name"], "laptop-renamed",
+        "a rename is a configuration change"
+    );
+
+    // The secret file is private and long.
+    let secret = again.secret()?;
+    assert!(secret.trim().len() >= 32);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("device.secret"))?
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn cli_generate_token_and_run_enrols_a_device() -> Result<()> {
+    let hub = Hub::start().await?;
+    let key = hub.add_user("carol")?;
+    let cfg = tempfile::tempdir()?;
+    let env = [("ADI_HUB", hub.url.as_str()), ("ADI_API_KEY", key.as_str())];
+    let (code, out, err) = cli(
+        cfg.path(),
+        &["cocoon", "generate-token", "--expires", "10m"],
+        &env,
+    )?;
+    assert_eq!(code, 0, "{err}");
+    let token = out.trim();
+    assert_eq!(out.lines().count(), 1, "only the token on stdout: {out:?}");
+    assert!(
+        err.contains("install.sh"),
+        "the hint names the one-liner: {err}"
+    );
+    let c = Cocoon::start(&hub.url, "from-cli", Some(token), &[])?;
+    let id = c.device_id().await?;
+    let (code, out, _) = cli(cfg.path(), &["cocoon", "list", "--json"], &env)?;
+    assert_eq!(code, 0);
+    assert!(out.contains(&id));
+
+    // Without a session or key the CLI says what to do.
+    let empty = tempfile::tempdir()?;
+    let (code, _, err) = cli(empty.path(), &["cocoon", "list", "--hub", &hub.url], &[])?;
+    assert_ne!(code, 0);
+    assert!(err.contains("adi login"), "{err}");
+    // A wrong key is refused in plain words.
+    let (code, _, err) = cli(
+        empty.path(),
+        &[
+            "login",
+            "--hub",
+            &hub.url,
+            "--api-key",
+            "adi_key_0000000000000000_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        ],
+        &[],
+    )?;
+    assert_ne!(code, 0);
+    assert!(err.contains("invalid API key"), "{err}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn one_token_two_racing_devices_enrols_exactly_one() -> Result<()> {
+    let hub = Hub::start().await?;
+    let alice = Api::login(&hub.url, &hub.add_user("alice")?).await?;
+    let token = alice.setup_token(3600).await?;
+    let mut a = Cocoon::start(&hub.url, "a", Some(&token), &[])?;
+    let mut b = Cocoon::start(&hub.url, "b", Some(&token), &[])?;
+    wait_for("one winner", Duration::from_secs(20), || async {
+        let outs = (a.proc.output(), b.proc.output());
+        let online = [&outs.0, &outs.1]
+            .iter()
+            .filter(|o| o.contains("cocoon online as"))
+            .count();
+        let used = [&outs.0, &outs.1]
+            .iter()
+            .filter(|o| o.contains("token_used"))
+            .count();
+        Ok((online + used == 2).then_some(()))
+    })
+    .await?;
+    assert_eq!(alice.cocoons().await?.len(), 1);
+    a.proc.kill();
+    b.proc.kill();
+    Ok(())
+}

@@ -1,0 +1,464 @@
+//! Real processes for end-to-end tests: a hub (`adi signaling serve`) on a free port,
+//! cocoons (`adi cocoon run`), and the CLI, each cleaned up on drop. Output is drained
+//! into buffers so tests can wait on log lines and check what was logged.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+
+pub const ADI: &str = env!("CARGO_BIN_EXE_adi");
+
+/// Heartbeat interval the test hubs use, so offline detection is quick.
+pub const HEARTBEAT: Duration = Duration::from_millis(500);
+
+/// Polls `f` until it returns `Some`, or fails after `deadline`.
+pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let start = Instant::now();
+    let mut last_err = None;
+    loop {
+        match f().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if start.elapsed() > deadline {
+            return Err(anyhow!(
+                "timed out after {deadline:?} waiting for {what}; last error: {last_err:?}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A child process whose stdout and stderr are collected as they come.
+pub struct Proc {
+    child: Child,
+    out: Arc<Mutex<String>>,
+}
+
+impl Proc {
+    pub fn spawn(cmd: &mut Command) -> Result<Self> {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawning adi")?;
+        let out = Arc::new(Mutex::new(String::new()));
+        for stream in [
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let out = out.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let mut o = out.lock().expect("log lock");
+                    o.push_str(&line);
+                    o.push('\n');
+                }
+            });
+        }
+        Ok(Proc { child, out })
+    }
+
+    /// Everything printed so far.
+    pub fn output(&self) -> String {
+        self.out.lock().expect("log lock").clone()
+    }
+
+    /// Waits until a printed line contains `needle`; returns that line.
+    pub async fn wait_line(&self, needle: &str, deadline: Duration) -> Result<String> {
+        let res = wait_for(&format!("a line with {needle:?}"), deadline, || async {
+            Ok(self
+                .output()
+                .lines()
+                .find(|l| l.contains(needle))
+                .map(str::to_owned))
+        })
+        .await;
+        res.with_context(|| format!("output so far:\n{}", self.output()))
+    }
+
+    /// Waits for the process to exit by itself; returns its exit code.
+    pub async fn wait_exit(&mut self, deadline: Duration) -> Result<i32> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                // Let the reader threads drain the pipes.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return Ok(status.code().unwrap_or(-1));
+            }
+            if start.elapsed() > deadline {
+                bail!(
+                    "process did not exit within {deadline:?}; output:\n{}",
+                    self.output()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, like a crash or a power cut.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for a graceful exit.
+    pub async fn terminate(&mut self) -> Result<()> {
+        signal(self.child.id(), "TERM");
+        self.wait_exit(Duration::from_secs(10)).await.map(|_| ())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+/// A hub process with its own data dir.
+pub struct Hub {
+    pub proc: Proc,
+    pub url: String,
+    pub port: u16,
+    pub data_dir: PathBuf,
+    pub database_url: Option<String>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Hub {
+    /// A hub on SQLite in a fresh temp dir, on a free port.
+    pub async fn start() -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let data_dir = dir.path().join("hub");
+        let mut hub = Self::launch(&data_dir, None, 0).await?;
+        hub._dir = Some(dir);
+        Ok(hub)
+    }
+
+    /// A hub whose catalog is the given PostgreSQL database.
+    pub async fn start_postgres(database_url: &str) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let data_dir = dir.path().join("hub");
+        let mut hub = Self::launch(&data_dir, Some(database_url.to_owned()), 0).await?;
+        hub._dir = Some(dir);
+        Ok(hub)
+    }
+
+    async fn launch(data_dir: &Path, database_url: Option<String>, port: u16) -> Result<Self> {
+        let mut cmd = Command::new(ADI);
+        cmd.args(["signaling", "serve", "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--heartbeat-interval")
+            .arg(humantime::format_duration(HEARTBEAT).to_string())
+            .env("RUST_LOG", "info");
+        if let Some(url) = &database_url {
+            cmd.arg("--database-url").arg(url);
+        }
+        let proc = Proc::spawn(&mut cmd)?;
+        let line = proc
+            .wait_line("adi hub listening on ", Duration::from_secs(20))
+            .await?;
+        let url = line
+            .rsplit(' ')
+            .next()
+            .ok_or_else(|| anyhow!("no URL in {line:?}"))?
+            .to_owned();
+        let port = url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| anyhow!("no port in {url}"))?;
+        Ok(Hub {
+            proc,
+            url,
+            port,
+            data_dir: data_dir.to_owned(),
+            database_url,
+            _dir: None,
+        })
+    }
+
+    /// Stops this hub (SIGTERM) and starts a new process on the same port and catalog.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.proc.terminate().await?;
+        let next = Self::launch(&self.data_dir, self.database_url.clone(), self.port).await?;
+        self.proc = next.proc;
+        Ok(())
+    }
+
+    /// `adi signaling user add NAME`; returns the printed API key.
+    pub fn add_user(&self, name: &str) -> Result<String> {
+        let mut cmd = Command::new(ADI);
+        cmd.args(["signaling", "user", "add", name, "--data-dir"])
+            .arg(&self.data_dir);
+        if let Some(url) = &self.database_url {
+            cmd.arg("--database-url").arg(url);
+        }
+        let out = cmd.output()?;
+        if !out.status.success() {
+            bail!("user add failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let stdout = String::from_utf8(out.stdout)?;
+        let lines: Vec<&str> = stdout.lines().collect();
+        if lines.len() != 1 {
+            bail!("user add must print exactly the key, got {stdout:?}");
+        }
+        Ok(lines[0].to_owned())
+    }
+}
+
+/// A REST client holding one user's JWT.
+#[derive(Clone)]
+pub struct Api {
+    pub base: String,
+    pub jwt: String,
+    pub http: reqwest::Client,
+}
+
+impl Api {
+    pub async fn login(hub: &str, api_key: &str) -> Result<Self> {
+        let http = reqwest::Client::new();
+        let resp: Value = http
+            .post(format!("{hub}/api/auth/token"))
+            .json(&serde_json::json!({ "api_key": api_key }))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let jwt = resp["token"]
+            .as_str()
+            .ok_or_else(|| anyhow!("no token in {resp}"))?
+            .to_owned();
+        Ok(Api {
+            base: hub.to_owned(),
+            jwt,
+            http,
+        })
+    }
+
+    /// GET with the bearer token; returns status and JSON body.
+    pub async fn get(&self, path: &str) -> Result<(u16, Value)> {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.jwt)
+            .send()
+            .await?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// POST JSON with the bearer token; returns status and JSON body.
+    pub async fn post(&self, path: &str, body: Value) -> Result<(u16, Value)> {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.jwt)
+            .json(&body)
+            .send()
+            .await?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.json().await.unwrap_or(Value::Null)))
+    }
+
+    pub async fn setup_token(&self, expires_in_secs: u64) -> Result<String> {
+        let (status, body) = self
+            .post(
+                "/api/tokens",
+                serde_json::json!({"kind": "setup", "expires_in_secs": expires_in_secs}),
+            )
+            .await?;
+        if status != 201 {
+            bail!("setup token: {status} {body}");
+        }
+        Ok(body["token"].as_str().unwrap_or_default().to_owned())
+    }
+
+    /// The caller's devices, by id.
+    pub async fn cocoons(&self) -> Result<Vec<Value>> {
+        let (status, body) = self.get("/api/cocoons").await?;
+        if status != 200 {
+            bail!("list: {status} {body}");
+        }
+        Ok(body["cocoons"].as_array().cloned().unwrap_or_default())
+    }
+
+    pub async fn cocoon(&self, id: &str) -> Result<(u16, Value)> {
+        self.get(&format!("/api/cocoons/{id}")).await
+    }
+
+    /// Waits until the device reports the wanted online state.
+    pub async fn wait_online(&self, id: &str, online: bool, deadline: Duration) -> Result<()> {
+        wait_for(
+            &format!("device {id} online={online}"),
+            deadline,
+            || async {
+                let (status, body) = self.cocoon(id).await?;
+                Ok((status == 200 && body["online"].as_bool() == Some(online)).then_some(()))
+            },
+        )
+        .await
+    }
+}
+
+/// A cocoon process.
+pub struct Cocoon {
+    pub proc: Proc,
+    pub data_dir: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Cocoon {
+    /// Starts `adi cocoon run` in a fresh data dir.
+    pub fn start(hub: &str, name: &str, token: Option<&str>, extra: &[&str]) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let data_dir = dir.path().join("cocoon");
+        let mut c = Self::start_in(hub, name, token, &data_dir, extra)?;
+        c._dir = Some(dir);
+        Ok(c)
+    }
+
+    /// Starts `adi cocoon run` with a given data dir (to reuse an identity).
+    pub fn start_in(
+        hub: &str,
+        name: &str,
+        token: Option<&str>,
+        data_dir: &Path,
+        extra: &[&str],
+    ) -> Result<Self> {
+        let mut cmd = Command::new(ADI);
+        cmd.args([
+            "cocoon",
+            "run",
+            "--hub",
+            hub,
+            "--name",
+            name,
+            "--backoff-max",
+            "1s",
+        ])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(extra)
+        .env("RUST_LOG", "info");
+        if let Some(t) = token {
+            cmd.arg("--token").arg(t);
+        }
+        Ok(Cocoon {
+            proc: Proc::spawn(&mut cmd)?,
+            data_dir: data_dir.to_owned(),
+            _dir: None,
+        })
+    }
+
+    /// Waits for the cocoon to say it is online; returns its device id.
+    pub async fn device_id(&self) -> Result<String> {
+        let line = self
+            .proc
+            .wait_line("cocoon online as device ", Duration::from_secs(20))
+            .await?;
+        line.split("as device ")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow!("no id in {line:?}"))
+    }
+
+    pub fn secret(&self) -> Result<String> {
+        Ok(std::fs::read_to_string(
+            self.data_dir.join("device.secret"),
+        )?)
+    }
+}
+
+/// Runs the CLI with its own config dir; returns (exit code, stdout, stderr).
+pub fn cli(
+    config_dir: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Result<(i32, String, String)> {
+    let out = Command::new(ADI)
+        .args(args)
+        .env("ADI_CONFIG_DIR", config_dir)
+        .env_remove("ADI_HUB")
+        .env_remove("ADI_API_KEY")
+        .envs(env.iter().copied())
+        .output()?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8(out.stdout)?,
+        String::from_utf8(out.stderr)?,
+    ))
+}
+
+/// A fresh PostgreSQL database on the machine's server, dropped on `drop_db`.
+/// Fails when the server is unreachable and `CI` is set; otherwise returns `None`.
+pub async fn fresh_postgres() -> Result<Option<String>> {
+    use sqlx::Connection;
+    let admin = std::env::var("ADI_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let mut conn = match sqlx::PgConnection::connect(&admin).await {
+        Ok(c) => c,
+        Err(e) if std::env::var("CI").map(|v| !v.is_empty()).unwrap_or(false) => {
+            bail!("PostgreSQL is unreachable at {admin} and CI is set: {e}")
+        }
+        Err(e) => {
+            eprintln!("*** SKIPPED: PostgreSQL unreachable at {admin}: {e} ***");
+            return Ok(None);
+        }
+    };
+    let name = format!("adi_e2e_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await?;
+    let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
+    Ok(Some(format!("{base}/{name}")))
+}
+
+pub async fn drop_postgres(url: &str) {
+    use sqlx::Connection;
+    let admin = std::env::var("ADI_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let Some(name) = url.rsplit('/').next() else {
+        return;
+    };
+    if let Ok(mut conn) = sqlx::PgConnection::connect(&admin).await {
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(&mut conn)
+            .await;
+    }
+}

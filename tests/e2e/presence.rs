@@ -1,0 +1,96 @@
+//! Presence: online state follows heartbeats in the hub's RAM, a killed cocoon goes
+//! offline quickly, and after a hub restart every cocoon is back, same ids, same owners.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+
+use crate::harness::{drop_postgres, fresh_postgres, Api, Cocoon, Hub, HEARTBEAT};
+
+#[tokio::test]
+async fn killed_cocoon_is_offline_within_three_heartbeats() -> Result<()> {
+    let hub = Hub::start().await?;
+    let alice = Api::login(&hub.url, &hub.add_user("alice")?).await?;
+    let mut doomed = Cocoon::start(&hub.url, "doomed", Some(&alice.setup_token(60).await?), &[])?;
+    let survivor = Cocoon::start(
+        &hub.url,
+        "survivor",
+        Some(&alice.setup_token(60).await?),
+        &[],
+    )?;
+    let (doomed_id, survivor_id) = (doomed.device_id().await?, survivor.device_id().await?);
+    alice
+        .wait_online(&doomed_id, true, Duration::from_secs(5))
+        .await?;
+
+    doomed.proc.kill();
+    alice.wait_online(&doomed_id, false, HEARTBEAT * 3).await?;
+    let (_, view) = alice.cocoon(&doomed_id).await?;
+    assert_eq!(view["status"], "offline");
+    assert!(view["last_heartbeat_age_secs"].is_null(), "{view}");
+    // The catalog still knows it; only presence changed.
+    assert_eq!(view["name"], "doomed");
+    let (_, other) = alice.cocoon(&survivor_id).await?;
+    assert_eq!(other["online"], true);
+    Ok(())
+}
+
+async fn restart_scenario(mut hub: Hub) -> Result<()> {
+    let alice = Api::login(&hub.url, &hub.add_user("alice")?).await?;
+    let bob_key = hub.add_user("bob")?;
+    let bob = Api::login(&hub.url, &bob_key).await?;
+    let cocoons = [
+        Cocoon::start(&hub.url, "a1", Some(&alice.setup_token(60).await?), &[])?,
+        Cocoon::start(&hub.url, "a2", Some(&alice.setup_token(60).await?), &[])?,
+        Cocoon::start(&hub.url, "b1", Some(&bob.setup_token(60).await?), &[])?,
+    ];
+    let mut ids = Vec::new();
+    for c in &cocoons {
+        ids.push(c.device_id().await?);
+    }
+    let before_alice = alice.cocoons().await?;
+
+    hub.restart().await?;
+    let restarted = Instant::now();
+    // Old sessions stay valid: the JWT key lives in the catalog.
+    for (api, id) in [(&alice, &ids[0]), (&alice, &ids[1]), (&bob, &ids[2])] {
+        // Reconnect delay is capped at 1 s for these cocoons; allow that plus heartbeats.
+        api.wait_online(id, true, Duration::from_secs(1) + HEARTBEAT * 4)
+            .await?;
+    }
+    eprintln!(
+        "all cocoons back {:?} after the restart",
+        restarted.elapsed()
+    );
+    let after_alice = alice.cocoons().await?;
+    let strip = |v: &[serde_json::Value]| {
+        v.iter()
+            .map(|c| (c["id"].clone(), c["name"].clone(), c["owners"].clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        strip(&before_alice),
+        strip(&after_alice),
+        "ids and owners survive a restart"
+    );
+    assert_eq!(bob.cocoons().await?.len(), 1);
+    assert_eq!(alice.cocoon(&ids[2]).await?.0, 404);
+    // A key issued before the restart still logs in after it.
+    Api::login(&hub.url, &bob_key).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn hub_restart_on_sqlite_keeps_ids_and_owners_and_cocoons_return() -> Result<()> {
+    restart_scenario(Hub::start().await?).await
+}
+
+#[tokio::test]
+async fn hub_restart_on_postgres_keeps_ids_and_owners_and_cocoons_return() -> Result<()> {
+    let Some(url) = fresh_postgres().await? else {
+        return Ok(());
+    };
+    let result = async { restart_scenario(Hub::start_postgres(&url).await?).await }.await;
+    drop_postgres(&url).await;
+    result
+}
