@@ -153,6 +153,23 @@ impl HubClient {
         parse(resp).await
     }
 
+    /// GET that hands back the raw response, for streams (server-sent events).
+    pub async fn get_stream(&self, path: &str) -> Result<reqwest::Response> {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .header("accept", "text/event-stream")
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the hub at {}", self.base))?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        parse::<serde_json::Value>(resp).await?;
+        bail!("the hub refused the stream")
+    }
+
     pub async fn post<T: DeserializeOwned>(
         &self,
         path: &str,

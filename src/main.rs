@@ -31,6 +31,9 @@ enum Command {
     /// Run a device agent, or manage devices.
     #[command(subcommand)]
     Cocoon(cmd::cocoon::CocoonCmd),
+    /// Tasks across your devices.
+    #[command(subcommand)]
+    Tasks(cmd::tasks::TasksCmd),
     /// Run a hub on SQLite plus a local cocoon attached to it, in this process.
     Dev(cmd::dev::DevArgs),
 }
@@ -63,6 +66,7 @@ fn main() -> ExitCode {
             Command::Login(a) => cmd::login::run(a).await,
             Command::Cocoon(c) => cmd::cocoon::run(c).await,
             Command::Dev(a) => cmd::dev::run(a).await,
+            Command::Tasks(c) => cmd::tasks::run(c).await,
         }
     });
     match result {

@@ -7,9 +7,12 @@
 //! `watch` channel, so tests and `adi dev` can run cocoons in-process.
 
 pub mod identity;
+mod requests;
+pub mod runner;
 mod session;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use adi_protocol::{DeviceId, ErrorCode, ServiceInfo, DEFAULT_MAX_FRAME_BYTES};
@@ -19,6 +22,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use identity::IdentityError;
+
+use crate::runner::{Runner, RunnerConfig};
+
+/// Capabilities every cocoon serves itself, as `protocol:version`.
+pub const BUILTIN_CAPABILITIES: &[&str] = &["tasks:1.0.0"];
 
 /// Everything a cocoon needs to run.
 #[derive(Debug, Clone)]
@@ -39,6 +47,12 @@ pub struct CocoonConfig {
     pub backoff_max: Duration,
     /// Largest frame accepted from the hub.
     pub max_frame_bytes: usize,
+    /// Task store: `sqlite:PATH` or `postgres://...`; default `tasks.db` in the data dir.
+    pub task_database_url: Option<String>,
+    /// Whether tasks with a command may run here.
+    pub exec_allowed: bool,
+    /// Commands running at once; further tasks wait as pending.
+    pub max_concurrent_tasks: usize,
 }
 
 impl CocoonConfig {
@@ -57,6 +71,9 @@ impl CocoonConfig {
             backoff_initial: Duration::from_millis(200),
             backoff_max: Duration::from_secs(10),
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            task_database_url: None,
+            exec_allowed: true,
+            max_concurrent_tasks: 4,
         }
     }
 
@@ -124,6 +141,9 @@ pub enum CocoonError {
     /// The hub URL is not http(s):// or ws(s)://.
     #[error("hub URL must start with http:// or https://: {0}")]
     HubUrl(String),
+    /// The task store could not be opened.
+    #[error("task store: {0}")]
+    TaskStore(#[from] adi_task_store::StoreError),
     /// The hub refused this device and retrying cannot help.
     #[error("the hub refused this device ({code}): {message}")]
     Refused {
@@ -137,6 +157,7 @@ pub enum CocoonError {
 /// A running cocoon.
 pub struct CocoonHandle {
     state: watch::Receiver<ConnState>,
+    runner: Arc<Runner>,
     cancel: CancellationToken,
     task: JoinHandle<Result<(), CocoonError>>,
 }
@@ -175,9 +196,17 @@ impl CocoonHandle {
         self.cancel.cancel();
     }
 
-    /// Waits for the cocoon to end; `Err` if it was refused for good.
+    /// This device's task runner (and through it, its task store).
+    pub fn runner(&self) -> &Arc<Runner> {
+        &self.runner
+    }
+
+    /// Waits for the cocoon to end, then stops its running tasks; `Err` if it was
+    /// refused for good.
     pub async fn join(self) -> Result<(), CocoonError> {
-        match self.task.await {
+        let ended = self.task.await;
+        self.runner.shutdown().await;
+        match ended {
             Ok(r) => r,
             Err(e) => Err(CocoonError::Refused {
                 code: ErrorCode::Internal,
@@ -187,15 +216,34 @@ impl CocoonHandle {
     }
 }
 
-/// Loads (or creates) the device identity and starts the connection loop.
-pub fn spawn(config: CocoonConfig) -> Result<CocoonHandle, CocoonError> {
+/// Loads (or creates) the device identity, opens the task store, starts the task
+/// runner and the connection loop.
+pub async fn start(config: CocoonConfig) -> Result<CocoonHandle, CocoonError> {
     let ws_url = config.ws_url()?;
     let secret = identity::load_or_create(&config.data_dir)?;
+    let store = adi_task_store::open(config.task_database_url.as_deref(), &config.data_dir).await?;
+    let runner = Runner::start(
+        store,
+        RunnerConfig {
+            max_concurrent: config.max_concurrent_tasks.max(1),
+            exec_allowed: config.exec_allowed,
+            has_gpu: false,
+        },
+    )
+    .await?;
     let (tx, rx) = watch::channel(ConnState::Connecting);
     let cancel = CancellationToken::new();
-    let task = tokio::spawn(session::run(config, ws_url, secret, tx, cancel.clone()));
+    let task = tokio::spawn(session::run(
+        config,
+        ws_url,
+        secret,
+        runner.clone(),
+        tx,
+        cancel.clone(),
+    ));
     Ok(CocoonHandle {
         state: rx,
+        runner,
         cancel,
         task,
     })

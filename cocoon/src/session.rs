@@ -2,6 +2,7 @@
 //! A session registers, then runs a `select!` over cancellation, the heartbeat timer
 //! and inbound frames until the connection ends.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use adi_protocol::{
@@ -9,7 +10,7 @@ use adi_protocol::{
     SUPPORTED_VERSIONS,
 };
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::{interval, timeout, Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
@@ -17,12 +18,15 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::{CocoonConfig, CocoonError, ConnState};
+use crate::runner::Runner;
+use crate::{CocoonConfig, CocoonError, ConnState, BUILTIN_CAPABILITIES};
 
 /// How long to wait for the hub's answer to a registration.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Heartbeat intervals without any frame from the hub before the link counts as dead.
 const SILENT_INTERVALS: u32 = 3;
+/// Answers waiting to be written; request handlers wait when it is full.
+const ANSWER_QUEUE: usize = 64;
 
 /// How one session ended.
 enum Outcome {
@@ -35,6 +39,7 @@ pub(crate) async fn run(
     config: CocoonConfig,
     ws_url: String,
     secret: DeviceSecret,
+    runner: Arc<Runner>,
     state: watch::Sender<ConnState>,
     cancel: CancellationToken,
 ) -> Result<(), CocoonError> {
@@ -42,7 +47,10 @@ pub(crate) async fn run(
     let mut attempt: u32 = 0;
     loop {
         state.send_replace(ConnState::Connecting);
-        let outcome = session(&config, &ws_url, &secret, &mut token, &state, &cancel).await;
+        let outcome = session(
+            &config, &ws_url, &secret, &runner, &mut token, &state, &cancel,
+        )
+        .await;
         let reason = match outcome {
             Outcome::Cancelled => {
                 state.send_replace(ConnState::Stopped);
@@ -85,6 +93,7 @@ async fn session(
     config: &CocoonConfig,
     ws_url: &str,
     secret: &DeviceSecret,
+    runner: &Arc<Runner>,
     token: &mut Option<String>,
     state: &watch::Sender<ConnState>,
     cancel: &CancellationToken,
@@ -108,7 +117,10 @@ async fn session(
         setup_token: token.clone(),
         name: config.name.clone(),
         services: config.services.clone(),
-        capabilities: Vec::new(),
+        capabilities: BUILTIN_CAPABILITIES
+            .iter()
+            .map(|c| (*c).to_owned())
+            .collect(),
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
     });
     if let Err(e) = ws.send(Message::text(encode(&register))).await {
@@ -126,6 +138,9 @@ async fn session(
             Message::Text(t) => match decode::<HubToDevice>(t.as_bytes(), config.max_frame_bytes) {
                 Ok(HubToDevice::Registered(r)) => r,
                 Ok(HubToDevice::Error { code, message }) => return Outcome::Refused(code, message),
+                Ok(HubToDevice::Request { .. }) => {
+                    return lost(false, "request before registration")
+                }
                 Err(e) => return lost(false, format!("bad registration answer: {e}")),
             },
             Message::Close(frame) => return lost(false, close_reason(frame.as_ref())),
@@ -148,6 +163,10 @@ async fn session(
     ticker.reset();
     let mut seq = 0u64;
     let mut last_heard = Instant::now();
+    let device_id = registered.device_id.clone();
+    // Answers of this session only: when it ends, late answers have nowhere to go,
+    // so they can never reach a later connection that reuses request ids.
+    let (answer_tx, mut answers) = mpsc::channel::<DeviceToHub>(ANSWER_QUEUE);
     loop {
         tokio::select! {
             biased;
@@ -176,6 +195,11 @@ async fn session(
                     return lost(true, format!("sending heartbeat failed: {e}"));
                 }
             }
+            Some(answer) = answers.recv() => {
+                if let Err(e) = ws.send(Message::text(encode(&answer))).await {
+                    return lost(true, format!("sending an answer failed: {e}"));
+                }
+            }
             frame = ws.next() => {
                 last_heard = Instant::now();
                 match frame {
@@ -186,6 +210,15 @@ async fn session(
                         match decode::<HubToDevice>(t.as_bytes(), config.max_frame_bytes) {
                             Ok(HubToDevice::Error { code, message }) => warn!(%code, "hub reported an error: {message}"),
                             Ok(HubToDevice::Registered(_)) => warn!("unexpected second registration answer"),
+                            Ok(HubToDevice::Request { request_id, request, .. }) => {
+                                let runner = runner.clone();
+                                let device_id = device_id.clone();
+                                let tx = answer_tx.clone();
+                                tokio::spawn(async move {
+                                    let outcome = crate::requests::handle(&runner, &device_id, request).await;
+                                    let _ = tx.send(DeviceToHub::Response { request_id, outcome }).await;
+                                });
+                            }
                             Err(e) => warn!("undecodable frame from hub: {e}"),
                         }
                     }

@@ -168,6 +168,79 @@ mod tests {
         }
     }
 
+    fn task_strategy() -> impl Strategy<Value = crate::tasks::Task> {
+        use crate::tasks::{Task, TaskId, TaskStatus};
+        (
+            "\\PC{1,30}",
+            "\\PC{0,30}",
+            proptest::sample::select(TaskStatus::ALL.to_vec()),
+            proptest::option::of(proptest::collection::vec("\\PC{0,10}", 1..4)),
+            proptest::option::of(any::<i32>()),
+            any::<i64>(),
+            any::<u128>(),
+        )
+            .prop_map(
+                |(title, description, status, command, exit_code, at, id)| Task {
+                    id: TaskId(uuid::Uuid::from_u128(id)),
+                    title,
+                    description,
+                    status,
+                    command,
+                    requirements: vec![],
+                    input: Some(serde_json::json!({"n": 1})),
+                    output: None,
+                    exit_code,
+                    error: None,
+                    created_at: at,
+                    updated_at: at,
+                    device_id: Some(DeviceId::from_mac(&[7; 16])),
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn requests_round_trip(id in any::<u64>(), deadline in any::<u64>(), limit in any::<u32>(), after in proptest::option::of((any::<i64>(), any::<u128>())), text in proptest::option::of("\\PC{0,20}")) {
+            use crate::tasks::{Position, TaskFilter, TaskId};
+            use crate::DeviceRequest;
+            let request = DeviceRequest::ListTasks {
+                filter: TaskFilter { text, ..Default::default() },
+                after: after.map(|(c, i)| Position { created_at: c, id: TaskId(uuid::Uuid::from_u128(i)) }),
+                limit,
+            };
+            let msg = HubToDevice::Request { request_id: id, deadline_ms: deadline, request };
+            let back: HubToDevice = decode(encode(&msg).as_bytes(), usize::MAX).expect("decodes");
+            prop_assert_eq!(back, msg);
+        }
+
+        #[test]
+        fn responses_round_trip(id in any::<u64>(), tasks in proptest::collection::vec(task_strategy(), 0..4), fail in any::<bool>()) {
+            use crate::tasks::TaskPage;
+            use crate::{DeviceReply, Outcome, RemoteError};
+            let outcome = if fail {
+                Outcome::Error(RemoteError { code: ErrorCode::NotFound, message: "gone".into() })
+            } else {
+                Outcome::Ok(DeviceReply::Tasks { page: TaskPage { tasks, next: None } })
+            };
+            let msg = DeviceToHub::Response { request_id: id, outcome };
+            let back: DeviceToHub = decode(encode(&msg).as_bytes(), usize::MAX).expect("decodes");
+            prop_assert_eq!(back, msg);
+        }
+    }
+
+    #[test]
+    fn request_wire_shape_is_flat() {
+        let msg = HubToDevice::Request {
+            request_id: 7,
+            deadline_ms: 100,
+            request: crate::DeviceRequest::TaskStats,
+        };
+        assert_eq!(
+            encode(&msg),
+            r#"{"type":"request","request_id":7,"deadline_ms":100,"op":"task_stats"}"#
+        );
+    }
+
     #[test]
     fn oversized_frame_is_refused_before_parsing() {
         let frame = vec![b' '; 100];

@@ -15,21 +15,27 @@
 //!    frame whose reason names the error code.
 //! 3. The cocoon sends [`DeviceToHub::Heartbeat`] every interval. The hub keeps heartbeat
 //!    state in RAM only and closes a connection that stays silent for three intervals.
-//! 4. A frame that does not decode is answered with [`HubToDevice::Error`] (`bad_request`);
+//! 4. The hub asks things of the device with [`HubToDevice::Request`] (an id, a deadline
+//!    and a [`DeviceRequest`]); the device answers each with exactly one
+//!    [`DeviceToHub::Response`] carrying the same id. Requests are handled concurrently
+//!    on the device, so a slow one never delays a heartbeat or another answer.
+//! 5. A frame that does not decode is answered with [`HubToDevice::Error`] (`bad_request`);
 //!    the connection stays up. An oversized frame closes the connection with code 1009.
 //!
 //! Control messages are JSON text frames tagged by `type`; unknown fields are ignored so
 //! either side can grow, unknown types are errors.
 
+pub mod client;
 mod codec;
 mod error;
 mod ids;
 mod messages;
+pub mod tasks;
 
 pub use codec::{decode, encode, DecodeError, DEFAULT_MAX_FRAME_BYTES};
 pub use error::ErrorCode;
 pub use ids::{DeviceId, DeviceSecret, InvalidId, SecretError, MIN_SECRET_LEN};
 pub use messages::{
-    negotiate_version, DeviceToHub, Heartbeat, HubToDevice, Register, Registered, ServiceInfo,
-    PROTOCOL_VERSION, SUPPORTED_VERSIONS,
+    negotiate_version, DeviceReply, DeviceRequest, DeviceToHub, Heartbeat, HubToDevice, Outcome,
+    Register, Registered, RemoteError, ServiceInfo, PROTOCOL_VERSION, SUPPORTED_VERSIONS,
 };

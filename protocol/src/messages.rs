@@ -3,6 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::tasks::{
+    LogLine, NewTask, Position, Task, TaskFilter, TaskId, TaskPage, TaskStats, TaskStatus,
+};
 use crate::{DeviceId, DeviceSecret, ErrorCode};
 
 /// The newest protocol version this build speaks.
@@ -78,7 +81,7 @@ pub struct Registered {
 }
 
 /// Messages a cocoon sends to the hub.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum DeviceToHub {
     /// First frame: identity, version offer and what the device serves.
@@ -90,14 +93,123 @@ pub enum DeviceToHub {
         /// The full new list.
         services: Vec<ServiceInfo>,
     },
+    /// The answer to a [`HubToDevice::Request`], exactly one per request.
+    Response {
+        /// The request answered.
+        request_id: u64,
+        /// The answer, or why there is none.
+        #[serde(flatten)]
+        outcome: Outcome,
+    },
+}
+
+/// A device's answer: `{"ok": ...}` or `{"error": {"code", "message"}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// It worked.
+    Ok(DeviceReply),
+    /// It did not.
+    Error(RemoteError),
+}
+
+/// An error a device reports, in the shared vocabulary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteError {
+    /// Machine-readable reason.
+    pub code: ErrorCode,
+    /// Human-readable detail.
+    pub message: String,
+}
+
+/// What the hub asks of a device. Each names one operation on the device's own data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum DeviceRequest {
+    /// Store (and, if it has a command, run) a task.
+    CreateTask {
+        /// The task.
+        task: NewTask,
+    },
+    /// One task.
+    GetTask {
+        /// Which.
+        id: TaskId,
+    },
+    /// Cancel a task, killing its command if it runs.
+    CancelTask {
+        /// Which.
+        id: TaskId,
+    },
+    /// One page of the device's tasks, newest first (the local part of an aggregate).
+    ListTasks {
+        /// Which tasks.
+        #[serde(default)]
+        filter: TaskFilter,
+        /// Start after this position.
+        #[serde(default)]
+        after: Option<Position>,
+        /// Page size.
+        limit: u32,
+    },
+    /// Counts by status.
+    TaskStats,
+    /// A page of a task's log.
+    ReadLogs {
+        /// Which task.
+        id: TaskId,
+        /// Lines after this sequence number.
+        after_seq: u64,
+        /// Page size.
+        limit: u32,
+    },
+}
+
+/// What a device answers, one variant per kind of request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum DeviceReply {
+    /// One task.
+    Task {
+        /// It (boxed: a task is large next to the other replies).
+        task: Box<Task>,
+    },
+    /// A page of tasks.
+    Tasks {
+        /// The page.
+        page: TaskPage,
+    },
+    /// Counts.
+    Stats {
+        /// The counts.
+        stats: TaskStats,
+    },
+    /// A page of log lines.
+    Logs {
+        /// The lines, in order.
+        lines: Vec<LogLine>,
+        /// The task's status when the lines were read: once it is final and a read
+        /// returns no line, the log is complete.
+        status: TaskStatus,
+    },
 }
 
 /// Messages the hub sends to a cocoon.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum HubToDevice {
     /// Registration accepted.
     Registered(Registered),
+    /// Asks the device to do something; answered by [`DeviceToHub::Response`].
+    Request {
+        /// Unique per connection; echoed in the response.
+        request_id: u64,
+        /// Milliseconds the hub will wait; the device may give up after that.
+        deadline_ms: u64,
+        /// What to do.
+        #[serde(flatten)]
+        request: DeviceRequest,
+    },
     /// Something the device sent was refused.
     Error {
         /// Machine-readable reason.

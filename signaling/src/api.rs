@@ -32,12 +32,14 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/ws/cocoon", get(cocoon_ws))
+        .route("/ws/client", get(client_ws))
         .route("/api/auth/token", post(auth_token))
         .route("/api/cocoons", get(list_cocoons))
         .route("/api/cocoons/{id}", get(get_cocoon))
         .route("/api/cocoons/{id}/services", get(get_services))
         .route("/api/tokens", post(create_token))
         .route("/api/tokens/claim", post(claim_token))
+        .merge(crate::task_routes::routes())
         .route("/api/{*rest}", axum::routing::any(api_not_found))
         .merge(crate::install::routes())
         .with_state(state)
@@ -57,6 +59,16 @@ impl ApiError {
             code,
             message: message.into(),
         }
+    }
+
+    /// The error's code.
+    pub fn code(&self) -> ErrorCode {
+        self.code
+    }
+
+    /// The error's message, safe to show.
+    pub fn message(&self) -> &str {
+        &self.message
     }
 
     fn not_found_device() -> Self {
@@ -204,6 +216,11 @@ async fn cocoon_ws(State(state): State<AppState>, ws: WebSocketUpgrade) -> Respo
         .on_upgrade(move |socket| crate::connection::serve(state, socket))
 }
 
+async fn client_ws(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
+    ws.max_message_size(64 * 1024)
+        .on_upgrade(move |socket| crate::client_ws::serve(state, socket))
+}
+
 #[derive(Deserialize)]
 struct AuthRequest {
     api_key: String,
@@ -312,7 +329,7 @@ async fn list_cocoons(
 }
 
 /// Loads a device the caller owns; anything else is the same 404.
-async fn owned_device(
+pub(crate) async fn owned_device(
     state: &HubState,
     caller: &Caller,
     raw_id: &str,

@@ -5,28 +5,32 @@
 //! It must never panic on input: every frame either decodes or is answered with an
 //! error, and an oversized frame closes this connection alone.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use adi_protocol::{
-    decode, encode, negotiate_version, DecodeError, DeviceId, DeviceToHub, ErrorCode, HubToDevice,
-    Register, Registered, SUPPORTED_VERSIONS,
+    decode, encode, negotiate_version, DecodeError, DeviceId, DeviceReply, DeviceToHub, ErrorCode,
+    HubToDevice, Outcome, Register, Registered, SUPPORTED_VERSIONS,
 };
 use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::{interval, timeout, Instant, MissedTickBehavior};
 use tracing::{debug, info, warn, Instrument};
 
 use crate::auth::unix_now_i64;
 use crate::catalog::{CatalogError, DeviceConfig};
 use crate::registry::{ConnHandle, ConnId};
+use crate::rpc::{Call, RpcError};
 use crate::tokens::{self, TokenError};
 use crate::HubState;
 
 /// How long a new connection may take to send its registration.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
-/// Frames queued for one device before senders are refused.
+/// Requests queued for one device before callers are refused.
 const OUTBOUND_QUEUE: usize = 32;
+/// Requests awaiting an answer from one device before new ones are refused.
+const MAX_IN_FLIGHT: usize = 1024;
 /// Heartbeat intervals of silence after which the hub drops a connection.
 const SILENT_INTERVALS: u32 = 3;
 
@@ -108,6 +112,8 @@ async fn run(state: Arc<HubState>, mut socket: WebSocket, conn_id: ConnId) {
         state: state.clone(),
         conn_id,
         config: accepted.config,
+        pending: HashMap::new(),
+        next_request: 1,
     };
     let end = conn.pump(&mut socket, rx, &cancel).await;
     state.registry.remove(&device_id, conn_id);
@@ -133,17 +139,23 @@ enum End {
     Send(u16, String),
 }
 
+type Reply = oneshot::Sender<Result<DeviceReply, RpcError>>;
+
 struct Connection {
     state: Arc<HubState>,
     conn_id: ConnId,
     config: DeviceConfig,
+    /// Requests sent to the device and not yet answered. Dropped with the actor, which
+    /// fails every waiting caller with `Disconnected`.
+    pending: HashMap<u64, Reply>,
+    next_request: u64,
 }
 
 impl Connection {
     async fn pump(
         &mut self,
         socket: &mut WebSocket,
-        mut outbound: mpsc::Receiver<Message>,
+        mut outbound: mpsc::Receiver<Call>,
         cancel: &tokio_util::sync::CancellationToken,
     ) -> End {
         let heartbeat = self.state.config.heartbeat_interval;
@@ -160,9 +172,11 @@ impl Connection {
                         End::Send(close_code::POLICY, "replaced by a newer connection of this device".into())
                     };
                 }
-                Some(msg) = outbound.recv() => {
-                    if let Err(e) = socket.send(msg).await {
-                        return End::Closed(format!("send failed: {e}"));
+                Some(call) = outbound.recv() => {
+                    if let Some(frame) = self.start_call(call) {
+                        if let Err(e) = socket.send(frame).await {
+                            return End::Closed(format!("send failed: {e}"));
+                        }
                     }
                 }
                 frame = socket.recv() => {
@@ -182,12 +196,31 @@ impl Connection {
                     }
                 }
                 _ = stale_check.tick() => {
+                    // Callers that gave up (deadline passed) need no answer.
+                    self.pending.retain(|_, reply| !reply.is_closed());
                     if last_heard.elapsed() > heartbeat * SILENT_INTERVALS {
                         return End::Send(close_code::AWAY, "no heartbeat for 3 intervals".into());
                     }
                 }
             }
         }
+    }
+
+    /// Numbers a request and remembers who waits for it; returns the frame to send.
+    fn start_call(&mut self, call: Call) -> Option<Message> {
+        if self.pending.len() >= MAX_IN_FLIGHT {
+            let _ = call.reply.send(Err(RpcError::Busy));
+            return None;
+        }
+        let request_id = self.next_request;
+        self.next_request += 1;
+        self.pending.insert(request_id, call.reply);
+        let deadline_ms = u64::try_from(call.deadline.as_millis()).unwrap_or(u64::MAX);
+        Some(text(&HubToDevice::Request {
+            request_id,
+            deadline_ms,
+            request: call.request,
+        }))
     }
 
     /// Handles one data frame; returns the reply to send, if any.
@@ -205,6 +238,21 @@ impl Connection {
             }
             Ok(DeviceToHub::Heartbeat(_)) => {
                 self.state.registry.heartbeat(&self.config.id, self.conn_id);
+                None
+            }
+            Ok(DeviceToHub::Response {
+                request_id,
+                outcome,
+            }) => {
+                match self.pending.remove(&request_id) {
+                    Some(reply) => {
+                        let _ = reply.send(match outcome {
+                            Outcome::Ok(r) => Ok(r),
+                            Outcome::Error(e) => Err(RpcError::Remote(e)),
+                        });
+                    }
+                    None => debug!(request_id, "answer to a request nobody waits for"),
+                }
                 None
             }
             Ok(DeviceToHub::Register(_)) => Some(HubToDevice::Error {

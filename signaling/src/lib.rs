@@ -9,16 +9,22 @@
 //! [`spawn`] starts a hub and hands back a [`HubHandle`], so tests and `adi dev` can run
 //! hubs in-process.
 
+pub mod aggregate;
 pub mod api;
 pub mod auth;
 pub mod catalog;
+mod client_ws;
 pub mod config;
 mod connection;
 pub mod credential;
 pub mod identity;
 mod install;
 pub mod registry;
+pub mod rpc;
+mod task_routes;
 pub mod tokens;
+
+pub use task_routes::AggregateTasks;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

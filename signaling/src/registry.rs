@@ -9,11 +9,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use adi_protocol::DeviceId;
-use axum::extract::ws::Message;
 use dashmap::DashMap;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+use crate::rpc::Call;
 
 /// Identifies one WebSocket connection, so a stale one can be told from its successor.
 pub type ConnId = u64;
@@ -21,9 +22,9 @@ pub type ConnId = u64;
 /// A cheap handle to a connection's actor.
 #[derive(Clone, Debug)]
 pub struct ConnHandle {
-    /// Frames to send to the device. Bounded: a full queue means the device is not
-    /// reading, and senders get an error rather than growing the hub's memory.
-    pub outbound: mpsc::Sender<Message>,
+    /// Requests for the device. Bounded: a full queue means the device is not keeping
+    /// up, and callers get `Busy` rather than growing the hub's memory.
+    pub outbound: mpsc::Sender<Call>,
     /// Ends the connection's actor.
     pub cancel: CancellationToken,
 }
@@ -157,7 +158,7 @@ impl Registry {
 mod tests {
     use super::*;
 
-    fn handle() -> (ConnHandle, mpsc::Receiver<Message>) {
+    fn handle() -> (ConnHandle, mpsc::Receiver<Call>) {
         let (tx, rx) = mpsc::channel(1);
         (
             ConnHandle {

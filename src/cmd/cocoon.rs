@@ -49,6 +49,15 @@ pub struct RunArgs {
     /// Longest delay between reconnect attempts.
     #[arg(long, env = "ADI_COCOON_BACKOFF_MAX", default_value = "10s", value_parser = humantime::parse_duration)]
     backoff_max: Duration,
+    /// Task store: sqlite:PATH or postgres://... (default: tasks.db in the data dir).
+    #[arg(long, env = "COCOON_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Refuse tasks that run a command on this device.
+    #[arg(long, env = "ADI_COCOON_NO_EXEC")]
+    no_exec: bool,
+    /// Task commands running at once; more wait as pending.
+    #[arg(long, env = "ADI_COCOON_MAX_CONCURRENT_TASKS", default_value_t = 4)]
+    max_concurrent_tasks: usize,
 }
 
 #[derive(Args)]
@@ -151,7 +160,12 @@ async fn run_agent(args: RunArgs) -> Result<()> {
     config.setup_token = args.token;
     config.services = args.services;
     config.backoff_max = args.backoff_max;
-    let handle = adi_cocoon::spawn(config).context("starting the cocoon")?;
+    config.task_database_url = args.database_url;
+    config.exec_allowed = !args.no_exec;
+    config.max_concurrent_tasks = args.max_concurrent_tasks;
+    let handle = adi_cocoon::start(config)
+        .await
+        .context("starting the cocoon")?;
     let mut state = handle.state();
     let watcher = tokio::spawn(async move {
         while state.changed().await.is_ok() {

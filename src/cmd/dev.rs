@@ -76,7 +76,9 @@ pub async fn run(args: DevArgs) -> Result<()> {
         config.setup_token = Some(token.token);
     }
     let name = config.name.clone();
-    let cocoon = adi_cocoon::spawn(config).context("starting the local cocoon")?;
+    let cocoon = adi_cocoon::start(config)
+        .await
+        .context("starting the local cocoon")?;
     let device = tokio::time::timeout(Duration::from_secs(15), cocoon.online())
         .await
         .context("the local cocoon did not come online within 15 s")??;

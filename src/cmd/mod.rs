@@ -4,3 +4,4 @@ pub mod cocoon;
 pub mod dev;
 pub mod login;
 pub mod signaling;
+pub mod tasks;

@@ -8,4 +8,5 @@ mod enrolment;
 mod harness;
 mod install;
 mod presence;
+mod tasks;
 mod wire;

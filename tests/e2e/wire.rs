@@ -15,9 +15,9 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::harness::{Api, Hub, HEARTBEAT};
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-fn secret() -> String {
+pub fn secret() -> String {
     use rand::Rng;
     let mut rng = rand::thread_rng();
     (0..40)
@@ -25,13 +25,13 @@ fn secret() -> String {
         .collect()
 }
 
-async fn connect(hub: &Hub) -> Result<Ws> {
+pub async fn connect(hub: &Hub) -> Result<Ws> {
     let url = format!("{}/ws/cocoon", hub.url.replacen("http", "ws", 1));
     Ok(tokio_tungstenite::connect_async(url).await?.0)
 }
 
 /// The next text frame as JSON, or the close frame as `{"close": code, "reason": ..}`.
-async fn next(ws: &mut Ws) -> Result<Value> {
+pub async fn next(ws: &mut Ws) -> Result<Value> {
     loop {
         let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
             .await

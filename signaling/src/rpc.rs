@@ -1,0 +1,79 @@
+//! Asking a device something and waiting for its one answer. The request travels as a
+//! command to the device's connection actor, which numbers it, writes the frame and
+//! routes the matching response back; a deadline bounds the wait, and a connection
+//! that ends fails every request still waiting on it at once.
+
+use std::time::Duration;
+
+use adi_protocol::{DeviceId, DeviceReply, DeviceRequest, ErrorCode, RemoteError};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::HubState;
+
+/// A request handed to a connection actor.
+#[derive(Debug)]
+pub struct Call {
+    /// What to ask.
+    pub request: DeviceRequest,
+    /// How long the caller waits (told to the device).
+    pub deadline: Duration,
+    /// Where the answer goes.
+    pub reply: oneshot::Sender<Result<DeviceReply, RpcError>>,
+}
+
+/// Why a device request got no answer.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum RpcError {
+    /// The device is not connected.
+    #[error("the device is offline")]
+    Offline,
+    /// The device's queue is full; it is not keeping up.
+    #[error("the device is too busy to take the request")]
+    Busy,
+    /// No answer within the deadline.
+    #[error("the device did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The device disconnected before answering.
+    #[error("the device disconnected before answering")]
+    Disconnected,
+    /// The device answered with an error.
+    #[error("{}", .0.message)]
+    Remote(RemoteError),
+}
+
+impl RpcError {
+    /// The shared error code for this failure.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            RpcError::Offline | RpcError::Disconnected => ErrorCode::DeviceOffline,
+            RpcError::Busy => ErrorCode::UpstreamError,
+            RpcError::Timeout(_) => ErrorCode::Timeout,
+            RpcError::Remote(e) => e.code,
+        }
+    }
+}
+
+/// Sends `request` to `device` and waits up to `deadline` for its answer.
+pub async fn request(
+    state: &HubState,
+    device: &DeviceId,
+    request: DeviceRequest,
+    deadline: Duration,
+) -> Result<DeviceReply, RpcError> {
+    let handle = state.registry.handle(device).ok_or(RpcError::Offline)?;
+    let (tx, rx) = oneshot::channel();
+    let call = Call {
+        request,
+        deadline,
+        reply: tx,
+    };
+    handle.outbound.try_send(call).map_err(|e| match e {
+        mpsc::error::TrySendError::Full(_) => RpcError::Busy,
+        mpsc::error::TrySendError::Closed(_) => RpcError::Offline,
+    })?;
+    match tokio::time::timeout(deadline, rx).await {
+        Err(_) => Err(RpcError::Timeout(deadline)),
+        Ok(Err(_)) => Err(RpcError::Disconnected),
+        Ok(Ok(answer)) => answer,
+    }
+}

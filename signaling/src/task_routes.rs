@@ -1,0 +1,520 @@
+//! REST routes for tasks: per-device operations forwarded to the device that owns the
+//! task, and the merged views across all of a caller's devices. Owners only; a device
+//! the caller does not own is the same 404 as one that does not exist.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use adi_protocol::tasks::{NewTask, Position, Task, TaskFilter, TaskId, TaskStats, TaskStatus};
+use adi_protocol::{DeviceReply, DeviceRequest, ErrorCode};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use futures_util::stream::{self, Stream, StreamExt};
+use serde::{Deserialize, Serialize};
+
+use crate::aggregate::{self, Cursor, DeviceStatus, PartStatus};
+use crate::api::{owned_device, ApiError, Caller, Json};
+use crate::catalog::DeviceRecord;
+use crate::rpc::{self, RpcError};
+use crate::HubState;
+
+type AppState = Arc<HubState>;
+
+/// How long a single-device operation may take.
+const DEVICE_DEADLINE: Duration = Duration::from_secs(10);
+/// Default and largest per-device deadline of a fan-out.
+const FANOUT_DEADLINE: Duration = Duration::from_secs(5);
+const MAX_FANOUT_DEADLINE: Duration = Duration::from_secs(60);
+/// Default page size of listings.
+const DEFAULT_LIMIT: u32 = 50;
+/// Largest page of a listing.
+const MAX_LIMIT: u32 = 500;
+/// How often a log follower asks the device for new lines.
+const FOLLOW_POLL: Duration = Duration::from_millis(250);
+
+pub(crate) fn routes() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/api/cocoons/{id}/tasks",
+            post(create_task).get(list_device_tasks),
+        )
+        .route("/api/cocoons/{id}/tasks/{task}", get(get_task))
+        .route("/api/cocoons/{id}/tasks/{task}/cancel", post(cancel_task))
+        .route("/api/cocoons/{id}/tasks/{task}/logs", get(task_logs))
+        .route("/api/aggregate/tasks", get(aggregate_tasks))
+        .route("/api/aggregate/stats", get(aggregate_stats))
+}
+
+impl From<RpcError> for ApiError {
+    fn from(e: RpcError) -> Self {
+        ApiError::new(e.code(), e.to_string())
+    }
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorCode::BadRequest, msg)
+}
+
+fn parse_task_id(raw: &str) -> Result<TaskId, ApiError> {
+    raw.parse()
+        .map_err(|_| ApiError::new(ErrorCode::NotFound, "no such task"))
+}
+
+async fn ask(
+    state: &HubState,
+    device: &DeviceRecord,
+    request: DeviceRequest,
+) -> Result<DeviceReply, ApiError> {
+    Ok(rpc::request(state, &device.id, request, DEVICE_DEADLINE).await?)
+}
+
+fn expect_task(device: &DeviceRecord, reply: DeviceReply) -> Result<Task, ApiError> {
+    match reply {
+        DeviceReply::Task { mut task } => {
+            task.device_id = Some(device.id.clone());
+            Ok(*task)
+        }
+        other => Err(aggregate::unexpected(&other).into()),
+    }
+}
+
+async fn create_task(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Json(new): Json<NewTask>,
+) -> Result<(StatusCode, Json<Task>), ApiError> {
+    let device = owned_device(&state, &caller, &id).await?;
+    let title = new.title.trim();
+    if title.is_empty() || title.chars().count() > 200 {
+        return Err(bad("title must be 1 to 200 characters"));
+    }
+    if new
+        .command
+        .as_ref()
+        .is_some_and(|c| c.is_empty() || c[0].is_empty())
+    {
+        return Err(bad("command must name a program"));
+    }
+    let reply = ask(&state, &device, DeviceRequest::CreateTask { task: new }).await?;
+    Ok((StatusCode::CREATED, Json(expect_task(&device, reply)?)))
+}
+
+async fn get_task(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((id, task)): Path<(String, String)>,
+) -> Result<Json<Task>, ApiError> {
+    let device = owned_device(&state, &caller, &id).await?;
+    let task = parse_task_id(&task)?;
+    let reply = ask(&state, &device, DeviceRequest::GetTask { id: task }).await?;
+    Ok(Json(expect_task(&device, reply)?))
+}
+
+async fn cancel_task(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((id, task)): Path<(String, String)>,
+) -> Result<Json<Task>, ApiError> {
+    let device = owned_device(&state, &caller, &id).await?;
+    let task = parse_task_id(&task)?;
+    let reply = ask(&state, &device, DeviceRequest::CancelTask { id: task }).await?;
+    Ok(Json(expect_task(&device, reply)?))
+}
+
+/// Query parameters of the listings, parsed by hand so each bad one gets its reason.
+#[derive(Deserialize, Default)]
+pub(crate) struct ListParams {
+    status: Option<String>,
+    q: Option<String>,
+    limit: Option<String>,
+    cursor: Option<String>,
+    created_from: Option<String>,
+    created_to: Option<String>,
+    timeout_ms: Option<String>,
+}
+
+impl ListParams {
+    /// Builds the parameters a WebSocket query carries, to validate them the same way.
+    pub(crate) fn from_query(
+        filter: &TaskFilter,
+        limit: Option<u32>,
+        timeout_ms: Option<u64>,
+    ) -> Self {
+        ListParams {
+            status: filter.status.map(|s| s.as_str().to_owned()),
+            q: filter.text.clone(),
+            limit: limit.map(|l| l.to_string()),
+            cursor: None,
+            created_from: filter.created_from.map(|v| v.to_string()),
+            created_to: filter.created_to.map(|v| v.to_string()),
+            timeout_ms: timeout_ms.map(|v| v.to_string()),
+        }
+    }
+
+    pub(crate) fn filter(&self) -> Result<TaskFilter, ApiError> {
+        let status = match self.status.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(s) => Some(s.parse::<TaskStatus>().map_err(bad)?),
+        };
+        let text = self
+            .q
+            .as_deref()
+            .map(str::trim)
+            .filter(|q| !q.is_empty())
+            .map(str::to_owned);
+        if text.as_ref().is_some_and(|t| t.chars().count() > 200) {
+            return Err(bad("q must be at most 200 characters"));
+        }
+        let micros = |name: &str, v: &Option<String>| -> Result<Option<i64>, ApiError> {
+            v.as_deref()
+                .map(|s| {
+                    s.trim().parse::<i64>().map_err(|_| {
+                        bad(format!("{name} must be microseconds since the Unix epoch"))
+                    })
+                })
+                .transpose()
+        };
+        Ok(TaskFilter {
+            status,
+            text,
+            created_from: micros("created_from", &self.created_from)?,
+            created_to: micros("created_to", &self.created_to)?,
+        })
+    }
+
+    pub(crate) fn limit(&self) -> Result<u32, ApiError> {
+        match self.limit.as_deref() {
+            None => Ok(DEFAULT_LIMIT),
+            Some(s) => s
+                .trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (1..=MAX_LIMIT).contains(n))
+                .ok_or_else(|| bad(format!("limit must be between 1 and {MAX_LIMIT}"))),
+        }
+    }
+
+    pub(crate) fn deadline(&self) -> Result<Duration, ApiError> {
+        match self.timeout_ms.as_deref() {
+            None => Ok(FANOUT_DEADLINE),
+            Some(s) => s
+                .trim()
+                .parse::<u64>()
+                .ok()
+                .map(Duration::from_millis)
+                .filter(|d| !d.is_zero() && *d <= MAX_FANOUT_DEADLINE)
+                .ok_or_else(|| bad("timeout_ms must be between 1 and 60000")),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct DeviceTaskPage {
+    tasks: Vec<Task>,
+    next_cursor: Option<String>,
+}
+
+async fn list_device_tasks(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(params): Query<ListParams>,
+) -> Result<Json<DeviceTaskPage>, ApiError> {
+    let device = owned_device(&state, &caller, &id).await?;
+    let filter = params.filter()?;
+    let limit = params.limit()?;
+    let after = params
+        .cursor
+        .as_deref()
+        .map(|c| {
+            URL_SAFE_NO_PAD
+                .decode(c.trim())
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Position>(&b).ok())
+                .ok_or_else(|| bad("cursor is not one this hub handed out"))
+        })
+        .transpose()?;
+    let reply = ask(
+        &state,
+        &device,
+        DeviceRequest::ListTasks {
+            filter,
+            after,
+            limit,
+        },
+    )
+    .await?;
+    let DeviceReply::Tasks { mut page } = reply else {
+        return Err(aggregate::unexpected(&reply).into());
+    };
+    for t in &mut page.tasks {
+        t.device_id = Some(device.id.clone());
+    }
+    Ok(Json(DeviceTaskPage {
+        tasks: page.tasks,
+        next_cursor: page
+            .next
+            .map(|p| URL_SAFE_NO_PAD.encode(serde_json::to_vec(&p).unwrap_or_default())),
+    }))
+}
+
+/// The merged task list: what every device answered, and how each device did.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct AggregateTasks {
+    /// Tasks of all devices, newest first.
+    pub tasks: Vec<Task>,
+    /// Every device asked (or known offline), with its status.
+    pub devices: Vec<DeviceStatus>,
+    /// Pass back as `cursor` for the next page; absent on the last.
+    pub next_cursor: Option<String>,
+}
+
+/// The caller's devices that keep tasks, split into online ones (to ask) and the
+/// statuses of offline ones (reported without asking).
+pub(crate) async fn task_devices(
+    state: &HubState,
+    caller: &Caller,
+) -> Result<(Vec<DeviceRecord>, Vec<DeviceStatus>), ApiError> {
+    let devices = state.catalog.devices_owned_by(caller.id).await?;
+    let (online, offline): (Vec<_>, Vec<_>) = devices
+        .into_iter()
+        .filter(aggregate::keeps_tasks)
+        .partition(|d| state.registry.presence(&d.id).online);
+    let offline = offline
+        .into_iter()
+        .map(|d| DeviceStatus {
+            device_id: d.id,
+            name: d.name,
+            status: PartStatus::Offline,
+            error: Some("the device is offline".into()),
+        })
+        .collect();
+    Ok((online, offline))
+}
+
+async fn aggregate_tasks(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(params): Query<ListParams>,
+) -> Result<Json<AggregateTasks>, ApiError> {
+    let filter = params.filter()?;
+    let limit = params.limit()?;
+    let deadline = params.deadline()?;
+    let cursor = params
+        .cursor
+        .as_deref()
+        .map(|c| Cursor::decode(c).ok_or_else(|| bad("cursor is not one this hub handed out")))
+        .transpose()?;
+    let (online, mut statuses) = task_devices(&state, &caller).await?;
+    let parts: Vec<_> =
+        aggregate::list_parts(&state, &online, &filter, cursor.as_ref(), limit, deadline)
+            .collect()
+            .await;
+    let (tasks, next) = aggregate::merge(&parts, limit);
+    statuses.extend(parts.into_iter().map(|p| p.status));
+    statuses.sort_by(|a, b| a.name.cmp(&b.name).then(a.device_id.cmp(&b.device_id)));
+    Ok(Json(AggregateTasks {
+        tasks,
+        devices: statuses,
+        next_cursor: next.map(|c| c.encode()),
+    }))
+}
+
+#[derive(Serialize)]
+struct DeviceStats {
+    #[serde(flatten)]
+    status: DeviceStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stats: Option<TaskStats>,
+}
+
+#[derive(Serialize)]
+struct AggregateStats {
+    total: TaskStats,
+    devices: Vec<DeviceStats>,
+}
+
+async fn aggregate_stats(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(params): Query<ListParams>,
+) -> Result<Json<AggregateStats>, ApiError> {
+    let deadline = params.deadline()?;
+    let (online, offline) = task_devices(&state, &caller).await?;
+    let parts = aggregate::stats_parts(&state, &online, deadline).await;
+    let mut total = TaskStats::default();
+    for s in TaskStatus::ALL {
+        total.by_status.insert(s, 0);
+    }
+    let mut devices: Vec<DeviceStats> = offline
+        .into_iter()
+        .map(|status| DeviceStats {
+            status,
+            stats: None,
+        })
+        .collect();
+    for p in parts {
+        if let Some(stats) = &p.answer {
+            for (status, n) in &stats.by_status {
+                *total.by_status.entry(*status).or_insert(0) += n;
+            }
+            total.total += stats.total;
+        }
+        devices.push(DeviceStats {
+            status: p.status,
+            stats: p.answer,
+        });
+    }
+    devices.sort_by(|a, b| a.status.name.cmp(&b.status.name));
+    Ok(Json(AggregateStats { total, devices }))
+}
+
+#[derive(Deserialize, Default)]
+struct LogParams {
+    after: Option<u64>,
+    limit: Option<u32>,
+    follow: Option<bool>,
+}
+
+#[derive(Serialize)]
+struct LogPage {
+    lines: Vec<adi_protocol::tasks::LogLine>,
+    status: TaskStatus,
+    /// Pass as `after` to read on.
+    next_after: u64,
+    /// Whether the log is complete (the task is final and every line was read).
+    complete: bool,
+}
+
+async fn read_logs(
+    state: &HubState,
+    device: &DeviceRecord,
+    task: TaskId,
+    after: u64,
+    limit: u32,
+) -> Result<(Vec<adi_protocol::tasks::LogLine>, TaskStatus), RpcError> {
+    let request = DeviceRequest::ReadLogs {
+        id: task,
+        after_seq: after,
+        limit,
+    };
+    match rpc::request(state, &device.id, request, DEVICE_DEADLINE).await? {
+        DeviceReply::Logs { lines, status } => Ok((lines, status)),
+        other => Err(aggregate::unexpected(&other)),
+    }
+}
+
+async fn task_logs(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((id, task)): Path<(String, String)>,
+    Query(params): Query<LogParams>,
+) -> Result<Response, ApiError> {
+    let device = owned_device(&state, &caller, &id).await?;
+    let task = parse_task_id(&task)?;
+    let after = params.after.unwrap_or(0);
+    let limit = params.limit.unwrap_or(500).clamp(1, 1000);
+    // Ask once up front so an unknown task or an offline device is a plain error.
+    let (lines, status) = read_logs(&state, &device, task, after, limit).await?;
+    if !params.follow.unwrap_or(false) {
+        let next_after = lines.last().map_or(after, |l| l.seq);
+        let complete = status.is_final() && (lines.len() as u32) < limit;
+        return Ok(Json(LogPage {
+            lines,
+            status,
+            next_after,
+            complete,
+        })
+        .into_response());
+    }
+    let stream = follow(state, device, task, lines, status, after);
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+/// Where a log follower stands.
+struct Follow {
+    state: AppState,
+    device: DeviceRecord,
+    task: TaskId,
+    after: u64,
+    first: Option<(Vec<adi_protocol::tasks::LogLine>, TaskStatus)>,
+    done: bool,
+}
+
+/// Streams log lines as server-sent events until the task is final and fully read:
+/// `log` events carry lines, one `end` event carries the final status, an `error`
+/// event says why the stream stopped early. Lines are read from the device a page at
+/// a time, so a huge log never sits whole in the hub.
+fn follow(
+    state: AppState,
+    device: DeviceRecord,
+    task: TaskId,
+    lines: Vec<adi_protocol::tasks::LogLine>,
+    status: TaskStatus,
+    after: u64,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    let start = Follow {
+        state,
+        device,
+        task,
+        after,
+        first: Some((lines, status)),
+        done: false,
+    };
+    stream::unfold(start, |mut f| async move {
+        if f.done {
+            return None;
+        }
+        loop {
+            let batch = match f.first.take() {
+                Some(b) => Ok(b),
+                None => read_logs(&f.state, &f.device, f.task, f.after, 500).await,
+            };
+            match batch {
+                Err(e) => {
+                    f.done = true;
+                    let body = serde_json::json!({"code": e.code(), "message": e.to_string()});
+                    return Some((
+                        vec![Event::default().event("error").data(body.to_string())],
+                        f,
+                    ));
+                }
+                Ok((lines, status)) if lines.is_empty() => {
+                    if status.is_final() {
+                        f.done = true;
+                        let body = serde_json::json!({ "status": status });
+                        return Some((
+                            vec![Event::default().event("end").data(body.to_string())],
+                            f,
+                        ));
+                    }
+                    tokio::time::sleep(FOLLOW_POLL).await;
+                }
+                Ok((lines, _)) => {
+                    f.after = lines.last().map_or(f.after, |l| l.seq);
+                    let events = lines
+                        .iter()
+                        .map(|l| {
+                            Event::default()
+                                .event("log")
+                                .id(l.seq.to_string())
+                                .data(serde_json::to_string(l).unwrap_or_default())
+                        })
+                        .collect();
+                    return Some((events, f));
+                }
+            }
+        }
+    })
+    .flat_map(|events| stream::iter(events.into_iter().map(Ok)))
+}

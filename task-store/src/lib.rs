@@ -1,0 +1,147 @@
+//! A device's task store. Every device owns its tasks; the hub never copies them but
+//! asks the device. This crate owns how tasks are kept and queried on the device: one
+//! [`TaskStore`] trait, an SQLite backend (the default, a WAL file in the cocoon's data
+//! dir) and a PostgreSQL backend, held to the same behaviour by one conformance suite.
+//!
+//! It must never run anything: running commands is the cocoon's runner's job.
+
+mod postgres;
+mod sqlite;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use adi_protocol::tasks::{
+    LogLine, LogStream, NewTask, Position, Task, TaskFilter, TaskId, TaskPage, TaskStats,
+    TaskStatus,
+};
+use async_trait::async_trait;
+
+pub use postgres::PgTaskStore;
+pub use sqlite::SqliteTaskStore;
+
+/// Largest page a listing returns, whatever was asked.
+pub const MAX_PAGE: u32 = 500;
+/// Largest number of log lines one read returns.
+pub const MAX_LOG_PAGE: u32 = 1000;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No task with that id.
+    #[error("task {0} not found")]
+    NotFound(TaskId),
+    /// The task is final (completed, failed, cancelled) or the change skips a state.
+    #[error("task {id} cannot go from {from} to {to}")]
+    InvalidTransition {
+        /// The task.
+        id: TaskId,
+        /// Its state.
+        from: TaskStatus,
+        /// The state asked for.
+        to: TaskStatus,
+    },
+    /// The input is not acceptable (empty title, bad filter).
+    #[error("invalid task: {0}")]
+    Invalid(String),
+    /// The database failed.
+    #[error("task storage: {0}")]
+    Storage(#[from] sqlx::Error),
+    /// The schema could not be brought up to date.
+    #[error("task store migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A stored value is not what this build expects.
+    #[error("task store holds a corrupt value: {0}")]
+    Corrupt(String),
+    /// The database URL names no backend we have.
+    #[error("unsupported task database URL: use sqlite:PATH or postgres://...")]
+    UnsupportedUrl,
+}
+
+/// Shorthand for store results.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A change to a task. `None` fields are left as they are.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TaskUpdate {
+    /// New state; must be a legal transition (see [`legal_transition`]).
+    pub status: Option<TaskStatus>,
+    /// New title.
+    pub title: Option<String>,
+    /// New description.
+    pub description: Option<String>,
+    /// Output to record.
+    pub output: Option<serde_json::Value>,
+    /// Exit code to record.
+    pub exit_code: Option<i32>,
+    /// Failure or cancellation reason to record.
+    pub error: Option<String>,
+}
+
+/// Whether a task may go from `from` to `to`: final states never change, and a task
+/// cannot go back to pending.
+pub fn legal_transition(from: TaskStatus, to: TaskStatus) -> bool {
+    use TaskStatus::*;
+    match (from, to) {
+        (f, _) if f.is_final() => false,
+        (Pending, Running | Completed | Failed | Cancelled) => true,
+        (Running, Completed | Failed | Cancelled) => true,
+        _ => false,
+    }
+}
+
+/// Where a device keeps its tasks. Listing is newest first (`created_at` descending,
+/// then id descending) with keyset pagination, so pages stay stable while tasks are
+/// added.
+#[async_trait]
+pub trait TaskStore: Send + Sync + 'static {
+    /// Stores a new `Pending` task; `Invalid` if the title is empty or over 200 chars.
+    async fn create(&self, new: NewTask) -> Result<Task>;
+    /// One task.
+    async fn get(&self, id: TaskId) -> Result<Option<Task>>;
+    /// Up to `limit` (capped at [`MAX_PAGE`]) tasks matching `filter` that come after
+    /// `after` in newest-first order; `next` is set when the page is full.
+    async fn list(
+        &self,
+        filter: &TaskFilter,
+        after: Option<Position>,
+        limit: u32,
+    ) -> Result<TaskPage>;
+    /// Applies `update` atomically and bumps `updated_at`; `NotFound` or
+    /// `InvalidTransition` leave the task unchanged.
+    async fn update(&self, id: TaskId, update: TaskUpdate) -> Result<Task>;
+    /// Deletes a task and its logs; false if it did not exist.
+    async fn delete(&self, id: TaskId) -> Result<bool>;
+    /// Counts by status (every status present, 0 when none) and the total.
+    async fn stats(&self) -> Result<TaskStats>;
+    /// Appends one log line; returns its sequence number (1, 2, ... per task).
+    async fn append_log(&self, id: TaskId, stream: LogStream, text: &str) -> Result<u64>;
+    /// Up to `limit` (capped at [`MAX_LOG_PAGE`]) log lines with `seq > after_seq`.
+    async fn read_logs(&self, id: TaskId, after_seq: u64, limit: u32) -> Result<Vec<LogLine>>;
+    /// On start-up: every task left `Running` by a crash becomes `Failed` with the
+    /// reason "interrupted: the device restarted while it ran"; returns them.
+    async fn fail_interrupted(&self) -> Result<Vec<TaskId>>;
+}
+
+/// Opens the store a cocoon is configured with: `postgres://...`, `sqlite:PATH`, or
+/// by default `tasks.db` in `data_dir`. Runs migrations before returning.
+pub async fn open(database_url: Option<&str>, data_dir: &Path) -> Result<Arc<dyn TaskStore>> {
+    match database_url {
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            Ok(Arc::new(PgTaskStore::connect(url).await?))
+        }
+        Some(url) if url.starts_with("sqlite:") => {
+            let path = url
+                .trim_start_matches("sqlite://")
+                .trim_start_matches("sqlite:");
+            Ok(Arc::new(SqliteTaskStore::open(Path::new(path)).await?))
+        }
+        Some(_) => Err(StoreError::UnsupportedUrl),
+        None => Ok(Arc::new(
+            SqliteTaskStore::open(&data_dir.join("tasks.db")).await?,
+        )),
+    }
+}
+
+#[cfg(test)]
+mod conformance;
