@@ -7,6 +7,7 @@
 //! `watch` channel, so tests and `adi dev` can run cocoons in-process.
 
 pub mod identity;
+pub mod proxy;
 mod requests;
 pub mod runner;
 mod session;
@@ -26,7 +27,7 @@ pub use identity::IdentityError;
 use crate::runner::{Runner, RunnerConfig};
 
 /// Capabilities every cocoon serves itself, as `protocol:version`.
-pub const BUILTIN_CAPABILITIES: &[&str] = &["tasks:1.0.0"];
+pub const BUILTIN_CAPABILITIES: &[&str] = &["tasks:1.0.0", "proxy.http:1.0.0"];
 
 /// Everything a cocoon needs to run.
 #[derive(Debug, Clone)]

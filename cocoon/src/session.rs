@@ -27,6 +27,8 @@ const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 const SILENT_INTERVALS: u32 = 3;
 /// Answers waiting to be written; request handlers wait when it is full.
 const ANSWER_QUEUE: usize = 64;
+/// Body frames waiting to be written; stream senders wait when it is full.
+const FRAME_QUEUE: usize = 64;
 
 /// How one session ended.
 enum Outcome {
@@ -45,12 +47,17 @@ pub(crate) async fn run(
 ) -> Result<(), CocoonError> {
     let mut token = config.setup_token.clone();
     let mut attempt: u32 = 0;
+    let http = crate::proxy::client();
     loop {
         state.send_replace(ConnState::Connecting);
-        let outcome = session(
-            &config, &ws_url, &secret, &runner, &mut token, &state, &cancel,
-        )
-        .await;
+        let agent = Agent {
+            config: &config,
+            ws_url: &ws_url,
+            secret: &secret,
+            runner: &runner,
+            http: &http,
+        };
+        let outcome = session(&agent, &mut token, &state, &cancel).await;
         let reason = match outcome {
             Outcome::Cancelled => {
                 state.send_replace(ConnState::Stopped);
@@ -89,19 +96,35 @@ pub(crate) async fn run(
     }
 }
 
+/// What every session of one cocoon shares.
+struct Agent<'a> {
+    config: &'a CocoonConfig,
+    ws_url: &'a str,
+    secret: &'a DeviceSecret,
+    runner: &'a Arc<Runner>,
+    http: &'a reqwest::Client,
+}
+
 async fn session(
-    config: &CocoonConfig,
-    ws_url: &str,
-    secret: &DeviceSecret,
-    runner: &Arc<Runner>,
+    agent: &Agent<'_>,
     token: &mut Option<String>,
     state: &watch::Sender<ConnState>,
     cancel: &CancellationToken,
 ) -> Outcome {
+    let Agent {
+        config,
+        ws_url,
+        secret,
+        runner,
+        http,
+    } = *agent;
+    // Control frames are held to `max_frame_bytes` by the decoder; the socket must also
+    // let whole body frames through.
+    let socket_max = config.max_frame_bytes.max(adi_tunnel::MAX_FRAME);
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(16 * 1024)
-        .max_message_size(Some(config.max_frame_bytes))
-        .max_frame_size(Some(config.max_frame_bytes));
+        .max_message_size(Some(socket_max))
+        .max_frame_size(Some(socket_max));
     let connect = tokio_tungstenite::connect_async_with_config(ws_url, Some(ws_config), true);
     let mut ws = tokio::select! {
         _ = cancel.cancelled() => return Outcome::Cancelled,
@@ -138,7 +161,7 @@ async fn session(
             Message::Text(t) => match decode::<HubToDevice>(t.as_bytes(), config.max_frame_bytes) {
                 Ok(HubToDevice::Registered(r)) => r,
                 Ok(HubToDevice::Error { code, message }) => return Outcome::Refused(code, message),
-                Ok(HubToDevice::Request { .. }) => {
+                Ok(HubToDevice::Request { .. } | HubToDevice::ProxyRequest(_)) => {
                     return lost(false, "request before registration")
                 }
                 Err(e) => return lost(false, format!("bad registration answer: {e}")),
@@ -167,6 +190,9 @@ async fn session(
     // Answers of this session only: when it ends, late answers have nowhere to go,
     // so they can never reach a later connection that reuses request ids.
     let (answer_tx, mut answers) = mpsc::channel::<DeviceToHub>(ANSWER_QUEUE);
+    // Body streams of proxied requests, also per session.
+    let (frame_tx, mut frames) = mpsc::channel::<bytes::Bytes>(FRAME_QUEUE);
+    let streams = adi_tunnel::Streams::new(frame_tx);
     loop {
         tokio::select! {
             biased;
@@ -195,6 +221,12 @@ async fn session(
                     return lost(true, format!("sending heartbeat failed: {e}"));
                 }
             }
+            Some(frame) = frames.recv() => {
+                if let Err(e) = ws.send(Message::Binary(frame)).await {
+                    streams.close_all();
+                    return lost(true, format!("sending a body frame failed: {e}"));
+                }
+            }
             Some(answer) = answers.recv() => {
                 if let Err(e) = ws.send(Message::text(encode(&answer))).await {
                     return lost(true, format!("sending an answer failed: {e}"));
@@ -210,6 +242,16 @@ async fn session(
                         match decode::<HubToDevice>(t.as_bytes(), config.max_frame_bytes) {
                             Ok(HubToDevice::Error { code, message }) => warn!(%code, "hub reported an error: {message}"),
                             Ok(HubToDevice::Registered(_)) => warn!("unexpected second registration answer"),
+                            Ok(HubToDevice::ProxyRequest(request)) => {
+                                // Open the stream now, before reading on: its body frames follow.
+                                let (body_in, body_out) = streams.open(request.stream_id);
+                                let tx = answer_tx.clone();
+                                let client = http.clone();
+                                let services = config.services.clone();
+                                tokio::spawn(async move {
+                                    crate::proxy::serve(client, &services, request, body_in, body_out, tx).await;
+                                });
+                            }
                             Ok(HubToDevice::Request { request_id, request, .. }) => {
                                 let runner = runner.clone();
                                 let device_id = device_id.clone();
@@ -222,6 +264,10 @@ async fn session(
                             Err(e) => warn!("undecodable frame from hub: {e}"),
                         }
                     }
+                    Some(Ok(Message::Binary(b))) => match adi_tunnel::decode(b) {
+                        Ok(frame) => streams.on_frame(frame),
+                        Err(e) => warn!("bad body frame from hub: {e}"),
+                    },
                     Some(Ok(_)) => {}
                 }
             }

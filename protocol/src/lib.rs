@@ -28,6 +28,7 @@
 pub mod client;
 mod codec;
 mod error;
+pub mod http;
 mod ids;
 mod messages;
 pub mod tasks;
@@ -37,5 +38,6 @@ pub use error::ErrorCode;
 pub use ids::{DeviceId, DeviceSecret, InvalidId, SecretError, MIN_SECRET_LEN};
 pub use messages::{
     negotiate_version, DeviceReply, DeviceRequest, DeviceToHub, Heartbeat, HubToDevice, Outcome,
-    Register, Registered, RemoteError, ServiceInfo, PROTOCOL_VERSION, SUPPORTED_VERSIONS,
+    ProxyRequest, Register, Registered, RemoteError, ServiceInfo, PROTOCOL_VERSION,
+    SUPPORTED_VERSIONS,
 };

@@ -93,6 +93,25 @@ pub enum DeviceToHub {
         /// The full new list.
         services: Vec<ServiceInfo>,
     },
+    /// The head of the answer to a [`HubToDevice::ProxyRequest`]; the body follows on
+    /// the stream as binary frames.
+    ProxyResponse {
+        /// The stream of the request.
+        stream_id: u32,
+        /// HTTP status.
+        status: u16,
+        /// Response headers, hop-by-hop ones removed.
+        headers: Vec<(String, String)>,
+    },
+    /// A proxied request that got no response from the service.
+    ProxyError {
+        /// The stream of the request.
+        stream_id: u32,
+        /// Why (`not_found` service, `upstream_error` not listening, `timeout`, ...).
+        code: ErrorCode,
+        /// In words.
+        message: String,
+    },
     /// The answer to a [`HubToDevice::Request`], exactly one per request.
     Response {
         /// The request answered.
@@ -101,6 +120,23 @@ pub enum DeviceToHub {
         #[serde(flatten)]
         outcome: Outcome,
     },
+}
+
+/// An HTTP request for a device's service, as the hub forwards it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxyRequest {
+    /// Stream carrying both bodies.
+    pub stream_id: u32,
+    /// A service the device registered.
+    pub service: String,
+    /// HTTP method.
+    pub method: String,
+    /// Path and query, normalised, always starting with `/`.
+    pub target: String,
+    /// Request headers, hop-by-hop and hub credentials removed.
+    pub headers: Vec<(String, String)>,
+    /// Milliseconds the hub waits for the response head.
+    pub deadline_ms: u64,
 }
 
 /// A device's answer: `{"ok": ...}` or `{"error": {"code", "message"}}`.
@@ -210,6 +246,9 @@ pub enum HubToDevice {
         #[serde(flatten)]
         request: DeviceRequest,
     },
+    /// Forward an HTTP request to one of the device's loopback services. The request
+    /// body follows on `stream_id` as binary frames (an empty body is just an end frame).
+    ProxyRequest(ProxyRequest),
     /// Something the device sent was refused.
     Error {
         /// Machine-readable reason.

@@ -39,7 +39,12 @@ pub fn router(state: AppState) -> Router {
         .route("/api/cocoons/{id}/services", get(get_services))
         .route("/api/tokens", post(create_token))
         .route("/api/tokens/claim", post(claim_token))
+        .route(
+            "/api/auth/session",
+            post(open_session).delete(close_session),
+        )
         .merge(crate::task_routes::routes())
+        .merge(crate::proxy::routes())
         .route("/api/{*rest}", axum::routing::any(api_not_found))
         .merge(crate::install::routes())
         .with_state(state)
@@ -169,14 +174,37 @@ pub struct Caller {
     pub name: String,
 }
 
+/// Name of the web UI's session cookie (HttpOnly, SameSite=Strict): it carries the
+/// same JWT as the bearer header, so a browser tab can open proxied pages.
+pub const SESSION_COOKIE: &str = "adi_session";
+
+fn session_cookie(headers: &axum::http::HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .find_map(|c| {
+            c.strip_prefix(SESSION_COOKIE)
+                .and_then(|r| r.strip_prefix('='))
+        })
+        .map(str::to_owned)
+}
+
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let header = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "missing bearer token"))?;
+        let Some(header) = parts.headers.get(header::AUTHORIZATION) else {
+            let token = session_cookie(&parts.headers)
+                .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "missing bearer token"))?;
+            let claims = state.auth.verify(&token)?;
+            return Ok(Caller {
+                id: claims.sub,
+                name: claims.name,
+            });
+        };
         let token = header
             .to_str()
             .ok()
@@ -209,7 +237,9 @@ async fn api_not_found() -> ApiError {
 }
 
 async fn cocoon_ws(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
-    let max = state.config.max_frame_bytes;
+    // Control frames are held to `max_frame_bytes` by the decoder; the socket must also
+    // let whole body frames through.
+    let max = state.config.max_frame_bytes.max(adi_tunnel::MAX_FRAME);
     ws.read_buffer_size(state.config.ws_read_buffer_bytes)
         .max_message_size(max)
         .max_frame_size(max)
@@ -253,6 +283,54 @@ async fn auth_token(
             name: user.name,
         },
     }))
+}
+
+/// Signs a browser in: the same answer as the token exchange, plus the session cookie.
+async fn open_session(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    Json(req): Json<AuthRequest>,
+) -> Result<Response, ApiError> {
+    let user = auth::user_for_api_key(&state.catalog, &req.api_key).await?;
+    let (token, expires_at) = state.auth.issue(&user);
+    let secure = state
+        .config
+        .public_url
+        .as_deref()
+        .is_some_and(|u| u.starts_with("https://"))
+        || headers
+            .get("x-forwarded-proto")
+            .is_some_and(|v| v == "https");
+    let cookie = format!(
+        "{SESSION_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
+        state.config.jwt_ttl.as_secs(),
+        if secure { "; Secure" } else { "" }
+    );
+    let mut resp = Json(AuthResponse {
+        token,
+        expires_at,
+        user: UserView {
+            id: user.id,
+            name: user.name,
+        },
+    })
+    .into_response();
+    if let Ok(v) = header::HeaderValue::from_str(&cookie) {
+        resp.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    Ok(resp)
+}
+
+/// Signs a browser out: the cookie is cleared.
+async fn close_session() -> Response {
+    let mut resp = StatusCode::NO_CONTENT.into_response();
+    resp.headers_mut().insert(
+        header::SET_COOKIE,
+        header::HeaderValue::from_static(
+            "adi_session=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0",
+        ),
+    );
+    resp
 }
 
 /// A device as the API shows it: catalog configuration plus live presence.

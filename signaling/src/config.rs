@@ -27,6 +27,12 @@ pub struct HubConfig {
     /// Bytes of the read buffer of each cocoon socket. Control frames are small, so
     /// a small buffer keeps per-device memory low; larger frames still arrive whole.
     pub ws_read_buffer_bytes: usize,
+    /// How long a proxied request waits for the service's response head, unless the
+    /// request says otherwise.
+    pub proxy_timeout: Duration,
+    /// Largest proxied request body; `None` for no limit (bodies stream, so size costs
+    /// no memory).
+    pub proxy_max_body_bytes: Option<u64>,
 }
 
 impl Default for HubConfig {
@@ -40,6 +46,8 @@ impl Default for HubConfig {
             jwt_ttl: Duration::from_secs(3600),
             public_url: None,
             ws_read_buffer_bytes: 4096,
+            proxy_timeout: Duration::from_secs(30),
+            proxy_max_body_bytes: None,
         }
     }
 }

@@ -21,7 +21,7 @@ use tracing::{debug, info, warn, Instrument};
 use crate::auth::unix_now_i64;
 use crate::catalog::{CatalogError, DeviceConfig};
 use crate::registry::{ConnHandle, ConnId};
-use crate::rpc::{Call, RpcError};
+use crate::rpc::{Call, Command, ProxyCall, ProxyOpened, ResponseHead, RpcError};
 use crate::tokens::{self, TokenError};
 use crate::HubState;
 
@@ -31,6 +31,8 @@ const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 const OUTBOUND_QUEUE: usize = 32;
 /// Requests awaiting an answer from one device before new ones are refused.
 const MAX_IN_FLIGHT: usize = 1024;
+/// Body frames queued for the socket before stream senders wait.
+const FRAME_QUEUE: usize = 64;
 /// Heartbeat intervals of silence after which the hub drops a connection.
 const SILENT_INTERVALS: u32 = 3;
 
@@ -114,6 +116,9 @@ async fn run(state: Arc<HubState>, mut socket: WebSocket, conn_id: ConnId) {
         config: accepted.config,
         pending: HashMap::new(),
         next_request: 1,
+        streams: None,
+        heads: HashMap::new(),
+        next_stream: 1,
     };
     let end = conn.pump(&mut socket, rx, &cancel).await;
     state.registry.remove(&device_id, conn_id);
@@ -140,6 +145,7 @@ enum End {
 }
 
 type Reply = oneshot::Sender<Result<DeviceReply, RpcError>>;
+type HeadReply = oneshot::Sender<Result<ResponseHead, RpcError>>;
 
 struct Connection {
     state: Arc<HubState>,
@@ -149,47 +155,70 @@ struct Connection {
     /// fails every waiting caller with `Disconnected`.
     pending: HashMap<u64, Reply>,
     next_request: u64,
+    /// Body streams of proxied exchanges; made on the first one, since most devices
+    /// never carry a body and an idle connection should stay small.
+    streams: Option<adi_tunnel::Streams>,
+    /// Proxied requests waiting for their response head, by stream.
+    heads: HashMap<u32, HeadReply>,
+    next_stream: u32,
 }
 
 impl Connection {
     async fn pump(
         &mut self,
         socket: &mut WebSocket,
-        mut outbound: mpsc::Receiver<Call>,
+        mut outbound: mpsc::Receiver<Command>,
         cancel: &tokio_util::sync::CancellationToken,
     ) -> End {
         let heartbeat = self.state.config.heartbeat_interval;
         let mut stale_check = interval(heartbeat);
         stale_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut last_heard = Instant::now();
-        loop {
+        let mut frames: Option<mpsc::Receiver<bytes::Bytes>> = None;
+        let end = loop {
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => {
-                    return if self.state.shutdown.is_cancelled() {
+                    break if self.state.shutdown.is_cancelled() {
                         End::Send(close_code::RESTART, "hub restarting".into())
                     } else {
                         End::Send(close_code::POLICY, "replaced by a newer connection of this device".into())
                     };
                 }
-                Some(call) = outbound.recv() => {
-                    if let Some(frame) = self.start_call(call) {
+                Some(command) = outbound.recv() => {
+                    let frame = match command {
+                        Command::Request(call) => self.start_call(call),
+                        Command::Proxy(call) => self.start_proxy(call, &mut frames),
+                    };
+                    if let Some(frame) = frame {
                         if let Err(e) = socket.send(frame).await {
-                            return End::Closed(format!("send failed: {e}"));
+                            break End::Closed(format!("send failed: {e}"));
                         }
+                    }
+                }
+                Some(frame) = next_frame(&mut frames) => {
+                    if let Err(e) = socket.send(Message::Binary(frame)).await {
+                        break End::Closed(format!("send failed: {e}"));
                     }
                 }
                 frame = socket.recv() => {
                     last_heard = Instant::now();
                     match frame {
-                        None => return End::Closed("peer went away".into()),
-                        Some(Err(e)) => return classify_read_error(e, self.state.config.max_frame_bytes),
-                        Some(Ok(Message::Close(_))) => return End::Closed("peer closed".into()),
+                        None => break End::Closed("peer went away".into()),
+                        Some(Err(e)) => break classify_read_error(e, self.state.config.max_frame_bytes.max(adi_tunnel::MAX_FRAME)),
+                        Some(Ok(Message::Close(_))) => break End::Closed("peer closed".into()),
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                        Some(Ok(Message::Binary(b))) => {
+                            if let Some(reply) = self.body_frame(b) {
+                                if let Err(e) = socket.send(text(&reply)).await {
+                                    break End::Closed(format!("send failed: {e}"));
+                                }
+                            }
+                        }
                         Some(Ok(msg)) => {
                             if let Some(reply) = self.handle(&msg).await {
                                 if let Err(e) = socket.send(text(&reply)).await {
-                                    return End::Closed(format!("send failed: {e}"));
+                                    break End::Closed(format!("send failed: {e}"));
                                 }
                             }
                         }
@@ -198,11 +227,66 @@ impl Connection {
                 _ = stale_check.tick() => {
                     // Callers that gave up (deadline passed) need no answer.
                     self.pending.retain(|_, reply| !reply.is_closed());
+                    self.heads.retain(|_, reply| !reply.is_closed());
                     if last_heard.elapsed() > heartbeat * SILENT_INTERVALS {
-                        return End::Send(close_code::AWAY, "no heartbeat for 3 intervals".into());
+                        break End::Send(close_code::AWAY, "no heartbeat for 3 intervals".into());
                     }
                 }
             }
+        };
+        if let Some(streams) = &self.streams {
+            streams.close_all();
+        }
+        end
+    }
+
+    /// Opens a body stream pair and returns the request frame to send.
+    fn start_proxy(
+        &mut self,
+        call: ProxyCall,
+        frames: &mut Option<mpsc::Receiver<bytes::Bytes>>,
+    ) -> Option<Message> {
+        let streams = self.streams.get_or_insert_with(|| {
+            let (tx, rx) = mpsc::channel(FRAME_QUEUE);
+            *frames = Some(rx);
+            adi_tunnel::Streams::new(tx)
+        });
+        if self.heads.len() >= MAX_IN_FLIGHT {
+            // Dropping the reply tells the caller the device is unavailable.
+            return None;
+        }
+        let stream_id = self.next_stream;
+        self.next_stream = self.next_stream.wrapping_add(1).max(1);
+        let (response_body, request_body) = streams.open(stream_id);
+        let (head_tx, head_rx) = oneshot::channel();
+        self.heads.insert(stream_id, head_tx);
+        let mut request = call.request;
+        request.stream_id = stream_id;
+        let opened = ProxyOpened {
+            request_body,
+            response_body,
+            head: head_rx,
+        };
+        if call.reply.send(opened).is_err() {
+            self.heads.remove(&stream_id);
+            return None;
+        }
+        Some(text(&HubToDevice::ProxyRequest(request)))
+    }
+
+    /// Routes one binary (body) frame; returns an error reply if it is malformed.
+    fn body_frame(&mut self, bytes: bytes::Bytes) -> Option<HubToDevice> {
+        match adi_tunnel::decode(bytes) {
+            Ok(frame) => {
+                if let Some(streams) = &self.streams {
+                    streams.on_frame(frame);
+                }
+                None
+            }
+            Err(e) => Some(HubToDevice::Error {
+                code: ErrorCode::BadRequest,
+                message: e.to_string(),
+            }),
         }
     }
 
@@ -252,6 +336,29 @@ impl Connection {
                         });
                     }
                     None => debug!(request_id, "answer to a request nobody waits for"),
+                }
+                None
+            }
+            Ok(DeviceToHub::ProxyResponse {
+                stream_id,
+                status,
+                headers,
+            }) => {
+                if let Some(reply) = self.heads.remove(&stream_id) {
+                    let _ = reply.send(Ok(ResponseHead { status, headers }));
+                }
+                None
+            }
+            Ok(DeviceToHub::ProxyError {
+                stream_id,
+                code,
+                message,
+            }) => {
+                if let Some(reply) = self.heads.remove(&stream_id) {
+                    let _ = reply.send(Err(RpcError::Remote(adi_protocol::RemoteError {
+                        code,
+                        message,
+                    })));
                 }
                 None
             }
@@ -408,6 +515,13 @@ fn classify_read_error(e: axum::Error, max: usize) -> End {
         )
     } else {
         End::Closed(format!("read failed: {text}"))
+    }
+}
+
+async fn next_frame(frames: &mut Option<mpsc::Receiver<bytes::Bytes>>) -> Option<bytes::Bytes> {
+    match frames {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

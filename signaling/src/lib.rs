@@ -19,6 +19,7 @@ mod connection;
 pub mod credential;
 pub mod identity;
 mod install;
+mod proxy;
 pub mod registry;
 pub mod rpc;
 mod task_routes;
@@ -164,9 +165,12 @@ pub async fn spawn(config: HubConfig) -> Result<HubHandle, HubError> {
     let app = api::router(state.clone());
     let shutdown = state.shutdown.clone();
     let task = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
     });
     tracing::info!(%addr, "hub listening");
     Ok(HubHandle { addr, state, task })

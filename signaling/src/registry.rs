@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::rpc::Call;
+use crate::rpc::Command;
 
 /// Identifies one WebSocket connection, so a stale one can be told from its successor.
 pub type ConnId = u64;
@@ -24,7 +24,7 @@ pub type ConnId = u64;
 pub struct ConnHandle {
     /// Requests for the device. Bounded: a full queue means the device is not keeping
     /// up, and callers get `Busy` rather than growing the hub's memory.
-    pub outbound: mpsc::Sender<Call>,
+    pub outbound: mpsc::Sender<Command>,
     /// Ends the connection's actor.
     pub cancel: CancellationToken,
 }
@@ -158,7 +158,7 @@ impl Registry {
 mod tests {
     use super::*;
 
-    fn handle() -> (ConnHandle, mpsc::Receiver<Call>) {
+    fn handle() -> (ConnHandle, mpsc::Receiver<Command>) {
         let (tx, rx) = mpsc::channel(1);
         (
             ConnHandle {

@@ -5,10 +5,56 @@
 
 use std::time::Duration;
 
-use adi_protocol::{DeviceId, DeviceReply, DeviceRequest, ErrorCode, RemoteError};
+use adi_protocol::{DeviceId, DeviceReply, DeviceRequest, ErrorCode, ProxyRequest, RemoteError};
+use adi_tunnel::{BodyReceiver, BodySender};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::HubState;
+
+/// What callers hand to a connection actor.
+#[derive(Debug)]
+pub enum Command {
+    /// Ask the device something and wait for one answer.
+    Request(Call),
+    /// Open a proxied HTTP exchange with a body stream each way.
+    Proxy(ProxyCall),
+}
+
+/// An HTTP request for one of the device's services.
+#[derive(Debug)]
+pub struct ProxyCall {
+    /// The request head; the actor fills in the stream id.
+    pub request: ProxyRequest,
+    /// Where the opened exchange goes.
+    pub reply: oneshot::Sender<ProxyOpened>,
+}
+
+/// A proxied exchange in flight: send the request body, await the head, read the body.
+pub struct ProxyOpened {
+    /// Request body to the device.
+    pub request_body: BodySender,
+    /// Response body from the device.
+    pub response_body: BodyReceiver,
+    /// The response head, or why there is none.
+    pub head: oneshot::Receiver<Result<ResponseHead, RpcError>>,
+}
+
+impl std::fmt::Debug for ProxyOpened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyOpened")
+            .field("stream", &self.request_body.id())
+            .finish()
+    }
+}
+
+/// Status and headers of a proxied response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseHead {
+    /// HTTP status.
+    pub status: u16,
+    /// Headers.
+    pub headers: Vec<(String, String)>,
+}
 
 /// A request handed to a connection actor.
 #[derive(Debug)]
@@ -67,13 +113,34 @@ pub async fn request(
         deadline,
         reply: tx,
     };
-    handle.outbound.try_send(call).map_err(|e| match e {
-        mpsc::error::TrySendError::Full(_) => RpcError::Busy,
-        mpsc::error::TrySendError::Closed(_) => RpcError::Offline,
-    })?;
+    handle
+        .outbound
+        .try_send(Command::Request(call))
+        .map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => RpcError::Busy,
+            mpsc::error::TrySendError::Closed(_) => RpcError::Offline,
+        })?;
     match tokio::time::timeout(deadline, rx).await {
         Err(_) => Err(RpcError::Timeout(deadline)),
         Ok(Err(_)) => Err(RpcError::Disconnected),
         Ok(Ok(answer)) => answer,
     }
+}
+
+/// Opens a proxied HTTP exchange with `device`.
+pub async fn open_proxy(
+    state: &HubState,
+    device: &DeviceId,
+    request: ProxyRequest,
+) -> Result<ProxyOpened, RpcError> {
+    let handle = state.registry.handle(device).ok_or(RpcError::Offline)?;
+    let (tx, rx) = oneshot::channel();
+    handle
+        .outbound
+        .try_send(Command::Proxy(ProxyCall { request, reply: tx }))
+        .map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => RpcError::Busy,
+            mpsc::error::TrySendError::Closed(_) => RpcError::Offline,
+        })?;
+    rx.await.map_err(|_| RpcError::Disconnected)
 }

@@ -65,6 +65,13 @@ pub struct ServeArgs {
     /// URL users reach this hub at, for the install script (default: the request's Host).
     #[arg(long, env = "ADI_PUBLIC_URL")]
     public_url: Option<String>,
+    /// How long a proxied request waits for the service's response head (a request
+    /// may set its own with the x-adi-timeout-ms header).
+    #[arg(long, env = "ADI_PROXY_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    proxy_timeout: Duration,
+    /// Largest proxied request body in bytes (default: no limit; bodies stream).
+    #[arg(long, env = "ADI_PROXY_MAX_BODY_BYTES")]
+    proxy_max_body_bytes: Option<u64>,
 }
 
 #[derive(Args)]
@@ -91,6 +98,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
         max_frame_bytes: args.max_frame_bytes,
         jwt_ttl: args.jwt_ttl,
         public_url: args.public_url,
+        proxy_timeout: args.proxy_timeout,
+        proxy_max_body_bytes: args.proxy_max_body_bytes,
         ..HubConfig::default()
     };
     let hub = adi_signaling::spawn(config)

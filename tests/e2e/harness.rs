@@ -159,9 +159,14 @@ pub struct Hub {
 impl Hub {
     /// A hub on SQLite in a fresh temp dir, on a free port.
     pub async fn start() -> Result<Self> {
+        Self::start_with(&[]).await
+    }
+
+    /// A hub on SQLite with extra `serve` flags.
+    pub async fn start_with(extra: &[&str]) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let data_dir = dir.path().join("hub");
-        let mut hub = Self::launch(&data_dir, None, 0).await?;
+        let mut hub = Self::launch_with(&data_dir, None, 0, extra).await?;
         hub._dir = Some(dir);
         Ok(hub)
     }
@@ -176,14 +181,27 @@ impl Hub {
     }
 
     async fn launch(data_dir: &Path, database_url: Option<String>, port: u16) -> Result<Self> {
+        Self::launch_with(data_dir, database_url, port, &[]).await
+    }
+
+    async fn launch_with(
+        data_dir: &Path,
+        database_url: Option<String>,
+        port: u16,
+        extra: &[&str],
+    ) -> Result<Self> {
         let mut cmd = Command::new(ADI);
         cmd.args(["signaling", "serve", "--listen"])
             .arg(format!("127.0.0.1:{port}"))
             .arg("--data-dir")
             .arg(data_dir)
+            .args(extra)
             .arg("--heartbeat-interval")
             .arg(humantime::format_duration(HEARTBEAT).to_string())
-            .env("RUST_LOG", "info");
+            .env(
+                "RUST_LOG",
+                std::env::var("ADI_TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            );
         if let Some(url) = &database_url {
             cmd.arg("--database-url").arg(url);
         }
@@ -214,8 +232,8 @@ impl Hub {
     /// Stops this hub (SIGTERM) and starts a new process on the same port and catalog.
     pub async fn restart(&mut self) -> Result<()> {
         self.proc.terminate().await?;
-        let next = Self::launch(&self.data_dir, self.database_url.clone(), self.port).await?;
-        self.proc = next.proc;
+        let mut next = Self::launch(&self.data_dir, self.database_url.clone(), self.port).await?;
+        std::mem::swap(&mut self.proc, &mut next.proc);
         Ok(())
     }
 
@@ -460,5 +478,37 @@ pub async fn drop_postgres(url: &str) {
         let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
             .execute(&mut conn)
             .await;
+    }
+}
+
+/// With `ADI_TEST_LOGS=1`, every hub and cocoon prints what it logged when it is
+/// dropped, to see inside a failing test.
+fn dump_logs(what: &str, proc: &mut Proc) {
+    if std::env::var_os("ADI_TEST_LOGS").is_some() || std::thread::panicking() {
+        std::thread::sleep(Duration::from_millis(100));
+        if let Some(secs) = std::env::var("ADI_TEST_HOLD_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+        {
+            eprintln!("----- holding {what} pid {} for {secs} s -----", proc.pid());
+            std::thread::sleep(Duration::from_secs(secs));
+        }
+        let status = proc.child.try_wait().ok().flatten();
+        eprintln!(
+            "----- {what} output (exit: {status:?}) -----\n{}",
+            proc.output()
+        );
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        dump_logs("hub", &mut self.proc);
+    }
+}
+
+impl Drop for Cocoon {
+    fn drop(&mut self) {
+        dump_logs("cocoon", &mut self.proc);
     }
 }

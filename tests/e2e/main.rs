@@ -8,5 +8,6 @@ mod enrolment;
 mod harness;
 mod install;
 mod presence;
+mod proxy;
 mod tasks;
 mod wire;

@@ -1,0 +1,323 @@
+//! `ANY /proxy/{device}/{service}/{path...}`: an owner reaches a service on a device's
+//! loopback as if it were local. The request head goes to the device as a control
+//! message, both bodies stream as binary frames with flow control, and the hub keeps at
+//! most a window of each body in memory, whatever its size.
+//!
+//! The hub checks ownership and that the service is one the device registered; the
+//! device connects only to `127.0.0.1:<registered port>`. Hop-by-hop headers and the
+//! hub's own credentials never reach the service.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use adi_protocol::http::{is_hop_by_hop, normalize_target};
+use adi_protocol::{ErrorCode, ProxyRequest};
+use adi_tunnel::BodyReceiver;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use axum::Router;
+use futures_util::StreamExt;
+use tokio::sync::oneshot;
+use tracing::{debug, Instrument};
+
+use crate::api::{owned_device, ApiError, Caller, SESSION_COOKIE};
+use crate::rpc::{self, RpcError};
+use crate::HubState;
+
+type AppState = Arc<HubState>;
+
+/// Request header that shortens or lengthens the wait for the response head.
+pub const TIMEOUT_HEADER: &str = "x-adi-timeout-ms";
+
+pub(crate) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/proxy/{device}/{service}", any(proxy))
+        .route("/proxy/{device}/{service}/", any(proxy))
+        .route("/proxy/{device}/{service}/{*rest}", any(proxy))
+}
+
+/// Splits `/proxy/{device}/{service}{target}` keeping the target's encoding as sent.
+fn split_uri(path_and_query: &str) -> Option<(&str, &str, String)> {
+    let rest = path_and_query.strip_prefix("/proxy/")?;
+    let (device, rest) = rest.split_once('/')?;
+    let (service, target) = match rest.find(['/', '?']) {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    Some((device, service, normalize_target(target)))
+}
+
+async fn proxy(
+    State(state): State<AppState>,
+    caller: Caller,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let path_and_query = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
+    let (device_id, service, target) = split_uri(&path_and_query)
+        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no such service"))?;
+    let device = owned_device(&state, &caller, device_id).await?;
+    if !device.services.iter().any(|s| s.name == service) {
+        return Err(ApiError::new(
+            ErrorCode::NotFound,
+            "no such service on this device",
+        ));
+    }
+    let span =
+        tracing::info_span!("proxy", device_id = %device.id, service, method = %req.method());
+    let max_body = state.config.proxy_max_body_bytes;
+    if let (Some(max), Some(len)) = (max_body, content_length(req.headers())) {
+        if len > max {
+            return Err(too_large(max));
+        }
+    }
+    let deadline = deadline(&state, req.headers())?;
+    let prefix = format!("/proxy/{}/{}", device.id, service);
+    let head = ProxyRequest {
+        stream_id: 0,
+        service: service.to_owned(),
+        method: req.method().as_str().to_owned(),
+        target,
+        headers: forward_headers(req.headers(), peer, &prefix),
+        deadline_ms: u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX),
+    };
+    let opened = rpc::open_proxy(&state, &device.id, head).await?;
+    let (too_large_tx, too_large_rx) = oneshot::channel();
+    let mut request_body = opened.request_body;
+    let body = req.into_body();
+    tokio::spawn(
+        async move {
+            let mut stream = body.into_data_stream();
+            let mut sent: u64 = 0;
+            while let Some(chunk) = stream.next().await {
+                let chunk = match chunk {
+                    Ok(c) => c,
+                    Err(e) => {
+                        request_body
+                            .reset(&format!("client body failed: {e}"))
+                            .await;
+                        return;
+                    }
+                };
+                sent += chunk.len() as u64;
+                if max_body.is_some_and(|max| sent > max) {
+                    let _ = too_large_tx.send(());
+                    request_body.reset("request body exceeds the limit").await;
+                    return;
+                }
+                if request_body.send(chunk).await.is_err() {
+                    return;
+                }
+            }
+            let _ = request_body.finish().await;
+        }
+        .instrument(span.clone()),
+    );
+    let head = tokio::select! {
+        head = tokio::time::timeout(deadline, opened.head) => match head {
+            Err(_) => return Err(RpcError::Timeout(deadline).into()),
+            Ok(Err(_)) => return Err(RpcError::Disconnected.into()),
+            Ok(Ok(Err(e))) => return Err(e.into()),
+            Ok(Ok(Ok(head))) => head,
+        },
+        Ok(()) = too_large_rx => return Err(too_large(max_body.unwrap_or(0))),
+    };
+    debug!(parent: &span, status = head.status, "proxied response");
+    let mut resp = Response::new(body_from(opened.response_body));
+    *resp.status_mut() = StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let connection = header_value(&head.headers, "connection");
+    let headers = resp.headers_mut();
+    for (name, value) in &head.headers {
+        if is_hop_by_hop(name, connection.as_deref()) {
+            continue;
+        }
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::try_from(name.as_str()),
+            HeaderValue::try_from(value.as_str()),
+        ) {
+            headers.append(n, v);
+        }
+    }
+    Ok(resp)
+}
+
+fn too_large(max: u64) -> ApiError {
+    ApiError::new(
+        ErrorCode::PayloadTooLarge,
+        format!("request body exceeds the limit of {max} bytes"),
+    )
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn deadline(state: &HubState, headers: &HeaderMap) -> Result<Duration, ApiError> {
+    match headers.get(TIMEOUT_HEADER) {
+        None => Ok(state.config.proxy_timeout),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .filter(|ms| (1..=3_600_000).contains(ms))
+            .map(Duration::from_millis)
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::BadRequest,
+                    format!("{TIMEOUT_HEADER} must be 1 to 3600000 milliseconds"),
+                )
+            }),
+    }
+}
+
+fn header_value(headers: &[(String, String)], name: &str) -> Option<String> {
+    headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.clone())
+}
+
+/// The request headers the service sees: hop-by-hop ones, the hub's credentials and
+/// the hub's own control headers removed; `X-Forwarded-*` added.
+fn forward_headers(headers: &HeaderMap, peer: SocketAddr, prefix: &str) -> Vec<(String, String)> {
+    let connection = headers
+        .get(header::CONNECTION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let mut out = Vec::with_capacity(headers.len() + 4);
+    let mut forwarded_for = None;
+    for (name, value) in headers {
+        let n = name.as_str();
+        if is_hop_by_hop(n, connection.as_deref())
+            || n == "authorization"
+            || n == "host"
+            || n == TIMEOUT_HEADER
+            || n.starts_with("x-forwarded-")
+        {
+            if n == "x-forwarded-for" {
+                forwarded_for = value.to_str().ok().map(str::to_owned);
+            }
+            continue;
+        }
+        let Ok(v) = value.to_str() else { continue };
+        if n == "cookie" {
+            let kept: Vec<&str> = v
+                .split(';')
+                .map(str::trim)
+                .filter(|c| !c.starts_with(&format!("{SESSION_COOKIE}=")))
+                .collect();
+            if !kept.is_empty() {
+                out.push(("cookie".to_owned(), kept.join("; ")));
+            }
+            continue;
+        }
+        out.push((n.to_owned(), v.to_owned()));
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let ip = peer.ip().to_string();
+    out.push((
+        "x-forwarded-for".to_owned(),
+        match forwarded_for {
+            Some(prev) => format!("{prev}, {ip}"),
+            None => ip,
+        },
+    ));
+    out.push(("x-forwarded-host".to_owned(), host.to_owned()));
+    out.push(("x-forwarded-proto".to_owned(), "http".to_owned()));
+    out.push(("x-forwarded-prefix".to_owned(), prefix.to_owned()));
+    out
+}
+
+/// The response body as the client reads it; dropping it (the client went away)
+/// resets the stream, which cancels the request on the device.
+fn body_from(receiver: BodyReceiver) -> Body {
+    let stream = futures_util::stream::unfold(receiver, |mut rx| async move {
+        match rx.recv().await {
+            None => None,
+            Some(Ok(chunk)) => Some((Ok(chunk), rx)),
+            Some(Err(e)) => Some((Err(std::io::Error::other(e)), rx)),
+        }
+    });
+    Body::from_stream(stream)
+}
+
+impl IntoResponse for RpcError {
+    fn into_response(self) -> Response {
+        ApiError::from(self).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris_split_into_device_service_and_normalized_target() {
+        assert_eq!(
+            split_uri("/proxy/dev/grafana/api/x?y=1"),
+            Some(("dev", "grafana", "/api/x?y=1".to_owned()))
+        );
+        assert_eq!(
+            split_uri("/proxy/dev/grafana"),
+            Some(("dev", "grafana", "/".to_owned()))
+        );
+        assert_eq!(
+            split_uri("/proxy/dev/grafana?x=1"),
+            Some(("dev", "grafana", "/?x=1".to_owned()))
+        );
+        assert_eq!(
+            split_uri("/proxy/dev/grafana/../../other/secret"),
+            Some(("dev", "grafana", "/other/secret".to_owned()))
+        );
+        assert_eq!(split_uri("/proxy/dev"), None);
+    }
+
+    #[test]
+    fn credentials_and_hop_by_hop_headers_do_not_reach_the_service() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "authorization",
+            HeaderValue::from_static("Bearer secret-jwt"),
+        );
+        h.insert(
+            "cookie",
+            HeaderValue::from_static("adi_session=jwt; theme=dark"),
+        );
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-drop-me"),
+        );
+        h.insert("x-drop-me", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("host", HeaderValue::from_static("hub:8080"));
+        h.insert("x-adi-timeout-ms", HeaderValue::from_static("100"));
+        h.insert("accept", HeaderValue::from_static("text/html"));
+        let out = forward_headers(&h, SocketAddr::from(([10, 0, 0, 9], 5555)), "/proxy/d/s");
+        let get = |n: &str| out.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
+        assert_eq!(get("authorization"), None);
+        assert_eq!(get("cookie"), Some("theme=dark"));
+        assert_eq!(get("x-drop-me"), None);
+        assert_eq!(get("keep-alive"), None);
+        assert_eq!(get("connection"), None);
+        assert_eq!(get("host"), None);
+        assert_eq!(get("x-adi-timeout-ms"), None);
+        assert_eq!(get("accept"), Some("text/html"));
+        assert_eq!(get("x-forwarded-for"), Some("10.0.0.9"));
+        assert_eq!(get("x-forwarded-host"), Some("hub:8080"));
+        assert_eq!(get("x-forwarded-prefix"), Some("/proxy/d/s"));
+    }
+}

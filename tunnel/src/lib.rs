@@ -1,0 +1,591 @@
+//! Byte streams multiplexed over one WebSocket, with per-stream credit flow control.
+//!
+//! Bodies (proxied HTTP requests and responses) travel as binary frames:
+//! `[kind: u8][stream id: u32 big-endian][payload]`. A sender may have at most
+//! [`INITIAL_WINDOW`] data frames of a stream unacknowledged; the receiver returns credit
+//! with `WINDOW` frames as its consumer takes chunks. So one stream whose consumer is slow
+//! stops only itself — the connection keeps carrying every other stream — and each side
+//! buffers at most `INITIAL_WINDOW × MAX_CHUNK` bytes per stream, whatever the body size.
+//!
+//! This crate owns the framing and the stream table; it never touches a socket. The
+//! connection's owner feeds it inbound binary frames ([`Streams::on_frame`]) and writes
+//! the frames it produces (the `outbound` channel given to [`Streams::new`]).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::sync::{mpsc, Semaphore};
+
+/// Largest payload of one data frame.
+pub const MAX_CHUNK: usize = 64 * 1024;
+/// Data frames a sender may have in flight per stream before it waits for credit.
+pub const INITIAL_WINDOW: u32 = 16;
+/// Credit is returned in batches of this many frames, to keep WINDOW frames rare.
+const CREDIT_BATCH: u32 = INITIAL_WINDOW / 4;
+/// Bytes of the frame header.
+const HEADER: usize = 5;
+/// Largest binary frame this crate produces: a WebSocket carrying streams must accept
+/// messages of at least this size, whatever its limit on control messages.
+pub const MAX_FRAME: usize = MAX_CHUNK + HEADER;
+
+/// What a binary frame carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A chunk of the body.
+    Data = 0,
+    /// The body is complete.
+    End = 1,
+    /// The sender abandoned its body; the payload is the reason in UTF-8. The other
+    /// direction of the stream is not affected.
+    Reset = 2,
+    /// The receiver consumed frames; the payload is the count as a big-endian u32.
+    Window = 3,
+    /// The receiver stopped reading (its consumer went away): the sender should stop.
+    /// The other direction of the stream is not affected.
+    Stop = 4,
+}
+
+/// A decoded binary frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// What it carries.
+    pub kind: Kind,
+    /// Which stream.
+    pub stream: u32,
+    /// The bytes after the header.
+    pub payload: Bytes,
+}
+
+/// A binary frame that is not of this format.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// Shorter than a header.
+    #[error("binary frame of {0} bytes is shorter than its 5-byte header")]
+    Short(usize),
+    /// Unknown kind byte.
+    #[error("binary frame has unknown kind {0}")]
+    Kind(u8),
+    /// Payload bigger than a chunk.
+    #[error("binary frame payload of {0} bytes exceeds {MAX_CHUNK}")]
+    TooLarge(usize),
+    /// A window frame without a 4-byte count.
+    #[error("window frame must carry a 4-byte count")]
+    Window,
+}
+
+/// Encodes one frame.
+pub fn encode(kind: Kind, stream: u32, payload: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(HEADER + payload.len());
+    b.put_u8(kind as u8);
+    b.put_u32(stream);
+    b.put_slice(payload);
+    b.freeze()
+}
+
+/// Decodes one frame; never panics on arbitrary bytes.
+pub fn decode(frame: Bytes) -> Result<Frame, FrameError> {
+    if frame.len() < HEADER {
+        return Err(FrameError::Short(frame.len()));
+    }
+    let kind = match frame[0] {
+        0 => Kind::Data,
+        1 => Kind::End,
+        2 => Kind::Reset,
+        3 => Kind::Window,
+        4 => Kind::Stop,
+        k => return Err(FrameError::Kind(k)),
+    };
+    let stream = u32::from_be_bytes([frame[1], frame[2], frame[3], frame[4]]);
+    let payload = frame.slice(HEADER..);
+    if payload.len() > MAX_CHUNK {
+        return Err(FrameError::TooLarge(payload.len()));
+    }
+    if kind == Kind::Window && payload.len() != 4 {
+        return Err(FrameError::Window);
+    }
+    Ok(Frame {
+        kind,
+        stream,
+        payload,
+    })
+}
+
+/// Why a stream ended early.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StreamError {
+    /// The peer abandoned the stream.
+    #[error("stream reset by peer: {0}")]
+    Reset(String),
+    /// The connection carrying the stream ended.
+    #[error("the connection carrying the stream closed")]
+    ConnectionClosed,
+    /// The peer sent more than its credit allowed.
+    #[error("the peer overran its flow-control window")]
+    Overrun,
+}
+
+struct Slot {
+    incoming: Option<mpsc::Sender<Result<Bytes, StreamError>>>,
+    credit: Arc<Semaphore>,
+    sending: bool,
+}
+
+struct Inner {
+    slots: Mutex<HashMap<u32, Slot>>,
+    outbound: mpsc::Sender<Bytes>,
+}
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Slot>> {
+        // A panic while holding this lock leaves plain data behind; keep using it.
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Forgets a stream once neither direction uses it any more.
+    fn retire(&self, id: u32, receiving_done: bool, sending_done: bool) {
+        let mut slots = self.lock();
+        if let Some(slot) = slots.get_mut(&id) {
+            if receiving_done {
+                slot.incoming = None;
+            }
+            if sending_done {
+                slot.sending = false;
+            }
+            if slot.incoming.is_none() && !slot.sending {
+                slots.remove(&id);
+            }
+        }
+    }
+}
+
+/// The open streams of one connection.
+#[derive(Clone)]
+pub struct Streams {
+    inner: Arc<Inner>,
+}
+
+impl Streams {
+    /// A table whose frames go to `outbound`, to be written on the socket as binary
+    /// frames. Bounded: writers wait when the socket does not keep up.
+    pub fn new(outbound: mpsc::Sender<Bytes>) -> Self {
+        Streams {
+            inner: Arc::new(Inner {
+                slots: Mutex::new(HashMap::new()),
+                outbound,
+            }),
+        }
+    }
+
+    /// Opens stream `id` in both directions. Opening an id that is still open
+    /// replaces it; callers allocate fresh ids.
+    pub fn open(&self, id: u32) -> (BodyReceiver, BodySender) {
+        let (tx, rx) = mpsc::channel(INITIAL_WINDOW as usize + 2);
+        let credit = Arc::new(Semaphore::new(INITIAL_WINDOW as usize));
+        self.inner.lock().insert(
+            id,
+            Slot {
+                incoming: Some(tx),
+                credit: credit.clone(),
+                sending: true,
+            },
+        );
+        (
+            BodyReceiver {
+                id,
+                rx,
+                inner: self.inner.clone(),
+                consumed: 0,
+                done: false,
+            },
+            BodySender {
+                id,
+                credit,
+                inner: self.inner.clone(),
+                done: false,
+            },
+        )
+    }
+
+    /// Number of open streams.
+    pub fn len(&self) -> usize {
+        self.inner.lock().len()
+    }
+
+    /// Whether no stream is open.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Routes one inbound frame. Frames of unknown streams are ignored (they belong to
+    /// streams already finished on this side). Never blocks.
+    pub fn on_frame(&self, frame: Frame) {
+        let mut slots = self.inner.lock();
+        let Some(slot) = slots.get_mut(&frame.stream) else {
+            return;
+        };
+        match frame.kind {
+            Kind::Data => {
+                if let Some(tx) = &slot.incoming {
+                    if tx.try_send(Ok(frame.payload)).is_err() {
+                        // Either the peer ignored its credit or our consumer is gone.
+                        let _ = tx.try_send(Err(StreamError::Overrun));
+                        slot.incoming = None;
+                        let _ = self.inner.outbound.try_send(encode(
+                            Kind::Stop,
+                            frame.stream,
+                            b"flow-control window overrun",
+                        ));
+                    }
+                }
+            }
+            Kind::End => {
+                slot.incoming = None;
+            }
+            Kind::Reset => {
+                let reason = String::from_utf8_lossy(&frame.payload).into_owned();
+                if let Some(tx) = slot.incoming.take() {
+                    let _ = tx.try_send(Err(StreamError::Reset(reason)));
+                }
+            }
+            Kind::Stop => {
+                slot.credit.close();
+                slot.sending = false;
+            }
+            Kind::Window => {
+                let n = u32::from_be_bytes([
+                    frame.payload[0],
+                    frame.payload[1],
+                    frame.payload[2],
+                    frame.payload[3],
+                ]);
+                let room = Semaphore::MAX_PERMITS.saturating_sub(slot.credit.available_permits());
+                slot.credit.add_permits((n as usize).min(room));
+            }
+        }
+        if slot.incoming.is_none() && !slot.sending {
+            slots.remove(&frame.stream);
+        }
+    }
+
+    /// Ends every stream: the connection is gone.
+    pub fn close_all(&self) {
+        let mut slots = self.inner.lock();
+        for (_, slot) in slots.drain() {
+            if let Some(tx) = slot.incoming {
+                let _ = tx.try_send(Err(StreamError::ConnectionClosed));
+            }
+            slot.credit.close();
+        }
+    }
+}
+
+/// The receiving half of a stream: chunks in order, then `None` at the end.
+pub struct BodyReceiver {
+    id: u32,
+    rx: mpsc::Receiver<Result<Bytes, StreamError>>,
+    inner: Arc<Inner>,
+    consumed: u32,
+    done: bool,
+}
+
+impl BodyReceiver {
+    /// The next chunk; `None` once the peer ended the body. Returns credit to the
+    /// peer as chunks are taken.
+    pub async fn recv(&mut self) -> Option<Result<Bytes, StreamError>> {
+        let item = self.rx.recv().await;
+        match &item {
+            Some(Ok(_)) => {
+                self.consumed += 1;
+                if self.consumed >= CREDIT_BATCH {
+                    let n = std::mem::take(&mut self.consumed);
+                    let _ = self
+                        .inner
+                        .outbound
+                        .send(encode(Kind::Window, self.id, &n.to_be_bytes()))
+                        .await;
+                }
+            }
+            Some(Err(_)) | None => {
+                self.done = true;
+                self.inner.retire(self.id, true, false);
+            }
+        }
+        item
+    }
+
+    /// The stream id.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+}
+
+impl Drop for BodyReceiver {
+    fn drop(&mut self) {
+        if !self.done {
+            // Nobody reads this body any more (the client went away, or it read all
+            // it wanted): tell the peer to stop sending.
+            let _ =
+                self.inner
+                    .outbound
+                    .try_send(encode(Kind::Stop, self.id, b"receiver went away"));
+            self.inner.retire(self.id, true, false);
+        }
+    }
+}
+
+/// The sending half of a stream.
+pub struct BodySender {
+    id: u32,
+    credit: Arc<Semaphore>,
+    inner: Arc<Inner>,
+    done: bool,
+}
+
+impl BodySender {
+    /// Sends a chunk (split into frames of at most [`MAX_CHUNK`]), waiting for credit
+    /// and for room on the connection. Fails once the peer stopped reading.
+    pub async fn send(&mut self, mut chunk: Bytes) -> Result<(), StreamError> {
+        while !chunk.is_empty() {
+            let piece = chunk.split_to(chunk.len().min(MAX_CHUNK));
+            let permit = self
+                .credit
+                .acquire()
+                .await
+                .map_err(|_| StreamError::Reset("stream closed".into()))?;
+            permit.forget();
+            self.inner
+                .outbound
+                .send(encode(Kind::Data, self.id, &piece))
+                .await
+                .map_err(|_| StreamError::ConnectionClosed)?;
+        }
+        Ok(())
+    }
+
+    /// Ends the body.
+    pub async fn finish(mut self) -> Result<(), StreamError> {
+        self.done = true;
+        self.inner.retire(self.id, false, true);
+        if self.credit.is_closed() {
+            return Err(StreamError::Reset("stream closed".into()));
+        }
+        self.inner
+            .outbound
+            .send(encode(Kind::End, self.id, &[]))
+            .await
+            .map_err(|_| StreamError::ConnectionClosed)
+    }
+
+    /// Abandons this body, telling the peer why; the peer's reader gets an error.
+    pub async fn reset(mut self, reason: &str) {
+        self.done = true;
+        self.inner.retire(self.id, false, true);
+        let _ = self
+            .inner
+            .outbound
+            .send(encode(Kind::Reset, self.id, reason.as_bytes()))
+            .await;
+    }
+
+    /// The stream id.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+}
+
+impl Drop for BodySender {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self
+                .inner
+                .outbound
+                .try_send(encode(Kind::Reset, self.id, b"sender went away"));
+            self.inner.retire(self.id, false, true);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Two tables wired back to back, as the hub and a cocoon would be.
+    fn pair() -> (Streams, Streams, tokio::task::JoinHandle<()>) {
+        let (a_out, mut a_rx) = mpsc::channel::<Bytes>(64);
+        let (b_out, mut b_rx) = mpsc::channel::<Bytes>(64);
+        let a = Streams::new(a_out);
+        let b = Streams::new(b_out);
+        let (a2, b2) = (a.clone(), b.clone());
+        let wire = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    Some(f) = a_rx.recv() => b2.on_frame(decode(f).expect("valid frame")),
+                    Some(f) = b_rx.recv() => a2.on_frame(decode(f).expect("valid frame")),
+                    else => break,
+                }
+            }
+        });
+        (a, b, wire)
+    }
+
+    #[test]
+    fn frames_round_trip_and_garbage_is_refused() {
+        let f = encode(Kind::Data, 7, b"hello");
+        let d = decode(f).expect("decodes");
+        assert_eq!(
+            (d.kind, d.stream, &d.payload[..]),
+            (Kind::Data, 7, &b"hello"[..])
+        );
+        assert_eq!(
+            decode(Bytes::from_static(b"\x00\x00")),
+            Err(FrameError::Short(2))
+        );
+        assert_eq!(
+            decode(Bytes::from_static(b"\x09\x00\x00\x00\x01")),
+            Err(FrameError::Kind(9))
+        );
+        assert_eq!(
+            decode(encode(Kind::Window, 1, b"\x01")),
+            Err(FrameError::Window)
+        );
+        let big = vec![0u8; MAX_CHUNK + 1];
+        assert!(matches!(
+            decode(encode(Kind::Data, 1, &big)),
+            Err(FrameError::TooLarge(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_large_body_crosses_in_order_within_the_window() {
+        let (a, b, _wire) = pair();
+        let (_a_rx, mut a_tx) = a.open(1);
+        let (mut b_rx, _b_tx) = b.open(1);
+        let total = 10 * 1024 * 1024;
+        let sender = tokio::spawn(async move {
+            let mut sent = Vec::new();
+            let mut n = 0u8;
+            while sent.len() < total {
+                let chunk: Vec<u8> = (0..100_000u32).map(|i| n.wrapping_add(i as u8)).collect();
+                n = n.wrapping_add(1);
+                sent.extend_from_slice(&chunk);
+                a_tx.send(Bytes::from(chunk)).await.expect("send");
+            }
+            a_tx.finish().await.expect("finish");
+            sent
+        });
+        let mut got = Vec::new();
+        while let Some(chunk) = b_rx.recv().await {
+            got.extend_from_slice(&chunk.expect("chunk"));
+        }
+        let sent = sender.await.expect("sender");
+        assert_eq!(got.len(), sent.len());
+        assert!(got == sent, "bytes arrive intact and in order");
+    }
+
+    #[tokio::test]
+    async fn a_stalled_stream_does_not_block_another() {
+        let (a, b, _wire) = pair();
+        let (_r1, mut slow_tx) = a.open(1);
+        let (_slow_rx, _t1) = b.open(1); // never read
+        let (_r2, mut fast_tx) = a.open(2);
+        let (mut fast_rx, _t2) = b.open(2);
+        // Fill stream 1's window completely; its sender then waits for credit.
+        let stalled = tokio::spawn(async move {
+            for _ in 0..(INITIAL_WINDOW + 4) {
+                slow_tx
+                    .send(Bytes::from(vec![1u8; 1000]))
+                    .await
+                    .expect("send");
+            }
+        });
+        fast_tx
+            .send(Bytes::from_static(b"ping"))
+            .await
+            .expect("send");
+        fast_tx.finish().await.expect("finish");
+        let got = tokio::time::timeout(Duration::from_secs(5), fast_rx.recv())
+            .await
+            .expect("stream 2 is not blocked by stream 1");
+        assert_eq!(
+            got.expect("chunk").expect("ok"),
+            Bytes::from_static(b"ping")
+        );
+        assert!(!stalled.is_finished(), "stream 1 waits for credit");
+        stalled.abort();
+    }
+
+    #[tokio::test]
+    async fn dropping_the_receiver_resets_the_sender() {
+        let (a, b, _wire) = pair();
+        let (_r, mut tx) = a.open(3);
+        let (rx, _t) = b.open(3);
+        drop(rx);
+        let mut failed = false;
+        for _ in 0..(INITIAL_WINDOW * 4) {
+            if tx.send(Bytes::from_static(b"x")).await.is_err() {
+                failed = true;
+                break;
+            }
+        }
+        assert!(failed, "sender learns the receiver went away");
+    }
+
+    #[tokio::test]
+    async fn a_receiver_that_stops_early_leaves_the_other_direction_alone() {
+        let (a, b, _wire) = pair();
+        let (mut a_rx, mut a_tx) = a.open(6);
+        let (b_rx, mut b_tx) = b.open(6);
+        // b reads no more of a's body (say it had all the bytes it wanted)...
+        drop(b_rx);
+        let mut stopped = false;
+        for _ in 0..(INITIAL_WINDOW * 4) {
+            if a_tx.send(Bytes::from_static(b"x")).await.is_err() {
+                stopped = true;
+                break;
+            }
+        }
+        assert!(stopped, "a learns b stopped reading");
+        // ...but b's own body still reaches a in full.
+        b_tx.send(Bytes::from_static(b"answer"))
+            .await
+            .expect("send");
+        b_tx.finish().await.expect("finish");
+        assert_eq!(a_rx.recv().await, Some(Ok(Bytes::from_static(b"answer"))));
+        assert_eq!(a_rx.recv().await, None);
+    }
+
+    #[tokio::test]
+    async fn a_reset_body_fails_its_reader() {
+        let (a, b, _wire) = pair();
+        let (_a_rx, a_tx) = a.open(7);
+        let (mut b_rx, _b_tx) = b.open(7);
+        a_tx.reset("upstream failed").await;
+        assert_eq!(
+            b_rx.recv().await,
+            Some(Err(StreamError::Reset("upstream failed".into())))
+        );
+    }
+
+    #[tokio::test]
+    async fn closing_the_connection_fails_open_streams() {
+        let (a, _b, _wire) = pair();
+        let (mut rx, _tx) = a.open(4);
+        a.close_all();
+        assert_eq!(rx.recv().await, Some(Err(StreamError::ConnectionClosed)));
+        assert!(a.is_empty());
+    }
+
+    #[tokio::test]
+    async fn finished_streams_are_forgotten() {
+        let (a, b, _wire) = pair();
+        let (mut a_rx, a_tx) = a.open(5);
+        let (mut b_rx, b_tx) = b.open(5);
+        a_tx.finish().await.expect("finish");
+        b_tx.finish().await.expect("finish");
+        assert_eq!(b_rx.recv().await, None);
+        assert_eq!(a_rx.recv().await, None);
+        assert!(a.is_empty() && b.is_empty());
+    }
+}
