@@ -1312,7 +1312,10 @@ async fn heartbeat_loop(shared: &Shared, ws: &mut Socket) -> Outcome {
                     return Outcome::Lost { registered: true };
                 }
                 seq += 1;
-                let hb = encode(&DeviceToHub::Heartbeat(Heartbeat { seq }));
+                let hb = encode(&DeviceToHub::Heartbeat(Heartbeat {
+                    seq,
+                    services: Vec::new(),
+                }));
                 // Like the real cocoon: a heartbeat, and a ping the server must answer.
                 let sent = async {
                     ws.feed(Message::text(hb)).await?;

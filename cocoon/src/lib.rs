@@ -6,6 +6,7 @@
 //! [`spawn`] runs a cocoon as a task and hands back a [`CocoonHandle`] whose state is a
 //! `watch` channel, so tests and `adi dev` can run cocoons in-process.
 
+mod health;
 pub mod identity;
 pub mod proxy;
 mod requests;
@@ -54,6 +55,8 @@ pub struct CocoonConfig {
     pub exec_allowed: bool,
     /// Commands running at once; further tasks wait as pending.
     pub max_concurrent_tasks: usize,
+    /// How often services are probed for health.
+    pub health_interval: Duration,
 }
 
 impl CocoonConfig {
@@ -75,6 +78,7 @@ impl CocoonConfig {
             task_database_url: None,
             exec_allowed: true,
             max_concurrent_tasks: 4,
+            health_interval: Duration::from_secs(5),
         }
     }
 
@@ -234,11 +238,23 @@ pub async fn start(config: CocoonConfig) -> Result<CocoonHandle, CocoonError> {
     .await?;
     let (tx, rx) = watch::channel(ConnState::Connecting);
     let cancel = CancellationToken::new();
+    let http = proxy::client();
+    let health = health::spawn(
+        config.services.clone(),
+        http.clone(),
+        config.health_interval,
+        cancel.child_token(),
+    );
+    let shared = session::Shared {
+        runner: runner.clone(),
+        http,
+        health,
+    };
     let task = tokio::spawn(session::run(
         config,
         ws_url,
         secret,
-        runner.clone(),
+        shared,
         tx,
         cancel.clone(),
     ));

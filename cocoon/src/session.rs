@@ -37,25 +37,32 @@ enum Outcome {
     Lost { registered: bool, reason: String },
 }
 
+/// What the sessions of one cocoon share with the rest of it.
+pub(crate) struct Shared {
+    pub(crate) runner: Arc<Runner>,
+    pub(crate) http: reqwest::Client,
+    pub(crate) health: watch::Receiver<Vec<adi_protocol::ServiceHealth>>,
+}
+
 pub(crate) async fn run(
     config: CocoonConfig,
     ws_url: String,
     secret: DeviceSecret,
-    runner: Arc<Runner>,
+    shared: Shared,
     state: watch::Sender<ConnState>,
     cancel: CancellationToken,
 ) -> Result<(), CocoonError> {
     let mut token = config.setup_token.clone();
     let mut attempt: u32 = 0;
-    let http = crate::proxy::client();
     loop {
         state.send_replace(ConnState::Connecting);
         let agent = Agent {
             config: &config,
             ws_url: &ws_url,
             secret: &secret,
-            runner: &runner,
-            http: &http,
+            runner: &shared.runner,
+            http: &shared.http,
+            health: &shared.health,
         };
         let outcome = session(&agent, &mut token, &state, &cancel).await;
         let reason = match outcome {
@@ -103,6 +110,7 @@ struct Agent<'a> {
     secret: &'a DeviceSecret,
     runner: &'a Arc<Runner>,
     http: &'a reqwest::Client,
+    health: &'a watch::Receiver<Vec<adi_protocol::ServiceHealth>>,
 }
 
 async fn session(
@@ -117,6 +125,7 @@ async fn session(
         secret,
         runner,
         http,
+        health,
     } = *agent;
     // Control frames are held to `max_frame_bytes` by the decoder; the socket must also
     // let whole body frames through.
@@ -209,7 +218,8 @@ async fn session(
                     return lost(true, "hub silent for 3 heartbeat intervals");
                 }
                 seq += 1;
-                let hb = encode(&DeviceToHub::Heartbeat(Heartbeat { seq }));
+                let services = health.borrow().clone();
+                let hb = encode(&DeviceToHub::Heartbeat(Heartbeat { seq, services }));
                 // The ping makes the hub answer, so a dead hub is noticed even though
                 // heartbeats themselves are not acknowledged.
                 let sent = async {

@@ -106,7 +106,10 @@ mod tests {
                         })
                     }
                 ),
-            any::<u64>().prop_map(|seq| DeviceToHub::Heartbeat(Heartbeat { seq })),
+            any::<u64>().prop_map(|seq| DeviceToHub::Heartbeat(Heartbeat {
+                seq,
+                services: vec![]
+            })),
             proptest::collection::vec(service(), 0..5)
                 .prop_map(|services| DeviceToHub::ServiceRegister { services }),
         ]
@@ -259,7 +262,13 @@ mod tests {
             1024,
         )
         .expect("ok");
-        assert_eq!(hb, DeviceToHub::Heartbeat(Heartbeat { seq: 3 }));
+        assert_eq!(
+            hb,
+            DeviceToHub::Heartbeat(Heartbeat {
+                seq: 3,
+                services: vec![]
+            })
+        );
     }
 
     #[test]

@@ -64,6 +64,33 @@ pub struct Heartbeat {
     /// Monotonic counter, so the hub can tell a stuck sender from a slow link.
     #[serde(default)]
     pub seq: u64,
+    /// Latest health of each registered service, as the device probed it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<ServiceHealth>,
+}
+
+/// Whether a service answered its last probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthStatus {
+    /// Its health endpoint answered 2xx/3xx (or, without one, its port accepted).
+    Up,
+    /// It did not.
+    Down,
+    /// Not probed yet.
+    Unknown,
+}
+
+/// One service's health as the device last saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceHealth {
+    /// The service.
+    pub name: String,
+    /// Up, down or unknown.
+    pub status: HealthStatus,
+    /// Why it is down, in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 /// Answer to a successful [`Register`].

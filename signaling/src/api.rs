@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use adi_protocol::{DeviceId, ErrorCode, ServiceInfo};
+use adi_protocol::{DeviceId, ErrorCode, HealthStatus, ServiceInfo};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, FromRequestParts, Path, State, WebSocketUpgrade};
 use axum::http::request::Parts;
@@ -346,14 +346,62 @@ pub struct CocoonView {
     pub online: bool,
     /// Seconds since the last heartbeat, when connected.
     pub last_heartbeat_age_secs: Option<f64>,
-    /// Declared services.
-    pub services: Vec<ServiceInfo>,
+    /// Declared services, with their live health.
+    pub services: Vec<ServiceView>,
     /// Declared capabilities.
     pub capabilities: Vec<String>,
     /// Owners.
     pub owners: Vec<OwnerView>,
     /// Unix seconds of enrolment.
     pub created_at: i64,
+}
+
+/// A service as the API shows it: what the device declared and how its last probe went.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ServiceView {
+    /// Name used in proxy URLs.
+    pub name: String,
+    /// Loopback port on the device.
+    pub port: u16,
+    /// Path the device probes, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_path: Option<String>,
+    /// `up`, `down`, or `unknown` (device offline or not probed yet).
+    #[serde(default = "unknown_health")]
+    pub health: HealthStatus,
+    /// Why it is down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_detail: Option<String>,
+}
+
+fn unknown_health() -> HealthStatus {
+    HealthStatus::Unknown
+}
+
+fn service_views(
+    state: &HubState,
+    id: &DeviceId,
+    services: Vec<ServiceInfo>,
+    online: bool,
+) -> Vec<ServiceView> {
+    let health = if online {
+        state.registry.service_health(id)
+    } else {
+        Vec::new()
+    };
+    services
+        .into_iter()
+        .map(|s| {
+            let h = health.iter().find(|h| h.name == s.name);
+            ServiceView {
+                health: h.map_or(HealthStatus::Unknown, |h| h.status),
+                health_detail: h.and_then(|h| h.detail.clone()),
+                name: s.name,
+                port: s.port,
+                health_path: s.health_path,
+            }
+        })
+        .collect()
 }
 
 /// An owner as the API shows it.
@@ -382,9 +430,9 @@ fn view(state: &HubState, d: DeviceRecord) -> CocoonView {
         last_heartbeat_age_secs: presence
             .last_heartbeat_age
             .map(|a| (a.as_secs_f64() * 10.0).round() / 10.0),
+        services: service_views(state, &d.id, d.services, presence.online),
         id: d.id,
         name: d.name,
-        services: d.services,
         capabilities: d.capabilities,
         owners: d.owners.into_iter().map(Into::into).collect(),
         created_at: d.created_at,
@@ -436,7 +484,8 @@ async fn get_cocoon(
 #[derive(Serialize)]
 struct ServiceList {
     device_id: DeviceId,
-    services: Vec<ServiceInfo>,
+    online: bool,
+    services: Vec<ServiceView>,
 }
 
 async fn get_services(
@@ -445,9 +494,11 @@ async fn get_services(
     Path(id): Path<String>,
 ) -> Result<Json<ServiceList>, ApiError> {
     let device = owned_device(&state, &caller, &id).await?;
+    let online = state.registry.presence(&device.id).online;
     Ok(Json(ServiceList {
+        services: service_views(&state, &device.id, device.services, online),
         device_id: device.id,
-        services: device.services,
+        online,
     }))
 }
 

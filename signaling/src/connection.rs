@@ -320,8 +320,10 @@ impl Connection {
                     message: r.message,
                 })
             }
-            Ok(DeviceToHub::Heartbeat(_)) => {
-                self.state.registry.heartbeat(&self.config.id, self.conn_id);
+            Ok(DeviceToHub::Heartbeat(hb)) => {
+                self.state
+                    .registry
+                    .heartbeat(&self.config.id, self.conn_id, hb.services);
                 None
             }
             Ok(DeviceToHub::Response {

@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use adi_protocol::DeviceId;
+use adi_protocol::{DeviceId, ServiceHealth};
 use dashmap::DashMap;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -40,6 +40,8 @@ pub struct LiveDevice {
     pub last_heartbeat: Instant,
     /// When this connection registered.
     pub connected_at: Instant,
+    /// Service health from the latest heartbeat that carried any.
+    pub health: Vec<ServiceHealth>,
 }
 
 /// What the registry says of a device at one instant.
@@ -89,6 +91,7 @@ impl Registry {
                 handle,
                 last_heartbeat: now,
                 connected_at: now,
+                health: Vec::new(),
             },
         );
         if let Some(old) = old {
@@ -96,15 +99,27 @@ impl Registry {
         }
     }
 
-    /// Notes a heartbeat from `conn_id`; false if that connection is no longer current.
-    pub fn heartbeat(&self, id: &DeviceId, conn_id: ConnId) -> bool {
+    /// Notes a heartbeat from `conn_id` with the service health it carried (kept only
+    /// when it changed); false if that connection is no longer current.
+    pub fn heartbeat(&self, id: &DeviceId, conn_id: ConnId, health: Vec<ServiceHealth>) -> bool {
         match self.devices.get_mut(id) {
             Some(mut live) if live.conn_id == conn_id => {
                 live.last_heartbeat = Instant::now();
+                if !health.is_empty() && live.health != health {
+                    live.health = health;
+                }
                 true
             }
             _ => false,
         }
+    }
+
+    /// The device's service health as last reported; empty when offline or unknown.
+    pub fn service_health(&self, id: &DeviceId) -> Vec<ServiceHealth> {
+        self.devices
+            .get(id)
+            .map(|live| live.health.clone())
+            .unwrap_or_default()
     }
 
     /// Removes the entry only if it still belongs to `conn_id`.
@@ -186,8 +201,11 @@ mod tests {
         assert!(!h2.cancel.is_cancelled());
         assert!(!reg.remove(&id(1), c1), "stale connection must not evict");
         assert!(reg.presence(&id(1)).online);
-        assert!(!reg.heartbeat(&id(1), c1), "stale heartbeat is refused");
-        assert!(reg.heartbeat(&id(1), c2));
+        assert!(
+            !reg.heartbeat(&id(1), c1, vec![]),
+            "stale heartbeat is refused"
+        );
+        assert!(reg.heartbeat(&id(1), c2, vec![]));
         assert!(reg.remove(&id(1), c2));
         assert!(!reg.presence(&id(1)).online);
     }
@@ -208,7 +226,7 @@ mod tests {
         let p = reg.presence(&id(2));
         assert!(!p.online, "silent for over two intervals");
         assert!(p.last_heartbeat_age.expect("connected") >= Duration::from_secs(11));
-        assert!(reg.heartbeat(&id(2), c));
+        assert!(reg.heartbeat(&id(2), c, vec![]));
         assert!(reg.presence(&id(2)).online);
     }
 }

@@ -58,6 +58,9 @@ pub struct RunArgs {
     /// Task commands running at once; more wait as pending.
     #[arg(long, env = "ADI_COCOON_MAX_CONCURRENT_TASKS", default_value_t = 4)]
     max_concurrent_tasks: usize,
+    /// How often services are probed for health.
+    #[arg(long, env = "ADI_COCOON_HEALTH_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    health_interval: Duration,
 }
 
 #[derive(Args)]
@@ -163,6 +166,7 @@ async fn run_agent(args: RunArgs) -> Result<()> {
     config.task_database_url = args.database_url;
     config.exec_allowed = !args.no_exec;
     config.max_concurrent_tasks = args.max_concurrent_tasks;
+    config.health_interval = args.health_interval;
     let handle = adi_cocoon::start(config)
         .await
         .context("starting the cocoon")?;
@@ -312,7 +316,7 @@ async fn list(args: ListArgs) -> Result<()> {
 
 #[derive(Deserialize)]
 struct ServiceList {
-    services: Vec<ServiceInfo>,
+    services: Vec<adi_signaling::api::ServiceView>,
 }
 
 async fn services(args: ServicesArgs) -> Result<()> {
@@ -324,18 +328,26 @@ async fn services(args: ServicesArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&list.services)?);
         return Ok(());
     }
-    let rows: Vec<[String; 3]> = list
+    let rows: Vec<[String; 4]> = list
         .services
         .iter()
         .map(|s| {
+            let health = serde_json::to_value(s.health)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default();
             [
                 s.name.clone(),
                 s.port.to_string(),
+                match &s.health_detail {
+                    Some(d) => format!("{health} ({d})"),
+                    None => health,
+                },
                 s.health_path.clone().unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
-    print_table(["NAME", "PORT", "HEALTH PATH"], &rows);
+    print_table(["NAME", "PORT", "HEALTH", "HEALTH PATH"], &rows);
     Ok(())
 }
 

@@ -174,6 +174,7 @@ async fn dead_port() -> Result<u16> {
 struct Setup {
     hub: Hub,
     alice: Api,
+    alice_key: String,
     device: String,
     cocoon: Cocoon,
     seen: Arc<Seen>,
@@ -185,22 +186,26 @@ async fn setup(hub_flags: &[&str]) -> Result<Setup> {
     let port = serve(service(seen.clone())).await?;
     let dead = dead_port().await?;
     let hub = Hub::start_with(hub_flags).await?;
-    let alice = Api::login(&hub.url, &hub.add_user("alice")?).await?;
+    let alice_key = hub.add_user("alice")?;
+    let alice = Api::login(&hub.url, &alice_key).await?;
     let cocoon = Cocoon::start(
         &hub.url,
         "box",
         Some(&alice.setup_token(60).await?),
         &[
             "--service",
-            &format!("web:{port}"),
+            &format!("web:{port}/status/204"),
             "--service",
             &format!("dead:{dead}"),
+            "--health-interval",
+            "300ms",
         ],
     )?;
     let device = cocoon.device_id().await?;
     Ok(Setup {
         hub,
         alice,
+        alice_key,
         device,
         cocoon,
         seen,
@@ -602,4 +607,60 @@ async fn raw_get(url: &str, jwt: &str) -> Result<String> {
     let mut out = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out)).await??;
     Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+#[tokio::test]
+async fn service_health_is_probed_and_shown() -> Result<()> {
+    let s = setup(&[]).await?;
+    let path = format!("/api/cocoons/{}/services", s.device);
+    let services = wait_for("both services probed", Duration::from_secs(10), || async {
+        let (status, body) = s.alice.get(&path).await?;
+        anyhow::ensure!(status == 200, "{body}");
+        let all: Vec<Value> = body["services"].as_array().cloned().unwrap_or_default();
+        Ok(all.iter().all(|x| x["health"] != "unknown").then_some(all))
+    })
+    .await?;
+    let by_name = |n: &str| {
+        services
+            .iter()
+            .find(|x| x["name"] == n)
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert_eq!(by_name("web")["health"], "up");
+    assert_eq!(by_name("web")["health_path"], "/status/204", "{services:?}");
+    assert_eq!(by_name("dead")["health"], "down");
+    assert!(by_name("dead")["health_detail"].as_str().is_some());
+
+    let cfg = tempfile::tempdir()?;
+    let (code, out, err) = crate::harness::cli(
+        cfg.path(),
+        &["cocoon", "services", &s.device],
+        &[
+            ("ADI_HUB", s.hub.url.as_str()),
+            ("ADI_API_KEY", s.alice_key.as_str()),
+        ],
+    )?;
+    assert_eq!(code, 0, "{err}");
+    let web = out
+        .lines()
+        .find(|l| l.starts_with("web"))
+        .unwrap_or_default();
+    let dead = out
+        .lines()
+        .find(|l| l.starts_with("dead"))
+        .unwrap_or_default();
+    assert!(web.contains(" up"), "{out}");
+    assert!(dead.contains(" down"), "{out}");
+    let key = s.hub.add_user("viewer")?;
+    let (code, out, _) = crate::harness::cli(
+        cfg.path(),
+        &["cocoon", "services", &s.device],
+        &[
+            ("ADI_HUB", s.hub.url.as_str()),
+            ("ADI_API_KEY", key.as_str()),
+        ],
+    )?;
+    assert_ne!(code, 0, "not the viewer's device: {out}");
+    Ok(())
 }
