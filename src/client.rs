@@ -71,7 +71,7 @@ fn load_session() -> Result<Option<Session>> {
 /// An authenticated connection to one hub.
 pub struct HubClient {
     pub base: String,
-    token: String,
+    pub token: String,
     http: reqwest::Client,
 }
 

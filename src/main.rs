@@ -31,6 +31,8 @@ enum Command {
     /// Run a device agent, or manage devices.
     #[command(subcommand)]
     Cocoon(cmd::cocoon::CocoonCmd),
+    /// Open a local port that forwards to a device's service through the hub.
+    Proxy(cmd::proxy::ProxyArgs),
     /// Tasks across your devices.
     #[command(subcommand)]
     Tasks(cmd::tasks::TasksCmd),
@@ -67,6 +69,7 @@ fn main() -> ExitCode {
             Command::Cocoon(c) => cmd::cocoon::run(c).await,
             Command::Dev(a) => cmd::dev::run(a).await,
             Command::Tasks(c) => cmd::tasks::run(c).await,
+            Command::Proxy(a) => cmd::proxy::run(a).await,
         }
     });
     match result {

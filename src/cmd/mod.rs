@@ -3,5 +3,6 @@
 pub mod cocoon;
 pub mod dev;
 pub mod login;
+pub mod proxy;
 pub mod signaling;
 pub mod tasks;

@@ -111,7 +111,7 @@ struct CocoonList {
 }
 
 /// Accepts a device id, or a device name that matches exactly one of your devices.
-async fn resolve_device(client: &HubClient, given: &str) -> Result<String> {
+pub async fn resolve_device(client: &HubClient, given: &str) -> Result<String> {
     if given.parse::<adi_protocol::DeviceId>().is_ok() {
         return Ok(given.to_owned());
     }

@@ -664,3 +664,32 @@ async fn service_health_is_probed_and_shown() -> Result<()> {
     assert_ne!(code, 0, "not the viewer's device: {out}");
     Ok(())
 }
+
+#[tokio::test]
+async fn port_forward_reaches_the_service_without_a_bearer() -> Result<()> {
+    let s = setup(&[]).await?;
+    let cfg = tempfile::tempdir()?;
+    let mut cmd = std::process::Command::new(crate::harness::ADI);
+    cmd.args(["proxy", "box", "web", "--listen", "127.0.0.1:0"])
+        .env("ADI_CONFIG_DIR", cfg.path())
+        .env("ADI_HUB", &s.hub.url)
+        .env("ADI_API_KEY", &s.alice_key);
+    let fwd = crate::harness::Proc::spawn(&mut cmd)?;
+    let line = fwd.wait_line("forwarding http://", Duration::from_secs(20)).await?;
+    let local = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_default()
+        .to_owned();
+    let plain = reqwest::Client::builder().no_proxy().build()?;
+    let seen: Value = plain.get(format!("{local}/deep/path?q=1")).send().await?.json().await?;
+    assert_eq!(seen["uri"], "/deep/path?q=1");
+    assert!(seen["headers"].get("authorization").is_none());
+    let bytes: Vec<u8> = (0..=255u8).cycle().take(300_000).collect();
+    let back = plain.post(format!("{local}/bytes")).body(bytes.clone()).send().await?;
+    assert_eq!(back.status(), 200);
+    assert!(back.bytes().await?.as_ref() == bytes.as_slice());
+    let teapot = plain.get(format!("{local}/status/418")).send().await?;
+    assert_eq!(teapot.status(), 418);
+    Ok(())
+}
