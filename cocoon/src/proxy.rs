@@ -89,7 +89,14 @@ pub(crate) async fn serve(
             .headers
             .iter()
             .any(|(n, _)| n.eq_ignore_ascii_case("transfer-encoding"));
-    if has_body
+    // After a switch of protocols the stream carries raw bytes: keep its halves for that.
+    let mut upgrade_body = None;
+    if let Some(protocol) = &request.upgrade {
+        builder = builder
+            .header("connection", "upgrade")
+            .header("upgrade", protocol.as_str());
+        upgrade_body = Some(request_body);
+    } else if has_body
         || !matches!(
             request.method.as_str(),
             "GET" | "HEAD" | "OPTIONS" | "DELETE"
@@ -148,6 +155,13 @@ pub(crate) async fn serve(
         headers,
     };
     if answers.send(head).await.is_err() {
+        return;
+    }
+    if let (Some(request_body), true) = (upgrade_body, response.status().as_u16() == 101) {
+        match response.upgrade().await {
+            Ok(upgraded) => adi_tunnel::splice(upgraded, response_body, request_body).await,
+            Err(e) => response_body.reset(&format!("upgrade failed: {e}")).await,
+        }
         return;
     }
     let mut body = response.bytes_stream();

@@ -164,6 +164,10 @@ pub struct ProxyRequest {
     pub headers: Vec<(String, String)>,
     /// Milliseconds the hub waits for the response head.
     pub deadline_ms: u64,
+    /// The protocol the client asks to switch to (`websocket`); after a `101` answer
+    /// the stream carries raw bytes both ways.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade: Option<String>,
 }
 
 /// A device's answer: `{"ok": ...}` or `{"error": {"code", "message"}}`.

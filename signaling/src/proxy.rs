@@ -51,11 +51,28 @@ fn split_uri(path_and_query: &str) -> Option<(&str, &str, String)> {
     Some((device, service, normalize_target(target)))
 }
 
+/// The protocol a request asks to switch to, if it asks (`Connection: upgrade` plus an
+/// `Upgrade` header).
+fn upgrade_protocol(headers: &HeaderMap) -> Option<String> {
+    let connection = headers.get(header::CONNECTION)?.to_str().ok()?;
+    if !connection
+        .split(',')
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+    {
+        return None;
+    }
+    headers
+        .get(header::UPGRADE)?
+        .to_str()
+        .ok()
+        .map(|v| v.trim().to_owned())
+}
+
 async fn proxy(
     State(state): State<AppState>,
     caller: Caller,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    req: Request,
+    mut req: Request,
 ) -> Result<Response, ApiError> {
     let path_and_query = req
         .uri()
@@ -81,6 +98,8 @@ async fn proxy(
     }
     let deadline = deadline(&state, req.headers())?;
     let prefix = format!("/proxy/{}/{}", device.id, service);
+    let upgrade = upgrade_protocol(req.headers());
+    let on_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let head = ProxyRequest {
         stream_id: 0,
         service: service.to_owned(),
@@ -88,9 +107,13 @@ async fn proxy(
         target,
         headers: forward_headers(req.headers(), peer, &prefix),
         deadline_ms: u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX),
+        upgrade: upgrade.clone(),
     };
     let opened = rpc::open_proxy(&state, &device.id, head).await?;
     let (too_large_tx, too_large_rx) = oneshot::channel();
+    if let Some(on_upgrade) = on_upgrade {
+        return finish_upgrade(opened, on_upgrade, deadline, upgrade.unwrap_or_default()).await;
+    }
     let mut request_body = opened.request_body;
     let body = req.into_body();
     tokio::spawn(
@@ -147,6 +170,66 @@ async fn proxy(
         }
     }
     Ok(resp)
+}
+
+/// Waits for the service's answer to an upgrade request; on `101` the client's
+/// upgraded connection is spliced to the stream, so WebSocket frames (or any protocol's
+/// bytes) pass through both ways.
+async fn finish_upgrade(
+    opened: rpc::ProxyOpened,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    deadline: Duration,
+    protocol: String,
+) -> Result<Response, ApiError> {
+    let head = match tokio::time::timeout(deadline, opened.head).await {
+        Err(_) => return Err(RpcError::Timeout(deadline).into()),
+        Ok(Err(_)) => return Err(RpcError::Disconnected.into()),
+        Ok(Ok(Err(e))) => return Err(e.into()),
+        Ok(Ok(Ok(head))) => head,
+    };
+    let switching = head.status == 101;
+    let mut resp = if switching {
+        let (sender, receiver) = (opened.request_body, opened.response_body);
+        tokio::spawn(async move {
+            match on_upgrade.await {
+                Ok(upgraded) => {
+                    adi_tunnel::splice(hyper_util::rt::TokioIo::new(upgraded), sender, receiver)
+                        .await
+                }
+                Err(e) => debug!("client upgrade failed: {e}"),
+            }
+        });
+        Response::new(Body::empty())
+    } else {
+        // The service declined to switch: an ordinary response with no request body.
+        let _ = opened.request_body.finish().await;
+        Response::new(body_from(opened.response_body))
+    };
+    *resp.status_mut() = StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    copy_response_headers(&head.headers, resp.headers_mut());
+    if switching {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        if let Ok(v) = HeaderValue::from_str(&protocol) {
+            resp.headers_mut().insert(header::UPGRADE, v);
+        }
+    }
+    Ok(resp)
+}
+
+fn copy_response_headers(from: &[(String, String)], to: &mut HeaderMap) {
+    let connection = header_value(from, "connection");
+    for (name, value) in from {
+        if is_hop_by_hop(name, connection.as_deref()) {
+            continue;
+        }
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::try_from(name.as_str()),
+            HeaderValue::try_from(value.as_str()),
+        ) {
+            to.append(n, v);
+        }
+    }
 }
 
 fn too_large(max: u64) -> ApiError {

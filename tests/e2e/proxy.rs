@@ -153,6 +153,30 @@ fn service(seen: Arc<Seen>) -> Router {
                 }
             }),
         )
+        .route(
+            "/ws",
+            get(|ws: axum::extract::ws::WebSocketUpgrade| async move {
+                ws.on_upgrade(|mut socket| async move {
+                    use axum::extract::ws::Message;
+                    let _ = socket
+                        .send(Message::Text("hello from the service".into()))
+                        .await;
+                    while let Some(Ok(msg)) = socket.recv().await {
+                        let reply = match msg {
+                            Message::Text(t) => {
+                                Message::Text(format!("echo: {}", t.as_str()).into())
+                            }
+                            Message::Binary(b) => Message::Binary(b),
+                            Message::Close(_) => break,
+                            _ => continue,
+                        };
+                        if socket.send(reply).await.is_err() {
+                            break;
+                        }
+                    }
+                })
+            }),
+        )
         .fallback(echo)
 }
 
@@ -675,21 +699,74 @@ async fn port_forward_reaches_the_service_without_a_bearer() -> Result<()> {
         .env("ADI_HUB", &s.hub.url)
         .env("ADI_API_KEY", &s.alice_key);
     let fwd = crate::harness::Proc::spawn(&mut cmd)?;
-    let line = fwd.wait_line("forwarding http://", Duration::from_secs(20)).await?;
+    let line = fwd
+        .wait_line("forwarding http://", Duration::from_secs(20))
+        .await?;
     let local = line
         .split_whitespace()
         .find(|w| w.starts_with("http://"))
         .unwrap_or_default()
         .to_owned();
     let plain = reqwest::Client::builder().no_proxy().build()?;
-    let seen: Value = plain.get(format!("{local}/deep/path?q=1")).send().await?.json().await?;
+    let seen: Value = plain
+        .get(format!("{local}/deep/path?q=1"))
+        .send()
+        .await?
+        .json()
+        .await?;
     assert_eq!(seen["uri"], "/deep/path?q=1");
     assert!(seen["headers"].get("authorization").is_none());
     let bytes: Vec<u8> = (0..=255u8).cycle().take(300_000).collect();
-    let back = plain.post(format!("{local}/bytes")).body(bytes.clone()).send().await?;
+    let back = plain
+        .post(format!("{local}/bytes"))
+        .body(bytes.clone())
+        .send()
+        .await?;
     assert_eq!(back.status(), 200);
     assert!(back.bytes().await?.as_ref() == bytes.as_slice());
     let teapot = plain.get(format!("{local}/status/418")).send().await?;
     assert_eq!(teapot.status(), 418);
+    Ok(())
+}
+
+#[tokio::test]
+async fn websocket_upgrades_are_carried_both_ways() -> Result<()> {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+    let s = setup(&[]).await?;
+    let url = s.url("web", "/ws").replacen("http", "ws", 1);
+    let mut request = url.as_str().into_client_request()?;
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {}", s.alice.jwt).parse()?);
+    let (mut ws, resp) = tokio_tungstenite::connect_async(request).await?;
+    assert_eq!(resp.status(), 101);
+    let next = |m: Option<Result<Message, _>>| -> Result<Message> {
+        Ok(m.ok_or_else(|| anyhow::anyhow!("socket ended"))??)
+    };
+    let first = next(tokio::time::timeout(Duration::from_secs(10), ws.next()).await?)?;
+    assert_eq!(
+        first,
+        Message::text("hello from the service"),
+        "service to client"
+    );
+    for i in 0..5 {
+        ws.send(Message::text(format!("ping {i}"))).await?;
+        let got = next(tokio::time::timeout(Duration::from_secs(10), ws.next()).await?)?;
+        assert_eq!(got, Message::text(format!("echo: ping {i}")));
+    }
+    let blob: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    ws.send(Message::binary(blob.clone())).await?;
+    let got = next(tokio::time::timeout(Duration::from_secs(10), ws.next()).await?)?;
+    assert_eq!(
+        got,
+        Message::binary(blob),
+        "a large binary message crosses intact"
+    );
+    ws.close(None).await?;
+    // Without credentials there is no upgrade.
+    let anon = tokio_tungstenite::connect_async(url.as_str()).await;
+    assert!(anon.is_err(), "upgrade without credentials must fail");
     Ok(())
 }

@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use bytes::{BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Semaphore};
 
 /// Largest payload of one data frame.
@@ -404,6 +405,40 @@ impl Drop for BodySender {
             self.inner.retire(self.id, false, true);
         }
     }
+}
+
+/// Joins a byte stream (an upgraded connection, say a WebSocket) to a stream of this
+/// table: what `io` reads goes out on `sender`, what `receiver` gets is written to
+/// `io`. Ends when both directions have ended.
+pub async fn splice<IO>(io: IO, mut sender: BodySender, mut receiver: BodyReceiver)
+where
+    IO: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut read, mut write) = tokio::io::split(io);
+    let outbound = async move {
+        let mut buf = BytesMut::with_capacity(16 * 1024);
+        loop {
+            buf.reserve(16 * 1024);
+            match read.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    if sender.send(buf.split().freeze()).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = sender.finish().await;
+    };
+    let inbound = async move {
+        while let Some(Ok(chunk)) = receiver.recv().await {
+            if write.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        let _ = write.shutdown().await;
+    };
+    tokio::join!(outbound, inbound);
 }
 
 #[cfg(test)]
