@@ -6,6 +6,7 @@
 //! [`spawn`] runs a cocoon as a task and hands back a [`CocoonHandle`] whose state is a
 //! `watch` channel, so tests and `adi dev` can run cocoons in-process.
 
+pub mod config_file;
 mod health;
 pub mod identity;
 pub mod proxy;

@@ -187,8 +187,8 @@ impl Connection {
                 }
                 Some(command) = outbound.recv() => {
                     let frame = match command {
-                        Command::Request(call) => self.start_call(call),
-                        Command::Proxy(call) => self.start_proxy(call, &mut frames),
+                        Command::Request(call) => self.start_call(*call),
+                        Command::Proxy(call) => self.start_proxy(*call, &mut frames),
                     };
                     if let Some(frame) = frame {
                         if let Err(e) = socket.send(frame).await {

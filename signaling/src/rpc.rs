@@ -11,13 +11,14 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::HubState;
 
-/// What callers hand to a connection actor.
+/// What callers hand to a connection actor. Boxed, so the queue every connection
+/// allocates up front stays small: most devices are idle most of the time.
 #[derive(Debug)]
 pub enum Command {
     /// Ask the device something and wait for one answer.
-    Request(Call),
+    Request(Box<Call>),
     /// Open a proxied HTTP exchange with a body stream each way.
-    Proxy(ProxyCall),
+    Proxy(Box<ProxyCall>),
 }
 
 /// An HTTP request for one of the device's services.
@@ -115,7 +116,7 @@ pub async fn request(
     };
     handle
         .outbound
-        .try_send(Command::Request(call))
+        .try_send(Command::Request(Box::new(call)))
         .map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => RpcError::Busy,
             mpsc::error::TrySendError::Closed(_) => RpcError::Offline,
@@ -137,7 +138,7 @@ pub async fn open_proxy(
     let (tx, rx) = oneshot::channel();
     handle
         .outbound
-        .try_send(Command::Proxy(ProxyCall { request, reply: tx }))
+        .try_send(Command::Proxy(Box::new(ProxyCall { request, reply: tx })))
         .map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => RpcError::Busy,
             mpsc::error::TrySendError::Closed(_) => RpcError::Offline,

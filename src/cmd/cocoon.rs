@@ -31,9 +31,13 @@ pub enum CocoonCmd {
 
 #[derive(Args)]
 pub struct RunArgs {
-    /// Hub URL.
+    /// Hub URL (or `hub` in the config file).
     #[arg(long, env = "ADI_HUB")]
-    hub: String,
+    hub: Option<String>,
+    /// TOML config file (default: cocoon.toml in the data dir, if present); flags and
+    /// environment variables override it.
+    #[arg(long, env = "ADI_COCOON_CONFIG")]
+    config: Option<PathBuf>,
     /// One-time setup token; needed only the first time this data dir is used.
     #[arg(long, env = "ADI_COCOON_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -55,9 +59,9 @@ pub struct RunArgs {
     /// Refuse tasks that run a command on this device.
     #[arg(long, env = "ADI_COCOON_NO_EXEC")]
     no_exec: bool,
-    /// Task commands running at once; more wait as pending.
-    #[arg(long, env = "ADI_COCOON_MAX_CONCURRENT_TASKS", default_value_t = 4)]
-    max_concurrent_tasks: usize,
+    /// Task commands running at once; more wait as pending (default 4).
+    #[arg(long, env = "ADI_COCOON_MAX_CONCURRENT_TASKS")]
+    max_concurrent_tasks: Option<usize>,
     /// How often services are probed for health.
     #[arg(long, env = "ADI_COCOON_HEALTH_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     health_interval: Duration,
@@ -148,8 +152,27 @@ pub fn parse_service(s: &str) -> Result<ServiceInfo, String> {
     })
 }
 
-async fn run_agent(args: RunArgs) -> Result<()> {
-    let hub = normalize_hub(&args.hub)?;
+async fn run_agent(mut args: RunArgs) -> Result<()> {
+    let data_dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| paths::data_dir("cocoon"));
+    let file = match &args.config {
+        Some(path) => adi_cocoon::config_file::load(path, true)?,
+        None => adi_cocoon::config_file::load(
+            &data_dir.join(adi_cocoon::config_file::DEFAULT_FILE),
+            false,
+        )?,
+    }
+    .unwrap_or_default();
+    let hub = args.hub.clone().or(file.hub).ok_or_else(|| {
+        anyhow::anyhow!(
+            "no hub given: pass --hub, set ADI_HUB, or put hub = \"...\" in the config file"
+        )
+    })?;
+    let hub = normalize_hub(&hub)?;
+    args.services
+        .extend(file.services.into_iter().map(ServiceInfo::from));
     let mut names: Vec<&str> = args.services.iter().map(|s| s.name.as_str()).collect();
     names.sort_unstable();
     if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
@@ -157,15 +180,18 @@ async fn run_agent(args: RunArgs) -> Result<()> {
     }
     let mut config = CocoonConfig::new(
         hub.clone(),
-        args.data_dir.unwrap_or_else(|| paths::data_dir("cocoon")),
-        args.name.unwrap_or_else(paths::hostname),
+        data_dir,
+        args.name.or(file.name).unwrap_or_else(paths::hostname),
     );
     config.setup_token = args.token;
     config.services = args.services;
     config.backoff_max = args.backoff_max;
-    config.task_database_url = args.database_url;
-    config.exec_allowed = !args.no_exec;
-    config.max_concurrent_tasks = args.max_concurrent_tasks;
+    config.task_database_url = args.database_url.or(file.database_url);
+    config.exec_allowed = !(args.no_exec || file.no_exec);
+    config.max_concurrent_tasks = args
+        .max_concurrent_tasks
+        .or(file.max_concurrent_tasks)
+        .unwrap_or(4);
     config.health_interval = args.health_interval;
     let handle = adi_cocoon::start(config)
         .await

@@ -210,3 +210,60 @@ async fn one_token_two_racing_devices_enrols_exactly_one() -> Result<()> {
     b.proc.kill();
     Ok(())
 }
+
+#[tokio::test]
+async fn the_config_file_supplies_hub_name_and_services_and_typos_are_refused() -> Result<()> {
+    use crate::harness::{Proc, ADI};
+    let hub = Hub::start().await?;
+    let alice = Api::login(&hub.url, &hub.add_user("alice")?).await?;
+    let dir = tempfile::tempdir()?;
+    std::fs::write(
+        dir.path().join("cocoon.toml"),
+        format!(
+            "hub = \"{}\"\nname = \"from-file\"\n\n[[services]]\nname = \"grafana\"\nport = 3000\nhealth = \"/api/health\"\n",
+            hub.url
+        ),
+    )?;
+    let mut cmd = std::process::Command::new(ADI);
+    cmd.args(["cocoon", "run", "--data-dir"])
+        .arg(dir.path())
+        .args([
+            "--token",
+            &alice.setup_token(60).await?,
+            "--service",
+            "api:8092",
+        ]);
+    let proc = Proc::spawn(&mut cmd)?;
+    proc.wait_line("cocoon online as device", Duration::from_secs(20))
+        .await?;
+    let list = alice.cocoons().await?;
+    assert_eq!(list[0]["name"], "from-file");
+    let names: Vec<&str> = list[0]["services"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|s| s["name"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        names,
+        vec!["api", "grafana"],
+        "flags and file services together"
+    );
+    assert_eq!(list[0]["services"][1]["health_path"], "/api/health");
+    drop(proc);
+
+    let bad = tempfile::tempdir()?;
+    std::fs::write(
+        bad.path().join("cocoon.toml"),
+        "name = \"x\"\nhbu = \"typo\"\n",
+    )?;
+    let out = std::process::Command::new(ADI)
+        .args(["cocoon", "run", "--hub", &hub.url, "--data-dir"])
+        .arg(bad.path())
+        .output()?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cocoon.toml") && err.contains("hbu") && err.contains("line 2"),
+        "{err}"
+    );
+    Ok(())
+}

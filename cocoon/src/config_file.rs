@@ -1,0 +1,155 @@
+//! The cocoon's optional TOML config file, for settings a device keeps across restarts
+//! (its services above all). Flags and environment variables override it. Unknown keys
+//! are errors, so a typo is reported instead of silently ignored.
+//!
+//! ```toml
+//! hub = "https://hub.example:8080"
+//! name = "gpu-box"
+//! database_url = "postgres://tasks@127.0.0.1/tasks"
+//! no_exec = false
+//! max_concurrent_tasks = 4
+//!
+//! [[services]]
+//! name = "grafana"
+//! port = 3000
+//! health = "/api/health"
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use adi_protocol::ServiceInfo;
+use serde::Deserialize;
+
+/// File name looked for in the data dir when no `--config` is given.
+pub const DEFAULT_FILE: &str = "cocoon.toml";
+
+/// The file's contents.
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CocoonFile {
+    /// Hub URL.
+    pub hub: Option<String>,
+    /// Device name.
+    pub name: Option<String>,
+    /// Task store URL.
+    pub database_url: Option<String>,
+    /// Refuse command tasks.
+    #[serde(default)]
+    pub no_exec: bool,
+    /// Commands running at once.
+    pub max_concurrent_tasks: Option<usize>,
+    /// Services on this device's loopback.
+    #[serde(default)]
+    pub services: Vec<FileService>,
+}
+
+/// One service in the file.
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FileService {
+    /// Name used in proxy URLs.
+    pub name: String,
+    /// Loopback port.
+    pub port: u16,
+    /// Health path, e.g. `/healthz`.
+    pub health: Option<String>,
+}
+
+impl From<FileService> for ServiceInfo {
+    fn from(s: FileService) -> Self {
+        ServiceInfo {
+            name: s.name,
+            port: s.port,
+            health_path: s.health.map(|h| {
+                if h.starts_with('/') {
+                    h
+                } else {
+                    format!("/{h}")
+                }
+            }),
+        }
+    }
+}
+
+/// Why the file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigFileError {
+    /// Unreadable.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// Not valid TOML for this file, with line and column.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The parser's words, with line and column.
+        message: String,
+    },
+}
+
+/// Reads `path`; `Ok(None)` if it does not exist and `required` is false.
+pub fn load(path: &Path, required: bool) -> Result<Option<CocoonFile>, ConfigFileError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => return Ok(None),
+        Err(source) => {
+            return Err(ConfigFileError::Io {
+                path: path.to_owned(),
+                source,
+            })
+        }
+    };
+    toml::from_str(&text)
+        .map(Some)
+        .map_err(|e| ConfigFileError::Invalid {
+            path: path.to_owned(),
+            message: e.to_string().trim().to_owned(),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_file_parses() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(DEFAULT_FILE);
+        std::fs::write(
+            &path,
+            "hub = \"http://h:1\"\nname = \"n\"\nno_exec = true\n[[services]]\nname = \"web\"\nport = 80\nhealth = \"healthz\"\n",
+        )
+        .expect("write");
+        let f = load(&path, true).expect("ok").expect("present");
+        assert_eq!(f.hub.as_deref(), Some("http://h:1"));
+        assert!(f.no_exec);
+        let s: ServiceInfo = f.services.into_iter().next().expect("one").into();
+        assert_eq!(s.health_path.as_deref(), Some("/healthz"));
+    }
+
+    #[test]
+    fn typos_and_bad_values_are_reported_with_their_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(DEFAULT_FILE);
+        std::fs::write(&path, "name = \"n\"\nservicez = []\n").expect("write");
+        let err = load(&path, true).expect_err("unknown key").to_string();
+        assert!(err.contains("servicez") && err.contains("line 2"), "{err}");
+        std::fs::write(&path, "[[services]]\nname = \"x\"\nport = 70000\n").expect("write");
+        let err = load(&path, true).expect_err("bad port").to_string();
+        assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_optional_file_is_fine_a_missing_required_one_is_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(load(&dir.path().join("nope.toml"), false)
+            .expect("ok")
+            .is_none());
+        assert!(load(&dir.path().join("nope.toml"), true).is_err());
+    }
+}
