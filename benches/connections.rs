@@ -1315,6 +1315,7 @@ async fn heartbeat_loop(shared: &Shared, ws: &mut Socket) -> Outcome {
                 let hb = encode(&DeviceToHub::Heartbeat(Heartbeat {
                     seq,
                     services: Vec::new(),
+                    load: None,
                 }));
                 // Like the real cocoon: a heartbeat, and a ping the server must answer.
                 let sent = async {

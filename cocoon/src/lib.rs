@@ -9,6 +9,7 @@
 pub mod config_file;
 mod health;
 pub mod identity;
+pub mod probe;
 pub mod proxy;
 mod requests;
 pub mod runner;
@@ -56,7 +57,7 @@ pub struct CocoonConfig {
     pub exec_allowed: bool,
     /// Commands running at once; further tasks wait as pending.
     pub max_concurrent_tasks: usize,
-    /// How often services are probed for health.
+    /// How often services are probed for health and load is sampled.
     pub health_interval: Duration,
 }
 
@@ -246,10 +247,12 @@ pub async fn start(config: CocoonConfig) -> Result<CocoonHandle, CocoonError> {
         config.health_interval,
         cancel.child_token(),
     );
+    let load = probe::spawn(config.health_interval, cancel.child_token());
     let shared = session::Shared {
         runner: runner.clone(),
         http,
         health,
+        load,
     };
     let task = tokio::spawn(session::run(
         config,

@@ -42,6 +42,7 @@ pub(crate) struct Shared {
     pub(crate) runner: Arc<Runner>,
     pub(crate) http: reqwest::Client,
     pub(crate) health: watch::Receiver<Vec<adi_protocol::ServiceHealth>>,
+    pub(crate) load: watch::Receiver<Option<adi_protocol::LoadReport>>,
 }
 
 pub(crate) async fn run(
@@ -63,6 +64,7 @@ pub(crate) async fn run(
             runner: &shared.runner,
             http: &shared.http,
             health: &shared.health,
+            load: &shared.load,
         };
         let outcome = session(&agent, &mut token, &state, &cancel).await;
         let reason = match outcome {
@@ -111,6 +113,7 @@ struct Agent<'a> {
     runner: &'a Arc<Runner>,
     http: &'a reqwest::Client,
     health: &'a watch::Receiver<Vec<adi_protocol::ServiceHealth>>,
+    load: &'a watch::Receiver<Option<adi_protocol::LoadReport>>,
 }
 
 async fn session(
@@ -126,6 +129,7 @@ async fn session(
         runner,
         http,
         health,
+        load,
     } = *agent;
     // Control frames are held to `max_frame_bytes` by the decoder; the socket must also
     // let whole body frames through.
@@ -219,7 +223,8 @@ async fn session(
                 }
                 seq += 1;
                 let services = health.borrow().clone();
-                let hb = encode(&DeviceToHub::Heartbeat(Heartbeat { seq, services }));
+                let load = load.borrow().clone();
+                let hb = encode(&DeviceToHub::Heartbeat(Heartbeat { seq, services, load }));
                 // The ping makes the hub answer, so a dead hub is noticed even though
                 // heartbeats themselves are not acknowledged.
                 let sent = async {

@@ -106,10 +106,39 @@ mod tests {
                         })
                     }
                 ),
-            any::<u64>().prop_map(|seq| DeviceToHub::Heartbeat(Heartbeat {
-                seq,
-                services: vec![]
-            })),
+            (
+                any::<u64>(),
+                proptest::option::of((
+                    1u32..512,
+                    0f32..100.0,
+                    any::<u64>(),
+                    any::<u64>(),
+                    proptest::collection::vec(("\\PC{1,20}", any::<u64>(), 0u32..101), 0..3)
+                ))
+            )
+                .prop_map(|(seq, load)| DeviceToHub::Heartbeat(Heartbeat {
+                    seq,
+                    load: load.map(|(cpus, cpu, total, used, gpus)| crate::LoadReport {
+                        cpu_count: cpus,
+                        cpu_percent: cpu,
+                        ram_total_bytes: total,
+                        ram_used_bytes: used,
+                        gpus: gpus
+                            .into_iter()
+                            .enumerate()
+                            .map(|(i, (name, mem, util))| crate::GpuReport {
+                                index: i as u32,
+                                name,
+                                uuid: format!("GPU-{i}"),
+                                memory_total_bytes: mem,
+                                memory_used_bytes: mem / 2,
+                                utilization_percent: util,
+                                temperature_c: Some(40),
+                            })
+                            .collect(),
+                    }),
+                    services: vec![]
+                })),
             proptest::collection::vec(service(), 0..5)
                 .prop_map(|services| DeviceToHub::ServiceRegister { services }),
         ]
@@ -266,7 +295,7 @@ mod tests {
             hb,
             DeviceToHub::Heartbeat(Heartbeat {
                 seq: 3,
-                services: vec![]
+                ..Default::default()
             })
         );
     }

@@ -37,7 +37,7 @@ pub use codec::{decode, encode, DecodeError, DEFAULT_MAX_FRAME_BYTES};
 pub use error::ErrorCode;
 pub use ids::{DeviceId, DeviceSecret, InvalidId, SecretError, MIN_SECRET_LEN};
 pub use messages::{
-    negotiate_version, DeviceReply, DeviceRequest, DeviceToHub, HealthStatus, Heartbeat,
-    HubToDevice, Outcome, ProxyRequest, Register, Registered, RemoteError, ServiceHealth,
-    ServiceInfo, PROTOCOL_VERSION, SUPPORTED_VERSIONS,
+    negotiate_version, DeviceReply, DeviceRequest, DeviceToHub, GpuReport, HealthStatus, Heartbeat,
+    HubToDevice, LoadReport, Outcome, ProxyRequest, Register, Registered, RemoteError,
+    ServiceHealth, ServiceInfo, PROTOCOL_VERSION, SUPPORTED_VERSIONS,
 };

@@ -59,14 +59,52 @@ pub struct Register {
 }
 
 /// Liveness and load report, sent every heartbeat interval.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Heartbeat {
     /// Monotonic counter, so the hub can tell a stuck sender from a slow link.
     #[serde(default)]
     pub seq: u64,
+    /// CPU, RAM and GPU use, as the device last sampled them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<LoadReport>,
     /// Latest health of each registered service, as the device probed it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<ServiceHealth>,
+}
+
+/// A device's CPU, RAM and GPU use at one instant. Kept in the hub's RAM only.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LoadReport {
+    /// Logical CPUs.
+    pub cpu_count: u32,
+    /// Busy share of all CPUs since the previous sample, 0–100.
+    pub cpu_percent: f32,
+    /// Bytes of RAM.
+    pub ram_total_bytes: u64,
+    /// Bytes of RAM in use.
+    pub ram_used_bytes: u64,
+    /// NVIDIA GPUs seen through NVML; empty without a driver.
+    #[serde(default)]
+    pub gpus: Vec<GpuReport>,
+}
+
+/// One GPU as NVML reports it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GpuReport {
+    /// NVML index.
+    pub index: u32,
+    /// Model name.
+    pub name: String,
+    /// Stable GPU UUID.
+    pub uuid: String,
+    /// Bytes of VRAM.
+    pub memory_total_bytes: u64,
+    /// Bytes of VRAM in use.
+    pub memory_used_bytes: u64,
+    /// Busy share of the GPU over NVML's last window, 0–100.
+    pub utilization_percent: u32,
+    /// Core temperature, °C.
+    pub temperature_c: Option<u32>,
 }
 
 /// Whether a service answered its last probe.

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use adi_protocol::{DeviceId, ErrorCode, HealthStatus, ServiceInfo};
+use adi_protocol::{DeviceId, ErrorCode, HealthStatus, LoadReport, ServiceInfo};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, FromRequestParts, Path, State, WebSocketUpgrade};
 use axum::http::request::Parts;
@@ -350,6 +350,9 @@ pub struct CocoonView {
     pub services: Vec<ServiceView>,
     /// Declared capabilities.
     pub capabilities: Vec<String>,
+    /// CPU, RAM and GPU use from the latest heartbeat; absent while offline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<LoadReport>,
     /// Owners.
     pub owners: Vec<OwnerView>,
     /// Unix seconds of enrolment.
@@ -431,6 +434,11 @@ fn view(state: &HubState, d: DeviceRecord) -> CocoonView {
             .last_heartbeat_age
             .map(|a| (a.as_secs_f64() * 10.0).round() / 10.0),
         services: service_views(state, &d.id, d.services, presence.online),
+        load: if presence.online {
+            state.registry.load(&d.id)
+        } else {
+            None
+        },
         id: d.id,
         name: d.name,
         capabilities: d.capabilities,

@@ -323,7 +323,7 @@ impl Connection {
             Ok(DeviceToHub::Heartbeat(hb)) => {
                 self.state
                     .registry
-                    .heartbeat(&self.config.id, self.conn_id, hb.services);
+                    .heartbeat(&self.config.id, self.conn_id, hb.services, hb.load);
                 None
             }
             Ok(DeviceToHub::Response {

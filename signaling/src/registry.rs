@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use adi_protocol::{DeviceId, ServiceHealth};
+use adi_protocol::{DeviceId, LoadReport, ServiceHealth};
 use dashmap::DashMap;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -42,6 +42,9 @@ pub struct LiveDevice {
     pub connected_at: Instant,
     /// Service health from the latest heartbeat that carried any.
     pub health: Vec<ServiceHealth>,
+    /// Load from the latest heartbeat that carried it (boxed: most of the registry's
+    /// entries are idle devices, and the entry should stay small).
+    pub load: Option<Box<LoadReport>>,
 }
 
 /// What the registry says of a device at one instant.
@@ -92,6 +95,7 @@ impl Registry {
                 last_heartbeat: now,
                 connected_at: now,
                 health: Vec::new(),
+                load: None,
             },
         );
         if let Some(old) = old {
@@ -99,19 +103,35 @@ impl Registry {
         }
     }
 
-    /// Notes a heartbeat from `conn_id` with the service health it carried (kept only
-    /// when it changed); false if that connection is no longer current.
-    pub fn heartbeat(&self, id: &DeviceId, conn_id: ConnId, health: Vec<ServiceHealth>) -> bool {
+    /// Notes a heartbeat from `conn_id` with the service health (kept only when it
+    /// changed) and load it carried; false if that connection is no longer current.
+    pub fn heartbeat(
+        &self,
+        id: &DeviceId,
+        conn_id: ConnId,
+        health: Vec<ServiceHealth>,
+        load: Option<LoadReport>,
+    ) -> bool {
         match self.devices.get_mut(id) {
             Some(mut live) if live.conn_id == conn_id => {
                 live.last_heartbeat = Instant::now();
                 if !health.is_empty() && live.health != health {
                     live.health = health;
                 }
+                if let Some(load) = load {
+                    live.load = Some(Box::new(load));
+                }
                 true
             }
             _ => false,
         }
+    }
+
+    /// The device's load as last reported, if it is connected and reported any.
+    pub fn load(&self, id: &DeviceId) -> Option<LoadReport> {
+        self.devices
+            .get(id)
+            .and_then(|live| live.load.as_deref().cloned())
     }
 
     /// The device's service health as last reported; empty when offline or unknown.
@@ -202,10 +222,10 @@ mod tests {
         assert!(!reg.remove(&id(1), c1), "stale connection must not evict");
         assert!(reg.presence(&id(1)).online);
         assert!(
-            !reg.heartbeat(&id(1), c1, vec![]),
+            !reg.heartbeat(&id(1), c1, vec![], None),
             "stale heartbeat is refused"
         );
-        assert!(reg.heartbeat(&id(1), c2, vec![]));
+        assert!(reg.heartbeat(&id(1), c2, vec![], None));
         assert!(reg.remove(&id(1), c2));
         assert!(!reg.presence(&id(1)).online);
     }
@@ -226,7 +246,7 @@ mod tests {
         let p = reg.presence(&id(2));
         assert!(!p.online, "silent for over two intervals");
         assert!(p.last_heartbeat_age.expect("connected") >= Duration::from_secs(11));
-        assert!(reg.heartbeat(&id(2), c, vec![]));
+        assert!(reg.heartbeat(&id(2), c, vec![], None));
         assert!(reg.presence(&id(2)).online);
     }
 }

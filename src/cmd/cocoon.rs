@@ -310,7 +310,7 @@ async fn list(args: ListArgs) -> Result<()> {
         println!("no devices yet: `adi cocoon generate-token` makes a setup token for one");
         return Ok(());
     }
-    let rows: Vec<[String; 6]> = list
+    let rows: Vec<[String; 8]> = list
         .cocoons
         .iter()
         .map(|c| {
@@ -320,6 +320,40 @@ async fn list(args: ListArgs) -> Result<()> {
                 c.status.clone(),
                 c.last_heartbeat_age_secs
                     .map(|a| format!("{a:.1}s ago"))
+                    .unwrap_or_else(|| "-".into()),
+                c.load
+                    .as_ref()
+                    .map(|l| {
+                        format!(
+                            "{}cpu {:.0}% {}/{}GiB",
+                            l.cpu_count,
+                            l.cpu_percent,
+                            gib(l.ram_used_bytes),
+                            gib(l.ram_total_bytes)
+                        )
+                    })
+                    .unwrap_or_else(|| "-".into()),
+                c.load
+                    .as_ref()
+                    .map(|l| {
+                        if l.gpus.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            l.gpus
+                                .iter()
+                                .map(|g| {
+                                    format!(
+                                        "{} {}/{}GiB {}%",
+                                        g.name,
+                                        gib(g.memory_used_bytes),
+                                        gib(g.memory_total_bytes),
+                                        g.utilization_percent
+                                    )
+                                })
+                                .collect::<Vec<_>>()
+                                .join("; ")
+                        }
+                    })
                     .unwrap_or_else(|| "-".into()),
                 join_or_dash(c.services.iter().map(|s| format!("{}:{}", s.name, s.port))),
                 join_or_dash(c.capabilities.iter().cloned()),
@@ -332,6 +366,8 @@ async fn list(args: ListArgs) -> Result<()> {
             "NAME",
             "STATUS",
             "HEARTBEAT",
+            "CPU/RAM",
+            "GPUS",
             "SERVICES",
             "CAPABILITIES",
         ],
@@ -375,6 +411,10 @@ async fn services(args: ServicesArgs) -> Result<()> {
         .collect();
     print_table(["NAME", "PORT", "HEALTH", "HEALTH PATH"], &rows);
     Ok(())
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{:.1}", bytes as f64 / (1u64 << 30) as f64)
 }
 
 fn join_or_dash(items: impl Iterator<Item = String>) -> String {

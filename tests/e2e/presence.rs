@@ -94,3 +94,46 @@ async fn hub_restart_on_postgres_keeps_ids_and_owners_and_cocoons_return() -> Re
     drop_postgres(&url).await;
     result
 }
+
+#[tokio::test]
+async fn load_is_reported_and_a_machine_without_nvidia_says_no_gpu_once() -> Result<()> {
+    let hub = Hub::start().await?;
+    let key = hub.add_user("alice")?;
+    let alice = Api::login(&hub.url, &key).await?;
+    let c = Cocoon::start(
+        &hub.url,
+        "probe",
+        Some(&alice.setup_token(60).await?),
+        &["--health-interval", "200ms"],
+    )?;
+    let id = c.device_id().await?;
+    let load = crate::harness::wait_for("a load report", Duration::from_secs(10), || async {
+        let (_, view) = alice.cocoon(&id).await?;
+        Ok(view.get("load").filter(|l| !l.is_null()).cloned())
+    })
+    .await?;
+    assert!(load["cpu_count"].as_u64().unwrap_or(0) >= 1, "{load}");
+    assert!(load["ram_total_bytes"].as_u64().unwrap_or(0) > 0, "{load}");
+    let cpu = load["cpu_percent"].as_f64().unwrap_or(-1.0);
+    assert!((0.0..=100.0).contains(&cpu), "{load}");
+    let nvidia = std::path::Path::new("/dev/nvidiactl").exists();
+    if !nvidia {
+        assert_eq!(load["gpus"], serde_json::json!([]), "{load}");
+        // Several samples later, "no GPU" was still said only once.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let said = c.proc.output().matches("no GPU").count();
+        assert_eq!(said, 1, "{}", c.proc.output());
+    }
+    let cfg = tempfile::tempdir()?;
+    let (code, table, err) = crate::harness::cli(
+        cfg.path(),
+        &["cocoon", "list"],
+        &[("ADI_HUB", hub.url.as_str()), ("ADI_API_KEY", key.as_str())],
+    )?;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        table.contains("CPU/RAM") && table.contains("cpu "),
+        "{table}"
+    );
+    Ok(())
+}

@@ -1,0 +1,141 @@
+//! Samples this device's CPU, RAM and NVIDIA GPUs for the heartbeat, so the hub can
+//! show load and, later, route work to the least busy device.
+//!
+//! GPUs come from NVML, loaded at run time: a machine without the NVIDIA driver says
+//! "no GPU" once in the log and reports an empty GPU list; it never fails or retries
+//! the library every sample.
+
+use std::time::Duration;
+
+use adi_protocol::{GpuReport, LoadReport};
+use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
+use nvml_wrapper::Nvml;
+use sysinfo::{CpuRefreshKind, MemoryRefreshKind, RefreshKind, System};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Reads load figures; holds the open NVML handle, if there is one.
+pub struct Probe {
+    system: System,
+    nvml: Option<Nvml>,
+}
+
+impl Probe {
+    /// Opens the probe: NVML if the driver is there, "no GPU" (once) if not.
+    pub fn open() -> Self {
+        let nvml = match Nvml::init() {
+            Ok(n) => {
+                let count = n.device_count().unwrap_or(0);
+                info!(gpus = count, "NVML loaded");
+                Some(n)
+            }
+            Err(e) => {
+                info!("no GPU: NVML is not available ({e})");
+                None
+            }
+        };
+        let system = System::new_with_specifics(
+            RefreshKind::nothing()
+                .with_cpu(CpuRefreshKind::nothing().with_cpu_usage())
+                .with_memory(MemoryRefreshKind::nothing().with_ram()),
+        );
+        Probe { system, nvml }
+    }
+
+    /// One sample. CPU use is measured since the previous call.
+    pub fn sample(&mut self) -> LoadReport {
+        self.system.refresh_cpu_usage();
+        self.system.refresh_memory();
+        LoadReport {
+            cpu_count: u32::try_from(self.system.cpus().len()).unwrap_or(u32::MAX),
+            cpu_percent: self.system.global_cpu_usage(),
+            ram_total_bytes: self.system.total_memory(),
+            ram_used_bytes: self.system.used_memory(),
+            gpus: self.gpus(),
+        }
+    }
+
+    fn gpus(&self) -> Vec<GpuReport> {
+        let Some(nvml) = &self.nvml else {
+            return Vec::new();
+        };
+        let count = nvml.device_count().unwrap_or(0);
+        (0..count)
+            .filter_map(|index| {
+                let device = nvml.device_by_index(index).ok()?;
+                let memory = device.memory_info().ok();
+                Some(GpuReport {
+                    index,
+                    name: device.name().unwrap_or_default(),
+                    uuid: device.uuid().unwrap_or_default(),
+                    memory_total_bytes: memory.as_ref().map_or(0, |m| m.total),
+                    memory_used_bytes: memory.as_ref().map_or(0, |m| m.used),
+                    utilization_percent: device.utilization_rates().map_or(0, |u| u.gpu),
+                    temperature_c: device.temperature(TemperatureSensor::Gpu).ok(),
+                })
+            })
+            .collect()
+    }
+}
+
+/// Samples every `every` on a blocking thread; the channel holds the latest sample.
+pub(crate) fn spawn(
+    every: Duration,
+    cancel: CancellationToken,
+) -> watch::Receiver<Option<LoadReport>> {
+    let (tx, rx) = watch::channel(None);
+    tokio::spawn(async move {
+        let probe = tokio::task::spawn_blocking(Probe::open).await;
+        let Ok(mut probe) = probe else {
+            warn!("load probe could not start");
+            return;
+        };
+        let mut ticker = tokio::time::interval(every);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            match tokio::task::spawn_blocking(move || {
+                let sample = probe.sample();
+                (probe, sample)
+            })
+            .await
+            {
+                Ok((p, sample)) => {
+                    probe = p;
+                    tx.send_replace(Some(sample));
+                }
+                Err(_) => return,
+            }
+        }
+    });
+    rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_machine_reports_cpus_and_ram() {
+        let mut probe = Probe::open();
+        let first = probe.sample();
+        assert!(first.cpu_count >= 1);
+        assert!(first.ram_total_bytes > 0);
+        assert!(first.ram_used_bytes <= first.ram_total_bytes);
+        let second = probe.sample();
+        assert!(
+            (0.0..=100.0).contains(&second.cpu_percent),
+            "{}",
+            second.cpu_percent
+        );
+        // Every GPU NVML lists has a name and memory figures that fit.
+        for g in &second.gpus {
+            assert!(!g.name.is_empty());
+            assert!(g.memory_used_bytes <= g.memory_total_bytes);
+        }
+    }
+}
