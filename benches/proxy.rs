@@ -78,6 +78,8 @@ const RATHOLE_VERSION: &str = "0.5.0";
 const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 /// How long to wait after a run before reading the "after" RSS.
 const SETTLE: Duration = Duration::from_secs(1);
+/// Busy cores unaccounted for above which a run counts as disturbed.
+const NOISY_CORES: f64 = 0.25;
 /// Request timeout for the load generators: a slow answer is a latency, not an error.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -1323,7 +1325,7 @@ fn write_report(
     }
     let noisy: Vec<String> = runs
         .iter()
-        .filter(|r| r.other_cores > 0.25)
+        .filter(|r| r.other_cores > NOISY_CORES)
         .map(|r| {
             format!(
                 "{} via {} ({:.2} cores)",
@@ -1337,7 +1339,8 @@ fn write_report(
         writeln!(out)?;
         writeln!(
             out,
-            "WARNING: other processes used the CPU during {}; those figures are unreliable.",
+            "WARNING: other processes used the CPU during {}; those figures are unreliable \
+             (the summary leaves them out where it has undisturbed runs of the same kind).",
             noisy.join(", ")
         )?;
     }
@@ -1385,14 +1388,20 @@ fn write_report(
         )?;
     }
 
-    // Targets, on the medians over rounds.
+    // Targets, on the medians over rounds; runs disturbed by other work on the machine
+    // are left out when there are undisturbed ones of the same kind.
     let med = |size: Size, route: Route, f: fn(&LoadResult) -> f64| {
-        median(
-            runs.iter()
-                .filter(|r| r.size == size && r.route == route)
-                .map(|r| f(&r.load))
-                .collect(),
-        )
+        let same: Vec<&Run> = runs
+            .iter()
+            .filter(|r| r.size == size && r.route == route)
+            .collect();
+        let clean: Vec<&Run> = same
+            .iter()
+            .copied()
+            .filter(|r| r.other_cores <= NOISY_CORES)
+            .collect();
+        let pick = if clean.is_empty() { same } else { clean };
+        median(pick.iter().map(|r| f(&r.load)).collect())
     };
     writeln!(out)?;
     writeln!(
