@@ -1257,6 +1257,7 @@ async fn session(
         services: Vec::new(),
         capabilities: Vec::new(),
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        location: None,
     });
     if ws.send(Message::text(encode(&register))).await.is_err() {
         return Outcome::Lost { registered: false };

@@ -8,6 +8,10 @@
 //! database_url = "postgres://tasks@127.0.0.1/tasks"
 //! no_exec = false
 //! max_concurrent_tasks = 4
+//! location = "home office"
+//! plugins_dir = "/etc/adi/plugins"
+//! disable_capabilities = ["llm.chat"]
+//! local_api = "127.0.0.1:7424"            # or "off"
 //!
 //! [[services]]
 //! name = "grafana"
@@ -41,6 +45,15 @@ pub struct CocoonFile {
     /// Services on this device's loopback.
     #[serde(default)]
     pub services: Vec<FileService>,
+    /// Where the device is, in its owner's words.
+    pub location: Option<String>,
+    /// Directory of plugin manifests.
+    pub plugins_dir: Option<PathBuf>,
+    /// Protocol names not to offer.
+    #[serde(default)]
+    pub disable_capabilities: Vec<String>,
+    /// Loopback address of the local API, or `"off"`.
+    pub local_api: Option<String>,
 }
 
 /// One service in the file.

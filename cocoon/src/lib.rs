@@ -6,22 +6,30 @@
 //! [`spawn`] runs a cocoon as a task and hands back a [`CocoonHandle`] whose state is a
 //! `watch` channel, so tests and `adi dev` can run cocoons in-process.
 
+mod capabilities;
 pub mod config_file;
 mod health;
 pub mod identity;
+pub mod local_api;
+pub mod plugins;
 pub mod probe;
 pub mod proxy;
 mod requests;
 pub mod runner;
 mod session;
 
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use adi_protocol::{DeviceId, ErrorCode, ServiceInfo, DEFAULT_MAX_FRAME_BYTES};
+use adi_protocol::{
+    CapabilityAnswer, CapabilityOutcome, CapabilityQuery, DeviceId, ErrorCode, RemoteError,
+    ServiceInfo, DEFAULT_MAX_FRAME_BYTES,
+};
 use rand::Rng;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -29,8 +37,10 @@ pub use identity::IdentityError;
 
 use crate::runner::{Runner, RunnerConfig};
 
-/// Capabilities every cocoon serves itself, as `protocol:version`.
-pub const BUILTIN_CAPABILITIES: &[&str] = &["tasks:1.0.0", "proxy.http:1.0.0"];
+/// Directory, under the data dir, read for plugin manifests unless another is given.
+pub const DEFAULT_PLUGINS_DIR: &str = "plugins";
+/// Capability requests from local programs waiting to go to the hub; more are refused.
+const CALL_QUEUE: usize = 256;
 
 /// Everything a cocoon needs to run.
 #[derive(Debug, Clone)]
@@ -59,6 +69,18 @@ pub struct CocoonConfig {
     pub max_concurrent_tasks: usize,
     /// How often services are probed for health and load is sampled.
     pub health_interval: Duration,
+    /// Plugin manifests; `None` for `plugins/` in the data dir.
+    pub plugins_dir: Option<PathBuf>,
+    /// How often the plugins directory is looked at for changes.
+    pub plugins_poll: Duration,
+    /// Protocol names not to offer, built-ins included.
+    pub disabled_capabilities: BTreeSet<String>,
+    /// Loopback address of the local API for programs on this device; `None` turns it
+    /// off. Port 0 picks a free port; the address and the access token are written to
+    /// [`local_api::INFO_FILE`] in the data dir.
+    pub local_api: Option<SocketAddr>,
+    /// Where the device is, in its owner's words.
+    pub location: Option<String>,
 }
 
 impl CocoonConfig {
@@ -81,6 +103,23 @@ impl CocoonConfig {
             exec_allowed: true,
             max_concurrent_tasks: 4,
             health_interval: Duration::from_secs(5),
+            plugins_dir: None,
+            plugins_poll: Duration::from_secs(2),
+            disabled_capabilities: BTreeSet::new(),
+            local_api: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            location: None,
+        }
+    }
+
+    /// The plugin directory and switches this configuration names.
+    pub fn plugin_config(&self) -> plugins::PluginConfig {
+        plugins::PluginConfig {
+            dir: Some(
+                self.plugins_dir
+                    .clone()
+                    .unwrap_or_else(|| self.data_dir.join(DEFAULT_PLUGINS_DIR)),
+            ),
+            disabled: self.disabled_capabilities.clone(),
         }
     }
 
@@ -151,6 +190,9 @@ pub enum CocoonError {
     /// The task store could not be opened.
     #[error("task store: {0}")]
     TaskStore(#[from] adi_task_store::StoreError),
+    /// The local API could not start.
+    #[error("local API: {0}")]
+    LocalApi(String),
     /// The hub refused this device and retrying cannot help.
     #[error("the hub refused this device ({code}): {message}")]
     Refused {
@@ -161,15 +203,119 @@ pub enum CocoonError {
     },
 }
 
+/// A capability request from a program on this device, on its way to the hub.
+#[derive(Debug)]
+pub(crate) struct CapabilityCall {
+    pub(crate) query: CapabilityQuery,
+    pub(crate) payload: serde_json::Value,
+    pub(crate) prefer: Option<DeviceId>,
+    pub(crate) deadline: Duration,
+    pub(crate) reply: oneshot::Sender<CapabilityOutcome>,
+}
+
+/// Asks the hub, as this device, to have a capability served by the best device this
+/// device's owners may use. Cheap to clone; used by the local API and in-process callers.
+#[derive(Clone, Debug)]
+pub struct CapabilityClient {
+    calls: mpsc::Sender<CapabilityCall>,
+    state: watch::Receiver<ConnState>,
+}
+
+fn remote(code: ErrorCode, message: impl Into<String>) -> RemoteError {
+    RemoteError {
+        code,
+        message: message.into(),
+    }
+}
+
+impl CapabilityClient {
+    /// Sends one request and waits, at most `deadline`, for its one answer.
+    pub async fn request(
+        &self,
+        query: CapabilityQuery,
+        payload: serde_json::Value,
+        prefer: Option<DeviceId>,
+        deadline: Duration,
+    ) -> Result<CapabilityAnswer, RemoteError> {
+        if !matches!(*self.state.borrow(), ConnState::Online { .. }) {
+            return Err(remote(
+                ErrorCode::DeviceOffline,
+                "this device is not connected to its hub right now",
+            ));
+        }
+        let (tx, rx) = oneshot::channel();
+        let call = CapabilityCall {
+            query,
+            payload,
+            prefer,
+            deadline,
+            reply: tx,
+        };
+        self.calls.try_send(call).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => remote(
+                ErrorCode::UpstreamError,
+                format!("more than {CALL_QUEUE} requests are waiting to go to the hub"),
+            ),
+            mpsc::error::TrySendError::Closed(_) => {
+                remote(ErrorCode::DeviceOffline, "the cocoon has stopped")
+            }
+        })?;
+        // The hub answers by the deadline; the margin covers the trip back.
+        match tokio::time::timeout(deadline + Duration::from_secs(2), rx).await {
+            Err(_) => Err(remote(
+                ErrorCode::Timeout,
+                format!("no answer within {deadline:?}"),
+            )),
+            Ok(Err(_)) => Err(remote(
+                ErrorCode::DeviceOffline,
+                "the connection to the hub was lost before the answer came",
+            )),
+            Ok(Ok(CapabilityOutcome::Ok(answer))) => Ok(answer),
+            Ok(Ok(CapabilityOutcome::Error(e))) => Err(e),
+        }
+    }
+
+    /// The device id, once the cocoon is online.
+    pub fn device_id(&self) -> Option<DeviceId> {
+        match &*self.state.borrow() {
+            ConnState::Online { device_id } => Some(device_id.clone()),
+            _ => None,
+        }
+    }
+
+    /// The connection state, live.
+    pub fn state(&self) -> watch::Receiver<ConnState> {
+        self.state.clone()
+    }
+}
+
 /// A running cocoon.
 pub struct CocoonHandle {
     state: watch::Receiver<ConnState>,
     runner: Arc<Runner>,
     cancel: CancellationToken,
     task: JoinHandle<Result<(), CocoonError>>,
+    client: CapabilityClient,
+    capabilities: watch::Receiver<Arc<plugins::CapabilitySet>>,
+    local_api: Option<local_api::LocalApi>,
 }
 
 impl CocoonHandle {
+    /// Asks for capabilities as this device.
+    pub fn capability_client(&self) -> CapabilityClient {
+        self.client.clone()
+    }
+
+    /// What this device offers now, live.
+    pub fn capabilities(&self) -> watch::Receiver<Arc<plugins::CapabilitySet>> {
+        self.capabilities.clone()
+    }
+
+    /// The local API's address, when it runs.
+    pub fn local_api_addr(&self) -> Option<SocketAddr> {
+        self.local_api.as_ref().map(local_api::LocalApi::local_addr)
+    }
+
     /// The connection state, live.
     pub fn state(&self) -> watch::Receiver<ConnState> {
         self.state.clone()
@@ -212,6 +358,9 @@ impl CocoonHandle {
     /// refused for good.
     pub async fn join(self) -> Result<(), CocoonError> {
         let ended = self.task.await;
+        if let Some(api) = self.local_api {
+            api.shutdown().await;
+        }
         self.runner.shutdown().await;
         match ended {
             Ok(r) => r,
@@ -248,17 +397,47 @@ pub async fn start(config: CocoonConfig) -> Result<CocoonHandle, CocoonError> {
         cancel.child_token(),
     );
     let load = probe::spawn(config.health_interval, cancel.child_token());
+    let capabilities = plugins::watch(
+        config.plugin_config(),
+        config.plugins_poll,
+        cancel.child_token(),
+    );
+    let server = Arc::new(capabilities::CapabilityServer::new(
+        capabilities.clone(),
+        http.clone(),
+        runner.clone(),
+        config.max_frame_bytes.saturating_sub(1024),
+    ));
+    let (calls_tx, calls) = mpsc::channel(CALL_QUEUE);
+    let client = CapabilityClient {
+        calls: calls_tx,
+        state: rx.clone(),
+    };
+    let local_api = match config.local_api {
+        Some(addr) => Some(
+            local_api::LocalApi::start(addr, &config.data_dir, client.clone())
+                .await
+                .map_err(|e| CocoonError::LocalApi(e.to_string()))?,
+        ),
+        None => {
+            local_api::forget(&config.data_dir);
+            None
+        }
+    };
     let shared = session::Shared {
         runner: runner.clone(),
         http,
         health,
         load,
+        capabilities: capabilities.clone(),
+        server,
     };
     let task = tokio::spawn(session::run(
         config,
         ws_url,
         secret,
         shared,
+        calls,
         tx,
         cancel.clone(),
     ));
@@ -267,6 +446,9 @@ pub async fn start(config: CocoonConfig) -> Result<CocoonHandle, CocoonError> {
         runner,
         cancel,
         task,
+        client,
+        capabilities,
+        local_api,
     })
 }
 

@@ -79,6 +79,11 @@ async fn answer(
                 .map_err(store_error)?;
             Ok(DeviceReply::Logs { lines, status })
         }
+        // Served by the capability server before it gets here.
+        DeviceRequest::Capability { .. } => Err(RemoteError {
+            code: ErrorCode::BadRequest,
+            message: "capability requests are not task requests".into(),
+        }),
     }
 }
 

@@ -2,15 +2,16 @@
 //! A session registers, then runs a `select!` over cancellation, the heartbeat timer
 //! and inbound frames until the connection ends.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use adi_protocol::{
-    decode, encode, DeviceSecret, DeviceToHub, ErrorCode, Heartbeat, HubToDevice, Register,
-    SUPPORTED_VERSIONS,
+    decode, encode, CapabilityOutcome, DeviceRequest, DeviceSecret, DeviceToHub, ErrorCode,
+    Heartbeat, HubToDevice, Outcome as Answer, Register, RemoteError, SUPPORTED_VERSIONS,
 };
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{interval, timeout, Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
@@ -18,8 +19,10 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::capabilities::CapabilityServer;
+use crate::plugins::CapabilitySet;
 use crate::runner::Runner;
-use crate::{CocoonConfig, CocoonError, ConnState, BUILTIN_CAPABILITIES};
+use crate::{CapabilityCall, CocoonConfig, CocoonError, ConnState};
 
 /// How long to wait for the hub's answer to a registration.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -43,6 +46,8 @@ pub(crate) struct Shared {
     pub(crate) http: reqwest::Client,
     pub(crate) health: watch::Receiver<Vec<adi_protocol::ServiceHealth>>,
     pub(crate) load: watch::Receiver<Option<adi_protocol::LoadReport>>,
+    pub(crate) capabilities: watch::Receiver<Arc<CapabilitySet>>,
+    pub(crate) server: Arc<CapabilityServer>,
 }
 
 pub(crate) async fn run(
@@ -50,6 +55,7 @@ pub(crate) async fn run(
     ws_url: String,
     secret: DeviceSecret,
     shared: Shared,
+    mut calls: mpsc::Receiver<CapabilityCall>,
     state: watch::Sender<ConnState>,
     cancel: CancellationToken,
 ) -> Result<(), CocoonError> {
@@ -65,8 +71,10 @@ pub(crate) async fn run(
             http: &shared.http,
             health: &shared.health,
             load: &shared.load,
+            capabilities: &shared.capabilities,
+            server: &shared.server,
         };
-        let outcome = session(&agent, &mut token, &state, &cancel).await;
+        let outcome = session(&agent, &mut token, &mut calls, &state, &cancel).await;
         let reason = match outcome {
             Outcome::Cancelled => {
                 state.send_replace(ConnState::Stopped);
@@ -114,11 +122,14 @@ struct Agent<'a> {
     http: &'a reqwest::Client,
     health: &'a watch::Receiver<Vec<adi_protocol::ServiceHealth>>,
     load: &'a watch::Receiver<Option<adi_protocol::LoadReport>>,
+    capabilities: &'a watch::Receiver<Arc<CapabilitySet>>,
+    server: &'a Arc<CapabilityServer>,
 }
 
 async fn session(
     agent: &Agent<'_>,
     token: &mut Option<String>,
+    calls: &mut mpsc::Receiver<CapabilityCall>,
     state: &watch::Sender<ConnState>,
     cancel: &CancellationToken,
 ) -> Outcome {
@@ -130,7 +141,11 @@ async fn session(
         http,
         health,
         load,
+        capabilities,
+        server,
     } = *agent;
+    // This session's own view, so a change made while it runs is sent exactly once.
+    let mut capabilities = capabilities.clone();
     // Control frames are held to `max_frame_bytes` by the decoder; the socket must also
     // let whole body frames through.
     let socket_max = config.max_frame_bytes.max(adi_tunnel::MAX_FRAME);
@@ -153,11 +168,9 @@ async fn session(
         setup_token: token.clone(),
         name: config.name.clone(),
         services: config.services.clone(),
-        capabilities: BUILTIN_CAPABILITIES
-            .iter()
-            .map(|c| (*c).to_owned())
-            .collect(),
+        capabilities: capabilities.borrow_and_update().offers(),
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        location: config.location.clone(),
     });
     if let Err(e) = ws.send(Message::text(encode(&register))).await {
         return lost(false, format!("sending registration failed: {e}"));
@@ -174,9 +187,11 @@ async fn session(
             Message::Text(t) => match decode::<HubToDevice>(t.as_bytes(), config.max_frame_bytes) {
                 Ok(HubToDevice::Registered(r)) => r,
                 Ok(HubToDevice::Error { code, message }) => return Outcome::Refused(code, message),
-                Ok(HubToDevice::Request { .. } | HubToDevice::ProxyRequest(_)) => {
-                    return lost(false, "request before registration")
-                }
+                Ok(
+                    HubToDevice::Request { .. }
+                    | HubToDevice::ProxyRequest(_)
+                    | HubToDevice::CapabilityResponse { .. },
+                ) => return lost(false, "request before registration"),
                 Err(e) => return lost(false, format!("bad registration answer: {e}")),
             },
             Message::Close(frame) => return lost(false, close_reason(frame.as_ref())),
@@ -206,6 +221,11 @@ async fn session(
     // Body streams of proxied requests, also per session.
     let (frame_tx, mut frames) = mpsc::channel::<bytes::Bytes>(FRAME_QUEUE);
     let streams = adi_tunnel::Streams::new(frame_tx);
+    // Capability requests this device sent, by the id it gave them. Dropped with the
+    // session, which tells every waiting caller that the link was lost.
+    let mut asked: HashMap<u64, oneshot::Sender<CapabilityOutcome>> = HashMap::new();
+    let mut next_ask: u64 = 1;
+    let max_answer = config.max_frame_bytes;
     loop {
         tokio::select! {
             biased;
@@ -218,6 +238,7 @@ async fn session(
                 return Outcome::Cancelled;
             }
             _ = ticker.tick() => {
+                asked.retain(|_, reply| !reply.is_closed());
                 if last_heard.elapsed() > heartbeat_every * SILENT_INTERVALS {
                     return lost(true, "hub silent for 3 heartbeat intervals");
                 }
@@ -243,8 +264,40 @@ async fn session(
                 }
             }
             Some(answer) = answers.recv() => {
-                if let Err(e) = ws.send(Message::text(encode(&answer))).await {
+                if let Err(e) = ws.send(Message::text(fit(answer, max_answer))).await {
                     return lost(true, format!("sending an answer failed: {e}"));
+                }
+            }
+            Ok(()) = capabilities.changed() => {
+                let offers = capabilities.borrow_and_update().offers();
+                let update = encode(&DeviceToHub::CapabilitiesUpdate { capabilities: offers });
+                if let Err(e) = ws.send(Message::text(update)).await {
+                    return lost(true, format!("sending capabilities failed: {e}"));
+                }
+            }
+            Some(call) = calls.recv() => {
+                if call.reply.is_closed() {
+                    continue;
+                }
+                let request_id = next_ask;
+                next_ask += 1;
+                let frame = encode(&DeviceToHub::CapabilityRequest {
+                    request_id,
+                    capability: call.query,
+                    payload: call.payload,
+                    prefer_device: call.prefer,
+                    deadline_ms: u64::try_from(call.deadline.as_millis()).unwrap_or(u64::MAX),
+                });
+                if frame.len() > max_answer {
+                    let _ = call.reply.send(CapabilityOutcome::Error(RemoteError {
+                        code: ErrorCode::PayloadTooLarge,
+                        message: format!("the request is {} bytes; at most {max_answer} fit in one frame", frame.len()),
+                    }));
+                    continue;
+                }
+                asked.insert(request_id, call.reply);
+                if let Err(e) = ws.send(Message::text(frame)).await {
+                    return lost(true, format!("sending a capability request failed: {e}"));
                 }
             }
             frame = ws.next() => {
@@ -267,6 +320,24 @@ async fn session(
                                     crate::proxy::serve(client, &services, request, body_in, body_out, tx).await;
                                 });
                             }
+                            Ok(HubToDevice::CapabilityResponse { request_id, outcome }) => {
+                                if let Some(reply) = asked.remove(&request_id) {
+                                    let _ = reply.send(outcome);
+                                }
+                            }
+                            Ok(HubToDevice::Request { request_id, request: DeviceRequest::Capability { capability, payload }, deadline_ms }) => {
+                                let server = server.clone();
+                                let device_id = device_id.clone();
+                                let tx = answer_tx.clone();
+                                tokio::spawn(async move {
+                                    let deadline = Duration::from_millis(deadline_ms);
+                                    let outcome = match server.serve(&device_id, &capability, payload, deadline).await {
+                                        Ok(payload) => Answer::Ok(adi_protocol::DeviceReply::Capability { payload }),
+                                        Err(e) => Answer::Error(e),
+                                    };
+                                    let _ = tx.send(DeviceToHub::Response { request_id, outcome }).await;
+                                });
+                            }
                             Ok(HubToDevice::Request { request_id, request, .. }) => {
                                 let runner = runner.clone();
                                 let device_id = device_id.clone();
@@ -287,6 +358,37 @@ async fn session(
                 }
             }
         }
+    }
+}
+
+/// The frame for an answer, or, when it would exceed the hub's frame limit (which
+/// would close this link), an error answer in its place: the request still ends once.
+fn fit(answer: DeviceToHub, max: usize) -> String {
+    let frame = encode(&answer);
+    if frame.len() <= max {
+        return frame;
+    }
+    match answer {
+        DeviceToHub::Response { request_id, .. } => {
+            warn!(
+                request_id,
+                bytes = frame.len(),
+                max,
+                "answer too large for one frame"
+            );
+            encode(&DeviceToHub::Response {
+                request_id,
+                outcome: Answer::Error(RemoteError {
+                    code: ErrorCode::PayloadTooLarge,
+                    message: format!(
+                        "the answer is {} bytes; at most {max} fit in one frame",
+                        frame.len()
+                    ),
+                }),
+            })
+        }
+        // Proxy heads and errors are small; anything else goes as it is.
+        _ => frame,
     }
 }
 

@@ -64,8 +64,8 @@ fn describe(e: &serde_json::Error) -> String {
 mod tests {
     use super::*;
     use crate::{
-        DeviceId, DeviceSecret, DeviceToHub, ErrorCode, Heartbeat, HubToDevice, Register,
-        Registered, ServiceInfo,
+        CapabilityOffer, CapabilityQuery, DeviceId, DeviceSecret, DeviceToHub, ErrorCode,
+        Heartbeat, HubToDevice, Register, Registered, ServiceInfo,
     };
     use proptest::prelude::*;
 
@@ -90,11 +90,21 @@ mod tests {
                 proptest::option::of("\\PC{0,40}"),
                 "\\PC{0,40}",
                 proptest::collection::vec(service(), 0..4),
-                proptest::collection::vec("[a-z.]{1,10}:[0-9]\\.[0-9]\\.[0-9]", 0..3),
+                proptest::collection::vec(offer(), 0..3),
                 "\\PC{0,10}",
+                proptest::option::of("\\PC{0,20}"),
             )
                 .prop_map(
-                    |(versions, secret, setup_token, name, services, capabilities, agent)| {
+                    |(
+                        versions,
+                        secret,
+                        setup_token,
+                        name,
+                        services,
+                        capabilities,
+                        agent,
+                        location,
+                    )| {
                         DeviceToHub::Register(Register {
                             versions,
                             secret: DeviceSecret::new(secret).expect("generated long enough"),
@@ -103,6 +113,7 @@ mod tests {
                             services,
                             capabilities,
                             agent_version: agent,
+                            location,
                         })
                     }
                 ),
@@ -141,7 +152,80 @@ mod tests {
                 })),
             proptest::collection::vec(service(), 0..5)
                 .prop_map(|services| DeviceToHub::ServiceRegister { services }),
+            proptest::collection::vec(offer(), 0..5)
+                .prop_map(|capabilities| DeviceToHub::CapabilitiesUpdate { capabilities }),
+            (
+                any::<u64>(),
+                query(),
+                payload(),
+                proptest::option::of(device_id()),
+                any::<u64>()
+            )
+                .prop_map(
+                    |(request_id, capability, payload, prefer_device, deadline_ms)| {
+                        DeviceToHub::CapabilityRequest {
+                            request_id,
+                            capability,
+                            payload,
+                            prefer_device,
+                            deadline_ms,
+                        }
+                    }
+                ),
+            (any::<u64>(), payload()).prop_map(|(request_id, payload)| DeviceToHub::Response {
+                request_id,
+                outcome: crate::Outcome::Ok(crate::DeviceReply::Capability { payload }),
+            }),
         ]
+    }
+
+    fn offer() -> impl Strategy<Value = CapabilityOffer> {
+        (
+            "[a-z][a-z0-9._-]{0,15}",
+            0u64..5,
+            0u64..20,
+            0u64..20,
+            any::<bool>(),
+        )
+            .prop_map(
+                |(protocol, major, minor, patch, idempotent)| CapabilityOffer {
+                    protocol,
+                    version: semver::Version::new(major, minor, patch),
+                    idempotent,
+                },
+            )
+    }
+
+    fn query() -> impl Strategy<Value = CapabilityQuery> {
+        (
+            "[a-z][a-z0-9._-]{0,15}",
+            proptest::option::of((0u64..5, 0u64..20, 0u64..20)),
+        )
+            .prop_map(|(protocol, v)| CapabilityQuery {
+                protocol,
+                version: v.map(|(a, b, c)| semver::Version::new(a, b, c)),
+            })
+    }
+
+    fn device_id() -> impl Strategy<Value = DeviceId> {
+        proptest::collection::vec(any::<u8>(), 16).prop_map(|mac| DeviceId::from_mac(&mac))
+    }
+
+    /// JSON payloads of the shapes plugins exchange: text, vectors, nested objects.
+    fn payload() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            "\\PC{0,20}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                proptest::collection::btree_map("[a-z]{1,6}", inner, 0..4)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
     }
 
     fn hub_to_device() -> impl Strategy<Value = HubToDevice> {
@@ -170,6 +254,36 @@ mod tests {
                 "\\PC{0,60}"
             )
                 .prop_map(|(code, message)| HubToDevice::Error { code, message }),
+            (any::<u64>(), query(), payload(), any::<u64>()).prop_map(
+                |(request_id, capability, payload, deadline_ms)| HubToDevice::Request {
+                    request_id,
+                    deadline_ms,
+                    request: crate::DeviceRequest::Capability {
+                        capability,
+                        payload
+                    },
+                }
+            ),
+            (any::<u64>(), device_id(), payload()).prop_map(
+                |(request_id, from_device, payload)| {
+                    HubToDevice::CapabilityResponse {
+                        request_id,
+                        outcome: crate::CapabilityOutcome::Ok(crate::CapabilityAnswer {
+                            from_device,
+                            payload,
+                        }),
+                    }
+                }
+            ),
+            (any::<u64>(), "\\PC{0,40}").prop_map(|(request_id, message)| {
+                HubToDevice::CapabilityResponse {
+                    request_id,
+                    outcome: crate::CapabilityOutcome::Error(crate::RemoteError {
+                        code: ErrorCode::NoCapableDevice,
+                        message,
+                    }),
+                }
+            }),
         ]
     }
 
@@ -195,7 +309,7 @@ mod tests {
         }
 
         #[test]
-        fn json_shaped_garbage_never_panics(s in "\\{\"type\":\"(register|heartbeat|service_register|x)\"(,\"[a-z_]{1,10}\":(\\[|\\{|\"|[0-9]|null|true)){0,4}\\}?") {
+        fn json_shaped_garbage_never_panics(s in "\\{\"type\":\"(register|heartbeat|service_register|capabilities_update|capability_request|response|x)\"(,\"[a-z_]{1,10}\":(\\[|\\{|\"|[0-9]|null|true)){0,4}\\}?") {
             let _ = decode::<DeviceToHub>(s.as_bytes(), DEFAULT_MAX_FRAME_BYTES);
         }
     }

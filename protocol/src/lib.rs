@@ -19,12 +19,18 @@
 //!    and a [`DeviceRequest`]); the device answers each with exactly one
 //!    [`DeviceToHub::Response`] carrying the same id. Requests are handled concurrently
 //!    on the device, so a slow one never delays a heartbeat or another answer.
-//! 5. A frame that does not decode is answered with [`HubToDevice::Error`] (`bad_request`);
+//! 5. Either side may ask for a capability: the device with
+//!    [`DeviceToHub::CapabilityRequest`] (answered by one [`HubToDevice::CapabilityResponse`]),
+//!    the hub, on behalf of a user or another device, with a [`DeviceRequest::Capability`]
+//!    request. The device reports what it serves in [`Register`] and, when its plugins
+//!    change, in [`DeviceToHub::CapabilitiesUpdate`].
+//! 6. A frame that does not decode is answered with [`HubToDevice::Error`] (`bad_request`);
 //!    the connection stays up. An oversized frame closes the connection with code 1009.
 //!
 //! Control messages are JSON text frames tagged by `type`; unknown fields are ignored so
 //! either side can grow, unknown types are errors.
 
+pub mod capability;
 pub mod client;
 mod codec;
 mod error;
@@ -33,11 +39,13 @@ mod ids;
 mod messages;
 pub mod tasks;
 
+pub use capability::{CapabilityOffer, CapabilityQuery};
 pub use codec::{decode, encode, DecodeError, DEFAULT_MAX_FRAME_BYTES};
 pub use error::ErrorCode;
 pub use ids::{DeviceId, DeviceSecret, InvalidId, SecretError, MIN_SECRET_LEN};
 pub use messages::{
-    negotiate_version, DeviceReply, DeviceRequest, DeviceToHub, GpuReport, HealthStatus, Heartbeat,
-    HubToDevice, LoadReport, Outcome, ProxyRequest, Register, Registered, RemoteError,
-    ServiceHealth, ServiceInfo, PROTOCOL_VERSION, SUPPORTED_VERSIONS,
+    negotiate_version, CapabilityAnswer, CapabilityOutcome, DeviceReply, DeviceRequest,
+    DeviceToHub, GpuModel, GpuReport, Hardware, HealthStatus, Heartbeat, HubToDevice, LoadReport,
+    Outcome, ProxyRequest, Register, Registered, RemoteError, ServiceHealth, ServiceInfo,
+    PROTOCOL_VERSION, SUPPORTED_VERSIONS,
 };

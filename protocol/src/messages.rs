@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::capability::{CapabilityOffer, CapabilityQuery};
 use crate::tasks::{
     LogLine, NewTask, Position, Task, TaskFilter, TaskId, TaskPage, TaskStats, TaskStatus,
 };
@@ -50,12 +51,15 @@ pub struct Register {
     /// Services on the device's loopback.
     #[serde(default)]
     pub services: Vec<ServiceInfo>,
-    /// Capabilities as `protocol:version` strings.
+    /// What the device serves; each offer reads from `"protocol:version"` or an object.
     #[serde(default)]
-    pub capabilities: Vec<String>,
+    pub capabilities: Vec<CapabilityOffer>,
     /// Version of the agent build, for the operator's eyes.
     #[serde(default)]
     pub agent_version: String,
+    /// Where the device is, in its owner's words (`home`, `eu-west rack 3`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
 }
 
 /// Liveness and load report, sent every heartbeat interval.
@@ -105,6 +109,48 @@ pub struct GpuReport {
     pub utilization_percent: u32,
     /// Core temperature, °C.
     pub temperature_c: Option<u32>,
+}
+
+/// What a device is built of, as opposed to how busy it is: kept in the catalog, and
+/// written only when it changes (a GPU added, RAM upgraded), never per heartbeat.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hardware {
+    /// Logical CPUs.
+    pub cpu_count: u32,
+    /// Bytes of RAM.
+    pub ram_total_bytes: u64,
+    /// NVIDIA GPUs, in NVML index order.
+    #[serde(default)]
+    pub gpus: Vec<GpuModel>,
+}
+
+/// One GPU's fixed facts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuModel {
+    /// Model name.
+    pub name: String,
+    /// Stable GPU UUID.
+    pub uuid: String,
+    /// Bytes of VRAM.
+    pub memory_total_bytes: u64,
+}
+
+impl From<&LoadReport> for Hardware {
+    fn from(load: &LoadReport) -> Self {
+        Hardware {
+            cpu_count: load.cpu_count,
+            ram_total_bytes: load.ram_total_bytes,
+            gpus: load
+                .gpus
+                .iter()
+                .map(|g| GpuModel {
+                    name: g.name.clone(),
+                    uuid: g.uuid.clone(),
+                    memory_total_bytes: g.memory_total_bytes,
+                })
+                .collect(),
+        }
+    }
 }
 
 /// Whether a service answered its last probe.
@@ -176,6 +222,27 @@ pub enum DeviceToHub {
         code: ErrorCode,
         /// In words.
         message: String,
+    },
+    /// What the device serves changed (a plugin manifest was added, edited or removed).
+    CapabilitiesUpdate {
+        /// The full new list.
+        capabilities: Vec<CapabilityOffer>,
+    },
+    /// The device asks the hub to have a capability served by the best device it may
+    /// use; answered by exactly one [`HubToDevice::CapabilityResponse`].
+    CapabilityRequest {
+        /// Chosen by the device, echoed in the answer.
+        request_id: u64,
+        /// What is asked for.
+        capability: CapabilityQuery,
+        /// The request, passed to the serving device as it is.
+        #[serde(default)]
+        payload: serde_json::Value,
+        /// A device to try first.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        prefer_device: Option<DeviceId>,
+        /// Milliseconds the device waits; the hub answers `timeout` by then.
+        deadline_ms: u64,
     },
     /// The answer to a [`HubToDevice::Request`], exactly one per request.
     Response {
@@ -268,6 +335,14 @@ pub enum DeviceRequest {
         /// Page size.
         limit: u32,
     },
+    /// Serve a capability this device offers.
+    Capability {
+        /// What was asked for; the device picks its matching offer.
+        capability: CapabilityQuery,
+        /// The caller's request, as the caller gave it.
+        #[serde(default)]
+        payload: serde_json::Value,
+    },
 }
 
 /// What a device answers, one variant per kind of request.
@@ -297,6 +372,30 @@ pub enum DeviceReply {
         /// returns no line, the log is complete.
         status: TaskStatus,
     },
+    /// A capability's answer, as the serving plugin gave it.
+    Capability {
+        /// The answer.
+        payload: serde_json::Value,
+    },
+}
+
+/// A served capability request: who served it and what it answered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CapabilityAnswer {
+    /// The device that served it.
+    pub from_device: DeviceId,
+    /// Its answer, unchanged.
+    pub payload: serde_json::Value,
+}
+
+/// The outcome of a device's capability request: `{"ok": ...}` or `{"error": ...}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CapabilityOutcome {
+    /// Served.
+    Ok(CapabilityAnswer),
+    /// Not served, and why.
+    Error(RemoteError),
 }
 
 /// Messages the hub sends to a cocoon.
@@ -318,6 +417,14 @@ pub enum HubToDevice {
     /// Forward an HTTP request to one of the device's loopback services. The request
     /// body follows on `stream_id` as binary frames (an empty body is just an end frame).
     ProxyRequest(ProxyRequest),
+    /// The answer to the device's [`DeviceToHub::CapabilityRequest`].
+    CapabilityResponse {
+        /// The device's id for the request.
+        request_id: u64,
+        /// The answer, or why there is none.
+        #[serde(flatten)]
+        outcome: CapabilityOutcome,
+    },
     /// Something the device sent was refused.
     Error {
         /// Machine-readable reason.

@@ -102,7 +102,7 @@ pub fn keeps_tasks(device: &DeviceRecord) -> bool {
     device
         .capabilities
         .iter()
-        .any(|c| c.split(':').next() == Some(TASKS_CAPABILITY))
+        .any(|c| c.protocol == TASKS_CAPABILITY)
 }
 
 /// Asks every device for one page of its tasks after `cursor`; the parts come out of
@@ -202,6 +202,7 @@ pub fn unexpected(reply: &DeviceReply) -> RpcError {
         DeviceReply::Tasks { .. } => "tasks",
         DeviceReply::Stats { .. } => "stats",
         DeviceReply::Logs { .. } => "logs",
+        DeviceReply::Capability { .. } => "capability",
     };
     RpcError::Remote(adi_protocol::RemoteError {
         code: adi_protocol::ErrorCode::UpstreamError,
@@ -335,6 +336,8 @@ mod tests {
                     name: "gone".into(),
                     services: vec![],
                     capabilities: vec![],
+                    location: None,
+                    hardware: None,
                     created_at: 0,
                     owners: vec![],
                 },

@@ -8,7 +8,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use adi_protocol::{DeviceId, ErrorCode, HealthStatus, LoadReport, ServiceInfo};
+use adi_protocol::{
+    CapabilityOffer, DeviceId, ErrorCode, Hardware, HealthStatus, LoadReport, ServiceInfo,
+};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, FromRequestParts, Path, State, WebSocketUpgrade};
 use axum::http::request::Parts;
@@ -43,6 +45,7 @@ pub fn router(state: AppState) -> Router {
             "/api/auth/session",
             post(open_session).delete(close_session),
         )
+        .merge(crate::capability_routes::routes())
         .merge(crate::task_routes::routes())
         .merge(crate::proxy::routes())
         .route("/api/{*rest}", axum::routing::any(api_not_found))
@@ -348,8 +351,17 @@ pub struct CocoonView {
     pub last_heartbeat_age_secs: Option<f64>,
     /// Declared services, with their live health.
     pub services: Vec<ServiceView>,
-    /// Declared capabilities.
-    pub capabilities: Vec<String>,
+    /// What the device serves: live while it is online, as last declared otherwise.
+    pub capabilities: Vec<CapabilityOffer>,
+    /// Where it is, in its owner's words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    /// What it is built of (CPUs, RAM, GPUs), as last reported; kept while offline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hardware: Option<Hardware>,
+    /// Capability requests this hub has in flight to it.
+    #[serde(default)]
+    pub in_flight: u32,
     /// CPU, RAM and GPU use from the latest heartbeat; absent while offline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load: Option<LoadReport>,
@@ -425,7 +437,7 @@ impl From<Owner> for OwnerView {
     }
 }
 
-fn view(state: &HubState, d: DeviceRecord) -> CocoonView {
+pub(crate) fn view(state: &HubState, d: DeviceRecord) -> CocoonView {
     let presence = state.registry.presence(&d.id);
     CocoonView {
         status: if presence.online { "online" } else { "offline" }.into(),
@@ -439,9 +451,15 @@ fn view(state: &HubState, d: DeviceRecord) -> CocoonView {
         } else {
             None
         },
+        capabilities: match state.registry.capabilities(&d.id) {
+            Some(live) if presence.online => live.to_vec(),
+            _ => d.capabilities,
+        },
+        in_flight: state.registry.in_flight(&d.id).unwrap_or(0),
         id: d.id,
         name: d.name,
-        capabilities: d.capabilities,
+        location: d.location,
+        hardware: d.hardware,
         owners: d.owners.into_iter().map(Into::into).collect(),
         created_at: d.created_at,
     }
@@ -593,6 +611,7 @@ async fn claim_token(
     .await
     .inspect_err(|e| warn!(user = %caller.id, "share token refused: {e}"))?;
     tracing::info!(device_id = %device_id, user = %caller.id, "device shared");
+    state.registry.add_owner(&device_id, caller.id);
     let device = state
         .catalog
         .device(&device_id)

@@ -33,6 +33,9 @@ pub struct HubConfig {
     /// Largest proxied request body; `None` for no limit (bodies stream, so size costs
     /// no memory).
     pub proxy_max_body_bytes: Option<u64>,
+    /// How long a capability request waits for the serving device, unless the request
+    /// says otherwise.
+    pub capability_timeout: Duration,
 }
 
 impl Default for HubConfig {
@@ -48,6 +51,7 @@ impl Default for HubConfig {
             ws_read_buffer_bytes: 4096,
             proxy_timeout: Duration::from_secs(30),
             proxy_max_body_bytes: None,
+            capability_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -64,6 +68,9 @@ pub enum ConfigError {
     /// JWT lifetime out of range.
     #[error("JWT lifetime must be between 1 minute and 30 days")]
     JwtTtl,
+    /// Capability timeout out of range.
+    #[error("capability timeout must be between 10 ms and 10 minutes")]
+    CapabilityTimeout,
     /// Public URL is not an http(s) URL.
     #[error("public URL must start with http:// or https://")]
     PublicUrl,
@@ -83,6 +90,11 @@ impl HubConfig {
         if self.jwt_ttl < Duration::from_secs(60) || self.jwt_ttl > Duration::from_secs(30 * 86400)
         {
             return Err(ConfigError::JwtTtl);
+        }
+        if self.capability_timeout < Duration::from_millis(10)
+            || self.capability_timeout > Duration::from_secs(600)
+        {
+            return Err(ConfigError::CapabilityTimeout);
         }
         if let Some(url) = &self.public_url {
             if !(url.starts_with("http://") || url.starts_with("https://")) {

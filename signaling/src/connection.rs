@@ -10,17 +10,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use adi_protocol::{
-    decode, encode, negotiate_version, DecodeError, DeviceId, DeviceReply, DeviceToHub, ErrorCode,
-    HubToDevice, Outcome, Register, Registered, SUPPORTED_VERSIONS,
+    decode, encode, negotiate_version, CapabilityOutcome, CapabilityQuery, DecodeError, DeviceId,
+    DeviceReply, DeviceToHub, ErrorCode, Hardware, HubToDevice, Outcome, Register, Registered,
+    RemoteError, SUPPORTED_VERSIONS,
 };
 use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::{interval, timeout, Instant, MissedTickBehavior};
 use tracing::{debug, info, warn, Instrument};
 
 use crate::auth::unix_now_i64;
-use crate::catalog::{CatalogError, DeviceConfig};
-use crate::registry::{ConnHandle, ConnId};
+use crate::catalog::{CatalogError, DeviceConfig, DeviceRecord, UserId};
+use crate::registry::{ConnHandle, ConnId, Routing};
+use crate::routing::Requester;
 use crate::rpc::{Call, Command, ProxyCall, ProxyOpened, ResponseHead, RpcError};
 use crate::tokens::{self, TokenError};
 use crate::HubState;
@@ -31,6 +33,10 @@ const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 const OUTBOUND_QUEUE: usize = 32;
 /// Requests awaiting an answer from one device before new ones are refused.
 const MAX_IN_FLIGHT: usize = 1024;
+/// Capability requests one device may have open at once; more are refused at once.
+const MAX_DEVICE_REQUESTS: usize = 256;
+/// Longest deadline a device may set on a capability request.
+const MAX_CAPABILITY_DEADLINE: Duration = Duration::from_secs(600);
 /// Body frames queued for the socket before stream senders wait.
 const FRAME_QUEUE: usize = 64;
 /// Heartbeat intervals of silence after which the hub drops a connection.
@@ -105,8 +111,12 @@ async fn run(state: Arc<HubState>, mut socket: WebSocket, conn_id: ConnId) {
         device_id.clone(),
         conn_id,
         ConnHandle {
-            outbound: tx,
+            outbound: tx.clone(),
             cancel: cancel.clone(),
+        },
+        Routing {
+            owners: accepted.owners.into(),
+            capabilities: accepted.config.capabilities.clone().into(),
         },
     );
     info!(enrolled = accepted.enrolled, name = %accepted.config.name, "device online");
@@ -119,6 +129,8 @@ async fn run(state: Arc<HubState>, mut socket: WebSocket, conn_id: ConnId) {
         streams: None,
         heads: HashMap::new(),
         next_stream: 1,
+        own: tx,
+        asking: Arc::new(Semaphore::new(MAX_DEVICE_REQUESTS)),
     };
     let end = conn.pump(&mut socket, rx, &cancel).await;
     state.registry.remove(&device_id, conn_id);
@@ -161,6 +173,10 @@ struct Connection {
     /// Proxied requests waiting for their response head, by stream.
     heads: HashMap<u32, HeadReply>,
     next_stream: u32,
+    /// This connection's own queue, for answers to what the device asked.
+    own: mpsc::Sender<Command>,
+    /// Bounds the capability requests this device may have open at once.
+    asking: Arc<Semaphore>,
 }
 
 impl Connection {
@@ -189,6 +205,7 @@ impl Connection {
                     let frame = match command {
                         Command::Request(call) => self.start_call(*call),
                         Command::Proxy(call) => self.start_proxy(*call, &mut frames),
+                        Command::Send(msg) => Some(self.fit(*msg)),
                     };
                     if let Some(frame) = frame {
                         if let Err(e) = socket.send(frame).await {
@@ -298,13 +315,27 @@ impl Connection {
         }
         let request_id = self.next_request;
         self.next_request += 1;
-        self.pending.insert(request_id, call.reply);
         let deadline_ms = u64::try_from(call.deadline.as_millis()).unwrap_or(u64::MAX);
-        Some(text(&HubToDevice::Request {
+        let frame = encode(&HubToDevice::Request {
             request_id,
             deadline_ms,
             request: call.request,
-        }))
+        });
+        // The device refuses a frame over the limit by closing its link; refusing the
+        // one request here keeps everything else on the link going.
+        let max = self.state.config.max_frame_bytes;
+        if frame.len() > max {
+            let _ = call.reply.send(Err(RpcError::Remote(RemoteError {
+                code: ErrorCode::PayloadTooLarge,
+                message: format!(
+                    "the request is {} bytes; at most {max} fit in one frame to the device",
+                    frame.len()
+                ),
+            })));
+            return None;
+        }
+        self.pending.insert(request_id, call.reply);
+        Some(Message::Text(frame.into()))
     }
 
     /// Handles one data frame; returns the reply to send, if any.
@@ -321,10 +352,41 @@ impl Connection {
                 })
             }
             Ok(DeviceToHub::Heartbeat(hb)) => {
+                let hardware = hb.load.as_ref().map(Hardware::from);
                 self.state
                     .registry
                     .heartbeat(&self.config.id, self.conn_id, hb.services, hb.load);
-                None
+                match hardware {
+                    Some(h) if self.config.hardware.as_ref() != Some(&h) => {
+                        let mut next = self.config.clone();
+                        next.hardware = Some(h);
+                        self.store_config(next, "hardware").await
+                    }
+                    _ => None,
+                }
+            }
+            Ok(DeviceToHub::CapabilitiesUpdate { capabilities }) => {
+                if capabilities == self.config.capabilities {
+                    return None;
+                }
+                self.state.registry.set_capabilities(
+                    &self.config.id,
+                    self.conn_id,
+                    capabilities.clone().into(),
+                );
+                info!(count = capabilities.len(), "device capabilities changed");
+                let mut next = self.config.clone();
+                next.capabilities = capabilities;
+                self.store_config(next, "capabilities").await
+            }
+            Ok(DeviceToHub::CapabilityRequest {
+                request_id,
+                capability,
+                payload,
+                prefer_device,
+                deadline_ms,
+            }) => {
+                self.capability_request(request_id, capability, payload, prefer_device, deadline_ms)
             }
             Ok(DeviceToHub::Response {
                 request_id,
@@ -374,26 +436,126 @@ impl Connection {
                 }
                 let mut next = self.config.clone();
                 next.services = services;
-                match self.state.catalog.update_device(&next).await {
-                    Ok(()) => {
-                        self.config = next;
-                        None
-                    }
-                    Err(e) => {
-                        warn!("storing services failed: {e:#}");
-                        Some(HubToDevice::Error {
-                            code: ErrorCode::Internal,
-                            message: "the hub could not store the services".into(),
-                        })
-                    }
-                }
+                self.store_config(next, "services").await
             }
         }
+    }
+
+    /// The frame for an answer to the device, or, for a capability answer too large to
+    /// send, an error in its place: the request still ends exactly once.
+    fn fit(&self, msg: HubToDevice) -> Message {
+        let frame = encode(&msg);
+        let max = self.state.config.max_frame_bytes;
+        match msg {
+            HubToDevice::CapabilityResponse { request_id, .. } if frame.len() > max => {
+                text(&HubToDevice::CapabilityResponse {
+                    request_id,
+                    outcome: CapabilityOutcome::Error(RemoteError {
+                        code: ErrorCode::PayloadTooLarge,
+                        message: format!(
+                            "the answer is {} bytes; at most {max} fit in one frame",
+                            frame.len()
+                        ),
+                    }),
+                })
+            }
+            _ => Message::Text(frame.into()),
+        }
+    }
+
+    /// Writes a changed configuration to the catalog; on failure the old one stays in
+    /// force here, so the next report tries again.
+    async fn store_config(&mut self, next: DeviceConfig, what: &str) -> Option<HubToDevice> {
+        match self.state.catalog.update_device(&next).await {
+            Ok(()) => {
+                self.config = next;
+                None
+            }
+            Err(e) => {
+                warn!("storing device {what} failed: {e:#}");
+                Some(HubToDevice::Error {
+                    code: ErrorCode::Internal,
+                    message: format!("the hub could not store the {what}"),
+                })
+            }
+        }
+    }
+
+    /// Routes a capability request the device made, in its own task; the answer comes
+    /// back through this connection's queue, exactly once.
+    fn capability_request(
+        &mut self,
+        request_id: u64,
+        query: CapabilityQuery,
+        payload: serde_json::Value,
+        prefer: Option<DeviceId>,
+        deadline_ms: u64,
+    ) -> Option<HubToDevice> {
+        let refuse = |code, message: String| {
+            Some(HubToDevice::CapabilityResponse {
+                request_id,
+                outcome: CapabilityOutcome::Error(RemoteError { code, message }),
+            })
+        };
+        if let Err(e) = adi_protocol::capability::validate_protocol(&query.protocol) {
+            return refuse(ErrorCode::BadRequest, e.to_string());
+        }
+        let Ok(permit) = self.asking.clone().try_acquire_owned() else {
+            return refuse(
+                ErrorCode::UpstreamError,
+                format!("more than {MAX_DEVICE_REQUESTS} capability requests open at once"),
+            );
+        };
+        let owners = self
+            .state
+            .registry
+            .owners(&self.config.id)
+            .unwrap_or_else(|| Arc::from(Vec::new()));
+        let requester = Requester::Device {
+            id: self.config.id.clone(),
+            owners,
+        };
+        let deadline = Duration::from_millis(deadline_ms).min(MAX_CAPABILITY_DEADLINE);
+        let state = self.state.clone();
+        let own = self.own.clone();
+        let span =
+            tracing::info_span!("capability_request", request_id, protocol = %query.protocol);
+        tokio::spawn(
+            async move {
+                let outcome = match crate::routing::request(
+                    &state,
+                    &requester,
+                    &query,
+                    payload,
+                    prefer.as_ref(),
+                    deadline,
+                )
+                .await
+                {
+                    Ok(answer) => CapabilityOutcome::Ok(answer),
+                    Err(e) => {
+                        debug!(code = %e.code(), "capability request not served: {e}");
+                        CapabilityOutcome::Error(e.to_remote())
+                    }
+                };
+                drop(permit);
+                let msg = HubToDevice::CapabilityResponse {
+                    request_id,
+                    outcome,
+                };
+                // Waits for room rather than dropping the answer; fails only if the
+                // connection is gone, and then nobody is left to answer.
+                let _ = own.send(Command::Send(Box::new(msg))).await;
+            }
+            .instrument(span),
+        );
+        None
     }
 }
 
 struct Accepted {
     config: DeviceConfig,
+    owners: Vec<UserId>,
     version: u32,
     enrolled: bool,
 }
@@ -416,16 +578,33 @@ async fn register_device(state: &HubState, reg: &Register) -> Result<Accepted, R
             "device name must be 1 to 128 characters",
         ));
     }
-    let config = DeviceConfig {
+    let location = reg
+        .location
+        .as_deref()
+        .map(str::trim)
+        .filter(|l| !l.is_empty());
+    if location.is_some_and(|l| l.chars().count() > 128) {
+        return Err(Refusal::new(
+            ErrorCode::BadRequest,
+            "device location must be at most 128 characters",
+        ));
+    }
+    let mut config = DeviceConfig {
         id: state.device_ids.derive(&reg.secret),
         name: name.to_owned(),
         services: reg.services.clone(),
         capabilities: reg.capabilities.clone(),
+        location: location.map(str::to_owned),
+        hardware: None,
     };
     if let Some(known) = existing(state, &config.id).await? {
-        update_if_changed(state, &known, &config).await?;
+        // Hardware arrives with the first heartbeat; until then the stored one stands.
+        config.hardware = known.hardware.clone();
+        let owners = known.owners.iter().map(|o| o.id).collect();
+        update_if_changed(state, &DeviceConfig::from(known), &config).await?;
         return Ok(Accepted {
             config,
+            owners,
             version,
             enrolled: false,
         });
@@ -437,17 +616,25 @@ async fn register_device(state: &HubState, reg: &Register) -> Result<Accepted, R
         ));
     };
     match tokens::enrol(state.catalog.as_ref(), token, &config, unix_now_i64()).await {
-        Ok(_) => Ok(Accepted {
+        Ok(record) => Ok(Accepted {
             config,
+            owners: record.owners.iter().map(|o| o.id).collect(),
             version,
             enrolled: true,
         }),
         // Enrolled concurrently by another connection with the same secret.
-        Err(TokenError::Catalog(CatalogError::Conflict(_))) => Ok(Accepted {
-            config,
-            version,
-            enrolled: false,
-        }),
+        Err(TokenError::Catalog(CatalogError::Conflict(_))) => {
+            let owners = existing(state, &config.id)
+                .await?
+                .map(|d| d.owners.iter().map(|o| o.id).collect())
+                .unwrap_or_default();
+            Ok(Accepted {
+                config,
+                owners,
+                version,
+                enrolled: false,
+            })
+        }
         Err(e) => {
             if let TokenError::Catalog(inner) = &e {
                 warn!("enrolment failed in the catalog: {inner:#}");
@@ -457,14 +644,9 @@ async fn register_device(state: &HubState, reg: &Register) -> Result<Accepted, R
     }
 }
 
-async fn existing(state: &HubState, id: &DeviceId) -> Result<Option<DeviceConfig>, Refusal> {
+async fn existing(state: &HubState, id: &DeviceId) -> Result<Option<DeviceRecord>, Refusal> {
     match state.catalog.device(id).await {
-        Ok(found) => Ok(found.map(|d| DeviceConfig {
-            id: d.id,
-            name: d.name,
-            services: d.services,
-            capabilities: d.capabilities,
-        })),
+        Ok(found) => Ok(found),
         Err(e) => {
             warn!("catalog lookup failed: {e:#}");
             Err(Refusal::new(

@@ -12,6 +12,7 @@
 pub mod aggregate;
 pub mod api;
 pub mod auth;
+mod capability_routes;
 pub mod catalog;
 mod client_ws;
 pub mod config;
@@ -21,6 +22,7 @@ pub mod identity;
 mod install;
 mod proxy;
 pub mod registry;
+pub mod routing;
 pub mod rpc;
 mod task_routes;
 pub mod tokens;

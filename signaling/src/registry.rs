@@ -5,15 +5,17 @@
 //! A device that reconnects replaces its old entry; the old connection is cancelled and,
 //! because removal compares connection ids, its late exit cannot evict the new one.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use adi_protocol::{DeviceId, LoadReport, ServiceHealth};
+use adi_protocol::{CapabilityOffer, CapabilityQuery, DeviceId, LoadReport, ServiceHealth};
 use dashmap::DashMap;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::catalog::UserId;
 use crate::rpc::Command;
 
 /// Identifies one WebSocket connection, so a stale one can be told from its successor.
@@ -45,6 +47,39 @@ pub struct LiveDevice {
     /// Load from the latest heartbeat that carried it (boxed: most of the registry's
     /// entries are idle devices, and the entry should stay small).
     pub load: Option<Box<LoadReport>>,
+    /// Who may use the device, copied from the catalog at registration and on every
+    /// claim, so routing never reads the catalog.
+    pub owners: Arc<[UserId]>,
+    /// What the device serves now.
+    pub capabilities: Arc<[CapabilityOffer]>,
+    /// Capability requests this hub has sent the device and not yet seen answered.
+    pub in_flight: Arc<AtomicU32>,
+}
+
+/// What routing needs of a device, fixed at registration and changed by messages.
+#[derive(Debug, Clone)]
+pub struct Routing {
+    /// Users who own the device.
+    pub owners: Arc<[UserId]>,
+    /// What it serves.
+    pub capabilities: Arc<[CapabilityOffer]>,
+}
+
+/// An online device that can serve a query, as routing sees it at one instant.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    /// The device.
+    pub id: DeviceId,
+    /// Its connection.
+    pub handle: ConnHandle,
+    /// Its offer that matches the query (the newest, if it has several).
+    pub offer: CapabilityOffer,
+    /// Capability requests in flight to it.
+    pub in_flight: Arc<AtomicU32>,
+    /// Its last load report.
+    pub load: Option<LoadReport>,
+    /// Its owners.
+    pub owners: Arc<[UserId]>,
 }
 
 /// What the registry says of a device at one instant.
@@ -85,7 +120,7 @@ impl Registry {
     }
 
     /// Records a newly registered connection; cancels the one it replaces, if any.
-    pub fn insert(&self, id: DeviceId, conn_id: ConnId, handle: ConnHandle) {
+    pub fn insert(&self, id: DeviceId, conn_id: ConnId, handle: ConnHandle, routing: Routing) {
         let now = Instant::now();
         let old = self.devices.insert(
             id,
@@ -96,6 +131,9 @@ impl Registry {
                 connected_at: now,
                 health: Vec::new(),
                 load: None,
+                owners: routing.owners,
+                capabilities: routing.capabilities,
+                in_flight: Arc::new(AtomicU32::new(0)),
             },
         );
         if let Some(old) = old {
@@ -125,6 +163,96 @@ impl Registry {
             }
             _ => false,
         }
+    }
+
+    /// Replaces what the device serves, if `conn_id` is still its connection.
+    pub fn set_capabilities(
+        &self,
+        id: &DeviceId,
+        conn_id: ConnId,
+        capabilities: Arc<[CapabilityOffer]>,
+    ) -> bool {
+        match self.devices.get_mut(id) {
+            Some(mut live) if live.conn_id == conn_id => {
+                live.capabilities = capabilities;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Adds a co-owner to a connected device, so a claim takes effect without a
+    /// reconnect.
+    pub fn add_owner(&self, id: &DeviceId, user: UserId) {
+        if let Some(mut live) = self.devices.get_mut(id) {
+            if !live.owners.contains(&user) {
+                let mut owners = live.owners.to_vec();
+                owners.push(user);
+                live.owners = owners.into();
+            }
+        }
+    }
+
+    /// The owners of a connected device.
+    pub fn owners(&self, id: &DeviceId) -> Option<Arc<[UserId]>> {
+        self.devices.get(id).map(|live| live.owners.clone())
+    }
+
+    /// Capability requests in flight to a connected device.
+    pub fn in_flight(&self, id: &DeviceId) -> Option<u32> {
+        self.devices
+            .get(id)
+            .map(|live| live.in_flight.load(Ordering::Relaxed))
+    }
+
+    /// What a connected device serves now.
+    pub fn capabilities(&self, id: &DeviceId) -> Option<Arc<[CapabilityOffer]>> {
+        self.devices.get(id).map(|live| live.capabilities.clone())
+    }
+
+    /// Every online device with an offer that serves `query` and whose owners pass
+    /// `may_use`. Reads RAM only; each entry is cloned out, so no guard outlives the call.
+    pub fn candidates(
+        &self,
+        query: &CapabilityQuery,
+        may_use: impl Fn(&[UserId]) -> bool,
+    ) -> Vec<Candidate> {
+        let window = self.online_window();
+        self.devices
+            .iter()
+            .filter(|e| e.last_heartbeat.elapsed() <= window)
+            .filter_map(|e| {
+                let offer = best_offer(&e.capabilities, query)?;
+                if !may_use(&e.owners) {
+                    return None;
+                }
+                Some(Candidate {
+                    id: e.key().clone(),
+                    handle: e.handle.clone(),
+                    offer,
+                    in_flight: e.in_flight.clone(),
+                    load: e.load.as_deref().cloned(),
+                    owners: e.owners.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// The candidate view of one online device, whatever its owners, if it serves `query`.
+    pub fn candidate(&self, id: &DeviceId, query: &CapabilityQuery) -> Option<Candidate> {
+        let e = self.devices.get(id)?;
+        if e.last_heartbeat.elapsed() > self.online_window() {
+            return None;
+        }
+        let offer = best_offer(&e.capabilities, query)?;
+        Some(Candidate {
+            id: id.clone(),
+            handle: e.handle.clone(),
+            offer,
+            in_flight: e.in_flight.clone(),
+            load: e.load.as_deref().cloned(),
+            owners: e.owners.clone(),
+        })
     }
 
     /// The device's load as last reported, if it is connected and reported any.
@@ -189,6 +317,15 @@ impl Registry {
     }
 }
 
+/// The newest of `offers` that serves `query`.
+fn best_offer(offers: &[CapabilityOffer], query: &CapabilityQuery) -> Option<CapabilityOffer> {
+    offers
+        .iter()
+        .filter(|o| o.serves(query))
+        .max_by(|a, b| a.version.cmp(&b.version))
+        .cloned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,6 +345,13 @@ mod tests {
         DeviceId::from_mac(&[b; 16])
     }
 
+    fn routing() -> Routing {
+        Routing {
+            owners: Arc::from(vec![]),
+            capabilities: Arc::from(vec![]),
+        }
+    }
+
     #[test]
     fn replacement_cancels_the_old_connection_and_its_late_removal_is_ignored() {
         let reg = Registry::new(Duration::from_secs(5));
@@ -215,8 +359,8 @@ mod tests {
         let (h2, _r2) = handle();
         let c1 = reg.next_conn_id();
         let c2 = reg.next_conn_id();
-        reg.insert(id(1), c1, h1.clone());
-        reg.insert(id(1), c2, h2.clone());
+        reg.insert(id(1), c1, h1.clone(), routing());
+        reg.insert(id(1), c2, h2.clone(), routing());
         assert!(h1.cancel.is_cancelled());
         assert!(!h2.cancel.is_cancelled());
         assert!(!reg.remove(&id(1), c1), "stale connection must not evict");
@@ -235,7 +379,7 @@ mod tests {
         let reg = Registry::new(Duration::from_secs(5));
         let (h, _r) = handle();
         let c = reg.next_conn_id();
-        reg.insert(id(2), c, h);
+        reg.insert(id(2), c, h, routing());
         assert!(reg.presence(&id(2)).online);
         tokio::time::advance(Duration::from_secs(9)).await;
         assert!(

@@ -9,6 +9,7 @@ use adi_protocol::{DeviceId, DeviceReply, DeviceRequest, ErrorCode, ProxyRequest
 use adi_tunnel::{BodyReceiver, BodySender};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::registry::ConnHandle;
 use crate::HubState;
 
 /// What callers hand to a connection actor. Boxed, so the queue every connection
@@ -19,6 +20,8 @@ pub enum Command {
     Request(Box<Call>),
     /// Open a proxied HTTP exchange with a body stream each way.
     Proxy(Box<ProxyCall>),
+    /// Send this message as it is: the answer to something the device asked.
+    Send(Box<adi_protocol::HubToDevice>),
 }
 
 /// An HTTP request for one of the device's services.
@@ -108,6 +111,16 @@ pub async fn request(
     deadline: Duration,
 ) -> Result<DeviceReply, RpcError> {
     let handle = state.registry.handle(device).ok_or(RpcError::Offline)?;
+    call(&handle, request, deadline).await
+}
+
+/// Sends `request` through a connection handle already in hand and waits up to
+/// `deadline` for its answer.
+pub async fn call(
+    handle: &ConnHandle,
+    request: DeviceRequest,
+    deadline: Duration,
+) -> Result<DeviceReply, RpcError> {
     let (tx, rx) = oneshot::channel();
     let call = Call {
         request,

@@ -1,5 +1,8 @@
 //! `adi cocoon ...`: run this device's agent, and manage devices through the hub.
 
+use std::collections::BTreeSet;
+use std::io::Read;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -27,6 +30,63 @@ pub enum CocoonCmd {
     List(ListArgs),
     /// List a device's services.
     Services(ServicesArgs),
+    /// List what this device would offer (built-ins and plugin manifests), and where
+    /// each capability comes from. Exits 1 if a manifest is invalid.
+    Capabilities(CapabilitiesArgs),
+    /// Ask, as this device, for a capability served by the best device its owners may
+    /// use; prints the answer (and, on stderr, the device that served it).
+    Request(RequestArgs),
+}
+
+/// Where a cocoon's data dir and plugin settings are, for commands run beside it.
+#[derive(Args)]
+pub struct PluginArgs {
+    /// Directory of plugin manifests (default: plugins/ in the data dir).
+    #[arg(long, env = "ADI_COCOON_PLUGINS_DIR")]
+    plugins_dir: Option<PathBuf>,
+    /// Do not offer this capability (protocol name, e.g. llm.chat); repeatable.
+    #[arg(
+        long = "disable-capability",
+        env = "ADI_COCOON_DISABLE_CAPABILITIES",
+        value_delimiter = ','
+    )]
+    disable_capabilities: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct CapabilitiesArgs {
+    /// The cocoon's data dir (default: XDG data dir).
+    #[arg(long, env = "ADI_COCOON_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// TOML config file (default: cocoon.toml in the data dir, if present).
+    #[arg(long, env = "ADI_COCOON_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    plugins: PluginArgs,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct RequestArgs {
+    /// PROTOCOL, PROTOCOL@VERSION or PROTOCOL:VERSION (least compatible version).
+    capability: String,
+    /// The request, as JSON; `-` reads it from stdin, `@FILE` from a file.
+    #[arg(long, default_value = "null")]
+    payload: String,
+    /// Try this device first (a device id).
+    #[arg(long, value_name = "DEVICE")]
+    prefer: Option<String>,
+    /// How long to wait for the answer.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// The asking cocoon's data dir (default: XDG data dir).
+    #[arg(long, env = "ADI_COCOON_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Print `{from_device, payload}` instead of the payload alone.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -65,6 +125,16 @@ pub struct RunArgs {
     /// How often services are probed for health.
     #[arg(long, env = "ADI_COCOON_HEALTH_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     health_interval: Duration,
+    #[command(flatten)]
+    plugins: PluginArgs,
+    /// Loopback address of the local API for programs on this device, or `off`
+    /// (default 127.0.0.1:0, a free port; address and token go to local-api.json in the
+    /// data dir).
+    #[arg(long, env = "ADI_COCOON_LOCAL_API")]
+    local_api: Option<String>,
+    /// Where this device is, in your words (shown to its owners).
+    #[arg(long, env = "ADI_COCOON_LOCATION")]
+    location: Option<String>,
 }
 
 #[derive(Args)]
@@ -117,7 +187,38 @@ pub async fn run(cmd: CocoonCmd) -> Result<()> {
         CocoonCmd::Claim(a) => claim(a).await,
         CocoonCmd::List(a) => list(a).await,
         CocoonCmd::Services(a) => services(a).await,
+        CocoonCmd::Capabilities(a) => capabilities(a),
+        CocoonCmd::Request(a) => request(a).await,
     }
+}
+
+/// Parses `--local-api`: a loopback `IP:PORT`, or `off`.
+fn parse_local_api(s: &str) -> Result<Option<SocketAddr>> {
+    let s = s.trim();
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    let addr: SocketAddr = s
+        .parse()
+        .with_context(|| format!("--local-api {s:?} is not IP:PORT or off"))?;
+    if !addr.ip().is_loopback() {
+        bail!("--local-api {addr} is not a loopback address; use 127.0.0.1:PORT or [::1]:PORT");
+    }
+    Ok(Some(addr))
+}
+
+/// Checks protocol names given to --disable-capability.
+fn disabled_set(names: &[String]) -> Result<BTreeSet<String>> {
+    names
+        .iter()
+        .map(|n| n.trim())
+        .filter(|n| !n.is_empty())
+        .map(|n| {
+            adi_protocol::capability::validate_protocol(n)
+                .map(str::to_owned)
+                .map_err(|e| anyhow::anyhow!("--disable-capability: {e}"))
+        })
+        .collect()
 }
 
 /// Parses `NAME:PORT[/HEALTH_PATH]`.
@@ -193,6 +294,14 @@ async fn run_agent(mut args: RunArgs) -> Result<()> {
         .or(file.max_concurrent_tasks)
         .unwrap_or(4);
     config.health_interval = args.health_interval;
+    config.plugins_dir = args.plugins.plugins_dir.or(file.plugins_dir);
+    let mut disabled = args.plugins.disable_capabilities;
+    disabled.extend(file.disable_capabilities);
+    config.disabled_capabilities = disabled_set(&disabled)?;
+    if let Some(api) = args.local_api.or(file.local_api) {
+        config.local_api = parse_local_api(&api)?;
+    }
+    config.location = args.location.or(file.location);
     let handle = adi_cocoon::start(config)
         .await
         .context("starting the cocoon")?;
@@ -356,7 +465,7 @@ async fn list(args: ListArgs) -> Result<()> {
                     })
                     .unwrap_or_else(|| "-".into()),
                 join_or_dash(c.services.iter().map(|s| format!("{}:{}", s.name, s.port))),
-                join_or_dash(c.capabilities.iter().cloned()),
+                join_or_dash(c.capabilities.iter().map(ToString::to_string)),
             ]
         })
         .collect();
@@ -410,6 +519,163 @@ async fn services(args: ServicesArgs) -> Result<()> {
         })
         .collect();
     print_table(["NAME", "PORT", "HEALTH", "HEALTH PATH"], &rows);
+    Ok(())
+}
+
+fn capabilities(args: CapabilitiesArgs) -> Result<()> {
+    let data_dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| paths::data_dir("cocoon"));
+    let file = match &args.config {
+        Some(path) => adi_cocoon::config_file::load(path, true)?,
+        None => adi_cocoon::config_file::load(
+            &data_dir.join(adi_cocoon::config_file::DEFAULT_FILE),
+            false,
+        )?,
+    }
+    .unwrap_or_default();
+    let mut disabled = args.plugins.disable_capabilities;
+    disabled.extend(file.disable_capabilities);
+    let mut config = CocoonConfig::new("http://unused", data_dir, "unused");
+    config.plugins_dir = args.plugins.plugins_dir.or(file.plugins_dir);
+    config.disabled_capabilities = disabled_set(&disabled)?;
+    let set = adi_cocoon::plugins::load(&config.plugin_config());
+    for e in &set.errors {
+        eprintln!("skipped: {e}");
+    }
+    if args.json {
+        let rows: Vec<serde_json::Value> = set
+            .served
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "protocol": s.offer.protocol,
+                    "version": s.offer.version.to_string(),
+                    "idempotent": s.offer.idempotent,
+                    "source": s.source,
+                    "plugin": s.plugin,
+                    "serves": serves_text(&s.serve),
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"capabilities": rows, "errors": set.errors})
+            )?
+        );
+    } else {
+        let rows: Vec<[String; 5]> = set
+            .served
+            .iter()
+            .map(|s| {
+                [
+                    s.offer.protocol.clone(),
+                    s.offer.version.to_string(),
+                    if s.offer.idempotent { "yes" } else { "no" }.into(),
+                    match &s.plugin {
+                        Some(name) => format!("{} ({name})", s.source),
+                        None => s.source.clone(),
+                    },
+                    serves_text(&s.serve),
+                ]
+            })
+            .collect();
+        print_table(
+            ["PROTOCOL", "VERSION", "IDEMPOTENT", "SOURCE", "SERVES"],
+            &rows,
+        );
+    }
+    if !set.errors.is_empty() {
+        bail!(
+            "{} manifest problem(s); the cocoon skips those and offers the rest",
+            set.errors.len()
+        );
+    }
+    Ok(())
+}
+
+fn serves_text(serve: &adi_cocoon::plugins::Serve) -> String {
+    match serve {
+        adi_cocoon::plugins::Serve::Builtin => "the cocoon itself".into(),
+        adi_cocoon::plugins::Serve::Http(url) => format!("POST {url}"),
+        adi_cocoon::plugins::Serve::Command { argv, .. } => argv.join(" "),
+    }
+}
+
+#[derive(Deserialize)]
+struct LocalError {
+    error: LocalErrorDetail,
+}
+
+#[derive(Deserialize)]
+struct LocalErrorDetail {
+    code: String,
+    message: String,
+}
+
+async fn request(args: RequestArgs) -> Result<()> {
+    let data_dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| paths::data_dir("cocoon"));
+    let info = adi_cocoon::local_api::read_info(&data_dir).with_context(|| {
+        format!(
+            "no running cocoon's local API found in {} (is `adi cocoon run` running with this data dir, and its local API on?)",
+            data_dir.display()
+        )
+    })?;
+    let (protocol, version) = match args.capability.split_once(['@', ':']) {
+        Some((p, v)) => (p.trim().to_owned(), Some(v.trim().to_owned())),
+        None => (args.capability.trim().to_owned(), None),
+    };
+    adi_protocol::CapabilityQuery::new(&protocol, version.as_deref())?;
+    let raw = if args.payload == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("reading the payload from stdin")?;
+        s
+    } else if let Some(path) = args.payload.strip_prefix('@') {
+        std::fs::read_to_string(path).with_context(|| format!("reading the payload from {path}"))?
+    } else {
+        args.payload.clone()
+    };
+    let payload: serde_json::Value =
+        serde_json::from_str(&raw).context("--payload is not valid JSON")?;
+    let body = serde_json::json!({
+        "version": version,
+        "payload": payload,
+        "prefer_device": args.prefer,
+        "timeout_ms": u64::try_from(args.timeout.as_millis()).unwrap_or(u64::MAX),
+    });
+    let resp = reqwest::Client::builder()
+        .no_proxy()
+        .build()?
+        .post(format!("{}/v1/capabilities/{protocol}/request", info.url))
+        .bearer_auth(&info.token)
+        .json(&body)
+        .timeout(args.timeout + Duration::from_secs(5))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the cocoon's local API at {}", info.url))?;
+    let status = resp.status();
+    let bytes = resp.bytes().await?;
+    if !status.is_success() {
+        match serde_json::from_slice::<LocalError>(&bytes) {
+            Ok(e) => bail!("{} ({})", e.error.message, e.error.code),
+            Err(_) => bail!("the local API answered HTTP {status}"),
+        }
+    }
+    let answer: adi_protocol::CapabilityAnswer = serde_json::from_slice(&bytes)
+        .context("the local API's answer is not what this adi expects")?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+    } else {
+        println!("{}", serde_json::to_string_pretty(&answer.payload)?);
+        eprintln!("served by device {}", answer.from_device);
+    }
     Ok(())
 }
 

@@ -72,6 +72,10 @@ pub struct ServeArgs {
     /// Largest proxied request body in bytes (default: no limit; bodies stream).
     #[arg(long, env = "ADI_PROXY_MAX_BODY_BYTES")]
     proxy_max_body_bytes: Option<u64>,
+    /// How long a capability request waits for the serving device (a request may set
+    /// its own with timeout_ms).
+    #[arg(long, env = "ADI_CAPABILITY_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    capability_timeout: Duration,
 }
 
 #[derive(Args)]
@@ -100,6 +104,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         public_url: args.public_url,
         proxy_timeout: args.proxy_timeout,
         proxy_max_body_bytes: args.proxy_max_body_bytes,
+        capability_timeout: args.capability_timeout,
         ..HubConfig::default()
     };
     let hub = adi_signaling::spawn(config)

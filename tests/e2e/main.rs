@@ -4,6 +4,7 @@
 
 mod access;
 mod auth;
+mod capabilities;
 mod enrolment;
 mod harness;
 mod install;

@@ -13,7 +13,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use adi_protocol::{DeviceId, ServiceInfo};
+use adi_protocol::{CapabilityOffer, DeviceId, GpuModel, Hardware, ServiceInfo};
 use futures_util::FutureExt;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection};
@@ -241,8 +241,14 @@ fn config(id: &DeviceId, name: &str) -> DeviceConfig {
                 health_path: None,
             },
         ],
-        capabilities: vec!["proxy:1".into(), "exec:2".into()],
+        capabilities: vec![offer("proxy:1.0.0"), offer("exec:2.1.0")],
+        location: Some("kitchen".into()),
+        hardware: None,
     }
+}
+
+fn offer(s: &str) -> CapabilityOffer {
+    s.parse().expect("valid capability")
 }
 
 fn token_record(id: &str, kind: TokenKind, by: UserId, device: Option<&DeviceId>) -> TokenRecord {
@@ -450,6 +456,7 @@ async fn enrol_creates_device_owned_by_token_creator(c: Arc<dyn Catalog>) {
     assert_eq!(record.name, "kitchen-pi");
     assert_eq!(record.services, cfg.services);
     assert_eq!(record.capabilities, cfg.capabilities);
+    assert_eq!(record.location.as_deref(), Some("kitchen"));
     assert_eq!(record.created_at, NOW);
     assert_eq!(record.owners, vec![owner(&alice)]);
 
@@ -817,7 +824,20 @@ async fn update_device_rewrites_config(c: Arc<dyn Catalog>) {
             port: 3000,
             health_path: Some("/api/health?full=1".into()),
         }],
-        capabilities: vec!["proxy:2".into()],
+        capabilities: vec![CapabilityOffer {
+            idempotent: true,
+            ..offer("embeddings:1.2.0")
+        }],
+        location: None,
+        hardware: Some(Hardware {
+            cpu_count: 16,
+            ram_total_bytes: 64 << 30,
+            gpus: vec![GpuModel {
+                name: "NVIDIA H200".into(),
+                uuid: "GPU-1".into(),
+                memory_total_bytes: 141 << 30,
+            }],
+        }),
     };
     c.update_device(&new).await.expect("update_device");
     let after = c.device(&id).await.expect("device").expect("exists");
@@ -826,7 +846,9 @@ async fn update_device_rewrites_config(c: Arc<dyn Catalog>) {
         after.services, new.services,
         "services round-trip, health_path too"
     );
-    assert_eq!(after.capabilities, new.capabilities);
+    assert_eq!(after.capabilities, new.capabilities, "idempotent flag too");
+    assert_eq!(after.location, None, "location can be cleared");
+    assert_eq!(after.hardware, new.hardware, "hardware round-trips");
     assert_eq!(after.created_at, before.created_at, "created_at is kept");
     assert_eq!(after.owners, before.owners, "owners are kept");
 
@@ -835,6 +857,8 @@ async fn update_device_rewrites_config(c: Arc<dyn Catalog>) {
         name: "bare".into(),
         services: Vec::new(),
         capabilities: Vec::new(),
+        location: None,
+        hardware: None,
     };
     c.update_device(&empty).await.expect("update_device");
     let bare = c.device(&id).await.expect("device").expect("exists");

@@ -15,7 +15,7 @@ mod sqlite;
 use std::path::Path;
 use std::sync::Arc;
 
-use adi_protocol::{DeviceId, ServiceInfo};
+use adi_protocol::{CapabilityOffer, DeviceId, Hardware, ServiceInfo};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
@@ -116,8 +116,12 @@ pub struct DeviceRecord {
     pub name: String,
     /// Services it declared.
     pub services: Vec<ServiceInfo>,
-    /// Capabilities it declared, as `protocol:version`.
-    pub capabilities: Vec<String>,
+    /// Capabilities it declared.
+    pub capabilities: Vec<CapabilityOffer>,
+    /// Where it is, in its owner's words.
+    pub location: Option<String>,
+    /// What it is built of, as last reported.
+    pub hardware: Option<Hardware>,
     /// Unix seconds.
     pub created_at: i64,
     /// Users who own it, ordered by name.
@@ -143,7 +147,24 @@ pub struct DeviceConfig {
     /// Declared services.
     pub services: Vec<ServiceInfo>,
     /// Declared capabilities.
-    pub capabilities: Vec<String>,
+    pub capabilities: Vec<CapabilityOffer>,
+    /// Where it is, in its owner's words.
+    pub location: Option<String>,
+    /// What it is built of; `None` until its first load report.
+    pub hardware: Option<Hardware>,
+}
+
+impl From<DeviceRecord> for DeviceConfig {
+    fn from(d: DeviceRecord) -> Self {
+        DeviceConfig {
+            id: d.id,
+            name: d.name,
+            services: d.services,
+            capabilities: d.capabilities,
+            location: d.location,
+            hardware: d.hardware,
+        }
+    }
 }
 
 /// Why a catalog operation failed.

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use adi_protocol::{DeviceId, ServiceInfo};
+use adi_protocol::{CapabilityOffer, DeviceId, Hardware, ServiceInfo};
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::Row;
@@ -24,7 +24,7 @@ const MAX_CONNECTIONS: u32 = 10;
 /// How long a request waits for a free connection before failing.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
-const DEVICE_COLUMNS: &str = "id, name, services, capabilities, created_at";
+const DEVICE_COLUMNS: &str = "id, name, services, capabilities, location, hardware, created_at";
 
 /// The catalog in a PostgreSQL database.
 #[derive(Debug, Clone)]
@@ -215,13 +215,15 @@ impl Catalog for PgCatalog {
             return Err(CatalogError::TokenUnavailable);
         };
         sqlx::query(
-            "INSERT INTO devices (id, name, services, capabilities, created_at) \
-             VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO devices (id, name, services, capabilities, location, hardware, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(device.id.as_str())
         .bind(&device.name)
         .bind(&services)
         .bind(&capabilities)
+        .bind(device.location.as_deref())
+        .bind(device.hardware.as_ref().map(encode_json).transpose()?)
         .bind(now)
         .execute(&mut *tx)
         .await
@@ -239,6 +241,8 @@ impl Catalog for PgCatalog {
             name: device.name.clone(),
             services: device.services.clone(),
             capabilities: device.capabilities.clone(),
+            location: device.location.clone(),
+            hardware: device.hardware.clone(),
             created_at: now,
             owners,
         })
@@ -305,7 +309,7 @@ impl Catalog for PgCatalog {
             .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             .await?;
         let rows = sqlx::query(
-            "SELECT d.id, d.name, d.services, d.capabilities, d.created_at \
+            "SELECT d.id, d.name, d.services, d.capabilities, d.location, d.hardware, d.created_at \
              FROM devices d JOIN device_owners o ON o.device_id = d.id \
              WHERE o.user_id = $1 ORDER BY d.name, d.id",
         )
@@ -350,11 +354,14 @@ impl Catalog for PgCatalog {
 
     async fn update_device(&self, device: &DeviceConfig) -> Result<()> {
         let done = sqlx::query(
-            "UPDATE devices SET name = $1, services = $2, capabilities = $3 WHERE id = $4",
+            "UPDATE devices SET name = $1, services = $2, capabilities = $3, location = $4, \
+             hardware = $5 WHERE id = $6",
         )
         .bind(&device.name)
         .bind(encode_json(&device.services)?)
         .bind(encode_json(&device.capabilities)?)
+        .bind(device.location.as_deref())
+        .bind(device.hardware.as_ref().map(encode_json).transpose()?)
         .bind(device.id.as_str())
         .execute(&self.pool)
         .await?;
@@ -406,7 +413,12 @@ fn device_from_row(row: &PgRow, owners: Vec<Owner>) -> Result<DeviceRecord> {
         id: parse_device_id(&row.try_get::<String, _>("id")?)?,
         name: row.try_get("name")?,
         services: decode_json::<Vec<ServiceInfo>>(&services, "device services")?,
-        capabilities: decode_json::<Vec<String>>(&capabilities, "device capabilities")?,
+        capabilities: decode_json::<Vec<CapabilityOffer>>(&capabilities, "device capabilities")?,
+        location: row.try_get("location")?,
+        hardware: row
+            .try_get::<Option<String>, _>("hardware")?
+            .map(|h| decode_json::<Hardware>(&h, "device hardware"))
+            .transpose()?,
         created_at: row.try_get("created_at")?,
         owners,
     })

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use adi_protocol::{DeviceId, ServiceInfo};
+use adi_protocol::{CapabilityOffer, DeviceId, Hardware, ServiceInfo};
 use async_trait::async_trait;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
@@ -28,7 +28,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// SQLite has one writer at a time; a few connections are enough for concurrent reads.
 const MAX_CONNECTIONS: u32 = 4;
 
-const DEVICE_COLUMNS: &str = "id, name, services, capabilities, created_at";
+const DEVICE_COLUMNS: &str = "id, name, services, capabilities, location, hardware, created_at";
 
 /// The catalog in one SQLite file.
 #[derive(Debug, Clone)]
@@ -224,13 +224,15 @@ impl Catalog for SqliteCatalog {
             return Err(CatalogError::TokenUnavailable);
         };
         sqlx::query(
-            "INSERT INTO devices (id, name, services, capabilities, created_at) \
-             VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO devices (id, name, services, capabilities, location, hardware, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(device.id.as_str())
         .bind(&device.name)
         .bind(&services)
         .bind(&capabilities)
+        .bind(device.location.as_deref())
+        .bind(device.hardware.as_ref().map(encode_json).transpose()?)
         .bind(now)
         .execute(&mut *tx)
         .await
@@ -248,6 +250,8 @@ impl Catalog for SqliteCatalog {
             name: device.name.clone(),
             services: device.services.clone(),
             capabilities: device.capabilities.clone(),
+            location: device.location.clone(),
+            hardware: device.hardware.clone(),
             created_at: now,
             owners,
         })
@@ -309,7 +313,7 @@ impl Catalog for SqliteCatalog {
         // Both reads in one transaction so the owner lists match the device list.
         let mut tx = self.pool.begin().await?;
         let rows = sqlx::query(
-            "SELECT d.id, d.name, d.services, d.capabilities, d.created_at \
+            "SELECT d.id, d.name, d.services, d.capabilities, d.location, d.hardware, d.created_at \
              FROM devices d JOIN device_owners o ON o.device_id = d.id \
              WHERE o.user_id = ? ORDER BY d.name, d.id",
         )
@@ -354,10 +358,12 @@ impl Catalog for SqliteCatalog {
 
     async fn update_device(&self, device: &DeviceConfig) -> Result<()> {
         let done =
-            sqlx::query("UPDATE devices SET name = ?, services = ?, capabilities = ? WHERE id = ?")
+            sqlx::query("UPDATE devices SET name = ?, services = ?, capabilities = ?, location = ?, hardware = ? WHERE id = ?")
                 .bind(&device.name)
                 .bind(encode_json(&device.services)?)
                 .bind(encode_json(&device.capabilities)?)
+                .bind(device.location.as_deref())
+                .bind(device.hardware.as_ref().map(encode_json).transpose()?)
                 .bind(device.id.as_str())
                 .execute(&self.pool)
                 .await?;
@@ -409,7 +415,12 @@ fn device_from_row(row: &SqliteRow, owners: Vec<Owner>) -> Result<DeviceRecord> 
         id: parse_device_id(&row.try_get::<String, _>("id")?)?,
         name: row.try_get("name")?,
         services: decode_json::<Vec<ServiceInfo>>(&services, "device services")?,
-        capabilities: decode_json::<Vec<String>>(&capabilities, "device capabilities")?,
+        capabilities: decode_json::<Vec<CapabilityOffer>>(&capabilities, "device capabilities")?,
+        location: row.try_get("location")?,
+        hardware: row
+            .try_get::<Option<String>, _>("hardware")?
+            .map(|h| decode_json::<Hardware>(&h, "device hardware"))
+            .transpose()?,
         created_at: row.try_get("created_at")?,
         owners,
     })

@@ -1,0 +1,287 @@
+//! Capabilities: what a device offers (`embeddings:1.2.0`) and what a caller asks for
+//! (`embeddings:1.0.0`), with the one compatibility rule every side applies.
+//!
+//! A request matches an offer of the same protocol when the versions share the major
+//! number and the offer is at least the requested version: an offer of `1.4.0` serves
+//! a request for `1.2.0`, never one for `2.0.0` or `1.5.0`.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Longest protocol name accepted.
+pub const MAX_PROTOCOL_LEN: usize = 64;
+
+/// A protocol name that is not 1-64 characters of `[a-z0-9._-]`, starting with a
+/// letter or digit, or a version that is not semver.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CapabilityError {
+    /// The protocol name is malformed.
+    #[error("protocol name {0:?} must be 1-64 of [a-z0-9._-], starting with a letter or digit")]
+    Protocol(String),
+    /// The version is not `MAJOR[.MINOR[.PATCH]]`.
+    #[error("version {0:?} is not a semantic version (MAJOR.MINOR.PATCH)")]
+    Version(String),
+    /// Not `PROTOCOL:VERSION`.
+    #[error("capability {0:?} is not PROTOCOL:VERSION")]
+    Shape(String),
+}
+
+/// Checks a protocol name; returns it unchanged when it is valid.
+pub fn validate_protocol(name: &str) -> Result<&str, CapabilityError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_PROTOCOL_LEN
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'_' || b == b'-'
+        });
+    if ok {
+        Ok(name)
+    } else {
+        Err(CapabilityError::Protocol(name.chars().take(80).collect()))
+    }
+}
+
+/// Parses `1`, `1.2` or `1.2.3` (pre-release and build parts allowed on the full form).
+pub fn parse_version(s: &str) -> Result<semver::Version, CapabilityError> {
+    let s = s.trim();
+    let err = || CapabilityError::Version(s.chars().take(40).collect());
+    let dots = s.bytes().filter(|b| *b == b'.').count();
+    let padded = match dots {
+        0 if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => format!("{s}.0.0"),
+        1 if s.bytes().all(|b| b.is_ascii_digit() || b == b'.') => format!("{s}.0"),
+        _ => s.to_owned(),
+    };
+    semver::Version::parse(&padded).map_err(|_| err())
+}
+
+/// A capability a device offers, with how the hub may treat requests for it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct CapabilityOffer {
+    /// Protocol name, e.g. `embeddings`.
+    pub protocol: String,
+    /// The version served.
+    #[serde(serialize_with = "version_text")]
+    pub version: semver::Version,
+    /// Whether a request may be sent twice: the hub retries an idempotent request once
+    /// on the next device when the first one fails before answering.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub idempotent: bool,
+}
+
+impl CapabilityOffer {
+    /// A non-idempotent offer.
+    pub fn new(protocol: &str, version: &str) -> Result<Self, CapabilityError> {
+        Ok(CapabilityOffer {
+            protocol: validate_protocol(protocol)?.to_owned(),
+            version: parse_version(version)?,
+            idempotent: false,
+        })
+    }
+
+    /// Whether this offer can serve `query`.
+    pub fn serves(&self, query: &CapabilityQuery) -> bool {
+        self.protocol == query.protocol
+            && query
+                .version
+                .as_ref()
+                .is_none_or(|want| compatible(&self.version, want))
+    }
+}
+
+/// Whether a device offering `offered` may serve a request for `wanted`: same major,
+/// and at least the requested version.
+pub fn compatible(offered: &semver::Version, wanted: &semver::Version) -> bool {
+    offered.major == wanted.major && offered >= wanted
+}
+
+impl fmt::Display for CapabilityOffer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.protocol, self.version)
+    }
+}
+
+impl FromStr for CapabilityOffer {
+    type Err = CapabilityError;
+    fn from_str(s: &str) -> Result<Self, CapabilityError> {
+        let (protocol, version) = split(s)?;
+        CapabilityOffer::new(protocol, version)
+    }
+}
+
+fn split(s: &str) -> Result<(&str, &str), CapabilityError> {
+    s.trim()
+        .split_once([':', '@'])
+        .ok_or_else(|| CapabilityError::Shape(s.chars().take(80).collect()))
+}
+
+/// Offers arrive either as `"protocol:version"` (the first protocol version's form)
+/// or as objects; both are checked, so a malformed offer never reaches the registry.
+impl<'de> Deserialize<'de> for CapabilityOffer {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Wire {
+            Text(String),
+            Object {
+                protocol: String,
+                version: String,
+                #[serde(default)]
+                idempotent: bool,
+            },
+        }
+        match Wire::deserialize(d)? {
+            Wire::Text(s) => s.parse().map_err(serde::de::Error::custom),
+            Wire::Object {
+                protocol,
+                version,
+                idempotent,
+            } => {
+                let mut offer =
+                    CapabilityOffer::new(&protocol, &version).map_err(serde::de::Error::custom)?;
+                offer.idempotent = idempotent;
+                Ok(offer)
+            }
+        }
+    }
+}
+
+/// What a caller asks for: a protocol and, optionally, the least version it needs.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct CapabilityQuery {
+    /// Protocol name.
+    pub protocol: String,
+    /// Least compatible version; `None` takes any version.
+    #[serde(
+        default,
+        with = "opt_version_text",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub version: Option<semver::Version>,
+}
+
+impl CapabilityQuery {
+    /// A checked query.
+    pub fn new(protocol: &str, version: Option<&str>) -> Result<Self, CapabilityError> {
+        Ok(CapabilityQuery {
+            protocol: validate_protocol(protocol)?.to_owned(),
+            version: version
+                .filter(|v| !v.trim().is_empty())
+                .map(parse_version)
+                .transpose()?,
+        })
+    }
+}
+
+impl fmt::Display for CapabilityQuery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.version {
+            Some(v) => write!(f, "{}:{v}", self.protocol),
+            None => f.write_str(&self.protocol),
+        }
+    }
+}
+
+/// Parses `PROTOCOL`, `PROTOCOL@VERSION` or `PROTOCOL:VERSION`.
+impl FromStr for CapabilityQuery {
+    type Err = CapabilityError;
+    fn from_str(s: &str) -> Result<Self, CapabilityError> {
+        match s.trim().split_once([':', '@']) {
+            Some((p, v)) => CapabilityQuery::new(p, Some(v)),
+            None => CapabilityQuery::new(s.trim(), None),
+        }
+    }
+}
+
+fn version_text<S: serde::Serializer>(v: &semver::Version, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+mod opt_version_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<semver::Version>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => s.collect_str(v),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<semver::Version>, D::Error> {
+        match Option::<String>::deserialize(d)? {
+            Some(s) if !s.trim().is_empty() => super::parse_version(&s)
+                .map(Some)
+                .map_err(serde::de::Error::custom),
+            _ => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn q(s: &str) -> CapabilityQuery {
+        s.parse().expect("valid query")
+    }
+
+    fn offer(s: &str) -> CapabilityOffer {
+        s.parse().expect("valid offer")
+    }
+
+    #[test]
+    fn same_major_and_at_least_the_requested_version() {
+        let o = offer("embeddings:1.2.0");
+        assert!(o.serves(&q("embeddings:1.0.0")));
+        assert!(o.serves(&q("embeddings@1.2")));
+        assert!(o.serves(&q("embeddings")));
+        assert!(!o.serves(&q("embeddings:1.3.0")), "older minor");
+        assert!(!o.serves(&q("embeddings:2.0.0")), "other major");
+        assert!(!o.serves(&q("embeddings:0.9.0")), "other major");
+        assert!(!o.serves(&q("llm.chat:1.0.0")), "other protocol");
+    }
+
+    #[test]
+    fn short_versions_are_padded_and_garbage_refused() {
+        assert_eq!(
+            parse_version("1").expect("ok"),
+            semver::Version::new(1, 0, 0)
+        );
+        assert_eq!(
+            parse_version("1.2").expect("ok"),
+            semver::Version::new(1, 2, 0)
+        );
+        assert!(parse_version("one").is_err());
+        assert!(parse_version("1..2").is_err());
+        assert!(parse_version("").is_err());
+        assert!(validate_protocol("Embeddings").is_err());
+        assert!(validate_protocol("-x").is_err());
+        assert!(validate_protocol(&"a".repeat(65)).is_err());
+        assert!(validate_protocol("llm.chat").is_ok());
+    }
+
+    #[test]
+    fn offers_read_both_wire_forms() {
+        let from_text: CapabilityOffer = serde_json::from_str("\"tasks:1.0.0\"").expect("text");
+        assert_eq!(from_text, offer("tasks:1.0.0"));
+        let from_obj: CapabilityOffer = serde_json::from_str(
+            r#"{"protocol":"embeddings","version":"1.2.0","idempotent":true,"extra":1}"#,
+        )
+        .expect("object");
+        assert!(from_obj.idempotent);
+        assert_eq!(from_obj.version, semver::Version::new(1, 2, 0));
+        assert!(serde_json::from_str::<CapabilityOffer>("\"BAD:1\"").is_err());
+        assert!(
+            serde_json::from_str::<CapabilityOffer>(r#"{"protocol":"x","version":"v"}"#).is_err()
+        );
+        let back: CapabilityOffer =
+            serde_json::from_str(&serde_json::to_string(&from_obj).expect("ser")).expect("de");
+        assert_eq!(back, from_obj);
+    }
+}

@@ -1,0 +1,175 @@
+//! The REST edge of capability routing: a user asks for a capability and the best of
+//! their devices serves it (`POST /api/capabilities/{protocol}/request`), or lists which
+//! of their devices offer one, with their load (`GET /api/cocoons/by-capability`).
+//!
+//! Only the caller's own devices are ever chosen or listed; the choice itself lives in
+//! [`crate::routing`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use adi_protocol::{CapabilityAnswer, CapabilityOffer, CapabilityQuery, DeviceId, ErrorCode};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::{Deserialize, Serialize};
+
+use crate::api::{view, ApiError, Caller, CocoonView, Json};
+use crate::routing::{self, Requester, RouteError};
+use crate::HubState;
+
+/// Longest deadline a caller may ask for.
+const MAX_TIMEOUT: Duration = Duration::from_secs(600);
+
+pub(crate) fn routes() -> Router<Arc<HubState>> {
+    Router::new()
+        .route(
+            "/api/capabilities/{protocol}/request",
+            post(request_capability).layer(DefaultBodyLimit::max(
+                adi_protocol::DEFAULT_MAX_FRAME_BYTES * 16,
+            )),
+        )
+        .route("/api/cocoons/by-capability", get(by_capability))
+}
+
+impl From<RouteError> for ApiError {
+    fn from(e: RouteError) -> Self {
+        match &e {
+            // Same answer as for a device that does not exist.
+            RouteError::Forbidden(_) => ApiError::new(ErrorCode::NotFound, "no such device"),
+            other => ApiError::new(other.code(), other.to_string()),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct CapabilityRequestBody {
+    /// Least compatible version; any version when absent.
+    #[serde(default)]
+    version: Option<String>,
+    #[serde(default)]
+    payload: serde_json::Value,
+    #[serde(default)]
+    prefer_device: Option<String>,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+fn query(protocol: &str, version: Option<&str>) -> Result<CapabilityQuery, ApiError> {
+    CapabilityQuery::new(protocol, version)
+        .map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()))
+}
+
+async fn request_capability(
+    State(state): State<Arc<HubState>>,
+    caller: Caller,
+    Path(protocol): Path<String>,
+    Json(body): Json<CapabilityRequestBody>,
+) -> Result<Json<CapabilityAnswer>, ApiError> {
+    let query = query(&protocol, body.version.as_deref())?;
+    let prefer = match body.prefer_device.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(raw) => Some(raw.parse::<DeviceId>().map_err(|_| {
+            ApiError::new(ErrorCode::BadRequest, "prefer_device is not a device id")
+        })?),
+    };
+    let size = serde_json::to_vec(&body.payload).map_or(usize::MAX, |v| v.len());
+    // The payload travels in one control frame to the device.
+    let room = state.config.max_frame_bytes.saturating_sub(1024);
+    if size > room {
+        return Err(ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("the payload is {size} bytes; at most {room} fit in one request"),
+        ));
+    }
+    let timeout = body
+        .timeout_ms
+        .map(Duration::from_millis)
+        .unwrap_or(state.config.capability_timeout)
+        .clamp(Duration::from_millis(1), MAX_TIMEOUT);
+    let answer = routing::request(
+        &state,
+        &Requester::User(caller.id),
+        &query,
+        body.payload,
+        prefer.as_ref(),
+        timeout,
+    )
+    .await
+    .inspect_err(
+        |e| tracing::debug!(user = %caller.id, code = %e.code(), "capability request failed: {e}"),
+    )?;
+    Ok(Json(answer))
+}
+
+#[derive(Deserialize)]
+struct ByCapabilityParams {
+    protocol: Option<String>,
+    version: Option<String>,
+}
+
+/// One device that offers the capability, with what routing would weigh.
+#[derive(Serialize)]
+struct Offering {
+    #[serde(flatten)]
+    device: CocoonView,
+    /// The offer that matches, when online.
+    offer: CapabilityOffer,
+    /// Routing score when online: in-flight requests plus a load share; lower is better.
+    score: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct Offerings {
+    protocol: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<String>,
+    cocoons: Vec<Offering>,
+}
+
+async fn by_capability(
+    State(state): State<Arc<HubState>>,
+    caller: Caller,
+    Query(params): Query<ByCapabilityParams>,
+) -> Result<Json<Offerings>, ApiError> {
+    let protocol = params
+        .protocol
+        .as_deref()
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| ApiError::new(ErrorCode::BadRequest, "protocol is required"))?;
+    let query = query(protocol, params.version.as_deref())?;
+    let devices = state.catalog.devices_owned_by(caller.id).await?;
+    let mut cocoons: Vec<Offering> = devices
+        .into_iter()
+        .filter_map(|d| {
+            let live = state.registry.candidate(&d.id, &query);
+            let offer = match &live {
+                Some(c) => c.offer.clone(),
+                None => d
+                    .capabilities
+                    .iter()
+                    .filter(|o| o.serves(&query))
+                    .max_by(|a, b| a.version.cmp(&b.version))?
+                    .clone(),
+            };
+            Some(Offering {
+                score: live.as_ref().map(routing::score),
+                offer,
+                device: view(&state, d),
+            })
+        })
+        .collect();
+    // Online first, best score first; offline ones by name.
+    cocoons.sort_by(|a, b| match (a.score, b.score) {
+        (Some(x), Some(y)) => x.total_cmp(&y),
+        (Some(_), None) => std::cmp::Ordering::Less,
+        (None, Some(_)) => std::cmp::Ordering::Greater,
+        (None, None) => a.device.name.cmp(&b.device.name),
+    });
+    Ok(Json(Offerings {
+        protocol: query.protocol,
+        version: query.version.map(|v| v.to_string()),
+        cocoons,
+    }))
+}
