@@ -137,3 +137,74 @@ async fn load_is_reported_and_a_machine_without_nvidia_says_no_gpu_once() -> Res
     );
     Ok(())
 }
+
+/// Size and modification time of the catalog's files, to tell whether it was written.
+fn catalog_stamp(hub: &Hub) -> Vec<(u64, Option<std::time::SystemTime>)> {
+    ["catalog.db", "catalog.db-wal"]
+        .iter()
+        .map(|f| {
+            let meta = std::fs::metadata(hub.data_dir.join(f)).ok();
+            (
+                meta.as_ref().map_or(0, std::fs::Metadata::len),
+                meta.and_then(|m| m.modified().ok()),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn hardware_and_location_are_configuration_and_heartbeats_never_write_the_catalog(
+) -> Result<()> {
+    let hub = Hub::start().await?;
+    let alice = Api::login(&hub.url, &hub.add_user("alice")?).await?;
+    let mut cocoon = Cocoon::start(
+        &hub.url,
+        "rack-box",
+        Some(&alice.setup_token(60).await?),
+        &["--location", "rack 3, shelf 2", "--health-interval", "200ms"],
+    )?;
+    let id = cocoon.device_id().await?;
+    let view = crate::harness::wait_for("hardware reported", Duration::from_secs(10), || async {
+        let (_, v) = alice.cocoon(&id).await?;
+        Ok((v["hardware"]["cpu_count"].as_u64().unwrap_or(0) >= 1 && v["load"].is_object())
+            .then_some(v))
+    })
+    .await?;
+    assert_eq!(view["location"], "rack 3, shelf 2");
+    assert_eq!(
+        view["hardware"]["ram_total_bytes"], view["load"]["ram_total_bytes"],
+        "{view}"
+    );
+    // No NVIDIA driver here: the probe reports no GPU, and the cocoon runs on.
+    assert_eq!(view["hardware"]["gpus"], serde_json::json!([]), "{view}");
+
+    // Six more heartbeats, each seen as the heartbeat age falling back: the catalog's
+    // files stay as they were, load changes and all.
+    let before = catalog_stamp(&hub);
+    let mut last_age = f64::MAX;
+    let mut beats = 0;
+    let started = Instant::now();
+    while beats <= 6 {
+        anyhow::ensure!(
+            started.elapsed() < HEARTBEAT * 20,
+            "heartbeats stopped arriving"
+        );
+        let (_, v) = alice.cocoon(&id).await?;
+        let age = v["last_heartbeat_age_secs"].as_f64().unwrap_or(f64::MAX);
+        if age < last_age {
+            beats += 1;
+        }
+        last_age = age;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(catalog_stamp(&hub), before, "a heartbeat wrote the catalog");
+
+    // Hardware and location are kept while the device is offline; load is not.
+    cocoon.proc.kill();
+    alice.wait_online(&id, false, HEARTBEAT * 3).await?;
+    let (_, offline) = alice.cocoon(&id).await?;
+    assert!(offline["load"].is_null(), "{offline}");
+    assert_eq!(offline["hardware"], view["hardware"]);
+    assert_eq!(offline["location"], "rack 3, shelf 2");
+    Ok(())
+}
