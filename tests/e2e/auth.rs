@@ -6,18 +6,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::json;
-use sqlx::Connection;
 
 use crate::harness::{Api, Cocoon, Hub};
-
-async fn jwt_key(hub: &Hub) -> Result<Vec<u8>> {
-    let url = format!("sqlite:{}", hub.data_dir.join("catalog.db").display());
-    let mut conn = sqlx::SqliteConnection::connect(&url).await?;
-    let (key,): (Vec<u8>,) = sqlx::query_as("SELECT value FROM hub_secrets WHERE name = 'jwt_key'")
-        .fetch_one(&mut conn)
-        .await?;
-    Ok(key)
-}
 
 #[tokio::test]
 async fn bad_bearers_get_401_and_no_data() -> Result<()> {
@@ -25,7 +15,7 @@ async fn bad_bearers_get_401_and_no_data() -> Result<()> {
     let alice = Api::login(&hub.url, &hub.add_user("alice")?).await?;
     let c = Cocoon::start(&hub.url, "laptop", Some(&alice.setup_token(60).await?), &[])?;
     let id = c.device_id().await?;
-    let key = jwt_key(&hub).await?;
+    let key = hub.jwt_key().await?;
     let now = adi_signaling::auth::unix_now();
     let (_, me) = alice.cocoon(&id).await?;
     let sub = me["owners"][0]["id"]

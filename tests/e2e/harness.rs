@@ -237,6 +237,19 @@ impl Hub {
         Ok(())
     }
 
+    /// The key this hub signs its JWTs with, read from its SQLite catalog, so a test can
+    /// mint tokens the hub would have issued (expired ones, say).
+    pub async fn jwt_key(&self) -> Result<Vec<u8>> {
+        use sqlx::Connection;
+        let url = format!("sqlite:{}", self.data_dir.join("catalog.db").display());
+        let mut conn = sqlx::SqliteConnection::connect(&url).await?;
+        let (key,): (Vec<u8>,) =
+            sqlx::query_as("SELECT value FROM hub_secrets WHERE name = 'jwt_key'")
+                .fetch_one(&mut conn)
+                .await?;
+        Ok(key)
+    }
+
     /// `adi signaling user add NAME`; returns the printed API key.
     pub fn add_user(&self, name: &str) -> Result<String> {
         let mut cmd = Command::new(ADI);
@@ -510,5 +523,201 @@ impl Drop for Hub {
 impl Drop for Cocoon {
     fn drop(&mut self) {
         dump_logs("cocoon", &mut self.proc);
+    }
+}
+
+/// Headless Chromium driven over WebDriver: Debian's `chromium` and `chromium-driver`
+/// (`ADI_TEST_CHROMIUM` and `ADI_TEST_CHROMEDRIVER` point elsewhere). Each browser has its
+/// own chromedriver on a free port and its own profile; dropping it kills both.
+pub struct Browser {
+    pub client: fantoccini::Client,
+    driver: Proc,
+    _profile: tempfile::TempDir,
+}
+
+/// How long a browser wait may take before the test fails.
+pub const BROWSER_WAIT: Duration = Duration::from_secs(20);
+
+impl Browser {
+    /// A browser whose window is `width` x `height`. Without Chromium or chromedriver
+    /// this fails when `CI` is set, and otherwise says SKIPPED and returns `None`.
+    pub async fn start(width: u32, height: u32) -> Result<Option<Self>> {
+        use std::os::unix::process::CommandExt;
+        let chromium =
+            std::env::var("ADI_TEST_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+        let chromedriver = std::env::var("ADI_TEST_CHROMEDRIVER")
+            .unwrap_or_else(|_| "/usr/bin/chromedriver".into());
+        let missing: Vec<&str> = [&chromium, &chromedriver]
+            .into_iter()
+            .filter(|p| !Path::new(p).exists())
+            .map(String::as_str)
+            .collect();
+        if !missing.is_empty() {
+            if std::env::var("CI").map(|v| !v.is_empty()).unwrap_or(false) {
+                bail!("{missing:?} not found and CI is set (apt-get install chromium chromium-driver)");
+            }
+            eprintln!(
+                "*** SKIPPED: browser test needs {missing:?} (apt-get install chromium chromium-driver) ***"
+            );
+            return Ok(None);
+        }
+        let profile = tempfile::tempdir()?;
+        let mut cmd = Command::new(&chromedriver);
+        // Its own process group, so the drop can end Chromium with it.
+        cmd.arg("--port=0").process_group(0);
+        let driver = Proc::spawn(&mut cmd)?;
+        let line = driver
+            .wait_line("started successfully on port ", BROWSER_WAIT)
+            .await?;
+        let port: u16 = line
+            .rsplit(' ')
+            .next()
+            .map(|p| p.trim_end_matches('.'))
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| anyhow!("no port in {line:?}"))?;
+        let caps = serde_json::json!({
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": chromium,
+                "args": [
+                    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                    format!("--window-size={width},{height}"),
+                    format!("--user-data-dir={}", profile.path().display()),
+                    "--no-first-run", "--no-default-browser-check", "--disable-extensions",
+                    "--disable-background-networking", "--disable-sync", "--lang=en-US",
+                ],
+            },
+        });
+        let mut builder = fantoccini::ClientBuilder::new(
+            hyper_util::client::legacy::connect::HttpConnector::new(),
+        );
+        builder.capabilities(caps.as_object().cloned().unwrap_or_default());
+        let client = builder
+            .connect(&format!("http://127.0.0.1:{port}"))
+            .await
+            .with_context(|| {
+                format!("starting Chromium; chromedriver said:\n{}", driver.output())
+            })?;
+        Ok(Some(Browser {
+            client,
+            driver,
+            _profile: profile,
+        }))
+    }
+
+    /// Ends the WebDriver session (Chromium quits), then chromedriver.
+    pub async fn close(self) -> Result<()> {
+        self.client.clone().close().await?;
+        Ok(())
+    }
+
+    /// Runs `script` (a function body; `arguments` holds `args`) in the page.
+    pub async fn js(&self, script: &str, args: Vec<Value>) -> Result<Value> {
+        Ok(self.client.execute(script, args).await?)
+    }
+
+    /// Polls `script` until it returns something truthy, and returns that. On timeout
+    /// the error shows what the page said, to see why.
+    pub async fn wait_js(&self, what: &str, script: &str, args: Vec<Value>) -> Result<Value> {
+        let res = wait_for(what, BROWSER_WAIT, || async {
+            let v = self.js(script, args.clone()).await?;
+            let truthy = match &v {
+                Value::Null | Value::Bool(false) => false,
+                Value::String(s) => !s.is_empty(),
+                Value::Number(n) => n.as_f64() != Some(0.0),
+                _ => true,
+            };
+            Ok(truthy.then_some(v))
+        })
+        .await;
+        match res {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                let page = self
+                    .js(
+                        "return document.body ? document.body.innerText : ''",
+                        vec![],
+                    )
+                    .await
+                    .unwrap_or_default();
+                Err(e.context(format!(
+                    "the page shows:\n{}",
+                    page.as_str().unwrap_or_default()
+                )))
+            }
+        }
+    }
+
+    /// Waits until the element `css` is shown and its text contains `needle`.
+    pub async fn wait_text(&self, css: &str, needle: &str) -> Result<String> {
+        let v = self
+            .wait_js(
+                &format!("{css} showing {needle:?}"),
+                "const e = document.querySelector(arguments[0]);
+                 if (!e || !e.getClientRects().length) return null;
+                 return e.innerText.includes(arguments[1]) ? e.innerText : null;",
+                vec![css.into(), needle.into()],
+            )
+            .await?;
+        Ok(v.as_str().unwrap_or_default().to_owned())
+    }
+
+    /// The shown element `css`, once there.
+    pub async fn find(&self, css: &str) -> Result<fantoccini::elements::Element> {
+        self.wait_js(
+            &format!("{css} to be shown"),
+            "const e = document.querySelector(arguments[0]); return !!(e && e.getClientRects().length);",
+            vec![css.into()],
+        )
+        .await?;
+        Ok(self.client.find(fantoccini::Locator::Css(css)).await?)
+    }
+
+    /// Clicks the element `css` as a person would.
+    pub async fn click(&self, css: &str) -> Result<()> {
+        self.find(css).await?.click().await?;
+        Ok(())
+    }
+
+    /// Types into the field `css` (after clearing it) key by key.
+    pub async fn type_into(&self, css: &str, text: &str) -> Result<()> {
+        let field = self.find(css).await?;
+        field.clear().await?;
+        field.send_keys(text).await?;
+        Ok(())
+    }
+
+    /// Opens the hub's UI and signs in with the API key, pressing Enter in the field.
+    pub async fn sign_in(&self, hub: &str, api_key: &str) -> Result<()> {
+        let url = self.client.current_url().await?;
+        if !url.as_str().starts_with(hub) {
+            self.client.goto(hub).await?;
+        }
+        let enter = fantoccini::key::Key::Enter;
+        self.type_into("#api-key", &format!("{api_key}{enter}"))
+            .await?;
+        self.find("#nav").await?;
+        Ok(())
+    }
+
+    /// Saves what the window shows as `target/screenshots/NAME.png`, a test artifact.
+    pub async fn screenshot(&self, name: &str) -> Result<PathBuf> {
+        let dir = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
+            .join("screenshots");
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join(format!("{name}.png"));
+        std::fs::write(&path, self.client.screenshot().await?)?;
+        Ok(path)
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        // Chromium runs in chromedriver's process group: end them together.
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.driver.pid())])
+            .status();
     }
 }

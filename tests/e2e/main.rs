@@ -1,9 +1,10 @@
 //! End-to-end tests: real `adi` processes (hub, cocoons, CLI) on loopback ports, real
 //! SQLite files in temp dirs, the machine's PostgreSQL, raw WebSocket clients for the
-//! wire-level refusals.
+//! wire-level refusals, and the web UI in a real headless Chromium.
 
 mod access;
 mod auth;
+mod browser;
 mod capabilities;
 mod enrolment;
 mod harness;

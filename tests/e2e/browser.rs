@@ -1,0 +1,662 @@
+//! The web UI in a real headless Chromium, against a real hub with real cocoons (and,
+//! where a test needs a device to answer late or report a GPU, a device spoken by hand
+//! on the real wire). Each test signs in as a person would, clicks and types, and waits
+//! on what the page shows; screenshots of the main pages land in `target/screenshots/`.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, Result};
+use axum::response::Html;
+use axum::routing::get;
+use fantoccini::key::Key;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::harness::{wait_for, Api, Browser, Cocoon, Hub, BROWSER_WAIT};
+
+/// A device spoken by hand over the cocoon WebSocket: it heartbeats with a given load
+/// (a GPU, say) and hands every request from the hub to the test, which answers it.
+struct RawDevice {
+    id: String,
+    requests: Option<mpsc::UnboundedReceiver<Value>>,
+    answers: mpsc::UnboundedSender<Value>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl RawDevice {
+    async fn start(hub: &Hub, api: &Api, name: &str, load: Value) -> Result<Self> {
+        let mut ws = crate::wire::connect(hub).await?;
+        let frame = json!({"type": "register", "versions": [1], "secret": crate::wire::secret(),
+            "name": name, "setup_token": api.setup_token(60).await?, "capabilities": ["tasks:1.0.0"]});
+        ws.send(Message::text(frame.to_string())).await?;
+        let reply = crate::wire::next(&mut ws).await?;
+        let id = reply["device_id"]
+            .as_str()
+            .ok_or_else(|| anyhow!("not registered: {reply}"))?
+            .to_owned();
+        let (req_tx, req_rx) = mpsc::unbounded_channel();
+        let (ans_tx, mut ans_rx) = mpsc::unbounded_channel::<Value>();
+        let actor = tokio::spawn(async move {
+            let mut beat = tokio::time::interval(Duration::from_millis(200));
+            let mut seq = 0u64;
+            loop {
+                tokio::select! {
+                    _ = beat.tick() => {
+                        seq += 1;
+                        let hb = json!({"type": "heartbeat", "seq": seq, "load": load});
+                        if ws.send(Message::text(hb.to_string())).await.is_err() { return; }
+                    }
+                    Some(answer) = ans_rx.recv() => {
+                        if ws.send(Message::text(answer.to_string())).await.is_err() { return; }
+                    }
+                    msg = ws.next() => match msg {
+                        Some(Ok(Message::Text(t))) => {
+                            if let Ok(v) = serde_json::from_str::<Value>(&t) {
+                                if v["type"] == "request" { let _ = req_tx.send(v); }
+                            }
+                        }
+                        Some(Ok(_)) => {}
+                        _ => return,
+                    },
+                }
+            }
+        });
+        Ok(RawDevice {
+            id,
+            requests: Some(req_rx),
+            answers: ans_tx,
+            tasks: vec![actor],
+        })
+    }
+
+    async fn next_request(&mut self) -> Result<Value> {
+        let rx = self
+            .requests
+            .as_mut()
+            .ok_or_else(|| anyhow!("answering on its own"))?;
+        tokio::time::timeout(BROWSER_WAIT, rx.recv())
+            .await
+            .map_err(|_| anyhow!("no request from the hub"))?
+            .ok_or_else(|| anyhow!("device connection ended"))
+    }
+
+    fn answer(&self, request: &Value, ok: Value) {
+        let _ = self
+            .answers
+            .send(json!({"type": "response", "request_id": request["request_id"], "ok": ok}));
+    }
+
+    /// From now on, answers every task listing by itself, from `tasks` as a tiny task
+    /// store would: status and text filters applied, nothing after the first page.
+    fn serve_tasks(&mut self, tasks: Vec<Value>) {
+        let Some(mut rx) = self.requests.take() else {
+            return;
+        };
+        let answers = self.answers.clone();
+        self.tasks.push(tokio::spawn(async move {
+            while let Some(req) = rx.recv().await {
+                let page: Vec<&Value> = if req["after"].is_null() {
+                    tasks
+                        .iter()
+                        .filter(|t| matches(t, &req["filter"]))
+                        .collect()
+                } else {
+                    vec![]
+                };
+                let ok = json!({"kind": "tasks", "page": {"tasks": page, "next": null}});
+                let _ = answers
+                    .send(json!({"type": "response", "request_id": req["request_id"], "ok": ok}));
+            }
+        }));
+    }
+}
+
+fn matches(task: &Value, filter: &Value) -> bool {
+    let status_ok = filter["status"].is_null() || filter["status"] == task["status"];
+    let text_ok = filter["text"].as_str().is_none_or(|q| {
+        task["title"]
+            .as_str()
+            .unwrap_or_default()
+            .to_lowercase()
+            .contains(&q.to_lowercase())
+    });
+    status_ok && text_ok
+}
+
+impl Drop for RawDevice {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+/// A real HTTP service for a device to offer, on a free loopback port.
+async fn lab_service() -> Result<u16> {
+    let app = axum::Router::new().route(
+        "/",
+        get(|| async {
+            Html("<!doctype html><title>Lab notebook</title><h1>Lab notebook is ready</h1>")
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(port)
+}
+
+const CARD: &str = "article.device";
+
+/// Waits until the device card of `id` shows `status`; returns its text.
+async fn wait_card(b: &Browser, id: &str, status: &str) -> Result<String> {
+    let v = b
+        .wait_js(
+            &format!("device {id} {status}"),
+            "const c = document.querySelector('article.device[data-id=\"' + arguments[0] + '\"]');
+             if (!c || !c.getClientRects().length || c.dataset.status !== arguments[1]) return null;
+             return c.innerText.includes(arguments[1]) ? c.innerText : null;",
+            vec![id.into(), status.into()],
+        )
+        .await?;
+    Ok(v.as_str().unwrap_or_default().to_owned())
+}
+
+/// The titles of the task rows shown, top to bottom.
+async fn task_titles(b: &Browser) -> Result<Vec<String>> {
+    let v = b
+        .js(
+            "return [...document.querySelectorAll('#task-rows tr')].map(r => r.querySelector('a').innerText)",
+            vec![],
+        )
+        .await?;
+    Ok(serde_json::from_value(v)?)
+}
+
+/// The page fits its window: nothing sticks out sideways.
+async fn assert_fits(b: &Browser, what: &str) -> Result<()> {
+    let v = b
+        .js(
+            "return {inner: window.innerWidth, scroll: document.documentElement.scrollWidth}",
+            vec![],
+        )
+        .await?;
+    let (inner, scroll) = (v["inner"].as_i64(), v["scroll"].as_i64());
+    assert!(
+        inner.is_some() && scroll <= inner,
+        "{what} is wider than the window: {v}"
+    );
+    Ok(())
+}
+
+async fn narrow(b: &Browser) -> Result<()> {
+    b.client.set_window_size(390, 844).await?;
+    b.wait_js(
+        "a phone-wide window",
+        "return window.innerWidth <= 400",
+        vec![],
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn devices_show_live_state_gpus_services_and_open_the_proxy() -> Result<()> {
+    let Some(b) = Browser::start(1280, 1100).await? else {
+        return Ok(());
+    };
+    let hub = Hub::start().await?;
+    let key = hub.add_user("alice")?;
+    let alice = Api::login(&hub.url, &key).await?;
+    let lab_port = lab_service().await?;
+    let service = format!("lab:{lab_port}");
+    let lab = Cocoon::start(
+        &hub.url,
+        "lab-box",
+        Some(&alice.setup_token(60).await?),
+        &["--service", &service],
+    )?;
+    let mut laptop = Cocoon::start(&hub.url, "laptop", Some(&alice.setup_token(60).await?), &[])?;
+    let gib = 1u64 << 30;
+    let gpu = RawDevice::start(
+        &hub,
+        &alice,
+        "gpu-box",
+        json!({"cpu_count": 64, "cpu_percent": 12.0, "ram_total_bytes": 512 * gib, "ram_used_bytes": 128 * gib,
+            "gpus": [{"index": 0, "name": "NVIDIA H200", "uuid": "GPU-0", "memory_total_bytes": 140 * gib,
+                      "memory_used_bytes": 35 * gib, "utilization_percent": 62, "temperature_c": 48}]}),
+    )
+    .await?;
+    let (lab_id, laptop_id) = (lab.device_id().await?, laptop.device_id().await?);
+
+    b.sign_in(&hub.url, &key).await?;
+    let gpu_card = wait_card(&b, &gpu.id, "online").await?;
+    for shown in [
+        "gpu-box",
+        "NVIDIA H200",
+        "VRAM 35.0 / 140.0 GiB",
+        "62 % busy",
+        "48 °C",
+        "64 cores",
+        "128.0 / 512.0 GiB",
+        "alice",
+    ] {
+        assert!(
+            gpu_card.contains(shown),
+            "gpu-box card lacks {shown:?}:\n{gpu_card}"
+        );
+    }
+    wait_card(&b, &laptop_id, "online").await?;
+    // The cocoon probes its service and reports it up; capabilities show with versions.
+    b.wait_text(
+        &format!("{CARD}[data-id=\"{lab_id}\"] li[data-service=\"lab\"]"),
+        "up",
+    )
+    .await?;
+    let lab_card = wait_card(&b, &lab_id, "online").await?;
+    assert!(lab_card.contains("tasks 1.0.0"), "{lab_card}");
+    assert!(lab_card.contains("Last heartbeat"), "{lab_card}");
+    assert!(
+        lab_card.contains("CPU") && lab_card.contains("RAM"),
+        "{lab_card}"
+    );
+    b.wait_text("#device-count", "3 of 3 online").await?;
+    b.screenshot("devices").await?;
+
+    // The service opens through the hub's proxy in a new tab, signed in by the cookie.
+    let before = b.client.windows().await?;
+    let link = format!("{CARD}[data-id=\"{lab_id}\"] li[data-service=\"lab\"] a");
+    let href = b.find(&link).await?.attr("href").await?.unwrap_or_default();
+    assert_eq!(href, format!("/proxy/{lab_id}/lab/"));
+    b.click(&link).await?;
+    let tab = wait_for("the service's tab", BROWSER_WAIT, || async {
+        let now = b.client.windows().await?;
+        Ok(now.into_iter().find(|w| !before.contains(w)))
+    })
+    .await?;
+    let home = b.client.window().await?;
+    b.client.switch_to_window(tab).await?;
+    b.wait_text("h1", "Lab notebook is ready").await?;
+    let url = b.client.current_url().await?;
+    assert!(
+        url.path().starts_with(&format!("/proxy/{lab_id}/lab")),
+        "{url}"
+    );
+    b.client.close_window().await?;
+    b.client.switch_to_window(home).await?;
+
+    // A device that stops goes offline on the page without a reload.
+    b.js("window.stayedOnPage = true", vec![]).await?;
+    laptop.proc.terminate().await?;
+    let off = wait_card(&b, &laptop_id, "offline").await?;
+    assert!(off.contains("not reported while offline"), "{off}");
+    b.wait_text("#device-count", "2 of 3 online").await?;
+    assert_eq!(
+        b.js("return window.stayedOnPage === true", vec![]).await?,
+        true,
+        "the page reloaded"
+    );
+
+    // Capabilities in either wire shape, and a location, render in words.
+    let rendered = b
+        .js(
+            "const d = Object.assign({}, state.devices.find(d => d.id === arguments[0]), {
+                 location: 'Rack 3, Berlin',
+                 capabilities: ['tasks:1.0.0', {protocol: 'embeddings', version: '1.2.0', idempotent: true}],
+             });
+             const s = deviceSections(d);
+             const box = document.createElement('div');
+             for (const part of Object.values(s)) box.append(...part);
+             return box.textContent;",
+            vec![lab_id.clone().into()],
+        )
+        .await?;
+    let rendered = rendered.as_str().unwrap_or_default();
+    for shown in ["Rack 3, Berlin", "tasks 1.0.0", "embeddings 1.2.0"] {
+        assert!(rendered.contains(shown), "{shown:?} not in {rendered:?}");
+    }
+
+    // On a phone-wide window every device is still there and nothing sticks out.
+    narrow(&b).await?;
+    for id in [&gpu.id, &lab_id, &laptop_id] {
+        b.find(&format!("{CARD}[data-id=\"{id}\"]")).await?;
+    }
+    assert_fits(&b, "the devices page").await?;
+    b.screenshot("narrow-devices").await?;
+    b.close().await
+}
+
+#[tokio::test]
+async fn tasks_fill_in_as_devices_answer_stream_logs_and_filter() -> Result<()> {
+    let Some(b) = Browser::start(1280, 1000).await? else {
+        return Ok(());
+    };
+    let hub = Hub::start().await?;
+    let key = hub.add_user("alice")?;
+    let alice = Api::login(&hub.url, &key).await?;
+    let laptop = Cocoon::start(&hub.url, "laptop", Some(&alice.setup_token(60).await?), &[])?;
+    let laptop_id = laptop.device_id().await?;
+    let create = |title: String| {
+        let alice = alice.clone();
+        let id = laptop_id.clone();
+        async move {
+            let (status, body) = alice
+                .post(
+                    &format!("/api/cocoons/{id}/tasks"),
+                    json!({ "title": title }),
+                )
+                .await?;
+            anyhow::ensure!(status == 201, "create: {status} {body}");
+            Ok::<_, anyhow::Error>(body)
+        }
+    };
+    create("nightly backup".into()).await?;
+    // More than one page (50) of tasks, so paging is needed.
+    for i in 1..=55 {
+        create(format!("batch job {i}")).await?;
+    }
+    let mut gpu = RawDevice::start(&hub, &alice, "gpu-box", json!(null)).await?;
+    let rendered_sky = json!({"id": uuid::Uuid::new_v4(), "title": "render the sky", "status": "running",
+        "created_at": now_micros(), "updated_at": now_micros()});
+
+    b.sign_in(&hub.url, &key).await?;
+    b.click("nav a[href='#tasks']").await?;
+    // gpu-box holds the hub's request; the laptop's part shows already.
+    let held = gpu.next_request().await?;
+    assert_eq!(held["op"], "list_tasks", "{held}");
+    b.wait_js(
+        "the laptop's tasks before gpu-box answers",
+        "const rows = [...document.querySelectorAll('#task-rows tr')];
+         return rows.some(r => r.innerText.includes('batch job 55'))
+             && document.getElementById('tasks-progress').innerText.includes('Loading')
+             && !rows.some(r => r.innerText.includes('gpu-box'));",
+        vec![],
+    )
+    .await?;
+    gpu.answer(
+        &held,
+        json!({"kind": "tasks", "page": {"tasks": [rendered_sky.clone()], "next": null}}),
+    );
+    gpu.serve_tasks(vec![rendered_sky]);
+    b.wait_text("#tasks-progress", "2 of 2 devices answered")
+        .await?;
+    let titles = task_titles(&b).await?;
+    assert_eq!(titles.len(), 50, "one page: {titles:?}");
+    assert_eq!(titles[0], "render the sky", "newest first: {titles:?}");
+    assert_eq!(titles[1], "batch job 55");
+    let row = b.wait_text("#task-rows tr:first-child", "gpu-box").await?;
+    assert!(row.contains("running"), "{row}");
+
+    // The next page continues the merged order to its end.
+    b.click("#more-tasks").await?;
+    b.wait_js(
+        "the second page",
+        "return document.querySelectorAll('#task-rows tr').length === 57
+             && document.getElementById('more-tasks').hidden",
+        vec![],
+    )
+    .await?;
+    let titles = task_titles(&b).await?;
+    assert_eq!(titles.last().map(String::as_str), Some("nightly backup"));
+    let mut unique = titles.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), titles.len(), "a task shown twice");
+
+    // A device that drops is named, not silently left out.
+    drop(gpu);
+    wait_for("gpu-box offline", BROWSER_WAIT, || async {
+        let list = alice.cocoons().await?;
+        Ok(list
+            .iter()
+            .any(|d| d["name"] == "gpu-box" && d["online"] == false)
+            .then_some(()))
+    })
+    .await?;
+    b.click("#task-filter button[type=submit]").await?;
+    let notice = b.wait_text("#task-notices", "gpu-box").await?;
+    assert!(notice.contains("offline"), "{notice}");
+
+    // A task made in the form runs on the laptop; its logs arrive while it runs.
+    let gate = tempfile::tempdir()?;
+    let go = gate.path().join("go");
+    let command = format!(
+        "echo hello from the browser; while [ ! -e {} ]; do sleep 0.05; done; echo all done",
+        go.display()
+    );
+    b.find("#create-device")
+        .await?
+        .select_by_value(&laptop_id)
+        .await?;
+    b.type_into("#create-title", "say hello").await?;
+    b.type_into("#create-command", &format!("{command}{}", Key::Enter))
+        .await?;
+    b.wait_text("#detail-title", "say hello").await?;
+    b.wait_text("#detail-logs", "hello from the browser")
+        .await?;
+    b.wait_text("#detail-status", "running").await?;
+    b.wait_text("#task-rows", "say hello").await?;
+    b.screenshot("tasks-with-logs").await?;
+    std::fs::write(&go, "")?;
+    b.wait_text("#detail-logs", "all done").await?;
+    b.wait_text("#detail-status", "completed").await?;
+    b.wait_text("#detail-facts", "Exit code").await?;
+    b.wait_text("#task-rows tr[data-status=completed]", "say hello")
+        .await?;
+
+    // Filter by status, then search by text (Enter in the field).
+    b.find("#filter-status")
+        .await?
+        .select_by_value("completed")
+        .await?;
+    wait_for("only completed tasks", BROWSER_WAIT, || async {
+        let t = task_titles(&b).await?;
+        Ok((t == ["say hello"]).then_some(()))
+    })
+    .await?;
+    b.find("#filter-status").await?.select_by_value("").await?;
+    b.type_into("#filter-q", &format!("NIGHTLY{}", Key::Enter))
+        .await?;
+    wait_for("the search's one task", BROWSER_WAIT, || async {
+        let t = task_titles(&b).await?;
+        Ok((t == ["nightly backup"]).then_some(()))
+    })
+    .await?;
+
+    // A row opens from the keyboard; a task still pending can be cancelled.
+    b.find("#task-rows tr a")
+        .await?
+        .send_keys(&Key::Enter.to_string())
+        .await?;
+    b.wait_text("#detail-title", "nightly backup").await?;
+    b.wait_text("#detail-status", "pending").await?;
+    b.click("#detail-cancel").await?;
+    b.wait_text("#detail-status", "cancelled").await?;
+
+    // On a phone-wide window the list and the task are still there and fit.
+    b.find("#filter-q").await?.clear().await?;
+    b.click("#task-filter button[type=submit]").await?;
+    b.wait_text("#tasks-progress", "1 of 2 devices answered")
+        .await?;
+    narrow(&b).await?;
+    b.click("#task-detail a[href='#tasks']").await?;
+    b.wait_js(
+        "the task closed",
+        "return document.getElementById('task-detail').hidden",
+        vec![],
+    )
+    .await?;
+    b.find("#task-rows tr a").await?;
+    assert_fits(&b, "the tasks page").await?;
+    b.screenshot("narrow-tasks").await?;
+    b.click("#task-rows tr[data-status=completed] a").await?;
+    b.wait_text("#detail-logs", "all done").await?;
+    assert_fits(&b, "a task's page").await?;
+    drop(laptop);
+    b.close().await
+}
+
+#[tokio::test]
+async fn access_setup_token_enrols_a_device_and_a_teammate_claims_a_share() -> Result<()> {
+    let Some(b) = Browser::start(1280, 1000).await? else {
+        return Ok(());
+    };
+    let hub = Hub::start().await?;
+    let alice_key = hub.add_user("alice")?;
+    let bob_key = hub.add_user("bob")?;
+    let alice = Api::login(&hub.url, &alice_key).await?;
+    let private = Cocoon::start(
+        &hub.url,
+        "private-box",
+        Some(&alice.setup_token(60).await?),
+        &[],
+    )?;
+    let private_id = private.device_id().await?;
+
+    b.sign_in(&hub.url, &alice_key).await?;
+    wait_card(&b, &private_id, "online").await?;
+    b.click("nav a[href='#access']").await?;
+    b.find("#setup-expiry")
+        .await?
+        .select_by_value("600")
+        .await?;
+    b.click("#setup-form button[type=submit]").await?;
+    let token = b.wait_text("#setup-token", "adi_setup_").await?;
+    let token = token.trim().to_owned();
+    let cmd = b.wait_text("#setup-cmd", "install.sh").await?;
+    assert_eq!(
+        cmd.trim(),
+        format!("curl -fsSL {}/install.sh | sh -s -- {token}", hub.url)
+    );
+    b.wait_text("#setup-out", "valid until").await?;
+    b.screenshot("access").await?;
+
+    // A cocoon started with the token from the page shows up in the devices view.
+    let new_box = Cocoon::start(&hub.url, "new-box", Some(&token), &[])?;
+    let new_id = new_box.device_id().await?;
+    b.click("nav a[href='#devices']").await?;
+    let card = wait_card(&b, &new_id, "online").await?;
+    assert!(card.contains("new-box") && card.contains("alice"), "{card}");
+
+    // Share it: a one-time token for bob.
+    b.click("nav a[href='#access']").await?;
+    b.find("#share-device")
+        .await?
+        .select_by_value(&new_id)
+        .await?;
+    b.click("#share-form button[type=submit]").await?;
+    let share = b.wait_text("#share-token", "adi_share_").await?;
+    let share = share.trim().to_owned();
+
+    // Bob, signed in, sees none of alice's devices and none of her tasks...
+    b.click("#signout").await?;
+    b.wait_text("#signin-note", "signed out").await?;
+    b.sign_in(&hub.url, &bob_key).await?;
+    b.click("nav a[href='#devices']").await?;
+    b.wait_text("#no-devices", "No devices yet").await?;
+    b.wait_text("#who", "bob").await?;
+    let cards = b
+        .js(
+            "return document.querySelectorAll('article.device').length",
+            vec![],
+        )
+        .await?;
+    assert_eq!(cards, 0, "bob sees a device");
+    b.click("nav a[href='#tasks']").await?;
+    b.wait_text("#tasks-progress", "No devices to ask yet")
+        .await?;
+    assert!(task_titles(&b).await?.is_empty());
+
+    // ...until he claims the share token: then exactly that device.
+    b.click("nav a[href='#access']").await?;
+    b.type_into("#claim-token", &format!("{share}{}", Key::Enter))
+        .await?;
+    b.wait_text("#claim-out", "You now co-own new-box").await?;
+    b.type_into("#claim-token", &format!("{share}{}", Key::Enter))
+        .await?;
+    b.wait_text("#access-error", "already used").await?;
+    b.click("nav a[href='#devices']").await?;
+    let card = wait_card(&b, &new_id, "online").await?;
+    assert!(
+        card.contains("alice, bob") || card.contains("bob, alice"),
+        "{card}"
+    );
+    let ids = b
+        .js(
+            "return [...document.querySelectorAll('article.device')].map(c => c.dataset.id)",
+            vec![],
+        )
+        .await?;
+    assert_eq!(ids, json!([new_id]), "bob sees only the shared device");
+    drop((private, new_box));
+    b.close().await
+}
+
+#[tokio::test]
+async fn expired_or_invalid_session_goes_back_to_sign_in() -> Result<()> {
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    let Some(b) = Browser::start(1000, 800).await? else {
+        return Ok(());
+    };
+    let hub = Hub::start().await?;
+    let key = hub.add_user("alice")?;
+
+    // A wrong key is refused in words, and the form stays.
+    b.client.goto(&hub.url).await?;
+    b.type_into("#api-key", &format!("adi_key_wrong_wrong{}", Key::Enter))
+        .await?;
+    b.wait_text("#signin-error", "not accepted").await?;
+
+    // A session that expired while the page was closed: back to sign in on reopening.
+    b.sign_in(&hub.url, &key).await?;
+    let sub = b
+        .js(
+            "return JSON.parse(atob(sessionStorage.getItem('adi.jwt').split('.')[1].replace(/-/g, '+').replace(/_/g, '/'))).sub",
+            vec![],
+        )
+        .await?;
+    let now = adi_signaling::auth::unix_now();
+    let expired = encode(
+        &Header::default(),
+        &json!({"sub": sub, "name": "alice", "iat": now - 7200, "exp": now - 3600, "iss": "adi-hub"}),
+        &EncodingKey::from_secret(&hub.jwt_key().await?),
+    )?;
+    b.js(
+        "sessionStorage.setItem('adi.jwt', arguments[0])",
+        vec![expired.into()],
+    )
+    .await?;
+    b.client.refresh().await?;
+    b.wait_text("#signin-error", "session has expired").await?;
+    b.find("#api-key").await?;
+    let nav_hidden = b
+        .js("return document.getElementById('nav').hidden", vec![])
+        .await?;
+    assert_eq!(nav_hidden, true);
+    b.screenshot("session-expired").await?;
+
+    // A session the hub stops accepting while the page is open, on the tasks page
+    // (which asks over the WebSocket): back to sign in too.
+    b.sign_in(&hub.url, &key).await?;
+    b.click("nav a[href='#tasks']").await?;
+    b.wait_text("#tasks-progress", "No devices to ask yet")
+        .await?;
+    b.js("state.token = 'not.a.jwt'; closeSocket();", vec![])
+        .await?;
+    b.click("#task-filter button[type=submit]").await?;
+    b.wait_text("#signin-error", "session has expired").await?;
+    let stored = b
+        .js("return sessionStorage.getItem('adi.jwt')", vec![])
+        .await?;
+    assert_eq!(stored, Value::Null, "signing out forgets the token");
+    b.close().await
+}
