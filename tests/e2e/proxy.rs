@@ -828,6 +828,10 @@ async fn port_forward_reaches_the_service_without_a_bearer() -> Result<()> {
     assert!(back.bytes().await?.as_ref() == bytes.as_slice());
     let teapot = plain.get(format!("{local}/status/418")).send().await?;
     assert_eq!(teapot.status(), 418);
+    // The service's own 401 is the service's business, not a refused session.
+    let refused = plain.get(format!("{local}/status/401")).send().await?;
+    assert_eq!(refused.status(), 401);
+    assert!(refused.text().await?.is_empty());
     Ok(())
 }
 
