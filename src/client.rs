@@ -30,7 +30,8 @@ pub struct Session {
     pub user: String,
 }
 
-fn session_path() -> PathBuf {
+/// Where `adi login` keeps the session.
+pub fn session_path() -> PathBuf {
     paths::config_dir().join("session.json")
 }
 
@@ -57,8 +58,12 @@ pub fn save_session(session: &Session) -> Result<PathBuf> {
 }
 
 fn load_session() -> Result<Option<Session>> {
-    let path = session_path();
-    match std::fs::read(&path) {
+    load_session_at(&session_path())
+}
+
+/// The session stored at `path`, if there is one.
+pub fn load_session_at(path: &std::path::Path) -> Result<Option<Session>> {
+    match std::fs::read(path) {
         Ok(bytes) => Ok(Some(
             serde_json::from_slice(&bytes)
                 .with_context(|| format!("reading {}", path.display()))?,
@@ -72,6 +77,8 @@ fn load_session() -> Result<Option<Session>> {
 pub struct HubClient {
     pub base: String,
     pub token: String,
+    /// When `token` expires, unix seconds.
+    pub expires_at: u64,
     http: reqwest::Client,
 }
 
@@ -122,15 +129,16 @@ impl HubClient {
             (None, Some(s)) => s.hub.clone(),
             (None, None) => bail!("no hub given: pass --hub or set ADI_HUB, or run `adi login`"),
         };
-        let token = if let Some(key) = &args.api_key {
-            exchange_key(&hub, key).await?.token
+        let (token, expires_at) = if let Some(key) = &args.api_key {
+            let answer = exchange_key(&hub, key).await?;
+            (answer.token, answer.expires_at)
         } else {
             match stored {
                 Some(s) if s.hub == hub => {
                     if s.expires_at <= adi_signaling::auth::unix_now() {
                         bail!("your session expired: run `adi login` again (or set ADI_API_KEY)");
                     }
-                    s.token
+                    (s.token, s.expires_at)
                 }
                 _ => bail!("not logged in to {hub}: run `adi login --hub {hub} --api-key KEY` or set ADI_API_KEY"),
             }
@@ -138,6 +146,7 @@ impl HubClient {
         Ok(HubClient {
             base: hub,
             token,
+            expires_at,
             http: http()?,
         })
     }

@@ -4,10 +4,15 @@
 //! `127.0.0.1:<their port>`: the URL is built from the registered port and a path that
 //! always starts with `/`, and the HTTP client follows no redirects and uses no proxy,
 //! so nothing a request carries can make the cocoon connect anywhere else.
+//!
+//! A request lives only as long as someone waits for its answer: when the hub stops
+//! reading the response (the client went away, or the hub gave up) before the head or
+//! between two chunks, the request to the service is dropped at once, so the service
+//! sees its connection close instead of working for nobody.
 
 use std::time::Duration;
 
-use adi_protocol::http::{is_hop_by_hop, normalize_target};
+use adi_protocol::http::{check_target, is_hop_by_hop};
 use adi_protocol::{DeviceToHub, ErrorCode, ProxyRequest, ServiceInfo};
 use adi_tunnel::{BodyReceiver, BodySender};
 use futures_util::StreamExt;
@@ -54,11 +59,9 @@ pub(crate) async fn serve(
         return;
     };
     let url = match loopback_url(service.port, &request.target) {
-        Some(u) => u,
-        None => {
-            let _ = answers
-                .send(fail(ErrorCode::BadRequest, "invalid request target".into()))
-                .await;
+        Ok(u) => u,
+        Err(why) => {
+            let _ = answers.send(fail(ErrorCode::BadRequest, why)).await;
             response_body.reset("invalid target").await;
             return;
         }
@@ -107,7 +110,15 @@ pub(crate) async fn serve(
         drop_quietly(request_body);
     }
     let deadline = Duration::from_millis(request.deadline_ms.max(1));
-    let response = match tokio::time::timeout(deadline, builder.send()).await {
+    let sent = tokio::select! {
+        // Dropping the request future closes the connection to the service.
+        () = response_body.stopped() => {
+            debug!(stream_id, "client went away before the response head");
+            return;
+        }
+        sent = tokio::time::timeout(deadline, builder.send()) => sent,
+    };
+    let response = match sent {
         Err(_) => {
             let _ = answers
                 .send(fail(
@@ -165,16 +176,25 @@ pub(crate) async fn serve(
         return;
     }
     let mut body = response.bytes_stream();
-    while let Some(chunk) = body.next().await {
-        match chunk {
-            Ok(chunk) => {
+    loop {
+        let next = tokio::select! {
+            // A quiet stream (SSE between events) must not outlive its client either.
+            () = response_body.stopped() => {
+                debug!(stream_id, "proxied response abandoned by the client");
+                return;
+            }
+            next = body.next() => next,
+        };
+        match next {
+            None => break,
+            Some(Ok(chunk)) => {
                 if response_body.send(chunk).await.is_err() {
                     // The client went away: dropping the response aborts the request.
                     debug!(stream_id, "proxied response abandoned by the client");
                     return;
                 }
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 response_body
                     .reset(&format!("service body failed: {e}"))
                     .await;
@@ -185,16 +205,17 @@ pub(crate) async fn serve(
     let _ = response_body.finish().await;
 }
 
-/// `http://127.0.0.1:<port><normalized target>`, or `None` if that somehow names
-/// another host.
-fn loopback_url(port: u16, target: &str) -> Option<reqwest::Url> {
-    let url = reqwest::Url::parse(&format!(
-        "http://127.0.0.1:{port}{}",
-        normalize_target(target)
-    ))
-    .ok()?;
+/// `http://127.0.0.1:<port><checked, normalised target>`, or why not: the target hides
+/// a `..` (the hub refuses those already; a device does not rely on it), or the URL
+/// somehow names another host.
+fn loopback_url(port: u16, target: &str) -> Result<reqwest::Url, String> {
+    let target = check_target(target).map_err(|e| e.to_string())?;
+    let invalid = || "invalid request target".to_owned();
+    let url =
+        reqwest::Url::parse(&format!("http://127.0.0.1:{port}{target}")).map_err(|_| invalid())?;
     (url.host_str() == Some("127.0.0.1") && url.port() == Some(port) && url.username().is_empty())
         .then_some(url)
+        .ok_or_else(invalid)
 }
 
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
@@ -241,5 +262,6 @@ mod tests {
             loopback_url(8080, "/a/../b?x=1").expect("ok").as_str(),
             "http://127.0.0.1:8080/b?x=1"
         );
+        assert!(loopback_url(8080, "/..%2f..%2fetc").is_err());
     }
 }

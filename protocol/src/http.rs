@@ -1,6 +1,15 @@
 //! HTTP rules the hub and the cocoon apply the same way when proxying: which headers
-//! never cross a proxy, and how a requested path is normalised so that no `..`, however
-//! encoded, climbs above the service's root.
+//! never cross a proxy, and how a requested path is checked and normalised so that no
+//! `..`, however encoded, climbs above the service's root.
+//!
+//! Two kinds of `..` exist. One the proxy can see: a segment between real slashes that
+//! is `..` (also as `%2e%2e`); normalisation resolves it, never above `/`. The other is
+//! hidden from the proxy and visible only to a service that decodes more than it should:
+//! `..` next to an encoded slash (`%2F`), a backslash or an encoded backslash (`%5C`),
+//! a double-encoded dot (`%252e`), or a `..;` path parameter (servlet containers).
+//! [`check_target`] refuses those instead of guessing how the service reads them; an
+//! encoded slash or backslash that forms no `..` (`/repos/group%2Fproject`) passes
+//! unchanged, because services that use them mean them as data.
 
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus the ones a
 /// proxy must not pass on.
@@ -24,6 +33,64 @@ pub fn is_hop_by_hop(name: &str, connection_header: Option<&str>) -> bool {
             c.split(',')
                 .any(|token| token.trim().eq_ignore_ascii_case(&lower))
         })
+}
+
+/// The protocol a request asks to switch to, given its `Connection` and `Upgrade`
+/// headers: only when `Connection` lists `upgrade` and `Upgrade` names something.
+pub fn requested_upgrade(connection: Option<&str>, upgrade: Option<&str>) -> Option<String> {
+    let asks = connection?
+        .split(',')
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    let protocol = upgrade?.trim();
+    (asks && !protocol.is_empty()).then(|| protocol.to_owned())
+}
+
+/// A request target that could climb above the service's root at a service that decodes
+/// separators the proxy does not split on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnsafeTarget {
+    /// A path segment hides a `..` behind an encoded slash, a backslash, an encoded
+    /// backslash, double encoding or a `;` parameter.
+    #[error(
+        "path segment {0:?} hides a `..` (behind %2F, a backslash, %5C, double encoding \
+         or a `;` parameter); it could climb above the service's root"
+    )]
+    HiddenDotSegment(String),
+}
+
+/// Checks and normalises a request target: refuses one whose path hides a `..` that
+/// only a decoding service would see ([`UnsafeTarget`]), then resolves the visible dot
+/// segments as [`normalize_target`] does.
+pub fn check_target(target: &str) -> Result<String, UnsafeTarget> {
+    let path = target.split_once('?').map_or(target, |(p, _)| p);
+    for seg in path.split('/') {
+        if seg.is_empty() || is_dot(seg) || is_dotdot(seg) {
+            continue;
+        }
+        if hides_dotdot(seg) {
+            let shown: String = seg.chars().take(80).collect();
+            return Err(UnsafeTarget::HiddenDotSegment(shown));
+        }
+    }
+    Ok(normalize_target(target))
+}
+
+/// Whether one segment (between real slashes) reads as `..`, or contains a `..` piece,
+/// once percent-encoding is undone as often as a careless service might, backslashes
+/// and encoded separators are taken as separators, and `;` parameters are dropped.
+fn hides_dotdot(seg: &str) -> bool {
+    let mut s = seg.to_ascii_lowercase();
+    // `%252e` -> `%2e`: each pass shortens the string, so this ends.
+    while s.contains("%25") {
+        s = s.replace("%25", "%");
+    }
+    let s = s
+        .replace("%2f", "/")
+        .replace("%5c", "/")
+        .replace('\\', "/")
+        .replace("%2e", ".");
+    s.split('/')
+        .any(|piece| piece.split(';').next() == Some(".."))
 }
 
 /// Normalises a request target (`/path?query`) for a service: the path always starts
@@ -93,10 +160,67 @@ mod tests {
             ("a/b", "/a/b"),
             ("//evil.example/x", "/evil.example/x"),
             ("/x?next=/../y", "/x?next=/../y"),
-            ("/%2f..%2f", "/%2f..%2f"),
         ] {
             assert_eq!(normalize_target(given), want, "{given}");
+            assert_eq!(check_target(given).as_deref(), Ok(want), "{given}");
         }
+    }
+
+    #[test]
+    fn dot_segments_hidden_behind_encoded_separators_are_refused() {
+        for given in [
+            "/%2f..%2f",
+            "/..%2f..%2fx",
+            "/..%2F..%2Fetc/passwd",
+            "/a/%2e%2e%2fb",
+            "/a/.%2E%5cb",
+            "/..%5c..%5cwindows",
+            "/a\\..\\..\\b",
+            "/..\\x",
+            "/x/%252e%252e/y",
+            "/x/%252e%252e%252fy",
+            "/x/..;/admin",
+            "/x/%2e%2e;jsessionid=1/admin",
+        ] {
+            assert!(
+                matches!(check_target(given), Err(UnsafeTarget::HiddenDotSegment(_))),
+                "{given} must be refused"
+            );
+        }
+    }
+
+    #[test]
+    fn encoded_separators_that_form_no_climb_pass_unchanged() {
+        for (given, want) in [
+            (
+                "/repos/group%2Fproject/files",
+                "/repos/group%2Fproject/files",
+            ),
+            ("/a%2fb%5cc", "/a%2fb%5cc"),
+            ("/dir\\file.txt", "/dir\\file.txt"),
+            ("/v1.2/..x/x..", "/v1.2/..x/x.."),
+            ("/a/.%2e/b%2f.%2fc", "/b%2f.%2fc"),
+            ("/name;v=1/x", "/name;v=1/x"),
+            ("/x?next=..%2f..%2f", "/x?next=..%2f..%2f"),
+            ("/%25/%2525", "/%25/%2525"),
+        ] {
+            assert_eq!(check_target(given).as_deref(), Ok(want), "{given}");
+        }
+    }
+
+    #[test]
+    fn an_upgrade_needs_both_headers() {
+        assert_eq!(
+            requested_upgrade(Some("keep-alive, Upgrade"), Some(" websocket ")),
+            Some("websocket".to_owned())
+        );
+        assert_eq!(
+            requested_upgrade(Some("keep-alive"), Some("websocket")),
+            None
+        );
+        assert_eq!(requested_upgrade(None, Some("websocket")), None);
+        assert_eq!(requested_upgrade(Some("upgrade"), None), None);
+        assert_eq!(requested_upgrade(Some("upgrade"), Some("")), None);
     }
 
     #[test]

@@ -177,9 +177,14 @@ pub struct Caller {
     pub name: String,
 }
 
-/// Name of the web UI's session cookie (HttpOnly, SameSite=Strict): it carries the
-/// same JWT as the bearer header, so a browser tab can open proxied pages.
+/// Name of the web UI's session cookie (HttpOnly, SameSite=Strict, `Path=/proxy/`): it
+/// carries the same JWT as the bearer header, so a browser tab can open proxied pages.
+/// Proxied pages run on the hub's origin, so the cookie is good for `/proxy/...` only:
+/// script in a proxied service must not be able to call the API as whoever opened it.
 pub const SESSION_COOKIE: &str = "adi_session";
+
+/// The only path the session cookie is sent to and accepted on.
+pub const SESSION_COOKIE_PATH: &str = "/proxy/";
 
 fn session_cookie(headers: &axum::http::HeaderMap) -> Option<String> {
     headers
@@ -195,34 +200,59 @@ fn session_cookie(headers: &axum::http::HeaderMap) -> Option<String> {
         .map(str::to_owned)
 }
 
+fn bearer_caller(header: &header::HeaderValue, state: &AppState) -> Result<Caller, ApiError> {
+    let token = header
+        .to_str()
+        .ok()
+        .and_then(|h| {
+            h.strip_prefix("Bearer ")
+                .or_else(|| h.strip_prefix("bearer "))
+        })
+        .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "malformed Authorization header"))?;
+    let claims = state.auth.verify(token.trim())?;
+    Ok(Caller {
+        id: claims.sub,
+        name: claims.name,
+    })
+}
+
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
+    /// The bearer header only: the session cookie is not accepted here.
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let Some(header) = parts.headers.get(header::AUTHORIZATION) else {
-            let token = session_cookie(&parts.headers)
-                .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "missing bearer token"))?;
-            let claims = state.auth.verify(&token)?;
-            return Ok(Caller {
-                id: claims.sub,
-                name: claims.name,
-            });
-        };
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|h| {
-                h.strip_prefix("Bearer ")
-                    .or_else(|| h.strip_prefix("bearer "))
-            })
-            .ok_or_else(|| {
-                ApiError::new(ErrorCode::Unauthorized, "malformed Authorization header")
-            })?;
-        let claims = state.auth.verify(token.trim())?;
-        Ok(Caller {
+        let header = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "missing bearer token"))?;
+        bearer_caller(header, state)
+    }
+}
+
+/// The caller of a `/proxy/...` route: the bearer header, or else the web UI's session
+/// cookie. Anywhere else only the bearer header counts, even if a cookie came along.
+#[derive(Debug, Clone)]
+pub struct ProxyCaller(pub Caller);
+
+impl FromRequestParts<AppState> for ProxyCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        if let Some(header) = parts.headers.get(header::AUTHORIZATION) {
+            return bearer_caller(header, state).map(ProxyCaller);
+        }
+        let token = parts
+            .uri
+            .path()
+            .starts_with(SESSION_COOKIE_PATH)
+            .then(|| session_cookie(&parts.headers))
+            .flatten()
+            .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "missing bearer token"))?;
+        let claims = state.auth.verify(&token)?;
+        Ok(ProxyCaller(Caller {
             id: claims.sub,
             name: claims.name,
-        })
+        }))
     }
 }
 
@@ -305,7 +335,7 @@ async fn open_session(
             .get("x-forwarded-proto")
             .is_some_and(|v| v == "https");
     let cookie = format!(
-        "{SESSION_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
+        "{SESSION_COOKIE}={token}; Path={SESSION_COOKIE_PATH}; HttpOnly; SameSite=Strict; Max-Age={}{}",
         state.config.jwt_ttl.as_secs(),
         if secure { "; Secure" } else { "" }
     );
@@ -324,15 +354,15 @@ async fn open_session(
     Ok(resp)
 }
 
-/// Signs a browser out: the cookie is cleared.
+/// Signs a browser out: the cookie is cleared (also one an older hub set on `Path=/`).
 async fn close_session() -> Response {
     let mut resp = StatusCode::NO_CONTENT.into_response();
-    resp.headers_mut().insert(
-        header::SET_COOKIE,
-        header::HeaderValue::from_static(
-            "adi_session=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0",
-        ),
-    );
+    for path in [SESSION_COOKIE_PATH, "/"] {
+        let clear = format!("{SESSION_COOKIE}=; Path={path}; HttpOnly; SameSite=Strict; Max-Age=0");
+        if let Ok(v) = header::HeaderValue::from_str(&clear) {
+            resp.headers_mut().append(header::SET_COOKIE, v);
+        }
+    }
     resp
 }
 

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use adi_protocol::http::{is_hop_by_hop, normalize_target};
+use adi_protocol::http::{check_target, is_hop_by_hop, requested_upgrade};
 use adi_protocol::{ErrorCode, ProxyRequest};
 use adi_tunnel::BodyReceiver;
 use axum::body::Body;
@@ -24,7 +24,7 @@ use futures_util::StreamExt;
 use tokio::sync::oneshot;
 use tracing::{debug, Instrument};
 
-use crate::api::{owned_device, ApiError, Caller, SESSION_COOKIE};
+use crate::api::{owned_device, ApiError, ProxyCaller, SESSION_COOKIE};
 use crate::rpc::{self, RpcError};
 use crate::HubState;
 
@@ -41,36 +41,26 @@ pub(crate) fn routes() -> Router<AppState> {
 }
 
 /// Splits `/proxy/{device}/{service}{target}` keeping the target's encoding as sent.
-fn split_uri(path_and_query: &str) -> Option<(&str, &str, String)> {
+fn split_uri(path_and_query: &str) -> Option<(&str, &str, &str)> {
     let rest = path_and_query.strip_prefix("/proxy/")?;
     let (device, rest) = rest.split_once('/')?;
     let (service, target) = match rest.find(['/', '?']) {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, ""),
     };
-    Some((device, service, normalize_target(target)))
+    Some((device, service, target))
 }
 
 /// The protocol a request asks to switch to, if it asks (`Connection: upgrade` plus an
 /// `Upgrade` header).
 fn upgrade_protocol(headers: &HeaderMap) -> Option<String> {
-    let connection = headers.get(header::CONNECTION)?.to_str().ok()?;
-    if !connection
-        .split(',')
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-    {
-        return None;
-    }
-    headers
-        .get(header::UPGRADE)?
-        .to_str()
-        .ok()
-        .map(|v| v.trim().to_owned())
+    let get = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    requested_upgrade(get(header::CONNECTION), get(header::UPGRADE))
 }
 
 async fn proxy(
     State(state): State<AppState>,
-    caller: Caller,
+    ProxyCaller(caller): ProxyCaller,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     mut req: Request,
 ) -> Result<Response, ApiError> {
@@ -86,6 +76,16 @@ async fn proxy(
         return Err(ApiError::new(
             ErrorCode::NotFound,
             "no such service on this device",
+        ));
+    }
+    let target =
+        check_target(target).map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()))?;
+    // A device whose socket is still open but that stopped heartbeating would never
+    // answer: say so now rather than after the whole deadline.
+    if !state.registry.presence(&device.id).online {
+        return Err(ApiError::new(
+            ErrorCode::DeviceOffline,
+            "the device is offline (no recent heartbeat)",
         ));
     }
     let span =
@@ -349,22 +349,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn uris_split_into_device_service_and_normalized_target() {
+    fn uris_split_into_device_service_and_target() {
         assert_eq!(
             split_uri("/proxy/dev/grafana/api/x?y=1"),
-            Some(("dev", "grafana", "/api/x?y=1".to_owned()))
+            Some(("dev", "grafana", "/api/x?y=1"))
         );
         assert_eq!(
             split_uri("/proxy/dev/grafana"),
-            Some(("dev", "grafana", "/".to_owned()))
+            Some(("dev", "grafana", ""))
         );
         assert_eq!(
             split_uri("/proxy/dev/grafana?x=1"),
-            Some(("dev", "grafana", "/?x=1".to_owned()))
+            Some(("dev", "grafana", "?x=1"))
         );
         assert_eq!(
             split_uri("/proxy/dev/grafana/../../other/secret"),
-            Some(("dev", "grafana", "/other/secret".to_owned()))
+            Some(("dev", "grafana", "/../../other/secret"))
         );
         assert_eq!(split_uri("/proxy/dev"), None);
     }

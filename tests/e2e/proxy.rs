@@ -26,6 +26,22 @@ struct Seen {
     uploaded: AtomicU64,
     aborted: AtomicBool,
     release_sse: Notify,
+    /// A `/hang` request reached the service / was dropped by it (its connection closed).
+    hang_started: Arc<AtomicBool>,
+    hang_dropped: Arc<AtomicBool>,
+    /// The same for `/trickle`, which sends one chunk and then nothing.
+    trickle_started: Arc<AtomicBool>,
+    trickle_dropped: Arc<AtomicBool>,
+}
+
+/// Flips its flag when dropped: a handler holding one learns when hyper gives up on
+/// the request, which happens when the connection to the service closes.
+struct OnDrop(Arc<AtomicBool>);
+
+impl Drop for OnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
 }
 
 struct AbortFlag(Arc<Seen>, bool);
@@ -67,6 +83,8 @@ fn service(seen: Arc<Seen>) -> Router {
     let s1 = seen.clone();
     let s2 = seen.clone();
     let s3 = seen.clone();
+    let s4 = seen.clone();
+    let s5 = seen.clone();
     Router::new()
         .route(
             "/status/{code}",
@@ -137,6 +155,38 @@ fn service(seen: Arc<Seen>) -> Router {
             get(|| async {
                 tokio::time::sleep(Duration::from_secs(30)).await;
                 "late"
+            }),
+        )
+        .route(
+            "/hang",
+            get(move || {
+                let seen = s4.clone();
+                async move {
+                    // Never answers; the guard tells when the request is dropped.
+                    let _guard = OnDrop(seen.hang_dropped.clone());
+                    seen.hang_started.store(true, Ordering::SeqCst);
+                    std::future::pending::<()>().await;
+                    "never"
+                }
+            }),
+        )
+        .route(
+            "/trickle",
+            get(move || {
+                let seen = s5.clone();
+                async move {
+                    let guard = OnDrop(seen.trickle_dropped.clone());
+                    seen.trickle_started.store(true, Ordering::SeqCst);
+                    let first = futures_util::stream::once(async {
+                        Ok::<_, std::io::Error>(Bytes::from("first chunk"))
+                    });
+                    // Then silence, as an SSE stream between events.
+                    let silent = futures_util::stream::unfold(guard, |g| async move {
+                        std::future::pending::<()>().await;
+                        Some((Ok(Bytes::new()), g))
+                    });
+                    Body::from_stream(first.chain(silent))
+                }
             }),
         )
         .route(
@@ -360,39 +410,87 @@ async fn every_method_headers_status_and_binary_bodies_pass_through() -> Result<
 }
 
 #[tokio::test]
-async fn session_cookie_is_http_only_strict_and_opens_proxied_pages() -> Result<()> {
+async fn session_cookie_is_scoped_to_proxied_pages() -> Result<()> {
     let s = setup(&[]).await?;
-    let key = s.hub.add_user("dora")?;
-    let resp = s
-        .http
-        .post(format!("{}/api/auth/session", s.hub.url))
-        .json(&json!({"api_key": key}))
-        .send()
-        .await?;
+    let session = |key: String| {
+        s.http
+            .post(format!("{}/api/auth/session", s.hub.url))
+            .json(&json!({ "api_key": key }))
+            .send()
+    };
+    let resp = session(s.alice_key.clone()).await?;
     assert_eq!(resp.status(), 200);
     let cookie = resp.headers()["set-cookie"].to_str()?.to_owned();
-    assert!(
-        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
-        "{cookie}"
-    );
-    let pair = cookie.split(';').next().unwrap_or_default().to_owned();
-    // Dora owns nothing: the cookie authenticates her, ownership still decides.
+    let attrs: Vec<&str> = cookie.split(';').map(str::trim).collect();
+    for want in ["Path=/proxy/", "HttpOnly", "SameSite=Strict"] {
+        assert!(attrs.contains(&want), "{want} in {cookie}");
+    }
+    let alice_cookie = attrs[0].to_owned();
+    assert!(alice_cookie.starts_with("adi_session="), "{cookie}");
+
+    // The cookie opens Alice's device's service...
     let resp = s
         .http
         .get(s.url("web", "/x"))
-        .header("cookie", &pair)
+        .header("cookie", &alice_cookie)
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 200);
+    // ...and nothing in the API, even if a proxied page's script sends it there.
+    for path in [
+        "/api/cocoons".to_owned(),
+        format!("/api/cocoons/{}/tasks", s.device),
+        "/api/aggregate/tasks".to_owned(),
+    ] {
+        let resp = s
+            .http
+            .get(format!("{}{path}", s.hub.url))
+            .header("cookie", &alice_cookie)
+            .send()
+            .await?;
+        assert_eq!(resp.status(), 401, "{path} with only the cookie");
+    }
+    let resp = s
+        .http
+        .post(format!("{}/api/cocoons/{}/tasks", s.hub.url, s.device))
+        .header("cookie", &alice_cookie)
+        .json(&json!({"title": "from a proxied page", "command": ["true"]}))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 401, "no task created with only the cookie");
+    // The bearer header still works everywhere.
+    assert_eq!(s.alice.get("/api/cocoons").await?.0, 200);
+
+    // Dora owns nothing: the cookie authenticates her, ownership still decides.
+    let resp = session(s.hub.add_user("dora")?).await?;
+    let dora = resp.headers()["set-cookie"].to_str()?.to_owned();
+    let resp = s
+        .http
+        .get(s.url("web", "/x"))
+        .header("cookie", dora.split(';').next().unwrap_or_default())
         .send()
         .await?;
     assert_eq!(resp.status(), 404);
-    // Alice's session cookie opens her device's service.
-    let alice_cookie = format!("adi_session={}", s.alice.jwt);
+
+    // Signing out clears the cookie on the same path.
     let resp = s
         .http
-        .get(s.url("web", "/x"))
-        .header("cookie", alice_cookie)
+        .delete(format!("{}/api/auth/session", s.hub.url))
         .send()
         .await?;
-    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.status(), 204);
+    let cleared: Vec<String> = resp
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(str::to_owned))
+        .collect();
+    assert!(
+        cleared.iter().any(|c| c.starts_with("adi_session=;")
+            && c.contains("Path=/proxy/")
+            && c.contains("Max-Age=0")),
+        "{cleared:?}"
+    );
     Ok(())
 }
 
@@ -580,17 +678,34 @@ async fn errors_are_fast_and_say_why() -> Result<()> {
 #[tokio::test]
 async fn nothing_reaches_beyond_the_registered_loopback_service() -> Result<()> {
     let s = setup(&[]).await?;
-    // Dot segments, raw and encoded, stay inside the service's root.
+    // Dot segments, raw and encoded, stay inside the service's root; an encoded slash
+    // that forms no `..` passes as sent.
+    let base = reqwest::Url::parse(&s.url("web", ""))?;
     for (path, want) in [
         ("/a/../../../etc/passwd", "/etc/passwd"),
         ("/a/%2e%2e/%2E%2E/x", "/x"),
-        ("/..%2f..%2fx", "/..%2f..%2fx"),
+        ("/repos/group%2Fproject", "/repos/group%2Fproject"),
     ] {
-        let url = reqwest::Url::parse(&s.url("web", ""))?;
-        let raw = format!("{}{path}", url.as_str());
-        let resp = raw_get(&raw, &s.alice.jwt).await?;
+        let resp = raw_get(&format!("{}{path}", base.as_str()), &s.alice.jwt).await?;
         assert!(
             resp.contains(&format!("\"uri\":\"{want}\"")),
+            "{path}: {resp}"
+        );
+    }
+    // A `..` that only a service decoding %2F or %5C, or splitting on `\`, would see
+    // is refused at the hub, with the reason.
+    for path in [
+        "/..%2f..%2fx",
+        "/..%2F..%2Fetc/passwd",
+        "/a/%2e%2e%5c%2e%2e%5cx",
+        "/a\\..\\..\\x",
+        "/x/%252e%252e/y",
+        "/x/..;/admin",
+    ] {
+        let resp = raw_get(&format!("{}{path}", base.as_str()), &s.alice.jwt).await?;
+        assert!(resp.starts_with("HTTP/1.1 400"), "{path}: {resp}");
+        assert!(
+            resp.contains("bad_request") && resp.contains("hides"),
             "{path}: {resp}"
         );
     }
@@ -693,20 +808,7 @@ async fn service_health_is_probed_and_shown() -> Result<()> {
 async fn port_forward_reaches_the_service_without_a_bearer() -> Result<()> {
     let s = setup(&[]).await?;
     let cfg = tempfile::tempdir()?;
-    let mut cmd = std::process::Command::new(crate::harness::ADI);
-    cmd.args(["proxy", "box", "web", "--listen", "127.0.0.1:0"])
-        .env("ADI_CONFIG_DIR", cfg.path())
-        .env("ADI_HUB", &s.hub.url)
-        .env("ADI_API_KEY", &s.alice_key);
-    let fwd = crate::harness::Proc::spawn(&mut cmd)?;
-    let line = fwd
-        .wait_line("forwarding http://", Duration::from_secs(20))
-        .await?;
-    let local = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap_or_default()
-        .to_owned();
+    let (_fwd, local) = port_forward(&s, cfg.path()).await?;
     let plain = reqwest::Client::builder().no_proxy().build()?;
     let seen: Value = plain
         .get(format!("{local}/deep/path?q=1"))
@@ -726,6 +828,10 @@ async fn port_forward_reaches_the_service_without_a_bearer() -> Result<()> {
     assert!(back.bytes().await?.as_ref() == bytes.as_slice());
     let teapot = plain.get(format!("{local}/status/418")).send().await?;
     assert_eq!(teapot.status(), 418);
+    // The service's own 401 is the service's business, not a refused session.
+    let refused = plain.get(format!("{local}/status/401")).send().await?;
+    assert_eq!(refused.status(), 401);
+    assert!(refused.text().await?.is_empty());
     Ok(())
 }
 
@@ -769,4 +875,285 @@ async fn websocket_upgrades_are_carried_both_ways() -> Result<()> {
     let anon = tokio_tungstenite::connect_async(url.as_str()).await;
     assert!(anon.is_err(), "upgrade without credentials must fail");
     Ok(())
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_before_the_head_or_mid_silence_cancels_on_the_device() -> Result<()> {
+    let s = setup(&[]).await?;
+    let wait_flag = |what: &'static str, flag: Arc<AtomicBool>| {
+        wait_for(what, Duration::from_secs(10), move || {
+            let flag = flag.clone();
+            async move { Ok(flag.load(Ordering::SeqCst).then_some(())) }
+        })
+    };
+    // A request the service never answers, with a deadline far beyond this test: only
+    // the client leaving can end it.
+    let request = s
+        .req(reqwest::Method::GET, &s.url("web", "/hang"))
+        .header("x-adi-timeout-ms", "3600000")
+        .send();
+    let client = tokio::spawn(request);
+    wait_flag(
+        "the service to get the request",
+        s.seen.hang_started.clone(),
+    )
+    .await?;
+    assert!(!s.seen.hang_dropped.load(Ordering::SeqCst));
+    client.abort();
+    let _ = client.await;
+    wait_flag(
+        "the service to see the request aborted",
+        s.seen.hang_dropped.clone(),
+    )
+    .await?;
+
+    // A response that sent its head and one chunk, then went quiet: the client leaving
+    // ends it too, without waiting for a next chunk that may never come.
+    let resp = s
+        .req(reqwest::Method::GET, &s.url("web", "/trickle"))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    let first = tokio::time::timeout(Duration::from_secs(10), body.next())
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no first chunk"))??;
+    assert_eq!(&first[..], b"first chunk");
+    assert!(s.seen.trickle_started.load(Ordering::SeqCst));
+    assert!(!s.seen.trickle_dropped.load(Ordering::SeqCst));
+    drop(body);
+    wait_flag(
+        "the service to see the quiet response abandoned",
+        s.seen.trickle_dropped.clone(),
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_connected_device_that_stopped_heartbeating_is_answered_502_at_once() -> Result<()> {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let hub = Hub::start().await?;
+    let alice = Api::login(&hub.url, &hub.add_user("alice")?).await?;
+    let mut ws = crate::wire::connect(&hub).await?;
+    let register = json!({
+        "type": "register", "versions": [1], "secret": crate::wire::secret(), "name": "quiet",
+        "setup_token": alice.setup_token(60).await?,
+        "services": [{"name": "web", "port": dead_port().await?}],
+    });
+    ws.send(Message::text(register.to_string())).await?;
+    let reply = crate::wire::next(&mut ws).await?;
+    assert_eq!(reply["type"], "registered", "{reply}");
+    let id = reply["device_id"].as_str().unwrap_or_default().to_owned();
+    let (mut tx, mut rx) = ws.split();
+    // The device keeps its socket busy with WebSocket pings but sends no heartbeat, so
+    // the hub keeps the connection while the registry turns it offline.
+    let proxied = Arc::new(AtomicBool::new(false));
+    let seen = proxied.clone();
+    let reader = tokio::spawn(async move {
+        while let Some(Ok(msg)) = rx.next().await {
+            if let Message::Text(t) = msg {
+                if t.as_str().contains("proxy_request") {
+                    seen.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+    });
+    let pinger = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(crate::harness::HEARTBEAT / 4);
+        loop {
+            tick.tick().await;
+            if tx.send(Message::Ping(Default::default())).await.is_err() {
+                break;
+            }
+        }
+    });
+    alice
+        .wait_online(&id, false, crate::harness::HEARTBEAT * 20)
+        .await?;
+    let resp = reqwest::Client::new()
+        .get(format!("{}/proxy/{id}/web/", hub.url))
+        .bearer_auth(&alice.jwt)
+        // Without the presence check the hub would wait this long, then answer 504.
+        .header("x-adi-timeout-ms", "5000")
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 502);
+    let body: Value = resp.json().await?;
+    assert_eq!(body["error"]["code"], "device_offline", "{body}");
+    assert!(
+        !reader.is_finished(),
+        "the device's socket is still open: the registry, not a closed socket, said offline"
+    );
+    assert!(
+        !proxied.load(Ordering::SeqCst),
+        "the request never went to the silent device"
+    );
+    pinger.abort();
+    reader.abort();
+    Ok(())
+}
+
+/// A device's own small service: `/name` answers the device's name; `/hold` streams a
+/// large body and keeps it open until released.
+fn named_service(name: &'static str, release: Arc<Notify>) -> Router {
+    Router::new()
+        .route("/name", get(move || async move { name }))
+        .route(
+            "/hold",
+            get(move || {
+                let release = release.clone();
+                async move {
+                    let chunk = Bytes::from(vec![5u8; 1024 * 1024]);
+                    let (first, rest) = (chunk.clone(), chunk);
+                    // 8 MiB now, then nothing until released, then 8 MiB more.
+                    let head = futures_util::stream::iter(
+                        (0..8).map(move |_| Ok::<_, std::io::Error>(first.clone())),
+                    );
+                    let tail = futures_util::stream::once(async move {
+                        release.notified().await;
+                        Ok::<_, std::io::Error>(Bytes::new())
+                    })
+                    .chain(futures_util::stream::iter(
+                        (0..8).map(move |_| Ok::<_, std::io::Error>(rest.clone())),
+                    ));
+                    Body::from_stream(head.chain(tail))
+                }
+            }),
+        )
+}
+
+#[tokio::test]
+async fn many_devices_share_the_hub_without_head_of_line_blocking() -> Result<()> {
+    let hub = Hub::start().await?;
+    let alice = Api::login(&hub.url, &hub.add_user("alice")?).await?;
+    let release = Arc::new(Notify::new());
+    let names = ["north", "south", "east"];
+    let mut cocoons = Vec::new();
+    let mut devices = Vec::new();
+    for name in names {
+        let port = serve(named_service(name, release.clone())).await?;
+        let cocoon = Cocoon::start(
+            &hub.url,
+            name,
+            Some(&alice.setup_token(60).await?),
+            &["--service", &format!("svc:{port}")],
+        )?;
+        devices.push(cocoon.device_id().await?);
+        cocoons.push(cocoon);
+    }
+    let http = reqwest::Client::builder().no_proxy().build()?;
+    let url = |device: &str, rest: &str| format!("{}/proxy/{device}/svc{rest}", hub.url);
+
+    // A large transfer from the first device, read as it comes; the service holds it
+    // open (8 MiB sent, 8 MiB to go) until the small requests are done.
+    let resp = http
+        .get(url(&devices[0], "/hold"))
+        .bearer_auth(&alice.jwt)
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 200);
+    let (progress_tx, mut progress) = tokio::sync::watch::channel(0u64);
+    let large = tokio::spawn(async move {
+        let mut got = 0u64;
+        let mut body = resp.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            got += chunk?.len() as u64;
+            progress_tx.send_replace(got);
+        }
+        anyhow::Ok(got)
+    });
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        progress.wait_for(|got| *got >= 4 * 1024 * 1024),
+    )
+    .await??;
+
+    // Many small requests to every device (the busy one included), all at once.
+    let small = (0..8)
+        .flat_map(|_| devices.iter().zip(names))
+        .map(|(device, name)| {
+            let request = http
+                .get(url(device, "/name"))
+                .bearer_auth(&alice.jwt)
+                .send();
+            async move {
+                let resp = request.await?;
+                anyhow::ensure!(resp.status() == 200, "{name}: {}", resp.status());
+                let text = resp.text().await?;
+                anyhow::ensure!(text == name, "{name} answered {text:?}");
+                anyhow::Ok(())
+            }
+        });
+    let answers = tokio::time::timeout(
+        Duration::from_secs(30),
+        futures_util::future::join_all(small),
+    )
+    .await?;
+    assert_eq!(answers.len(), 24);
+    for answer in answers {
+        answer?;
+    }
+    assert!(
+        !large.is_finished(),
+        "every small request completed while the large transfer was still open"
+    );
+    release.notify_one();
+    let got = tokio::time::timeout(Duration::from_secs(30), large).await???;
+    assert_eq!(got, 16 * 1024 * 1024);
+    Ok(())
+}
+
+/// Starts `adi proxy DEVICE SERVICE --listen 127.0.0.1:0`; returns it and its local URL.
+async fn port_forward(s: &Setup, cfg: &std::path::Path) -> Result<(crate::harness::Proc, String)> {
+    let mut cmd = std::process::Command::new(crate::harness::ADI);
+    cmd.args(["proxy", "box", "web", "--listen", "127.0.0.1:0"])
+        .env("ADI_CONFIG_DIR", cfg)
+        .env("ADI_HUB", &s.hub.url)
+        .env("ADI_API_KEY", &s.alice_key);
+    let fwd = crate::harness::Proc::spawn(&mut cmd)?;
+    let line = fwd
+        .wait_line("forwarding http://", Duration::from_secs(20))
+        .await?;
+    let local = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_default()
+        .to_owned();
+    Ok((fwd, local))
+}
+
+#[tokio::test]
+async fn port_forward_carries_websocket_upgrades() -> Result<()> {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let s = setup(&[]).await?;
+    let cfg = tempfile::tempdir()?;
+    let (_fwd, local) = port_forward(&s, cfg.path()).await?;
+    let url = format!("{}/ws", local.replacen("http", "ws", 1));
+    let (mut ws, resp) = tokio_tungstenite::connect_async(url.as_str()).await?;
+    assert_eq!(resp.status(), 101);
+    assert_eq!(
+        next_message(&mut ws).await?,
+        Message::text("hello from the service")
+    );
+    for i in 0..3 {
+        ws.send(Message::text(format!("ping {i}"))).await?;
+        assert_eq!(
+            next_message(&mut ws).await?,
+            Message::text(format!("echo: ping {i}"))
+        );
+    }
+    let blob: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    ws.send(Message::binary(blob.clone())).await?;
+    assert_eq!(next_message(&mut ws).await?, Message::binary(blob));
+    ws.close(None).await?;
+    Ok(())
+}
+
+async fn next_message(ws: &mut crate::wire::Ws) -> Result<tokio_tungstenite::tungstenite::Message> {
+    Ok(tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("socket ended"))??)
 }

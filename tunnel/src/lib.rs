@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 
 /// Largest payload of one data frame.
 pub const MAX_CHUNK: usize = 64 * 1024;
@@ -129,6 +129,9 @@ pub enum StreamError {
 struct Slot {
     incoming: Option<mpsc::Sender<Result<Bytes, StreamError>>>,
     credit: Arc<Semaphore>,
+    /// Turns true when the peer stops reading this side's body; dropped (which its
+    /// receivers see the same way) when the connection closes.
+    stopped: watch::Sender<bool>,
     sending: bool,
 }
 
@@ -183,11 +186,13 @@ impl Streams {
     pub fn open(&self, id: u32) -> (BodyReceiver, BodySender) {
         let (tx, rx) = mpsc::channel(INITIAL_WINDOW as usize + 2);
         let credit = Arc::new(Semaphore::new(INITIAL_WINDOW as usize));
+        let (stopped, stopped_rx) = watch::channel(false);
         self.inner.lock().insert(
             id,
             Slot {
                 incoming: Some(tx),
                 credit: credit.clone(),
+                stopped,
                 sending: true,
             },
         );
@@ -202,6 +207,7 @@ impl Streams {
             BodySender {
                 id,
                 credit,
+                stopped: stopped_rx,
                 inner: self.inner.clone(),
                 done: false,
             },
@@ -251,6 +257,7 @@ impl Streams {
             }
             Kind::Stop => {
                 slot.credit.close();
+                slot.stopped.send_replace(true);
                 slot.sending = false;
             }
             Kind::Window => {
@@ -277,6 +284,7 @@ impl Streams {
                 let _ = tx.try_send(Err(StreamError::ConnectionClosed));
             }
             slot.credit.close();
+            slot.stopped.send_replace(true);
         }
     }
 }
@@ -339,6 +347,7 @@ impl Drop for BodyReceiver {
 pub struct BodySender {
     id: u32,
     credit: Arc<Semaphore>,
+    stopped: watch::Receiver<bool>,
     inner: Arc<Inner>,
     done: bool,
 }
@@ -362,6 +371,15 @@ impl BodySender {
                 .map_err(|_| StreamError::ConnectionClosed)?;
         }
         Ok(())
+    }
+
+    /// Resolves once nobody will read this body: the peer stopped reading (its client
+    /// went away) or the connection closed. Lets a producer that is still waiting for
+    /// its first byte, or between two chunks, give up instead of waiting on.
+    pub async fn stopped(&self) {
+        let mut stopped = self.stopped.clone();
+        // An error means the slot is gone, which happens only with the connection.
+        let _ = stopped.wait_for(|s| *s).await;
     }
 
     /// Ends the body.
@@ -565,6 +583,40 @@ mod tests {
             }
         }
         assert!(failed, "sender learns the receiver went away");
+    }
+
+    #[tokio::test]
+    async fn a_sender_learns_it_was_stopped_without_sending() {
+        let (a, b, _wire) = pair();
+        let (_r, tx) = a.open(8);
+        let (rx, _t) = b.open(8);
+        let mut waiting = Box::pin(tx.stopped());
+        assert!(
+            futures_poll_once(waiting.as_mut()).await.is_none(),
+            "not stopped while the receiver lives"
+        );
+        drop(rx);
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the sender hears of the stop");
+
+        let (_r, tx) = a.open(9);
+        a.close_all();
+        tokio::time::timeout(Duration::from_secs(5), tx.stopped())
+            .await
+            .expect("a closed connection counts as stopped");
+    }
+
+    /// Polls a future once: `Some` if it is ready.
+    async fn futures_poll_once<F: std::future::Future + Unpin>(f: F) -> Option<F::Output> {
+        let mut f = f;
+        std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(match std::pin::Pin::new(&mut f).poll(cx) {
+                std::task::Poll::Ready(v) => Some(v),
+                std::task::Poll::Pending => None,
+            })
+        })
+        .await
     }
 
     #[tokio::test]
