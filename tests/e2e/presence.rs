@@ -161,13 +161,20 @@ async fn hardware_and_location_are_configuration_and_heartbeats_never_write_the_
         &hub.url,
         "rack-box",
         Some(&alice.setup_token(60).await?),
-        &["--location", "rack 3, shelf 2", "--health-interval", "200ms"],
+        &[
+            "--location",
+            "rack 3, shelf 2",
+            "--health-interval",
+            "200ms",
+        ],
     )?;
     let id = cocoon.device_id().await?;
     let view = crate::harness::wait_for("hardware reported", Duration::from_secs(10), || async {
         let (_, v) = alice.cocoon(&id).await?;
-        Ok((v["hardware"]["cpu_count"].as_u64().unwrap_or(0) >= 1 && v["load"].is_object())
-            .then_some(v))
+        Ok(
+            (v["hardware"]["cpu_count"].as_u64().unwrap_or(0) >= 1 && v["load"].is_object())
+                .then_some(v),
+        )
     })
     .await?;
     assert_eq!(view["location"], "rack 3, shelf 2");
