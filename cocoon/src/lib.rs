@@ -383,7 +383,9 @@ pub async fn start(config: CocoonConfig) -> Result<CocoonHandle, CocoonError> {
         RunnerConfig {
             max_concurrent: config.max_concurrent_tasks.max(1),
             exec_allowed: config.exec_allowed,
-            has_gpu: false,
+            has_gpu: tokio::task::spawn_blocking(probe::detect_gpu)
+                .await
+                .unwrap_or(false),
         },
     )
     .await?;

@@ -24,14 +24,24 @@ pub struct Probe {
 impl Probe {
     /// Opens the probe: NVML if the driver is there, "no GPU" (once) if not.
     pub fn open() -> Self {
+        Self::open_logged(true)
+    }
+
+    /// Opens the probe, saying what it found only if `log`: the cocoon's periodic
+    /// probe says it, a one-off check does not repeat it.
+    fn open_logged(log: bool) -> Self {
         let nvml = match Nvml::init() {
             Ok(n) => {
                 let count = n.device_count().unwrap_or(0);
-                info!(gpus = count, "NVML loaded");
+                if log {
+                    info!(gpus = count, "NVML loaded");
+                }
                 Some(n)
             }
             Err(e) => {
-                info!("no GPU: NVML is not available ({e})");
+                if log {
+                    info!("no GPU: NVML is not available ({e})");
+                }
                 None
             }
         };
@@ -79,6 +89,18 @@ impl Probe {
     }
 }
 
+/// Whether a sample shows a GPU this device can run `gpu` tasks on: NVML listed at
+/// least one, and answered for it.
+pub fn has_gpu(report: &LoadReport) -> bool {
+    !report.gpus.is_empty()
+}
+
+/// Probes once and tells whether this device has a GPU; blocking (it loads NVML).
+/// Logs nothing: the periodic probe says what it finds.
+pub fn detect_gpu() -> bool {
+    has_gpu(&Probe::open_logged(false).sample())
+}
+
 /// Samples every `every` on a blocking thread; the channel holds the latest sample.
 pub(crate) fn spawn(
     every: Duration,
@@ -118,6 +140,40 @@ pub(crate) fn spawn(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_device_has_a_gpu_when_nvml_lists_one() {
+        let mut report = LoadReport {
+            cpu_count: 8,
+            ram_total_bytes: 1 << 30,
+            ..LoadReport::default()
+        };
+        assert!(!has_gpu(&report), "no GPU listed");
+        report.gpus.push(GpuReport {
+            index: 0,
+            name: "NVIDIA H200".into(),
+            memory_total_bytes: 141 << 30,
+            ..GpuReport::default()
+        });
+        assert!(has_gpu(&report));
+    }
+
+    /// The real path: NVML on this machine agrees with `nvidia-smi -L` (no driver, no
+    /// GPU: both say none).
+    #[test]
+    fn gpu_detection_agrees_with_nvidia_smi() {
+        let listed = std::process::Command::new("nvidia-smi")
+            .arg("-L")
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .is_some_and(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .any(|l| l.starts_with("GPU "))
+            });
+        assert_eq!(detect_gpu(), listed, "nvidia-smi lists a GPU: {listed}");
+    }
 
     #[test]
     fn this_machine_reports_cpus_and_ram() {

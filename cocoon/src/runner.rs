@@ -6,7 +6,8 @@
 //! first), spawning each command in a process group of its own, streaming its stdout
 //! and stderr into the task's log line by line, recording how it ended, cancelling
 //! (SIGKILL to the whole process group), and recovery on start (tasks left `Running` by
-//! a crash are failed, tasks left `Pending` are run).
+//! a crash are failed and whatever their commands left running is killed, tasks left
+//! `Pending` are run).
 //!
 //! The store is the single source of truth; the runner keeps in memory only which
 //! tasks wait for a slot and which ones it is running. Cancelling must go through
@@ -17,6 +18,12 @@
 //! status can read the whole log. When a command's leader process exits, whatever it
 //! left running in its process group is killed too, so a task never outlives itself and
 //! its output pipes close.
+//!
+//! A cocoon that is killed outright (SIGKILL, a power cut) cannot kill anything, so
+//! every command runs with [`TASK_ID_ENV`] set to its task's id, which its children
+//! inherit. On the next start, the tasks found `Running` are failed, and every process
+//! still carrying one of their ids is killed: the id, not a recorded pid, names them,
+//! so a pid reused since by an unrelated process is never hit.
 
 use std::collections::{BTreeSet, HashMap};
 use std::os::unix::process::ExitStatusExt;
@@ -36,8 +43,17 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 /// Longest log line, in bytes; longer lines are split so one runaway line cannot take
-/// the store's or a reader's memory.
-pub const MAX_LINE_BYTES: usize = 64 * 1024;
+/// the store's or a reader's memory. Small enough that a line fits in one frame to
+/// the hub even when every byte is a control character JSON spells as `\u00XX`.
+pub const MAX_LINE_BYTES: usize = 8 * 1024;
+
+/// The environment variable every task command (and so everything it starts) runs
+/// with: its task's id.
+pub const TASK_ID_ENV: &str = "ADI_TASK_ID";
+
+/// Rounds of looking for leftover processes after a crash: one kill per round, and a
+/// leftover that forks meanwhile is found by the next.
+const LEFTOVER_ROUNDS: usize = 10;
 
 /// How long output is still read after a command's process group is gone, in case a
 /// process that left the group keeps a pipe open.
@@ -192,8 +208,18 @@ impl Runner {
         store: Arc<dyn TaskStore>,
         config: RunnerConfig,
     ) -> Result<Arc<Runner>, StoreError> {
-        for id in store.fail_interrupted().await? {
+        let interrupted = store.fail_interrupted().await?;
+        for id in &interrupted {
             tracing::warn!(task_id = %id, "task was running when the device stopped; marked failed");
+        }
+        if !interrupted.is_empty() {
+            match tokio::task::spawn_blocking(move || kill_leftovers(&interrupted)).await {
+                Ok(0) => {}
+                Ok(killed) => {
+                    tracing::warn!(killed, "killed processes left running by interrupted tasks")
+                }
+                Err(e) => tracing::warn!("looking for leftover processes failed: {e}"),
+            }
         }
         let queue = pending_commands(&*store).await?;
         if !queue.is_empty() {
@@ -219,6 +245,11 @@ impl Runner {
         );
         *lock(&runner.scheduler) = Some(scheduler);
         Ok(runner)
+    }
+
+    /// How this runner was configured: what the device tells about what it can run.
+    pub fn config(&self) -> &RunnerConfig {
+        &self.config
     }
 
     /// The store the runner works on, for the cocoon's queries (list, get, logs): the
@@ -466,6 +497,7 @@ impl Runner {
         let mut command = Command::new(&argv[0]);
         command
             .args(&argv[1..])
+            .env(TASK_ID_ENV, id.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -615,6 +647,57 @@ fn kill_group(group: Option<i32>) {
         Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
         Err(e) => tracing::warn!(group, "could not kill the process group: {e}"),
     }
+}
+
+/// SIGKILLs every process that runs with [`TASK_ID_ENV`] set to one of `tasks`, until
+/// none is left (or [`LEFTOVER_ROUNDS`] passed); returns how many were killed. Reads
+/// `/proc`, so it finds nothing where there is none; processes of other users cannot be
+/// read and are left alone.
+fn kill_leftovers(tasks: &[TaskId]) -> usize {
+    let markers: Vec<Vec<u8>> = tasks
+        .iter()
+        .map(|id| format!("{TASK_ID_ENV}={id}").into_bytes())
+        .collect();
+    let mut killed = 0;
+    for _ in 0..LEFTOVER_ROUNDS {
+        let found = processes_marked(&markers);
+        if found.is_empty() {
+            break;
+        }
+        for pid in found {
+            match nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL) {
+                Ok(()) => {
+                    tracing::info!(pid, "killed a process left by an interrupted task");
+                    killed += 1;
+                }
+                Err(nix::errno::Errno::ESRCH) => {}
+                Err(e) => tracing::warn!(pid, "could not kill a leftover process: {e}"),
+            }
+        }
+    }
+    killed
+}
+
+/// Pids of the live processes whose environment holds one of `markers` exactly
+/// (`NAME=value`). A zombie's environment reads empty, so the dead are not found again.
+fn processes_marked(markers: &[Vec<u8>]) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let own = std::process::id();
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != own)
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
+                env.split(|b| *b == 0)
+                    .any(|var| markers.iter().any(|m| m.as_slice() == var))
+            })
+        })
+        .filter_map(|pid| i32::try_from(pid).ok())
+        .filter(|pid| *pid > 1)
+        .collect()
 }
 
 /// The final status, exit code and words for how a command ended on its own.
@@ -968,21 +1051,23 @@ mod tests {
         let runner = Runner::start(f.store.clone(), config())
             .await
             .expect("start");
-        let script = "head -c 70000 /dev/zero | tr '\\000' a; echo; printf '\\377ok\\r\\n'; printf 'no newline'";
-        let task = runner.submit(shell("long", script)).await.expect("submit");
+        let long = 2 * MAX_LINE_BYTES + 1000;
+        let script = format!("head -c {long} /dev/zero | tr '\\000' a; echo; printf '\\377ok\\r\\n'; printf 'no newline'");
+        let task = runner.submit(shell("long", &script)).await.expect("submit");
         let done = wait_final(&*f.store, task.id).await;
         assert_eq!(done.status, TaskStatus::Completed, "{done:?}");
         let out = texts(&logs(&*f.store, task.id).await, LogStream::Stdout);
         assert_eq!(
             out.len(),
-            4,
+            5,
             "{:?}",
             out.iter().map(String::len).collect::<Vec<_>>()
         );
         assert_eq!(out[0], "a".repeat(MAX_LINE_BYTES));
-        assert_eq!(out[1], "a".repeat(70000 - MAX_LINE_BYTES));
-        assert_eq!(out[2], "\u{FFFD}ok");
-        assert_eq!(out[3], "no newline");
+        assert_eq!(out[1], "a".repeat(MAX_LINE_BYTES));
+        assert_eq!(out[2], "a".repeat(1000));
+        assert_eq!(out[3], "\u{FFFD}ok");
+        assert_eq!(out[4], "no newline");
         runner.shutdown().await;
     }
 
@@ -1275,6 +1360,83 @@ mod tests {
             TaskStatus::Completed
         );
         gpu_runner.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn restart_kills_what_interrupted_tasks_left_running_and_nothing_else() {
+        let f = fixture().await;
+        let interrupted = f
+            .store
+            .create(shell("was running", "sleep 600"))
+            .await
+            .expect("create");
+        f.store
+            .update(
+                interrupted.id,
+                TaskUpdate {
+                    status: Some(TaskStatus::Running),
+                    ..TaskUpdate::default()
+                },
+            )
+            .await
+            .expect("set running");
+        // What a crashed cocoon leaves: its task's command, still running, and an
+        // unrelated process that happens to carry another task's id.
+        let spawn = |task: String| {
+            std::process::Command::new("sleep")
+                .arg("600")
+                .env(TASK_ID_ENV, task)
+                .spawn()
+                .expect("spawn sleep")
+        };
+        let mut leftover = spawn(interrupted.id.to_string());
+        let mut bystander = spawn(TaskId::new().to_string());
+
+        let runner = Runner::start(f.store.clone(), config())
+            .await
+            .expect("start");
+        let start = Instant::now();
+        while leftover.try_wait().expect("try_wait").is_none() {
+            assert!(
+                start.elapsed() < WAIT,
+                "the leftover of the interrupted task survived the restart"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            bystander.try_wait().expect("try_wait").is_none(),
+            "a process of another task was killed"
+        );
+        assert_eq!(
+            f.store
+                .get(interrupted.id)
+                .await
+                .expect("get")
+                .expect("task")
+                .status,
+            TaskStatus::Failed
+        );
+        let _ = bystander.kill();
+        let _ = bystander.wait();
+        runner.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn commands_run_with_their_task_id_in_the_environment() {
+        let f = fixture().await;
+        let runner = Runner::start(f.store.clone(), config())
+            .await
+            .expect("start");
+        let task = runner
+            .submit(shell("whoami", &format!("echo ${TASK_ID_ENV}")))
+            .await
+            .expect("submit");
+        wait_final(&*f.store, task.id).await;
+        assert_eq!(
+            texts(&logs(&*f.store, task.id).await, LogStream::Stdout),
+            [task.id.to_string()]
+        );
+        runner.shutdown().await;
     }
 
     #[tokio::test]

@@ -374,6 +374,87 @@ mod tests {
         }
     }
 
+    fn log_line_strategy() -> impl Strategy<Value = crate::tasks::LogLine> {
+        use crate::tasks::{LogLine, LogStream};
+        (
+            any::<u64>(),
+            proptest::sample::select(vec![
+                LogStream::Stdout,
+                LogStream::Stderr,
+                LogStream::System,
+            ]),
+            any::<i64>(),
+            "\\PC{0,40}",
+        )
+            .prop_map(|(seq, stream, at, text)| LogLine {
+                seq,
+                stream,
+                at,
+                text,
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn log_and_can_run_requests_round_trip(
+            id in any::<u64>(),
+            task in any::<u128>(),
+            after_seq in any::<u64>(),
+            limit in any::<u32>(),
+            command in proptest::option::of(proptest::collection::vec("\\PC{0,10}", 0..4)),
+            requirements in proptest::collection::vec("[a-z]{1,8}", 0..3),
+            logs in any::<bool>(),
+        ) {
+            use crate::tasks::{NewTask, TaskId};
+            use crate::DeviceRequest;
+            let request = if logs {
+                DeviceRequest::ReadLogs { id: TaskId(uuid::Uuid::from_u128(task)), after_seq, limit }
+            } else {
+                DeviceRequest::CanRun {
+                    task: NewTask { title: String::new(), command, requirements, ..NewTask::default() },
+                }
+            };
+            let msg = HubToDevice::Request { request_id: id, deadline_ms: 1000, request };
+            let back: HubToDevice = decode(encode(&msg).as_bytes(), usize::MAX).expect("decodes");
+            prop_assert_eq!(back, msg);
+        }
+
+        #[test]
+        fn log_and_can_run_replies_round_trip(
+            id in any::<u64>(),
+            lines in proptest::collection::vec(log_line_strategy(), 0..4),
+            status in proptest::sample::select(crate::tasks::TaskStatus::ALL.to_vec()),
+            flags in any::<(bool, bool, bool, bool)>(),
+            reason in proptest::option::of("\\PC{0,40}"),
+        ) {
+            use crate::{DeviceReply, Outcome};
+            let (logs, more, exec_allowed, has_gpu) = flags;
+            let reply = if logs {
+                DeviceReply::Logs { lines, status, more }
+            } else {
+                DeviceReply::CanRun { can_run: reason.is_none(), reason, exec_allowed, has_gpu }
+            };
+            let msg = DeviceToHub::Response { request_id: id, outcome: Outcome::Ok(reply) };
+            let back: DeviceToHub = decode(encode(&msg).as_bytes(), usize::MAX).expect("decodes");
+            prop_assert_eq!(back, msg);
+        }
+    }
+
+    #[test]
+    fn a_logs_reply_without_more_reads_as_complete_so_far() {
+        // What a device of an earlier build sends: no `more` field.
+        let frame = br#"{"type":"response","request_id":1,"ok":{"kind":"logs","lines":[],"status":"completed"}}"#;
+        let msg: DeviceToHub = decode(frame, 1024).expect("decodes");
+        let DeviceToHub::Response {
+            outcome: crate::Outcome::Ok(crate::DeviceReply::Logs { more, .. }),
+            ..
+        } = msg
+        else {
+            panic!("not a logs reply: {msg:?}");
+        };
+        assert!(!more);
+    }
+
     #[test]
     fn request_wire_shape_is_flat() {
         let msg = HubToDevice::Request {

@@ -18,7 +18,9 @@
 //! 4. The hub asks things of the device with [`HubToDevice::Request`] (an id, a deadline
 //!    and a [`DeviceRequest`]); the device answers each with exactly one
 //!    [`DeviceToHub::Response`] carrying the same id. Requests are handled concurrently
-//!    on the device, so a slow one never delays a heartbeat or another answer.
+//!    on the device, so a slow one never delays a heartbeat or another answer. A page
+//!    (of tasks, of log lines) holds what fits in one frame, which may be fewer items
+//!    than asked: its `next` (or `more`) says where to go on.
 //! 5. Either side may ask for a capability: the device with
 //!    [`DeviceToHub::CapabilityRequest`] (answered by one [`HubToDevice::CapabilityResponse`]),
 //!    the hub, on behalf of a user or another device, with a [`DeviceRequest::Capability`]

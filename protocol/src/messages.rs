@@ -343,6 +343,12 @@ pub enum DeviceRequest {
         #[serde(default)]
         payload: serde_json::Value,
     },
+    /// Whether the device would run this task, without storing it; answered by
+    /// [`DeviceReply::CanRun`].
+    CanRun {
+        /// The task as it would be created.
+        task: NewTask,
+    },
 }
 
 /// What a device answers, one variant per kind of request.
@@ -371,6 +377,23 @@ pub enum DeviceReply {
         /// The task's status when the lines were read: once it is final and a read
         /// returns no line, the log is complete.
         status: TaskStatus,
+        /// The device cut the page short to keep its answer within one frame: more
+        /// lines follow right away, whatever the status.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        more: bool,
+    },
+    /// The device's judgement of a task it was asked about with
+    /// [`DeviceRequest::CanRun`], and what it judged by.
+    CanRun {
+        /// Whether it would run the task.
+        can_run: bool,
+        /// Why not, in words, when it would not.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        /// Whether the device runs commands at all (off under `--no-exec`).
+        exec_allowed: bool,
+        /// Whether the device has a GPU for tasks that require `gpu`.
+        has_gpu: bool,
     },
     /// A capability's answer, as the serving plugin gave it.
     Capability {

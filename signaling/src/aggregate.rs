@@ -7,6 +7,10 @@
 //! `(created_at, device_id, task_id)` descending; each device is asked only for what
 //! lies after the cursor in that order, so no task is shown twice or skipped while
 //! devices keep adding tasks (new tasks sort before the cursor).
+//!
+//! A device may answer fewer tasks than asked and still have more (it fills a page up
+//! to what fits in one frame). The merged page then ends no later than that device's
+//! last task: anything older could be preceded by tasks the device has not sent yet.
 
 use std::time::Duration;
 
@@ -142,22 +146,39 @@ pub fn list_parts<'a>(
 
 /// Merges device pages newest first into one page of at most `limit` tasks, and the
 /// cursor for the next page when more may exist.
+///
+/// A device whose page has a `next` has more tasks, all after that position; so the
+/// merged page stops at the newest such position (the *frontier*) across devices, or
+/// a later page would start past tasks not yet seen. Each device's own tasks up to its
+/// position are all in its page, so whatever lies before the frontier is complete.
 pub fn merge(parts: &[Part<TaskPage>], limit: u32) -> (Vec<Task>, Option<Cursor>) {
+    let frontier: Option<Cursor> = parts
+        .iter()
+        .filter_map(|p| {
+            let next = p.answer.as_ref()?.next?;
+            Some(Cursor {
+                created_at: next.created_at,
+                device_id: p.status.device_id.clone(),
+                task_id: next.id,
+            })
+        })
+        .max_by(|a, b| cursor_key(a).cmp(&cursor_key(b)));
     let mut all: Vec<&Task> = parts
         .iter()
         .filter_map(|p| p.answer.as_ref())
         .flat_map(|page| page.tasks.iter())
+        .filter(|t| {
+            frontier
+                .as_ref()
+                .is_none_or(|f| merged_key(t) >= (f.created_at, Some(&f.device_id), f.task_id))
+        })
         .collect();
     all.sort_by(|a, b| merged_key(b).cmp(&merged_key(a)));
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-    let device_has_more = parts
-        .iter()
-        .filter_map(|p| p.answer.as_ref())
-        .any(|page| page.next.is_some());
-    let more = all.len() > limit || device_has_more;
+    let cut = all.len() > limit;
     let page: Vec<Task> = all.into_iter().take(limit).cloned().collect();
-    let next = match page.last() {
-        Some(last) if more => Some(Cursor {
+    let next = match (page.last(), frontier) {
+        (Some(last), frontier) if cut || frontier.is_some() => Some(Cursor {
             created_at: last.created_at,
             device_id: last
                 .device_id
@@ -165,6 +186,8 @@ pub fn merge(parts: &[Part<TaskPage>], limit: u32) -> (Vec<Task>, Option<Cursor>
                 .unwrap_or_else(|| DeviceId::from_mac(&[0; 16])),
             task_id: last.id,
         }),
+        // A device said "more" yet sent nothing: go on from where it stands.
+        (None, Some(frontier)) => Some(frontier),
         _ => None,
     };
     (page, next)
@@ -172,6 +195,10 @@ pub fn merge(parts: &[Part<TaskPage>], limit: u32) -> (Vec<Task>, Option<Cursor>
 
 fn merged_key(t: &Task) -> (i64, Option<&DeviceId>, TaskId) {
     (t.created_at, t.device_id.as_ref(), t.id)
+}
+
+fn cursor_key(c: &Cursor) -> (i64, &DeviceId, TaskId) {
+    (c.created_at, &c.device_id, c.task_id)
 }
 
 /// Asks every device for its counts.
@@ -203,6 +230,7 @@ pub fn unexpected(reply: &DeviceReply) -> RpcError {
         DeviceReply::Stats { .. } => "stats",
         DeviceReply::Logs { .. } => "logs",
         DeviceReply::Capability { .. } => "capability",
+        DeviceReply::CanRun { .. } => "can_run",
     };
     RpcError::Remote(adi_protocol::RemoteError {
         code: adi_protocol::ErrorCode::UpstreamError,
@@ -297,6 +325,91 @@ mod tests {
                 })
                 .collect();
             let (page, next) = merge(&parts, 7);
+            for t in &page {
+                let key = (t.created_at, t.device_id.clone(), t.id);
+                if let Some(prev) = &last_key {
+                    assert!(&key < prev, "order must be strictly descending");
+                }
+                last_key = Some(key);
+                assert!(seen.insert(t.id), "task {} shown twice", t.id);
+            }
+            match next {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        assert_eq!(seen.len(), 120, "every task visited");
+    }
+
+    /// A device that fills its page up to a budget: at most `cap` tasks however many
+    /// were asked, saying where to go on when it stopped short.
+    fn capped_page(tasks: &[Task], after: Option<Position>, limit: u32, cap: u32) -> TaskPage {
+        let full = device_page(tasks, after, limit);
+        if full.tasks.len() <= cap as usize {
+            return full;
+        }
+        let mut page = full;
+        page.tasks.truncate(cap as usize);
+        page.next = page.tasks.last().map(|t| Position {
+            created_at: t.created_at,
+            id: t.id,
+        });
+        page
+    }
+
+    #[test]
+    fn a_device_answering_a_short_page_is_not_skipped() {
+        let (a, b) = (dev(1), dev(2));
+        // Device a has ten tasks at even instants, b ten at odd ones: interleaved.
+        let a_tasks: Vec<Task> = (0..10).map(|n| task(&a, 2 * n, n as u128)).collect();
+        let b_tasks: Vec<Task> = (0..10)
+            .map(|n| task(&b, 2 * n + 1, 100 + n as u128))
+            .collect();
+        // Asked for 6, a sends only its newest 2 (instants 18, 16) and says "more".
+        let parts = vec![
+            ok_part(&a, capped_page(&a_tasks, None, 6, 2)),
+            ok_part(&b, device_page(&b_tasks, None, 6)),
+        ];
+        let (page, next) = merge(&parts, 6);
+        let instants: Vec<i64> = page.iter().map(|t| t.created_at).collect();
+        // Nothing older than a's last task (16): a's 14, 12, ... are not known yet.
+        assert_eq!(instants, [19, 18, 17, 16]);
+        let next = next.expect("more to come");
+        let rest = capped_page(&a_tasks, Some(next.position_for(&a)), 6, 2);
+        assert_eq!(rest.tasks.first().map(|t| t.created_at), Some(14));
+    }
+
+    #[test]
+    fn paging_with_devices_that_cut_pages_short_visits_each_task_once() {
+        let devices = [dev(1), dev(2), dev(3)];
+        // Each device fills a page up to its own budget: 2, 5 and all that was asked.
+        let caps = [2u32, 5, u32::MAX];
+        let mut per_device: Vec<Vec<Task>> = vec![vec![]; 3];
+        let mut n = 0u128;
+        for (i, d) in devices.iter().enumerate() {
+            for at in 0..40 {
+                per_device[i].push(task(d, (at * (i as i64 + 1)) / 3, n));
+                n += 1;
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut cursor: Option<Cursor> = None;
+        let mut last_key = None;
+        for _ in 0..1000 {
+            let parts: Vec<_> = devices
+                .iter()
+                .zip(&per_device)
+                .zip(caps)
+                .map(|((d, ts), cap)| {
+                    let after = cursor.as_ref().map(|c| c.position_for(d));
+                    ok_part(d, capped_page(ts, after, 7, cap))
+                })
+                .collect();
+            let (page, next) = merge(&parts, 7);
+            assert!(
+                !page.is_empty() || next.is_none(),
+                "an empty page must be the last"
+            );
             for t in &page {
                 let key = (t.created_at, t.device_id.clone(), t.id);
                 if let Some(prev) = &last_key {

@@ -27,7 +27,7 @@ pub mod rpc;
 mod task_routes;
 pub mod tokens;
 
-pub use task_routes::AggregateTasks;
+pub use task_routes::{AggregateTasks, CanRun};
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,13 +1,17 @@
 //! REST routes for tasks: per-device operations forwarded to the device that owns the
 //! task, and the merged views across all of a caller's devices. Owners only; a device
 //! the caller does not own is the same 404 as one that does not exist.
+//!
+//! A task travels to its device and back in single frames, so a task is refused here
+//! (413) when its fields are larger than one frame can carry, before it is sent: an
+//! oversized frame would cost the device its connection.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use adi_protocol::tasks::{NewTask, Position, Task, TaskFilter, TaskId, TaskStats, TaskStatus};
-use adi_protocol::{DeviceReply, DeviceRequest, ErrorCode};
+use adi_protocol::{encode, DeviceReply, DeviceRequest, ErrorCode, HubToDevice};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -38,6 +42,17 @@ const DEFAULT_LIMIT: u32 = 50;
 const MAX_LIMIT: u32 = 500;
 /// How often a log follower asks the device for new lines.
 const FOLLOW_POLL: Duration = Duration::from_millis(250);
+/// Most bytes a task's description may take, as JSON.
+pub const MAX_DESCRIPTION_BYTES: usize = 16 * 1024;
+/// Most bytes a task's command (program and arguments) may take, as JSON.
+pub const MAX_COMMAND_BYTES: usize = 8 * 1024;
+/// Most bytes a task's input may take, as JSON.
+pub const MAX_INPUT_BYTES: usize = 16 * 1024;
+/// Most bytes a task's requirements may take, as JSON.
+pub const MAX_REQUIREMENTS_BYTES: usize = 1024;
+/// Room a device's answer about a task needs beyond what the request carried: id,
+/// status, times, device id, the response envelope.
+const TASK_REPLY_EXTRA: usize = 1024;
 
 pub(crate) fn routes() -> Router<AppState> {
     Router::new()
@@ -45,6 +60,7 @@ pub(crate) fn routes() -> Router<AppState> {
             "/api/cocoons/{id}/tasks",
             post(create_task).get(list_device_tasks),
         )
+        .route("/api/cocoons/{id}/tasks/can-run", post(can_run))
         .route("/api/cocoons/{id}/tasks/{task}", get(get_task))
         .route("/api/cocoons/{id}/tasks/{task}/cancel", post(cancel_task))
         .route("/api/cocoons/{id}/tasks/{task}/logs", get(task_logs))
@@ -60,6 +76,54 @@ impl From<RpcError> for ApiError {
 
 fn bad(msg: impl Into<String>) -> ApiError {
     ApiError::new(ErrorCode::BadRequest, msg)
+}
+
+fn too_large(msg: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorCode::PayloadTooLarge, msg)
+}
+
+fn json_len<T: Serialize>(value: &T) -> usize {
+    serde_json::to_vec(value).map_or(usize::MAX, |v| v.len())
+}
+
+/// Refuses a task whose fields are too large for the frames that carry it to its
+/// device and back (`max_frame_bytes` is this hub's limit): each field has its own
+/// bound, and the whole request must leave room for the device's answer.
+fn check_task_size(task: &NewTask, max_frame_bytes: usize) -> Result<(), ApiError> {
+    let fields = [
+        (
+            "description",
+            json_len(&task.description),
+            MAX_DESCRIPTION_BYTES,
+        ),
+        ("command", json_len(&task.command), MAX_COMMAND_BYTES),
+        ("input", json_len(&task.input), MAX_INPUT_BYTES),
+        (
+            "requirements",
+            json_len(&task.requirements),
+            MAX_REQUIREMENTS_BYTES,
+        ),
+    ];
+    for (name, len, max) in fields {
+        if len > max {
+            return Err(too_large(format!(
+                "the task's {name} is too large: {len} bytes as JSON, at most {max} allowed"
+            )));
+        }
+    }
+    let request = HubToDevice::Request {
+        request_id: u64::MAX,
+        deadline_ms: u64::MAX,
+        request: DeviceRequest::CreateTask { task: task.clone() },
+    };
+    let len = encode(&request).len() + TASK_REPLY_EXTRA;
+    if len > max_frame_bytes {
+        return Err(too_large(format!(
+            "the task is too large: it needs {len} bytes on the way to its device, \
+             and this hub's frames hold at most {max_frame_bytes}"
+        )));
+    }
+    Ok(())
 }
 
 fn parse_task_id(raw: &str) -> Result<TaskId, ApiError> {
@@ -103,8 +167,66 @@ async fn create_task(
     {
         return Err(bad("command must name a program"));
     }
+    check_task_size(&new, state.config.max_frame_bytes)?;
     let reply = ask(&state, &device, DeviceRequest::CreateTask { task: new }).await?;
     Ok((StatusCode::CREATED, Json(expect_task(&device, reply)?)))
+}
+
+/// What `POST /api/cocoons/{id}/tasks/can-run` asks about: the parts of a task that
+/// decide whether a device runs it (the rest of a create body is accepted and ignored).
+#[derive(Deserialize)]
+struct RunCheck {
+    #[serde(default)]
+    command: Option<Vec<String>>,
+    #[serde(default)]
+    requirements: Vec<String>,
+}
+
+/// A device's answer to whether it would run a task.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct CanRun {
+    /// The device asked.
+    pub device_id: adi_protocol::DeviceId,
+    /// Whether it would run the task.
+    pub can_run: bool,
+    /// Why not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Whether the device runs commands at all (off under `--no-exec`).
+    pub exec_allowed: bool,
+    /// Whether the device has a GPU for tasks requiring `gpu`.
+    pub has_gpu: bool,
+}
+
+/// Asks the device whether it would run a task, without creating it.
+async fn can_run(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Json(check): Json<RunCheck>,
+) -> Result<Json<CanRun>, ApiError> {
+    let device = owned_device(&state, &caller, &id).await?;
+    let task = NewTask {
+        command: check.command,
+        requirements: check.requirements,
+        ..NewTask::default()
+    };
+    check_task_size(&task, state.config.max_frame_bytes)?;
+    match ask(&state, &device, DeviceRequest::CanRun { task }).await? {
+        DeviceReply::CanRun {
+            can_run,
+            reason,
+            exec_allowed,
+            has_gpu,
+        } => Ok(Json(CanRun {
+            device_id: device.id,
+            can_run,
+            reason,
+            exec_allowed,
+            has_gpu,
+        })),
+        other => Err(aggregate::unexpected(&other).into()),
+    }
 }
 
 async fn get_task(
@@ -400,16 +522,32 @@ async fn read_logs(
     task: TaskId,
     after: u64,
     limit: u32,
-) -> Result<(Vec<adi_protocol::tasks::LogLine>, TaskStatus), RpcError> {
+) -> Result<LogBatch, RpcError> {
     let request = DeviceRequest::ReadLogs {
         id: task,
         after_seq: after,
         limit,
     };
     match rpc::request(state, &device.id, request, DEVICE_DEADLINE).await? {
-        DeviceReply::Logs { lines, status } => Ok((lines, status)),
+        DeviceReply::Logs {
+            lines,
+            status,
+            more,
+        } => Ok(LogBatch {
+            lines,
+            status,
+            more,
+        }),
         other => Err(aggregate::unexpected(&other)),
     }
+}
+
+/// One read of a task's log from its device.
+struct LogBatch {
+    lines: Vec<adi_protocol::tasks::LogLine>,
+    status: TaskStatus,
+    /// The device cut the page short: more lines follow at once.
+    more: bool,
 }
 
 async fn task_logs(
@@ -423,10 +561,16 @@ async fn task_logs(
     let after = params.after.unwrap_or(0);
     let limit = params.limit.unwrap_or(500).clamp(1, 1000);
     // Ask once up front so an unknown task or an offline device is a plain error.
-    let (lines, status) = read_logs(&state, &device, task, after, limit).await?;
+    let batch = read_logs(&state, &device, task, after, limit).await?;
     if !params.follow.unwrap_or(false) {
+        let LogBatch {
+            lines,
+            status,
+            more,
+        } = batch;
         let next_after = lines.last().map_or(after, |l| l.seq);
-        let complete = status.is_final() && (lines.len() as u32) < limit;
+        // A page cut short to fit one frame is not the end, even of a finished task.
+        let complete = status.is_final() && !more && (lines.len() as u32) < limit;
         return Ok(Json(LogPage {
             lines,
             status,
@@ -435,7 +579,7 @@ async fn task_logs(
         })
         .into_response());
     }
-    let stream = follow(state, device, task, lines, status, after);
+    let stream = follow(state, device, task, batch, after);
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response())
@@ -447,7 +591,7 @@ struct Follow {
     device: DeviceRecord,
     task: TaskId,
     after: u64,
-    first: Option<(Vec<adi_protocol::tasks::LogLine>, TaskStatus)>,
+    first: Option<LogBatch>,
     done: bool,
 }
 
@@ -459,8 +603,7 @@ fn follow(
     state: AppState,
     device: DeviceRecord,
     task: TaskId,
-    lines: Vec<adi_protocol::tasks::LogLine>,
-    status: TaskStatus,
+    first: LogBatch,
     after: u64,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let start = Follow {
@@ -468,7 +611,7 @@ fn follow(
         device,
         task,
         after,
-        first: Some((lines, status)),
+        first: Some(first),
         done: false,
     };
     stream::unfold(start, |mut f| async move {
@@ -489,7 +632,7 @@ fn follow(
                         f,
                     ));
                 }
-                Ok((lines, status)) if lines.is_empty() => {
+                Ok(LogBatch { lines, status, .. }) if lines.is_empty() => {
                     if status.is_final() {
                         f.done = true;
                         let body = serde_json::json!({ "status": status });
@@ -500,7 +643,7 @@ fn follow(
                     }
                     tokio::time::sleep(FOLLOW_POLL).await;
                 }
-                Ok((lines, _)) => {
+                Ok(LogBatch { lines, .. }) => {
                     f.after = lines.last().map_or(f.after, |l| l.seq);
                     let events = lines
                         .iter()
@@ -517,4 +660,91 @@ fn follow(
         }
     })
     .flat_map(|events| stream::iter(events.into_iter().map(Ok)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use adi_protocol::DEFAULT_MAX_FRAME_BYTES;
+
+    fn task() -> NewTask {
+        NewTask {
+            title: "t".into(),
+            ..NewTask::default()
+        }
+    }
+
+    fn refusal(task: &NewTask, max: usize) -> String {
+        let e = check_task_size(task, max).expect_err("refused");
+        assert_eq!(e.code(), ErrorCode::PayloadTooLarge);
+        e.message().to_owned()
+    }
+
+    #[test]
+    fn each_large_field_is_refused_by_name() {
+        let mut t = task();
+        t.description = "d".repeat(100 * 1024);
+        assert!(refusal(&t, DEFAULT_MAX_FRAME_BYTES).contains("description"));
+        let mut t = task();
+        t.command = Some(vec!["echo".into(), "c".repeat(MAX_COMMAND_BYTES)]);
+        assert!(refusal(&t, DEFAULT_MAX_FRAME_BYTES).contains("command"));
+        let mut t = task();
+        t.input = Some(serde_json::json!({ "blob": "i".repeat(MAX_INPUT_BYTES) }));
+        assert!(refusal(&t, DEFAULT_MAX_FRAME_BYTES).contains("input"));
+        let mut t = task();
+        t.requirements = vec!["gpu".repeat(400)];
+        assert!(refusal(&t, DEFAULT_MAX_FRAME_BYTES).contains("requirements"));
+    }
+
+    #[test]
+    fn escapes_count_as_they_travel() {
+        // 4 KiB of control characters take 24 KiB as JSON (\u0001 each).
+        let mut t = task();
+        t.description = "\u{1}".repeat(4 * 1024);
+        assert!(refusal(&t, DEFAULT_MAX_FRAME_BYTES).contains("description"));
+    }
+
+    #[test]
+    fn the_largest_task_allowed_fits_in_a_default_frame_both_ways() {
+        let t = NewTask {
+            title: "\u{1}".repeat(200),
+            description: "d".repeat(MAX_DESCRIPTION_BYTES - 2),
+            command: Some(vec!["c".repeat(MAX_COMMAND_BYTES - 4)]),
+            requirements: vec!["r".repeat(MAX_REQUIREMENTS_BYTES - 4)],
+            input: Some(serde_json::Value::String("i".repeat(MAX_INPUT_BYTES - 2))),
+        };
+        check_task_size(&t, DEFAULT_MAX_FRAME_BYTES).expect("fits");
+        // The device's answer: the same task with everything the store adds.
+        let now = i64::MAX;
+        let stored = Task {
+            id: TaskId::new(),
+            title: t.title.clone(),
+            description: t.description.clone(),
+            status: TaskStatus::Cancelled,
+            command: t.command.clone(),
+            requirements: t.requirements.clone(),
+            input: t.input.clone(),
+            output: None,
+            exit_code: Some(i32::MIN),
+            error: Some("interrupted: the device restarted while it ran".into()),
+            created_at: now,
+            updated_at: now,
+            device_id: Some(adi_protocol::DeviceId::from_mac(&[0xff; 16])),
+        };
+        let answer = adi_protocol::DeviceToHub::Response {
+            request_id: u64::MAX,
+            outcome: adi_protocol::Outcome::Ok(DeviceReply::Task {
+                task: Box::new(stored),
+            }),
+        };
+        assert!(encode(&answer).len() <= DEFAULT_MAX_FRAME_BYTES);
+    }
+
+    #[test]
+    fn a_hub_with_small_frames_refuses_what_they_cannot_carry() {
+        let mut t = task();
+        t.description = "d".repeat(8 * 1024);
+        check_task_size(&t, DEFAULT_MAX_FRAME_BYTES).expect("fits the default");
+        assert!(refusal(&t, 4096).contains("4096"));
+    }
 }

@@ -7,7 +7,7 @@ use serde::Deserialize;
 
 use adi_protocol::tasks::{LogLine, Task};
 use adi_signaling::api::CocoonView;
-use adi_signaling::AggregateTasks;
+use adi_signaling::{AggregateTasks, CanRun};
 
 use crate::client::{HubArgs, HubClient};
 
@@ -23,6 +23,26 @@ pub enum TasksCmd {
     Cancel(TaskRef),
     /// Show one task.
     Show(TaskRef),
+    /// Ask a device whether it would run a task, without creating it; fails if not.
+    Check(CheckArgs),
+}
+
+#[derive(Args)]
+pub struct CheckArgs {
+    /// Device id or name.
+    #[arg(long)]
+    device: String,
+    /// Something the task needs, e.g. `gpu` (repeatable).
+    #[arg(long = "requires")]
+    requirements: Vec<String>,
+    /// Print the device's answer as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Program and arguments the task would run.
+    #[arg(last = true)]
+    command: Vec<String>,
+    #[command(flatten)]
+    hub: HubArgs,
 }
 
 #[derive(Args)]
@@ -102,6 +122,36 @@ pub async fn run(cmd: TasksCmd) -> Result<()> {
         TasksCmd::Logs(a) => logs(a).await,
         TasksCmd::Cancel(a) => cancel(a).await,
         TasksCmd::Show(a) => show(a).await,
+        TasksCmd::Check(a) => check(a).await,
+    }
+}
+
+async fn check(args: CheckArgs) -> Result<()> {
+    let client = HubClient::connect(&args.hub).await?;
+    let device = resolve_device(&client, &args.device).await?;
+    let mut body = serde_json::json!({ "requirements": args.requirements });
+    if !args.command.is_empty() {
+        body["command"] = serde_json::json!(args.command);
+    }
+    let answer: CanRun = client
+        .post(&format!("/api/cocoons/{device}/tasks/can-run"), &body)
+        .await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+    } else {
+        let yes_no = |b: bool| if b { "yes" } else { "no" };
+        println!("commands allowed: {}", yes_no(answer.exec_allowed));
+        println!("GPU: {}", yes_no(answer.has_gpu));
+    }
+    match answer.reason {
+        _ if answer.can_run => {
+            if !args.json {
+                println!("can run: yes");
+            }
+            Ok(())
+        }
+        Some(reason) => bail!("cannot run: {reason}"),
+        None => bail!("cannot run"),
     }
 }
 

@@ -447,16 +447,33 @@ async fn killed_cocoon_marks_its_running_task_interrupted_on_restart() -> Result
         &[],
     )?;
     let d = c.device_id().await?;
+    let pids = tempfile::tempdir()?;
+    let script = format!(
+        "echo $$ > '{dir}/leader'; sleep 600 & echo $! > '{dir}/child'; wait",
+        dir = pids.path().display()
+    );
     let t = create(
         &alice,
         &d,
-        json!({"title": "long", "command": ["sleep", "30"]}),
+        json!({"title": "long", "command": ["sh", "-c", script]}),
     )
     .await?;
     let id = t["id"].as_str().unwrap_or_default();
     wait_status(&alice, &d, id, "running").await?;
+    let (leader, child) = (pids.path().join("leader"), pids.path().join("child"));
+    let leader = wait_for("the leader's pid", Duration::from_secs(20), || async {
+        Ok(read_pid(&leader))
+    })
+    .await?;
+    let child = wait_for("the child's pid", Duration::from_secs(20), || async {
+        Ok(read_pid(&child))
+    })
+    .await?;
     c.proc.kill();
     alice.wait_online(&d, false, Duration::from_secs(5)).await?;
+    // Nobody was there to stop them: the command and its child outlive the cocoon.
+    assert!(!process_is_dead(leader) && !process_is_dead(child));
+    assert!(!task_processes(id).is_empty());
 
     let again = Cocoon::start_in(&hub.url, "crashy", None, dir.path(), &[])?;
     assert_eq!(again.device_id().await?, d);
@@ -468,7 +485,55 @@ async fn killed_cocoon_marks_its_running_task_interrupted_on_restart() -> Result
             .contains("interrupted"),
         "{t}"
     );
+    // The restarted cocoon killed what the task left running.
+    wait_for(
+        "the task's processes to die",
+        Duration::from_secs(20),
+        || async { Ok((process_is_dead(leader) && process_is_dead(child)).then_some(())) },
+    )
+    .await?;
+    let left = task_processes(id);
+    assert!(left.is_empty(), "processes of the task left: {left:?}");
+    assert!(
+        again
+            .proc
+            .output()
+            .contains("killed processes left running"),
+        "{}",
+        again.proc.output()
+    );
     Ok(())
+}
+
+fn read_pid(path: &std::path::Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Whether a process is gone (or a zombie, which is as dead).
+fn process_is_dead(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X"),
+    }
+}
+
+/// Live processes that run for the task `id` (their environment names it).
+fn task_processes(id: &str) -> Vec<u32> {
+    let marker = format!("ADI_TASK_ID={id}");
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|var| var == marker.as_bytes()))
+        })
+        .collect()
 }
 
 #[tokio::test]
@@ -616,5 +681,487 @@ async fn client_websocket_streams_parts_as_devices_answer() -> Result<()> {
     assert_eq!(slow_part["status"], "offline", "{body}");
     assert_eq!(task_ids(&body).len(), 1, "the fast device still answered");
     drop(client);
+    Ok(())
+}
+
+/// Reads a server-sent event stream to its end: `(event, data)` pairs in order.
+async fn read_sse(api: &Api, path: &str) -> Result<Vec<(String, Value)>> {
+    use futures_util::StreamExt;
+    let resp = api
+        .http
+        .get(format!("{}{path}", api.base))
+        .bearer_auth(&api.jwt)
+        .send()
+        .await?;
+    if resp.status() != 200 {
+        bail!("{path}: {}", resp.status());
+    }
+    let content_type = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    if !content_type.starts_with("text/event-stream") {
+        bail!("{path}: content type {content_type:?}");
+    }
+    let mut body = resp.bytes_stream();
+    let mut buf = String::new();
+    let mut events = Vec::new();
+    let (mut event, mut data) = (String::new(), String::new());
+    let read = async {
+        while let Some(chunk) = body.next().await {
+            buf.push_str(&String::from_utf8_lossy(&chunk?));
+            while let Some(pos) = buf.find('\n') {
+                let line: String = buf.drain(..=pos).collect();
+                let line = line.trim_end_matches(['\n', '\r']);
+                if let Some(v) = line.strip_prefix("event:") {
+                    event = v.trim().to_owned();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.trim_start());
+                } else if line.is_empty() && !data.is_empty() {
+                    events.push((std::mem::take(&mut event), serde_json::from_str(&data)?));
+                    data.clear();
+                }
+            }
+        }
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(60), read).await??;
+    Ok(events)
+}
+
+/// The stdout texts of log lines, in order.
+fn stdout_texts<'a>(lines: impl IntoIterator<Item = &'a Value>) -> Vec<String> {
+    lines
+        .into_iter()
+        .filter(|l| l["stream"] == "stdout")
+        .map(|l| l["text"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// What a cocoon logs when its hub connection drops.
+const LINK_LOST: &str = "hub connection lost";
+
+#[tokio::test]
+async fn a_log_of_thousands_of_lines_reads_fully_by_cli_pages_and_stream() -> Result<()> {
+    let hub = Hub::start().await?;
+    let key = hub.add_user("alice")?;
+    let alice = Api::login(&hub.url, &key).await?;
+    let c = Cocoon::start(&hub.url, "chatty", Some(&alice.setup_token(60).await?), &[])?;
+    let d = c.device_id().await?;
+    const LINES: usize = 2500;
+    let expected: Vec<String> = (1..=LINES)
+        .map(|i| format!("line {i} of a long log, padded so each line takes some room"))
+        .collect();
+    let script = format!(
+        "i=1; while [ $i -le {LINES} ]; do echo \"line $i of a long log, padded so each line takes some room\"; i=$((i+1)); done"
+    );
+    let t = create(
+        &alice,
+        &d,
+        json!({"title": "chatty", "command": ["sh", "-c", script]}),
+    )
+    .await?;
+    let id = t["id"].as_str().unwrap_or_default().to_owned();
+    wait_status(&alice, &d, &id, "completed").await?;
+
+    // The CLI asks for 1,000 lines a page.
+    let cfg = tempfile::tempdir()?;
+    let env = [("ADI_HUB", hub.url.as_str()), ("ADI_API_KEY", key.as_str())];
+    let (code, out, err) = cli(
+        cfg.path(),
+        &["tasks", "logs", "--device", "chatty", &id],
+        &env,
+    )?;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        expected,
+        "every line, in order"
+    );
+
+    // REST pages: contiguous, each line once, complete only at the end.
+    let mut after = 0u64;
+    let mut lines = Vec::new();
+    let mut pages = 0;
+    loop {
+        let (status, page) = alice
+            .get(&format!(
+                "/api/cocoons/{d}/tasks/{id}/logs?after={after}&limit=1000"
+            ))
+            .await?;
+        assert_eq!(status, 200, "{page}");
+        pages += 1;
+        for l in page["lines"].as_array().cloned().unwrap_or_default() {
+            assert_eq!(
+                l["seq"].as_u64(),
+                Some(after + 1),
+                "no line skipped or repeated"
+            );
+            after += 1;
+            lines.push(l);
+        }
+        assert_eq!(page["next_after"].as_u64(), Some(after));
+        if page["complete"] == true {
+            break;
+        }
+        assert!(pages < 100, "paging does not end");
+    }
+    assert!(
+        pages > 2,
+        "2,500 lines do not fit in one frame: {pages} pages"
+    );
+    assert_eq!(stdout_texts(&lines), expected);
+
+    // Followed as server-sent events, read straight off the wire: log..., then end.
+    let events = read_sse(
+        &alice,
+        &format!("/api/cocoons/{d}/tasks/{id}/logs?follow=true"),
+    )
+    .await?;
+    let (last, logs) = events.split_last().expect("some events");
+    assert_eq!(last.0, "end", "{last:?}");
+    assert_eq!(last.1["status"], "completed");
+    assert!(
+        logs.iter().all(|(e, _)| e == "log"),
+        "only log events before the end"
+    );
+    assert_eq!(stdout_texts(logs.iter().map(|(_, d)| d)), expected);
+
+    // The device kept its connection all along.
+    let (_, merged) = alice.get("/api/aggregate/tasks").await?;
+    assert_eq!(merged["devices"][0]["status"], "ok", "{merged}");
+    assert!(!c.proc.output().contains(LINK_LOST), "{}", c.proc.output());
+    Ok(())
+}
+
+#[tokio::test]
+async fn hundreds_of_tasks_and_long_descriptions_page_without_dropping_a_device() -> Result<()> {
+    let hub = Hub::start().await?;
+    let alice = Api::login(&hub.url, &hub.add_user("alice")?).await?;
+    let many = Cocoon::start(&hub.url, "many", Some(&alice.setup_token(60).await?), &[])?;
+    let wordy = Cocoon::start(&hub.url, "wordy", Some(&alice.setup_token(60).await?), &[])?;
+    let (many_id, wordy_id) = (many.device_id().await?, wordy.device_id().await?);
+    let mut all = HashSet::new();
+    let mut on_many = HashSet::new();
+    let jobs: Vec<(String, Value)> = (0..420)
+        .map(|n| (many_id.clone(), json!({"title": format!("short {n}")})))
+        .chain((0..50).map(|n| {
+            let description = format!("{n} {}", "a long description. ".repeat(150));
+            (
+                wordy_id.clone(),
+                json!({"title": format!("wordy {n}"), "description": description}),
+            )
+        }))
+        .collect();
+    for chunk in jobs.chunks(50) {
+        let creates = chunk.iter().map(|(device, body)| {
+            let api = alice.clone();
+            async move { create(&api, device, body.clone()).await }
+        });
+        for t in futures_util::future::join_all(creates).await {
+            let t = t?;
+            let id = t["id"].as_str().unwrap_or_default().to_owned();
+            if t["device_id"] == many_id.as_str() {
+                on_many.insert(id.clone());
+            }
+            all.insert(id);
+        }
+    }
+    assert_eq!((all.len(), on_many.len()), (470, 420));
+
+    // Merged, 500 a page and the default 50 a page: each task exactly once, both
+    // devices answering every page.
+    for limit in ["limit=500", "limit=50", ""] {
+        let mut seen = HashSet::new();
+        let mut cursor: Option<String> = None;
+        for pages in 0.. {
+            assert!(pages < 200, "{limit}: paging does not end");
+            let mut q = vec![limit.to_owned()];
+            if let Some(c) = &cursor {
+                q.push(format!("cursor={c}"));
+            }
+            let (status, page) = alice
+                .get(&format!("/api/aggregate/tasks?{}", q.join("&")))
+                .await?;
+            assert_eq!(status, 200, "{page}");
+            let statuses: Vec<&Value> = page["devices"]
+                .as_array()
+                .map(|a| a.iter().map(|d| &d["status"]).collect())
+                .unwrap_or_default();
+            assert_eq!(
+                statuses,
+                [&json!("ok"), &json!("ok")],
+                "{limit}: {}",
+                page["devices"]
+            );
+            for t in page["tasks"].as_array().cloned().unwrap_or_default() {
+                let id = t["id"].as_str().unwrap_or_default().to_owned();
+                assert!(seen.insert(id.clone()), "{limit}: task {id} shown twice");
+                if t["device_id"] == wordy_id.as_str() {
+                    let description = t["description"].as_str().unwrap_or_default();
+                    assert!(
+                        description.len() > 3000 && description.ends_with("description. "),
+                        "descriptions arrive whole: {} bytes",
+                        description.len()
+                    );
+                }
+            }
+            match page["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_owned()),
+                None => break,
+            }
+        }
+        let missing = all.difference(&seen).count();
+        assert_eq!(
+            missing,
+            0,
+            "{limit}: {missing} of {} tasks skipped",
+            all.len()
+        );
+        assert_eq!(seen.len(), all.len(), "{limit}: only alice's tasks");
+    }
+
+    // One device's own listing, 500 a page.
+    let mut seen = HashSet::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/api/cocoons/{many_id}/tasks?limit=500&cursor={c}"),
+            None => format!("/api/cocoons/{many_id}/tasks?limit=500"),
+        };
+        let (status, page) = alice.get(&path).await?;
+        assert_eq!(status, 200, "{page}");
+        for id in task_ids(&page) {
+            assert!(seen.insert(id.clone()), "task {id} shown twice");
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    let missing = on_many.difference(&seen).count();
+    assert_eq!(missing, 0, "{missing} of {} tasks skipped", on_many.len());
+    assert_eq!(seen.len(), on_many.len());
+    for c in [&many, &wordy] {
+        assert!(!c.proc.output().contains(LINK_LOST), "{}", c.proc.output());
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_task_too_large_for_one_frame_is_refused_and_the_device_stays_online() -> Result<()> {
+    let hub = Hub::start().await?;
+    let key = hub.add_user("alice")?;
+    let alice = Api::login(&hub.url, &key).await?;
+    let c = Cocoon::start(&hub.url, "small", Some(&alice.setup_token(60).await?), &[])?;
+    let d = c.device_id().await?;
+    let big = "x".repeat(100 * 1024);
+    for (body, field) in [
+        (json!({"title": "big", "description": big}), "description"),
+        (json!({"title": "big", "command": ["echo", big]}), "command"),
+        (json!({"title": "big", "input": {"blob": big}}), "input"),
+    ] {
+        let (status, answer) = alice.post(&format!("/api/cocoons/{d}/tasks"), body).await?;
+        assert_eq!(status, 413, "{field}: {answer}");
+        assert_eq!(answer["error"]["code"], "payload_too_large");
+        let message = answer["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(field) && message.contains("too large"),
+            "{message}"
+        );
+    }
+    let (status, answer) = alice
+        .post(
+            &format!("/api/cocoons/{d}/tasks/can-run"),
+            json!({"command": ["echo", big]}),
+        )
+        .await?;
+    assert_eq!(status, 413, "{answer}");
+    // The CLI says why.
+    let cfg = tempfile::tempdir()?;
+    let env = [("ADI_HUB", hub.url.as_str()), ("ADI_API_KEY", key.as_str())];
+    let (code, _, err) = cli(
+        cfg.path(),
+        &[
+            "tasks",
+            "create",
+            "--device",
+            "small",
+            "--title",
+            "big",
+            "--description",
+            &big[..80 * 1024],
+        ],
+        &env,
+    )?;
+    assert_ne!(code, 0);
+    assert!(err.contains("description is too large"), "{err}");
+
+    // Nothing reached the device, which is still online and takes the next task.
+    let (_, list) = alice.get("/api/aggregate/tasks").await?;
+    assert_eq!(list["devices"][0]["status"], "ok", "{list}");
+    assert!(task_ids(&list).is_empty(), "{list}");
+    let fits = "y".repeat(12 * 1024);
+    let t = create(&alice, &d, json!({"title": "fits", "description": fits})).await?;
+    assert_eq!(t["description"].as_str().map(str::len), Some(12 * 1024));
+    assert!(!c.proc.output().contains(LINK_LOST), "{}", c.proc.output());
+    Ok(())
+}
+
+#[tokio::test]
+async fn devices_say_whether_they_would_run_a_task() -> Result<()> {
+    let hub = Hub::start().await?;
+    let key = hub.add_user("alice")?;
+    let alice = Api::login(&hub.url, &key).await?;
+    let locked = Cocoon::start(
+        &hub.url,
+        "locked",
+        Some(&alice.setup_token(60).await?),
+        &["--no-exec"],
+    )?;
+    let open = Cocoon::start(&hub.url, "open", Some(&alice.setup_token(60).await?), &[])?;
+    let (locked_id, open_id) = (locked.device_id().await?, open.device_id().await?);
+    let check = |device: &str, body: Value| {
+        let alice = alice.clone();
+        let path = format!("/api/cocoons/{device}/tasks/can-run");
+        async move {
+            let (status, answer) = alice.post(&path, body).await?;
+            if status != 200 {
+                bail!("can-run: {status} {answer}");
+            }
+            anyhow::Ok(answer)
+        }
+    };
+
+    let refused = check(&locked_id, json!({"title": "x", "command": ["true"]})).await?;
+    assert_eq!(refused["device_id"], locked_id.as_str());
+    assert_eq!(refused["can_run"], false, "{refused}");
+    assert_eq!(refused["exec_allowed"], false);
+    assert!(
+        refused["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("--no-exec"),
+        "{refused}"
+    );
+    let plain = check(&locked_id, json!({})).await?;
+    assert_eq!(plain["can_run"], true, "{plain}");
+    assert!(plain.get("reason").is_none(), "{plain}");
+
+    let runs = check(&open_id, json!({"command": ["true"]})).await?;
+    assert_eq!(runs["can_run"], true, "{runs}");
+    assert_eq!(runs["exec_allowed"], true);
+    let gpu = check(
+        &open_id,
+        json!({"command": ["true"], "requirements": ["gpu"]}),
+    )
+    .await?;
+    assert_eq!(gpu["can_run"], gpu["has_gpu"], "{gpu}");
+    if gpu["has_gpu"] == false {
+        assert_eq!(gpu["reason"], "this device has no GPU", "{gpu}");
+    }
+    let (status, _) = alice
+        .post(
+            &format!("/api/cocoons/{}/tasks/can-run", "0".repeat(32)),
+            json!({}),
+        )
+        .await?;
+    assert_eq!(status, 404);
+    let (_, list) = alice.get("/api/aggregate/tasks").await?;
+    assert!(task_ids(&list).is_empty(), "a check stores nothing: {list}");
+
+    // The CLI: the answer, and a failing exit when the device would not run it.
+    let cfg = tempfile::tempdir()?;
+    let env = [("ADI_HUB", hub.url.as_str()), ("ADI_API_KEY", key.as_str())];
+    let (code, out, err) = cli(
+        cfg.path(),
+        &["tasks", "check", "--device", "locked", "--", "true"],
+        &env,
+    )?;
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("commands allowed: no"), "{out}");
+    assert!(
+        err.contains("cannot run: command tasks are disabled"),
+        "{err}"
+    );
+    let (code, out, err) = cli(
+        cfg.path(),
+        &["tasks", "check", "--device", "open", "--", "true"],
+        &env,
+    )?;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("can run: yes") && out.contains("commands allowed: yes"),
+        "{out}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn cli_cancels_a_running_task_and_bad_device_cursors_say_why() -> Result<()> {
+    let hub = Hub::start().await?;
+    let key = hub.add_user("alice")?;
+    let alice = Api::login(&hub.url, &key).await?;
+    let c = Cocoon::start(&hub.url, "worker", Some(&alice.setup_token(60).await?), &[])?;
+    let d = c.device_id().await?;
+    let t = create(
+        &alice,
+        &d,
+        json!({"title": "sleeper", "command": ["sh", "-c", "echo sleeping; exec sleep 600"]}),
+    )
+    .await?;
+    let id = t["id"].as_str().unwrap_or_default().to_owned();
+    wait_status(&alice, &d, &id, "running").await?;
+
+    let cfg = tempfile::tempdir()?;
+    let env = [("ADI_HUB", hub.url.as_str()), ("ADI_API_KEY", key.as_str())];
+    let (code, out, err) = cli(
+        cfg.path(),
+        &["tasks", "cancel", "--device", "worker", &id],
+        &env,
+    )?;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), format!("{id} cancelled"));
+    // Final when the CLI returns: the process is gone and the log says so.
+    let done = task(&alice, &d, &id).await?;
+    assert_eq!(done["status"], "cancelled", "{done}");
+    assert!(task_processes(&id).is_empty(), "the command was killed");
+    let (_, logs) = alice
+        .get(&format!("/api/cocoons/{d}/tasks/{id}/logs"))
+        .await?;
+    let last = logs["lines"]
+        .as_array()
+        .and_then(|a| a.last().cloned())
+        .unwrap_or_default();
+    assert_eq!(last["text"], "cancelled", "{logs}");
+    let (code, _, err) = cli(
+        cfg.path(),
+        &["tasks", "cancel", "--device", "worker", &id],
+        &env,
+    )?;
+    assert_ne!(code, 0);
+    assert!(err.contains("already cancelled"), "{err}");
+
+    // One device's listing refuses a cursor it did not hand out, with the reason.
+    for cursor in ["garbage", "e30", "%7B%7D"] {
+        let (status, body) = alice
+            .get(&format!("/api/cocoons/{d}/tasks?cursor={cursor}"))
+            .await?;
+        assert_eq!(status, 400, "{cursor}: {body}");
+        assert_eq!(body["error"]["code"], "bad_request");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("cursor"),
+            "{cursor}: {body}"
+        );
+    }
+    let (status, body) = alice
+        .get(&format!("/api/cocoons/{d}/tasks?limit=0"))
+        .await?;
+    assert_eq!(status, 400, "{body}");
     Ok(())
 }
