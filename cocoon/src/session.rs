@@ -30,6 +30,8 @@ const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 const SILENT_INTERVALS: u32 = 3;
 /// Answers waiting to be written; request handlers wait when it is full.
 const ANSWER_QUEUE: usize = 64;
+/// Answers written before one flush when several are ready.
+const ANSWER_BATCH: usize = 32;
 /// Body frames waiting to be written; stream senders wait when it is full.
 const FRAME_QUEUE: usize = 64;
 
@@ -264,7 +266,19 @@ async fn session(
                 }
             }
             Some(answer) = answers.recv() => {
-                if let Err(e) = ws.send(Message::text(fit(answer, max_answer))).await {
+                // Answers that are ready together leave with one flush.
+                let mut next = Some(answer);
+                let mut sent = 0;
+                while let Some(answer) = next.take() {
+                    if let Err(e) = ws.feed(Message::text(fit(answer, max_answer))).await {
+                        return lost(true, format!("sending an answer failed: {e}"));
+                    }
+                    sent += 1;
+                    if sent < ANSWER_BATCH {
+                        next = answers.try_recv().ok();
+                    }
+                }
+                if let Err(e) = ws.flush().await {
                     return lost(true, format!("sending an answer failed: {e}"));
                 }
             }

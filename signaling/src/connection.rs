@@ -15,6 +15,7 @@ use adi_protocol::{
     RemoteError, SUPPORTED_VERSIONS,
 };
 use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket};
+use futures_util::SinkExt;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::{interval, timeout, Instant, MissedTickBehavior};
 use tracing::{debug, info, warn, Instrument};
@@ -39,6 +40,8 @@ const MAX_DEVICE_REQUESTS: usize = 256;
 const MAX_CAPABILITY_DEADLINE: Duration = Duration::from_secs(600);
 /// Body frames queued for the socket before stream senders wait.
 const FRAME_QUEUE: usize = 64;
+/// Frames written before one flush when several are queued.
+const BATCH: usize = 32;
 /// Heartbeat intervals of silence after which the hub drops a connection.
 const SILENT_INTERVALS: u32 = 3;
 
@@ -202,15 +205,33 @@ impl Connection {
                     };
                 }
                 Some(command) = outbound.recv() => {
-                    let frame = match command {
-                        Command::Request(call) => self.start_call(*call),
-                        Command::Proxy(call) => self.start_proxy(*call, &mut frames),
-                        Command::Send(msg) => Some(self.fit(*msg)),
-                    };
-                    if let Some(frame) = frame {
-                        if let Err(e) = socket.send(frame).await {
-                            break End::Closed(format!("send failed: {e}"));
+                    // Everything already queued goes out with one flush: a busy device
+                    // gets its requests in few writes instead of one syscall each.
+                    let mut next = Some(command);
+                    let mut queued = 0;
+                    let mut failed = None;
+                    while let Some(command) = next.take() {
+                        let frame = match command {
+                            Command::Request(call) => self.start_call(*call),
+                            Command::Proxy(call) => self.start_proxy(*call, &mut frames),
+                            Command::Send(msg) => Some(self.fit(*msg)),
+                        };
+                        if let Some(frame) = frame {
+                            if let Err(e) = socket.feed(frame).await {
+                                failed = Some(e);
+                                break;
+                            }
+                            queued += 1;
                         }
+                        if queued < BATCH {
+                            next = outbound.try_recv().ok();
+                        }
+                    }
+                    if let Some(e) = failed {
+                        break End::Closed(format!("send failed: {e}"));
+                    }
+                    if let Err(e) = socket.flush().await {
+                        break End::Closed(format!("send failed: {e}"));
                     }
                 }
                 Some(frame) = next_frame(&mut frames) => {

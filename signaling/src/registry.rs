@@ -76,8 +76,8 @@ pub struct Candidate {
     pub offer: CapabilityOffer,
     /// Capability requests in flight to it.
     pub in_flight: Arc<AtomicU32>,
-    /// Its last load report.
-    pub load: Option<LoadReport>,
+    /// Its load share in [0, 1) from its last report ([`crate::routing::load_share`]).
+    pub load_share: f64,
     /// Its owners.
     pub owners: Arc<[UserId]>,
 }
@@ -94,6 +94,9 @@ pub struct Presence {
 /// All live connections of this hub.
 pub struct Registry {
     devices: DashMap<DeviceId, LiveDevice>,
+    /// Devices by the protocols they offer, so routing looks only at devices that can
+    /// serve. A superset at worst: every id found here is checked against `devices`.
+    by_protocol: DashMap<String, Vec<DeviceId>>,
     next_conn: AtomicU64,
     heartbeat_interval: Duration,
 }
@@ -103,6 +106,7 @@ impl Registry {
     pub fn new(heartbeat_interval: Duration) -> Self {
         Registry {
             devices: DashMap::new(),
+            by_protocol: DashMap::new(),
             next_conn: AtomicU64::new(1),
             heartbeat_interval,
         }
@@ -122,8 +126,9 @@ impl Registry {
     /// Records a newly registered connection; cancels the one it replaces, if any.
     pub fn insert(&self, id: DeviceId, conn_id: ConnId, handle: ConnHandle, routing: Routing) {
         let now = Instant::now();
+        self.index(&id, &routing.capabilities);
         let old = self.devices.insert(
-            id,
+            id.clone(),
             LiveDevice {
                 conn_id,
                 handle,
@@ -138,6 +143,41 @@ impl Registry {
         );
         if let Some(old) = old {
             old.handle.cancel.cancel();
+            self.unindex_gone(&id, &old.capabilities);
+        }
+    }
+
+    fn index(&self, id: &DeviceId, offers: &[CapabilityOffer]) {
+        for offer in offers {
+            let mut ids = self.by_protocol.entry(offer.protocol.clone()).or_default();
+            if !ids.contains(id) {
+                ids.push(id.clone());
+            }
+        }
+    }
+
+    /// Drops `id` from the index of each protocol in `offers` that its current entry (if
+    /// any) no longer offers.
+    fn unindex_gone(&self, id: &DeviceId, offers: &[CapabilityOffer]) {
+        for offer in offers {
+            let still = self.devices.get(id).is_some_and(|live| {
+                live.capabilities
+                    .iter()
+                    .any(|o| o.protocol == offer.protocol)
+            });
+            if still {
+                continue;
+            }
+            if let Some(mut ids) = self.by_protocol.get_mut(&offer.protocol) {
+                ids.retain(|d| d != id);
+            }
+            self.by_protocol
+                .remove_if(&offer.protocol, |_, ids| ids.is_empty());
+            // A new connection of the device may have registered meanwhile: put its
+            // protocols back, so the index never misses a live device.
+            if let Some(live) = self.devices.get(id).map(|l| l.capabilities.clone()) {
+                self.index(id, &live);
+            }
         }
     }
 
@@ -172,13 +212,15 @@ impl Registry {
         conn_id: ConnId,
         capabilities: Arc<[CapabilityOffer]>,
     ) -> bool {
-        match self.devices.get_mut(id) {
+        self.index(id, &capabilities);
+        let old = match self.devices.get_mut(id) {
             Some(mut live) if live.conn_id == conn_id => {
-                live.capabilities = capabilities;
-                true
+                std::mem::replace(&mut live.capabilities, capabilities)
             }
-            _ => false,
-        }
+            _ => return false,
+        };
+        self.unindex_gone(id, &old);
+        true
     }
 
     /// Adds a co-owner to a connected device, so a claim takes effect without a
@@ -211,29 +253,23 @@ impl Registry {
     }
 
     /// Every online device with an offer that serves `query` and whose owners pass
-    /// `may_use`. Reads RAM only; each entry is cloned out, so no guard outlives the call.
+    /// `may_use`. Reads RAM only, and only devices that offer the protocol; each entry
+    /// is cloned out, so no guard outlives the call.
     pub fn candidates(
         &self,
         query: &CapabilityQuery,
         may_use: impl Fn(&[UserId]) -> bool,
     ) -> Vec<Candidate> {
-        let window = self.online_window();
-        self.devices
-            .iter()
-            .filter(|e| e.last_heartbeat.elapsed() <= window)
-            .filter_map(|e| {
-                let offer = best_offer(&e.capabilities, query)?;
-                if !may_use(&e.owners) {
-                    return None;
-                }
-                Some(Candidate {
-                    id: e.key().clone(),
-                    handle: e.handle.clone(),
-                    offer,
-                    in_flight: e.in_flight.clone(),
-                    load: e.load.as_deref().cloned(),
-                    owners: e.owners.clone(),
-                })
+        let ids = match self.by_protocol.get(&query.protocol) {
+            Some(ids) => ids.clone(),
+            None => return Vec::new(),
+        };
+        let now = Instant::now();
+        ids.iter()
+            .filter_map(|id| {
+                let e = self.devices.get(id)?;
+                self.candidate_of(id, &e, query, now)
+                    .filter(|c| may_use(&c.owners))
             })
             .collect()
     }
@@ -241,7 +277,17 @@ impl Registry {
     /// The candidate view of one online device, whatever its owners, if it serves `query`.
     pub fn candidate(&self, id: &DeviceId, query: &CapabilityQuery) -> Option<Candidate> {
         let e = self.devices.get(id)?;
-        if e.last_heartbeat.elapsed() > self.online_window() {
+        self.candidate_of(id, &e, query, Instant::now())
+    }
+
+    fn candidate_of(
+        &self,
+        id: &DeviceId,
+        e: &LiveDevice,
+        query: &CapabilityQuery,
+        now: Instant,
+    ) -> Option<Candidate> {
+        if now.saturating_duration_since(e.last_heartbeat) > self.online_window() {
             return None;
         }
         let offer = best_offer(&e.capabilities, query)?;
@@ -250,7 +296,7 @@ impl Registry {
             handle: e.handle.clone(),
             offer,
             in_flight: e.in_flight.clone(),
-            load: e.load.as_deref().cloned(),
+            load_share: crate::routing::load_share(e.load.as_deref()),
             owners: e.owners.clone(),
         })
     }
@@ -272,9 +318,16 @@ impl Registry {
 
     /// Removes the entry only if it still belongs to `conn_id`.
     pub fn remove(&self, id: &DeviceId, conn_id: ConnId) -> bool {
-        self.devices
+        match self
+            .devices
             .remove_if(id, |_, live| live.conn_id == conn_id)
-            .is_some()
+        {
+            Some((_, gone)) => {
+                self.unindex_gone(id, &gone.capabilities);
+                true
+            }
+            None => false,
+        }
     }
 
     /// The device's presence now.
@@ -372,6 +425,65 @@ mod tests {
         assert!(reg.heartbeat(&id(1), c2, vec![], None));
         assert!(reg.remove(&id(1), c2));
         assert!(!reg.presence(&id(1)).online);
+    }
+
+    fn offering(protocols: &[&str]) -> Routing {
+        Routing {
+            owners: Arc::from(vec![]),
+            capabilities: protocols
+                .iter()
+                .map(|p| CapabilityOffer::new(p, "1.0.0").expect("offer"))
+                .collect::<Vec<_>>()
+                .into(),
+        }
+    }
+
+    fn found(reg: &Registry, protocol: &str) -> Vec<DeviceId> {
+        let q = CapabilityQuery::new(protocol, None).expect("query");
+        reg.candidates(&q, |_| true)
+            .into_iter()
+            .map(|c| c.id)
+            .collect()
+    }
+
+    #[test]
+    fn routing_sees_exactly_the_live_offers() {
+        let reg = Registry::new(Duration::from_secs(5));
+        let (h1, _r1) = handle();
+        let (h2, _r2) = handle();
+        let (c1, c2) = (reg.next_conn_id(), reg.next_conn_id());
+        reg.insert(id(1), c1, h1, offering(&["embeddings", "llm.chat"]));
+        reg.insert(
+            id(2),
+            reg.next_conn_id(),
+            handle().0,
+            offering(&["embeddings"]),
+        );
+        let mut both = found(&reg, "embeddings");
+        both.sort();
+        assert_eq!(both, vec![id(1), id(2)]);
+        assert_eq!(found(&reg, "llm.chat"), vec![id(1)]);
+        assert!(found(&reg, "tasks").is_empty());
+
+        // The device reconnects offering less; the old connection's late removal must
+        // not take the new one out of the index.
+        reg.insert(id(1), c2, h2, offering(&["embeddings"]));
+        assert!(found(&reg, "llm.chat").is_empty());
+        assert!(!reg.remove(&id(1), c1));
+        assert!(found(&reg, "embeddings").contains(&id(1)));
+
+        // Offers change while connected.
+        assert!(reg.set_capabilities(&id(1), c2, offering(&["llm.chat"]).capabilities));
+        assert_eq!(found(&reg, "llm.chat"), vec![id(1)]);
+        assert_eq!(found(&reg, "embeddings"), vec![id(2)]);
+        assert!(
+            !reg.set_capabilities(&id(1), c1, offering(&[]).capabilities),
+            "stale conn"
+        );
+
+        assert!(reg.remove(&id(1), c2));
+        assert!(found(&reg, "llm.chat").is_empty());
+        assert_eq!(found(&reg, "embeddings"), vec![id(2)]);
     }
 
     #[tokio::test(start_paused = true)]

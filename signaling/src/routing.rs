@@ -20,7 +20,7 @@ use adi_protocol::{
     RemoteError,
 };
 use tokio::time::Instant;
-use tracing::{debug, info_span, Instrument};
+use tracing::{debug, debug_span, Instrument};
 
 use crate::catalog::UserId;
 use crate::registry::Candidate;
@@ -127,7 +127,7 @@ pub fn load_share(load: Option<&LoadReport>) -> f64 {
 
 /// A candidate's score: lower is better.
 pub fn score(c: &Candidate) -> f64 {
-    f64::from(c.in_flight.load(Ordering::Relaxed)) + load_share(c.load.as_ref())
+    f64::from(c.in_flight.load(Ordering::Relaxed)) + c.load_share
 }
 
 /// Orders candidates best first; the devices tied for best take turns at the front.
@@ -248,7 +248,7 @@ pub async fn request(
         if left.is_zero() {
             break;
         }
-        let span = info_span!("capability", device_id = %candidate.id, attempt);
+        let span = debug_span!("capability", device_id = %candidate.id, attempt);
         let asked = async {
             let _counted = InFlight::new(candidate);
             rpc::call(
@@ -312,7 +312,7 @@ mod tests {
                 .parse::<CapabilityOffer>()
                 .expect("offer"),
             in_flight: Arc::new(AtomicU32::new(in_flight)),
-            load,
+            load_share: load_share(load.as_ref()),
             owners: Arc::from(vec![]),
         }
     }

@@ -127,13 +127,19 @@ pub async fn call(
         deadline,
         reply: tx,
     };
-    handle
-        .outbound
-        .try_send(Command::Request(Box::new(call)))
-        .map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => RpcError::Busy,
-            mpsc::error::TrySendError::Closed(_) => RpcError::Offline,
-        })?;
+    let started = tokio::time::Instant::now();
+    // A full queue is a burst, not a failure: wait for room within the deadline.
+    match tokio::time::timeout(
+        deadline,
+        handle.outbound.send(Command::Request(Box::new(call))),
+    )
+    .await
+    {
+        Err(_) => return Err(RpcError::Timeout(deadline)),
+        Ok(Err(_)) => return Err(RpcError::Offline),
+        Ok(Ok(())) => {}
+    }
+    let deadline = deadline.saturating_sub(started.elapsed());
     match tokio::time::timeout(deadline, rx).await {
         Err(_) => Err(RpcError::Timeout(deadline)),
         Ok(Err(_)) => Err(RpcError::Disconnected),
