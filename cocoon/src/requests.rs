@@ -4,16 +4,14 @@
 //!
 //! Every answer travels as one control frame, and the hub closes a connection that
 //! sends a frame over its limit. So pages of tasks and of log lines are filled up to
-//! [`REPLY_BUDGET`] bytes, not just up to the count asked for: a page cut short says
+//! the link's budget (the frame limit less an envelope) in bytes, not just up to the count asked for: a page cut short says
 //! where to go on (`next` for tasks, `more` for log lines), so a reader pages on
 //! without skipping or repeating anything.
 
 use std::sync::Arc;
 
 use adi_protocol::tasks::{LogLine, Position, Task, TaskPage};
-use adi_protocol::{
-    DeviceId, DeviceReply, DeviceRequest, ErrorCode, Outcome, RemoteError, DEFAULT_MAX_FRAME_BYTES,
-};
+use adi_protocol::{DeviceId, DeviceReply, DeviceRequest, ErrorCode, Outcome, RemoteError};
 use adi_task_store::StoreError;
 use serde::Serialize;
 use tracing::warn;
@@ -24,10 +22,18 @@ use crate::runner::{Runner, RunnerError};
 /// tag, a page's `next` or a log reply's status.
 const ENVELOPE_RESERVE: usize = 1024;
 
-/// Most bytes the items of one page may take as JSON. The hub's frame limit is its
-/// own setting; pages are sized for the default, which every hub accepts unless it is
-/// configured below it.
-pub const REPLY_BUDGET: usize = DEFAULT_MAX_FRAME_BYTES - ENVELOPE_RESERVE;
+/// Most bytes the items of one page may take as JSON under the default frame limit.
+/// A hub that says its own limit at registration gets pages sized for that instead
+/// ([`reply_budget`]).
+#[cfg(test)]
+pub const REPLY_BUDGET: usize = adi_protocol::DEFAULT_MAX_FRAME_BYTES - ENVELOPE_RESERVE;
+
+/// The page budget for a link whose frames may be at most `frame_limit` bytes.
+pub(crate) fn reply_budget(frame_limit: usize) -> usize {
+    frame_limit
+        .saturating_sub(ENVELOPE_RESERVE)
+        .max(ENVELOPE_RESERVE)
+}
 
 /// What replaces the cut-off end of a text that does not fit in a frame.
 const CUT_MARK: &str = "… [cut to fit one message]";
@@ -37,8 +43,9 @@ pub(crate) async fn handle(
     runner: &Arc<Runner>,
     device: &DeviceId,
     request: DeviceRequest,
+    budget: usize,
 ) -> Outcome {
-    match answer(runner, device, request).await {
+    match answer(runner, device, request, budget).await {
         Ok(reply) => Outcome::Ok(reply),
         Err(e) => Outcome::Error(e),
     }
@@ -48,6 +55,7 @@ async fn answer(
     runner: &Arc<Runner>,
     device: &DeviceId,
     request: DeviceRequest,
+    budget: usize,
 ) -> Result<DeviceReply, RemoteError> {
     let store = runner.store();
     let mark = |mut task: Task| {
@@ -78,7 +86,7 @@ async fn answer(
                 t.device_id = Some(device.clone());
             }
             Ok(DeviceReply::Tasks {
-                page: fill_tasks(page, REPLY_BUDGET),
+                page: fill_tasks(page, budget),
             })
         }
         DeviceRequest::TaskStats => Ok(DeviceReply::Stats {
@@ -100,7 +108,7 @@ async fn answer(
                 .read_logs(id, after_seq, limit)
                 .await
                 .map_err(store_error)?;
-            let (lines, more) = fill_logs(lines, REPLY_BUDGET);
+            let (lines, more) = fill_logs(lines, budget);
             Ok(DeviceReply::Logs {
                 lines,
                 status,
@@ -336,8 +344,8 @@ mod tests {
                 after,
                 limit: 500,
             };
-            let outcome = handle(&runner, &device(), request).await;
-            assert!(frame_len(&outcome) <= DEFAULT_MAX_FRAME_BYTES);
+            let outcome = handle(&runner, &device(), request, REPLY_BUDGET).await;
+            assert!(frame_len(&outcome) <= adi_protocol::DEFAULT_MAX_FRAME_BYTES);
             let Outcome::Ok(DeviceReply::Tasks { page }) = outcome else {
                 panic!("not a page: {outcome:?}");
             };
@@ -385,8 +393,8 @@ mod tests {
                 after_seq,
                 limit: 1000,
             };
-            let outcome = handle(&runner, &device(), request).await;
-            assert!(frame_len(&outcome) <= DEFAULT_MAX_FRAME_BYTES);
+            let outcome = handle(&runner, &device(), request, REPLY_BUDGET).await;
+            assert!(frame_len(&outcome) <= adi_protocol::DEFAULT_MAX_FRAME_BYTES);
             let Outcome::Ok(DeviceReply::Logs { lines, more, .. }) = outcome else {
                 panic!("not logs: {outcome:?}");
             };
@@ -542,7 +550,13 @@ mod tests {
                 ..NewTask::default()
             },
         };
-        let refused = handle(&runner, &device(), ask(Some(vec!["true".into()]))).await;
+        let refused = handle(
+            &runner,
+            &device(),
+            ask(Some(vec!["true".into()])),
+            REPLY_BUDGET,
+        )
+        .await;
         assert_eq!(
             refused,
             Outcome::Ok(DeviceReply::CanRun {
@@ -552,7 +566,7 @@ mod tests {
                 has_gpu: false,
             })
         );
-        let plain = handle(&runner, &device(), ask(None)).await;
+        let plain = handle(&runner, &device(), ask(None), REPLY_BUDGET).await;
         assert!(
             matches!(
                 plain,

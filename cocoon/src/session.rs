@@ -227,7 +227,14 @@ async fn session(
     // session, which tells every waiting caller that the link was lost.
     let mut asked: HashMap<u64, oneshot::Sender<CapabilityOutcome>> = HashMap::new();
     let mut next_ask: u64 = 1;
-    let max_answer = config.max_frame_bytes;
+    // Answers stay within the smaller of our limit and the hub's: the hub closes a link
+    // that sends it a larger frame.
+    let max_answer = registered
+        .max_frame_bytes
+        .and_then(|m| usize::try_from(m).ok())
+        .unwrap_or(adi_protocol::DEFAULT_MAX_FRAME_BYTES)
+        .min(config.max_frame_bytes);
+    let budget = crate::requests::reply_budget(max_answer);
     loop {
         tokio::select! {
             biased;
@@ -357,7 +364,7 @@ async fn session(
                                 let device_id = device_id.clone();
                                 let tx = answer_tx.clone();
                                 tokio::spawn(async move {
-                                    let outcome = crate::requests::handle(&runner, &device_id, request).await;
+                                    let outcome = crate::requests::handle(&runner, &device_id, request, budget).await;
                                     let _ = tx.send(DeviceToHub::Response { request_id, outcome }).await;
                                 });
                             }

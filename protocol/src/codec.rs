@@ -234,14 +234,16 @@ mod tests {
                 proptest::collection::vec(any::<u8>(), 16),
                 any::<u32>(),
                 any::<u64>(),
-                any::<bool>()
+                any::<bool>(),
+                proptest::option::of(any::<u64>())
             )
-                .prop_map(|(mac, v, hb, enrolled)| HubToDevice::Registered(
+                .prop_map(|(mac, v, hb, enrolled, max)| HubToDevice::Registered(
                     Registered {
                         device_id: DeviceId::from_mac(&mac),
                         protocol_version: v,
                         heartbeat_interval_ms: hb,
                         enrolled,
+                        max_frame_bytes: max,
                     }
                 )),
             (

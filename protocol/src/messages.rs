@@ -189,6 +189,10 @@ pub struct Registered {
     /// Whether this registration enrolled the device just now.
     #[serde(default)]
     pub enrolled: bool,
+    /// Largest frame the hub accepts from the device; the device keeps its answers
+    /// within it. Absent from hubs that predate it: the default limit then applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_frame_bytes: Option<u64>,
 }
 
 /// Messages a cocoon sends to the hub.

@@ -104,6 +104,7 @@ async fn run(state: Arc<HubState>, mut socket: WebSocket, conn_id: ConnId) {
         protocol_version: accepted.version,
         heartbeat_interval_ms: interval_ms,
         enrolled: accepted.enrolled,
+        max_frame_bytes: u64::try_from(state.config.max_frame_bytes).ok(),
     });
     if socket.send(text(&reply)).await.is_err() {
         return;

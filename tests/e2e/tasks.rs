@@ -1165,3 +1165,52 @@ async fn cli_cancels_a_running_task_and_bad_device_cursors_say_why() -> Result<(
     assert_eq!(status, 400, "{body}");
     Ok(())
 }
+
+#[tokio::test]
+async fn pages_fit_a_hub_configured_with_a_smaller_frame_limit() -> Result<()> {
+    // The hub tells the device its limit at registration; pages are cut to it, so
+    // long descriptions never make the hub close the device's link.
+    let hub = Hub::start_with(&["--max-frame-bytes", "16384"]).await?;
+    let api = Api::login(&hub.url, &hub.add_user("alice")?).await?;
+    let cocoon = Cocoon::start(
+        &hub.url,
+        "small-frames",
+        Some(&api.setup_token(60).await?),
+        &[],
+    )?;
+    let id = cocoon.device_id().await?;
+    let description = "d".repeat(3000);
+    for i in 0..20 {
+        create(
+            &api,
+            &id,
+            json!({"title": format!("long {i}"), "description": description}),
+        )
+        .await?;
+    }
+    let mut seen = HashSet::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/api/aggregate/tasks?limit=50&cursor={c}"),
+            None => "/api/aggregate/tasks?limit=50".to_owned(),
+        };
+        let (status, body) = api.get(&path).await?;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["devices"][0]["status"], "ok", "{body}");
+        for t in body["tasks"].as_array().cloned().unwrap_or_default() {
+            assert!(
+                seen.insert(t["id"].as_str().unwrap_or_default().to_owned()),
+                "twice: {t}"
+            );
+            assert_eq!(t["description"].as_str().map(str::len), Some(3000));
+        }
+        match body["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 20);
+    api.wait_online(&id, true, Duration::from_secs(2)).await?;
+    Ok(())
+}
