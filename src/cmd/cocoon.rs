@@ -139,7 +139,7 @@ pub struct RunArgs {
 
 #[derive(Args)]
 pub struct TokenArgs {
-    /// Make a share token for this device instead of a setup token.
+    /// Make a share token for this device (id or name) instead of a setup token.
     #[arg(long, value_name = "DEVICE")]
     share: Option<String>,
     /// How long the token stays valid (e.g. 10m, 1h, 7d).
@@ -171,7 +171,7 @@ pub struct ListArgs {
 
 #[derive(Args)]
 pub struct ServicesArgs {
-    /// Device id.
+    /// Device id or name.
     device: String,
     /// Print JSON instead of a table.
     #[arg(long)]
@@ -367,7 +367,9 @@ async fn generate_token(args: TokenArgs) -> Result<()> {
     let client = HubClient::connect(&args.hub).await?;
     let body = match &args.share {
         Some(device) => serde_json::json!({
-            "kind": "share", "device_id": device, "expires_in_secs": args.expires.as_secs()
+            "kind": "share",
+            "device_id": crate::cmd::tasks::resolve_device(&client, device).await?,
+            "expires_in_secs": args.expires.as_secs()
         }),
         None => serde_json::json!({ "kind": "setup", "expires_in_secs": args.expires.as_secs() }),
     };
@@ -492,8 +494,9 @@ struct ServiceList {
 
 async fn services(args: ServicesArgs) -> Result<()> {
     let client = HubClient::connect(&args.hub).await?;
+    let device = crate::cmd::tasks::resolve_device(&client, &args.device).await?;
     let list: ServiceList = client
-        .get(&format!("/api/cocoons/{}/services", args.device))
+        .get(&format!("/api/cocoons/{device}/services"))
         .await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&list.services)?);

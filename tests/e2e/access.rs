@@ -102,7 +102,7 @@ async fn two_users_three_cocoons_isolation_share_and_claim() -> Result<()> {
             "cocoon",
             "generate-token",
             "--share",
-            &gpu_id,
+            "gpu-box", // by name, as the README shows
             "--expires",
             "1h",
         ],
@@ -158,12 +158,22 @@ async fn two_users_three_cocoons_isolation_share_and_claim() -> Result<()> {
         assert_eq!(c["online"], true);
         assert!(c["last_heartbeat_age_secs"].as_f64().is_some(), "{c}");
     }
-    let (code, services, _) = cli(alice_cfg.path(), &["cocoon", "services", &gpu_id], &[])?;
-    assert_eq!(code, 0);
-    assert!(
-        services.contains("flowmap-api") && services.contains("8092"),
-        "{services}"
-    );
+    // By id or by name.
+    for device in [gpu_id.as_str(), "gpu-box"] {
+        let (code, services, err) = cli(alice_cfg.path(), &["cocoon", "services", device], &[])?;
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            services.contains("flowmap-api") && services.contains("8092"),
+            "{services}"
+        );
+    }
+    let (code, _, err) = cli(
+        alice_cfg.path(),
+        &["cocoon", "services", "no-such-box"],
+        &[],
+    )?;
+    assert_ne!(code, 0);
+    assert!(err.contains("no device of yours is called"), "{err}");
 
     // Nothing secret was ever logged by the hub or the cocoons.
     let logs = format!(
