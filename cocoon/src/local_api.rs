@@ -17,7 +17,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use adi_protocol::{CapabilityQuery, DeviceId, ErrorCode, RemoteError};
+use adi_protocol::capability::RequestBody;
+use adi_protocol::{DeviceId, ErrorCode, RemoteError};
 use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -219,18 +220,6 @@ fn authorize(shared: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-#[derive(Deserialize)]
-struct RequestBody {
-    #[serde(default)]
-    version: Option<String>,
-    #[serde(default)]
-    payload: serde_json::Value,
-    #[serde(default)]
-    prefer_device: Option<String>,
-    #[serde(default)]
-    timeout_ms: Option<u64>,
-}
-
 async fn request(
     State(shared): State<Shared>,
     UrlPath(protocol): UrlPath<String>,
@@ -239,19 +228,13 @@ async fn request(
 ) -> Result<Json<adi_protocol::CapabilityAnswer>, ApiError> {
     authorize(&shared, &headers)?;
     let Json(body) = body.map_err(|e| error(ErrorCode::BadRequest, e.body_text()))?;
-    let query = CapabilityQuery::new(&protocol, body.version.as_deref())
+    let query = body
+        .query(&protocol)
         .map_err(|e| error(ErrorCode::BadRequest, e.to_string()))?;
-    let prefer = match body.prefer_device.as_deref().map(str::trim) {
-        None | Some("") => None,
-        Some(raw) => Some(
-            raw.parse::<DeviceId>()
-                .map_err(|e| error(ErrorCode::BadRequest, format!("prefer_device: {e}")))?,
-        ),
-    };
-    let deadline = body
-        .timeout_ms
-        .map_or(DEFAULT_TIMEOUT, Duration::from_millis)
-        .clamp(Duration::from_millis(1), MAX_TIMEOUT);
+    let prefer = body
+        .prefer()
+        .map_err(|e| error(ErrorCode::BadRequest, format!("prefer_device: {e}")))?;
+    let deadline = body.deadline(DEFAULT_TIMEOUT, MAX_TIMEOUT);
     shared
         .client
         .request(query, body.payload, prefer, deadline)

@@ -223,6 +223,51 @@ mod opt_version_text {
     }
 }
 
+/// The body of a capability request at the REST edges (the hub's
+/// `POST /api/capabilities/{protocol}/request` and a cocoon's local API), so both read
+/// and check it alike.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RequestBody {
+    /// Least compatible version; any version when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Passed to the serving device as it is.
+    #[serde(default)]
+    pub payload: serde_json::Value,
+    /// A device id to try first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefer_device: Option<String>,
+    /// How long to wait for the answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+impl RequestBody {
+    /// The query for `protocol` at the body's version.
+    pub fn query(&self, protocol: &str) -> Result<CapabilityQuery, CapabilityError> {
+        CapabilityQuery::new(protocol, self.version.as_deref())
+    }
+
+    /// The preferred device, if one is named.
+    pub fn prefer(&self) -> Result<Option<crate::DeviceId>, crate::InvalidId> {
+        match self.prefer_device.as_deref().map(str::trim) {
+            None | Some("") => Ok(None),
+            Some(raw) => raw.parse().map(Some),
+        }
+    }
+
+    /// The deadline asked for (`default` when none), held to 1 ms..=`max`.
+    pub fn deadline(
+        &self,
+        default: std::time::Duration,
+        max: std::time::Duration,
+    ) -> std::time::Duration {
+        self.timeout_ms
+            .map_or(default, std::time::Duration::from_millis)
+            .clamp(std::time::Duration::from_millis(1), max)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

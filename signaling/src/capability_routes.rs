@@ -8,7 +8,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use adi_protocol::{CapabilityAnswer, CapabilityOffer, CapabilityQuery, DeviceId, ErrorCode};
+use adi_protocol::capability::RequestBody;
+use adi_protocol::{CapabilityAnswer, CapabilityOffer, CapabilityQuery, ErrorCode};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::routing::{get, post};
 use axum::Router;
@@ -42,19 +43,6 @@ impl From<RouteError> for ApiError {
     }
 }
 
-#[derive(Deserialize)]
-struct CapabilityRequestBody {
-    /// Least compatible version; any version when absent.
-    #[serde(default)]
-    version: Option<String>,
-    #[serde(default)]
-    payload: serde_json::Value,
-    #[serde(default)]
-    prefer_device: Option<String>,
-    #[serde(default)]
-    timeout_ms: Option<u64>,
-}
-
 fn query(protocol: &str, version: Option<&str>) -> Result<CapabilityQuery, ApiError> {
     CapabilityQuery::new(protocol, version)
         .map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()))
@@ -64,15 +52,14 @@ async fn request_capability(
     State(state): State<Arc<HubState>>,
     caller: Caller,
     Path(protocol): Path<String>,
-    Json(body): Json<CapabilityRequestBody>,
+    Json(body): Json<RequestBody>,
 ) -> Result<Json<CapabilityAnswer>, ApiError> {
-    let query = query(&protocol, body.version.as_deref())?;
-    let prefer = match body.prefer_device.as_deref().map(str::trim) {
-        None | Some("") => None,
-        Some(raw) => Some(raw.parse::<DeviceId>().map_err(|_| {
-            ApiError::new(ErrorCode::BadRequest, "prefer_device is not a device id")
-        })?),
-    };
+    let query = body
+        .query(&protocol)
+        .map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()))?;
+    let prefer = body
+        .prefer()
+        .map_err(|_| ApiError::new(ErrorCode::BadRequest, "prefer_device is not a device id"))?;
     let size = serde_json::to_vec(&body.payload).map_or(usize::MAX, |v| v.len());
     // The payload travels in one control frame to the device.
     let room = state.config.max_frame_bytes.saturating_sub(1024);
@@ -82,11 +69,7 @@ async fn request_capability(
             format!("the payload is {size} bytes; at most {room} fit in one request"),
         ));
     }
-    let timeout = body
-        .timeout_ms
-        .map(Duration::from_millis)
-        .unwrap_or(state.config.capability_timeout)
-        .clamp(Duration::from_millis(1), MAX_TIMEOUT);
+    let timeout = body.deadline(state.config.capability_timeout, MAX_TIMEOUT);
     let answer = routing::request(
         &state,
         &Requester::User(caller.id),

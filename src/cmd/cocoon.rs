@@ -253,12 +253,14 @@ pub fn parse_service(s: &str) -> Result<ServiceInfo, String> {
     })
 }
 
-async fn run_agent(mut args: RunArgs) -> Result<()> {
-    let data_dir = args
-        .data_dir
-        .clone()
-        .unwrap_or_else(|| paths::data_dir("cocoon"));
-    let file = match &args.config {
+/// The cocoon's data dir (given or the XDG default) and its config file: the one given,
+/// else `cocoon.toml` in the data dir if there is one.
+fn data_dir_and_file(
+    data_dir: Option<PathBuf>,
+    config: Option<&std::path::Path>,
+) -> Result<(PathBuf, adi_cocoon::config_file::CocoonFile)> {
+    let data_dir = data_dir.unwrap_or_else(|| paths::data_dir("cocoon"));
+    let file = match config {
         Some(path) => adi_cocoon::config_file::load(path, true)?,
         None => adi_cocoon::config_file::load(
             &data_dir.join(adi_cocoon::config_file::DEFAULT_FILE),
@@ -266,6 +268,11 @@ async fn run_agent(mut args: RunArgs) -> Result<()> {
         )?,
     }
     .unwrap_or_default();
+    Ok((data_dir, file))
+}
+
+async fn run_agent(mut args: RunArgs) -> Result<()> {
+    let (data_dir, file) = data_dir_and_file(args.data_dir.clone(), args.config.as_deref())?;
     let hub = args.hub.clone().or(file.hub).ok_or_else(|| {
         anyhow::anyhow!(
             "no hub given: pass --hub, set ADI_HUB, or put hub = \"...\" in the config file"
@@ -526,18 +533,7 @@ async fn services(args: ServicesArgs) -> Result<()> {
 }
 
 fn capabilities(args: CapabilitiesArgs) -> Result<()> {
-    let data_dir = args
-        .data_dir
-        .clone()
-        .unwrap_or_else(|| paths::data_dir("cocoon"));
-    let file = match &args.config {
-        Some(path) => adi_cocoon::config_file::load(path, true)?,
-        None => adi_cocoon::config_file::load(
-            &data_dir.join(adi_cocoon::config_file::DEFAULT_FILE),
-            false,
-        )?,
-    }
-    .unwrap_or_default();
+    let (data_dir, file) = data_dir_and_file(args.data_dir.clone(), args.config.as_deref())?;
     let mut disabled = args.plugins.disable_capabilities;
     disabled.extend(file.disable_capabilities);
     let mut config = CocoonConfig::new("http://unused", data_dir, "unused");
@@ -647,12 +643,12 @@ async fn request(args: RequestArgs) -> Result<()> {
     };
     let payload: serde_json::Value =
         serde_json::from_str(&raw).context("--payload is not valid JSON")?;
-    let body = serde_json::json!({
-        "version": version,
-        "payload": payload,
-        "prefer_device": args.prefer,
-        "timeout_ms": u64::try_from(args.timeout.as_millis()).unwrap_or(u64::MAX),
-    });
+    let body = adi_protocol::capability::RequestBody {
+        version,
+        payload,
+        prefer_device: args.prefer,
+        timeout_ms: u64::try_from(args.timeout.as_millis()).ok(),
+    };
     let resp = reqwest::Client::builder()
         .no_proxy()
         .build()?
