@@ -267,7 +267,20 @@ async fn session(
                 }
             }
             Some(frame) = frames.recv() => {
-                if let Err(e) = ws.send(Message::Binary(frame)).await {
+                // Body frames that are ready together leave with one flush.
+                let mut next = Some(frame);
+                let mut sent = 0;
+                while let Some(frame) = next.take() {
+                    if let Err(e) = ws.feed(Message::Binary(frame)).await {
+                        streams.close_all();
+                        return lost(true, format!("sending a body frame failed: {e}"));
+                    }
+                    sent += 1;
+                    if sent < ANSWER_BATCH {
+                        next = frames.try_recv().ok();
+                    }
+                }
+                if let Err(e) = ws.flush().await {
                     streams.close_all();
                     return lost(true, format!("sending a body frame failed: {e}"));
                 }

@@ -121,6 +121,7 @@ async fn run(state: Arc<HubState>, mut socket: WebSocket, conn_id: ConnId) {
         Routing {
             owners: accepted.owners.into(),
             capabilities: accepted.config.capabilities.clone().into(),
+            services: accepted.config.services.clone().into(),
         },
     );
     info!(enrolled = accepted.enrolled, name = %accepted.config.name, "device online");
@@ -236,7 +237,24 @@ impl Connection {
                     }
                 }
                 Some(frame) = next_frame(&mut frames) => {
-                    if let Err(e) = socket.send(Message::Binary(frame)).await {
+                    // Body frames that are ready together leave with one flush.
+                    let mut next = Some(frame);
+                    let mut queued = 0;
+                    let mut failed = None;
+                    while let Some(frame) = next.take() {
+                        if let Err(e) = socket.feed(Message::Binary(frame)).await {
+                            failed = Some(e);
+                            break;
+                        }
+                        queued += 1;
+                        if queued < BATCH {
+                            next = frames.as_mut().and_then(|rx| rx.try_recv().ok());
+                        }
+                    }
+                    if let Some(e) = failed {
+                        break End::Closed(format!("send failed: {e}"));
+                    }
+                    if let Err(e) = socket.flush().await {
                         break End::Closed(format!("send failed: {e}"));
                     }
                 }
@@ -456,6 +474,11 @@ impl Connection {
                 if services == self.config.services {
                     return None;
                 }
+                self.state.registry.set_services(
+                    &self.config.id,
+                    self.conn_id,
+                    services.clone().into(),
+                );
                 let mut next = self.config.clone();
                 next.services = services;
                 self.store_config(next, "services").await

@@ -33,6 +33,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use rand::RngCore;
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -166,6 +167,13 @@ pub async fn spawn(config: HubConfig) -> Result<HubHandle, HubError> {
     });
     let app = api::router(state.clone());
     let shutdown = state.shutdown.clone();
+    // Small frames (control messages, request heads, 1 KiB bodies) must leave at once:
+    // with Nagle's algorithm they wait for the peer's delayed ACK, up to 40 ms each.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("cannot set TCP_NODELAY: {e}");
+        }
+    });
     let task = tokio::spawn(async move {
         axum::serve(
             listener,

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use adi_protocol::http::{check_target, is_hop_by_hop, requested_upgrade};
-use adi_protocol::{ErrorCode, ProxyRequest};
+use adi_protocol::{DeviceId, ErrorCode, ProxyRequest};
 use adi_tunnel::BodyReceiver;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
@@ -58,6 +58,13 @@ fn upgrade_protocol(headers: &HeaderMap) -> Option<String> {
     requested_upgrade(get(header::CONNECTION), get(header::UPGRADE))
 }
 
+fn offline() -> ApiError {
+    ApiError::new(
+        ErrorCode::DeviceOffline,
+        "the device is offline (no recent heartbeat)",
+    )
+}
+
 async fn proxy(
     State(state): State<AppState>,
     ProxyCaller(caller): ProxyCaller,
@@ -71,25 +78,37 @@ async fn proxy(
         .unwrap_or_default();
     let (device_id, service, target) = split_uri(&path_and_query)
         .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no such service"))?;
-    let device = owned_device(&state, &caller, device_id).await?;
-    if !device.services.iter().any(|s| s.name == service) {
-        return Err(ApiError::new(
-            ErrorCode::NotFound,
-            "no such service on this device",
-        ));
-    }
     let target =
         check_target(target).map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()))?;
-    // A device whose socket is still open but that stopped heartbeating would never
-    // answer: say so now rather than after the whole deadline.
-    if !state.registry.presence(&device.id).online {
-        return Err(ApiError::new(
-            ErrorCode::DeviceOffline,
-            "the device is offline (no recent heartbeat)",
-        ));
-    }
+    let no_service = || ApiError::new(ErrorCode::NotFound, "no such service on this device");
+    // Connected devices are checked in RAM, as routing is; only a device that is not
+    // connected costs a catalog read, to tell "offline" from "not yours".
+    let live = device_id
+        .parse::<DeviceId>()
+        .ok()
+        .and_then(|id| state.registry.access(&id).map(|a| (id, a)));
+    let device_id = match live {
+        Some((id, access)) if access.owners.contains(&caller.id) => {
+            if !access.services.iter().any(|s| s.name == service) {
+                return Err(no_service());
+            }
+            // A device whose socket is still open but that stopped heartbeating would
+            // never answer: say so now rather than after the whole deadline.
+            if !access.online {
+                return Err(offline());
+            }
+            id
+        }
+        _ => {
+            let device = owned_device(&state, &caller, device_id).await?;
+            if !device.services.iter().any(|s| s.name == service) {
+                return Err(no_service());
+            }
+            return Err(offline());
+        }
+    };
     let span =
-        tracing::info_span!("proxy", device_id = %device.id, service, method = %req.method());
+        tracing::info_span!("proxy", device_id = %device_id, service, method = %req.method());
     let max_body = state.config.proxy_max_body_bytes;
     if let (Some(max), Some(len)) = (max_body, content_length(req.headers())) {
         if len > max {
@@ -97,7 +116,7 @@ async fn proxy(
         }
     }
     let deadline = deadline(&state, req.headers())?;
-    let prefix = format!("/proxy/{}/{}", device.id, service);
+    let prefix = format!("/proxy/{device_id}/{service}");
     let upgrade = upgrade_protocol(req.headers());
     let on_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let head = ProxyRequest {
@@ -109,7 +128,7 @@ async fn proxy(
         deadline_ms: u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX),
         upgrade: upgrade.clone(),
     };
-    let opened = rpc::open_proxy(&state, &device.id, head).await?;
+    let opened = rpc::open_proxy(&state, &device_id, head).await?;
     let (too_large_tx, too_large_rx) = oneshot::channel();
     if let Some(on_upgrade) = on_upgrade {
         return finish_upgrade(opened, on_upgrade, deadline, upgrade.unwrap_or_default()).await;

@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use adi_protocol::{CapabilityOffer, CapabilityQuery, DeviceId, LoadReport, ServiceHealth};
+use adi_protocol::{
+    CapabilityOffer, CapabilityQuery, DeviceId, LoadReport, ServiceHealth, ServiceInfo,
+};
 use dashmap::DashMap;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -52,6 +54,8 @@ pub struct LiveDevice {
     pub owners: Arc<[UserId]>,
     /// What the device serves now.
     pub capabilities: Arc<[CapabilityOffer]>,
+    /// Its loopback services, so the proxy checks a request without the catalog.
+    pub services: Arc<[ServiceInfo]>,
     /// Capability requests this hub has sent the device and not yet seen answered.
     pub in_flight: Arc<AtomicU32>,
 }
@@ -63,6 +67,19 @@ pub struct Routing {
     pub owners: Arc<[UserId]>,
     /// What it serves.
     pub capabilities: Arc<[CapabilityOffer]>,
+    /// Its loopback services.
+    pub services: Arc<[ServiceInfo]>,
+}
+
+/// What the proxy needs of a connected device, read from RAM.
+#[derive(Debug, Clone)]
+pub struct Access {
+    /// Who owns it.
+    pub owners: Arc<[UserId]>,
+    /// Its services.
+    pub services: Arc<[ServiceInfo]>,
+    /// Whether it is online by heartbeat age.
+    pub online: bool,
 }
 
 /// An online device that can serve a query, as routing sees it at one instant.
@@ -138,6 +155,7 @@ impl Registry {
                 load: None,
                 owners: routing.owners,
                 capabilities: routing.capabilities,
+                services: routing.services,
                 in_flight: Arc::new(AtomicU32::new(0)),
             },
         );
@@ -221,6 +239,24 @@ impl Registry {
         };
         self.unindex_gone(id, &old);
         true
+    }
+
+    /// Replaces the device's services, if `conn_id` is still its connection.
+    pub fn set_services(&self, id: &DeviceId, conn_id: ConnId, services: Arc<[ServiceInfo]>) {
+        if let Some(mut live) = self.devices.get_mut(id) {
+            if live.conn_id == conn_id {
+                live.services = services;
+            }
+        }
+    }
+
+    /// Owners, services and presence of a connected device; `None` when it is not.
+    pub fn access(&self, id: &DeviceId) -> Option<Access> {
+        self.devices.get(id).map(|live| Access {
+            owners: live.owners.clone(),
+            services: live.services.clone(),
+            online: live.last_heartbeat.elapsed() <= self.online_window(),
+        })
     }
 
     /// Adds a co-owner to a connected device, so a claim takes effect without a
@@ -402,6 +438,7 @@ mod tests {
         Routing {
             owners: Arc::from(vec![]),
             capabilities: Arc::from(vec![]),
+            services: Arc::from(vec![]),
         }
     }
 
@@ -430,6 +467,7 @@ mod tests {
     fn offering(protocols: &[&str]) -> Routing {
         Routing {
             owners: Arc::from(vec![]),
+            services: Arc::from(vec![]),
             capabilities: protocols
                 .iter()
                 .map(|p| CapabilityOffer::new(p, "1.0.0").expect("offer"))

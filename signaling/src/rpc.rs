@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use adi_protocol::{DeviceId, DeviceReply, DeviceRequest, ErrorCode, ProxyRequest, RemoteError};
 use adi_tunnel::{BodyReceiver, BodySender};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::registry::ConnHandle;
 use crate::HubState;
@@ -155,12 +155,19 @@ pub async fn open_proxy(
 ) -> Result<ProxyOpened, RpcError> {
     let handle = state.registry.handle(device).ok_or(RpcError::Offline)?;
     let (tx, rx) = oneshot::channel();
-    handle
-        .outbound
-        .try_send(Command::Proxy(Box::new(ProxyCall { request, reply: tx })))
-        .map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => RpcError::Busy,
-            mpsc::error::TrySendError::Closed(_) => RpcError::Offline,
-        })?;
+    let deadline = std::time::Duration::from_millis(request.deadline_ms);
+    // A burst waits for room in the device's queue, within the request's deadline.
+    match tokio::time::timeout(
+        deadline,
+        handle
+            .outbound
+            .send(Command::Proxy(Box::new(ProxyCall { request, reply: tx }))),
+    )
+    .await
+    {
+        Err(_) => return Err(RpcError::Timeout(deadline)),
+        Ok(Err(_)) => return Err(RpcError::Offline),
+        Ok(Ok(())) => {}
+    }
     rx.await.map_err(|_| RpcError::Disconnected)
 }

@@ -73,6 +73,9 @@ pub async fn run(args: ProxyArgs) -> Result<()> {
         "forwarding http://{local} -> {} on {} (Ctrl-C stops)",
         args.service, args.device
     );
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app(forward))
         .with_graceful_shutdown(crate::cmd::signaling::shutdown_signal())
         .await?;
