@@ -76,6 +76,12 @@ pub async fn run(args: DevArgs) -> Result<()> {
         config.setup_token = Some(token.token);
     }
     let name = config.name.clone();
+    let plugins = config
+        .plugin_config()
+        .dir
+        .unwrap_or_default()
+        .display()
+        .to_string();
     let cocoon = adi_cocoon::start(config)
         .await
         .context("starting the local cocoon")?;
@@ -90,6 +96,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
     println!("  API key:  {api_key}");
     println!("  log in:   adi login --hub {url} --api-key {api_key}");
     println!("  cocoon:   {name} ({device}) online");
+    println!("  plugins:  {plugins} (capability manifests, read live)");
     println!("Ctrl-C stops both.");
 
     crate::cmd::signaling::shutdown_signal().await;
