@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use adi_protocol::{DeviceId, DeviceReply, DeviceRequest, ErrorCode, ProxyRequest, RemoteError};
 use adi_tunnel::{BodyReceiver, BodySender};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
-use crate::registry::ConnHandle;
+use crate::link::{AskSlot, ConnHandle, Refused};
 use crate::HubState;
 
-/// What callers hand to a connection actor. Boxed, so the queue every connection
-/// allocates up front stays small: most devices are idle most of the time.
+/// What callers hand to a connection actor. Boxed, so a queued command takes two
+/// words: most devices are idle most of the time, and a busy one queues a few dozen.
 #[derive(Debug)]
 pub enum Command {
     /// Ask the device something and wait for one answer.
@@ -21,7 +21,16 @@ pub enum Command {
     /// Open a proxied HTTP exchange with a body stream each way.
     Proxy(Box<ProxyCall>),
     /// Send this message as it is: the answer to something the device asked.
-    Send(Box<adi_protocol::HubToDevice>),
+    Send(Box<Answer>),
+}
+
+/// A message for the device that answers something it asked.
+#[derive(Debug)]
+pub struct Answer {
+    /// The message, sent as it is.
+    pub msg: adi_protocol::HubToDevice,
+    /// The device's request slot, freed once the answer is written.
+    pub slot: Option<AskSlot>,
 }
 
 /// An HTTP request for one of the device's services.
@@ -128,12 +137,8 @@ pub async fn call(
         reply: tx,
     };
     handle
-        .outbound
         .try_send(Command::Request(Box::new(call)))
-        .map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => RpcError::Busy,
-            mpsc::error::TrySendError::Closed(_) => RpcError::Offline,
-        })?;
+        .map_err(refused)?;
     match tokio::time::timeout(deadline, rx).await {
         Err(_) => Err(RpcError::Timeout(deadline)),
         Ok(Err(_)) => Err(RpcError::Disconnected),
@@ -150,11 +155,15 @@ pub async fn open_proxy(
     let handle = state.registry.handle(device).ok_or(RpcError::Offline)?;
     let (tx, rx) = oneshot::channel();
     handle
-        .outbound
         .try_send(Command::Proxy(Box::new(ProxyCall { request, reply: tx })))
-        .map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => RpcError::Busy,
-            mpsc::error::TrySendError::Closed(_) => RpcError::Offline,
-        })?;
+        .map_err(refused)?;
     rx.await.map_err(|_| RpcError::Disconnected)
+}
+
+/// A full queue means the device is not keeping up; a closed one that it is gone.
+fn refused(e: Refused) -> RpcError {
+    match e {
+        Refused::Full => RpcError::Busy,
+        Refused::Closed => RpcError::Offline,
+    }
 }
