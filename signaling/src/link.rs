@@ -4,7 +4,8 @@
 //! handle to it; the registry holds one per connected device.
 //!
 //! It is one small allocation per device and stays so while the device is idle: the
-//! queue allocates on its first command, and nothing here pre-allocates or holds a timer.
+//! queue holds a buffer only while commands wait in it, and nothing here pre-allocates
+//! or holds a timer.
 //! It must never block: every method takes the lock for a few instructions, and no
 //! waker is woken and no command dropped while the lock is held.
 //!
@@ -163,8 +164,9 @@ impl ConnHandle {
             if !matches!(command, Command::Send(_)) {
                 inner.requests -= 1;
             }
-            if inner.queue.is_empty() && inner.queue.capacity() > 2 * MAX_QUEUED_REQUESTS {
-                // A burst of answers is over; an idle device keeps a small queue.
+            if inner.queue.is_empty() {
+                // An idle device holds no queue buffer; the next command allocates a
+                // small one again, which costs far less than encoding that command.
                 inner.queue = VecDeque::new();
             }
             return Poll::Ready(Next::Command(command));
@@ -307,6 +309,11 @@ mod tests {
         }
         assert!(matches!(h.recv().await, Next::Command(Command::Send(_))));
         assert_eq!(h.link.asking.load(Ordering::Relaxed), 0, "slot freed");
+        assert_eq!(
+            h.lock().queue.capacity(),
+            0,
+            "an empty queue holds no buffer"
+        );
         let (c, _rx) = request();
         h.try_send(c).expect("room again");
     }
