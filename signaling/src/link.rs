@@ -224,11 +224,6 @@ impl ConnHandle {
             handle: self.clone(),
         })
     }
-
-    /// Whether two handles lead to the same connection.
-    pub fn same(&self, other: &ConnHandle) -> bool {
-        Arc::ptr_eq(&self.link, &other.link)
-    }
 }
 
 impl fmt::Debug for ConnHandle {
