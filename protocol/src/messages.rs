@@ -25,7 +25,7 @@ pub fn negotiate_version(theirs: &[u32]) -> Option<u32> {
 }
 
 /// A service a device runs on its own loopback and offers through the hub.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ServiceInfo {
     /// Name used in proxy URLs; unique per device.
     pub name: String,

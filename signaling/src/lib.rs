@@ -20,6 +20,7 @@ mod connection;
 pub mod credential;
 pub mod identity;
 mod install;
+pub mod link;
 mod proxy;
 pub mod registry;
 pub mod routing;
@@ -32,8 +33,8 @@ pub use task_routes::{AggregateTasks, CanRun};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use rand::RngCore;
 use axum::serve::ListenerExt;
+use rand::RngCore;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -81,7 +82,8 @@ pub struct HubState {
     pub auth: Auth,
     /// Device id derivation key.
     pub device_ids: DeviceIdKey,
-    /// Cancelled when the hub shuts down; every connection holds a child token.
+    /// Cancelled when the hub shuts down; the registry's sweeper then stops every
+    /// cocoon connection.
     pub shutdown: CancellationToken,
 }
 
@@ -117,7 +119,7 @@ impl HubHandle {
     /// until every handler is gone.
     pub async fn shutdown(self) {
         self.state.shutdown.cancel();
-        self.state.registry.cancel_all();
+        self.state.registry.stop_all();
         match self.task.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!("hub server ended with an error: {e:#}"),
@@ -164,6 +166,10 @@ pub async fn spawn(config: HubConfig) -> Result<HubHandle, HubError> {
         shutdown: CancellationToken::new(),
         catalog,
         config,
+    });
+    tokio::spawn({
+        let state = state.clone();
+        async move { state.registry.run_sweeper(&state.shutdown).await }
     });
     let app = api::router(state.clone());
     let shutdown = state.shutdown.clone();

@@ -2,36 +2,39 @@
 //! and when each last sent a heartbeat. RAM only (`DashMap`), rebuilt from heartbeats
 //! after a restart; it must never write to the catalog.
 //!
-//! A device that reconnects replaces its old entry; the old connection is cancelled and,
+//! A device that reconnects replaces its old entry; the old connection is stopped and,
 //! because removal compares connection ids, its late exit cannot evict the new one.
+//!
+//! One sweeper task ([`Registry::run_sweeper`]) watches every connection instead of a
+//! timer in each: it stops connections silent for [`SILENT_INTERVALS`] heartbeat
+//! intervals, forgets owner and capability lists nobody uses any more, and stops every
+//! connection when the hub shuts down.
+//!
+//! Devices share their owner and capability lists: most devices of a fleet have the
+//! same owners and serve the same capabilities, so each distinct list is kept once
+//! ([`Lists`]) and every entry holds an `Arc` to it.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::hash::Hash;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use adi_protocol::{
     CapabilityOffer, CapabilityQuery, DeviceId, LoadReport, ServiceHealth, ServiceInfo,
 };
 use dashmap::DashMap;
-use tokio::sync::mpsc;
-use tokio::time::Instant;
+use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::UserId;
-use crate::rpc::Command;
+pub use crate::link::{ConnHandle, Stop};
 
 /// Identifies one WebSocket connection, so a stale one can be told from its successor.
 pub type ConnId = u64;
 
-/// A cheap handle to a connection's actor.
-#[derive(Clone, Debug)]
-pub struct ConnHandle {
-    /// Requests for the device. Bounded: a full queue means the device is not keeping
-    /// up, and callers get `Busy` rather than growing the hub's memory.
-    pub outbound: mpsc::Sender<Command>,
-    /// Ends the connection's actor.
-    pub cancel: CancellationToken,
-}
+/// Heartbeat intervals of silence after which the hub drops a connection.
+pub const SILENT_INTERVALS: u32 = 3;
 
 /// One connected device.
 #[derive(Debug)]
@@ -42,32 +45,18 @@ pub struct LiveDevice {
     pub handle: ConnHandle,
     /// When the last heartbeat (or the registration) arrived.
     pub last_heartbeat: Instant,
-    /// When this connection registered.
-    pub connected_at: Instant,
     /// Service health from the latest heartbeat that carried any.
     pub health: Vec<ServiceHealth>,
     /// Load from the latest heartbeat that carried it (boxed: most of the registry's
     /// entries are idle devices, and the entry should stay small).
     pub load: Option<Box<LoadReport>>,
     /// Who may use the device, copied from the catalog at registration and on every
-    /// claim, so routing never reads the catalog.
+    /// claim, so routing never reads the catalog. Shared with devices of the same owners.
     pub owners: Arc<[UserId]>,
-    /// What the device serves now.
+    /// What the device serves now; shared with devices that serve the same.
     pub capabilities: Arc<[CapabilityOffer]>,
-    /// Its loopback services, so the proxy checks a request without the catalog.
-    pub services: Arc<[ServiceInfo]>,
-    /// Capability requests this hub has sent the device and not yet seen answered.
-    pub in_flight: Arc<AtomicU32>,
-}
-
-/// What routing needs of a device, fixed at registration and changed by messages.
-#[derive(Debug, Clone)]
-pub struct Routing {
-    /// Users who own the device.
-    pub owners: Arc<[UserId]>,
-    /// What it serves.
-    pub capabilities: Arc<[CapabilityOffer]>,
-    /// Its loopback services.
+    /// Its loopback services, so the proxy checks a request without the catalog;
+    /// shared with devices that declare the same.
     pub services: Arc<[ServiceInfo]>,
 }
 
@@ -87,12 +76,10 @@ pub struct Access {
 pub struct Candidate {
     /// The device.
     pub id: DeviceId,
-    /// Its connection.
+    /// Its connection, which also counts the capability requests in flight to it.
     pub handle: ConnHandle,
     /// Its offer that matches the query (the newest, if it has several).
     pub offer: CapabilityOffer,
-    /// Capability requests in flight to it.
-    pub in_flight: Arc<AtomicU32>,
     /// Its load share in [0, 1) from its last report ([`crate::routing::load_share`]).
     pub load_share: f64,
     /// Its owners.
@@ -108,14 +95,58 @@ pub struct Presence {
     pub last_heartbeat_age: Option<Duration>,
 }
 
+/// Distinct lists, each kept once and shared by every device that has it. A list no
+/// device holds any more is forgotten at the next [`prune`](Lists::prune).
+struct Lists<T> {
+    known: Mutex<HashSet<Arc<[T]>>>,
+}
+
+impl<T: Hash + Eq + Clone> Lists<T> {
+    fn new() -> Self {
+        Lists {
+            known: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// The shared copy of `items`.
+    fn get(&self, items: &[T]) -> Arc<[T]> {
+        let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(list) = known.get(items) {
+            return list.clone();
+        }
+        let list: Arc<[T]> = Arc::from(items);
+        known.insert(list.clone());
+        list
+    }
+
+    /// Forgets the lists only this set still holds.
+    fn prune(&self) {
+        let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
+        known.retain(|list| Arc::strong_count(list) > 1);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.known
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
 /// All live connections of this hub.
 pub struct Registry {
     devices: DashMap<DeviceId, LiveDevice>,
+    next_conn: AtomicU64,
+    heartbeat_interval: Duration,
+    /// Zero of [`now_ms`](Registry::now_ms).
+    epoch: Instant,
+    owner_lists: Lists<UserId>,
+    capability_lists: Lists<CapabilityOffer>,
+    service_lists: Lists<ServiceInfo>,
     /// Devices by the protocols they offer, so routing looks only at devices that can
     /// serve. A superset at worst: every id found here is checked against `devices`.
     by_protocol: DashMap<String, Vec<DeviceId>>,
-    next_conn: AtomicU64,
-    heartbeat_interval: Duration,
 }
 
 impl Registry {
@@ -123,10 +154,25 @@ impl Registry {
     pub fn new(heartbeat_interval: Duration) -> Self {
         Registry {
             devices: DashMap::new(),
-            by_protocol: DashMap::new(),
             next_conn: AtomicU64::new(1),
             heartbeat_interval,
+            epoch: Instant::now(),
+            owner_lists: Lists::new(),
+            capability_lists: Lists::new(),
+            service_lists: Lists::new(),
+            by_protocol: DashMap::new(),
         }
+    }
+
+    /// Milliseconds since this registry was made: the clock of
+    /// [`ConnHandle::heard`], which needs a number it can store atomically.
+    pub fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// How long a connection may stay silent before the hub drops it.
+    pub fn silence_limit(&self) -> Duration {
+        self.heartbeat_interval * SILENT_INTERVALS
     }
 
     /// A fresh connection id.
@@ -140,27 +186,30 @@ impl Registry {
         self.heartbeat_interval * 2
     }
 
-    /// Records a newly registered connection; cancels the one it replaces, if any.
-    pub fn insert(&self, id: DeviceId, conn_id: ConnId, handle: ConnHandle, routing: Routing) {
-        let now = Instant::now();
-        self.index(&id, &routing.capabilities);
-        let old = self.devices.insert(
-            id.clone(),
-            LiveDevice {
-                conn_id,
-                handle,
-                last_heartbeat: now,
-                connected_at: now,
-                health: Vec::new(),
-                load: None,
-                owners: routing.owners,
-                capabilities: routing.capabilities,
-                services: routing.services,
-                in_flight: Arc::new(AtomicU32::new(0)),
-            },
-        );
-        if let Some(old) = old {
-            old.handle.cancel.cancel();
+    /// Records a newly registered connection, owned by `owners` and serving
+    /// `capabilities`; stops the one it replaces, if any.
+    pub fn insert(
+        &self,
+        id: DeviceId,
+        conn_id: ConnId,
+        handle: ConnHandle,
+        owners: &[UserId],
+        capabilities: &[CapabilityOffer],
+        services: &[ServiceInfo],
+    ) {
+        let live = LiveDevice {
+            conn_id,
+            handle,
+            last_heartbeat: Instant::now(),
+            health: Vec::new(),
+            load: None,
+            owners: self.owner_lists.get(owners),
+            capabilities: self.capability_lists.get(capabilities),
+            services: self.service_lists.get(services),
+        };
+        self.index(&id, capabilities);
+        if let Some(old) = self.devices.insert(id.clone(), live) {
+            old.handle.stop(Stop::Replaced);
             self.unindex_gone(&id, &old.capabilities);
         }
     }
@@ -228,12 +277,13 @@ impl Registry {
         &self,
         id: &DeviceId,
         conn_id: ConnId,
-        capabilities: Arc<[CapabilityOffer]>,
+        capabilities: &[CapabilityOffer],
     ) -> bool {
-        self.index(id, &capabilities);
+        let list = self.capability_lists.get(capabilities);
+        self.index(id, capabilities);
         let old = match self.devices.get_mut(id) {
             Some(mut live) if live.conn_id == conn_id => {
-                std::mem::replace(&mut live.capabilities, capabilities)
+                std::mem::replace(&mut live.capabilities, list)
             }
             _ => return false,
         };
@@ -242,10 +292,11 @@ impl Registry {
     }
 
     /// Replaces the device's services, if `conn_id` is still its connection.
-    pub fn set_services(&self, id: &DeviceId, conn_id: ConnId, services: Arc<[ServiceInfo]>) {
+    pub fn set_services(&self, id: &DeviceId, conn_id: ConnId, services: &[ServiceInfo]) {
+        let list = self.service_lists.get(services);
         if let Some(mut live) = self.devices.get_mut(id) {
             if live.conn_id == conn_id {
-                live.services = services;
+                live.services = list;
             }
         }
     }
@@ -266,7 +317,7 @@ impl Registry {
             if !live.owners.contains(&user) {
                 let mut owners = live.owners.to_vec();
                 owners.push(user);
-                live.owners = owners.into();
+                live.owners = self.owner_lists.get(&owners);
             }
         }
     }
@@ -278,9 +329,7 @@ impl Registry {
 
     /// Capability requests in flight to a connected device.
     pub fn in_flight(&self, id: &DeviceId) -> Option<u32> {
-        self.devices
-            .get(id)
-            .map(|live| live.in_flight.load(Ordering::Relaxed))
+        self.devices.get(id).map(|live| live.handle.in_flight())
     }
 
     /// What a connected device serves now.
@@ -331,7 +380,6 @@ impl Registry {
             id: id.clone(),
             handle: e.handle.clone(),
             offer,
-            in_flight: e.in_flight.clone(),
             load_share: crate::routing::load_share(e.load.as_deref()),
             owners: e.owners.clone(),
         })
@@ -398,10 +446,54 @@ impl Registry {
         self.devices.is_empty()
     }
 
-    /// Cancels every connection, for shutdown.
-    pub fn cancel_all(&self) {
+    /// Stops every connection, for shutdown.
+    pub fn stop_all(&self) {
         for live in self.devices.iter() {
-            live.handle.cancel.cancel();
+            live.handle.stop(Stop::Shutdown);
+        }
+    }
+
+    /// Stops every connection silent for longer than [`silence_limit`]
+    /// (Registry::silence_limit) and forgets the lists no device holds; returns how
+    /// many connections it stopped.
+    pub fn sweep(&self) -> usize {
+        let now = self.now_ms();
+        let limit = u64::try_from(self.silence_limit().as_millis()).unwrap_or(u64::MAX);
+        let mut stopped = 0;
+        for live in self.devices.iter() {
+            if now.saturating_sub(live.handle.last_heard_ms()) > limit
+                && live.handle.stopped().is_none()
+            {
+                live.handle.stop(Stop::Silent);
+                stopped += 1;
+            }
+        }
+        self.owner_lists.prune();
+        self.capability_lists.prune();
+        self.service_lists.prune();
+        stopped
+    }
+
+    /// Sweeps every half heartbeat interval, so a silent connection is dropped between
+    /// [`SILENT_INTERVALS`] and that plus a half interval after the device last spoke;
+    /// when `shutdown` is cancelled, stops every connection and returns.
+    pub async fn run_sweeper(&self, shutdown: &CancellationToken) {
+        let mut tick = tokio::time::interval(self.heartbeat_interval / 2);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    self.stop_all();
+                    return;
+                }
+                _ = tick.tick() => {
+                    let stopped = self.sweep();
+                    if stopped > 0 {
+                        tracing::info!(stopped, "dropping connections silent for {SILENT_INTERVALS} heartbeat intervals");
+                    }
+                }
+            }
         }
     }
 }
@@ -419,40 +511,29 @@ fn best_offer(offers: &[CapabilityOffer], query: &CapabilityQuery) -> Option<Cap
 mod tests {
     use super::*;
 
-    fn handle() -> (ConnHandle, mpsc::Receiver<Command>) {
-        let (tx, rx) = mpsc::channel(1);
-        (
-            ConnHandle {
-                outbound: tx,
-                cancel: CancellationToken::new(),
-            },
-            rx,
-        )
+    fn handle(reg: &Registry) -> ConnHandle {
+        ConnHandle::new(reg.now_ms())
     }
 
     fn id(b: u8) -> DeviceId {
         DeviceId::from_mac(&[b; 16])
     }
 
-    fn routing() -> Routing {
-        Routing {
-            owners: Arc::from(vec![]),
-            capabilities: Arc::from(vec![]),
-            services: Arc::from(vec![]),
-        }
+    fn user(b: u8) -> UserId {
+        UserId(uuid::Uuid::from_bytes([b; 16]))
     }
 
     #[test]
-    fn replacement_cancels_the_old_connection_and_its_late_removal_is_ignored() {
+    fn replacement_stops_the_old_connection_and_its_late_removal_is_ignored() {
         let reg = Registry::new(Duration::from_secs(5));
-        let (h1, _r1) = handle();
-        let (h2, _r2) = handle();
+        let h1 = handle(&reg);
+        let h2 = handle(&reg);
         let c1 = reg.next_conn_id();
         let c2 = reg.next_conn_id();
-        reg.insert(id(1), c1, h1.clone(), routing());
-        reg.insert(id(1), c2, h2.clone(), routing());
-        assert!(h1.cancel.is_cancelled());
-        assert!(!h2.cancel.is_cancelled());
+        reg.insert(id(1), c1, h1.clone(), &[], &[], &[]);
+        reg.insert(id(1), c2, h2.clone(), &[], &[], &[]);
+        assert_eq!(h1.stopped(), Some(Stop::Replaced));
+        assert_eq!(h2.stopped(), None);
         assert!(!reg.remove(&id(1), c1), "stale connection must not evict");
         assert!(reg.presence(&id(1)).online);
         assert!(
@@ -464,72 +545,11 @@ mod tests {
         assert!(!reg.presence(&id(1)).online);
     }
 
-    fn offering(protocols: &[&str]) -> Routing {
-        Routing {
-            owners: Arc::from(vec![]),
-            services: Arc::from(vec![]),
-            capabilities: protocols
-                .iter()
-                .map(|p| CapabilityOffer::new(p, "1.0.0").expect("offer"))
-                .collect::<Vec<_>>()
-                .into(),
-        }
-    }
-
-    fn found(reg: &Registry, protocol: &str) -> Vec<DeviceId> {
-        let q = CapabilityQuery::new(protocol, None).expect("query");
-        reg.candidates(&q, |_| true)
-            .into_iter()
-            .map(|c| c.id)
-            .collect()
-    }
-
-    #[test]
-    fn routing_sees_exactly_the_live_offers() {
-        let reg = Registry::new(Duration::from_secs(5));
-        let (h1, _r1) = handle();
-        let (h2, _r2) = handle();
-        let (c1, c2) = (reg.next_conn_id(), reg.next_conn_id());
-        reg.insert(id(1), c1, h1, offering(&["embeddings", "llm.chat"]));
-        reg.insert(
-            id(2),
-            reg.next_conn_id(),
-            handle().0,
-            offering(&["embeddings"]),
-        );
-        let mut both = found(&reg, "embeddings");
-        both.sort();
-        assert_eq!(both, vec![id(1), id(2)]);
-        assert_eq!(found(&reg, "llm.chat"), vec![id(1)]);
-        assert!(found(&reg, "tasks").is_empty());
-
-        // The device reconnects offering less; the old connection's late removal must
-        // not take the new one out of the index.
-        reg.insert(id(1), c2, h2, offering(&["embeddings"]));
-        assert!(found(&reg, "llm.chat").is_empty());
-        assert!(!reg.remove(&id(1), c1));
-        assert!(found(&reg, "embeddings").contains(&id(1)));
-
-        // Offers change while connected.
-        assert!(reg.set_capabilities(&id(1), c2, offering(&["llm.chat"]).capabilities));
-        assert_eq!(found(&reg, "llm.chat"), vec![id(1)]);
-        assert_eq!(found(&reg, "embeddings"), vec![id(2)]);
-        assert!(
-            !reg.set_capabilities(&id(1), c1, offering(&[]).capabilities),
-            "stale conn"
-        );
-
-        assert!(reg.remove(&id(1), c2));
-        assert!(found(&reg, "llm.chat").is_empty());
-        assert_eq!(found(&reg, "embeddings"), vec![id(2)]);
-    }
-
     #[tokio::test(start_paused = true)]
     async fn presence_follows_heartbeat_age() {
         let reg = Registry::new(Duration::from_secs(5));
-        let (h, _r) = handle();
         let c = reg.next_conn_id();
-        reg.insert(id(2), c, h, routing());
+        reg.insert(id(2), c, handle(&reg), &[], &[], &[]);
         assert!(reg.presence(&id(2)).online);
         tokio::time::advance(Duration::from_secs(9)).await;
         assert!(
@@ -542,5 +562,152 @@ mod tests {
         assert!(p.last_heartbeat_age.expect("connected") >= Duration::from_secs(11));
         assert!(reg.heartbeat(&id(2), c, vec![], None));
         assert!(reg.presence(&id(2)).online);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_sweeper_stops_silent_connections_within_three_and_a_half_intervals() {
+        let reg = Arc::new(Registry::new(Duration::from_secs(2)));
+        let silent = handle(&reg);
+        let talking = handle(&reg);
+        reg.insert(id(3), reg.next_conn_id(), silent.clone(), &[], &[], &[]);
+        reg.insert(id(4), reg.next_conn_id(), talking.clone(), &[], &[], &[]);
+        let shutdown = CancellationToken::new();
+        let sweeper = tokio::spawn({
+            let reg = reg.clone();
+            let shutdown = shutdown.clone();
+            async move { reg.run_sweeper(&shutdown).await }
+        });
+        // Step through 3.5 intervals (7 s) in 100 ms steps; the talking device is
+        // heard from every second.
+        let mut stopped_at = None;
+        for step in 1..=70u64 {
+            tokio::time::advance(Duration::from_millis(100)).await;
+            tokio::task::yield_now().await;
+            if step % 10 == 0 {
+                talking.heard(reg.now_ms());
+            }
+            if stopped_at.is_none() && silent.stopped().is_some() {
+                stopped_at = Some(step * 100);
+            }
+        }
+        let at = stopped_at.expect("the silent connection was stopped");
+        assert!((6_000..=7_000).contains(&at), "stopped after {at} ms");
+        assert_eq!(silent.stopped(), Some(Stop::Silent));
+        assert_eq!(talking.stopped(), None, "a connection that talks stays");
+        shutdown.cancel();
+        sweeper.await.expect("sweeper");
+        assert_eq!(
+            talking.stopped(),
+            Some(Stop::Shutdown),
+            "shutdown stops every connection"
+        );
+    }
+
+    fn offers(protocols: &[&str]) -> Vec<CapabilityOffer> {
+        protocols
+            .iter()
+            .map(|p| CapabilityOffer::new(p, "1.0.0").expect("offer"))
+            .collect()
+    }
+
+    fn found(reg: &Registry, protocol: &str) -> Vec<DeviceId> {
+        let q = CapabilityQuery::new(protocol, None).expect("query");
+        let mut ids: Vec<DeviceId> = reg
+            .candidates(&q, |_| true)
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    #[test]
+    fn routing_sees_exactly_the_live_offers() {
+        let reg = Registry::new(Duration::from_secs(5));
+        let (c1, c2) = (reg.next_conn_id(), reg.next_conn_id());
+        reg.insert(
+            id(1),
+            c1,
+            handle(&reg),
+            &[],
+            &offers(&["embeddings", "llm.chat"]),
+            &[],
+        );
+        reg.insert(
+            id(2),
+            reg.next_conn_id(),
+            handle(&reg),
+            &[],
+            &offers(&["embeddings"]),
+            &[],
+        );
+        assert_eq!(found(&reg, "embeddings"), vec![id(1), id(2)]);
+        assert_eq!(found(&reg, "llm.chat"), vec![id(1)]);
+        assert!(found(&reg, "tasks").is_empty());
+
+        // The device reconnects offering less; the old connection's late removal must
+        // not take the new one out of the index.
+        reg.insert(id(1), c2, handle(&reg), &[], &offers(&["embeddings"]), &[]);
+        assert!(found(&reg, "llm.chat").is_empty());
+        assert!(!reg.remove(&id(1), c1));
+        assert_eq!(found(&reg, "embeddings"), vec![id(1), id(2)]);
+
+        // Offers change while connected; a stale connection cannot change them.
+        assert!(reg.set_capabilities(&id(1), c2, &offers(&["llm.chat"])));
+        assert_eq!(found(&reg, "llm.chat"), vec![id(1)]);
+        assert_eq!(found(&reg, "embeddings"), vec![id(2)]);
+        assert!(!reg.set_capabilities(&id(1), c1, &[]));
+
+        assert!(reg.remove(&id(1), c2));
+        assert!(found(&reg, "llm.chat").is_empty());
+        assert_eq!(found(&reg, "embeddings"), vec![id(2)]);
+    }
+
+    #[test]
+    fn devices_share_equal_lists_and_unused_ones_are_forgotten() {
+        let reg = Registry::new(Duration::from_secs(5));
+        let tasks: CapabilityOffer = "tasks:1.0.0".parse().expect("offer");
+        for b in 0..3 {
+            let c = reg.next_conn_id();
+            reg.insert(
+                id(b),
+                c,
+                handle(&reg),
+                &[user(1)],
+                std::slice::from_ref(&tasks),
+                &[],
+            );
+        }
+        assert!(
+            Arc::ptr_eq(
+                &reg.owners(&id(0)).expect("online"),
+                &reg.owners(&id(2)).expect("online")
+            ),
+            "one owner list for all three"
+        );
+        assert!(
+            Arc::ptr_eq(
+                &reg.capabilities(&id(0)).expect("online"),
+                &reg.capabilities(&id(1)).expect("online")
+            ),
+            "one capability list for all three"
+        );
+
+        reg.add_owner(&id(0), user(2));
+        assert_eq!(&*reg.owners(&id(0)).expect("online"), &[user(1), user(2)]);
+        assert_eq!(&*reg.owners(&id(1)).expect("online"), &[user(1)]);
+        assert!(reg.set_capabilities(&id(1), reg_conn(&reg, &id(1)), &[]));
+        assert!(reg.capabilities(&id(1)).expect("online").is_empty());
+
+        for b in 0..3 {
+            assert!(reg.remove(&id(b), reg_conn(&reg, &id(b))));
+        }
+        reg.sweep();
+        assert_eq!(reg.owner_lists.len(), 0);
+        assert_eq!(reg.capability_lists.len(), 0);
+    }
+
+    fn reg_conn(reg: &Registry, device: &DeviceId) -> ConnId {
+        reg.devices.get(device).expect("online").conn_id
     }
 }

@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use tracing::{debug, debug_span, Instrument};
 
 use crate::catalog::UserId;
-use crate::registry::Candidate;
+use crate::registry::{Candidate, ConnHandle};
 use crate::rpc::{self, RpcError};
 use crate::HubState;
 
@@ -127,7 +127,7 @@ pub fn load_share(load: Option<&LoadReport>) -> f64 {
 
 /// A candidate's score: lower is better.
 pub fn score(c: &Candidate) -> f64 {
-    f64::from(c.in_flight.load(Ordering::Relaxed)) + c.load_share
+    f64::from(c.handle.in_flight()) + c.load_share
 }
 
 /// Orders candidates best first; the devices tied for best take turns at the front.
@@ -182,18 +182,18 @@ pub fn choose(
 }
 
 /// Counts a request as in flight to a device for as long as it lives.
-struct InFlight(Arc<std::sync::atomic::AtomicU32>);
+struct InFlight(ConnHandle);
 
 impl InFlight {
     fn new(c: &Candidate) -> Self {
-        c.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(c.in_flight.clone())
+        c.handle.in_flight_counter().fetch_add(1, Ordering::Relaxed);
+        InFlight(c.handle.clone())
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.in_flight_counter().fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -295,23 +295,19 @@ pub async fn request(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::ConnHandle;
     use adi_protocol::{CapabilityOffer, GpuReport};
-    use std::sync::atomic::AtomicU32;
-    use tokio_util::sync::CancellationToken;
 
     fn candidate(b: u8, in_flight: u32, load: Option<LoadReport>) -> Candidate {
-        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        let handle = ConnHandle::new(0);
+        handle
+            .in_flight_counter()
+            .store(in_flight, Ordering::Relaxed);
         Candidate {
             id: DeviceId::from_mac(&[b; 16]),
-            handle: ConnHandle {
-                outbound: tx,
-                cancel: CancellationToken::new(),
-            },
+            handle,
             offer: "embeddings:1.0.0"
                 .parse::<CapabilityOffer>()
                 .expect("offer"),
-            in_flight: Arc::new(AtomicU32::new(in_flight)),
             load_share: load_share(load.as_ref()),
             owners: Arc::from(vec![]),
         }

@@ -9,11 +9,11 @@ use adi_protocol::{DeviceId, DeviceReply, DeviceRequest, ErrorCode, ProxyRequest
 use adi_tunnel::{BodyReceiver, BodySender};
 use tokio::sync::oneshot;
 
-use crate::registry::ConnHandle;
+use crate::link::{AskSlot, ConnHandle, Refused};
 use crate::HubState;
 
-/// What callers hand to a connection actor. Boxed, so the queue every connection
-/// allocates up front stays small: most devices are idle most of the time.
+/// What callers hand to a connection actor. Boxed, so a queued command takes two
+/// words: most devices are idle most of the time, and a busy one queues a few dozen.
 #[derive(Debug)]
 pub enum Command {
     /// Ask the device something and wait for one answer.
@@ -21,7 +21,16 @@ pub enum Command {
     /// Open a proxied HTTP exchange with a body stream each way.
     Proxy(Box<ProxyCall>),
     /// Send this message as it is: the answer to something the device asked.
-    Send(Box<adi_protocol::HubToDevice>),
+    Send(Box<Answer>),
+}
+
+/// A message for the device that answers something it asked.
+#[derive(Debug)]
+pub struct Answer {
+    /// The message, sent as it is.
+    pub msg: adi_protocol::HubToDevice,
+    /// The device's request slot, freed once the answer is written.
+    pub slot: Option<AskSlot>,
 }
 
 /// An HTTP request for one of the device's services.
@@ -127,19 +136,9 @@ pub async fn call(
         deadline,
         reply: tx,
     };
-    let started = tokio::time::Instant::now();
-    // A full queue is a burst, not a failure: wait for room within the deadline.
-    match tokio::time::timeout(
-        deadline,
-        handle.outbound.send(Command::Request(Box::new(call))),
-    )
-    .await
-    {
-        Err(_) => return Err(RpcError::Timeout(deadline)),
-        Ok(Err(_)) => return Err(RpcError::Offline),
-        Ok(Ok(())) => {}
-    }
-    let deadline = deadline.saturating_sub(started.elapsed());
+    handle
+        .try_send(Command::Request(Box::new(call)))
+        .map_err(refused)?;
     match tokio::time::timeout(deadline, rx).await {
         Err(_) => Err(RpcError::Timeout(deadline)),
         Ok(Err(_)) => Err(RpcError::Disconnected),
@@ -155,19 +154,16 @@ pub async fn open_proxy(
 ) -> Result<ProxyOpened, RpcError> {
     let handle = state.registry.handle(device).ok_or(RpcError::Offline)?;
     let (tx, rx) = oneshot::channel();
-    let deadline = std::time::Duration::from_millis(request.deadline_ms);
-    // A burst waits for room in the device's queue, within the request's deadline.
-    match tokio::time::timeout(
-        deadline,
-        handle
-            .outbound
-            .send(Command::Proxy(Box::new(ProxyCall { request, reply: tx }))),
-    )
-    .await
-    {
-        Err(_) => return Err(RpcError::Timeout(deadline)),
-        Ok(Err(_)) => return Err(RpcError::Offline),
-        Ok(Ok(())) => {}
-    }
+    handle
+        .try_send(Command::Proxy(Box::new(ProxyCall { request, reply: tx })))
+        .map_err(refused)?;
     rx.await.map_err(|_| RpcError::Disconnected)
+}
+
+/// A full queue means the device is not keeping up; a closed one that it is gone.
+fn refused(e: Refused) -> RpcError {
+    match e {
+        Refused::Full => RpcError::Busy,
+        Refused::Closed => RpcError::Offline,
+    }
 }
