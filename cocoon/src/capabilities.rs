@@ -10,6 +10,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
+use adi_protocol::capability::best_offer;
 use adi_protocol::tasks::NewTask;
 use adi_protocol::{CapabilityQuery, DeviceId, ErrorCode, RemoteError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -33,13 +34,6 @@ pub(crate) struct CapabilityServer {
     max_answer: usize,
 }
 
-fn err(code: ErrorCode, message: impl Into<String>) -> RemoteError {
-    RemoteError {
-        code,
-        message: message.into(),
-    }
-}
-
 impl CapabilityServer {
     pub(crate) fn new(
         set: watch::Receiver<Arc<CapabilitySet>>,
@@ -58,13 +52,9 @@ impl CapabilityServer {
 
     /// The newest offer that serves `query`, if this device has one now.
     fn find(&self, query: &CapabilityQuery) -> Option<Served> {
-        self.set
-            .borrow()
-            .served
-            .iter()
-            .filter(|s| s.offer.serves(query))
-            .max_by(|a, b| a.offer.version.cmp(&b.offer.version))
-            .cloned()
+        let set = self.set.borrow();
+        let best = best_offer(set.served.iter().map(|s| &s.offer), query)?;
+        set.served.iter().find(|s| &s.offer == best).cloned()
     }
 
     /// Serves one request; the answer is the plugin's JSON as it gave it.
@@ -76,7 +66,7 @@ impl CapabilityServer {
         deadline: Duration,
     ) -> Result<serde_json::Value, RemoteError> {
         let served = self.find(query).ok_or_else(|| {
-            err(
+            RemoteError::new(
                 ErrorCode::NoCapableDevice,
                 format!("this device does not offer {query}"),
             )
@@ -91,7 +81,7 @@ impl CapabilityServer {
         })
         .await
         .map_err(|_| {
-            err(
+            RemoteError::new(
                 ErrorCode::Timeout,
                 format!("{} did not answer within {deadline:?}", served.offer),
             )
@@ -109,19 +99,19 @@ impl CapabilityServer {
             // A task sent to "whichever device serves tasks": created and run here.
             "tasks" => {
                 let task: NewTask = serde_json::from_value(payload).map_err(|e| {
-                    err(
+                    RemoteError::new(
                         ErrorCode::BadRequest,
                         format!("a tasks request is a new task ({{\"title\", \"command\"?, ...}}): {e}"),
                     )
                 })?;
                 let mut created = self.runner.submit(task).await.map_err(|e| {
-                    err(ErrorCode::BadRequest, format!("the task was refused: {e}"))
+                    RemoteError::new(ErrorCode::BadRequest, format!("the task was refused: {e}"))
                 })?;
                 created.device_id = Some(device.clone());
                 serde_json::to_value(created)
-                    .map_err(|e| err(ErrorCode::Internal, format!("encoding the task: {e}")))
+                    .map_err(|e| RemoteError::new(ErrorCode::Internal, format!("encoding the task: {e}")))
             }
-            other => Err(err(
+            other => Err(RemoteError::new(
                 ErrorCode::BadRequest,
                 format!("{other} is served through its own routes (/proxy/DEVICE/SERVICE/...), not as a request"),
             )),
@@ -140,7 +130,7 @@ impl CapabilityServer {
             .send()
             .await
             .map_err(|e| {
-                err(
+                RemoteError::new(
                     ErrorCode::UpstreamError,
                     format!("the plugin at {url} is not answering: {}", reason(&e)),
                 )
@@ -150,7 +140,7 @@ impl CapabilityServer {
         if !status.is_success() {
             let text = String::from_utf8_lossy(&body);
             let text: String = text.chars().take(300).collect();
-            return Err(err(
+            return Err(RemoteError::new(
                 ErrorCode::UpstreamError,
                 format!(
                     "the plugin at {url} answered HTTP {}: {}",
@@ -160,7 +150,7 @@ impl CapabilityServer {
             ));
         }
         serde_json::from_slice(&body).map_err(|e| {
-            err(
+            RemoteError::new(
                 ErrorCode::UpstreamError,
                 format!("the plugin at {url} answered with something that is not JSON: {e}"),
             )
@@ -177,7 +167,7 @@ impl CapabilityServer {
             .commands
             .acquire()
             .await
-            .map_err(|_| err(ErrorCode::Internal, "the cocoon is stopping"))?;
+            .map_err(|_| RemoteError::new(ErrorCode::Internal, "the cocoon is stopping"))?;
         let program = &argv[0];
         let mut child = tokio::process::Command::new(program)
             .args(&argv[1..])
@@ -188,7 +178,7 @@ impl CapabilityServer {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| {
-                err(
+                RemoteError::new(
                     ErrorCode::UpstreamError,
                     format!("the plugin command {program:?} could not start: {e}"),
                 )
@@ -221,13 +211,13 @@ impl CapabilityServer {
         };
         let ((), out, errs) = tokio::join!(write, read_out, read_err);
         if out.len() > max {
-            return Err(err(
+            return Err(RemoteError::new(
                 ErrorCode::PayloadTooLarge,
                 format!("the plugin command {program:?} answered more than {max} bytes"),
             ));
         }
         let status = child.wait().await.map_err(|e| {
-            err(
+            RemoteError::new(
                 ErrorCode::UpstreamError,
                 format!("waiting for the plugin command {program:?}: {e}"),
             )
@@ -242,7 +232,7 @@ impl CapabilityServer {
                 .into_iter()
                 .rev()
                 .collect();
-            return Err(err(
+            return Err(RemoteError::new(
                 ErrorCode::UpstreamError,
                 format!(
                     "the plugin command {program:?} failed ({status}): {}",
@@ -251,7 +241,7 @@ impl CapabilityServer {
             ));
         }
         serde_json::from_slice(&out).map_err(|e| {
-            err(
+            RemoteError::new(
                 ErrorCode::UpstreamError,
                 format!("the plugin command {program:?} printed something that is not JSON: {e}"),
             )
@@ -266,7 +256,7 @@ async fn read_limited(mut resp: reqwest::Response, max: usize) -> Result<Vec<u8>
         match resp.chunk().await {
             Ok(Some(chunk)) => {
                 if body.len() + chunk.len() > max {
-                    return Err(err(
+                    return Err(RemoteError::new(
                         ErrorCode::PayloadTooLarge,
                         format!("the plugin answered more than {max} bytes"),
                     ));
@@ -275,7 +265,7 @@ async fn read_limited(mut resp: reqwest::Response, max: usize) -> Result<Vec<u8>
             }
             Ok(None) => return Ok(body),
             Err(e) => {
-                return Err(err(
+                return Err(RemoteError::new(
                     ErrorCode::UpstreamError,
                     format!("reading the plugin's answer: {}", reason(&e)),
                 ))

@@ -221,13 +221,6 @@ pub struct CapabilityClient {
     state: watch::Receiver<ConnState>,
 }
 
-fn remote(code: ErrorCode, message: impl Into<String>) -> RemoteError {
-    RemoteError {
-        code,
-        message: message.into(),
-    }
-}
-
 impl CapabilityClient {
     /// Sends one request and waits, at most `deadline`, for its one answer.
     pub async fn request(
@@ -238,7 +231,7 @@ impl CapabilityClient {
         deadline: Duration,
     ) -> Result<CapabilityAnswer, RemoteError> {
         if !matches!(*self.state.borrow(), ConnState::Online { .. }) {
-            return Err(remote(
+            return Err(RemoteError::new(
                 ErrorCode::DeviceOffline,
                 "this device is not connected to its hub right now",
             ));
@@ -252,21 +245,21 @@ impl CapabilityClient {
             reply: tx,
         };
         self.calls.try_send(call).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => remote(
+            mpsc::error::TrySendError::Full(_) => RemoteError::new(
                 ErrorCode::UpstreamError,
                 format!("more than {CALL_QUEUE} requests are waiting to go to the hub"),
             ),
             mpsc::error::TrySendError::Closed(_) => {
-                remote(ErrorCode::DeviceOffline, "the cocoon has stopped")
+                RemoteError::new(ErrorCode::DeviceOffline, "the cocoon has stopped")
             }
         })?;
         // The hub answers by the deadline; the margin covers the trip back.
         match tokio::time::timeout(deadline + Duration::from_secs(2), rx).await {
-            Err(_) => Err(remote(
+            Err(_) => Err(RemoteError::new(
                 ErrorCode::Timeout,
                 format!("no answer within {deadline:?}"),
             )),
-            Ok(Err(_)) => Err(remote(
+            Ok(Err(_)) => Err(RemoteError::new(
                 ErrorCode::DeviceOffline,
                 "the connection to the hub was lost before the answer came",
             )),

@@ -197,10 +197,7 @@ impl IntoResponse for ApiError {
 }
 
 fn error(code: ErrorCode, message: impl Into<String>) -> ApiError {
-    ApiError(RemoteError {
-        code,
-        message: message.into(),
-    })
+    ApiError(RemoteError::new(code, message))
 }
 
 fn authorize(shared: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {

@@ -1362,24 +1362,28 @@ mod tests {
         gpu_runner.shutdown().await;
     }
 
-    #[tokio::test]
-    async fn restart_kills_what_interrupted_tasks_left_running_and_nothing_else() {
-        let f = fixture().await;
-        let interrupted = f
-            .store
-            .create(shell("was running", "sleep 600"))
+    /// A task as a crashed cocoon leaves it: stored as running, with no process of ours.
+    async fn left_running(store: &dyn TaskStore, command: &str) -> Task {
+        let task = store
+            .create(shell("was running", command))
             .await
             .expect("create");
-        f.store
+        store
             .update(
-                interrupted.id,
+                task.id,
                 TaskUpdate {
                     status: Some(TaskStatus::Running),
                     ..TaskUpdate::default()
                 },
             )
             .await
-            .expect("set running");
+            .expect("set running")
+    }
+
+    #[tokio::test]
+    async fn restart_kills_what_interrupted_tasks_left_running_and_nothing_else() {
+        let f = fixture().await;
+        let interrupted = left_running(&*f.store, "sleep 600").await;
         // What a crashed cocoon leaves: its task's command, still running, and an
         // unrelated process that happens to carry another task's id.
         let spawn = |task: String| {
@@ -1442,21 +1446,7 @@ mod tests {
     #[tokio::test]
     async fn restart_fails_interrupted_and_runs_left_pending() {
         let f = fixture().await;
-        let interrupted = f
-            .store
-            .create(shell("was running", "sleep 30"))
-            .await
-            .expect("create");
-        f.store
-            .update(
-                interrupted.id,
-                TaskUpdate {
-                    status: Some(TaskStatus::Running),
-                    ..TaskUpdate::default()
-                },
-            )
-            .await
-            .expect("set running");
+        let interrupted = left_running(&*f.store, "sleep 30").await;
         let left_pending = f
             .store
             .create(shell("never started", "echo resumed"))

@@ -93,6 +93,18 @@ impl CapabilityOffer {
     }
 }
 
+/// The newest of `offers` that serves `query`: what a device answers with, and what
+/// the hub shows and routes by.
+pub fn best_offer<'a>(
+    offers: impl IntoIterator<Item = &'a CapabilityOffer>,
+    query: &CapabilityQuery,
+) -> Option<&'a CapabilityOffer> {
+    offers
+        .into_iter()
+        .filter(|o| o.serves(query))
+        .max_by(|a, b| a.version.cmp(&b.version))
+}
+
 /// Whether a device offering `offered` may serve a request for `wanted`: same major,
 /// and at least the requested version.
 pub fn compatible(offered: &semver::Version, wanted: &semver::Version) -> bool {
@@ -290,6 +302,18 @@ mod tests {
         assert!(!o.serves(&q("embeddings:2.0.0")), "other major");
         assert!(!o.serves(&q("embeddings:0.9.0")), "other major");
         assert!(!o.serves(&q("llm.chat:1.0.0")), "other protocol");
+    }
+
+    #[test]
+    fn the_newest_serving_offer_is_chosen() {
+        let offers = [
+            offer("embeddings:1.2.0"),
+            offer("embeddings:1.4.0"),
+            offer("embeddings:2.0.0"),
+        ];
+        assert_eq!(best_offer(&offers, &q("embeddings:1.1")), Some(&offers[1]));
+        assert_eq!(best_offer(&offers, &q("embeddings")), Some(&offers[2]));
+        assert_eq!(best_offer(&offers, &q("embeddings:3")), None);
     }
 
     #[test]

@@ -135,6 +135,19 @@ pub struct GpuModel {
     pub memory_total_bytes: u64,
 }
 
+impl Hardware {
+    /// Whether `load` reports exactly this hardware; allocates nothing, since every
+    /// heartbeat asks.
+    pub fn describes(&self, load: &LoadReport) -> bool {
+        self.cpu_count == load.cpu_count
+            && self.ram_total_bytes == load.ram_total_bytes
+            && self.gpus.len() == load.gpus.len()
+            && self.gpus.iter().zip(&load.gpus).all(|(m, g)| {
+                m.name == g.name && m.uuid == g.uuid && m.memory_total_bytes == g.memory_total_bytes
+            })
+    }
+}
+
 impl From<&LoadReport> for Hardware {
     fn from(load: &LoadReport) -> Self {
         Hardware {
@@ -298,6 +311,16 @@ pub struct RemoteError {
     pub message: String,
 }
 
+impl RemoteError {
+    /// An error with its code and words.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        RemoteError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
 /// What the hub asks of a device. Each names one operation on the device's own data.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -459,4 +482,49 @@ pub enum HubToDevice {
         /// Human-readable detail; never contains secrets.
         message: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hardware_describes_only_the_same_machine() {
+        let load = LoadReport {
+            cpu_count: 16,
+            cpu_percent: 40.0,
+            ram_total_bytes: 64 << 30,
+            ram_used_bytes: 10 << 30,
+            gpus: vec![GpuReport {
+                name: "NVIDIA H200".into(),
+                uuid: "GPU-1".into(),
+                memory_total_bytes: 141 << 30,
+                memory_used_bytes: 3 << 30,
+                utilization_percent: 70,
+                ..Default::default()
+            }],
+        };
+        let hw = Hardware::from(&load);
+        assert!(hw.describes(&load));
+        // Load figures move every heartbeat; the hardware does not.
+        let busier = LoadReport {
+            cpu_percent: 99.0,
+            ram_used_bytes: 60 << 30,
+            ..load.clone()
+        };
+        assert!(hw.describes(&busier));
+        let mut swapped = load.clone();
+        swapped.gpus[0].uuid = "GPU-2".into();
+        assert!(!hw.describes(&swapped));
+        let no_gpu = LoadReport {
+            gpus: vec![],
+            ..load.clone()
+        };
+        assert!(!hw.describes(&no_gpu));
+        let more_ram = LoadReport {
+            ram_total_bytes: 128 << 30,
+            ..load
+        };
+        assert!(!hw.describes(&more_ram));
+    }
 }

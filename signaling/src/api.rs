@@ -381,7 +381,7 @@ pub struct CocoonView {
     pub last_heartbeat_age_secs: Option<f64>,
     /// Declared services, with their live health.
     pub services: Vec<ServiceView>,
-    /// What the device serves: live while it is online, as last declared otherwise.
+    /// What the device serves, as last declared (the catalog is written on every change).
     pub capabilities: Vec<CapabilityOffer>,
     /// Where it is, in its owner's words.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -481,10 +481,7 @@ pub(crate) fn view(state: &HubState, d: DeviceRecord) -> CocoonView {
         } else {
             None
         },
-        capabilities: match state.registry.capabilities(&d.id) {
-            Some(live) if presence.online => live.to_vec(),
-            _ => d.capabilities,
-        },
+        capabilities: d.capabilities,
         in_flight: state.registry.in_flight(&d.id).unwrap_or(0),
         id: d.id,
         name: d.name,

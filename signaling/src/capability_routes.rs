@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use adi_protocol::capability::RequestBody;
+use adi_protocol::capability::{best_offer, RequestBody};
 use adi_protocol::{CapabilityAnswer, CapabilityOffer, CapabilityQuery, ErrorCode};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::routing::{get, post};
@@ -35,11 +35,9 @@ pub(crate) fn routes() -> Router<Arc<HubState>> {
 
 impl From<RouteError> for ApiError {
     fn from(e: RouteError) -> Self {
-        match &e {
-            // Same answer as for a device that does not exist.
-            RouteError::Forbidden(_) => ApiError::new(ErrorCode::NotFound, "no such device"),
-            other => ApiError::new(other.code(), other.to_string()),
-        }
+        // Routing treats a user's preferred device of another owner as unknown, so no
+        // answer here names a device the caller does not own.
+        ApiError::new(e.code(), e.to_string())
     }
 }
 
@@ -60,15 +58,6 @@ async fn request_capability(
     let prefer = body
         .prefer()
         .map_err(|_| ApiError::new(ErrorCode::BadRequest, "prefer_device is not a device id"))?;
-    let size = serde_json::to_vec(&body.payload).map_or(usize::MAX, |v| v.len());
-    // The payload travels in one control frame to the device.
-    let room = state.config.max_frame_bytes.saturating_sub(1024);
-    if size > room {
-        return Err(ApiError::new(
-            ErrorCode::PayloadTooLarge,
-            format!("the payload is {size} bytes; at most {room} fit in one request"),
-        ));
-    }
     let timeout = body.deadline(state.config.capability_timeout, MAX_TIMEOUT);
     let answer = routing::request(
         &state,
@@ -129,12 +118,7 @@ async fn by_capability(
             let live = state.registry.candidate(&d.id, &query);
             let offer = match &live {
                 Some(c) => c.offer.clone(),
-                None => d
-                    .capabilities
-                    .iter()
-                    .filter(|o| o.serves(&query))
-                    .max_by(|a, b| a.version.cmp(&b.version))?
-                    .clone(),
+                None => best_offer(&d.capabilities, &query)?.clone(),
             };
             Some(Offering {
                 score: live.as_ref().map(routing::score),

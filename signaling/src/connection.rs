@@ -436,17 +436,28 @@ impl Connection {
                 }))
             }
             Ok(DeviceToHub::Heartbeat(hb)) => {
-                let hardware = hb.load.as_ref().map(Hardware::from);
+                // Built (and stored) only when it differs from what the catalog holds.
+                let changed = hb
+                    .load
+                    .as_ref()
+                    .filter(|l| {
+                        !self
+                            .config
+                            .hardware
+                            .as_ref()
+                            .is_some_and(|h| h.describes(l))
+                    })
+                    .map(Hardware::from);
                 self.state
                     .registry
                     .heartbeat(&self.config.id, self.conn_id, hb.services, hb.load);
-                match hardware {
-                    Some(h) if self.config.hardware.as_ref() != Some(&h) => {
+                match changed {
+                    Some(h) => {
                         let mut next = self.config.clone();
                         next.hardware = Some(h);
                         Handled::Store(Box::new(next), "hardware")
                     }
-                    _ => Handled::Done,
+                    None => Handled::Done,
                 }
             }
             Ok(DeviceToHub::CapabilitiesUpdate { capabilities }) => {

@@ -78,32 +78,35 @@ async fn proxy(
         .unwrap_or_default();
     let (device_id, service, target) = split_uri(&path_and_query)
         .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no such service"))?;
-    let target =
-        check_target(target).map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()))?;
     let no_service = || ApiError::new(ErrorCode::NotFound, "no such service on this device");
+    // Checked once the device is known to be the caller's, so a stranger learns nothing.
+    let check =
+        || check_target(target).map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()));
     // Connected devices are checked in RAM, as routing is; only a device that is not
     // connected costs a catalog read, to tell "offline" from "not yours".
     let live = device_id
         .parse::<DeviceId>()
         .ok()
         .and_then(|id| state.registry.access(&id).map(|a| (id, a)));
-    let device_id = match live {
+    let (device_id, target) = match live {
         Some((id, access)) if access.owners.contains(&caller.id) => {
             if !access.services.iter().any(|s| s.name == service) {
                 return Err(no_service());
             }
+            let target = check()?;
             // A device whose socket is still open but that stopped heartbeating would
             // never answer: say so now rather than after the whole deadline.
             if !access.online {
                 return Err(offline());
             }
-            id
+            (id, target)
         }
         _ => {
             let device = owned_device(&state, &caller, device_id).await?;
             if !device.services.iter().any(|s| s.name == service) {
                 return Err(no_service());
             }
+            check()?;
             return Err(offline());
         }
     };

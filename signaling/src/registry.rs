@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use adi_protocol::capability::best_offer;
 use adi_protocol::{
     CapabilityOffer, CapabilityQuery, DeviceId, LoadReport, ServiceHealth, ServiceInfo,
 };
@@ -242,7 +243,9 @@ impl Registry {
                 .remove_if(&offer.protocol, |_, ids| ids.is_empty());
             // A new connection of the device may have registered meanwhile: put its
             // protocols back, so the index never misses a live device.
-            if let Some(live) = self.devices.get(id).map(|l| l.capabilities.clone()) {
+            // (The entry's guard is dropped before the index is touched.)
+            let live = self.devices.get(id).map(|l| l.capabilities.clone());
+            if let Some(live) = live {
                 self.index(id, &live);
             }
         }
@@ -345,11 +348,12 @@ impl Registry {
         query: &CapabilityQuery,
         may_use: impl Fn(&[UserId]) -> bool,
     ) -> Vec<Candidate> {
-        let ids = match self.by_protocol.get(&query.protocol) {
-            Some(ids) => ids.clone(),
-            None => return Vec::new(),
+        let Some(ids) = self.by_protocol.get(&query.protocol) else {
+            return Vec::new();
         };
         let now = Instant::now();
+        // The index's guard is held while entries are read: nothing takes an index
+        // guard while holding an entry's, so the two maps cannot deadlock.
         ids.iter()
             .filter_map(|id| {
                 let e = self.devices.get(id)?;
@@ -375,7 +379,7 @@ impl Registry {
         if now.saturating_duration_since(e.last_heartbeat) > self.online_window() {
             return None;
         }
-        let offer = best_offer(&e.capabilities, query)?;
+        let offer = best_offer(e.capabilities.iter(), query)?.clone();
         Some(Candidate {
             id: id.clone(),
             handle: e.handle.clone(),
@@ -496,15 +500,6 @@ impl Registry {
             }
         }
     }
-}
-
-/// The newest of `offers` that serves `query`.
-fn best_offer(offers: &[CapabilityOffer], query: &CapabilityQuery) -> Option<CapabilityOffer> {
-    offers
-        .iter()
-        .filter(|o| o.serves(query))
-        .max_by(|a, b| a.version.cmp(&b.version))
-        .cloned()
 }
 
 #[cfg(test)]

@@ -239,11 +239,18 @@ pub async fn request(
 ) -> Result<CapabilityAnswer, RouteError> {
     let started = Instant::now();
     let order = choose(state, requester, query, prefer)?;
+    let attempts = if order[0].offer.idempotent { 2 } else { 1 };
+    let attempts = attempts.min(order.len());
+    // Kept for a retry only when there can be one; otherwise moved into the request.
+    let mut payload = Some(payload);
     let mut last = None;
-    for (attempt, candidate) in order.iter().take(2).enumerate() {
-        if attempt == 1 && !order[0].offer.idempotent {
-            break;
+    for (attempt, candidate) in order.iter().take(attempts).enumerate() {
+        let body = if attempt + 1 < attempts {
+            payload.clone()
+        } else {
+            payload.take()
         }
+        .unwrap_or_default();
         let left = deadline.saturating_sub(started.elapsed());
         if left.is_zero() {
             break;
@@ -255,7 +262,7 @@ pub async fn request(
                 &candidate.handle,
                 DeviceRequest::Capability {
                     capability: query.clone(),
-                    payload: payload.clone(),
+                    payload: body,
                 },
                 left,
             )

@@ -102,6 +102,16 @@ async fn ask(api: &Api, protocol: &str, body: Value) -> Result<(u16, Value)> {
         .await
 }
 
+/// The same request, sent in its own task, for a test that acts while it is in flight.
+fn ask_later(
+    api: &Api,
+    protocol: &'static str,
+    body: Value,
+) -> tokio::task::JoinHandle<Result<(u16, Value)>> {
+    let api = api.clone();
+    tokio::spawn(async move { ask(&api, protocol, body).await })
+}
+
 /// `adi cocoon request` from the device whose data dir is `dir`.
 fn request_cli(dir: &Path, args: &[&str]) -> Result<(i32, String, String)> {
     let data_dir = dir.to_string_lossy().to_string();
@@ -323,6 +333,22 @@ async fn best_device_serves_capabilities_within_the_owners_fleet() -> Result<()>
     assert_eq!(body["error"]["code"], "no_capable_device");
     let (status, _) = ask(&alice, "Bad Name", json!({"payload": {}})).await?;
     assert_eq!(status, 400);
+    // A payload that cannot fit in one frame to the device is refused, and the link
+    // to the chosen device stays up.
+    let (status, body) = ask(
+        &alice,
+        "embeddings",
+        json!({"payload": {"text": "x".repeat(200 * 1024)}}),
+    )
+    .await?;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["error"]["code"], "payload_too_large");
+    alice
+        .wait_online(&b_id, true, Duration::from_secs(2))
+        .await?;
+    alice
+        .wait_online(&c_id, true, Duration::from_secs(2))
+        .await?;
 
     // Load spreads: eight slow requests at once go to both devices.
     let slow: Vec<_> = (0..8)
@@ -379,18 +405,11 @@ async fn best_device_serves_capabilities_within_the_owners_fleet() -> Result<()>
 
     // Not idempotent: B dies holding a chat request; the caller hears device_offline
     // and the request is not sent again to C.
-    let held = {
-        let alice = alice.clone();
-        let b_id = b_id.clone();
-        tokio::spawn(async move {
-            ask(
-                &alice,
-                "llm.chat",
-                json!({"payload": {"hold": "B"}, "prefer_device": b_id}),
-            )
-            .await
-        })
-    };
+    let held = ask_later(
+        &alice,
+        "llm.chat",
+        json!({"payload": {"hold": "B"}, "prefer_device": b_id}),
+    );
     let kind = tokio::time::timeout(Duration::from_secs(10), arrived.recv())
         .await
         .context("the chat request reached B")?;
@@ -410,7 +429,7 @@ async fn best_device_serves_capabilities_within_the_owners_fleet() -> Result<()>
 
     // Idempotent: B back (same data dir, same device), dies holding an embedding; the
     // hub retries once on C and the caller gets C's answer.
-    let b2 = Cocoon::start_in(
+    let mut b2 = Cocoon::start_in(
         &hub.url,
         "b",
         None,
@@ -422,23 +441,15 @@ async fn best_device_serves_capabilities_within_the_owners_fleet() -> Result<()>
         .wait_online(&b_id, true, Duration::from_secs(10))
         .await?;
     let c_before = svc_c.embeds.load(Ordering::SeqCst);
-    let held = {
-        let alice = alice.clone();
-        let b_id = b_id.clone();
-        tokio::spawn(async move {
-            ask(
-                &alice,
-                "embeddings",
-                json!({"payload": {"hold": "B", "text": "again"}, "prefer_device": b_id}),
-            )
-            .await
-        })
-    };
+    let held = ask_later(
+        &alice,
+        "embeddings",
+        json!({"payload": {"hold": "B", "text": "again"}, "prefer_device": b_id}),
+    );
     let kind = tokio::time::timeout(Duration::from_secs(10), arrived.recv())
         .await
         .context("the embedding request reached B")?;
     assert_eq!(kind, Some("embed"));
-    let mut b2 = b2;
     b2.proc.kill();
     let (status, body) = tokio::time::timeout(Duration::from_secs(10), held).await???;
     assert_eq!((status, served_by(&body)), (200, c_id.clone()), "{body}");
