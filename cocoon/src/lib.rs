@@ -421,7 +421,7 @@ pub async fn start(config: CocoonConfig) -> Result<CocoonHandle, CocoonError> {
     };
     let shared = session::Shared {
         runner: runner.clone(),
-        http,
+        http: proxy::Loopback::new(),
         health,
         load,
         capabilities: capabilities.clone(),

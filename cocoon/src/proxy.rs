@@ -13,14 +13,57 @@
 use std::time::Duration;
 
 use adi_protocol::http::{check_target, is_hop_by_hop};
-use adi_protocol::{DeviceToHub, ErrorCode, ProxyRequest, ServiceInfo};
+use adi_protocol::{DeviceToHub, ErrorCode, ProxyHead, ProxyRequest, ServiceInfo};
 use adi_tunnel::{BodyReceiver, BodySender};
+use bytes::Bytes;
 use futures_util::StreamExt;
+use http_body_util::{BodyExt, Empty, StreamBody};
+use hyper::body::{Body as _, Frame};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::mpsc;
 use tracing::debug;
 
-/// The HTTP client for loopback services: no proxies from the environment, no
-/// redirects (they are the client's business), no decompression (bytes pass as sent).
+/// Bodies up to this size, of known length, travel whole with their head: one frame
+/// instead of three. Larger ones, and those of unknown length (server-sent events),
+/// stream.
+const INLINE_BODY: u64 = 32 * 1024;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// A request body for the service: empty, or streamed from the hub.
+type ProxyBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+
+/// The HTTP client for loopback services: hyper's pooled HTTP/1 client and nothing
+/// more, so no proxy from the environment, no redirects (they are the client's
+/// business), no decompression (bytes pass as sent), and no URL parsing beyond the
+/// `http::Uri` that [`loopback_uri`] builds from the registered port.
+#[derive(Clone)]
+pub struct Loopback {
+    client: Client<HttpConnector, ProxyBody>,
+}
+
+impl Loopback {
+    /// A client with keep-alive connections, `TCP_NODELAY`, and a 5 s connect timeout.
+    pub fn new() -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        Loopback { client }
+    }
+}
+
+impl Default for Loopback {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The HTTP client for other loopback calls (health probes, plugin endpoints): no
+/// proxies from the environment, no redirects, no decompression.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .no_proxy()
@@ -33,9 +76,10 @@ pub fn client() -> reqwest::Client {
 }
 
 /// Handles one proxied request to its end: the response head goes back as a control
-/// message on `answers`, the body on the stream.
+/// message on `answers`, the body on the stream; a small body of known length goes
+/// whole with its head in one frame.
 pub(crate) async fn serve(
-    client: reqwest::Client,
+    client: Loopback,
     services: &[ServiceInfo],
     request: ProxyRequest,
     request_body: BodyReceiver,
@@ -58,7 +102,7 @@ pub(crate) async fn serve(
         response_body.reset("no such service").await;
         return;
     };
-    let url = match loopback_url(service.port, &request.target) {
+    let uri = match loopback_uri(service.port, &request.target) {
         Ok(u) => u,
         Err(why) => {
             let _ = answers.send(fail(ErrorCode::BadRequest, why)).await;
@@ -66,14 +110,14 @@ pub(crate) async fn serve(
             return;
         }
     };
-    let Ok(method) = reqwest::Method::from_bytes(request.method.as_bytes()) else {
+    let Ok(method) = http::Method::from_bytes(request.method.as_bytes()) else {
         let _ = answers
             .send(fail(ErrorCode::BadRequest, "invalid method".into()))
             .await;
         response_body.reset("invalid method").await;
         return;
     };
-    let mut builder = client.request(method, url);
+    let mut builder = http::Request::builder().method(method).uri(uri);
     let connection = request
         .headers
         .iter()
@@ -94,21 +138,39 @@ pub(crate) async fn serve(
             .any(|(n, _)| n.eq_ignore_ascii_case("transfer-encoding"));
     // After a switch of protocols the stream carries raw bytes: keep its halves for that.
     let mut upgrade_body = None;
-    if let Some(protocol) = &request.upgrade {
+    let body = if request.empty_body && request.upgrade.is_none() {
+        // The hub said no body follows: not even an end frame will come.
+        request_body.finish_implied();
+        empty()
+    } else if let Some(protocol) = &request.upgrade {
         builder = builder
             .header("connection", "upgrade")
             .header("upgrade", protocol.as_str());
         upgrade_body = Some(request_body);
+        empty()
     } else if has_body
         || !matches!(
             request.method.as_str(),
             "GET" | "HEAD" | "OPTIONS" | "DELETE"
         )
     {
-        builder = builder.body(reqwest::Body::wrap_stream(body_stream(request_body)));
+        let frames = body_stream(request_body)
+            .map(|chunk| chunk.map(Frame::data).map_err(|e| Box::new(e) as BoxError));
+        BodyExt::boxed(StreamBody::new(frames))
     } else {
         drop_quietly(request_body);
-    }
+        empty()
+    };
+    let outgoing = match builder.body(body) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = answers
+                .send(fail(ErrorCode::BadRequest, format!("invalid request: {e}")))
+                .await;
+            response_body.reset("invalid request").await;
+            return;
+        }
+    };
     let deadline = Duration::from_millis(request.deadline_ms.max(1));
     let sent = tokio::select! {
         // Dropping the request future closes the connection to the service.
@@ -116,7 +178,7 @@ pub(crate) async fn serve(
             debug!(stream_id, "client went away before the response head");
             return;
         }
-        sent = tokio::time::timeout(deadline, builder.send()) => sent,
+        sent = tokio::time::timeout(deadline, client.client.request(outgoing)) => sent,
     };
     let response = match sent {
         Err(_) => {
@@ -160,22 +222,65 @@ pub(crate) async fn serve(
         .filter(|(n, _)| !is_hop_by_hop(n.as_str(), connection.as_deref()))
         .filter_map(|(n, v)| Some((n.as_str().to_owned(), v.to_str().ok()?.to_owned())))
         .collect();
+    let status = response.status().as_u16();
+    let small = response
+        .body()
+        .size_hint()
+        .exact()
+        .is_some_and(|n| n <= INLINE_BODY);
+    if upgrade_body.is_none() && small {
+        // A small body of known length goes with its head in one frame.
+        let read = tokio::select! {
+            () = response_body.stopped() => {
+                debug!(stream_id, "client went away before the response body");
+                return;
+            }
+            read = response.into_body().collect() => read,
+        };
+        let body = match read {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                let why = format!("service {} failed: {}", service.name, root_cause(&e));
+                let _ = answers.send(fail(ErrorCode::UpstreamError, why)).await;
+                response_body.reset("upstream failed").await;
+                return;
+            }
+        };
+        let head = ProxyHead { status, headers };
+        let encoded = serde_json::to_vec(&head).unwrap_or_default();
+        if adi_tunnel::fits_whole(encoded.len(), body.len()) {
+            let _ = response_body.send_whole(&encoded, &body).await;
+            return;
+        }
+        let ProxyHead { status, headers } = head;
+        let head = DeviceToHub::ProxyResponse {
+            stream_id,
+            status,
+            headers,
+        };
+        if answers.send(head).await.is_ok() && response_body.send(body).await.is_ok() {
+            let _ = response_body.finish().await;
+        }
+        return;
+    }
     let head = DeviceToHub::ProxyResponse {
         stream_id,
-        status: response.status().as_u16(),
+        status,
         headers,
     };
     if answers.send(head).await.is_err() {
         return;
     }
-    if let (Some(request_body), true) = (upgrade_body, response.status().as_u16() == 101) {
-        match response.upgrade().await {
-            Ok(upgraded) => adi_tunnel::splice(upgraded, response_body, request_body).await,
+    if let (Some(request_body), 101) = (upgrade_body, status) {
+        match hyper::upgrade::on(response).await {
+            Ok(upgraded) => {
+                adi_tunnel::splice(TokioIo::new(upgraded), response_body, request_body).await
+            }
             Err(e) => response_body.reset(&format!("upgrade failed: {e}")).await,
         }
         return;
     }
-    let mut body = response.bytes_stream();
+    let mut body = response.into_body();
     loop {
         let next = tokio::select! {
             // A quiet stream (SSE between events) must not outlive its client either.
@@ -183,11 +288,15 @@ pub(crate) async fn serve(
                 debug!(stream_id, "proxied response abandoned by the client");
                 return;
             }
-            next = body.next() => next,
+            next = body.frame() => next,
         };
         match next {
             None => break,
-            Some(Ok(chunk)) => {
+            Some(Ok(frame)) => {
+                let Ok(chunk) = frame.into_data() else {
+                    // Trailers: HTTP/1 proxies drop them.
+                    continue;
+                };
                 if response_body.send(chunk).await.is_err() {
                     // The client went away: dropping the response aborts the request.
                     debug!(stream_id, "proxied response abandoned by the client");
@@ -205,16 +314,24 @@ pub(crate) async fn serve(
     let _ = response_body.finish().await;
 }
 
+fn empty() -> ProxyBody {
+    BodyExt::boxed(Empty::new().map_err(|never| match never {}))
+}
+
 /// `http://127.0.0.1:<port><checked, normalised target>`, or why not: the target hides
-/// a `..` (the hub refuses those already; a device does not rely on it), or the URL
+/// a `..` (the hub refuses those already; a device does not rely on it), or the URI
 /// somehow names another host.
-fn loopback_url(port: u16, target: &str) -> Result<reqwest::Url, String> {
+fn loopback_uri(port: u16, target: &str) -> Result<http::Uri, String> {
     let target = check_target(target).map_err(|e| e.to_string())?;
     let invalid = || "invalid request target".to_owned();
-    let url =
-        reqwest::Url::parse(&format!("http://127.0.0.1:{port}{target}")).map_err(|_| invalid())?;
-    (url.host_str() == Some("127.0.0.1") && url.port() == Some(port) && url.username().is_empty())
-        .then_some(url)
+    if !target.starts_with('/') {
+        return Err(invalid());
+    }
+    let uri: http::Uri = format!("http://127.0.0.1:{port}{target}")
+        .parse()
+        .map_err(|_| invalid())?;
+    (uri.host() == Some("127.0.0.1") && uri.port_u16() == Some(port))
+        .then_some(uri)
         .ok_or_else(invalid)
 }
 
@@ -254,14 +371,14 @@ mod tests {
             "http://evil/",
             "?q=1",
         ] {
-            let url = loopback_url(8080, target).expect("built");
-            assert_eq!(url.host_str(), Some("127.0.0.1"), "{target}");
-            assert_eq!(url.port(), Some(8080), "{target}");
+            let uri = loopback_uri(8080, target).expect("built");
+            assert_eq!(uri.host(), Some("127.0.0.1"), "{target}");
+            assert_eq!(uri.port_u16(), Some(8080), "{target}");
         }
         assert_eq!(
-            loopback_url(8080, "/a/../b?x=1").expect("ok").as_str(),
+            loopback_uri(8080, "/a/../b?x=1").expect("ok").to_string(),
             "http://127.0.0.1:8080/b?x=1"
         );
-        assert!(loopback_url(8080, "/..%2f..%2fetc").is_err());
+        assert!(loopback_uri(8080, "/..%2f..%2fetc").is_err());
     }
 }

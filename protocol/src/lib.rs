@@ -48,6 +48,6 @@ pub use ids::{DeviceId, DeviceSecret, InvalidId, SecretError, MIN_SECRET_LEN};
 pub use messages::{
     negotiate_version, CapabilityAnswer, CapabilityOutcome, DeviceReply, DeviceRequest,
     DeviceToHub, GpuModel, GpuReport, Hardware, HealthStatus, Heartbeat, HubToDevice, LoadReport,
-    Outcome, ProxyRequest, Register, Registered, RemoteError, ServiceHealth, ServiceInfo,
-    PROTOCOL_VERSION, SUPPORTED_VERSIONS,
+    Outcome, ProxyHead, ProxyRequest, Register, Registered, RemoteError, ServiceHealth,
+    ServiceInfo, PROTOCOL_VERSION, SUPPORTED_VERSIONS,
 };

@@ -222,7 +222,8 @@ pub enum DeviceToHub {
         services: Vec<ServiceInfo>,
     },
     /// The head of the answer to a [`HubToDevice::ProxyRequest`]; the body follows on
-    /// the stream as binary frames.
+    /// the stream as binary frames. A small complete answer travels instead as one
+    /// whole-body binary frame whose head is a [`ProxyHead`].
     ProxyResponse {
         /// The stream of the request.
         stream_id: u32,
@@ -290,6 +291,18 @@ pub struct ProxyRequest {
     /// the stream carries raw bytes both ways.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upgrade: Option<String>,
+    /// The request has no body: no body frame, not even an end, follows on the stream.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub empty_body: bool,
+}
+
+/// Status and headers of a proxied response, as the head of a whole-body frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxyHead {
+    /// HTTP status.
+    pub status: u16,
+    /// Response headers, hop-by-hop ones removed.
+    pub headers: Vec<(String, String)>,
 }
 
 /// A device's answer: `{"ok": ...}` or `{"error": {"code", "message"}}`.

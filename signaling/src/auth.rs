@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::catalog::{ApiKeyRecord, Catalog, CatalogError, User, UserId};
 use crate::credential::{self, API_KEY_PREFIX};
@@ -49,12 +50,21 @@ pub enum AuthError {
     Catalog(#[from] CatalogError),
 }
 
+/// Tokens remembered as verified before the memory is cleared and refilled.
+const VERIFIED_CAPACITY: usize = 4096;
+
 /// Issues and checks JWTs under the hub's key.
 pub struct Auth {
     encoding: EncodingKey,
     decoding: DecodingKey,
     validation: Validation,
     ttl: Duration,
+    /// Tokens already verified, by their SHA-256: a client presents the same token
+    /// on every request (proxied requests, thousands a second), and checking it again
+    /// (base64, HMAC, JSON) cost more than the rest of the hub's work on a small
+    /// request. Only the digest is kept, never the token; an entry counts only until
+    /// the token's own expiry.
+    verified: dashmap::DashMap<[u8; 32], Claims>,
 }
 
 impl Auth {
@@ -69,6 +79,7 @@ impl Auth {
             decoding: DecodingKey::from_secret(key),
             validation,
             ttl,
+            verified: dashmap::DashMap::new(),
         }
     }
 
@@ -91,12 +102,28 @@ impl Auth {
 
     /// Checks a JWT's algorithm, signature, issuer and expiry.
     pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
-        jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some(claims) = self.verified.get(&digest) {
+            // Stricter than the full check (no leeway): a token near its end is
+            // checked in full again, which decides.
+            if unix_now() < claims.exp {
+                return Ok(claims.clone());
+            }
+        }
+        let claims = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map(|d| d.claims)
             .map_err(|e| match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
                 _ => AuthError::InvalidToken,
-            })
+            })?;
+        if self.verified.len() >= VERIFIED_CAPACITY {
+            self.verified.retain(|_, c| unix_now() < c.exp);
+            if self.verified.len() >= VERIFIED_CAPACITY {
+                self.verified.clear();
+            }
+        }
+        self.verified.insert(digest, claims.clone());
+        Ok(claims)
     }
 }
 
@@ -174,6 +201,46 @@ mod tests {
         let claims = auth.verify(&token).expect("valid");
         assert_eq!(claims.sub, u.id);
         assert_eq!(claims.exp, exp);
+    }
+
+    #[test]
+    fn remembered_tokens_still_expire_and_tampered_ones_are_checked() {
+        let key = b"0123456789abcdef0123456789abcdef";
+        let auth = Auth::new(key, Duration::from_secs(60));
+        let (token, _) = auth.issue(&user());
+        auth.verify(&token).expect("valid");
+        assert_eq!(auth.verified.len(), 1, "remembered by digest");
+        // A remembered entry past its expiry does not stand in for the full check.
+        let past = unix_now() - 3600;
+        let claims = Claims {
+            sub: user().id,
+            name: "alice".into(),
+            iat: past - 60,
+            exp: past,
+            iss: ISSUER.into(),
+        };
+        let expired = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(key),
+        )
+        .expect("encodes");
+        let digest: [u8; 32] = Sha256::digest(expired.as_bytes()).into();
+        auth.verified.insert(digest, claims);
+        assert!(matches!(auth.verify(&expired), Err(AuthError::Expired)));
+        // Any change to a remembered token is a different token, checked in full.
+        let mut tampered = token.clone();
+        tampered.pop();
+        tampered.push(if token.ends_with('A') { 'B' } else { 'A' });
+        assert!(matches!(
+            auth.verify(&tampered),
+            Err(AuthError::InvalidToken)
+        ));
+        for _ in 0..(VERIFIED_CAPACITY + 10) {
+            let (t, _) = auth.issue(&user());
+            auth.verify(&t).expect("valid");
+        }
+        assert!(auth.verified.len() <= VERIFIED_CAPACITY, "bounded");
     }
 
     #[test]

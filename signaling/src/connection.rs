@@ -370,7 +370,13 @@ impl Connection {
     /// Routes one binary (body) frame; returns an error reply if it is malformed.
     fn body_frame(&mut self, bytes: bytes::Bytes) -> Option<HubToDevice> {
         match adi_tunnel::decode(bytes) {
-            Ok(frame) => {
+            Ok(mut frame) => {
+                if frame.kind == adi_tunnel::Kind::Whole {
+                    self.whole_response(&frame);
+                    // The body went with the head; the stream only needs to end.
+                    frame.kind = adi_tunnel::Kind::End;
+                    frame.payload = bytes::Bytes::new();
+                }
                 if let Some(streams) = &self.streams {
                     streams.on_frame(frame);
                 }
@@ -381,6 +387,29 @@ impl Connection {
                 message: e.to_string(),
             }),
         }
+    }
+
+    /// A small answer in one frame: the head and the whole body go to the waiting
+    /// caller together, so the body never passes through the stream. A head that does
+    /// not decode fails the request (the stream ends with the frame either way).
+    fn whole_response(&mut self, frame: &adi_tunnel::Frame) {
+        let Some(reply) = self.heads.remove(&frame.stream) else {
+            return;
+        };
+        let (head, body) = frame.split_whole();
+        let _ = reply.send(
+            match serde_json::from_slice::<adi_protocol::ProxyHead>(&head) {
+                Ok(h) => Ok(ResponseHead {
+                    status: h.status,
+                    headers: h.headers,
+                    body: Some(body),
+                }),
+                Err(e) => Err(RpcError::Remote(RemoteError::new(
+                    ErrorCode::UpstreamError,
+                    format!("the device sent a malformed response head: {e}"),
+                ))),
+            },
+        );
     }
 
     /// Numbers a request and remembers who waits for it; returns the frame to send.
@@ -519,7 +548,11 @@ impl Connection {
                 headers,
             }) => {
                 if let Some(reply) = self.heads.remove(&stream_id) {
-                    let _ = reply.send(Ok(ResponseHead { status, headers }));
+                    let _ = reply.send(Ok(ResponseHead {
+                        status,
+                        headers,
+                        body: None,
+                    }));
                 }
                 Handled::Done
             }

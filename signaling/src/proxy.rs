@@ -14,7 +14,7 @@ use std::time::Duration;
 use adi_protocol::http::{check_target, is_hop_by_hop, requested_upgrade};
 use adi_protocol::{DeviceId, ErrorCode, ProxyRequest};
 use adi_tunnel::BodyReceiver;
-use axum::body::Body;
+use axum::body::{Body, HttpBody};
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -111,7 +111,7 @@ async fn proxy(
         }
     };
     let span =
-        tracing::info_span!("proxy", device_id = %device_id, service, method = %req.method());
+        tracing::debug_span!("proxy", device_id = %device_id, service, method = %req.method());
     let max_body = state.config.proxy_max_body_bytes;
     if let (Some(max), Some(len)) = (max_body, content_length(req.headers())) {
         if len > max {
@@ -122,6 +122,8 @@ async fn proxy(
     let prefix = format!("/proxy/{device_id}/{service}");
     let upgrade = upgrade_protocol(req.headers());
     let on_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+    // Most requests (GETs) carry no body: the head says so, and no frame follows it.
+    let empty_body = upgrade.is_none() && req.body().is_end_stream();
     let head = ProxyRequest {
         stream_id: 0,
         service: service.to_owned(),
@@ -130,6 +132,7 @@ async fn proxy(
         headers: forward_headers(req.headers(), peer, &prefix),
         deadline_ms: u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX),
         upgrade: upgrade.clone(),
+        empty_body,
     };
     let opened = rpc::open_proxy(&state, &device_id, head).await?;
     let (too_large_tx, too_large_rx) = oneshot::channel();
@@ -138,34 +141,39 @@ async fn proxy(
     }
     let mut request_body = opened.request_body;
     let body = req.into_body();
-    tokio::spawn(
-        async move {
-            let mut stream = body.into_data_stream();
-            let mut sent: u64 = 0;
-            while let Some(chunk) = stream.next().await {
-                let chunk = match chunk {
-                    Ok(c) => c,
-                    Err(e) => {
-                        request_body
-                            .reset(&format!("client body failed: {e}"))
-                            .await;
+    if empty_body {
+        request_body.finish_implied();
+        drop(too_large_tx);
+    } else {
+        tokio::spawn(
+            async move {
+                let mut stream = body.into_data_stream();
+                let mut sent: u64 = 0;
+                while let Some(chunk) = stream.next().await {
+                    let chunk = match chunk {
+                        Ok(c) => c,
+                        Err(e) => {
+                            request_body
+                                .reset(&format!("client body failed: {e}"))
+                                .await;
+                            return;
+                        }
+                    };
+                    sent += chunk.len() as u64;
+                    if max_body.is_some_and(|max| sent > max) {
+                        let _ = too_large_tx.send(());
+                        request_body.reset("request body exceeds the limit").await;
                         return;
                     }
-                };
-                sent += chunk.len() as u64;
-                if max_body.is_some_and(|max| sent > max) {
-                    let _ = too_large_tx.send(());
-                    request_body.reset("request body exceeds the limit").await;
-                    return;
+                    if request_body.send(chunk).await.is_err() {
+                        return;
+                    }
                 }
-                if request_body.send(chunk).await.is_err() {
-                    return;
-                }
+                let _ = request_body.finish().await;
             }
-            let _ = request_body.finish().await;
-        }
-        .instrument(span.clone()),
-    );
+            .instrument(span.clone()),
+        );
+    }
     let head = tokio::select! {
         head = tokio::time::timeout(deadline, opened.head) => match head {
             Err(_) => return Err(RpcError::Timeout(deadline).into()),
@@ -176,7 +184,7 @@ async fn proxy(
         Ok(()) = too_large_rx => return Err(too_large(max_body.unwrap_or(0))),
     };
     debug!(parent: &span, status = head.status, "proxied response");
-    let mut resp = Response::new(body_from(opened.response_body));
+    let mut resp = Response::new(response_body(head.body, opened.response_body));
     *resp.status_mut() = StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);
     let connection = header_value(&head.headers, "connection");
     let headers = resp.headers_mut();
@@ -225,7 +233,7 @@ async fn finish_upgrade(
     } else {
         // The service declined to switch: an ordinary response with no request body.
         let _ = opened.request_body.finish().await;
-        Response::new(body_from(opened.response_body))
+        Response::new(response_body(head.body, opened.response_body))
     };
     *resp.status_mut() = StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);
     copy_response_headers(&head.headers, resp.headers_mut());
@@ -345,6 +353,17 @@ fn forward_headers(headers: &HeaderMap, peer: SocketAddr, prefix: &str) -> Vec<(
     out.push(("x-forwarded-proto".to_owned(), "http".to_owned()));
     out.push(("x-forwarded-prefix".to_owned(), prefix.to_owned()));
     out
+}
+
+/// The body that came whole with the head, or else the one on the stream.
+fn response_body(whole: Option<bytes::Bytes>, receiver: BodyReceiver) -> Body {
+    match whole {
+        Some(bytes) => {
+            receiver.finish_implied();
+            Body::from(bytes)
+        }
+        None => body_from(receiver),
+    }
 }
 
 /// The response body as the client reads it; dropping it (the client went away)

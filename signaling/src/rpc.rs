@@ -67,6 +67,8 @@ pub struct ResponseHead {
     pub status: u16,
     /// Headers.
     pub headers: Vec<(String, String)>,
+    /// The whole body, when it came with the head; otherwise it follows on the stream.
+    pub body: Option<bytes::Bytes>,
 }
 
 /// A request handed to a connection actor.

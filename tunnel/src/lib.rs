@@ -45,6 +45,11 @@ pub enum Kind {
     /// The receiver stopped reading (its consumer went away): the sender should stop.
     /// The other direction of the stream is not affected.
     Stop = 4,
+    /// A head and the whole body in one frame, for small bodies: the payload is the
+    /// head's length as a big-endian u32, the head (opaque to this crate), then every
+    /// byte of the body. The body is complete: no `End` follows. It saves a small
+    /// exchange two of its three frames; see [`whole`] and [`Frame::split_whole`].
+    Whole = 5,
 }
 
 /// A decoded binary frame.
@@ -73,6 +78,9 @@ pub enum FrameError {
     /// A window frame without a 4-byte count.
     #[error("window frame must carry a 4-byte count")]
     Window,
+    /// A whole-body frame whose head length points past its end.
+    #[error("whole-body frame has a head length past its end")]
+    Whole,
 }
 
 /// Encodes one frame.
@@ -82,6 +90,40 @@ pub fn encode(kind: Kind, stream: u32, payload: &[u8]) -> Bytes {
     b.put_u32(stream);
     b.put_slice(payload);
     b.freeze()
+}
+
+/// Whether a head and a body of these sizes fit in one [`Kind::Whole`] frame.
+pub fn fits_whole(head: usize, body: usize) -> bool {
+    4 + head + body <= MAX_CHUNK
+}
+
+/// Encodes a head and a complete body as one [`Kind::Whole`] frame, or `None` when they
+/// do not fit in one frame (send the head and then the body in chunks instead).
+pub fn whole(stream: u32, head: &[u8], body: &[u8]) -> Option<Bytes> {
+    if !fits_whole(head.len(), body.len()) {
+        return None;
+    }
+    let len = 4 + head.len() + body.len();
+    let mut b = BytesMut::with_capacity(HEADER + len);
+    b.put_u8(Kind::Whole as u8);
+    b.put_u32(stream);
+    b.put_u32(u32::try_from(head.len()).ok()?);
+    b.put_slice(head);
+    b.put_slice(body);
+    Some(b.freeze())
+}
+
+impl Frame {
+    /// The head and the body of a [`Kind::Whole`] frame (checked by [`decode`]); for
+    /// any other kind, an empty head and the payload.
+    pub fn split_whole(&self) -> (Bytes, Bytes) {
+        if self.kind != Kind::Whole {
+            return (Bytes::new(), self.payload.clone());
+        }
+        let p = &self.payload;
+        let n = u32::from_be_bytes([p[0], p[1], p[2], p[3]]) as usize;
+        (p.slice(4..4 + n), p.slice(4 + n..))
+    }
 }
 
 /// Decodes one frame; never panics on arbitrary bytes.
@@ -95,6 +137,7 @@ pub fn decode(frame: Bytes) -> Result<Frame, FrameError> {
         2 => Kind::Reset,
         3 => Kind::Window,
         4 => Kind::Stop,
+        5 => Kind::Whole,
         k => return Err(FrameError::Kind(k)),
     };
     let stream = u32::from_be_bytes([frame[1], frame[2], frame[3], frame[4]]);
@@ -104,6 +147,14 @@ pub fn decode(frame: Bytes) -> Result<Frame, FrameError> {
     }
     if kind == Kind::Window && payload.len() != 4 {
         return Err(FrameError::Window);
+    }
+    if kind == Kind::Whole {
+        let p = &payload;
+        let fits =
+            p.len() >= 4 && u32::from_be_bytes([p[0], p[1], p[2], p[3]]) as usize <= p.len() - 4;
+        if !fits {
+            return Err(FrameError::Whole);
+        }
     }
     Ok(Frame {
         kind,
@@ -249,6 +300,15 @@ impl Streams {
             Kind::End => {
                 slot.incoming = None;
             }
+            Kind::Whole => {
+                // The head is the connection owner's business; the body ends here.
+                if let Some(tx) = slot.incoming.take() {
+                    let (_, body) = frame.split_whole();
+                    if !body.is_empty() {
+                        let _ = tx.try_send(Ok(body));
+                    }
+                }
+            }
             Kind::Reset => {
                 let reason = String::from_utf8_lossy(&frame.payload).into_owned();
                 if let Some(tx) = slot.incoming.take() {
@@ -327,6 +387,13 @@ impl BodyReceiver {
     pub fn id(&self) -> u32 {
         self.id
     }
+
+    /// Forgets this body without telling the peer: for a body the peer will never
+    /// send (the head said it is empty) or already sent whole.
+    pub fn finish_implied(mut self) {
+        self.done = true;
+        self.inner.retire(self.id, true, false);
+    }
 }
 
 impl Drop for BodyReceiver {
@@ -392,6 +459,29 @@ impl BodySender {
         self.inner
             .outbound
             .send(encode(Kind::End, self.id, &[]))
+            .await
+            .map_err(|_| StreamError::ConnectionClosed)
+    }
+
+    /// Ends an empty body without a frame: for when the head already told the peer
+    /// that no body follows.
+    pub fn finish_implied(mut self) {
+        self.done = true;
+        self.inner.retire(self.id, false, true);
+    }
+
+    /// Sends `head` and the complete `body` in one frame and ends the body. Check
+    /// [`fits_whole`] first: a pair that does not fit is refused with `Overrun`.
+    pub async fn send_whole(mut self, head: &[u8], body: &[u8]) -> Result<(), StreamError> {
+        let frame = whole(self.id, head, body).ok_or(StreamError::Overrun)?;
+        self.done = true;
+        self.inner.retire(self.id, false, true);
+        if self.credit.is_closed() {
+            return Err(StreamError::Reset("stream closed".into()));
+        }
+        self.inner
+            .outbound
+            .send(frame)
             .await
             .map_err(|_| StreamError::ConnectionClosed)
     }
@@ -674,5 +764,48 @@ mod tests {
         assert_eq!(b_rx.recv().await, None);
         assert_eq!(a_rx.recv().await, None);
         assert!(a.is_empty() && b.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_whole_frame_carries_head_and_body_and_ends_the_stream() {
+        let (a, b, _wire) = pair();
+        let (_a_rx, a_tx) = a.open(11);
+        let (mut b_rx, b_tx) = b.open(11);
+        b_tx.finish_implied();
+        a_tx.send_whole(b"head", b"the body").await.expect("sent");
+        assert_eq!(b_rx.recv().await, Some(Ok(Bytes::from_static(b"the body"))));
+        assert_eq!(b_rx.recv().await, None);
+        drop(_a_rx);
+        assert!(b.is_empty(), "both directions of b's stream are done");
+        let f = decode(whole(3, b"h", b"xyz").expect("fits")).expect("decodes");
+        assert_eq!(f.kind, Kind::Whole);
+        assert_eq!(
+            f.split_whole(),
+            (Bytes::from_static(b"h"), Bytes::from_static(b"xyz"))
+        );
+        assert_eq!(
+            decode(Bytes::from_static(
+                b"\x05\x00\x00\x00\x01\x00\x00\x00\x09ab"
+            )),
+            Err(FrameError::Whole),
+            "a head length past the end is refused"
+        );
+        assert_eq!(
+            decode(Bytes::from_static(b"\x05\x00\x00\x00\x01\x00")),
+            Err(FrameError::Whole)
+        );
+        assert!(whole(1, &[0; 16], &vec![0; MAX_CHUNK]).is_none());
+        assert!(!fits_whole(16, MAX_CHUNK) && fits_whole(16, 1024));
+    }
+
+    #[tokio::test]
+    async fn implied_ends_send_nothing() {
+        let (a_out, mut a_frames) = mpsc::channel::<Bytes>(8);
+        let a = Streams::new(a_out);
+        let (rx, tx) = a.open(12);
+        rx.finish_implied();
+        tx.finish_implied();
+        assert!(a.is_empty(), "the stream is forgotten");
+        assert!(a_frames.try_recv().is_err(), "and no frame was sent for it");
     }
 }
