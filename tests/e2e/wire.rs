@@ -242,3 +242,83 @@ async fn a_silent_device_goes_offline_and_is_disconnected() -> Result<()> {
     );
     Ok(())
 }
+
+/// A hand-driven device with one registered service, answering proxied requests with
+/// whole-body frames: a good one reaches the client as sent, a malformed head is a 502,
+/// a frame whose head length lies is refused as a bad frame, and the device stays.
+#[tokio::test]
+async fn whole_body_answers_pass_and_malformed_ones_fail_alone() -> Result<()> {
+    let hub = Hub::start().await?;
+    let api = Api::login(&hub.url, &hub.add_user("alice")?).await?;
+    let s = secret();
+    let mut ws = connect(&hub).await?;
+    let frame = json!({"type": "register", "versions": [1], "secret": s, "name": "raw",
+        "setup_token": api.setup_token(60).await?,
+        "services": [{"name": "web", "port": 9}]});
+    ws.send(Message::text(frame.to_string())).await?;
+    let reply = next(&mut ws).await?;
+    let id = reply["device_id"].as_str().unwrap_or_default().to_owned();
+    ws.send(Message::text(r#"{"type":"heartbeat","seq":1}"#))
+        .await?;
+    let whole = |stream: u32, head: &[u8], body: &[u8]| {
+        let mut f = vec![5u8];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(&(head.len() as u32).to_be_bytes());
+        f.extend_from_slice(head);
+        f.extend_from_slice(body);
+        Message::binary(f)
+    };
+    let url = format!("{}/proxy/{id}/web/hello?x=1", api.base);
+    for case in ["good", "bad head"] {
+        let get = api.http.get(&url).bearer_auth(&api.jwt).send();
+        let device = async {
+            let req = next(&mut ws).await?;
+            assert_eq!(req["type"], "proxy_request", "{req}");
+            assert_eq!(req["target"], "/hello?x=1");
+            assert_eq!(req["empty_body"], true, "a GET says it has no body");
+            let stream = req["stream_id"].as_u64().unwrap_or_default() as u32;
+            let head = if case == "good" {
+                br#"{"status":203,"headers":[["content-type","text/plain"],["x-from","raw"]]}"#
+                    .to_vec()
+            } else {
+                b"{not a head".to_vec()
+            };
+            ws.send(whole(stream, &head, b"\x00binary\xffbody")).await?;
+            anyhow::Ok(())
+        };
+        let (resp, sent) = tokio::join!(get, device);
+        sent?;
+        let resp = resp?;
+        if case == "good" {
+            assert_eq!(resp.status().as_u16(), 203);
+            assert_eq!(resp.headers()["x-from"], "raw");
+            assert_eq!(&resp.bytes().await?[..], b"\x00binary\xffbody");
+        } else {
+            assert_eq!(
+                resp.status().as_u16(),
+                502,
+                "a malformed head is the device's fault"
+            );
+            let body: Value = resp.json().await?;
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("malformed"),
+                "{body}"
+            );
+        }
+    }
+    // A head length past the frame's end is a bad frame, answered on the link.
+    let lying = {
+        let mut f = vec![5u8, 0, 0, 0, 1];
+        f.extend_from_slice(&1000u32.to_be_bytes());
+        f.extend_from_slice(b"short");
+        Message::binary(f)
+    };
+    let reply = next_after(&mut ws, lying).await?;
+    assert_eq!(reply["code"], "bad_request", "{reply}");
+    let (_, view) = api.cocoon(&id).await?;
+    assert_eq!(view["online"], true, "the device stays connected");
+    Ok(())
+}
