@@ -235,6 +235,16 @@ async fn session(
         .unwrap_or(adi_protocol::DEFAULT_MAX_FRAME_BYTES)
         .min(config.max_frame_bytes);
     let budget = crate::requests::reply_budget(max_answer);
+    // Opens the request's stream and serves it on a task of its own.
+    let serve_proxy = |request: adi_protocol::ProxyRequest| {
+        let (body_in, body_out) = streams.open(request.stream_id);
+        let tx = answer_tx.clone();
+        let client = http.clone();
+        let services = config.services.clone();
+        tokio::spawn(async move {
+            crate::proxy::serve(client, &services, request, body_in, body_out, tx).await;
+        });
+    };
     loop {
         tokio::select! {
             biased;
@@ -344,16 +354,8 @@ async fn session(
                         match decode::<HubToDevice>(t.as_bytes(), config.max_frame_bytes) {
                             Ok(HubToDevice::Error { code, message }) => warn!(%code, "hub reported an error: {message}"),
                             Ok(HubToDevice::Registered(_)) => warn!("unexpected second registration answer"),
-                            Ok(HubToDevice::ProxyRequest(request)) => {
-                                // Open the stream now, before reading on: its body frames follow.
-                                let (body_in, body_out) = streams.open(request.stream_id);
-                                let tx = answer_tx.clone();
-                                let client = http.clone();
-                                let services = config.services.clone();
-                                tokio::spawn(async move {
-                                    crate::proxy::serve(client, &services, request, body_in, body_out, tx).await;
-                                });
-                            }
+                            // Opened now, before reading on: its body frames follow.
+                            Ok(HubToDevice::ProxyRequest(request)) => serve_proxy(request),
                             Ok(HubToDevice::CapabilityResponse { request_id, outcome }) => {
                                 if let Some(reply) = asked.remove(&request_id) {
                                     let _ = reply.send(outcome);
@@ -385,6 +387,17 @@ async fn session(
                         }
                     }
                     Some(Ok(Message::Binary(b))) => match adi_tunnel::decode(b) {
+                        Ok(frame) if frame.kind == adi_tunnel::Kind::Whole => {
+                            // A proxied request with no body: its head, whole.
+                            let (head, _) = frame.split_whole();
+                            match serde_json::from_slice::<adi_protocol::ProxyRequest>(&head) {
+                                Ok(mut request) if request.stream_id == frame.stream => {
+                                    request.empty_body = true;
+                                    serve_proxy(request);
+                                }
+                                _ => warn!(stream = frame.stream, "malformed proxied request head from hub"),
+                            }
+                        }
                         Ok(frame) => streams.on_frame(frame),
                         Err(e) => warn!("bad body frame from hub: {e}"),
                     },

@@ -79,6 +79,11 @@ pub fn check_target(target: &str) -> Result<String, UnsafeTarget> {
 /// once percent-encoding is undone as often as a careless service might, backslashes
 /// and encoded separators are taken as separators, and `;` parameters are dropped.
 fn hides_dotdot(seg: &str) -> bool {
+    // Without an escape, a backslash or a parameter, a segment is what it looks like
+    // (and a plain `..` was resolved before): the common case costs no allocation.
+    if !seg.contains(['%', '\\', ';']) {
+        return seg == "..";
+    }
     let mut s = seg.to_ascii_lowercase();
     // `%252e` -> `%2e`: each pass shortens the string, so this ends.
     while s.contains("%25") {

@@ -364,6 +364,15 @@ impl Connection {
             self.heads.remove(&stream_id);
             return None;
         }
+        if request.empty_body {
+            // Head and (empty) body in one binary frame: the device parses the head
+            // once, as a plain struct, instead of as one case of every message.
+            if let Ok(head) = serde_json::to_vec(&request) {
+                if let Some(frame) = adi_tunnel::whole(stream_id, &head, &[]) {
+                    return Some(Message::Binary(frame));
+                }
+            }
+        }
         Some(text(&HubToDevice::ProxyRequest(request)))
     }
 
