@@ -2,12 +2,6 @@
 //! plus the client commands people use. This file only parses arguments, sets up
 //! logging and hands over to the command modules.
 
-/// The hub and the cocoon allocate and free small buffers for every proxied request
-/// and every frame; mimalloc's per-thread free lists cost less there than the system
-/// allocator (measured in `benches/proxy.rs`, see BENCHMARKS.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 mod client;
 mod cmd;
 mod paths;
