@@ -193,6 +193,25 @@ mod tests {
         }
     }
 
+    /// A token under `key` that expired an hour ago, and its claims.
+    fn expired_token(key: &[u8]) -> (String, Claims) {
+        let past = unix_now() - 3600;
+        let claims = Claims {
+            sub: user().id,
+            name: "alice".into(),
+            iat: past - 60,
+            exp: past,
+            iss: ISSUER.into(),
+        };
+        let token = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(key),
+        )
+        .expect("encodes");
+        (token, claims)
+    }
+
     #[test]
     fn issued_token_verifies() {
         let auth = Auth::new(b"0123456789abcdef0123456789abcdef", Duration::from_secs(60));
@@ -211,20 +230,7 @@ mod tests {
         auth.verify(&token).expect("valid");
         assert_eq!(auth.verified.len(), 1, "remembered by digest");
         // A remembered entry past its expiry does not stand in for the full check.
-        let past = unix_now() - 3600;
-        let claims = Claims {
-            sub: user().id,
-            name: "alice".into(),
-            iat: past - 60,
-            exp: past,
-            iss: ISSUER.into(),
-        };
-        let expired = jsonwebtoken::encode(
-            &Header::new(Algorithm::HS256),
-            &claims,
-            &EncodingKey::from_secret(key),
-        )
-        .expect("encodes");
+        let (expired, claims) = expired_token(key);
         let digest: [u8; 32] = Sha256::digest(expired.as_bytes()).into();
         auth.verified.insert(digest, claims);
         assert!(matches!(auth.verify(&expired), Err(AuthError::Expired)));
@@ -255,20 +261,7 @@ mod tests {
     fn expired_token_is_refused_as_expired() {
         let key = b"0123456789abcdef0123456789abcdef";
         let auth = Auth::new(key, Duration::from_secs(60));
-        let past = unix_now() - 3600;
-        let claims = Claims {
-            sub: user().id,
-            name: "alice".into(),
-            iat: past - 60,
-            exp: past,
-            iss: ISSUER.into(),
-        };
-        let token = jsonwebtoken::encode(
-            &Header::new(Algorithm::HS256),
-            &claims,
-            &EncodingKey::from_secret(key),
-        )
-        .expect("encodes");
+        let (token, _) = expired_token(key);
         assert!(matches!(auth.verify(&token), Err(AuthError::Expired)));
     }
 

@@ -450,7 +450,13 @@ impl BodySender {
     }
 
     /// Ends the body.
-    pub async fn finish(mut self) -> Result<(), StreamError> {
+    pub async fn finish(self) -> Result<(), StreamError> {
+        let end = encode(Kind::End, self.id, &[]);
+        self.end_with(end).await
+    }
+
+    /// Ends the body with `frame` as its last frame, unless the peer stopped reading.
+    async fn end_with(mut self, frame: Bytes) -> Result<(), StreamError> {
         self.done = true;
         self.inner.retire(self.id, false, true);
         if self.credit.is_closed() {
@@ -458,7 +464,7 @@ impl BodySender {
         }
         self.inner
             .outbound
-            .send(encode(Kind::End, self.id, &[]))
+            .send(frame)
             .await
             .map_err(|_| StreamError::ConnectionClosed)
     }
@@ -472,18 +478,9 @@ impl BodySender {
 
     /// Sends `head` and the complete `body` in one frame and ends the body. Check
     /// [`fits_whole`] first: a pair that does not fit is refused with `Overrun`.
-    pub async fn send_whole(mut self, head: &[u8], body: &[u8]) -> Result<(), StreamError> {
+    pub async fn send_whole(self, head: &[u8], body: &[u8]) -> Result<(), StreamError> {
         let frame = whole(self.id, head, body).ok_or(StreamError::Overrun)?;
-        self.done = true;
-        self.inner.retire(self.id, false, true);
-        if self.credit.is_closed() {
-            return Err(StreamError::Reset("stream closed".into()));
-        }
-        self.inner
-            .outbound
-            .send(frame)
-            .await
-            .map_err(|_| StreamError::ConnectionClosed)
+        self.end_with(frame).await
     }
 
     /// Abandons this body, telling the peer why; the peer's reader gets an error.
