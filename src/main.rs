@@ -2,6 +2,9 @@
 //! plus the client commands people use. This file only parses arguments, sets up
 //! logging and hands over to the command modules.
 
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 mod client;
 mod cmd;
 mod paths;
