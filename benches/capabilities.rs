@@ -29,8 +29,8 @@ mod support;
 use std::time::{Duration, Instant};
 
 use adi_protocol::{
-    decode, encode, CapabilityOffer, CapabilityOutcome, CapabilityQuery, DeviceReply,
-    DeviceRequest, DeviceSecret, DeviceToHub, Heartbeat, HubToDevice, Outcome, Register,
+    decode_hub_frame, encode, CapabilityOffer, CapabilityOutcome, CapabilityQuery, DeviceReply,
+    DeviceRequest, DeviceSecret, DeviceToHub, Heartbeat, HubToDevice, Outcome, Payload, Register,
     SUPPORTED_VERSIONS,
 };
 use anyhow::{bail, Context, Result};
@@ -140,7 +140,7 @@ async fn register(ws_url: &str, token: String, offers: Vec<CapabilityOffer>) -> 
     });
     ws.send(Message::text(encode(&reg))).await?;
     match ws.next().await {
-        Some(Ok(Message::Text(t))) => match decode::<HubToDevice>(t.as_bytes(), usize::MAX)? {
+        Some(Ok(Message::Text(t))) => match decode_hub_frame(t.as_bytes(), usize::MAX)? {
             HubToDevice::Registered(_) => Ok(ws),
             other => bail!("registration refused: {other:?}"),
         },
@@ -181,7 +181,7 @@ async fn serve_echo(ws: Ws) {
             request_id,
             request: DeviceRequest::Capability { payload, .. },
             ..
-        }) = decode::<HubToDevice>(t.as_bytes(), usize::MAX)
+        }) = decode_hub_frame(t.as_bytes(), usize::MAX)
         {
             let answer = DeviceToHub::Response {
                 request_id,
@@ -203,7 +203,7 @@ struct Go {
 }
 
 /// One requesting device, idle (heartbeating) between runs.
-async fn adi_requester(mut ws: Ws, payload: serde_json::Value, mut go: mpsc::Receiver<Go>) {
+async fn adi_requester(mut ws: Ws, payload: Payload, mut go: mpsc::Receiver<Go>) {
     let query = CapabilityQuery::new(PROTOCOL, Some("1.0.0")).expect("valid query");
     let mut next_id = 1u64;
     let mut last_beat = Instant::now();
@@ -243,7 +243,7 @@ async fn adi_requester(mut ws: Ws, payload: serde_json::Value, mut go: mpsc::Rec
             let ok = loop {
                 match ws.next().await {
                     Some(Ok(Message::Text(t))) => {
-                        match decode::<HubToDevice>(t.as_bytes(), usize::MAX) {
+                        match decode_hub_frame(t.as_bytes(), usize::MAX) {
                             Ok(HubToDevice::CapabilityResponse { outcome, .. }) => {
                                 break matches!(outcome, CapabilityOutcome::Ok(_))
                             }
@@ -384,7 +384,7 @@ async fn bench(args: Args) -> Result<()> {
     let echo = CapabilityOffer::new(PROTOCOL, "1.0.0")?;
     let server = register(&ws_url, api.setup_token().await?, vec![echo]).await?;
     tokio::spawn(serve_echo(server));
-    let body = payload(args.payload);
+    let body = Payload::from(payload(args.payload));
     let mut requesters = Vec::new();
     for _ in 0..max {
         let ws = register(&ws_url, api.setup_token().await?, vec![]).await?;

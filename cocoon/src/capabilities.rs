@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use adi_protocol::capability::best_offer;
 use adi_protocol::tasks::NewTask;
-use adi_protocol::{CapabilityQuery, DeviceId, ErrorCode, RemoteError};
+use adi_protocol::{CapabilityQuery, DeviceId, ErrorCode, Payload, RemoteError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{watch, Semaphore};
 use tracing::debug;
@@ -62,9 +62,9 @@ impl CapabilityServer {
         &self,
         device: &DeviceId,
         query: &CapabilityQuery,
-        payload: serde_json::Value,
+        payload: Payload,
         deadline: Duration,
-    ) -> Result<serde_json::Value, RemoteError> {
+    ) -> Result<Payload, RemoteError> {
         let served = self.find(query).ok_or_else(|| {
             RemoteError::new(
                 ErrorCode::NoCapableDevice,
@@ -93,12 +93,12 @@ impl CapabilityServer {
         &self,
         device: &DeviceId,
         served: &Served,
-        payload: serde_json::Value,
-    ) -> Result<serde_json::Value, RemoteError> {
+        payload: Payload,
+    ) -> Result<Payload, RemoteError> {
         match served.offer.protocol.as_str() {
             // A task sent to "whichever device serves tasks": created and run here.
             "tasks" => {
-                let task: NewTask = serde_json::from_value(payload).map_err(|e| {
+                let task: NewTask = serde_json::from_str(payload.get()).map_err(|e| {
                     RemoteError::new(
                         ErrorCode::BadRequest,
                         format!("a tasks request is a new task ({{\"title\", \"command\"?, ...}}): {e}"),
@@ -108,7 +108,8 @@ impl CapabilityServer {
                     RemoteError::new(ErrorCode::BadRequest, format!("the task was refused: {e}"))
                 })?;
                 created.device_id = Some(device.clone());
-                serde_json::to_value(created)
+                serde_json::to_string(&created)
+                    .and_then(Payload::from_json)
                     .map_err(|e| RemoteError::new(ErrorCode::Internal, format!("encoding the task: {e}")))
             }
             other => Err(RemoteError::new(
@@ -118,15 +119,13 @@ impl CapabilityServer {
         }
     }
 
-    async fn http(
-        &self,
-        url: &str,
-        payload: &serde_json::Value,
-    ) -> Result<serde_json::Value, RemoteError> {
+    async fn http(&self, url: &str, payload: &Payload) -> Result<Payload, RemoteError> {
+        // The payload is JSON already: it goes as it came, without being printed again.
         let resp = self
             .http
             .post(url)
-            .json(payload)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(payload.get().to_owned())
             .send()
             .await
             .map_err(|e| {
@@ -149,7 +148,7 @@ impl CapabilityServer {
                 ),
             ));
         }
-        serde_json::from_slice(&body).map_err(|e| {
+        json_answer(body).map_err(|e| {
             RemoteError::new(
                 ErrorCode::UpstreamError,
                 format!("the plugin at {url} answered with something that is not JSON: {e}"),
@@ -161,8 +160,8 @@ impl CapabilityServer {
         &self,
         argv: &[String],
         cwd: &std::path::Path,
-        payload: &serde_json::Value,
-    ) -> Result<serde_json::Value, RemoteError> {
+        payload: &Payload,
+    ) -> Result<Payload, RemoteError> {
         let _slot = self
             .commands
             .acquire()
@@ -183,7 +182,7 @@ impl CapabilityServer {
                     format!("the plugin command {program:?} could not start: {e}"),
                 )
             })?;
-        let input = serde_json::to_vec(payload).unwrap_or_default();
+        let input = payload.get().as_bytes();
         let mut stdin = child.stdin.take();
         let mut stdout = child.stdout.take();
         let mut stderr = child.stderr.take();
@@ -191,7 +190,7 @@ impl CapabilityServer {
         let write = async {
             if let Some(mut s) = stdin.take() {
                 // A plugin that ignores its input closes the pipe early; that is fine.
-                let _ = s.write_all(&input).await;
+                let _ = s.write_all(input).await;
                 let _ = s.shutdown().await;
             }
         };
@@ -240,13 +239,19 @@ impl CapabilityServer {
                 ),
             ));
         }
-        serde_json::from_slice(&out).map_err(|e| {
+        json_answer(out).map_err(|e| {
             RemoteError::new(
                 ErrorCode::UpstreamError,
                 format!("the plugin command {program:?} printed something that is not JSON: {e}"),
             )
         })
     }
+}
+
+/// A plugin's answer, checked to be JSON and kept as it was written.
+fn json_answer(bytes: Vec<u8>) -> Result<Payload, String> {
+    let text = String::from_utf8(bytes).map_err(|e| e.to_string())?;
+    Payload::from_json(text).map_err(|e| e.to_string())
 }
 
 /// The body, refusing one over `max` bytes without holding more than that.

@@ -207,7 +207,7 @@ pub enum CocoonError {
 #[derive(Debug)]
 pub(crate) struct CapabilityCall {
     pub(crate) query: CapabilityQuery,
-    pub(crate) payload: serde_json::Value,
+    pub(crate) payload: adi_protocol::Payload,
     pub(crate) prefer: Option<DeviceId>,
     pub(crate) deadline: Duration,
     pub(crate) reply: oneshot::Sender<CapabilityOutcome>,
@@ -226,7 +226,7 @@ impl CapabilityClient {
     pub async fn request(
         &self,
         query: CapabilityQuery,
-        payload: serde_json::Value,
+        payload: adi_protocol::Payload,
         prefer: Option<DeviceId>,
         deadline: Duration,
     ) -> Result<CapabilityAnswer, RemoteError> {

@@ -351,7 +351,7 @@ async fn session(
                     Some(Err(e)) => return lost(true, format!("connection failed: {e}")),
                     Some(Ok(Message::Close(frame))) => return lost(true, close_reason(frame.as_ref())),
                     Some(Ok(Message::Text(t))) => {
-                        match decode::<HubToDevice>(t.as_bytes(), config.max_frame_bytes) {
+                        match adi_protocol::decode_hub_frame(t.as_bytes(), config.max_frame_bytes) {
                             Ok(HubToDevice::Error { code, message }) => warn!(%code, "hub reported an error: {message}"),
                             Ok(HubToDevice::Registered(_)) => warn!("unexpected second registration answer"),
                             // Opened now, before reading on: its body frames follow.

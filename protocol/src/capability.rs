@@ -245,7 +245,7 @@ pub struct RequestBody {
     pub version: Option<String>,
     /// Passed to the serving device as it is.
     #[serde(default)]
-    pub payload: serde_json::Value,
+    pub payload: crate::Payload,
     /// A device id to try first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefer_device: Option<String>,

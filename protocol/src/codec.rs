@@ -212,7 +212,7 @@ mod tests {
     }
 
     /// JSON payloads of the shapes plugins exchange: text, vectors, nested objects.
-    fn payload() -> impl Strategy<Value = serde_json::Value> {
+    fn payload() -> impl Strategy<Value = crate::Payload> {
         let leaf = prop_oneof![
             Just(serde_json::Value::Null),
             any::<bool>().prop_map(serde_json::Value::from),
@@ -226,6 +226,7 @@ mod tests {
                     .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
             ]
         })
+        .prop_map(crate::Payload::from)
     }
 
     fn hub_to_device() -> impl Strategy<Value = HubToDevice> {
@@ -305,14 +306,33 @@ mod tests {
         }
 
         #[test]
+        fn the_direct_path_decodes_what_the_general_one_does(a in device_to_hub(), b in hub_to_device()) {
+            let (a, b) = (encode(&a), encode(&b));
+            prop_assert_eq!(
+                crate::decode_device_frame(a.as_bytes(), usize::MAX),
+                decode::<DeviceToHub>(a.as_bytes(), usize::MAX)
+            );
+            prop_assert_eq!(
+                crate::decode_hub_frame(b.as_bytes(), usize::MAX),
+                decode::<HubToDevice>(b.as_bytes(), usize::MAX)
+            );
+        }
+
+        #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = decode::<DeviceToHub>(&bytes, DEFAULT_MAX_FRAME_BYTES);
             let _ = decode::<HubToDevice>(&bytes, DEFAULT_MAX_FRAME_BYTES);
+            let _ = crate::decode_device_frame(&bytes, DEFAULT_MAX_FRAME_BYTES);
+            let _ = crate::decode_hub_frame(&bytes, DEFAULT_MAX_FRAME_BYTES);
         }
 
         #[test]
         fn json_shaped_garbage_never_panics(s in "\\{\"type\":\"(register|heartbeat|service_register|capabilities_update|capability_request|response|x)\"(,\"[a-z_]{1,10}\":(\\[|\\{|\"|[0-9]|null|true)){0,4}\\}?") {
             let _ = decode::<DeviceToHub>(s.as_bytes(), DEFAULT_MAX_FRAME_BYTES);
+            prop_assert_eq!(
+                crate::decode_device_frame(s.as_bytes(), DEFAULT_MAX_FRAME_BYTES),
+                decode::<DeviceToHub>(s.as_bytes(), DEFAULT_MAX_FRAME_BYTES)
+            );
         }
     }
 

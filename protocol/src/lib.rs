@@ -36,14 +36,17 @@ pub mod capability;
 pub mod client;
 mod codec;
 mod error;
+mod fast;
 pub mod http;
 mod ids;
 mod messages;
+mod payload;
 pub mod tasks;
 
 pub use capability::{CapabilityOffer, CapabilityQuery};
 pub use codec::{decode, encode, DecodeError, DEFAULT_MAX_FRAME_BYTES};
 pub use error::ErrorCode;
+pub use fast::{decode_device_frame, decode_hub_frame};
 pub use ids::{DeviceId, DeviceSecret, InvalidId, SecretError, MIN_SECRET_LEN};
 pub use messages::{
     negotiate_version, CapabilityAnswer, CapabilityOutcome, DeviceReply, DeviceRequest,
@@ -51,3 +54,4 @@ pub use messages::{
     Outcome, ProxyHead, ProxyRequest, Register, Registered, RemoteError, ServiceHealth,
     ServiceInfo, PROTOCOL_VERSION, SUPPORTED_VERSIONS,
 };
+pub use payload::Payload;

@@ -255,7 +255,7 @@ pub enum DeviceToHub {
         capability: CapabilityQuery,
         /// The request, passed to the serving device as it is.
         #[serde(default)]
-        payload: serde_json::Value,
+        payload: crate::Payload,
         /// A device to try first.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         prefer_device: Option<DeviceId>,
@@ -381,7 +381,7 @@ pub enum DeviceRequest {
         capability: CapabilityQuery,
         /// The caller's request, as the caller gave it.
         #[serde(default)]
-        payload: serde_json::Value,
+        payload: crate::Payload,
     },
     /// Whether the device would run this task, without storing it; answered by
     /// [`DeviceReply::CanRun`].
@@ -438,7 +438,7 @@ pub enum DeviceReply {
     /// A capability's answer, as the serving plugin gave it.
     Capability {
         /// The answer.
-        payload: serde_json::Value,
+        payload: crate::Payload,
     },
 }
 
@@ -448,7 +448,7 @@ pub struct CapabilityAnswer {
     /// The device that served it.
     pub from_device: DeviceId,
     /// Its answer, unchanged.
-    pub payload: serde_json::Value,
+    pub payload: crate::Payload,
 }
 
 /// The outcome of a device's capability request: `{"ok": ...}` or `{"error": ...}`.

@@ -463,7 +463,7 @@ impl Connection {
         let Some(bytes) = frame_bytes(&msg) else {
             return Handled::Done;
         };
-        let decoded = decode::<DeviceToHub>(bytes, self.state.config.max_frame_bytes);
+        let decoded = adi_protocol::decode_device_frame(bytes, self.state.config.max_frame_bytes);
         match decoded {
             Err(e) => {
                 debug!(device_id = %self.config.id, conn_id = self.conn_id, "undecodable frame: {e}");
@@ -646,7 +646,7 @@ impl Connection {
         &mut self,
         request_id: u64,
         query: CapabilityQuery,
-        payload: serde_json::Value,
+        payload: adi_protocol::Payload,
         prefer: Option<DeviceId>,
         deadline_ms: u64,
     ) -> Option<HubToDevice> {

@@ -233,7 +233,7 @@ pub async fn request(
     state: &HubState,
     requester: &Requester,
     query: &CapabilityQuery,
-    payload: serde_json::Value,
+    payload: adi_protocol::Payload,
     prefer: Option<&DeviceId>,
     deadline: Duration,
 ) -> Result<CapabilityAnswer, RouteError> {

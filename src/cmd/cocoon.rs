@@ -641,8 +641,7 @@ async fn request(args: RequestArgs) -> Result<()> {
     } else {
         args.payload.clone()
     };
-    let payload: serde_json::Value =
-        serde_json::from_str(&raw).context("--payload is not valid JSON")?;
+    let payload = adi_protocol::Payload::from_json(raw).context("--payload is not valid JSON")?;
     let body = adi_protocol::capability::RequestBody {
         version,
         payload,
@@ -670,9 +669,15 @@ async fn request(args: RequestArgs) -> Result<()> {
     let answer: adi_protocol::CapabilityAnswer = serde_json::from_slice(&bytes)
         .context("the local API's answer is not what this adi expects")?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&answer)?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::to_value(&answer)?)?
+        );
     } else {
-        println!("{}", serde_json::to_string_pretty(&answer.payload)?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&answer.payload.to_value())?
+        );
         eprintln!("served by device {}", answer.from_device);
     }
     Ok(())

@@ -1,0 +1,274 @@
+//! Direct decoding of the frames of a capability round trip.
+//!
+//! serde reads an internally tagged message (`{"type": ...}`) by buffering the whole
+//! frame into a tree of its own first, and a flattened field (`outcome`, `request`)
+//! a second time, before building the message; the payload inside was parsed into a
+//! `Value` on top. For the four frames every capability request makes, the tag is
+//! known from the frame's first bytes (our encoder writes it first), so these are read
+//! in one pass straight into the message, and the payload stays raw text.
+//!
+//! Anything else, including these messages written in another field order or with
+//! a shape this path does not cover, goes the general way, which also gives the error.
+
+use serde::Deserialize;
+
+use crate::codec::{decode, DecodeError};
+use crate::{
+    CapabilityAnswer, CapabilityOutcome, CapabilityQuery, DeviceId, DeviceReply, DeviceRequest,
+    DeviceToHub, HubToDevice, Outcome, Payload, RemoteError,
+};
+
+const CAPABILITY_REQUEST: &[u8] = br#"{"type":"capability_request","#;
+const RESPONSE: &[u8] = br#"{"type":"response","#;
+const REQUEST: &[u8] = br#"{"type":"request","#;
+const CAPABILITY_RESPONSE: &[u8] = br#"{"type":"capability_response","#;
+
+/// Decodes a frame a device sent.
+pub fn decode_device_frame(frame: &[u8], max_len: usize) -> Result<DeviceToHub, DecodeError> {
+    if frame.len() <= max_len {
+        let fast = if frame.starts_with(CAPABILITY_REQUEST) {
+            capability_request(frame)
+        } else if frame.starts_with(RESPONSE) {
+            response(frame)
+        } else {
+            None
+        };
+        if let Some(msg) = fast {
+            return Ok(msg);
+        }
+    }
+    decode(frame, max_len)
+}
+
+/// Decodes a frame the hub sent.
+pub fn decode_hub_frame(frame: &[u8], max_len: usize) -> Result<HubToDevice, DecodeError> {
+    if frame.len() <= max_len {
+        let fast = if frame.starts_with(REQUEST) {
+            request(frame)
+        } else if frame.starts_with(CAPABILITY_RESPONSE) {
+            capability_response(frame)
+        } else {
+            None
+        };
+        if let Some(msg) = fast {
+            return Ok(msg);
+        }
+    }
+    decode(frame, max_len)
+}
+
+fn capability_request(frame: &[u8]) -> Option<DeviceToHub> {
+    #[derive(Deserialize)]
+    struct Frame {
+        request_id: u64,
+        capability: CapabilityQuery,
+        #[serde(default)]
+        payload: Payload,
+        #[serde(default)]
+        prefer_device: Option<DeviceId>,
+        deadline_ms: u64,
+    }
+    let f: Frame = serde_json::from_slice(frame).ok()?;
+    Some(DeviceToHub::CapabilityRequest {
+        request_id: f.request_id,
+        capability: f.capability,
+        payload: f.payload,
+        prefer_device: f.prefer_device,
+        deadline_ms: f.deadline_ms,
+    })
+}
+
+/// The one kind of reply this path reads; any other fails here and goes the general way.
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum CapabilityKind {
+    Capability,
+}
+
+fn response(frame: &[u8]) -> Option<DeviceToHub> {
+    #[derive(Deserialize)]
+    struct Reply {
+        #[allow(dead_code)]
+        kind: CapabilityKind,
+        payload: Payload,
+    }
+    #[derive(Deserialize)]
+    struct Frame {
+        request_id: u64,
+        ok: Option<Reply>,
+        error: Option<RemoteError>,
+    }
+    let f: Frame = serde_json::from_slice(frame).ok()?;
+    let outcome = match (f.ok, f.error) {
+        (Some(reply), None) => Outcome::Ok(DeviceReply::Capability {
+            payload: reply.payload,
+        }),
+        (None, Some(e)) => Outcome::Error(e),
+        _ => return None,
+    };
+    Some(DeviceToHub::Response {
+        request_id: f.request_id,
+        outcome,
+    })
+}
+
+fn request(frame: &[u8]) -> Option<HubToDevice> {
+    #[derive(Deserialize)]
+    struct Frame {
+        request_id: u64,
+        deadline_ms: u64,
+        #[allow(dead_code)]
+        op: CapabilityKind,
+        capability: CapabilityQuery,
+        #[serde(default)]
+        payload: Payload,
+    }
+    let f: Frame = serde_json::from_slice(frame).ok()?;
+    Some(HubToDevice::Request {
+        request_id: f.request_id,
+        deadline_ms: f.deadline_ms,
+        request: DeviceRequest::Capability {
+            capability: f.capability,
+            payload: f.payload,
+        },
+    })
+}
+
+fn capability_response(frame: &[u8]) -> Option<HubToDevice> {
+    #[derive(Deserialize)]
+    struct Frame {
+        request_id: u64,
+        ok: Option<CapabilityAnswer>,
+        error: Option<RemoteError>,
+    }
+    let f: Frame = serde_json::from_slice(frame).ok()?;
+    let outcome = match (f.ok, f.error) {
+        (Some(answer), None) => CapabilityOutcome::Ok(answer),
+        (None, Some(e)) => CapabilityOutcome::Error(e),
+        _ => return None,
+    };
+    Some(HubToDevice::CapabilityResponse {
+        request_id: f.request_id,
+        outcome,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{encode, ErrorCode};
+
+    const MAX: usize = crate::DEFAULT_MAX_FRAME_BYTES;
+
+    fn spaced() -> Payload {
+        Payload::from_json(r#"{ "text" : "hi", "v" : [1.50, 2] }"#.into()).expect("json")
+    }
+
+    #[test]
+    fn round_trip_frames_keep_their_payload_as_sent() {
+        // The general way would print the payload again (`{"text":"hi","v":[1.5,2]}`);
+        // the spacing surviving shows these frames took the direct path.
+        let query: CapabilityQuery = "embeddings@1.0.0".parse().expect("query");
+        let frames = [
+            encode(&DeviceToHub::CapabilityRequest {
+                request_id: 9,
+                capability: query.clone(),
+                payload: spaced(),
+                prefer_device: Some(DeviceId::from_mac(&[1; 16])),
+                deadline_ms: 500,
+            }),
+            encode(&DeviceToHub::Response {
+                request_id: 4,
+                outcome: Outcome::Ok(DeviceReply::Capability { payload: spaced() }),
+            }),
+        ];
+        for frame in &frames {
+            let msg = decode_device_frame(frame.as_bytes(), MAX).expect("decodes");
+            assert_eq!(
+                msg,
+                decode::<DeviceToHub>(frame.as_bytes(), MAX).expect("same")
+            );
+            assert!(encode(&msg).contains(spaced().get()), "{frame}");
+        }
+        let frames = [
+            encode(&HubToDevice::Request {
+                request_id: 2,
+                deadline_ms: 30_000,
+                request: DeviceRequest::Capability {
+                    capability: query,
+                    payload: spaced(),
+                },
+            }),
+            encode(&HubToDevice::CapabilityResponse {
+                request_id: 3,
+                outcome: CapabilityOutcome::Ok(CapabilityAnswer {
+                    from_device: DeviceId::from_mac(&[2; 16]),
+                    payload: spaced(),
+                }),
+            }),
+        ];
+        for frame in &frames {
+            let msg = decode_hub_frame(frame.as_bytes(), MAX).expect("decodes");
+            assert_eq!(
+                msg,
+                decode::<HubToDevice>(frame.as_bytes(), MAX).expect("same")
+            );
+            assert!(encode(&msg).contains(spaced().get()), "{frame}");
+        }
+    }
+
+    #[test]
+    fn other_shapes_go_the_general_way() {
+        let stats = encode(&DeviceToHub::Response {
+            request_id: 1,
+            outcome: Outcome::Error(RemoteError::new(ErrorCode::NotFound, "no task")),
+        });
+        assert_eq!(
+            decode_device_frame(stats.as_bytes(), MAX).expect("decodes"),
+            decode::<DeviceToHub>(stats.as_bytes(), MAX).expect("decodes")
+        );
+        // A task request is not a capability one: the direct path declines it.
+        let task = br#"{"type":"request","request_id":1,"deadline_ms":5,"op":"task_stats"}"#;
+        assert_eq!(
+            decode_hub_frame(task, MAX).expect("decodes"),
+            HubToDevice::Request {
+                request_id: 1,
+                deadline_ms: 5,
+                request: DeviceRequest::TaskStats,
+            }
+        );
+        // Both an answer and an error: refused as the general way refuses it.
+        let both = br#"{"type":"capability_response","request_id":1,"ok":{"from_device":"00","payload":1},"error":{"code":"internal","message":"x"}}"#;
+        assert_eq!(
+            decode_hub_frame(both, MAX).map_err(|e| e.to_string()),
+            decode::<HubToDevice>(both, MAX).map_err(|e| e.to_string())
+        );
+        // Fields in another order, tag last: still decoded.
+        let late = br#"{"request_id":5,"capability":{"protocol":"x"},"deadline_ms":1,"type":"capability_request"}"#;
+        assert!(matches!(
+            decode_device_frame(late, MAX),
+            Ok(DeviceToHub::CapabilityRequest { request_id: 5, .. })
+        ));
+    }
+
+    #[test]
+    fn broken_and_oversized_frames_get_the_general_errors() {
+        let broken =
+            br#"{"type":"response","request_id":1,"ok":{"kind":"capability","payload":{]}}"#;
+        assert_eq!(
+            decode_device_frame(broken, MAX),
+            decode::<DeviceToHub>(broken, MAX)
+        );
+        assert!(decode_device_frame(broken, MAX).is_err());
+        let big = encode(&DeviceToHub::Response {
+            request_id: 1,
+            outcome: Outcome::Ok(DeviceReply::Capability {
+                payload: Payload::from_value(&serde_json::json!("x".repeat(200))),
+            }),
+        });
+        assert!(matches!(
+            decode_device_frame(big.as_bytes(), 100),
+            Err(DecodeError::TooLarge { max: 100, .. })
+        ));
+    }
+}
