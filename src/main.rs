@@ -2,6 +2,10 @@
 //! plus the client commands people use. This file only parses arguments, sets up
 //! logging and hands over to the command modules.
 
+/// The hub and the cocoon allocate and free buffers on every proxied request from
+/// several tokio workers; glibc's arenas and fastbin consolidation cost a fifth of
+/// their CPU there, jemalloc's per-thread caches much less, at the same idle RSS
+/// (measured in `benches/proxy.rs` and `benches/connections.rs`, see BENCHMARKS.md).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

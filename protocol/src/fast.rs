@@ -25,14 +25,43 @@ const CAPABILITY_RESPONSE: &[u8] = br#"{"type":"capability_response","#;
 
 /// Decodes a frame a device sent.
 pub fn decode_device_frame(frame: &[u8], max_len: usize) -> Result<DeviceToHub, DecodeError> {
+    direct_or_general(
+        frame,
+        max_len,
+        &[
+            (CAPABILITY_REQUEST, capability_request),
+            (RESPONSE, response),
+        ],
+    )
+}
+
+/// Decodes a frame the hub sent.
+pub fn decode_hub_frame(frame: &[u8], max_len: usize) -> Result<HubToDevice, DecodeError> {
+    direct_or_general(
+        frame,
+        max_len,
+        &[
+            (REQUEST, request),
+            (CAPABILITY_RESPONSE, capability_response),
+        ],
+    )
+}
+
+/// A direct reader for frames that start with a prefix: `None` declines the frame.
+type Direct<T> = (&'static [u8], fn(&[u8]) -> Option<T>);
+
+/// The message from the first direct reader whose prefix the frame starts with and
+/// that accepts it; otherwise the general decoder's answer.
+fn direct_or_general<T: serde::de::DeserializeOwned>(
+    frame: &[u8],
+    max_len: usize,
+    direct: &[Direct<T>],
+) -> Result<T, DecodeError> {
     if frame.len() <= max_len {
-        let fast = if frame.starts_with(CAPABILITY_REQUEST) {
-            capability_request(frame)
-        } else if frame.starts_with(RESPONSE) {
-            response(frame)
-        } else {
-            None
-        };
+        let fast = direct
+            .iter()
+            .find(|(prefix, _)| frame.starts_with(prefix))
+            .and_then(|(_, read)| read(frame));
         if let Some(msg) = fast {
             return Ok(msg);
         }
@@ -40,21 +69,13 @@ pub fn decode_device_frame(frame: &[u8], max_len: usize) -> Result<DeviceToHub, 
     decode(frame, max_len)
 }
 
-/// Decodes a frame the hub sent.
-pub fn decode_hub_frame(frame: &[u8], max_len: usize) -> Result<HubToDevice, DecodeError> {
-    if frame.len() <= max_len {
-        let fast = if frame.starts_with(REQUEST) {
-            request(frame)
-        } else if frame.starts_with(CAPABILITY_RESPONSE) {
-            capability_response(frame)
-        } else {
-            None
-        };
-        if let Some(msg) = fast {
-            return Ok(msg);
-        }
+/// Exactly one of an answer and an error, as the general way requires.
+fn one_of<A>(ok: Option<A>, error: Option<RemoteError>) -> Option<Result<A, RemoteError>> {
+    match (ok, error) {
+        (Some(a), None) => Some(Ok(a)),
+        (None, Some(e)) => Some(Err(e)),
+        _ => None,
     }
-    decode(frame, max_len)
 }
 
 fn capability_request(frame: &[u8]) -> Option<DeviceToHub> {
@@ -99,12 +120,11 @@ fn response(frame: &[u8]) -> Option<DeviceToHub> {
         error: Option<RemoteError>,
     }
     let f: Frame = serde_json::from_slice(frame).ok()?;
-    let outcome = match (f.ok, f.error) {
-        (Some(reply), None) => Outcome::Ok(DeviceReply::Capability {
+    let outcome = match one_of(f.ok, f.error)? {
+        Ok(reply) => Outcome::Ok(DeviceReply::Capability {
             payload: reply.payload,
         }),
-        (None, Some(e)) => Outcome::Error(e),
-        _ => return None,
+        Err(e) => Outcome::Error(e),
     };
     Some(DeviceToHub::Response {
         request_id: f.request_id,
@@ -142,10 +162,9 @@ fn capability_response(frame: &[u8]) -> Option<HubToDevice> {
         error: Option<RemoteError>,
     }
     let f: Frame = serde_json::from_slice(frame).ok()?;
-    let outcome = match (f.ok, f.error) {
-        (Some(answer), None) => CapabilityOutcome::Ok(answer),
-        (None, Some(e)) => CapabilityOutcome::Error(e),
-        _ => return None,
+    let outcome = match one_of(f.ok, f.error)? {
+        Ok(answer) => CapabilityOutcome::Ok(answer),
+        Err(e) => CapabilityOutcome::Error(e),
     };
     Some(HubToDevice::CapabilityResponse {
         request_id: f.request_id,

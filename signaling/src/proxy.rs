@@ -186,19 +186,7 @@ async fn proxy(
     debug!(parent: &span, status = head.status, "proxied response");
     let mut resp = Response::new(response_body(head.body, opened.response_body));
     *resp.status_mut() = StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);
-    let connection = header_value(&head.headers, "connection");
-    let headers = resp.headers_mut();
-    for (name, value) in &head.headers {
-        if is_hop_by_hop(name, connection.as_deref()) {
-            continue;
-        }
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::try_from(name.as_str()),
-            HeaderValue::try_from(value.as_str()),
-        ) {
-            headers.append(n, v);
-        }
-    }
+    copy_response_headers(&head.headers, resp.headers_mut());
     Ok(resp)
 }
 
