@@ -8,35 +8,43 @@
 //! The actor's future is what every connected device costs the hub for as long as it
 //! stays connected, so it is kept small: registration state lives in the upgrade task
 //! and is freed with it, the socket is moved into the actor once, rare slow paths
-//! (catalog writes) are boxed, there is no per-connection timer (the registry's sweeper
-//! watches for silence) and no per-connection span (events carry `device_id` and
-//! `conn_id` as fields).
+//! (catalog writes) are boxed, there is no per-connection timer until the device asks
+//! something of its own (then one, for the earliest deadline of its open requests; the
+//! registry's sweeper watches for silence) and no per-connection span (events carry
+//! `device_id` and `conn_id` as fields).
+//!
+//! A capability request the device makes is routed right here, without a task of its
+//! own: the serving device's actor queues the ending back on this connection, so a round
+//! trip takes two hand-offs between actors, as a broker's would.
 //!
 //! It must never panic on input: every frame either decodes or is answered with an
 //! error, and an oversized frame closes this connection alone.
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use adi_protocol::{
     decode, encode, negotiate_version, CapabilityOutcome, CapabilityQuery, DecodeError, DeviceId,
-    DeviceReply, DeviceToHub, ErrorCode, Hardware, HubToDevice, Outcome, Register, Registered,
-    RemoteError, SUPPORTED_VERSIONS,
+    DeviceToHub, ErrorCode, Hardware, HubToDevice, Outcome, Register, Registered, RemoteError,
+    SUPPORTED_VERSIONS,
 };
 use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket};
 use futures_util::SinkExt;
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::timeout;
-use tracing::{debug, info, warn, Instrument};
+use tokio::time::{timeout, Instant, Sleep};
+use tracing::{debug, info, warn};
 
 use crate::auth::unix_now_i64;
 use crate::catalog::{CatalogError, DeviceConfig, DeviceRecord, UserId};
-use crate::link::{ConnHandle, Next, Stop, MAX_DEVICE_REQUESTS};
+use crate::link::{AskSlot, ConnHandle, Next, Stop, MAX_DEVICE_REQUESTS};
 use crate::registry::ConnId;
-use crate::routing::Requester;
-use crate::rpc::{Answer, Call, Command, ProxyCall, ProxyOpened, ResponseHead, RpcError};
+use crate::routing::{self, Destination, Requester};
+use crate::rpc::{
+    Answer, Call, Command, Ended, ProxyCall, ProxyOpened, ReplyTo, ResponseHead, RpcError,
+};
 use crate::tokens::{self, TokenError};
 use crate::HubState;
 
@@ -119,6 +127,7 @@ pub(crate) async fn serve(state: Arc<HubState>, mut socket: WebSocket) {
         link,
         pending: HashMap::new(),
         next_request: 1,
+        asks: None,
         streams: None,
         frames: None,
         heads: HashMap::new(),
@@ -197,7 +206,6 @@ enum Handled {
     Store(Box<DeviceConfig>, &'static str),
 }
 
-type Reply = oneshot::Sender<Result<DeviceReply, RpcError>>;
 type HeadReply = oneshot::Sender<Result<ResponseHead, RpcError>>;
 
 /// The actor's state: everything one connected device holds in the hub.
@@ -211,8 +219,11 @@ struct Connection {
     link: ConnHandle,
     /// Requests sent to the device and not yet answered. Dropped with the actor, which
     /// fails every waiting caller with `Disconnected`.
-    pending: HashMap<u64, Reply>,
+    pending: HashMap<u64, ReplyTo>,
     next_request: u64,
+    /// Capability requests the device asked and the hub has not yet answered; made on
+    /// the first, since most devices never ask.
+    asks: Option<Box<Asks>>,
     /// Body streams of proxied exchanges, and the queue of their frames for the
     /// socket; made on the first one, since most devices never carry a body and an
     /// idle connection should stay small.
@@ -251,6 +262,7 @@ impl Connection {
                         let Answer { msg, slot } = *answer;
                         (Some(self.fit(msg)), slot)
                     }
+                    Next::Command(Command::Ended(ended)) => (self.ended(*ended), None),
                 },
                 Some(frame) = next_frame(&mut self.frames) => (Some(Message::Binary(frame)), None),
                 frame = self.socket.recv() => {
@@ -273,6 +285,7 @@ impl Connection {
                     };
                     (reply, None)
                 }
+                () = Asks::expiry(&mut self.asks) => (self.expire_asks(), None),
             };
             if let Some(frame) = frame {
                 if let Err(e) = self.write(frame).await {
@@ -297,6 +310,7 @@ impl Connection {
                     drop(slot);
                     Some(frame)
                 }
+                Some(Command::Ended(ended)) => self.ended(*ended),
                 None => match self.frames.as_mut().and_then(|rx| rx.try_recv().ok()) {
                     Some(frame) => Some(Message::Binary(frame)),
                     None => break,
@@ -429,7 +443,7 @@ impl Connection {
             self.pending.retain(|_, reply| !reply.is_closed());
         }
         if self.pending.len() >= MAX_IN_FLIGHT {
-            let _ = call.reply.send(Err(RpcError::Busy));
+            call.reply.end(Err(RpcError::Busy));
             return None;
         }
         let request_id = self.next_request;
@@ -444,7 +458,7 @@ impl Connection {
         // one request here keeps everything else on the link going.
         let max = self.state.config.max_frame_bytes;
         if frame.len() > max {
-            let _ = call.reply.send(Err(RpcError::Remote(RemoteError {
+            call.reply.end(Err(RpcError::Remote(RemoteError {
                 code: ErrorCode::PayloadTooLarge,
                 message: format!(
                     "the request is {} bytes; at most {max} fit in one frame to the device",
@@ -536,12 +550,10 @@ impl Connection {
                 outcome,
             }) => {
                 match self.pending.remove(&request_id) {
-                    Some(reply) => {
-                        let _ = reply.send(match outcome {
-                            Outcome::Ok(r) => Ok(r),
-                            Outcome::Error(e) => Err(RpcError::Remote(e)),
-                        });
-                    }
+                    Some(reply) => reply.end(match outcome {
+                        Outcome::Ok(r) => Ok(r),
+                        Outcome::Error(e) => Err(RpcError::Remote(e)),
+                    }),
                     None => debug!(
                         device_id = %self.config.id,
                         conn_id = self.conn_id,
@@ -640,8 +652,9 @@ impl Connection {
         }
     }
 
-    /// Routes a capability request the device made, in its own task; the answer comes
-    /// back through this connection's queue, exactly once.
+    /// Routes a capability request the device made. Nothing waits for it here: the
+    /// serving device's connection queues the ending back on this one, and this actor
+    /// keeps the deadline, so a request ends exactly once, by its deadline.
     fn capability_request(
         &mut self,
         request_id: u64,
@@ -659,6 +672,16 @@ impl Connection {
         if let Err(e) = adi_protocol::capability::validate_protocol(&query.protocol) {
             return refuse(ErrorCode::BadRequest, e.to_string());
         }
+        if self
+            .asks
+            .as_ref()
+            .is_some_and(|a| a.open.contains_key(&request_id))
+        {
+            return refuse(
+                ErrorCode::BadRequest,
+                format!("request {request_id} is already open"),
+            );
+        }
         let Some(slot) = self.link.try_ask() else {
             return refuse(
                 ErrorCode::UpstreamError,
@@ -674,48 +697,145 @@ impl Connection {
             id: self.config.id.clone(),
             owners,
         };
-        let deadline = Duration::from_millis(deadline_ms).min(MAX_CAPABILITY_DEADLINE);
-        let state = self.state.clone();
-        let link = self.link.clone();
-        let span = tracing::debug_span!(
-            "capability_request",
-            device_id = %self.config.id,
-            request_id,
-            protocol = %query.protocol
-        );
-        tokio::spawn(
-            async move {
-                let outcome = match crate::routing::request(
-                    &state,
-                    &requester,
-                    &query,
-                    payload,
-                    prefer.as_ref(),
-                    deadline,
-                )
-                .await
-                {
-                    Ok(answer) => CapabilityOutcome::Ok(answer),
-                    Err(e) => {
-                        debug!(code = %e.code(), "capability request not served: {e}");
-                        CapabilityOutcome::Error(e.to_remote())
-                    }
-                };
-                let msg = HubToDevice::CapabilityResponse {
+        let order = match routing::choose(&self.state, &requester, &query, prefer.as_ref()) {
+            Ok(order) => order,
+            Err(e) => {
+                debug!(device_id = %self.config.id, request_id, code = %e.code(), "capability request not served: {e}");
+                return Some(HubToDevice::CapabilityResponse {
                     request_id,
-                    outcome,
-                };
-                // Never refused for room (the slot bounds the answers); fails only if
-                // the connection is gone, and then nobody is left to answer.
-                let answer = Answer {
-                    msg,
-                    slot: Some(slot),
-                };
-                let _ = link.try_send(Command::Send(Box::new(answer)));
+                    outcome: CapabilityOutcome::Error(e.to_remote()),
+                });
             }
-            .instrument(span),
+        };
+        let wait = Duration::from_millis(deadline_ms).min(MAX_CAPABILITY_DEADLINE);
+        let deadline = Instant::now() + wait;
+        let asks = self
+            .asks
+            .get_or_insert_with(|| Box::new(Asks::new(deadline)));
+        let ask = asks.open(request_id, deadline, wait, slot);
+        let to = Destination::Device {
+            link: self.link.clone(),
+            request_id,
+            ask,
+        };
+        routing::dispatch(
+            &self.state,
+            &order,
+            &requester,
+            &query,
+            payload,
+            deadline,
+            to,
         );
         None
+    }
+
+    /// The frame for a routed request's ending, unless that request already ended.
+    fn ended(&mut self, ended: Ended) -> Option<Message> {
+        let open = self.asks.as_mut()?.close(ended.request_id, ended.ask)?;
+        drop(open);
+        Some(self.fit(HubToDevice::CapabilityResponse {
+            request_id: ended.request_id,
+            outcome: ended.outcome,
+        }))
+    }
+
+    /// Answers `timeout` to every request whose deadline has passed. Rare, so the
+    /// answers go through this connection's own queue rather than in one batch here.
+    fn expire_asks(&mut self) -> Option<Message> {
+        let asks = self.asks.as_mut()?;
+        for (request_id, wait) in asks.expire(Instant::now()) {
+            let msg = HubToDevice::CapabilityResponse {
+                request_id,
+                outcome: CapabilityOutcome::Error(routing::timed_out(wait).to_remote()),
+            };
+            let _ = self
+                .link
+                .try_send(Command::Send(Box::new(Answer { msg, slot: None })));
+        }
+        None
+    }
+}
+
+/// The capability requests one device has open, with the earliest deadline armed.
+struct Asks {
+    open: HashMap<u64, Open>,
+    next: u64,
+    timer: Pin<Box<Sleep>>,
+    /// Whether `timer` stands for an open request; when none is open it stays idle.
+    armed: bool,
+}
+
+/// One open request of the device's: its slot is freed when the request ends.
+struct Open {
+    ask: u64,
+    deadline: Instant,
+    wait: Duration,
+    _slot: AskSlot,
+}
+
+impl Asks {
+    fn new(deadline: Instant) -> Self {
+        Asks {
+            open: HashMap::new(),
+            next: 1,
+            timer: Box::pin(tokio::time::sleep_until(deadline)),
+            armed: false,
+        }
+    }
+
+    /// Notes a new request; returns the hub's number for it.
+    fn open(&mut self, request_id: u64, deadline: Instant, wait: Duration, slot: AskSlot) -> u64 {
+        let ask = self.next;
+        self.next += 1;
+        self.open.insert(
+            request_id,
+            Open {
+                ask,
+                deadline,
+                wait,
+                _slot: slot,
+            },
+        );
+        if !self.armed || deadline < self.timer.deadline() {
+            self.timer.as_mut().reset(deadline);
+            self.armed = true;
+        }
+        ask
+    }
+
+    /// Ends request `request_id` if it is still the one numbered `ask`.
+    fn close(&mut self, request_id: u64, ask: u64) -> Option<Open> {
+        match self.open.get(&request_id) {
+            Some(open) if open.ask == ask => self.open.remove(&request_id),
+            _ => None,
+        }
+    }
+
+    /// Ends every request due by `now`, and arms the timer for the next one.
+    fn expire(&mut self, now: Instant) -> Vec<(u64, Duration)> {
+        let due: Vec<(u64, Duration)> = self
+            .open
+            .iter()
+            .filter(|(_, o)| o.deadline <= now)
+            .map(|(id, o)| (*id, o.wait))
+            .collect();
+        for (id, _) in &due {
+            self.open.remove(id);
+        }
+        match self.open.values().map(|o| o.deadline).min() {
+            Some(next) => self.timer.as_mut().reset(next),
+            None => self.armed = false,
+        }
+        due
+    }
+
+    /// Resolves when the earliest open request is due; never while none is open.
+    async fn expiry(asks: &mut Option<Box<Asks>>) {
+        match asks {
+            Some(a) if a.armed => a.timer.as_mut().await,
+            _ => std::future::pending().await,
+        }
     }
 }
 

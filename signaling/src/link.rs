@@ -111,15 +111,20 @@ impl ConnHandle {
 
     /// Queues a request for the device, or says why not; never waits.
     pub fn try_send(&self, command: Command) -> Result<(), Refused> {
+        self.try_send_or_return(command).map_err(|(why, _)| why)
+    }
+
+    /// Queues a command, or gives it back with the reason it was refused, for a caller
+    /// that must end what the command carries itself.
+    pub fn try_send_or_return(&self, command: Command) -> Result<(), (Refused, Command)> {
         let waker = {
             let mut inner = self.lock();
             if inner.closed || inner.stop.is_some() {
-                return Err(Refused::Closed);
+                return Err((Refused::Closed, command));
             }
-            let request = !matches!(command, Command::Send(_));
-            if request {
+            if command.is_request() {
                 if inner.requests >= MAX_QUEUED_REQUESTS {
-                    return Err(Refused::Full);
+                    return Err((Refused::Full, command));
                 }
                 inner.requests += 1;
             }
@@ -146,6 +151,12 @@ impl ConnHandle {
         }
     }
 
+    /// Whether the connection takes no more commands: its actor is stopping or gone.
+    pub fn is_closed(&self) -> bool {
+        let inner = self.lock();
+        inner.closed || inner.stop.is_some()
+    }
+
     /// Whether the actor has been told to stop, and why.
     pub fn stopped(&self) -> Option<Stop> {
         self.lock().stop
@@ -165,7 +176,7 @@ impl ConnHandle {
             return None;
         }
         let command = inner.queue.pop_front()?;
-        if !matches!(command, Command::Send(_)) {
+        if command.is_request() {
             inner.requests -= 1;
         }
         if inner.queue.is_empty() {
@@ -180,7 +191,7 @@ impl ConnHandle {
             return Poll::Ready(Next::Stop(why));
         }
         if let Some(command) = inner.queue.pop_front() {
-            if !matches!(command, Command::Send(_)) {
+            if command.is_request() {
                 inner.requests -= 1;
             }
             if inner.queue.is_empty() {
@@ -279,7 +290,7 @@ impl fmt::Debug for AskSlot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rpc::{Answer, Call, RpcError};
+    use crate::rpc::{Answer, Call, ReplyTo, RpcError};
     use adi_protocol::{DeviceReply, DeviceRequest, HubToDevice};
     use std::time::Duration;
     use tokio::sync::oneshot;
@@ -289,7 +300,7 @@ mod tests {
         let call = Call {
             request: DeviceRequest::TaskStats,
             deadline: Duration::from_secs(1),
-            reply: tx,
+            reply: ReplyTo::Waiter(tx),
         };
         (Command::Request(Box::new(call)), rx)
     }

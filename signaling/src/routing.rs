@@ -2,6 +2,9 @@
 //! WebSocket) asks for `embeddings:1.0.0`, and the hub picks the device that serves it.
 //!
 //! This module owns the choice (who may be asked, in which order) and the one retry.
+//! A request in flight is a [`Routed`] in the serving device's table of pending
+//! requests; whatever happens to it there (answered, failed, dropped with the
+//! connection) ends it exactly once, towards whoever asked or on to the next device.
 //! It reads the RAM registry only, never the catalog, and it never reaches a device the
 //! caller may not use: permission is checked before a request is sent.
 //!
@@ -16,15 +19,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use adi_protocol::{
-    CapabilityAnswer, CapabilityQuery, DeviceId, DeviceReply, DeviceRequest, ErrorCode, LoadReport,
-    RemoteError,
+    CapabilityAnswer, CapabilityOutcome, CapabilityQuery, DeviceId, DeviceReply, DeviceRequest,
+    ErrorCode, LoadReport, RemoteError,
 };
+use tokio::sync::oneshot;
 use tokio::time::Instant;
-use tracing::{debug, debug_span, Instrument};
+use tracing::debug;
 
 use crate::catalog::UserId;
 use crate::registry::{Candidate, ConnHandle};
-use crate::rpc::{self, RpcError};
+use crate::rpc::{self, Call, Command, Ended, ReplyTo, RpcError};
 use crate::HubState;
 
 /// Scores closer than this to the best count as equal, so equal devices share the work.
@@ -226,77 +230,262 @@ fn failed(e: RpcError, device: &DeviceId) -> RouteError {
     }
 }
 
-/// Serves one capability request: chooses, asks, and retries once on the next device
-/// when the first failed before answering and its offer is idempotent. Ends exactly
-/// once, by `deadline` at the latest.
+/// Serves one capability request for a caller in this hub (the REST API): chooses,
+/// sends, and waits for the one ending, by `deadline` at the latest.
 pub async fn request(
-    state: &HubState,
+    state: &Arc<HubState>,
     requester: &Requester,
     query: &CapabilityQuery,
     payload: adi_protocol::Payload,
     prefer: Option<&DeviceId>,
     deadline: Duration,
 ) -> Result<CapabilityAnswer, RouteError> {
-    let started = Instant::now();
     let order = choose(state, requester, query, prefer)?;
-    let attempts = if order[0].offer.idempotent { 2 } else { 1 };
-    let attempts = attempts.min(order.len());
-    // Kept for a retry only when there can be one; otherwise moved into the request.
-    let mut payload = Some(payload);
-    let mut last = None;
-    for (attempt, candidate) in order.iter().take(attempts).enumerate() {
-        let body = if attempt + 1 < attempts {
-            payload.clone()
-        } else {
-            payload.take()
-        }
-        .unwrap_or_default();
-        let left = deadline.saturating_sub(started.elapsed());
-        if left.is_zero() {
-            break;
-        }
-        let span = debug_span!("capability", device_id = %candidate.id, attempt);
-        let asked = async {
-            let _counted = InFlight::new(candidate);
-            rpc::call(
-                &candidate.handle,
-                DeviceRequest::Capability {
-                    capability: query.clone(),
-                    payload: body,
-                },
-                left,
-            )
-            .await
-        }
-        .instrument(span)
-        .await;
-        match asked {
-            Ok(DeviceReply::Capability { payload }) => {
-                return Ok(CapabilityAnswer {
-                    from_device: candidate.id.clone(),
-                    payload,
-                })
+    let (tx, rx) = oneshot::channel();
+    dispatch(
+        state,
+        &order,
+        requester,
+        query,
+        payload,
+        Instant::now() + deadline,
+        Destination::Waiter(tx),
+    );
+    match tokio::time::timeout(deadline, rx).await {
+        Ok(Ok(ending)) => ending,
+        // A route always ends, if only by being dropped; this is a hub shutting down.
+        Ok(Err(_)) => Err(RouteError::Failed {
+            code: ErrorCode::DeviceOffline,
+            message: "the hub stopped before the device answered".into(),
+        }),
+        Err(_) => Err(timed_out(deadline)),
+    }
+}
+
+/// The ending of a request whose deadline passed with no answer.
+pub fn timed_out(deadline: Duration) -> RouteError {
+    RouteError::Failed {
+        code: ErrorCode::Timeout,
+        message: format!("no answer within {deadline:?}"),
+    }
+}
+
+/// Sends a capability request to the first device of `order` (from [`choose`]); its
+/// one ending goes to `to`. Nothing waits here: the serving device's connection hands
+/// the answer straight to `to`, and a failure before the device answered sends an
+/// idempotent request on to the next best device once. The deadline is not kept here
+/// but by whoever waits at `to`, which may stop waiting at any time.
+pub(crate) fn dispatch(
+    state: &Arc<HubState>,
+    order: &[Candidate],
+    requester: &Requester,
+    query: &CapabilityQuery,
+    payload: adi_protocol::Payload,
+    deadline: Instant,
+    to: Destination,
+) {
+    let Some(first) = order.first() else {
+        to.deliver(Err(RouteError::NoCapableDevice(query.to_string())));
+        return;
+    };
+    // The payload is copied for a second attempt only when there can be one.
+    let retry = (first.offer.idempotent && order.len() > 1).then(|| Retry {
+        state: state.clone(),
+        requester: requester.clone(),
+        query: query.clone(),
+        payload: payload.clone(),
+    });
+    send(first, query, payload, deadline, to, retry);
+}
+
+/// Where a routed request's one ending goes.
+#[derive(Debug)]
+pub(crate) enum Destination {
+    /// A device's own request: the ending is queued on its connection, which writes it
+    /// unless the request has already timed out there.
+    Device {
+        /// The asking device's connection.
+        link: ConnHandle,
+        /// The device's id for the request.
+        request_id: u64,
+        /// The connection's own number for it.
+        ask: u64,
+    },
+    /// A caller in this hub.
+    Waiter(oneshot::Sender<Result<CapabilityAnswer, RouteError>>),
+}
+
+impl Destination {
+    fn deliver(self, ending: Result<CapabilityAnswer, RouteError>) {
+        match self {
+            Destination::Device {
+                link,
+                request_id,
+                ask,
+            } => {
+                let outcome = match ending {
+                    Ok(answer) => CapabilityOutcome::Ok(answer),
+                    Err(e) => {
+                        debug!(request_id, code = %e.code(), "capability request not served: {e}");
+                        CapabilityOutcome::Error(e.to_remote())
+                    }
+                };
+                // Endings are never refused for room; this fails only when the asking
+                // device is gone, and then nobody is left to tell.
+                let _ = link.try_send(Command::Ended(Box::new(Ended {
+                    request_id,
+                    ask,
+                    outcome,
+                })));
             }
-            Ok(_) => {
-                return Err(RouteError::Failed {
-                    code: ErrorCode::UpstreamError,
-                    message: format!("device {} answered with something else", candidate.id),
-                })
-            }
-            Err(e) => {
-                debug!(device_id = %candidate.id, attempt, "capability request failed: {e}");
-                let retry = worth_retrying(&e);
-                last = Some(failed(e, &candidate.id));
-                if !retry {
-                    break;
-                }
+            Destination::Waiter(tx) => {
+                let _ = tx.send(ending);
             }
         }
     }
-    Err(last.unwrap_or_else(|| RouteError::Failed {
-        code: ErrorCode::Timeout,
-        message: format!("no answer within {deadline:?}"),
-    }))
+
+    fn is_gone(&self) -> bool {
+        match self {
+            Destination::Device { link, .. } => link.is_closed(),
+            Destination::Waiter(tx) => tx.is_closed(),
+        }
+    }
+}
+
+/// What a second attempt needs.
+struct Retry {
+    state: Arc<HubState>,
+    requester: Requester,
+    query: CapabilityQuery,
+    payload: adi_protocol::Payload,
+}
+
+/// A capability request on its way to one device. It ends exactly once: with the
+/// device's answer, with its error, or, dropped unanswered (the device's connection
+/// ended, or its queue was dropped), as if the device disconnected.
+#[derive(Debug)]
+pub struct Routed(Option<Box<Route>>);
+
+struct Route {
+    to: Destination,
+    device: DeviceId,
+    counted: InFlight,
+    deadline: Instant,
+    retry: Option<Retry>,
+}
+
+impl std::fmt::Debug for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Route")
+            .field("device", &self.device)
+            .field("retry", &self.retry.is_some())
+            .finish()
+    }
+}
+
+impl Routed {
+    /// Ends the request with the device's answer, or why there is none.
+    pub fn end(mut self, answer: Result<DeviceReply, RpcError>) {
+        if let Some(route) = self.0.take() {
+            (*route).end(answer);
+        }
+    }
+
+    /// Whether whoever asked has stopped waiting.
+    pub fn is_abandoned(&self) -> bool {
+        self.0.as_ref().is_none_or(|r| r.to.is_gone())
+    }
+}
+
+impl Drop for Routed {
+    fn drop(&mut self) {
+        if let Some(route) = self.0.take() {
+            (*route).end(Err(RpcError::Disconnected));
+        }
+    }
+}
+
+impl Route {
+    fn end(self, answer: Result<DeviceReply, RpcError>) {
+        let Route {
+            to,
+            device,
+            counted,
+            deadline,
+            retry,
+        } = self;
+        // No longer in flight to this device, before the next one is chosen.
+        drop(counted);
+        let ending = match answer {
+            Ok(DeviceReply::Capability { payload }) => Ok(CapabilityAnswer {
+                from_device: device,
+                payload,
+            }),
+            Ok(_) => Err(RouteError::Failed {
+                code: ErrorCode::UpstreamError,
+                message: format!("device {device} answered with something else"),
+            }),
+            Err(e) => {
+                debug!(device_id = %device, "capability request failed: {e}");
+                if to.is_gone() {
+                    return;
+                }
+                if let Some(retry) = retry.filter(|_| worth_retrying(&e)) {
+                    if Instant::now() < deadline {
+                        if let Some(next) = retry.next_device(&device) {
+                            send(&next, &retry.query, retry.payload, deadline, to, None);
+                            return;
+                        }
+                    }
+                }
+                Err(failed(e, &device))
+            }
+        };
+        to.deliver(ending);
+    }
+}
+
+impl Retry {
+    /// The best device now, other than the one that failed.
+    fn next_device(&self, failed: &DeviceId) -> Option<Candidate> {
+        choose(&self.state, &self.requester, &self.query, None)
+            .ok()?
+            .into_iter()
+            .find(|c| &c.id != failed)
+    }
+}
+
+/// Hands one attempt to `candidate`'s connection; a refusal ends it at once.
+fn send(
+    candidate: &Candidate,
+    query: &CapabilityQuery,
+    payload: adi_protocol::Payload,
+    deadline: Instant,
+    to: Destination,
+    retry: Option<Retry>,
+) {
+    let left = deadline.saturating_duration_since(Instant::now());
+    let routed = Routed(Some(Box::new(Route {
+        to,
+        device: candidate.id.clone(),
+        counted: InFlight::new(candidate),
+        deadline,
+        retry,
+    })));
+    let call = Call {
+        request: DeviceRequest::Capability {
+            capability: query.clone(),
+            payload,
+        },
+        deadline: left,
+        reply: ReplyTo::Routed(routed),
+    };
+    if let Err((why, Command::Request(call))) = candidate
+        .handle
+        .try_send_or_return(Command::Request(Box::new(call)))
+    {
+        call.reply.end(Err(rpc::refused(why)));
+    }
 }
 
 #[cfg(test)]

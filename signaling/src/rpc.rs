@@ -22,6 +22,29 @@ pub enum Command {
     Proxy(Box<ProxyCall>),
     /// Send this message as it is: the answer to something the device asked.
     Send(Box<Answer>),
+    /// The ending of a capability request the device asked, from whichever device
+    /// served it; written unless the request already ended (its deadline passed).
+    Ended(Box<Ended>),
+}
+
+impl Command {
+    /// Whether this asks the device something: those are bounded by the queue, while
+    /// answers to the device's own requests are bounded by how many it may open.
+    pub fn is_request(&self) -> bool {
+        matches!(self, Command::Request(_) | Command::Proxy(_))
+    }
+}
+
+/// How a capability request the device asked ended, on its way back to the device.
+#[derive(Debug)]
+pub struct Ended {
+    /// The device's id for the request.
+    pub request_id: u64,
+    /// The hub's own number for that request, so an ending that arrives after its
+    /// request timed out is not taken for a later request that reused the id.
+    pub ask: u64,
+    /// The answer, or why there is none.
+    pub outcome: adi_protocol::CapabilityOutcome,
 }
 
 /// A message for the device that answers something it asked.
@@ -79,7 +102,37 @@ pub struct Call {
     /// How long the caller waits (told to the device).
     pub deadline: Duration,
     /// Where the answer goes.
-    pub reply: oneshot::Sender<Result<DeviceReply, RpcError>>,
+    pub reply: ReplyTo,
+}
+
+/// Where a device's answer to a [`Call`] goes.
+#[derive(Debug)]
+pub enum ReplyTo {
+    /// A caller waiting in the hub, which keeps its own deadline.
+    Waiter(oneshot::Sender<Result<DeviceReply, RpcError>>),
+    /// A routed capability request, which ends itself: it goes back to whoever asked,
+    /// or on to the next device once.
+    Routed(crate::routing::Routed),
+}
+
+impl ReplyTo {
+    /// Hands the device's answer, or why there is none, to whoever waits for it.
+    pub fn end(self, answer: Result<DeviceReply, RpcError>) {
+        match self {
+            ReplyTo::Waiter(tx) => {
+                let _ = tx.send(answer);
+            }
+            ReplyTo::Routed(routed) => routed.end(answer),
+        }
+    }
+
+    /// Whether nobody waits for the answer any more.
+    pub fn is_closed(&self) -> bool {
+        match self {
+            ReplyTo::Waiter(tx) => tx.is_closed(),
+            ReplyTo::Routed(routed) => routed.is_abandoned(),
+        }
+    }
 }
 
 /// Why a device request got no answer.
@@ -136,7 +189,7 @@ pub async fn call(
     let call = Call {
         request,
         deadline,
-        reply: tx,
+        reply: ReplyTo::Waiter(tx),
     };
     handle
         .try_send(Command::Request(Box::new(call)))
@@ -163,7 +216,7 @@ pub async fn open_proxy(
 }
 
 /// A full queue means the device is not keeping up; a closed one that it is gone.
-fn refused(e: Refused) -> RpcError {
+pub(crate) fn refused(e: Refused) -> RpcError {
     match e {
         Refused::Full => RpcError::Busy,
         Refused::Closed => RpcError::Offline,

@@ -339,3 +339,131 @@ async fn whole_body_answers_pass_and_malformed_ones_fail_alone() -> Result<()> {
     assert_eq!(view["online"], true, "the device stays connected");
     Ok(())
 }
+
+/// A device enrolled with `extra` fields in its registration (capabilities, say).
+async fn enrolled_with(hub: &Hub, api: &Api, extra: Value) -> Result<(Ws, String)> {
+    let mut ws = connect(hub).await?;
+    let mut frame = json!({
+        "type": "register", "versions": [1], "secret": secret(), "name": "raw",
+        "setup_token": api.setup_token(60).await?,
+    });
+    if let (Some(f), Some(e)) = (frame.as_object_mut(), extra.as_object()) {
+        f.extend(e.clone());
+    }
+    ws.send(Message::text(frame.to_string())).await?;
+    let reply = next(&mut ws).await?;
+    assert_eq!(reply["type"], "registered", "{reply}");
+    let id = reply["device_id"].as_str().unwrap_or_default().to_owned();
+    Ok((ws, id))
+}
+
+fn ask_frame(request_id: u64, prefer: &str, deadline_ms: u64, payload: Value) -> Message {
+    Message::text(
+        json!({
+            "type": "capability_request", "request_id": request_id,
+            "capability": {"protocol": "hold", "version": "1.0.0"},
+            "payload": payload, "prefer_device": prefer, "deadline_ms": deadline_ms,
+        })
+        .to_string(),
+    )
+}
+
+/// The next capability request the hub sends this serving device: its id and payload.
+async fn held(ws: &mut Ws) -> Result<(u64, Value)> {
+    loop {
+        let frame = next(ws).await?;
+        if frame["type"] == "request" && frame["op"] == "capability" {
+            let id = frame["request_id"].as_u64().unwrap_or_default();
+            return Ok((id, frame["payload"].clone()));
+        }
+    }
+}
+
+fn answer_frame(request_id: u64, payload: Value) -> Message {
+    Message::text(
+        json!({
+            "type": "response", "request_id": request_id,
+            "ok": {"kind": "capability", "payload": payload},
+        })
+        .to_string(),
+    )
+}
+
+/// The cocoon-to-cocoon path, spoken by hand: whatever the serving device does (sits on
+/// a request, answers too late, vanishes), each request the asking device makes ends
+/// exactly once, by its deadline, and a late answer is never taken for another request.
+#[tokio::test]
+async fn a_device_request_ends_exactly_once_by_its_deadline() -> Result<()> {
+    let hub = Hub::start().await?;
+    let api = Api::login(&hub.url, &hub.add_user("alice")?).await?;
+    let offer =
+        json!({"capabilities": [{"protocol": "hold", "version": "1.0.0", "idempotent": true}]});
+    let (mut asker, _) = enrolled_with(&hub, &api, json!({})).await?;
+    let (mut s1, s1_id) = enrolled_with(&hub, &api, offer.clone()).await?;
+    let (mut s2, s2_id) = enrolled_with(&hub, &api, offer).await?;
+
+    // S1 sits on the request: the asker hears `timeout` at the deadline.
+    asker
+        .send(ask_frame(1, &s1_id, 300, json!({"n": 1})))
+        .await?;
+    let (first, payload) = held(&mut s1).await?;
+    assert_eq!(payload, json!({"n": 1}));
+    let reply = next(&mut asker).await?;
+    assert_eq!(
+        (&reply["type"], reply["request_id"].as_u64()),
+        (&json!("capability_response"), Some(1)),
+        "{reply}"
+    );
+    assert_eq!(reply["error"]["code"], "timeout", "{reply}");
+
+    // The id, used again; S1's late answer to the first request arrives before its
+    // answer to the second, and only the second reaches the asker.
+    asker
+        .send(ask_frame(1, &s1_id, 10_000, json!({"n": 2})))
+        .await?;
+    let (second, _) = held(&mut s1).await?;
+    s1.send(answer_frame(first, json!({"late": true}))).await?;
+    s1.send(answer_frame(second, json!({"n": 2}))).await?;
+    let reply = next(&mut asker).await?;
+    assert_eq!(reply["request_id"], 1, "{reply}");
+    assert_eq!(reply["ok"]["payload"], json!({"n": 2}), "{reply}");
+    assert_eq!(reply["ok"]["from_device"], json!(s1_id), "{reply}");
+
+    // An id still open is refused, and the open request goes on.
+    asker
+        .send(ask_frame(7, &s1_id, 10_000, json!({"n": 7})))
+        .await?;
+    held(&mut s1).await?;
+    asker
+        .send(ask_frame(7, &s1_id, 10_000, json!({"n": 8})))
+        .await?;
+    let reply = next(&mut asker).await?;
+    assert_eq!(reply["request_id"], 7, "{reply}");
+    assert_eq!(reply["error"]["code"], "bad_request", "{reply}");
+
+    // S1 vanishes holding it: the offer is idempotent, so S2 gets it and answers.
+    drop(s1);
+    let (on_s2, payload) = held(&mut s2).await?;
+    assert_eq!(
+        payload,
+        json!({"n": 7}),
+        "the first request, not the refused one"
+    );
+    s2.send(answer_frame(on_s2, json!({"by": "s2"}))).await?;
+    let reply = next(&mut asker).await?;
+    assert_eq!(reply["request_id"], 7, "{reply}");
+    assert_eq!(reply["ok"]["from_device"], json!(s2_id), "{reply}");
+    assert_eq!(reply["ok"]["payload"], json!({"by": "s2"}), "{reply}");
+
+    // A user's request that S2 sits on ends with 504 at its deadline.
+    let (status, body) = api
+        .post(
+            "/api/capabilities/hold/request",
+            json!({"payload": {}, "prefer_device": s2_id, "timeout_ms": 300}),
+        )
+        .await?;
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(body["error"]["code"], "timeout", "{body}");
+    held(&mut s2).await?;
+    Ok(())
+}
