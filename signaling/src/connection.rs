@@ -264,6 +264,9 @@ impl Connection {
                     }
                     Next::Command(Command::Ended(ended)) => (self.ended(*ended), None),
                 },
+                // Before the socket, so a device that keeps sending still hears its
+                // timeouts on time.
+                () = Asks::expiry(&mut self.asks) => (self.expire_asks(), None),
                 Some(frame) = next_frame(&mut self.frames) => (Some(Message::Binary(frame)), None),
                 frame = self.socket.recv() => {
                     self.link.heard(self.state.registry.now_ms());
@@ -285,7 +288,6 @@ impl Connection {
                     };
                     (reply, None)
                 }
-                () = Asks::expiry(&mut self.asks) => (self.expire_asks(), None),
             };
             if let Some(frame) = frame {
                 if let Err(e) = self.write(frame).await {
@@ -1033,6 +1035,36 @@ mod tests {
 
     fn output_size<A, F: Future>(_: impl FnOnce(A) -> F) -> usize {
         std::mem::size_of::<F>()
+    }
+
+    #[tokio::test]
+    async fn open_requests_expire_in_deadline_order_and_a_reused_id_is_a_new_request() {
+        let link = ConnHandle::new(0);
+        let slot = || link.try_ask().expect("slot");
+        let t = Instant::now();
+        let s = Duration::from_secs;
+        let mut asks = Asks::new(t);
+        let first = asks.open(1, t + s(3), s(3), slot());
+        asks.open(2, t + s(1), s(1), slot());
+        asks.open(3, t + s(2), s(2), slot());
+        assert_eq!(asks.timer.deadline(), t + s(1), "armed at the earliest");
+        let mut due = asks.expire(t + s(2));
+        due.sort();
+        assert_eq!(due, vec![(2, s(1)), (3, s(2))]);
+        assert_eq!(asks.timer.deadline(), t + s(3), "re-armed at the next");
+        // Request 1 ends and its id is used again: the first one's late ending is not
+        // the second's.
+        assert!(asks.close(1, first).is_some());
+        let again = asks.open(1, t + s(5), s(5), slot());
+        assert!(asks.close(1, first).is_none());
+        assert!(asks.close(1, again).is_some());
+        assert!(asks.expire(t + s(9)).is_empty());
+        assert!(!asks.armed, "idle with nothing open");
+        drop(asks);
+        assert!(
+            (0..MAX_DEVICE_REQUESTS).all(|_| link.try_ask().map(std::mem::forget).is_some()),
+            "every slot was given back"
+        );
     }
 
     #[test]
