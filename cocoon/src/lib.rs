@@ -135,7 +135,14 @@ impl CocoonConfig {
         } else {
             return Err(CocoonError::HubUrl(self.hub_url.clone()));
         };
-        Ok(format!("{rest}/ws/cocoon"))
+        // A device with services will carry proxied bodies: the hub gives its socket a
+        // reader that handles large frames well. Hubs that predate the hint ignore it.
+        let hint = if self.services.is_empty() {
+            ""
+        } else {
+            "?bodies=1"
+        };
+        Ok(format!("{rest}/ws/cocoon{hint}"))
     }
 
     /// The delay before reconnect attempt `attempt` (0-based): doubling from
@@ -476,5 +483,16 @@ mod tests {
         assert_eq!(c.ws_url().expect("ok"), "wss://hub.example/ws/cocoon");
         c.hub_url = "ftp://nope".into();
         assert!(c.ws_url().is_err());
+        // A device with services says it will carry bodies.
+        c.hub_url = "http://127.0.0.1:8080".into();
+        c.services = vec![ServiceInfo {
+            name: "web".into(),
+            port: 3000,
+            health_path: None,
+        }];
+        assert_eq!(
+            c.ws_url().expect("ok"),
+            "ws://127.0.0.1:8080/ws/cocoon?bodies=1"
+        );
     }
 }

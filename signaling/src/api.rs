@@ -12,7 +12,7 @@ use adi_protocol::{
     CapabilityOffer, DeviceId, ErrorCode, Hardware, HealthStatus, LoadReport, ServiceInfo,
 };
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, FromRequestParts, Path, State, WebSocketUpgrade};
+use axum::extract::{FromRequest, FromRequestParts, Path, RawQuery, State, WebSocketUpgrade};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -269,11 +269,28 @@ async fn api_not_found() -> ApiError {
     ApiError::new(ErrorCode::NotFound, "no such API route")
 }
 
-async fn cocoon_ws(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
+/// The read buffer for a cocoon's socket, from the query of its upgrade request:
+/// `bodies=1` from a cocoon with services, which will carry proxied bodies. The hint is
+/// taken on trust: before registration anyone may send it, but it costs no more than any
+/// peer can already make the socket reserve by announcing one large frame.
+fn read_buffer_bytes(config: &crate::HubConfig, query: Option<&str>) -> usize {
+    let bodies = query.is_some_and(|q| q.split('&').any(|kv| kv == "bodies=1"));
+    if bodies {
+        config.ws_body_read_buffer_bytes
+    } else {
+        config.ws_read_buffer_bytes
+    }
+}
+
+async fn cocoon_ws(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+    ws: WebSocketUpgrade,
+) -> Response {
     // Control frames are held to `max_frame_bytes` by the decoder; the socket must also
     // let whole body frames through.
     let max = state.config.max_frame_bytes.max(adi_tunnel::MAX_FRAME);
-    ws.read_buffer_size(state.config.ws_read_buffer_bytes)
+    ws.read_buffer_size(read_buffer_bytes(&state.config, query.as_deref()))
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| crate::connection::serve(state, socket))
@@ -645,4 +662,35 @@ async fn claim_token(
         .await?
         .ok_or_else(ApiError::not_found_device)?;
     Ok(Json(view(&state, device)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_cocoon_that_carries_bodies_gets_the_large_read_buffer() {
+        let config = crate::HubConfig::default();
+        for hinted in ["bodies=1", "v=2&bodies=1"] {
+            assert_eq!(
+                read_buffer_bytes(&config, Some(hinted)),
+                config.ws_body_read_buffer_bytes,
+                "{hinted}"
+            );
+        }
+        for other in [
+            None,
+            Some(""),
+            Some("bodies=0"),
+            Some("bodies=1x"),
+            Some("xbodies=1"),
+        ] {
+            assert_eq!(
+                read_buffer_bytes(&config, other),
+                config.ws_read_buffer_bytes,
+                "{other:?}"
+            );
+        }
+        assert!(config.ws_read_buffer_bytes < config.ws_body_read_buffer_bytes);
+    }
 }

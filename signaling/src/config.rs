@@ -27,6 +27,13 @@ pub struct HubConfig {
     /// Bytes of the read buffer of each cocoon socket. Control frames are small, so
     /// a small buffer keeps per-device memory low; larger frames still arrive whole.
     pub ws_read_buffer_bytes: usize,
+    /// Bytes of the read buffer of the socket of a cocoon that says it serves proxied
+    /// bodies (it registers services). The WebSocket reader sizes the buffers it
+    /// allocates for large frames after this first one, so a small buffer makes every
+    /// 64 KiB body frame land in a fresh allocation: a 1 MiB download then costs the hub
+    /// half as much CPU again as with 64 KiB here (see BENCHMARKS.md). Devices without
+    /// services, most of a large fleet, keep the small buffer.
+    pub ws_body_read_buffer_bytes: usize,
     /// How long a proxied request waits for the service's response head, unless the
     /// request says otherwise.
     pub proxy_timeout: Duration,
@@ -49,6 +56,7 @@ impl Default for HubConfig {
             jwt_ttl: Duration::from_secs(3600),
             public_url: None,
             ws_read_buffer_bytes: 4096,
+            ws_body_read_buffer_bytes: 64 * 1024,
             proxy_timeout: Duration::from_secs(30),
             proxy_max_body_bytes: None,
             capability_timeout: Duration::from_secs(30),
