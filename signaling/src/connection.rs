@@ -724,7 +724,7 @@ impl Connection {
             &self.state,
             &order,
             &requester,
-            &query,
+            query,
             payload,
             deadline,
             to,
@@ -734,8 +734,8 @@ impl Connection {
 
     /// The frame for a routed request's ending, unless that request already ended.
     fn ended(&mut self, ended: Ended) -> Option<Message> {
-        let open = self.asks.as_mut()?.close(ended.request_id, ended.ask)?;
-        drop(open);
+        // The closed request's slot is freed here, before its answer is written.
+        self.asks.as_mut()?.close(ended.request_id, ended.ask)?;
         Some(self.fit(HubToDevice::CapabilityResponse {
             request_id: ended.request_id,
             outcome: ended.outcome,
@@ -763,9 +763,9 @@ impl Connection {
 struct Asks {
     open: HashMap<u64, Open>,
     next: u64,
+    /// Armed no later than the earliest open deadline while any request is open;
+    /// not polled while none is.
     timer: Pin<Box<Sleep>>,
-    /// Whether `timer` stands for an open request; when none is open it stays idle.
-    armed: bool,
 }
 
 /// One open request of the device's: its slot is freed when the request ends.
@@ -782,14 +782,21 @@ impl Asks {
             open: HashMap::new(),
             next: 1,
             timer: Box::pin(tokio::time::sleep_until(deadline)),
-            armed: false,
         }
+    }
+
+    /// Whether the timer stands for an open request.
+    fn armed(&self) -> bool {
+        !self.open.is_empty()
     }
 
     /// Notes a new request; returns the hub's number for it.
     fn open(&mut self, request_id: u64, deadline: Instant, wait: Duration, slot: AskSlot) -> u64 {
         let ask = self.next;
         self.next += 1;
+        if !self.armed() || deadline < self.timer.deadline() {
+            self.timer.as_mut().reset(deadline);
+        }
         self.open.insert(
             request_id,
             Open {
@@ -799,10 +806,6 @@ impl Asks {
                 _slot: slot,
             },
         );
-        if !self.armed || deadline < self.timer.deadline() {
-            self.timer.as_mut().reset(deadline);
-            self.armed = true;
-        }
         ask
     }
 
@@ -825,9 +828,8 @@ impl Asks {
         for (id, _) in &due {
             self.open.remove(id);
         }
-        match self.open.values().map(|o| o.deadline).min() {
-            Some(next) => self.timer.as_mut().reset(next),
-            None => self.armed = false,
+        if let Some(next) = self.open.values().map(|o| o.deadline).min() {
+            self.timer.as_mut().reset(next);
         }
         due
     }
@@ -835,7 +837,7 @@ impl Asks {
     /// Resolves when the earliest open request is due; never while none is open.
     async fn expiry(asks: &mut Option<Box<Asks>>) {
         match asks {
-            Some(a) if a.armed => a.timer.as_mut().await,
+            Some(a) if a.armed() => a.timer.as_mut().await,
             _ => std::future::pending().await,
         }
     }
@@ -1059,7 +1061,7 @@ mod tests {
         assert!(asks.close(1, first).is_none());
         assert!(asks.close(1, again).is_some());
         assert!(asks.expire(t + s(9)).is_empty());
-        assert!(!asks.armed, "idle with nothing open");
+        assert!(!asks.armed(), "idle with nothing open");
         drop(asks);
         assert!(
             (0..MAX_DEVICE_REQUESTS).all(|_| link.try_ask().map(std::mem::forget).is_some()),

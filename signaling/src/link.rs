@@ -87,6 +87,13 @@ struct Inner {
     waker: Option<Waker>,
 }
 
+impl Inner {
+    /// Whether no command is taken any more: the actor is stopping or gone.
+    fn refuses(&self) -> bool {
+        self.closed || self.stop.is_some()
+    }
+}
+
 impl ConnHandle {
     /// A handle to a new connection, heard from at `now_ms`.
     pub fn new(now_ms: u64) -> Self {
@@ -119,7 +126,7 @@ impl ConnHandle {
     pub fn try_send_or_return(&self, command: Command) -> Result<(), (Refused, Command)> {
         let waker = {
             let mut inner = self.lock();
-            if inner.closed || inner.stop.is_some() {
+            if inner.refuses() {
                 return Err((Refused::Closed, command));
             }
             if command.is_request() {
@@ -153,8 +160,7 @@ impl ConnHandle {
 
     /// Whether the connection takes no more commands: its actor is stopping or gone.
     pub fn is_closed(&self) -> bool {
-        let inner = self.lock();
-        inner.closed || inner.stop.is_some()
+        self.lock().refuses()
     }
 
     /// Whether the actor has been told to stop, and why.

@@ -246,7 +246,7 @@ pub async fn request(
         state,
         &order,
         requester,
-        query,
+        query.clone(),
         payload,
         Instant::now() + deadline,
         Destination::Waiter(tx),
@@ -279,7 +279,7 @@ pub(crate) fn dispatch(
     state: &Arc<HubState>,
     order: &[Candidate],
     requester: &Requester,
-    query: &CapabilityQuery,
+    query: CapabilityQuery,
     payload: adi_protocol::Payload,
     deadline: Instant,
     to: Destination,
@@ -430,13 +430,12 @@ impl Route {
                 if to.is_gone() {
                     return;
                 }
-                if let Some(retry) = retry.filter(|_| worth_retrying(&e)) {
-                    if Instant::now() < deadline {
-                        if let Some(next) = retry.next_device(&device) {
-                            send(&next, &retry.query, retry.payload, deadline, to, None);
-                            return;
-                        }
-                    }
+                let next = retry
+                    .filter(|_| worth_retrying(&e) && Instant::now() < deadline)
+                    .and_then(|r| Some((r.next_device(&device)?, r)));
+                if let Some((next, r)) = next {
+                    send(&next, r.query, r.payload, deadline, to, None);
+                    return;
                 }
                 Err(failed(e, &device))
             }
@@ -458,7 +457,7 @@ impl Retry {
 /// Hands one attempt to `candidate`'s connection; a refusal ends it at once.
 fn send(
     candidate: &Candidate,
-    query: &CapabilityQuery,
+    query: CapabilityQuery,
     payload: adi_protocol::Payload,
     deadline: Instant,
     to: Destination,
@@ -474,7 +473,7 @@ fn send(
     })));
     let call = Call {
         request: DeviceRequest::Capability {
-            capability: query.clone(),
+            capability: query,
             payload,
         },
         deadline: left,
