@@ -342,6 +342,11 @@ struct Run {
     cpu_device: Option<f64>,
     cpu_service: f64,
     cpu_load: Option<f64>,
+    /// The part of `cpu_server` and `cpu_device` spent in the kernel (system time):
+    /// socket reads and writes, and on loopback the receiving side's TCP work too. It
+    /// is what a relay cannot avoid, so it bounds what userland work can win.
+    sys_server: Option<f64>,
+    sys_device: Option<f64>,
     /// The whole machine's busy CPU over the window, in cores.
     machine_busy_cores: f64,
     /// Busy CPU not accounted to the processes above or to this one, in cores:
@@ -773,12 +778,18 @@ async fn measure(
     let cpu_server = ticks_before
         .server
         .zip(ticks_after.server)
-        .map(|(b, a)| pct(a.saturating_sub(b)));
+        .map(|(b, a)| pct(a.total.saturating_sub(b.total)));
     let cpu_device = ticks_before
         .device
         .zip(ticks_after.device)
-        .map(|(b, a)| pct(a.saturating_sub(b)));
+        .map(|(b, a)| pct(a.total.saturating_sub(b.total)));
     let cpu_service = pct(ticks_after.service.saturating_sub(ticks_before.service));
+    let sys = |b: Option<CpuTicks>, a: Option<CpuTicks>| {
+        b.zip(a)
+            .map(|(b, a)| pct(a.system.saturating_sub(b.system)))
+    };
+    let sys_server = sys(ticks_before.server, ticks_after.server);
+    let sys_device = sys(ticks_before.device, ticks_after.device);
     // With wrk this process only waits, but count it too.
     let own = match load.wrk {
         Some(_) => pct(own_after.saturating_sub(own_before)),
@@ -798,6 +809,8 @@ async fn measure(
         cpu_device,
         cpu_service,
         cpu_load,
+        sys_server,
+        sys_device,
         machine_busy_cores,
         other_cores: (machine_busy_cores - ours / 100.0).max(0.0),
         rss_server: pids.server.map(|_| rss(0)),
@@ -807,16 +820,16 @@ async fn measure(
 
 /// CPU ticks of the watched processes.
 struct Ticks {
-    server: Option<u64>,
-    device: Option<u64>,
+    server: Option<CpuTicks>,
+    device: Option<CpuTicks>,
     service: u64,
 }
 
 impl Ticks {
     fn read(p: Pids) -> Result<Self> {
         Ok(Ticks {
-            server: p.server.map(cpu_ticks).transpose()?,
-            device: p.device.map(cpu_ticks).transpose()?,
+            server: p.server.map(cpu_split).transpose()?,
+            device: p.device.map(cpu_split).transpose()?,
             service: cpu_ticks(p.service)?,
         })
     }
@@ -1294,16 +1307,16 @@ fn write_report(
     writeln!(out)?;
     writeln!(
         out,
-        "| size | path | round | req/s | p50 | p99 | max | MiB/s | errors | CPU % server side | CPU % device side | CPU % service | CPU % load gen | cores busy | CPU µs/req server + device |"
+        "| size | path | round | req/s | p50 | p99 | max | MiB/s | errors | CPU % server side | CPU % device side | CPU % service | CPU % load gen | cores busy | CPU µs/req server + device | of it in the kernel |"
     )?;
     writeln!(
         out,
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )?;
     for r in runs {
         writeln!(
             out,
-            "| {} | {} | {} | {:.0} | {} | {} | {} | {:.1} | {} | {} | {} | {:.0} | {} | {:.2} ({:.2}) | {} + {} |",
+            "| {} | {} | {} | {:.0} | {} | {} | {} | {:.1} | {} | {} | {} | {:.0} | {} | {:.2} ({:.2}) | {} + {} | {} + {} |",
             r.size.label(),
             r.route.label(),
             r.round,
@@ -1321,6 +1334,8 @@ fn write_report(
             r.other_cores,
             cpu_us_per_request(r.cpu_server, &r.load),
             cpu_us_per_request(r.cpu_device, &r.load),
+            cpu_us_per_request(r.sys_server, &r.load),
+            cpu_us_per_request(r.sys_device, &r.load),
         )?;
     }
     let noisy: Vec<String> = runs
@@ -1471,6 +1486,17 @@ fn status_kib(pid: u32, field: &str) -> Result<u64> {
 
 /// CPU time (user + system, all threads) of a process, in clock ticks.
 fn cpu_ticks(pid: u32) -> Result<u64> {
+    cpu_split(pid).map(|t| t.total)
+}
+
+/// A process's CPU time in clock ticks: all of it, and the part in the kernel.
+#[derive(Debug, Clone, Copy)]
+struct CpuTicks {
+    total: u64,
+    system: u64,
+}
+
+fn cpu_split(pid: u32) -> Result<CpuTicks> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
     // The command name may contain spaces; the fields after it are numbers.
@@ -1486,7 +1512,11 @@ fn cpu_ticks(pid: u32) -> Result<u64> {
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| anyhow!("malformed /proc/{pid}/stat"))
     };
-    Ok(field(11)? + field(12)?)
+    let (user, system) = (field(11)?, field(12)?);
+    Ok(CpuTicks {
+        total: user + system,
+        system,
+    })
 }
 
 /// The machine's (busy, total) CPU ticks from `/proc/stat`.

@@ -327,8 +327,15 @@ fn loopback_uri(port: u16, target: &str) -> Result<http::Uri, String> {
     if !target.starts_with('/') {
         return Err(invalid());
     }
-    let uri: http::Uri = format!("http://127.0.0.1:{port}{target}")
-        .parse()
+    // Built from parts, so the target can only ever be a path and query.
+    let authority =
+        http::uri::Authority::try_from(format!("127.0.0.1:{port}")).map_err(|_| invalid())?;
+    let path = http::uri::PathAndQuery::try_from(target).map_err(|_| invalid())?;
+    let uri = http::Uri::builder()
+        .scheme(http::uri::Scheme::HTTP)
+        .authority(authority)
+        .path_and_query(path)
+        .build()
         .map_err(|_| invalid())?;
     (uri.host() == Some("127.0.0.1") && uri.port_u16() == Some(port))
         .then_some(uri)

@@ -1,4 +1,5 @@
-//! Direct decoding of the frames of a capability round trip.
+//! Direct decoding of the frames of a capability round trip, and of a proxied
+//! request's head.
 //!
 //! serde reads an internally tagged message (`{"type": ...}`) by buffering the whole
 //! frame into a tree of its own first, and a flattened field (`outcome`, `request`)
@@ -15,13 +16,14 @@ use serde::Deserialize;
 use crate::codec::{decode, DecodeError};
 use crate::{
     CapabilityAnswer, CapabilityOutcome, CapabilityQuery, DeviceId, DeviceReply, DeviceRequest,
-    DeviceToHub, HubToDevice, Outcome, Payload, RemoteError,
+    DeviceToHub, HubToDevice, Outcome, Payload, ProxyRequest, RemoteError,
 };
 
 const CAPABILITY_REQUEST: &[u8] = br#"{"type":"capability_request","#;
 const RESPONSE: &[u8] = br#"{"type":"response","#;
 const REQUEST: &[u8] = br#"{"type":"request","#;
 const CAPABILITY_RESPONSE: &[u8] = br#"{"type":"capability_response","#;
+const PROXY_REQUEST: &[u8] = br#"{"type":"proxy_request","#;
 
 /// Decodes a frame a device sent.
 pub fn decode_device_frame(frame: &[u8], max_len: usize) -> Result<DeviceToHub, DecodeError> {
@@ -43,6 +45,7 @@ pub fn decode_hub_frame(frame: &[u8], max_len: usize) -> Result<HubToDevice, Dec
         &[
             (REQUEST, request),
             (CAPABILITY_RESPONSE, capability_response),
+            (PROXY_REQUEST, proxy_request),
         ],
     )
 }
@@ -154,6 +157,14 @@ fn request(frame: &[u8]) -> Option<HubToDevice> {
     })
 }
 
+/// Every proxied request's head: read straight into the struct, its tag skipped as an
+/// unknown field, instead of buffered and read twice.
+fn proxy_request(frame: &[u8]) -> Option<HubToDevice> {
+    serde_json::from_slice::<ProxyRequest>(frame)
+        .ok()
+        .map(HubToDevice::ProxyRequest)
+}
+
 fn capability_response(frame: &[u8]) -> Option<HubToDevice> {
     #[derive(Deserialize)]
     struct Frame {
@@ -234,6 +245,36 @@ mod tests {
             );
             assert!(encode(&msg).contains(spaced().get()), "{frame}");
         }
+    }
+
+    #[test]
+    fn a_proxied_request_head_decodes_as_the_general_way_does() {
+        for (upgrade, empty_body) in [(None, true), (Some("websocket".to_owned()), false)] {
+            let head = HubToDevice::ProxyRequest(ProxyRequest {
+                stream_id: 7,
+                service: "web".into(),
+                method: "GET".into(),
+                target: "/a?b=\"c\"".into(),
+                headers: vec![("x-forwarded-for".into(), "127.0.0.1".into())],
+                deadline_ms: 30_000,
+                upgrade,
+                empty_body,
+            });
+            let frame = encode(&head);
+            assert!(frame.as_bytes().starts_with(PROXY_REQUEST), "{frame}");
+            assert_eq!(proxy_request(frame.as_bytes()).as_ref(), Some(&head));
+            assert_eq!(
+                decode_hub_frame(frame.as_bytes(), MAX).expect("decodes"),
+                head
+            );
+        }
+        // A head missing a field is refused with the general decoder's error.
+        let partial = br#"{"type":"proxy_request","stream_id":1,"service":"web"}"#;
+        assert!(proxy_request(partial).is_none());
+        assert_eq!(
+            decode_hub_frame(partial, MAX).map_err(|e| e.to_string()),
+            decode::<HubToDevice>(partial, MAX).map_err(|e| e.to_string())
+        );
     }
 
     #[test]

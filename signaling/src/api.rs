@@ -5,6 +5,7 @@
 //! Ownership is checked on every device route; a device the caller does not own is
 //! answered exactly like one that does not exist.
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +13,9 @@ use adi_protocol::{
     CapabilityOffer, DeviceId, ErrorCode, Hardware, HealthStatus, LoadReport, ServiceInfo,
 };
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, FromRequestParts, Path, RawQuery, State, WebSocketUpgrade};
+use axum::extract::{
+    FromRequest, FromRequestParts, Path, RawQuery, Request, State, WebSocketUpgrade,
+};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -28,8 +31,33 @@ use crate::HubState;
 
 type AppState = Arc<HubState>;
 
-/// Every route of the hub.
-pub fn router(state: AppState) -> Router {
+/// Every route of the hub. A proxied request, the hot path, skips the route table: the
+/// proxy reads device, service and target from the path itself, so matching and
+/// capturing them first would only be repeated work.
+pub fn app(
+    state: AppState,
+) -> impl tower::Service<
+    Request,
+    Response = Response,
+    Error = Infallible,
+    Future = impl Send + 'static,
+> + Clone
+       + Send
+       + 'static {
+    let routes = router(state.clone());
+    let proxied = crate::proxy::router(state);
+    tower::service_fn(move |req: Request| {
+        let mut to = if req.uri().path().starts_with(crate::proxy::PREFIX) {
+            proxied.clone()
+        } else {
+            routes.clone()
+        };
+        tower::Service::call(&mut to, req)
+    })
+}
+
+/// Every route of the hub but the proxy.
+fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -47,7 +75,6 @@ pub fn router(state: AppState) -> Router {
         )
         .merge(crate::capability_routes::routes())
         .merge(crate::task_routes::routes())
-        .merge(crate::proxy::routes())
         .route("/api/{*rest}", axum::routing::any(api_not_found))
         .merge(crate::install::routes())
         .with_state(state)

@@ -171,7 +171,7 @@ pub async fn spawn(config: HubConfig) -> Result<HubHandle, HubError> {
         let state = state.clone();
         async move { state.registry.run_sweeper(&state.shutdown).await }
     });
-    let app = api::router(state.clone());
+    let app = api::app(state.clone());
     let shutdown = state.shutdown.clone();
     // Small frames (control messages, request heads, 1 KiB bodies) must leave at once:
     // with Nagle's algorithm they wait for the peer's delayed ACK, up to 40 ms each.
@@ -183,7 +183,9 @@ pub async fn spawn(config: HubConfig) -> Result<HubHandle, HubError> {
     let task = tokio::spawn(async move {
         axum::serve(
             listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
+            axum::ServiceExt::<axum::extract::Request>::into_make_service_with_connect_info::<
+                SocketAddr,
+            >(app),
         )
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await

@@ -18,7 +18,6 @@ use axum::body::{Body, HttpBody};
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::any;
 use axum::Router;
 use futures_util::StreamExt;
 use tokio::sync::oneshot;
@@ -33,16 +32,17 @@ type AppState = Arc<HubState>;
 /// Request header that shortens or lengthens the wait for the response head.
 pub const TIMEOUT_HEADER: &str = "x-adi-timeout-ms";
 
-pub(crate) fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/proxy/{device}/{service}", any(proxy))
-        .route("/proxy/{device}/{service}/", any(proxy))
-        .route("/proxy/{device}/{service}/{*rest}", any(proxy))
+/// Where proxied paths start: `/proxy/{device}/{service}{target}`.
+pub(crate) const PREFIX: &str = "/proxy/";
+
+/// Every request under [`PREFIX`]; the handler splits the path itself.
+pub(crate) fn router(state: AppState) -> Router {
+    Router::new().fallback(proxy).with_state(state)
 }
 
 /// Splits `/proxy/{device}/{service}{target}` keeping the target's encoding as sent.
 fn split_uri(path_and_query: &str) -> Option<(&str, &str, &str)> {
-    let rest = path_and_query.strip_prefix("/proxy/")?;
+    let rest = path_and_query.strip_prefix(PREFIX)?;
     let (device, rest) = rest.split_once('/')?;
     let (service, target) = match rest.find(['/', '?']) {
         Some(i) => (&rest[..i], &rest[i..]),
@@ -129,7 +129,7 @@ async fn proxy(
         service: service.to_owned(),
         method: req.method().as_str().to_owned(),
         target,
-        headers: forward_headers(req.headers(), peer, &prefix),
+        headers: forward_headers(req.headers(), peer, prefix),
         deadline_ms: u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX),
         upgrade: upgrade.clone(),
         empty_body,
@@ -291,7 +291,7 @@ fn header_value(headers: &[(String, String)], name: &str) -> Option<String> {
 
 /// The request headers the service sees: hop-by-hop ones, the hub's credentials and
 /// the hub's own control headers removed; `X-Forwarded-*` added.
-fn forward_headers(headers: &HeaderMap, peer: SocketAddr, prefix: &str) -> Vec<(String, String)> {
+fn forward_headers(headers: &HeaderMap, peer: SocketAddr, prefix: String) -> Vec<(String, String)> {
     let connection = headers
         .get(header::CONNECTION)
         .and_then(|v| v.to_str().ok())
@@ -339,7 +339,7 @@ fn forward_headers(headers: &HeaderMap, peer: SocketAddr, prefix: &str) -> Vec<(
     ));
     out.push(("x-forwarded-host".to_owned(), host.to_owned()));
     out.push(("x-forwarded-proto".to_owned(), "http".to_owned()));
-    out.push(("x-forwarded-prefix".to_owned(), prefix.to_owned()));
+    out.push(("x-forwarded-prefix".to_owned(), prefix));
     out
 }
 
@@ -418,7 +418,11 @@ mod tests {
         h.insert("host", HeaderValue::from_static("hub:8080"));
         h.insert("x-adi-timeout-ms", HeaderValue::from_static("100"));
         h.insert("accept", HeaderValue::from_static("text/html"));
-        let out = forward_headers(&h, SocketAddr::from(([10, 0, 0, 9], 5555)), "/proxy/d/s");
+        let out = forward_headers(
+            &h,
+            SocketAddr::from(([10, 0, 0, 9], 5555)),
+            "/proxy/d/s".to_owned(),
+        );
         let get = |n: &str| out.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
         assert_eq!(get("authorization"), None);
         assert_eq!(get("cookie"), Some("theme=dark"));

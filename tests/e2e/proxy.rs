@@ -614,6 +614,16 @@ async fn errors_are_fast_and_say_why() -> Result<()> {
     assert_eq!(r.status(), 404, "unknown service");
     let r = get(format!("{}/proxy/{}/web/", s.hub.url, "0".repeat(32))).await?;
     assert_eq!(r.status(), 404, "unknown device");
+    // Every path under /proxy/ reaches the proxy, which says what is missing.
+    for path in [
+        format!("/proxy/{}", s.device),
+        format!("/proxy/{}/", s.device),
+    ] {
+        let r = get(format!("{}{path}", s.hub.url)).await?;
+        assert_eq!(r.status(), 404, "{path}");
+        let body: Value = r.json().await?;
+        assert_eq!(body["error"]["code"], "not_found", "{path}");
+    }
 
     let r = get(s.url("dead", "/")).await?;
     assert_eq!(r.status(), 502);
