@@ -235,12 +235,14 @@ async fn session(
         .unwrap_or(adi_protocol::DEFAULT_MAX_FRAME_BYTES)
         .min(config.max_frame_bytes);
     let budget = crate::requests::reply_budget(max_answer);
-    // Opens the request's stream and serves it on a task of its own.
+    // Opens the request's stream and serves it on a task of its own; the services are
+    // shared, not copied, per request.
+    let services: std::sync::Arc<[adi_protocol::ServiceInfo]> = config.services.as_slice().into();
     let serve_proxy = |request: adi_protocol::ProxyRequest| {
         let (body_in, body_out) = streams.open(request.stream_id);
         let tx = answer_tx.clone();
         let client = http.clone();
-        let services = config.services.clone();
+        let services = services.clone();
         tokio::spawn(async move {
             crate::proxy::serve(client, &services, request, body_in, body_out, tx).await;
         });

@@ -133,7 +133,16 @@ pub fn normalize_target(target: &str) -> String {
     normalized
 }
 
+/// Whether `seg` is `want` (dots only) once `%2e` is read as a dot. Every segment of
+/// every proxied path passes here, so the common cases cost no allocation: a segment
+/// longer than `want` fully encoded, or one without an escape.
 fn decoded_eq(seg: &str, want: &str) -> bool {
+    if seg.len() > want.len() * 3 {
+        return false;
+    }
+    if !seg.contains('%') {
+        return seg == want;
+    }
     let lower = seg.to_ascii_lowercase().replace("%2e", ".");
     lower == want
 }
