@@ -30,7 +30,8 @@
 //! only; refusals such as the hub's 502 "device too busy" count as errors), p50 and p99
 //! latency (of every answer, refusals included), throughput, errors, the CPU share of
 //! every process over the measured window (and that CPU per request for the proxy's two
-//! sides), the machine's busy cores and how much of that no measured process accounts
+//! sides, with the part of it spent in the kernel: the system calls any relay must make,
+//! which bound what userland work can win), the machine's busy cores and how much of that no measured process accounts
 //! for (other work on the machine makes a run unreliable; the report warns), and the
 //! RSS of the proxy's two sides before, at the peak (sampled every 100 ms) and one
 //! second after the run. The summary gives adi/rathole ratios, on medians over rounds,
