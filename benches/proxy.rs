@@ -30,9 +30,10 @@
 //! only; refusals such as the hub's 502 "device too busy" count as errors), p50 and p99
 //! latency (of every answer, refusals included), throughput, errors, the CPU share of
 //! every process over the measured window (and that CPU per request for the proxy's two
-//! sides, with the part of it spent in the kernel: the system calls any relay must make,
-//! which bound what userland work can win), the machine's busy cores and how much of that no measured process accounts
-//! for (other work on the machine makes a run unreliable; the report warns), and the
+//! sides, with the part of it spent in the kernel: the system calls any relay must
+//! make, which bound what userland work can win), the machine's busy cores and how much
+//! of that no measured process accounts for (other work on the machine makes a run
+//! unreliable; the report warns), and the
 //! RSS of the proxy's two sides before, at the peak (sampled every 100 ms) and one
 //! second after the run. The summary gives adi/rathole ratios, on medians over rounds,
 //! against the targets: at least 1.5x rathole's req/s for 1 KiB, at least rathole's for
@@ -776,21 +777,16 @@ async fn measure(
     } else {
         0.0
     };
-    let cpu_server = ticks_before
-        .server
-        .zip(ticks_after.server)
-        .map(|(b, a)| pct(a.total.saturating_sub(b.total)));
-    let cpu_device = ticks_before
-        .device
-        .zip(ticks_after.device)
-        .map(|(b, a)| pct(a.total.saturating_sub(b.total)));
-    let cpu_service = pct(ticks_after.service.saturating_sub(ticks_before.service));
-    let sys = |b: Option<CpuTicks>, a: Option<CpuTicks>| {
-        b.zip(a)
-            .map(|(b, a)| pct(a.system.saturating_sub(b.system)))
+    // One side's share over the window, of all its CPU or of its kernel part.
+    let side = |b: Option<CpuTicks>, a: Option<CpuTicks>, part: fn(CpuTicks) -> u64| {
+        b.zip(a).map(|(b, a)| pct(part(a).saturating_sub(part(b))))
     };
-    let sys_server = sys(ticks_before.server, ticks_after.server);
-    let sys_device = sys(ticks_before.device, ticks_after.device);
+    let (total, system) = (|t: CpuTicks| t.total, |t: CpuTicks| t.system);
+    let cpu_server = side(ticks_before.server, ticks_after.server, total);
+    let cpu_device = side(ticks_before.device, ticks_after.device, total);
+    let sys_server = side(ticks_before.server, ticks_after.server, system);
+    let sys_device = side(ticks_before.device, ticks_after.device, system);
+    let cpu_service = pct(ticks_after.service.saturating_sub(ticks_before.service));
     // With wrk this process only waits, but count it too.
     let own = match load.wrk {
         Some(_) => pct(own_after.saturating_sub(own_before)),

@@ -34,6 +34,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::serve::ListenerExt;
+use axum::ServiceExt as _;
 use rand::RngCore;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -183,9 +184,7 @@ pub async fn spawn(config: HubConfig) -> Result<HubHandle, HubError> {
     let task = tokio::spawn(async move {
         axum::serve(
             listener,
-            axum::ServiceExt::<axum::extract::Request>::into_make_service_with_connect_info::<
-                SocketAddr,
-            >(app),
+            app.into_make_service_with_connect_info::<SocketAddr>(),
         )
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
