@@ -650,9 +650,14 @@ async fn expired_or_invalid_session_goes_back_to_sign_in() -> Result<()> {
     b.click("nav a[href='#tasks']").await?;
     b.wait_text("#tasks-progress", "No devices to ask yet")
         .await?;
-    b.js("state.token = 'not.a.jwt'; closeSocket();", vec![])
-        .await?;
-    b.click("#task-filter button[type=submit]").await?;
+    // In one script, so the page's periodic device refresh (REST, with the same bad
+    // token) cannot sign out first and take the button away before the click.
+    b.js(
+        "state.token = 'not.a.jwt'; closeSocket(); \
+         document.querySelector('#task-filter button[type=submit]').click();",
+        vec![],
+    )
+    .await?;
     b.wait_text("#signin-error", "session has expired").await?;
     let stored = b
         .js("return sessionStorage.getItem('adi.jwt')", vec![])
