@@ -12,6 +12,7 @@ mod health;
 pub mod identity;
 pub mod local_api;
 pub mod plugins;
+mod pool;
 pub mod probe;
 pub mod proxy;
 mod requests;

@@ -1,9 +1,10 @@
 //! Serves the hub's proxied HTTP requests against this device's own loopback services.
 //!
 //! Only services this cocoon registered can be reached, and only at
-//! `127.0.0.1:<their port>`: the URL is built from the registered port and a path that
-//! always starts with `/`, and the HTTP client follows no redirects and uses no proxy,
-//! so nothing a request carries can make the cocoon connect anywhere else.
+//! `127.0.0.1:<their port>`: the connection is opened to the registered port (see
+//! [`crate::pool`]), the request carries a checked path that always starts with `/`,
+//! and nothing follows redirects or uses a proxy, so nothing a request carries can make
+//! the cocoon connect anywhere else.
 //!
 //! A request lives only as long as someone waits for its answer: when the hub stops
 //! reading the response (the client went away, or the hub gave up) before the head or
@@ -15,15 +16,14 @@ use std::time::Duration;
 use adi_protocol::http::{check_target, is_hop_by_hop};
 use adi_protocol::{DeviceToHub, ErrorCode, ProxyHead, ProxyRequest, ServiceInfo};
 use adi_tunnel::{BodyReceiver, BodySender};
-use bytes::Bytes;
 use futures_util::StreamExt;
 use http_body_util::{BodyExt, Empty, StreamBody};
 use hyper::body::{Body as _, Frame};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::sync::mpsc;
 use tracing::debug;
+
+use crate::pool::{ExchangeError, Pool, ProxyBody};
 
 /// Bodies up to this size, of known length, travel whole with their head: one frame
 /// instead of three. Larger ones, and those of unknown length (server-sent events),
@@ -31,28 +31,22 @@ use tracing::debug;
 const INLINE_BODY: u64 = 32 * 1024;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// A request body for the service: empty, or streamed from the hub.
-type ProxyBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 
-/// The HTTP client for loopback services: hyper's pooled HTTP/1 client and nothing
-/// more, so no proxy from the environment, no redirects (they are the client's
-/// business), no decompression (bytes pass as sent), and no URL parsing beyond the
-/// `http::Uri` that [`loopback_uri`] builds from the registered port.
+/// The HTTP client for loopback services: keep-alive HTTP/1 connections with
+/// `TCP_NODELAY` and a 5 s connect timeout, each driven by the request using it, and
+/// nothing more: no proxy from the environment, no redirects (they are the client's
+/// business), no decompression (bytes pass as sent).
 #[derive(Clone)]
 pub struct Loopback {
-    client: Client<HttpConnector, ProxyBody>,
+    pool: Pool,
 }
 
 impl Loopback {
-    /// A client with keep-alive connections, `TCP_NODELAY`, and a 5 s connect timeout.
+    /// A client with no connections yet.
     pub fn new() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector);
-        Loopback { client }
+        Loopback {
+            pool: Pool::default(),
+        }
     }
 }
 
@@ -83,41 +77,163 @@ pub(crate) async fn serve(
     services: &[ServiceInfo],
     request: ProxyRequest,
     request_body: BodyReceiver,
-    mut response_body: BodySender,
+    response_body: BodySender,
     answers: mpsc::Sender<DeviceToHub>,
 ) {
     let stream_id = request.stream_id;
-    let fail = |code: ErrorCode, message: String| DeviceToHub::ProxyError {
-        stream_id,
-        code,
-        message,
-    };
-    let Some(service) = services.iter().find(|s| s.name == request.service) else {
-        let _ = answers
-            .send(fail(
-                ErrorCode::NotFound,
-                format!("no service {:?} on this device", request.service),
-            ))
-            .await;
-        response_body.reset("no such service").await;
-        return;
-    };
-    let uri = match loopback_uri(service.port, &request.target) {
-        Ok(u) => u,
-        Err(why) => {
-            let _ = answers.send(fail(ErrorCode::BadRequest, why)).await;
-            response_body.reset("invalid target").await;
+    // Every way to fail ends in one place, so the future holds one refusal's state, not
+    // one per reason; and the exchange and the answer are boxed: the task's own future
+    // stays small, so spawning and polling it copies little.
+    let refusal = 'refused: {
+        let Prepared {
+            service,
+            outgoing,
+            upgrade_body,
+            deadline,
+        } = match prepare(services, request, request_body) {
+            Ok(p) => p,
+            Err(r) => break 'refused r,
+        };
+        let upgrade = upgrade_body.is_some();
+        let exchange = Box::pin(async {
+            if upgrade {
+                // The switched connection leaves the pool: its own task hands it over.
+                let mut sender = client.pool.upgradable(service.port).await?;
+                let response = sender.send_request(outgoing).await?;
+                Ok((None, response))
+            } else {
+                let (conn, response) = client.pool.send(service.port, outgoing).await?;
+                Ok((Some(conn), response))
+            }
+        });
+        let sent: Result<Result<_, ExchangeError>, _> = tokio::select! {
+            // Dropping the request future closes the connection to the service.
+            () = response_body.stopped() => {
+                debug!(stream_id, "client went away before the response head");
+                return;
+            }
+            sent = tokio::time::timeout(deadline, exchange) => sent,
+        };
+        let (conn, response) = match sent {
+            Ok(Ok(answered)) => answered,
+            Err(_) => {
+                break 'refused Refusal {
+                    code: ErrorCode::Timeout,
+                    message: format!(
+                        "service {} did not answer within {deadline:?}",
+                        service.name
+                    ),
+                    reset: "timeout",
+                }
+            }
+            Ok(Err(ExchangeError::Connect(why))) => {
+                break 'refused Refusal::upstream(format!(
+                    "service {} is not reachable on 127.0.0.1:{} ({why})",
+                    service.name, service.port,
+                ))
+            }
+            Ok(Err(ExchangeError::Http(e))) => {
+                break 'refused Refusal::upstream(format!(
+                    "service {} failed: {}",
+                    service.name,
+                    root_cause(&e)
+                ))
+            }
+        };
+        let answer = Box::pin(respond(
+            service,
+            stream_id,
+            response,
+            upgrade_body,
+            response_body,
+            answers,
+        ));
+        let Some(mut conn) = conn else {
+            answer.await;
             return;
-        }
-    };
-    let Ok(method) = http::Method::from_bytes(request.method.as_bytes()) else {
-        let _ = answers
-            .send(fail(ErrorCode::BadRequest, "invalid method".into()))
-            .await;
-        response_body.reset("invalid method").await;
+        };
+        // The connection is driven while the answer is passed on, and goes back to the
+        // pool only when that is over.
+        conn.drive(answer).await;
+        client.pool.checkin(conn);
         return;
     };
-    let mut builder = http::Request::builder().method(method).uri(uri);
+    Box::pin(refusal.send(stream_id, &answers, response_body)).await;
+}
+
+/// A request ready for its service.
+struct Prepared<'a> {
+    service: &'a ServiceInfo,
+    outgoing: http::Request<ProxyBody>,
+    /// The request's stream, kept for the raw bytes after a switch of protocols.
+    upgrade_body: Option<BodyReceiver>,
+    deadline: Duration,
+}
+
+/// Why a request gets no answer from its service, as the hub is told.
+struct Refusal {
+    code: ErrorCode,
+    message: String,
+    /// Why the response stream is reset.
+    reset: &'static str,
+}
+
+impl Refusal {
+    fn bad_request(message: impl Into<String>, reset: &'static str) -> Self {
+        Refusal {
+            code: ErrorCode::BadRequest,
+            message: message.into(),
+            reset,
+        }
+    }
+
+    fn upstream(message: String) -> Self {
+        Refusal {
+            code: ErrorCode::UpstreamError,
+            message,
+            reset: "upstream failed",
+        }
+    }
+
+    async fn send(self, stream_id: u32, answers: &mpsc::Sender<DeviceToHub>, body: BodySender) {
+        let Refusal {
+            code,
+            message,
+            reset,
+        } = self;
+        let _ = answers
+            .send(DeviceToHub::ProxyError {
+                stream_id,
+                code,
+                message,
+            })
+            .await;
+        body.reset(reset).await;
+    }
+}
+
+/// The request for the service, built from what the hub sent: the registered
+/// service, a checked target, the headers less hop-by-hop ones, and the body.
+fn prepare(
+    services: &[ServiceInfo],
+    request: ProxyRequest,
+    request_body: BodyReceiver,
+) -> Result<Prepared<'_>, Refusal> {
+    let Some(service) = services.iter().find(|s| s.name == request.service) else {
+        return Err(Refusal {
+            code: ErrorCode::NotFound,
+            message: format!("no service {:?} on this device", request.service),
+            reset: "no such service",
+        });
+    };
+    let uri =
+        origin_form(&request.target).map_err(|why| Refusal::bad_request(why, "invalid target"))?;
+    let method = http::Method::from_bytes(request.method.as_bytes())
+        .map_err(|_| Refusal::bad_request("invalid method", "invalid method"))?;
+    let mut builder = http::Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("host", format!("127.0.0.1:{}", service.port));
     let connection = request
         .headers
         .iter()
@@ -136,7 +252,6 @@ pub(crate) async fn serve(
             .headers
             .iter()
             .any(|(n, _)| n.eq_ignore_ascii_case("transfer-encoding"));
-    // After a switch of protocols the stream carries raw bytes: keep its halves for that.
     let mut upgrade_body = None;
     let body = if request.empty_body && request.upgrade.is_none() {
         // The hub said no body follows: not even an end frame will come.
@@ -161,55 +276,32 @@ pub(crate) async fn serve(
         drop_quietly(request_body);
         empty()
     };
-    let outgoing = match builder.body(body) {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = answers
-                .send(fail(ErrorCode::BadRequest, format!("invalid request: {e}")))
-                .await;
-            response_body.reset("invalid request").await;
-            return;
-        }
-    };
-    let deadline = Duration::from_millis(request.deadline_ms.max(1));
-    let sent = tokio::select! {
-        // Dropping the request future closes the connection to the service.
-        () = response_body.stopped() => {
-            debug!(stream_id, "client went away before the response head");
-            return;
-        }
-        sent = tokio::time::timeout(deadline, client.client.request(outgoing)) => sent,
-    };
-    let response = match sent {
-        Err(_) => {
-            let _ = answers
-                .send(fail(
-                    ErrorCode::Timeout,
-                    format!(
-                        "service {} did not answer within {deadline:?}",
-                        service.name
-                    ),
-                ))
-                .await;
-            response_body.reset("timeout").await;
-            return;
-        }
-        Ok(Err(e)) => {
-            let why = if e.is_connect() {
-                format!(
-                    "service {} is not reachable on 127.0.0.1:{} ({})",
-                    service.name,
-                    service.port,
-                    root_cause(&e)
-                )
-            } else {
-                format!("service {} failed: {}", service.name, root_cause(&e))
-            };
-            let _ = answers.send(fail(ErrorCode::UpstreamError, why)).await;
-            response_body.reset("upstream failed").await;
-            return;
-        }
-        Ok(Ok(r)) => r,
+    let outgoing = builder
+        .body(body)
+        .map_err(|e| Refusal::bad_request(format!("invalid request: {e}"), "invalid request"))?;
+    Ok(Prepared {
+        service,
+        outgoing,
+        upgrade_body,
+        deadline: Duration::from_millis(request.deadline_ms.max(1)),
+    })
+}
+
+/// Passes a service's answer on to the hub: the head as a control message on
+/// `answers`, the body on the stream; a small body of known length whole with its head
+/// in one frame.
+async fn respond(
+    service: &ServiceInfo,
+    stream_id: u32,
+    response: http::Response<hyper::body::Incoming>,
+    upgrade_body: Option<BodyReceiver>,
+    mut response_body: BodySender,
+    answers: mpsc::Sender<DeviceToHub>,
+) {
+    let fail = |code: ErrorCode, message: String| DeviceToHub::ProxyError {
+        stream_id,
+        code,
+        message,
     };
     let connection = response
         .headers()
@@ -318,10 +410,11 @@ fn empty() -> ProxyBody {
     BodyExt::boxed(Empty::new().map_err(|never| match never {}))
 }
 
-/// `http://127.0.0.1:<port><checked, normalised target>`, or why not: the target hides
-/// a `..` (the hub refuses those already; a device does not rely on it) or is not a
-/// path. The URI is built from its parts, so no target can name another host.
-fn loopback_uri(port: u16, target: &str) -> Result<http::Uri, String> {
+/// The checked, normalised target as an origin-form URI (`/path?query`, what an
+/// HTTP/1 request line carries to an origin server), or why not: the target hides a
+/// `..` (the hub refuses those already; a device does not rely on it) or is not a path.
+/// It has no scheme or authority, so no target can name another host.
+fn origin_form(target: &str) -> Result<http::Uri, String> {
     let target = check_target(target).map_err(|e| e.to_string())?;
     let invalid = || "invalid request target".to_owned();
     if !target.starts_with('/') {
@@ -329,8 +422,6 @@ fn loopback_uri(port: u16, target: &str) -> Result<http::Uri, String> {
     }
     let path = http::uri::PathAndQuery::try_from(target).map_err(|_| invalid())?;
     http::Uri::builder()
-        .scheme(http::uri::Scheme::HTTP)
-        .authority(format!("127.0.0.1:{port}"))
         .path_and_query(path)
         .build()
         .map_err(|_| invalid())
@@ -363,7 +454,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn urls_always_point_at_the_registered_loopback_port() {
+    fn targets_are_paths_that_name_no_host() {
         for target in [
             "/x",
             "@evil.example/",
@@ -372,14 +463,15 @@ mod tests {
             "http://evil/",
             "?q=1",
         ] {
-            let uri = loopback_uri(8080, target).expect("built");
-            assert_eq!(uri.host(), Some("127.0.0.1"), "{target}");
-            assert_eq!(uri.port_u16(), Some(8080), "{target}");
+            let uri = origin_form(target).expect("built");
+            assert_eq!(uri.host(), None, "{target}");
+            assert_eq!(uri.scheme(), None, "{target}");
+            assert!(uri.path().starts_with('/'), "{target}: {uri}");
         }
         assert_eq!(
-            loopback_uri(8080, "/a/../b?x=1").expect("ok").to_string(),
-            "http://127.0.0.1:8080/b?x=1"
+            origin_form("/a/../b?x=1").expect("ok").to_string(),
+            "/b?x=1"
         );
-        assert!(loopback_uri(8080, "/..%2f..%2fetc").is_err());
+        assert!(origin_form("/..%2f..%2fetc").is_err());
     }
 }

@@ -244,7 +244,12 @@ async fn session(
         let client = http.clone();
         let services = services.clone();
         tokio::spawn(async move {
-            crate::proxy::serve(client, &services, request, body_in, body_out, tx).await;
+            // Boxed, so the task's own future is a few pointers: spawning it and
+            // retiring it copy those, not the whole exchange's state.
+            Box::pin(crate::proxy::serve(
+                client, &services, request, body_in, body_out, tx,
+            ))
+            .await;
         });
     };
     loop {
