@@ -35,9 +35,9 @@ type Io = TokioIo<TcpStream>;
 
 /// How long a connection may wait unused before it is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Idle connections kept per service: enough for the busiest burst a hub sends one
-/// device (its in-flight limit is in the hundreds), not an unbounded pile.
-const MAX_IDLE_PER_PORT: usize = 512;
+/// Idle connections kept per service: as many as a hub has requests in flight to one
+/// device at most, so a burst's connections all stay for the next, but no more.
+const MAX_IDLE_PER_PORT: usize = 1024;
 /// How long opening a connection to a loopback service may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -53,14 +53,20 @@ pub(crate) enum ExchangeError {
 }
 
 /// Idle keep-alive connections by service port, shared by every request of a cocoon.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub(crate) struct Pool {
     shared: Arc<Shared>,
 }
 
-#[derive(Default)]
+impl Default for Pool {
+    fn default() -> Self {
+        Pool::with_idle_timeout(IDLE_TIMEOUT)
+    }
+}
+
 struct Shared {
     idle: Mutex<HashMap<u16, Vec<Idle>>>,
+    idle_timeout: Duration,
     /// Whether the task that closes connections idle too long runs.
     reaping: AtomicBool,
 }
@@ -82,6 +88,17 @@ pub(crate) struct Conn {
 }
 
 impl Pool {
+    /// A pool that closes connections unused for `idle_timeout`.
+    pub(crate) fn with_idle_timeout(idle_timeout: Duration) -> Self {
+        Pool {
+            shared: Arc::new(Shared {
+                idle: Mutex::default(),
+                idle_timeout,
+                reaping: AtomicBool::new(false),
+            }),
+        }
+    }
+
     /// Sends `request` to the service on `port` and waits for the response head. A
     /// reused connection that turns out closed before it took the request is replaced
     /// by a new one, once.
@@ -168,7 +185,7 @@ impl Pool {
         let list = idle.get_mut(&port)?;
         let now = Instant::now();
         while let Some(Idle { conn, since }) = list.pop() {
-            if now.duration_since(since) < IDLE_TIMEOUT {
+            if now.duration_since(since) < self.shared.idle_timeout {
                 return Some(conn);
             }
         }
@@ -240,19 +257,23 @@ async fn handshake(
         .await?)
 }
 
-/// Closes connections left idle past [`IDLE_TIMEOUT`], until the pool is gone.
+/// Closes connections left idle past the pool's idle timeout, until the pool is gone.
 async fn reap(shared: Weak<Shared>) {
     loop {
-        tokio::time::sleep(IDLE_TIMEOUT / 2).await;
+        let Some(every) = shared.upgrade().map(|s| s.idle_timeout / 2) else {
+            return;
+        };
+        tokio::time::sleep(every).await;
         let Some(shared) = shared.upgrade() else {
             return;
         };
+        let timeout = shared.idle_timeout;
         let Ok(mut idle) = shared.idle.lock() else {
             return;
         };
         let now = Instant::now();
         idle.retain(|_, list| {
-            list.retain(|i| now.duration_since(i.since) < IDLE_TIMEOUT);
+            list.retain(|i| now.duration_since(i.since) < timeout);
             !list.is_empty()
         });
     }
@@ -270,13 +291,22 @@ mod tests {
     /// counts the connections it accepted; with `close_after_each` it closes each one
     /// after its answer, without saying so in the answer.
     async fn service(close_after_each: bool) -> (u16, Arc<AtomicUsize>) {
+        let (port, accepted, _) = counted_service(close_after_each).await;
+        (port, accepted)
+    }
+
+    /// [`service`], also counting the connections the client side closed.
+    async fn counted_service(close_after_each: bool) -> (u16, Arc<AtomicUsize>, Arc<AtomicUsize>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let accepted = Arc::new(AtomicUsize::new(0));
+        let closed = Arc::new(AtomicUsize::new(0));
         let count = accepted.clone();
+        let gone = closed.clone();
         tokio::spawn(async move {
             while let Ok((mut socket, _)) = listener.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
+                let gone = gone.clone();
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     let mut chunk = [0u8; 1024];
@@ -285,6 +315,7 @@ mod tests {
                             return;
                         };
                         if n == 0 {
+                            gone.fetch_add(1, Ordering::SeqCst);
                             return;
                         }
                         buf.extend_from_slice(&chunk[..n]);
@@ -302,7 +333,7 @@ mod tests {
                 });
             }
         });
-        (port, accepted)
+        (port, accepted, closed)
     }
 
     fn get(port: u16) -> http::Request<ProxyBody> {
@@ -354,6 +385,22 @@ mod tests {
         drop(response);
         pool.checkin(conn);
         assert_eq!(exchange(&pool, port).await, "hello");
+    }
+
+    #[tokio::test]
+    async fn connections_idle_too_long_are_closed_not_reused() {
+        let (port, accepted, closed) = counted_service(false).await;
+        let pool = Pool::with_idle_timeout(Duration::from_millis(200));
+        assert_eq!(exchange(&pool, port).await, "hello");
+        assert_eq!(closed.load(Ordering::SeqCst), 0);
+        // The reaper looks every half timeout: by then the service has seen the close.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while closed.load(Ordering::SeqCst) == 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(closed.load(Ordering::SeqCst), 1);
+        assert_eq!(exchange(&pool, port).await, "hello");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
