@@ -137,7 +137,9 @@ async fn proxy(
     let opened = rpc::open_proxy(&state, &device_id, head).await?;
     let (too_large_tx, too_large_rx) = oneshot::channel();
     if let Some(on_upgrade) = on_upgrade {
-        return finish_upgrade(opened, on_upgrade, deadline, upgrade.unwrap_or_default()).await;
+        // Boxed: the upgrade's wait would otherwise size every proxied request's future.
+        let upgrade = upgrade.unwrap_or_default();
+        return Box::pin(finish_upgrade(opened, on_upgrade, deadline, upgrade)).await;
     }
     let mut request_body = opened.request_body;
     let body = req.into_body();
