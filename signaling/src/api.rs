@@ -21,6 +21,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use futures_util::future::{Either, FutureExt as _};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
@@ -45,14 +46,12 @@ pub fn app(
        + Send
        + 'static {
     let routes = router(state.clone());
-    let proxied = crate::proxy::router(state);
     tower::service_fn(move |req: Request| {
-        let mut to = if req.uri().path().starts_with(crate::proxy::PREFIX) {
-            proxied.clone()
+        if req.uri().path().starts_with(crate::proxy::PREFIX) {
+            Either::Left(crate::proxy::handle(state.clone(), req).map(Ok))
         } else {
-            routes.clone()
-        };
-        tower::Service::call(&mut to, req)
+            Either::Right(tower::Service::call(&mut routes.clone(), req))
+        }
     })
 }
 
@@ -111,7 +110,7 @@ impl ApiError {
     }
 
     /// Logs the detail and answers a bare "internal error".
-    fn internal(detail: &dyn std::fmt::Display) -> Self {
+    pub(crate) fn internal(detail: &dyn std::fmt::Display) -> Self {
         warn!("request failed: {detail:#}");
         ApiError::new(ErrorCode::Internal, "internal error")
     }
@@ -258,29 +257,24 @@ impl FromRequestParts<AppState> for Caller {
 
 /// The caller of a `/proxy/...` route: the bearer header, or else the web UI's session
 /// cookie. Anywhere else only the bearer header counts, even if a cookie came along.
-#[derive(Debug, Clone)]
-pub struct ProxyCaller(pub Caller);
-
-impl FromRequestParts<AppState> for ProxyCaller {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        if let Some(header) = parts.headers.get(header::AUTHORIZATION) {
-            return bearer_caller(header, state).map(ProxyCaller);
-        }
-        let token = parts
-            .uri
-            .path()
-            .starts_with(SESSION_COOKIE_PATH)
-            .then(|| session_cookie(&parts.headers))
-            .flatten()
-            .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "missing bearer token"))?;
-        let claims = state.auth.verify(&token)?;
-        Ok(ProxyCaller(Caller {
-            id: claims.sub,
-            name: claims.name,
-        }))
+pub(crate) fn proxy_caller(
+    path: &str,
+    headers: &axum::http::HeaderMap,
+    state: &AppState,
+) -> Result<Caller, ApiError> {
+    if let Some(header) = headers.get(header::AUTHORIZATION) {
+        return bearer_caller(header, state);
     }
+    let token = path
+        .starts_with(SESSION_COOKIE_PATH)
+        .then(|| session_cookie(headers))
+        .flatten()
+        .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "missing bearer token"))?;
+    let claims = state.auth.verify(&token)?;
+    Ok(Caller {
+        id: claims.sub,
+        name: claims.name,
+    })
 }
 
 async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {

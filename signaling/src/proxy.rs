@@ -15,15 +15,14 @@ use adi_protocol::http::{check_target, is_hop_by_hop, requested_upgrade};
 use adi_protocol::{DeviceId, ErrorCode, ProxyRequest};
 use adi_tunnel::BodyReceiver;
 use axum::body::{Body, HttpBody};
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, Request};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Router;
 use futures_util::StreamExt;
 use tokio::sync::oneshot;
 use tracing::{debug, Instrument};
 
-use crate::api::{owned_device, ApiError, ProxyCaller, SESSION_COOKIE};
+use crate::api::{owned_device, proxy_caller, ApiError, SESSION_COOKIE};
 use crate::rpc::{self, RpcError};
 use crate::HubState;
 
@@ -35,9 +34,15 @@ pub const TIMEOUT_HEADER: &str = "x-adi-timeout-ms";
 /// Where proxied paths start: `/proxy/{device}/{service}{target}`.
 pub(crate) const PREFIX: &str = "/proxy/";
 
-/// Every request under [`PREFIX`]; the handler splits the path itself.
-pub(crate) fn router(state: AppState) -> Router {
-    Router::new().fallback(proxy).with_state(state)
+/// Answers every request under [`PREFIX`]. It is called for them before the route
+/// table, and takes what it needs from the request itself (the device, service and
+/// target from the path, the caller from its credentials, the peer from the connection),
+/// so no routing, extractors or boxing stand between a request and its device.
+pub(crate) async fn handle(state: AppState, req: Request) -> Response {
+    match proxy(state, req).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
 }
 
 /// Splits `/proxy/{device}/{service}{target}` keeping the target's encoding as sent.
@@ -65,12 +70,11 @@ fn offline() -> ApiError {
     )
 }
 
-async fn proxy(
-    State(state): State<AppState>,
-    ProxyCaller(caller): ProxyCaller,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    mut req: Request,
-) -> Result<Response, ApiError> {
+async fn proxy(state: AppState, mut req: Request) -> Result<Response, ApiError> {
+    let caller = proxy_caller(req.uri().path(), req.headers(), &state)?;
+    let Some(&ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<SocketAddr>>() else {
+        return Err(ApiError::internal(&"the connection's peer address is unknown"));
+    };
     let path_and_query = req
         .uri()
         .path_and_query()
