@@ -230,19 +230,33 @@ fn prepare(
         origin_form(&request.target).map_err(|why| Refusal::bad_request(why, "invalid target"))?;
     let method = http::Method::from_bytes(request.method.as_bytes())
         .map_err(|_| Refusal::bad_request("invalid method", "invalid method"))?;
-    let mut builder = http::Request::builder()
-        .method(method)
-        .uri(uri)
-        .header("host", format!("127.0.0.1:{}", service.port));
+    // The header map is filled in place: a request builder moves its whole state
+    // through every header it adds.
+    let mut headers = http::HeaderMap::with_capacity(request.headers.len() + 1);
+    let host = format!("127.0.0.1:{}", service.port);
+    headers.insert(
+        http::header::HOST,
+        http::HeaderValue::try_from(host)
+            .map_err(|_| Refusal::bad_request("invalid host", "invalid request"))?,
+    );
     let connection = request
         .headers
         .iter()
         .find(|(n, _)| n.eq_ignore_ascii_case("connection"))
-        .map(|(_, v)| v.clone());
+        .map(|(_, v)| v.as_str());
     for (name, value) in &request.headers {
-        if !is_hop_by_hop(name, connection.as_deref()) && !name.eq_ignore_ascii_case("host") {
-            builder = builder.header(name.as_str(), value.as_str());
+        if is_hop_by_hop(name, connection) || name.eq_ignore_ascii_case("host") {
+            continue;
         }
+        let invalid = || {
+            Refusal::bad_request(
+                format!("invalid request: invalid header {name:?}"),
+                "invalid request",
+            )
+        };
+        let name = http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| invalid())?;
+        let value = http::HeaderValue::from_str(value).map_err(|_| invalid())?;
+        headers.append(name, value);
     }
     let has_body = request
         .headers
@@ -258,9 +272,13 @@ fn prepare(
         request_body.finish_implied();
         empty()
     } else if let Some(protocol) = &request.upgrade {
-        builder = builder
-            .header("connection", "upgrade")
-            .header("upgrade", protocol.as_str());
+        let protocol = http::HeaderValue::from_str(protocol)
+            .map_err(|_| Refusal::bad_request("invalid upgrade protocol", "invalid request"))?;
+        headers.insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("upgrade"),
+        );
+        headers.insert(http::header::UPGRADE, protocol);
         upgrade_body = Some(request_body);
         empty()
     } else if has_body
@@ -276,9 +294,10 @@ fn prepare(
         drop_quietly(request_body);
         empty()
     };
-    let outgoing = builder
-        .body(body)
-        .map_err(|e| Refusal::bad_request(format!("invalid request: {e}"), "invalid request"))?;
+    let mut outgoing = http::Request::new(body);
+    *outgoing.method_mut() = method;
+    *outgoing.uri_mut() = uri;
+    *outgoing.headers_mut() = headers;
     Ok(Prepared {
         service,
         outgoing,
@@ -452,6 +471,89 @@ fn drop_quietly(mut receiver: BodyReceiver) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn request(headers: &[(&str, &str)]) -> ProxyRequest {
+        ProxyRequest {
+            stream_id: 1,
+            service: "web".into(),
+            method: "GET".into(),
+            target: "/a?b=1".into(),
+            headers: headers
+                .iter()
+                .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+                .collect(),
+            deadline_ms: 1000,
+            upgrade: None,
+            empty_body: true,
+        }
+    }
+
+    fn services() -> Vec<ServiceInfo> {
+        serde_json::from_value(serde_json::json!([{"name": "web", "port": 8080}])).expect("service")
+    }
+
+    fn body() -> BodyReceiver {
+        let (tx, _rx) = mpsc::channel(1);
+        adi_tunnel::Streams::new(tx).open(1).0
+    }
+
+    #[tokio::test]
+    async fn the_request_names_the_loopback_host_and_drops_hop_by_hop_headers() {
+        let services = services();
+        let sent = request(&[
+            ("Host", "hub.example"),
+            ("Connection", "keep-alive, x-private"),
+            ("X-Private", "hop"),
+            ("Keep-Alive", "timeout=5"),
+            ("Accept", "text/html"),
+            ("X-Forwarded-For", "10.0.0.1"),
+            ("Accept", "*/*"),
+        ]);
+        let Ok(prepared) = prepare(&services, sent, body()) else {
+            panic!("a valid request is refused");
+        };
+        let outgoing = prepared.outgoing;
+        assert_eq!(outgoing.method(), http::Method::GET);
+        assert_eq!(outgoing.uri(), "/a?b=1");
+        let headers = outgoing.headers();
+        assert_eq!(headers["host"], "127.0.0.1:8080");
+        let accept: Vec<_> = headers.get_all("accept").iter().collect();
+        assert_eq!(accept, ["text/html", "*/*"]);
+        assert_eq!(headers["x-forwarded-for"], "10.0.0.1");
+        for gone in ["connection", "x-private", "keep-alive"] {
+            assert!(!headers.contains_key(gone), "{gone} was forwarded");
+        }
+        assert_eq!(headers.len(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_malformed_header_is_refused_as_a_bad_request() {
+        let services = services();
+        for (name, value) in [("bad name", "x"), ("x-ok", "line\nbreak")] {
+            let refused = prepare(&services, request(&[(name, value)]), body()).err();
+            let Some(refusal) = refused else {
+                panic!("{name:?}: {value:?} was accepted");
+            };
+            assert_eq!(refusal.code, ErrorCode::BadRequest);
+            assert!(
+                refusal.message.contains("invalid header"),
+                "{}",
+                refusal.message
+            );
+        }
+        let unknown = ProxyRequest {
+            service: "db".into(),
+            ..request(&[])
+        };
+        let refused = prepare(&services, unknown, body()).err();
+        assert!(matches!(
+            refused,
+            Some(Refusal {
+                code: ErrorCode::NotFound,
+                ..
+            })
+        ));
+    }
 
     #[test]
     fn targets_are_paths_that_name_no_host() {

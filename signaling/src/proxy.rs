@@ -73,7 +73,9 @@ fn offline() -> ApiError {
 async fn proxy(state: AppState, mut req: Request) -> Result<Response, ApiError> {
     let caller = proxy_caller(req.uri().path(), req.headers(), &state)?;
     let Some(&ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<SocketAddr>>() else {
-        return Err(ApiError::internal(&"the connection's peer address is unknown"));
+        return Err(ApiError::internal(
+            &"the connection's peer address is unknown",
+        ));
     };
     let path_and_query = req
         .uri()
