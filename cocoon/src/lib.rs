@@ -429,7 +429,7 @@ pub async fn start(config: CocoonConfig) -> Result<CocoonHandle, CocoonError> {
     };
     let shared = session::Shared {
         runner: runner.clone(),
-        http: proxy::Loopback::new(),
+        http: pool::Pool::default(),
         health,
         load,
         capabilities: capabilities.clone(),

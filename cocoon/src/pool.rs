@@ -19,7 +19,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::task::Poll;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -52,7 +52,10 @@ pub(crate) enum ExchangeError {
     Http(#[from] hyper::Error),
 }
 
-/// Idle keep-alive connections by service port, shared by every request of a cocoon.
+/// The HTTP client for loopback services: idle keep-alive connections by service port,
+/// shared by every request of a cocoon, and nothing more: no proxy from the
+/// environment, no redirects (they are the client's business), no decompression (bytes
+/// pass as sent).
 #[derive(Clone)]
 pub(crate) struct Pool {
     shared: Arc<Shared>,
@@ -142,14 +145,8 @@ impl Pool {
     /// read to its end, the exchange failed).
     pub(crate) fn checkin(&self, mut conn: Conn) {
         // One poll lets the connection see its exchange through and ask for the next.
-        let ready = std::task::Context::from_waker(std::task::Waker::noop());
-        let mut cx = ready;
-        if let Some(io) = conn.io.as_mut() {
-            if Pin::new(io).poll(&mut cx).is_ready() {
-                conn.io = None;
-            }
-        }
-        if conn.io.is_none() || !conn.sender.is_ready() {
+        let mut cx = Context::from_waker(Waker::noop());
+        if !poll_io(&mut conn.io, &mut cx) || !conn.sender.is_ready() {
             return;
         }
         conn.reused = true;
@@ -184,9 +181,9 @@ impl Pool {
         let mut idle = self.shared.idle.lock().ok()?;
         let list = idle.get_mut(&port)?;
         let now = Instant::now();
-        while let Some(Idle { conn, since }) = list.pop() {
-            if now.duration_since(since) < self.shared.idle_timeout {
-                return Some(conn);
+        while let Some(idle) = list.pop() {
+            if idle.fresh(now, self.shared.idle_timeout) {
+                return Some(idle.conn);
             }
         }
         None
@@ -200,11 +197,7 @@ impl Conn {
         let mut work = pin!(work);
         let io = &mut self.io;
         poll_fn(|cx| {
-            if let Some(conn) = io.as_mut() {
-                if Pin::new(conn).poll(cx).is_ready() {
-                    *io = None;
-                }
-            }
+            poll_io(io, cx);
             work.as_mut().poll(cx)
         })
         .await
@@ -214,17 +207,30 @@ impl Conn {
     async fn ready(&mut self) -> bool {
         let Conn { sender, io, .. } = self;
         poll_fn(|cx| {
-            if let Some(conn) = io.as_mut() {
-                if Pin::new(conn).poll(cx).is_ready() {
-                    *io = None;
-                }
-            }
-            if io.is_none() {
+            if !poll_io(io, cx) {
                 return Poll::Ready(false);
             }
             sender.poll_ready(cx).map(|r| r.is_ok())
         })
         .await
+    }
+}
+
+/// Lets a connection do what it can now (write, read, hand an answer over); forgets it
+/// once it has ended. Whether it still runs.
+fn poll_io(io: &mut Option<Box<Connection<Io, ProxyBody>>>, cx: &mut Context<'_>) -> bool {
+    if let Some(conn) = io.as_mut() {
+        if Pin::new(conn).poll(cx).is_ready() {
+            *io = None;
+        }
+    }
+    io.is_some()
+}
+
+impl Idle {
+    /// Whether it has waited less than `timeout` by `now`.
+    fn fresh(&self, now: Instant, timeout: Duration) -> bool {
+        now.duration_since(self.since) < timeout
     }
 }
 
@@ -273,7 +279,7 @@ async fn reap(shared: Weak<Shared>) {
         };
         let now = Instant::now();
         idle.retain(|_, list| {
-            list.retain(|i| now.duration_since(i.since) < timeout);
+            list.retain(|i| i.fresh(now, timeout));
             !list.is_empty()
         });
     }

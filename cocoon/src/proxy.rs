@@ -32,30 +32,6 @@ const INLINE_BODY: u64 = 32 * 1024;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The HTTP client for loopback services: keep-alive HTTP/1 connections with
-/// `TCP_NODELAY` and a 5 s connect timeout, each driven by the request using it, and
-/// nothing more: no proxy from the environment, no redirects (they are the client's
-/// business), no decompression (bytes pass as sent).
-#[derive(Clone)]
-pub struct Loopback {
-    pool: Pool,
-}
-
-impl Loopback {
-    /// A client with no connections yet.
-    pub fn new() -> Self {
-        Loopback {
-            pool: Pool::default(),
-        }
-    }
-}
-
-impl Default for Loopback {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 /// The HTTP client for other loopback calls (health probes, plugin endpoints): no
 /// proxies from the environment, no redirects, no decompression.
 pub fn client() -> reqwest::Client {
@@ -73,7 +49,7 @@ pub fn client() -> reqwest::Client {
 /// message on `answers`, the body on the stream; a small body of known length goes
 /// whole with its head in one frame.
 pub(crate) async fn serve(
-    client: Loopback,
+    pool: Pool,
     services: &[ServiceInfo],
     request: ProxyRequest,
     request_body: BodyReceiver,
@@ -98,11 +74,11 @@ pub(crate) async fn serve(
         let exchange = Box::pin(async {
             if upgrade {
                 // The switched connection leaves the pool: its own task hands it over.
-                let mut sender = client.pool.upgradable(service.port).await?;
+                let mut sender = pool.upgradable(service.port).await?;
                 let response = sender.send_request(outgoing).await?;
                 Ok((None, response))
             } else {
-                let (conn, response) = client.pool.send(service.port, outgoing).await?;
+                let (conn, response) = pool.send(service.port, outgoing).await?;
                 Ok((Some(conn), response))
             }
         });
@@ -155,7 +131,7 @@ pub(crate) async fn serve(
         // The connection is driven while the answer is passed on, and goes back to the
         // pool only when that is over.
         conn.drive(answer).await;
-        client.pool.checkin(conn);
+        pool.checkin(conn);
         return;
     };
     Box::pin(refusal.send(stream_id, &answers, response_body)).await;
@@ -317,11 +293,6 @@ async fn respond(
     mut response_body: BodySender,
     answers: mpsc::Sender<DeviceToHub>,
 ) {
-    let fail = |code: ErrorCode, message: String| DeviceToHub::ProxyError {
-        stream_id,
-        code,
-        message,
-    };
     let connection = response
         .headers()
         .get("connection")
@@ -352,9 +323,8 @@ async fn respond(
             Ok(b) => b.to_bytes(),
             Err(e) => {
                 let why = format!("service {} failed: {}", service.name, root_cause(&e));
-                let _ = answers.send(fail(ErrorCode::UpstreamError, why)).await;
-                response_body.reset("upstream failed").await;
-                return;
+                let refusal = Refusal::upstream(why);
+                return Box::pin(refusal.send(stream_id, &answers, response_body)).await;
             }
         };
         let head = ProxyHead { status, headers };

@@ -45,7 +45,7 @@ enum Outcome {
 /// What the sessions of one cocoon share with the rest of it.
 pub(crate) struct Shared {
     pub(crate) runner: Arc<Runner>,
-    pub(crate) http: crate::proxy::Loopback,
+    pub(crate) http: crate::pool::Pool,
     pub(crate) health: watch::Receiver<Vec<adi_protocol::ServiceHealth>>,
     pub(crate) load: watch::Receiver<Option<adi_protocol::LoadReport>>,
     pub(crate) capabilities: watch::Receiver<Arc<CapabilitySet>>,
@@ -121,7 +121,7 @@ struct Agent<'a> {
     ws_url: &'a str,
     secret: &'a DeviceSecret,
     runner: &'a Arc<Runner>,
-    http: &'a crate::proxy::Loopback,
+    http: &'a crate::pool::Pool,
     health: &'a watch::Receiver<Vec<adi_protocol::ServiceHealth>>,
     load: &'a watch::Receiver<Option<adi_protocol::LoadReport>>,
     capabilities: &'a watch::Receiver<Arc<CapabilitySet>>,
