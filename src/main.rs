@@ -59,10 +59,16 @@ fn main() -> ExitCode {
     if !quiet {
         raise_open_file_limit();
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    let threads = match &cli.command {
+        Command::Cocoon(cmd::cocoon::CocoonCmd::Run(args)) => Some(args.threads),
+        Command::Signaling(cmd::signaling::SignalingCmd::Serve(args)) => args.threads,
+        _ => None,
+    };
+    if let Some(n) = threads {
+        builder.worker_threads(usize::from(n));
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

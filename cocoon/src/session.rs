@@ -285,37 +285,15 @@ async fn session(
             }
             Some(frame) = frames.recv() => {
                 // Body frames that are ready together leave with one flush.
-                let mut next = Some(frame);
-                let mut sent = 0;
-                while let Some(frame) = next.take() {
-                    if let Err(e) = ws.feed(Message::Binary(frame)).await {
-                        streams.close_all();
-                        return lost(true, format!("sending a body frame failed: {e}"));
-                    }
-                    sent += 1;
-                    if sent < ANSWER_BATCH {
-                        next = frames.try_recv().ok();
-                    }
-                }
-                if let Err(e) = ws.flush().await {
+                if let Err(e) = write_ready(&mut ws, frame, &mut frames, Message::Binary).await {
                     streams.close_all();
                     return lost(true, format!("sending a body frame failed: {e}"));
                 }
             }
             Some(answer) = answers.recv() => {
                 // Answers that are ready together leave with one flush.
-                let mut next = Some(answer);
-                let mut sent = 0;
-                while let Some(answer) = next.take() {
-                    if let Err(e) = ws.feed(Message::text(fit(answer, max_answer))).await {
-                        return lost(true, format!("sending an answer failed: {e}"));
-                    }
-                    sent += 1;
-                    if sent < ANSWER_BATCH {
-                        next = answers.try_recv().ok();
-                    }
-                }
-                if let Err(e) = ws.flush().await {
+                let write = write_ready(&mut ws, answer, &mut answers, |a| Message::text(fit(a, max_answer)));
+                if let Err(e) = write.await {
                     return lost(true, format!("sending an answer failed: {e}"));
                 }
             }
@@ -413,6 +391,37 @@ async fn session(
             }
         }
     }
+}
+
+/// Writes `first` and whatever else `queue` holds, up to [`ANSWER_BATCH`] frames, then
+/// flushes once. When the queue runs dry it yields once first, so that requests the
+/// runtime is about to finish add their frames to the same write: under load one
+/// syscall carries several answers, which the hub then reads in one.
+async fn write_ready<S, T>(
+    ws: &mut S,
+    first: T,
+    queue: &mut mpsc::Receiver<T>,
+    frame: impl Fn(T) -> Message,
+) -> Result<(), tokio_tungstenite::tungstenite::Error>
+where
+    S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+{
+    ws.feed(frame(first)).await?;
+    let mut fed = 1;
+    let mut waited = false;
+    while fed < ANSWER_BATCH {
+        let Ok(next) = queue.try_recv() else {
+            if waited {
+                break;
+            }
+            waited = true;
+            tokio::task::yield_now().await;
+            continue;
+        };
+        ws.feed(frame(next)).await?;
+        fed += 1;
+    }
+    ws.flush().await
 }
 
 /// The frame for an answer, or, when it would exceed the hub's frame limit (which
