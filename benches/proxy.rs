@@ -38,7 +38,11 @@
 //! second after the run. The summary gives adi/rathole ratios, on medians over rounds,
 //! against the targets: at least 1.5x rathole's req/s for 1 KiB, at least rathole's for
 //! 1 MiB, p99 no worse than rathole's; and each proxy process's RSS when idle, at the
-//! end and at its peak, to judge whether memory stays flat.
+//! end and at its peak, to judge whether memory stays flat. Last, the ceiling: from the
+//! direct run's kernel time (the socket work of one HTTP exchange, which a proxy that
+//! terminates HTTP does once more per request) and the rathole run's figures, the most
+//! req/s, as a multiple of rathole's, that such a proxy could reach on this machine with
+//! no userland work at all.
 //!
 //! ```text
 //! cargo bench --bench proxy
@@ -344,6 +348,11 @@ struct Run {
     cpu_device: Option<f64>,
     cpu_service: f64,
     cpu_load: Option<f64>,
+    /// The part of `cpu_service` and `cpu_load` spent in the kernel. In the direct run
+    /// it is the socket work of one HTTP exchange, which every proxy that terminates
+    /// HTTP does once more per request (see [`ceiling`]).
+    sys_service: f64,
+    sys_load: Option<f64>,
     /// The part of `cpu_server` and `cpu_device` spent in the kernel (system time):
     /// socket reads and writes, and on loopback the receiving side's TCP work too. It
     /// is what a relay cannot avoid, so it bounds what userland work can win.
@@ -721,7 +730,7 @@ async fn measure(
         let load_pid = load_pid.clone();
         tokio::task::spawn_blocking(move || {
             let mut peak = vec![0u64; watched.len()];
-            let mut load_ticks: Option<(u32, u64, u64)> = None;
+            let mut load_ticks: Option<(u32, CpuTicks, CpuTicks)> = None;
             while !stop.load(Ordering::Relaxed) {
                 for (i, &p) in watched.iter().enumerate() {
                     if let Ok(r) = rss_kib(p) {
@@ -730,7 +739,7 @@ async fn measure(
                 }
                 let current = *lock(&load_pid);
                 if let Some(p) = current {
-                    if let Ok(t) = cpu_ticks(p) {
+                    if let Ok(t) = cpu_split(p) {
                         load_ticks = Some(match load_ticks {
                             Some((lp, first, _)) if lp == p => (p, first, t),
                             _ => (p, t, t),
@@ -742,9 +751,9 @@ async fn measure(
             (peak, load_ticks)
         })
     };
-    let own_before = cpu_ticks(std::process::id())?;
+    let own_before = cpu_split(std::process::id())?;
     let result = load.run(load.opts.duration, &load_pid).await;
-    let own_after = cpu_ticks(std::process::id())?;
+    let own_after = cpu_split(std::process::id())?;
     let elapsed = started.elapsed().as_secs_f64();
     let ticks_after = Ticks::read(pids)?;
     let machine_after = machine_ticks()?;
@@ -756,12 +765,17 @@ async fn measure(
     let after: Vec<u64> = watched.iter().map(|&p| rss_kib(p)).collect::<Result<_>>()?;
 
     let pct = |d: u64| 100.0 * d as f64 / clk_tck / elapsed;
-    let cpu_load = match load.wrk {
-        // wrk's first sample is taken up to one interval after it started, so this
-        // is a slight underestimate.
-        Some(_) => load_ticks.map(|(_, first, last)| pct(last.saturating_sub(first))),
-        None => Some(pct(own_after.saturating_sub(own_before))),
+    // Of two readings of one process, all its CPU or its kernel part over the window.
+    let (all, kernel) = (|t: CpuTicks| t.total, |t: CpuTicks| t.system);
+    let delta =
+        |b: CpuTicks, a: CpuTicks, part: fn(CpuTicks) -> u64| pct(part(a).saturating_sub(part(b)));
+    // wrk's first sample is taken up to one interval after it started, so its figures
+    // are a slight underestimate.
+    let load_part = |part: fn(CpuTicks) -> u64| match load.wrk {
+        Some(_) => load_ticks.map(|(_, first, last)| delta(first, last, part)),
+        None => Some(delta(own_before, own_after, part)),
     };
+    let (cpu_load, sys_load) = (load_part(all), load_part(kernel));
     let rss = |i: usize| Rss {
         before: before[i],
         peak: peak[i].max(before[i]).max(after_now[i]),
@@ -779,17 +793,17 @@ async fn measure(
     };
     // One side's share over the window, of all its CPU or of its kernel part.
     let side = |b: Option<CpuTicks>, a: Option<CpuTicks>, part: fn(CpuTicks) -> u64| {
-        b.zip(a).map(|(b, a)| pct(part(a).saturating_sub(part(b))))
+        b.zip(a).map(|(b, a)| delta(b, a, part))
     };
-    let (total, system) = (|t: CpuTicks| t.total, |t: CpuTicks| t.system);
-    let cpu_server = side(ticks_before.server, ticks_after.server, total);
-    let cpu_device = side(ticks_before.device, ticks_after.device, total);
-    let sys_server = side(ticks_before.server, ticks_after.server, system);
-    let sys_device = side(ticks_before.device, ticks_after.device, system);
-    let cpu_service = pct(ticks_after.service.saturating_sub(ticks_before.service));
+    let cpu_server = side(ticks_before.server, ticks_after.server, all);
+    let cpu_device = side(ticks_before.device, ticks_after.device, all);
+    let sys_server = side(ticks_before.server, ticks_after.server, kernel);
+    let sys_device = side(ticks_before.device, ticks_after.device, kernel);
+    let cpu_service = delta(ticks_before.service, ticks_after.service, all);
+    let sys_service = delta(ticks_before.service, ticks_after.service, kernel);
     // With wrk this process only waits, but count it too.
     let own = match load.wrk {
-        Some(_) => pct(own_after.saturating_sub(own_before)),
+        Some(_) => delta(own_before, own_after, all),
         None => 0.0,
     };
     let ours = cpu_server.unwrap_or(0.0)
@@ -806,6 +820,8 @@ async fn measure(
         cpu_device,
         cpu_service,
         cpu_load,
+        sys_service,
+        sys_load,
         sys_server,
         sys_device,
         machine_busy_cores,
@@ -819,7 +835,7 @@ async fn measure(
 struct Ticks {
     server: Option<CpuTicks>,
     device: Option<CpuTicks>,
-    service: u64,
+    service: CpuTicks,
 }
 
 impl Ticks {
@@ -827,7 +843,7 @@ impl Ticks {
         Ok(Ticks {
             server: p.server.map(cpu_split).transpose()?,
             device: p.device.map(cpu_split).transpose()?,
-            service: cpu_ticks(p.service)?,
+            service: cpu_split(p.service)?,
         })
     }
 }
@@ -1403,17 +1419,7 @@ fn write_report(
     // Targets, on the medians over rounds; runs disturbed by other work on the machine
     // are left out when there are undisturbed ones of the same kind.
     let med = |size: Size, route: Route, f: fn(&LoadResult) -> f64| {
-        let same: Vec<&Run> = runs
-            .iter()
-            .filter(|r| r.size == size && r.route == route)
-            .collect();
-        let clean: Vec<&Run> = same
-            .iter()
-            .copied()
-            .filter(|r| r.other_cores <= NOISY_CORES)
-            .collect();
-        let pick = if clean.is_empty() { same } else { clean };
-        median(pick.iter().map(|r| f(&r.load)).collect())
+        median(pick(runs, size, route).iter().map(|r| f(&r.load)).collect())
     };
     writeln!(out)?;
     writeln!(
@@ -1458,6 +1464,106 @@ fn write_report(
             p99(Route::Rathole).map_or_else(|| "-".to_owned(), fmt_us),
         )?;
     }
+    write_ceiling(out, opts, runs)
+}
+
+/// The runs of one kind the summary uses: the undisturbed ones, or all of them when
+/// every one was disturbed.
+fn pick(runs: &[Run], size: Size, route: Route) -> Vec<&Run> {
+    let same: Vec<&Run> = runs
+        .iter()
+        .filter(|r| r.size == size && r.route == route)
+        .collect();
+    let clean: Vec<&Run> = same
+        .iter()
+        .copied()
+        .filter(|r| r.other_cores <= NOISY_CORES)
+        .collect();
+    if clean.is_empty() {
+        same
+    } else {
+        clean
+    }
+}
+
+/// What one request costs, in CPU µs, on the way through a proxy (medians over rounds).
+#[derive(Debug, Clone, Copy)]
+struct Ceiling {
+    /// Service and load generator, in the rathole run: the same for every path.
+    ends: f64,
+    /// rathole's server and client together.
+    rathole: f64,
+    /// The kernel's work for one HTTP exchange (service and load generator in the
+    /// direct run): a proxy that terminates HTTP receives each request and sends each
+    /// answer on the client's connection, and sends and receives them again on a
+    /// connection to the service, so it does at least this much per request, whatever
+    /// it does in userland and however its link between the two sides batches.
+    exchange_kernel: f64,
+}
+
+impl Ceiling {
+    /// The most req/s, as a multiple of rathole's, that a proxy doing nothing but that
+    /// kernel work could reach on this machine, with every core busy as in these runs.
+    fn ratio(&self) -> f64 {
+        (self.ends + self.rathole) / (self.ends + self.exchange_kernel)
+    }
+}
+
+fn ceiling(runs: &[Run], size: Size) -> Option<Ceiling> {
+    let per_request = |route: Route, f: fn(&Run) -> Option<f64>| {
+        median(
+            pick(runs, size, route)
+                .iter()
+                .filter(|r| r.load.rps() > 0.0)
+                .filter_map(|r| f(r).map(|pct| pct / 100.0 * 1e6 / r.load.rps()))
+                .collect(),
+        )
+    };
+    Some(Ceiling {
+        ends: per_request(Route::Rathole, |r| Some(r.cpu_service + r.cpu_load?))?,
+        rathole: per_request(Route::Rathole, |r| Some(r.cpu_server? + r.cpu_device?))?,
+        exchange_kernel: per_request(Route::Direct, |r| Some(r.sys_service + r.sys_load?))?,
+    })
+}
+
+/// Where a proxy that terminates HTTP at both ends can get at best, from this run's own
+/// figures: what limits the req/s targets on this machine.
+fn write_ceiling(out: &mut String, opts: &Options, runs: &[Run]) -> Result<()> {
+    let rows: Vec<(Size, Ceiling)> = opts
+        .sizes
+        .iter()
+        .filter_map(|&s| ceiling(runs, s).map(|c| (s, c)))
+        .collect();
+    if rows.is_empty() {
+        return Ok(());
+    }
+    writeln!(out)?;
+    writeln!(
+        out,
+        "Ceiling: CPU µs per request of the parts every path shares (service and load \
+         generator), of rathole, and of the kernel's work for one HTTP exchange (the direct \
+         run's service and load generator, in the kernel). A proxy that terminates HTTP \
+         does that exchange's socket work once more per request, so even with no other \
+         work it reaches at most (shared + rathole) / (shared + exchange) of rathole's \
+         req/s while the cores are saturated:"
+    )?;
+    writeln!(out)?;
+    writeln!(
+        out,
+        "| size | shared | rathole | one exchange, kernel | at most, adi / rathole req/s |"
+    )?;
+    writeln!(out, "|---|---|---|---|---|")?;
+    for (size, c) in rows {
+        writeln!(
+            out,
+            "| {} | {:.0} | {:.0} | {:.0} | {:.2} |",
+            size.label(),
+            c.ends,
+            c.rathole,
+            c.exchange_kernel,
+            c.ratio()
+        )?;
+    }
     Ok(())
 }
 
@@ -1482,10 +1588,6 @@ fn status_kib(pid: u32, field: &str) -> Result<u64> {
 }
 
 /// CPU time (user + system, all threads) of a process, in clock ticks.
-fn cpu_ticks(pid: u32) -> Result<u64> {
-    cpu_split(pid).map(|t| t.total)
-}
-
 /// A process's CPU time in clock ticks: all of it, and the part in the kernel.
 #[derive(Debug, Clone, Copy)]
 struct CpuTicks {
