@@ -223,6 +223,7 @@ async fn session(
     // Body streams of proxied requests, also per session.
     let (frame_tx, mut frames) = mpsc::channel::<bytes::Bytes>(FRAME_QUEUE);
     let streams = adi_tunnel::Streams::new(frame_tx);
+    let _end_streams = EndStreams(streams.clone());
     // Capability requests this device sent, by the id it gave them. Dropped with the
     // session, which tells every waiting caller that the link was lost.
     let mut asked: HashMap<u64, oneshot::Sender<CapabilityOutcome>> = HashMap::new();
@@ -286,7 +287,6 @@ async fn session(
             Some(frame) = frames.recv() => {
                 // Body frames that are ready together leave with one flush.
                 if let Err(e) = write_ready(&mut ws, frame, &mut frames, Message::Binary).await {
-                    streams.close_all();
                     return lost(true, format!("sending a body frame failed: {e}"));
                 }
             }
@@ -467,5 +467,17 @@ fn close_reason(frame: Option<&CloseFrame>) -> String {
         Some(f) if !f.reason.is_empty() => format!("hub closed the connection: {}", f.reason),
         Some(f) => format!("hub closed the connection (code {})", u16::from(f.code)),
         None => "hub closed the connection".into(),
+    }
+}
+
+/// Ends every proxied request of a session when the session ends, however it ends (the
+/// hub went away, a write failed, the cocoon is stopping): each request's task then
+/// drops its exchange, so the service sees its connection close instead of working on
+/// for a client that can no longer be reached.
+struct EndStreams(adi_tunnel::Streams);
+
+impl Drop for EndStreams {
+    fn drop(&mut self) {
+        self.0.close_all();
     }
 }

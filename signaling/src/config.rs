@@ -43,6 +43,10 @@ pub struct HubConfig {
     /// How long a capability request waits for the serving device, unless the request
     /// says otherwise.
     pub capability_timeout: Duration,
+    /// How long a hub that was asked to stop keeps serving the requests already in
+    /// flight (a download, an SSE stream, a capability call) before it closes them; it
+    /// accepts no new connection meanwhile, and stops as soon as none is left.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for HubConfig {
@@ -60,6 +64,7 @@ impl Default for HubConfig {
             proxy_timeout: Duration::from_secs(30),
             proxy_max_body_bytes: None,
             capability_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }
@@ -79,6 +84,9 @@ pub enum ConfigError {
     /// Capability timeout out of range.
     #[error("capability timeout must be between 10 ms and 10 minutes")]
     CapabilityTimeout,
+    /// Shutdown grace period out of range.
+    #[error("shutdown grace period must be at most 1 hour")]
+    ShutdownGrace,
     /// Public URL is not an http(s) URL.
     #[error("public URL must start with http:// or https://")]
     PublicUrl,
@@ -103,6 +111,9 @@ impl HubConfig {
             || self.capability_timeout > Duration::from_secs(600)
         {
             return Err(ConfigError::CapabilityTimeout);
+        }
+        if self.shutdown_grace > Duration::from_secs(3600) {
+            return Err(ConfigError::ShutdownGrace);
         }
         if let Some(url) = &self.public_url {
             if !(url.starts_with("http://") || url.starts_with("https://")) {

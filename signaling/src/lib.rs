@@ -83,8 +83,9 @@ pub struct HubState {
     pub auth: Auth,
     /// Device id derivation key.
     pub device_ids: DeviceIdKey,
-    /// Cancelled when the hub shuts down; the registry's sweeper then stops every
-    /// cocoon connection.
+    /// Cancelled when the hub begins to shut down: it stops accepting and lets the
+    /// requests in flight finish (see [`HubConfig::shutdown_grace`]); only then does the
+    /// registry's sweeper stop every cocoon connection.
     pub shutdown: CancellationToken,
 }
 
@@ -116,11 +117,10 @@ impl HubHandle {
         &self.state
     }
 
-    /// Stops accepting, closes every cocoon connection with "hub restarting" and waits
-    /// until every handler is gone.
+    /// Stops accepting, lets the requests in flight finish (at most for the grace
+    /// period), then closes every cocoon connection with "hub restarting".
     pub async fn shutdown(self) {
         self.state.shutdown.cancel();
-        self.state.registry.stop_all();
         match self.task.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!("hub server ended with an error: {e:#}"),
@@ -128,7 +128,8 @@ impl HubHandle {
         }
     }
 
-    /// Waits until the hub stops (it runs until `shutdown` or a fatal error).
+    /// Waits until the hub stops (it runs until `shutdown` or a fatal error, and once
+    /// the shutdown token is cancelled, until the requests in flight have finished).
     pub async fn wait(self) -> std::io::Result<()> {
         match self.task.await {
             Ok(r) => r,
@@ -168,12 +169,17 @@ pub async fn spawn(config: HubConfig) -> Result<HubHandle, HubError> {
         catalog,
         config,
     });
+    // Cancelled once the requests in flight have drained: devices stay connected until
+    // then, so a download through the proxy or a capability call in progress finishes.
+    let drained = CancellationToken::new();
     tokio::spawn({
         let state = state.clone();
-        async move { state.registry.run_sweeper(&state.shutdown).await }
+        let drained = drained.clone();
+        async move { state.registry.run_sweeper(&drained).await }
     });
     let app = api::app(state.clone());
     let shutdown = state.shutdown.clone();
+    let grace = state.config.shutdown_grace;
     // Small frames (control messages, request heads, 1 KiB bodies) must leave at once:
     // with Nagle's algorithm they wait for the peer's delayed ACK, up to 40 ms each.
     let listener = listener.tap_io(|tcp| {
@@ -182,12 +188,24 @@ pub async fn spawn(config: HubConfig) -> Result<HubHandle, HubError> {
         }
     });
     let task = tokio::spawn(async move {
-        axum::serve(
+        let serve = axum::serve(
             listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),
         )
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let result = tokio::select! {
+            r = serve => r,
+            () = async {
+                shutdown.cancelled().await;
+                tracing::info!(?grace, "shutting down: no new connections; waiting for the requests in flight");
+                tokio::time::sleep(grace).await;
+            } => {
+                tracing::warn!(?grace, "requests still in flight after the grace period; closing them");
+                Ok(())
+            }
+        };
+        drained.cancel();
+        result
     });
     tracing::info!(%addr, "hub listening");
     Ok(HubHandle { addr, state, task })

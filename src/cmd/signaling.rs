@@ -80,6 +80,11 @@ pub struct ServeArgs {
     /// its own with timeout_ms).
     #[arg(long, env = "ADI_CAPABILITY_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     capability_timeout: Duration,
+    /// On SIGTERM or Ctrl-C, how long the hub keeps serving the requests in flight
+    /// (downloads, streams, capability calls) before it closes them; it accepts nothing
+    /// new meanwhile and exits as soon as they are done. 0 stops at once.
+    #[arg(long, env = "ADI_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    shutdown_grace: Duration,
 }
 
 #[derive(Args)]
@@ -109,6 +114,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         proxy_timeout: args.proxy_timeout,
         proxy_max_body_bytes: args.proxy_max_body_bytes,
         capability_timeout: args.capability_timeout,
+        shutdown_grace: args.shutdown_grace,
         ..HubConfig::default()
     };
     let hub = adi_signaling::spawn(config)
@@ -116,13 +122,24 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .context("starting the hub")?;
     eprintln!("adi hub listening on {}", hub.url());
     let stop = hub.shutdown_token();
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        tracing::info!("shutting down");
-        stop.cancel();
-    });
-    hub.wait().await.context("hub server")?;
-    Ok(())
+    let mut running = std::pin::pin!(hub.wait());
+    tokio::select! {
+        r = &mut running => return r.context("hub server"),
+        () = shutdown_signal() => {}
+    }
+    eprintln!(
+        "adi hub stopping: finishing the requests in flight (at most {}); \
+         signal again to stop now",
+        humantime::format_duration(args.shutdown_grace)
+    );
+    stop.cancel();
+    tokio::select! {
+        r = &mut running => r.context("hub server"),
+        () = shutdown_signal() => {
+            tracing::warn!("stopping now: requests still in flight are cut off");
+            Ok(())
+        }
+    }
 }
 
 async fn user_add(args: UserAddArgs) -> Result<()> {

@@ -26,6 +26,8 @@ struct Seen {
     uploaded: AtomicU64,
     aborted: AtomicBool,
     release_sse: Notify,
+    /// Lets `/gated` send the rest of its body.
+    release_gated: Notify,
     /// A `/hang` request reached the service / was dropped by it (its connection closed).
     hang_started: Arc<AtomicBool>,
     hang_dropped: Arc<AtomicBool>,
@@ -85,6 +87,7 @@ fn service(seen: Arc<Seen>) -> Router {
     let s3 = seen.clone();
     let s4 = seen.clone();
     let s5 = seen.clone();
+    let s6 = seen.clone();
     Router::new()
         .route(
             "/status/{code}",
@@ -147,6 +150,23 @@ fn service(seen: Arc<Seen>) -> Router {
                         [("content-type", "text/event-stream")],
                         Body::from_stream(stream),
                     )
+                }
+            }),
+        )
+        .route(
+            "/gated",
+            get(move || {
+                let seen = s6.clone();
+                async move {
+                    // One chunk at once, the rest when the test says so.
+                    let first = futures_util::stream::once(async {
+                        Ok::<_, std::io::Error>(Bytes::from("first chunk, "))
+                    });
+                    let rest = futures_util::stream::once(async move {
+                        seen.release_gated.notified().await;
+                        Ok(Bytes::from("then the rest"))
+                    });
+                    Body::from_stream(first.chain(rest))
                 }
             }),
         )
@@ -1166,4 +1186,76 @@ async fn next_message(ws: &mut crate::wire::Ws) -> Result<tokio_tungstenite::tun
     Ok(tokio::time::timeout(Duration::from_secs(10), ws.next())
         .await?
         .ok_or_else(|| anyhow::anyhow!("socket ended"))??)
+}
+
+#[tokio::test]
+async fn a_stopping_hub_finishes_requests_in_flight_and_takes_no_new_ones() -> Result<()> {
+    let mut s = setup(&[]).await?;
+    let mut download = s
+        .req(reqwest::Method::GET, &s.url("web", "/gated"))
+        .send()
+        .await?;
+    assert_eq!(download.status(), 200);
+    let first = download.chunk().await?.unwrap_or_default();
+    assert_eq!(&first[..], b"first chunk, ");
+
+    crate::harness::signal(s.hub.proc.pid(), "TERM");
+    s.hub
+        .proc
+        .wait_line("adi hub stopping", Duration::from_secs(10))
+        .await?;
+    // No new connection is taken while the download finishes...
+    let healthz = format!("{}/healthz", s.hub.url);
+    wait_for(
+        "the hub to stop accepting",
+        Duration::from_secs(10),
+        || async { Ok(s.http.get(&healthz).send().await.is_err().then_some(())) },
+    )
+    .await?;
+    // ...and the device stays connected for it: the rest arrives whole.
+    s.seen.release_gated.notify_one();
+    let mut rest = Vec::new();
+    while let Some(chunk) = download.chunk().await? {
+        rest.extend_from_slice(&chunk);
+    }
+    assert_eq!(rest, b"then the rest");
+    // With nothing left in flight the hub exits by itself, cleanly.
+    assert_eq!(s.hub.proc.wait_exit(Duration::from_secs(10)).await?, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_stopping_hub_cuts_what_outlasts_the_grace_period_and_the_device_cancels_it() -> Result<()>
+{
+    let mut s = setup(&["--shutdown-grace", "1s"]).await?;
+    let mut stream = s
+        .req(reqwest::Method::GET, &s.url("web", "/trickle"))
+        .send()
+        .await?;
+    assert_eq!(stream.status(), 200);
+    assert_eq!(
+        &stream.chunk().await?.unwrap_or_default()[..],
+        b"first chunk"
+    );
+    crate::harness::signal(s.hub.proc.pid(), "TERM");
+    // The stream never ends by itself (the proxy's deadline covers only the head), so
+    // the hub's exit is the grace period's doing.
+    assert_eq!(s.hub.proc.wait_exit(Duration::from_secs(15)).await?, 0);
+    assert!(
+        s.hub
+            .proc
+            .output()
+            .contains("still in flight after the grace period"),
+        "{}",
+        s.hub.proc.output()
+    );
+    let cut = tokio::time::timeout(Duration::from_secs(10), stream.chunk()).await?;
+    assert!(cut.is_err(), "a cut stream must not look complete: {cut:?}");
+    wait_for(
+        "the service to see the request cancelled",
+        Duration::from_secs(10),
+        || async { Ok(s.seen.trickle_dropped.load(Ordering::SeqCst).then_some(())) },
+    )
+    .await?;
+    Ok(())
 }
