@@ -22,10 +22,14 @@ pub fn config_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("ADI_CONFIG_DIR") {
         return PathBuf::from(dir);
     }
+    config_home().join("adi")
+}
+
+/// `$XDG_CONFIG_HOME`, else `~/.config`: where systemd looks for user units too.
+pub fn config_home() -> PathBuf {
     std::env::var_os("XDG_CONFIG_HOME")
         .map(PathBuf::from)
         .unwrap_or_else(|| home().join(".config"))
-        .join("adi")
 }
 
 /// This machine's host name, the default device name.

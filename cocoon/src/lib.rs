@@ -82,6 +82,10 @@ pub struct CocoonConfig {
     pub local_api: Option<SocketAddr>,
     /// Where the device is, in its owner's words.
     pub location: Option<String>,
+    /// How long a cocoon asked to stop keeps serving the proxied and capability
+    /// requests it has in flight (the hub sends it nothing new meanwhile) before it
+    /// closes its connection; zero closes at once.
+    pub shutdown_grace: Duration,
 }
 
 impl CocoonConfig {
@@ -109,6 +113,7 @@ impl CocoonConfig {
             disabled_capabilities: BTreeSet::new(),
             local_api: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             location: None,
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 

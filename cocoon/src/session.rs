@@ -3,6 +3,7 @@
 //! and inbound frames until the connection ends.
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,11 +13,12 @@ use adi_protocol::{
 };
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::time::{interval, timeout, Instant, MissedTickBehavior};
+use tokio::time::{interval, timeout, Instant, MissedTickBehavior, Sleep};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::capabilities::CapabilityServer;
@@ -224,6 +226,11 @@ async fn session(
     let (frame_tx, mut frames) = mpsc::channel::<bytes::Bytes>(FRAME_QUEUE);
     let streams = adi_tunnel::Streams::new(frame_tx);
     let _end_streams = EndStreams(streams.clone());
+    // What the hub asked of this session and is still being served, so that a cocoon
+    // asked to stop can finish it first.
+    let serving = TaskTracker::new();
+    // Set once the cocoon is asked to stop: how long it still waits for `serving`.
+    let mut draining: Option<Pin<Box<Sleep>>> = None;
     // Capability requests this device sent, by the id it gave them. Dropped with the
     // session, which tells every waiting caller that the link was lost.
     let mut asked: HashMap<u64, oneshot::Sender<CapabilityOutcome>> = HashMap::new();
@@ -244,7 +251,7 @@ async fn session(
         let tx = answer_tx.clone();
         let client = http.clone();
         let services = services.clone();
-        tokio::spawn(async move {
+        serving.spawn(async move {
             // Boxed, so the task's own future is a few pointers: spawning it and
             // retiring it copy those, not the whole exchange's state.
             Box::pin(crate::proxy::serve(
@@ -256,13 +263,31 @@ async fn session(
     loop {
         tokio::select! {
             biased;
-            _ = cancel.cancelled() => {
-                let _ = ws.send(Message::Close(Some(CloseFrame {
-                    code: CloseCode::Normal,
-                    reason: "cocoon stopping".into(),
-                }))).await;
-                let _ = timeout(Duration::from_secs(1), ws.close(None)).await;
-                return Outcome::Cancelled;
+            _ = cancel.cancelled(), if draining.is_none() => {
+                let in_flight = serving.len();
+                if in_flight == 0 || config.shutdown_grace.is_zero() {
+                    return stop(&mut ws).await;
+                }
+                info!(in_flight, grace = ?config.shutdown_grace, "stopping: finishing the requests in flight, taking no new ones");
+                let _ = ws.send(Message::text(encode(&DeviceToHub::Draining))).await;
+                serving.close();
+                draining = Some(Box::pin(tokio::time::sleep(config.shutdown_grace)));
+            }
+            () = serving.wait(), if draining.is_some() => {
+                // Every request has ended, so all they had to say is queued: it leaves
+                // before the close, heads before the body frames that follow them.
+                while let Ok(answer) = answers.try_recv() {
+                    let _ = ws.feed(Message::text(fit(answer, max_answer))).await;
+                }
+                while let Ok(frame) = frames.try_recv() {
+                    let _ = ws.feed(Message::Binary(frame)).await;
+                }
+                info!("requests in flight finished");
+                return stop(&mut ws).await;
+            }
+            () = grace_end(&mut draining) => {
+                warn!(in_flight = serving.len(), "requests still in flight after the grace period; cutting them off");
+                return stop(&mut ws).await;
             }
             _ = ticker.tick() => {
                 asked.retain(|_, reply| !reply.is_closed());
@@ -350,7 +375,7 @@ async fn session(
                                 let server = server.clone();
                                 let device_id = device_id.clone();
                                 let tx = answer_tx.clone();
-                                tokio::spawn(async move {
+                                serving.spawn(async move {
                                     let deadline = Duration::from_millis(deadline_ms);
                                     let outcome = match server.serve(&device_id, &capability, payload, deadline).await {
                                         Ok(payload) => Answer::Ok(adi_protocol::DeviceReply::Capability { payload }),
@@ -363,7 +388,7 @@ async fn session(
                                 let runner = runner.clone();
                                 let device_id = device_id.clone();
                                 let tx = answer_tx.clone();
-                                tokio::spawn(async move {
+                                serving.spawn(async move {
                                     let outcome = crate::requests::handle(&runner, &device_id, request, budget).await;
                                     let _ = tx.send(DeviceToHub::Response { request_id, outcome }).await;
                                 });
@@ -467,6 +492,29 @@ fn close_reason(frame: Option<&CloseFrame>) -> String {
         Some(f) if !f.reason.is_empty() => format!("hub closed the connection: {}", f.reason),
         Some(f) => format!("hub closed the connection (code {})", u16::from(f.code)),
         None => "hub closed the connection".into(),
+    }
+}
+
+/// Closes the connection for a cocoon that is stopping.
+async fn stop<S>(ws: &mut S) -> Outcome
+where
+    S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+{
+    let _ = ws
+        .send(Message::Close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "cocoon stopping".into(),
+        })))
+        .await;
+    let _ = timeout(Duration::from_secs(1), ws.close()).await;
+    Outcome::Cancelled
+}
+
+/// Resolves when the grace period of a stopping cocoon is over; never before it stops.
+async fn grace_end(draining: &mut Option<Pin<Box<Sleep>>>) {
+    match draining {
+        Some(sleep) => sleep.as_mut().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -176,6 +176,7 @@ mod tests {
                 request_id,
                 outcome: crate::Outcome::Ok(crate::DeviceReply::Capability { payload }),
             }),
+            Just(DeviceToHub::Draining),
         ]
     }
 

@@ -270,6 +270,10 @@ pub enum DeviceToHub {
         #[serde(flatten)]
         outcome: Outcome,
     },
+    /// The device is stopping: it finishes what it is serving, and the hub sends it
+    /// nothing new to proxy or serve, so callers go to another device or hear at once
+    /// that this one is going.
+    Draining,
 }
 
 /// An HTTP request for a device's service, as the hub forwards it.

@@ -613,6 +613,13 @@ impl Connection {
                 code: ErrorCode::BadRequest,
                 message: "already registered on this connection".into(),
             })),
+            Ok(DeviceToHub::Draining) => {
+                self.state
+                    .registry
+                    .set_draining(&self.config.id, self.conn_id);
+                info!(device_id = %self.config.id, conn_id = self.conn_id, "device stopping: finishing its requests, taking no new ones");
+                Handled::Done
+            }
             Ok(DeviceToHub::ServiceRegister { services }) => {
                 if services == self.config.services {
                     return Handled::Done;

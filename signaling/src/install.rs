@@ -147,5 +147,6 @@ if [ "${ADI_NO_START:-}" = "1" ]; then
   exit 0
 fi
 echo "starting the cocoon; it keeps running (Ctrl-C stops it)"
+echo "to keep it running across reboots instead: $BIN/adi cocoon service install -- --hub $HUB --token <your token> --name $name"
 exec "$BIN/adi" cocoon run --hub "$HUB" --token "$TOKEN" --name "$name"
 "#;

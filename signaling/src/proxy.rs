@@ -105,6 +105,12 @@ async fn proxy(state: AppState, mut req: Request) -> Result<Response, ApiError> 
             if !access.online {
                 return Err(offline());
             }
+            if access.draining {
+                return Err(ApiError::new(
+                    ErrorCode::DeviceOffline,
+                    "the device is stopping and takes no new requests",
+                ));
+            }
             (id, target)
         }
         _ => {

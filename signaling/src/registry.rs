@@ -59,6 +59,9 @@ pub struct LiveDevice {
     /// Its loopback services, so the proxy checks a request without the catalog;
     /// shared with devices that declare the same.
     pub services: Arc<[ServiceInfo]>,
+    /// The device said it is stopping: it finishes what it serves, but nothing new is
+    /// routed or proxied to it.
+    pub draining: bool,
 }
 
 /// What the proxy needs of a connected device, read from RAM.
@@ -70,6 +73,8 @@ pub struct Access {
     pub services: Arc<[ServiceInfo]>,
     /// Whether it is online by heartbeat age.
     pub online: bool,
+    /// Whether it is stopping and takes no new request.
+    pub draining: bool,
 }
 
 /// An online device that can serve a query, as routing sees it at one instant.
@@ -207,6 +212,7 @@ impl Registry {
             owners: self.owner_lists.get(owners),
             capabilities: self.capability_lists.get(capabilities),
             services: self.service_lists.get(services),
+            draining: false,
         };
         self.index(&id, capabilities);
         if let Some(old) = self.devices.insert(id.clone(), live) {
@@ -294,6 +300,16 @@ impl Registry {
         true
     }
 
+    /// Notes that the device is stopping, if `conn_id` is still its connection: routing
+    /// passes it over from now on.
+    pub fn set_draining(&self, id: &DeviceId, conn_id: ConnId) {
+        if let Some(mut live) = self.devices.get_mut(id) {
+            if live.conn_id == conn_id {
+                live.draining = true;
+            }
+        }
+    }
+
     /// Replaces the device's services, if `conn_id` is still its connection.
     pub fn set_services(&self, id: &DeviceId, conn_id: ConnId, services: &[ServiceInfo]) {
         let list = self.service_lists.get(services);
@@ -310,6 +326,7 @@ impl Registry {
             owners: live.owners.clone(),
             services: live.services.clone(),
             online: live.last_heartbeat.elapsed() <= self.online_window(),
+            draining: live.draining,
         })
     }
 
@@ -376,7 +393,7 @@ impl Registry {
         query: &CapabilityQuery,
         now: Instant,
     ) -> Option<Candidate> {
-        if now.saturating_duration_since(e.last_heartbeat) > self.online_window() {
+        if e.draining || now.saturating_duration_since(e.last_heartbeat) > self.online_window() {
             return None;
         }
         let offer = best_offer(e.capabilities.iter(), query)?.clone();
@@ -614,6 +631,35 @@ mod tests {
             .collect();
         ids.sort();
         ids
+    }
+
+    #[test]
+    fn a_stopping_device_is_passed_over_until_it_reconnects() {
+        let reg = Registry::new(Duration::from_secs(5));
+        let old = reg.next_conn_id();
+        reg.insert(id(1), old, handle(&reg), &[], &offers(&["embeddings"]), &[]);
+        reg.insert(
+            id(2),
+            reg.next_conn_id(),
+            handle(&reg),
+            &[],
+            &offers(&["embeddings"]),
+            &[],
+        );
+        reg.set_draining(&id(1), old);
+        assert_eq!(found(&reg, "embeddings"), vec![id(2)]);
+        let q = CapabilityQuery::new("embeddings", None).expect("query");
+        assert!(
+            reg.candidate(&id(1), &q).is_none(),
+            "not even when preferred"
+        );
+        assert!(reg.access(&id(1)).is_some_and(|a| a.draining));
+        // Its next connection is a fresh start; a late word from the old one changes nothing.
+        let new = reg.next_conn_id();
+        reg.insert(id(1), new, handle(&reg), &[], &offers(&["embeddings"]), &[]);
+        reg.set_draining(&id(1), old);
+        assert_eq!(found(&reg, "embeddings"), vec![id(1), id(2)]);
+        assert!(reg.access(&id(1)).is_some_and(|a| !a.draining));
     }
 
     #[test]

@@ -20,7 +20,7 @@ use crate::paths;
 #[derive(Subcommand)]
 pub enum CocoonCmd {
     /// Run this device's agent: connect to the hub and stay connected.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print a one-time token: a setup token enrols a new device, a share token
     /// (--share DEVICE) makes whoever claims it a co-owner.
     GenerateToken(TokenArgs),
@@ -36,6 +36,9 @@ pub enum CocoonCmd {
     /// Ask, as this device, for a capability served by the best device its owners may
     /// use; prints the answer (and, on stderr, the device that served it).
     Request(RequestArgs),
+    /// Keep this device's agent running under systemd.
+    #[command(subcommand)]
+    Service(crate::cmd::service::ServiceCmd),
 }
 
 /// Where a cocoon's data dir and plugin settings are, for commands run beside it.
@@ -130,6 +133,11 @@ pub struct RunArgs {
     /// How often services are probed for health.
     #[arg(long, env = "ADI_COCOON_HEALTH_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     health_interval: Duration,
+    /// On SIGTERM or Ctrl-C, how long the cocoon keeps serving the proxied and
+    /// capability requests in flight (the hub sends it nothing new meanwhile) before it
+    /// disconnects; 0 disconnects at once. Running tasks are stopped either way.
+    #[arg(long, env = "ADI_COCOON_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    shutdown_grace: Duration,
     #[command(flatten)]
     plugins: PluginArgs,
     /// Loopback address of the local API for programs on this device, or `off`
@@ -140,6 +148,33 @@ pub struct RunArgs {
     /// Where this device is, in your words (shown to its owners).
     #[arg(long, env = "ADI_COCOON_LOCATION")]
     location: Option<String>,
+}
+
+impl RunArgs {
+    /// The data dir given, if any.
+    pub(crate) fn data_dir(&self) -> Option<&std::path::Path> {
+        self.data_dir.as_deref()
+    }
+
+    /// The config file given, if any.
+    pub(crate) fn config_path(&self) -> Option<&std::path::Path> {
+        self.config.as_deref()
+    }
+
+    /// The hub given, if any (the config file may name one too).
+    pub(crate) fn hub(&self) -> Option<&str> {
+        self.hub.as_deref()
+    }
+
+    /// The setup token given, if any.
+    pub(crate) fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    /// How long a stopping agent finishes its requests in flight.
+    pub(crate) fn shutdown_grace(&self) -> Duration {
+        self.shutdown_grace
+    }
 }
 
 #[derive(Args)]
@@ -187,13 +222,14 @@ pub struct ServicesArgs {
 
 pub async fn run(cmd: CocoonCmd) -> Result<()> {
     match cmd {
-        CocoonCmd::Run(a) => run_agent(a).await,
+        CocoonCmd::Run(a) => run_agent(*a).await,
         CocoonCmd::GenerateToken(a) => generate_token(a).await,
         CocoonCmd::Claim(a) => claim(a).await,
         CocoonCmd::List(a) => list(a).await,
         CocoonCmd::Services(a) => services(a).await,
         CocoonCmd::Capabilities(a) => capabilities(a),
         CocoonCmd::Request(a) => request(a).await,
+        CocoonCmd::Service(c) => crate::cmd::service::run(c),
     }
 }
 
@@ -260,7 +296,7 @@ pub fn parse_service(s: &str) -> Result<ServiceInfo, String> {
 
 /// The cocoon's data dir (given or the XDG default) and its config file: the one given,
 /// else `cocoon.toml` in the data dir if there is one.
-fn data_dir_and_file(
+pub(crate) fn data_dir_and_file(
     data_dir: Option<PathBuf>,
     config: Option<&std::path::Path>,
 ) -> Result<(PathBuf, adi_cocoon::config_file::CocoonFile)> {
@@ -306,6 +342,7 @@ async fn run_agent(mut args: RunArgs) -> Result<()> {
         .or(file.max_concurrent_tasks)
         .unwrap_or(4);
     config.health_interval = args.health_interval;
+    config.shutdown_grace = args.shutdown_grace;
     config.plugins_dir = args.plugins.plugins_dir.or(file.plugins_dir);
     let mut disabled = args.plugins.disable_capabilities;
     disabled.extend(file.disable_capabilities);
@@ -332,8 +369,18 @@ async fn run_agent(mut args: RunArgs) -> Result<()> {
     };
     let result = tokio::select! {
         _ = stopper => {
+            eprintln!(
+                "cocoon stopping: finishing the requests in flight (at most {}); signal again to stop now",
+                humantime::format_duration(args.shutdown_grace)
+            );
             handle.stop();
-            handle.join().await
+            tokio::select! {
+                r = handle.join() => r,
+                () = crate::cmd::signaling::shutdown_signal() => {
+                    tracing::warn!("stopping now: requests in flight are cut off; tasks left running are cleaned up at the next start");
+                    Ok(())
+                }
+            }
         }
         r = wait_end(&handle) => {
             r?;

@@ -4,5 +4,6 @@ pub mod cocoon;
 pub mod dev;
 pub mod login;
 pub mod proxy;
+pub mod service;
 pub mod signaling;
 pub mod tasks;

@@ -21,18 +21,25 @@ use crate::harness::{cli, wait_for, Api, Cocoon, Hub};
 
 /// A plugin service the test runs in place of an embedding or chat server. A request
 /// whose payload says `"hold": NAME` is held (never answered) by the service called
-/// NAME, after telling the test it arrived, so the test can kill the device mid-request.
+/// NAME, after telling the test it arrived, so the test can kill the device mid-request;
+/// one that says `"gate": NAME` is told the same way and answered once the test
+/// releases it.
 struct Plugin {
     name: &'static str,
     embeds: AtomicU64,
     chats: AtomicU64,
     arrived: mpsc::UnboundedSender<&'static str>,
+    release: tokio::sync::Notify,
 }
 
 async fn answer(plugin: &Plugin, kind: &'static str, payload: Value) -> Json<Value> {
     if payload["hold"].as_str() == Some(plugin.name) {
         let _ = plugin.arrived.send(kind);
         std::future::pending::<()>().await;
+    }
+    if payload["gate"].as_str() == Some(plugin.name) {
+        let _ = plugin.arrived.send(kind);
+        plugin.release.notified().await;
     }
     if let Some(ms) = payload["delay_ms"].as_u64() {
         tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -65,6 +72,7 @@ async fn plugin(
         embeds: AtomicU64::new(0),
         chats: AtomicU64::new(0),
         arrived,
+        release: tokio::sync::Notify::new(),
     });
     let app = Router::new()
         .route("/embed", post(embed))
@@ -457,5 +465,75 @@ async fn best_device_serves_capabilities_within_the_owners_fleet() -> Result<()>
     assert_eq!(svc_c.embeds.load(Ordering::SeqCst), c_before + 1);
     assert!(svc_b.embeds.load(Ordering::SeqCst) >= 1);
     drop((a, c, d));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_device_finishes_its_calls_while_new_ones_go_elsewhere() -> Result<()> {
+    let hub = Hub::start().await?;
+    let alice = Api::login(&hub.url, &hub.add_user("alice")?).await?;
+    let (arrived_tx, mut arrived) = mpsc::unbounded_channel();
+    let (svc_b, port_b) = plugin("B", arrived_tx.clone()).await?;
+    let (svc_c, port_c) = plugin("C", arrived_tx).await?;
+    let dirs = tempfile::tempdir()?;
+    let mut devices = Vec::new();
+    for (name, port) in [("b", port_b), ("c", port_c)] {
+        let plugins = dirs.path().join(format!("plugins-{name}"));
+        manifest(&plugins, port)?;
+        let token = alice.setup_token(600).await?;
+        devices.push(Cocoon::start_in(
+            &hub.url,
+            name,
+            Some(&token),
+            &dirs.path().join(name),
+            &["--plugins-dir", &plugins.to_string_lossy()],
+        )?);
+    }
+    let (b_id, c_id) = (devices[0].device_id().await?, devices[1].device_id().await?);
+    wait_for(
+        "B and C offering embeddings",
+        Duration::from_secs(10),
+        || async {
+            Ok((offered_by(&alice, "embeddings", "1.0.0").await?.len() == 2).then_some(()))
+        },
+    )
+    .await?;
+
+    let held = ask_later(
+        &alice,
+        "embeddings",
+        json!({"payload": {"gate": "B", "text": "in flight"}, "prefer_device": b_id}),
+    );
+    let kind = tokio::time::timeout(Duration::from_secs(10), arrived.recv())
+        .await
+        .context("the request reached B")?;
+    assert_eq!(kind, Some("embed"));
+    crate::harness::signal(devices[0].proc.pid(), "TERM");
+    // Once the hub hears B is stopping, even a request that prefers B goes to C.
+    let prefer_b = json!({"payload": {"text": "new"}, "prefer_device": b_id});
+    wait_for(
+        "requests passing B over",
+        Duration::from_secs(10),
+        || async {
+            let (status, body) = ask(&alice, "embeddings", prefer_b.clone()).await?;
+            Ok((status == 200 && served_by(&body) == c_id).then_some(()))
+        },
+    )
+    .await?;
+    for _ in 0..3 {
+        let (status, body) = ask(&alice, "embeddings", prefer_b.clone()).await?;
+        assert_eq!((status, served_by(&body)), (200, c_id.clone()), "{body}");
+    }
+    // B is still there for the call it holds, and answers it.
+    svc_b.release.notify_one();
+    let (status, body) = tokio::time::timeout(Duration::from_secs(10), held).await???;
+    assert_eq!((status, served_by(&body)), (200, b_id.clone()), "{body}");
+    assert_eq!(body["payload"]["by"], "B");
+    // Then it leaves by itself.
+    assert_eq!(devices[0].proc.wait_exit(Duration::from_secs(15)).await?, 0);
+    alice
+        .wait_online(&b_id, false, Duration::from_secs(10))
+        .await?;
+    assert!(svc_c.embeds.load(Ordering::SeqCst) >= 4);
     Ok(())
 }

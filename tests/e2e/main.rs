@@ -11,5 +11,6 @@ mod harness;
 mod install;
 mod presence;
 mod proxy;
+mod service;
 mod tasks;
 mod wire;

@@ -1259,3 +1259,38 @@ async fn a_stopping_hub_cuts_what_outlasts_the_grace_period_and_the_device_cance
     .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_stopping_device_finishes_its_downloads_and_refuses_new_requests_at_once() -> Result<()> {
+    let mut s = setup(&[]).await?;
+    let mut download = s
+        .req(reqwest::Method::GET, &s.url("web", "/gated"))
+        .send()
+        .await?;
+    assert_eq!(download.status(), 200);
+    assert_eq!(
+        &download.chunk().await?.unwrap_or_default()[..],
+        b"first chunk, "
+    );
+    crate::harness::signal(s.cocoon.proc.pid(), "TERM");
+    // New requests hear at once that the device is going, rather than being cut off
+    // when it goes.
+    let refused = wait_for("new requests refused", Duration::from_secs(10), || async {
+        let r = s
+            .req(reqwest::Method::GET, &s.url("web", "/small"))
+            .send()
+            .await?;
+        Ok((r.status() == 502).then_some(r.text().await?))
+    })
+    .await?;
+    assert!(refused.contains("stopping"), "{refused}");
+    // The download in flight finishes whole, and then the cocoon leaves by itself.
+    s.seen.release_gated.notify_one();
+    let mut rest = Vec::new();
+    while let Some(chunk) = download.chunk().await? {
+        rest.extend_from_slice(&chunk);
+    }
+    assert_eq!(rest, b"then the rest");
+    assert_eq!(s.cocoon.proc.wait_exit(Duration::from_secs(15)).await?, 0);
+    Ok(())
+}
