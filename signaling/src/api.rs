@@ -60,6 +60,7 @@ fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(crate::metrics::serve))
         .route("/ws/cocoon", get(cocoon_ws))
         .route("/ws/client", get(client_ws))
         .route("/api/auth/token", post(auth_token))

@@ -70,8 +70,11 @@ async fn request_capability(
     .await
     .inspect_err(
         |e| tracing::debug!(user = %caller.id, code = %e.code(), "capability request failed: {e}"),
-    )?;
-    Ok(Json(answer))
+    );
+    state
+        .metrics
+        .capability_answered(answer.as_ref().err().map(RouteError::code));
+    Ok(Json(answer?))
 }
 
 #[derive(Deserialize)]

@@ -33,6 +33,7 @@ pub(crate) async fn serve(state: Arc<HubState>, mut socket: WebSocket) {
         },
     )
     .await;
+    let _counted = state.metrics.client_socket();
     let shutdown = state.shutdown.clone();
     loop {
         let frame = tokio::select! {

@@ -47,6 +47,9 @@ pub struct HubConfig {
     /// flight (a download, an SSE stream, a capability call) before it closes them; it
     /// accepts no new connection meanwhile, and stops as soon as none is left.
     pub shutdown_grace: Duration,
+    /// Bearer token that lets a scraper off the hub's loopback read `/metrics`; `None`
+    /// serves metrics to loopback only.
+    pub metrics_token: Option<String>,
 }
 
 impl Default for HubConfig {
@@ -65,6 +68,7 @@ impl Default for HubConfig {
             proxy_max_body_bytes: None,
             capability_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
+            metrics_token: None,
         }
     }
 }
@@ -87,6 +91,9 @@ pub enum ConfigError {
     /// Shutdown grace period out of range.
     #[error("shutdown grace period must be at most 1 hour")]
     ShutdownGrace,
+    /// Metrics token too short to be a secret.
+    #[error("the metrics token must be at least 16 characters")]
+    MetricsToken,
     /// Public URL is not an http(s) URL.
     #[error("public URL must start with http:// or https://")]
     PublicUrl,
@@ -114,6 +121,9 @@ impl HubConfig {
         }
         if self.shutdown_grace > Duration::from_secs(3600) {
             return Err(ConfigError::ShutdownGrace);
+        }
+        if self.metrics_token.as_ref().is_some_and(|t| t.len() < 16) {
+            return Err(ConfigError::MetricsToken);
         }
         if let Some(url) = &self.public_url {
             if !(url.starts_with("http://") || url.starts_with("https://")) {

@@ -690,10 +690,10 @@ impl Connection {
         deadline_ms: u64,
     ) -> Option<HubToDevice> {
         let refuse = |code, message: String| {
-            Some(HubToDevice::CapabilityResponse {
+            Some(self.answer_ask(
                 request_id,
-                outcome: CapabilityOutcome::Error(RemoteError { code, message }),
-            })
+                CapabilityOutcome::Error(RemoteError { code, message }),
+            ))
         };
         if let Err(e) = adi_protocol::capability::validate_protocol(&query.protocol) {
             return refuse(ErrorCode::BadRequest, e.to_string());
@@ -727,10 +727,7 @@ impl Connection {
             Ok(order) => order,
             Err(e) => {
                 debug!(device_id = %self.config.id, request_id, code = %e.code(), "capability request not served: {e}");
-                return Some(HubToDevice::CapabilityResponse {
-                    request_id,
-                    outcome: CapabilityOutcome::Error(e.to_remote()),
-                });
+                return Some(self.answer_ask(request_id, CapabilityOutcome::Error(e.to_remote())));
             }
         };
         let wait = Duration::from_millis(deadline_ms).min(MAX_CAPABILITY_DEADLINE);
@@ -760,21 +757,33 @@ impl Connection {
     fn ended(&mut self, ended: Ended) -> Option<Message> {
         // The closed request's slot is freed here, before its answer is written.
         self.asks.as_mut()?.close(ended.request_id, ended.ask)?;
-        Some(self.fit(HubToDevice::CapabilityResponse {
-            request_id: ended.request_id,
-            outcome: ended.outcome,
-        }))
+        let answer = self.answer_ask(ended.request_id, ended.outcome);
+        Some(self.fit(answer))
+    }
+
+    /// The answer to one of the device's own capability requests, counted once: every
+    /// ending of such a request comes through here.
+    fn answer_ask(&self, request_id: u64, outcome: CapabilityOutcome) -> HubToDevice {
+        self.state.metrics.capability_answered(match &outcome {
+            CapabilityOutcome::Ok(_) => None,
+            CapabilityOutcome::Error(e) => Some(e.code),
+        });
+        HubToDevice::CapabilityResponse {
+            request_id,
+            outcome,
+        }
     }
 
     /// Answers `timeout` to every request whose deadline has passed. Rare, so the
     /// answers go through this connection's own queue rather than in one batch here.
     fn expire_asks(&mut self) -> Option<Message> {
         let asks = self.asks.as_mut()?;
-        for (request_id, wait) in asks.expire(Instant::now()) {
-            let msg = HubToDevice::CapabilityResponse {
+        let expired = asks.expire(Instant::now());
+        for (request_id, wait) in expired {
+            let msg = self.answer_ask(
                 request_id,
-                outcome: CapabilityOutcome::Error(routing::timed_out(wait).to_remote()),
-            };
+                CapabilityOutcome::Error(routing::timed_out(wait).to_remote()),
+            );
             let _ = self
                 .link
                 .try_send(Command::Send(Box::new(Answer { msg, slot: None })));

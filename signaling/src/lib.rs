@@ -21,6 +21,7 @@ pub mod credential;
 pub mod identity;
 mod install;
 pub mod link;
+pub mod metrics;
 mod proxy;
 pub mod registry;
 pub mod routing;
@@ -61,6 +62,9 @@ pub enum HubError {
     /// The catalog could not be opened.
     #[error(transparent)]
     Catalog(#[from] CatalogError),
+    /// The metrics could not be set up.
+    #[error("setting up metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -83,6 +87,8 @@ pub struct HubState {
     pub auth: Auth,
     /// Device id derivation key.
     pub device_ids: DeviceIdKey,
+    /// What the hub counts for `/metrics`.
+    pub metrics: Arc<metrics::Metrics>,
     /// Cancelled when the hub begins to shut down: it stops accepting and lets the
     /// requests in flight finish (see [`HubConfig::shutdown_grace`]); only then does the
     /// registry's sweeper stop every cocoon connection.
@@ -165,6 +171,7 @@ pub async fn spawn(config: HubConfig) -> Result<HubHandle, HubError> {
         registry: Registry::new(config.heartbeat_interval),
         auth: Auth::new(&jwt_key, config.jwt_ttl),
         device_ids: DeviceIdKey::new(device_key),
+        metrics: Arc::new(metrics::Metrics::new()?),
         shutdown: CancellationToken::new(),
         catalog,
         config,

@@ -39,10 +39,12 @@ pub(crate) const PREFIX: &str = "/proxy/";
 /// target from the path, the caller from its credentials, the peer from the connection),
 /// so no routing, extractors or boxing stand between a request and its device.
 pub(crate) async fn handle(state: AppState, req: Request) -> Response {
-    match proxy(state, req).await {
+    let response = match proxy(state.clone(), req).await {
         Ok(response) => response,
         Err(e) => e.into_response(),
-    }
+    };
+    state.metrics.proxy_response(response.status());
+    response
 }
 
 /// Splits `/proxy/{device}/{service}{target}` keeping the target's encoding as sent.

@@ -101,6 +101,17 @@ pub struct Presence {
     pub last_heartbeat_age: Option<Duration>,
 }
 
+/// How many devices are connected, and in which state, at one instant.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// With an open connection.
+    pub connected: usize,
+    /// Connected and heard from within the online window.
+    pub online: usize,
+    /// Connected and stopping.
+    pub draining: usize,
+}
+
 /// Distinct lists, each kept once and shared by every device that has it. A list no
 /// device holds any more is forgotten at the next [`prune`](Lists::prune).
 struct Lists<T> {
@@ -433,6 +444,18 @@ impl Registry {
             }
             None => false,
         }
+    }
+
+    /// The devices connected now, by state: one pass over the registry, for the metrics.
+    pub fn counts(&self) -> Counts {
+        let window = self.online_window();
+        let mut counts = Counts::default();
+        for live in self.devices.iter() {
+            counts.connected += 1;
+            counts.online += usize::from(live.last_heartbeat.elapsed() <= window);
+            counts.draining += usize::from(live.draining);
+        }
+        counts
     }
 
     /// The device's presence now.

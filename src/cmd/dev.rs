@@ -100,8 +100,15 @@ pub async fn run(args: DevArgs) -> Result<()> {
     println!("Ctrl-C stops both.");
 
     crate::cmd::signaling::shutdown_signal().await;
-    cocoon.stop();
-    let _ = cocoon.join().await;
-    hub.shutdown().await;
+    eprintln!("stopping: finishing the requests in flight; Ctrl-C again stops now");
+    let stopping = async {
+        cocoon.stop();
+        let _ = cocoon.join().await;
+        hub.shutdown().await;
+    };
+    tokio::select! {
+        () = stopping => {}
+        () = crate::cmd::signaling::shutdown_signal() => {}
+    }
     Ok(())
 }

@@ -85,6 +85,10 @@ pub struct ServeArgs {
     /// new meanwhile and exits as soon as they are done. 0 stops at once.
     #[arg(long, env = "ADI_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
+    /// Bearer token (16 characters or more) that lets a scraper read /metrics from
+    /// anywhere; without one, metrics are served on the hub's loopback only.
+    #[arg(long, env = "ADI_METRICS_TOKEN", hide_env_values = true)]
+    metrics_token: Option<String>,
 }
 
 #[derive(Args)]
@@ -115,6 +119,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         proxy_max_body_bytes: args.proxy_max_body_bytes,
         capability_timeout: args.capability_timeout,
         shutdown_grace: args.shutdown_grace,
+        metrics_token: args.metrics_token,
         ..HubConfig::default()
     };
     let hub = adi_signaling::spawn(config)

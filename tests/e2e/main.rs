@@ -9,6 +9,7 @@ mod capabilities;
 mod enrolment;
 mod harness;
 mod install;
+mod metrics;
 mod presence;
 mod proxy;
 mod service;
