@@ -5,9 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use futures_util::SinkExt;
 use serde_json::json;
-use tokio_tungstenite::tungstenite::Message;
 
 use crate::harness::{cli, wait_for, Api, Cocoon, Hub};
 
@@ -100,17 +98,7 @@ async fn metrics_count_what_the_hub_did() -> Result<()> {
         .await?;
     assert_eq!(status, 503, "{body}");
 
-    let url = format!("{}/ws/client", hub.url.replacen("http", "ws", 1));
-    let (mut client, _) = tokio_tungstenite::connect_async(url).await?;
-    client
-        .send(Message::text(
-            json!({"type": "auth", "token": alice.jwt}).to_string(),
-        ))
-        .await?;
-    assert_eq!(
-        crate::wire::next(&mut client).await?["type"],
-        "authenticated"
-    );
+    let client = crate::wire::client(&hub, &alice.jwt).await?;
 
     let after = scrape(&http, &hub).await?;
     let counted =

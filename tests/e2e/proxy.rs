@@ -1188,16 +1188,34 @@ async fn next_message(ws: &mut crate::wire::Ws) -> Result<tokio_tungstenite::tun
         .ok_or_else(|| anyhow::anyhow!("socket ended"))??)
 }
 
-#[tokio::test]
-async fn a_stopping_hub_finishes_requests_in_flight_and_takes_no_new_ones() -> Result<()> {
-    let mut s = setup(&[]).await?;
+/// A download of `/gated` through the hub, its first chunk already read: the rest
+/// comes once the test releases it.
+async fn gated_download(s: &Setup) -> Result<reqwest::Response> {
     let mut download = s
         .req(reqwest::Method::GET, &s.url("web", "/gated"))
         .send()
         .await?;
     assert_eq!(download.status(), 200);
-    let first = download.chunk().await?.unwrap_or_default();
-    assert_eq!(&first[..], b"first chunk, ");
+    assert_eq!(
+        &download.chunk().await?.unwrap_or_default()[..],
+        b"first chunk, "
+    );
+    Ok(download)
+}
+
+/// Every byte left of a response body; an error if it is cut off.
+async fn rest_of(mut response: reqwest::Response) -> Result<Vec<u8>> {
+    let mut rest = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        rest.extend_from_slice(&chunk);
+    }
+    Ok(rest)
+}
+
+#[tokio::test]
+async fn a_stopping_hub_finishes_requests_in_flight_and_takes_no_new_ones() -> Result<()> {
+    let mut s = setup(&[]).await?;
+    let download = gated_download(&s).await?;
 
     crate::harness::signal(s.hub.proc.pid(), "TERM");
     s.hub
@@ -1214,11 +1232,7 @@ async fn a_stopping_hub_finishes_requests_in_flight_and_takes_no_new_ones() -> R
     .await?;
     // ...and the device stays connected for it: the rest arrives whole.
     s.seen.release_gated.notify_one();
-    let mut rest = Vec::new();
-    while let Some(chunk) = download.chunk().await? {
-        rest.extend_from_slice(&chunk);
-    }
-    assert_eq!(rest, b"then the rest");
+    assert_eq!(rest_of(download).await?, b"then the rest");
     // With nothing left in flight the hub exits by itself, cleanly.
     assert_eq!(s.hub.proc.wait_exit(Duration::from_secs(10)).await?, 0);
     Ok(())
@@ -1263,15 +1277,7 @@ async fn a_stopping_hub_cuts_what_outlasts_the_grace_period_and_the_device_cance
 #[tokio::test]
 async fn a_stopping_device_finishes_its_downloads_and_refuses_new_requests_at_once() -> Result<()> {
     let mut s = setup(&[]).await?;
-    let mut download = s
-        .req(reqwest::Method::GET, &s.url("web", "/gated"))
-        .send()
-        .await?;
-    assert_eq!(download.status(), 200);
-    assert_eq!(
-        &download.chunk().await?.unwrap_or_default()[..],
-        b"first chunk, "
-    );
+    let download = gated_download(&s).await?;
     crate::harness::signal(s.cocoon.proc.pid(), "TERM");
     // New requests hear at once that the device is going, rather than being cut off
     // when it goes.
@@ -1286,11 +1292,7 @@ async fn a_stopping_device_finishes_its_downloads_and_refuses_new_requests_at_on
     assert!(refused.contains("stopping"), "{refused}");
     // The download in flight finishes whole, and then the cocoon leaves by itself.
     s.seen.release_gated.notify_one();
-    let mut rest = Vec::new();
-    while let Some(chunk) = download.chunk().await? {
-        rest.extend_from_slice(&chunk);
-    }
-    assert_eq!(rest, b"then the rest");
+    assert_eq!(rest_of(download).await?, b"then the rest");
     assert_eq!(s.cocoon.proc.wait_exit(Duration::from_secs(15)).await?, 0);
     Ok(())
 }

@@ -601,17 +601,7 @@ async fn client_websocket_streams_parts_as_devices_answer() -> Result<()> {
     let refused = crate::wire::next(&mut client).await?;
     assert_eq!(refused["code"], "unauthorized", "{refused}");
 
-    let url = format!("{}/ws/client", hub.url.replacen("http", "ws", 1));
-    let (mut client, _) = tokio_tungstenite::connect_async(url).await?;
-    client
-        .send(Message::text(
-            json!({"type": "auth", "token": alice.jwt}).to_string(),
-        ))
-        .await?;
-    assert_eq!(
-        crate::wire::next(&mut client).await?["type"],
-        "authenticated"
-    );
+    let mut client = crate::wire::client(&hub, &alice.jwt).await?;
     client
         .send(Message::text(
             json!({"type": "aggregate_query", "query_id": "q1", "limit": 10, "timeout_ms": 20000})

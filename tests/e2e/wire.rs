@@ -30,6 +30,19 @@ pub async fn connect(hub: &Hub) -> Result<Ws> {
     Ok(tokio_tungstenite::connect_async(url).await?.0)
 }
 
+/// A client WebSocket (`/ws/client`) signed in with `jwt`.
+pub async fn client(hub: &Hub, jwt: &str) -> Result<Ws> {
+    let url = format!("{}/ws/client", hub.url.replacen("http", "ws", 1));
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
+    ws.send(Message::text(
+        json!({"type": "auth", "token": jwt}).to_string(),
+    ))
+    .await?;
+    let answer = next(&mut ws).await?;
+    anyhow::ensure!(answer["type"] == "authenticated", "not signed in: {answer}");
+    Ok(ws)
+}
+
 /// The next text frame as JSON, or the close frame as `{"close": code, "reason": ..}`.
 pub async fn next(ws: &mut Ws) -> Result<Value> {
     loop {
