@@ -267,69 +267,25 @@ fn install_and_uninstall_drive_systemctl_and_refuse_what_would_not_work() -> Res
     std::fs::remove_file(dir.path().join("FAIL"))?;
 
     // What would not run is refused before anything is written.
-    for (args, why) in [
+    for (flags, run_args, why) in [
+        (&["--unit", "x"][..], &[][..], "must know its hub"),
         (
-            vec!["install", "--unit-dir", &units, "--unit", "x", "--"],
-            "must know its hub",
-        ),
-        (
-            vec![
-                "install",
-                "--unit-dir",
-                &units,
-                "--unit",
-                "x",
-                "--",
-                "--hub",
-                "h",
-                "--service",
-                "nope",
-            ],
+            &["--unit", "x"],
+            &["--hub", "h", "--service", "nope"],
             "not valid for `adi cocoon run`",
         ),
+        (&["--unit", "x", "--system"], &["--hub", "h"], "--run-as"),
         (
-            vec![
-                "install",
-                "--system",
-                "--unit-dir",
-                &units,
-                "--unit",
-                "x",
-                "--",
-                "--hub",
-                "h",
-            ],
-            "--run-as",
-        ),
-        (
-            vec![
-                "install",
-                "--run-as",
-                "bob",
-                "--unit-dir",
-                &units,
-                "--unit",
-                "x",
-                "--",
-                "--hub",
-                "h",
-            ],
+            &["--unit", "x", "--run-as", "bob"],
+            &["--hub", "h"],
             "system units",
         ),
-        (
-            vec![
-                "install",
-                "--unit-dir",
-                &units,
-                "--unit",
-                "../evil",
-                "--",
-                "--hub",
-                "h",
-            ],
-            "--unit must be",
-        ),
+        (&["--unit", "../evil"], &["--hub", "h"], "--unit must be"),
     ] {
+        let mut args = vec!["install", "--unit-dir", &units];
+        args.extend_from_slice(flags);
+        args.push("--");
+        args.extend_from_slice(run_args);
         let (code, out, err) = run(&args)?;
         assert_eq!(code, 1, "{args:?}: {out}{err}");
         assert!(err.contains(why), "{args:?}: {err}");
