@@ -412,7 +412,8 @@ pub struct CocoonView {
     pub id: DeviceId,
     /// Device name.
     pub name: String,
-    /// `online` or `offline`, from heartbeat age.
+    /// `online` or `offline`, from heartbeat age; `stopping` for an online device that
+    /// is finishing its requests and takes no new ones.
     pub status: String,
     /// Whether the device is online.
     pub online: bool,
@@ -509,7 +510,12 @@ impl From<Owner> for OwnerView {
 pub(crate) fn view(state: &HubState, d: DeviceRecord) -> CocoonView {
     let presence = state.registry.presence(&d.id);
     CocoonView {
-        status: if presence.online { "online" } else { "offline" }.into(),
+        status: match (presence.online, presence.draining) {
+            (true, true) => "stopping",
+            (true, false) => "online",
+            (false, _) => "offline",
+        }
+        .into(),
         online: presence.online,
         last_heartbeat_age_secs: presence
             .last_heartbeat_age

@@ -99,6 +99,8 @@ pub struct Presence {
     pub online: bool,
     /// Age of the last heartbeat, if the device is connected.
     pub last_heartbeat_age: Option<Duration>,
+    /// Connected and stopping: it finishes what it serves and takes nothing new.
+    pub draining: bool,
 }
 
 /// How many devices are connected, and in which state, at one instant.
@@ -466,11 +468,13 @@ impl Registry {
                 Presence {
                     online: age <= self.online_window(),
                     last_heartbeat_age: Some(age),
+                    draining: live.draining,
                 }
             }
             None => Presence {
                 online: false,
                 last_heartbeat_age: None,
+                draining: false,
             },
         }
     }

@@ -1290,6 +1290,13 @@ async fn a_stopping_device_finishes_its_downloads_and_refuses_new_requests_at_on
     })
     .await?;
     assert!(refused.contains("stopping"), "{refused}");
+    // Its owner sees why.
+    let (_, device) = s.alice.cocoon(&s.device).await?;
+    assert_eq!(
+        (&device["status"], &device["online"]),
+        (&json!("stopping"), &json!(true)),
+        "{device}"
+    );
     // The download in flight finishes whole, and then the cocoon leaves by itself.
     s.seen.release_gated.notify_one();
     assert_eq!(rest_of(download).await?, b"then the rest");
