@@ -396,8 +396,11 @@ fn unit_file(spec: &UnitSpec<'_>) -> Result<String> {
         u,
         "Description=adi cocoon: this device's agent for its adi hub"
     );
-    let _ = writeln!(u, "Wants=network-online.target");
-    let _ = writeln!(u, "After=network-online.target");
+    // Only the system manager has this target; the agent reconnects by itself anyway.
+    if spec.system {
+        let _ = writeln!(u, "Wants=network-online.target");
+        let _ = writeln!(u, "After=network-online.target");
+    }
     let _ = writeln!(u);
     let _ = writeln!(u, "[Service]");
     let _ = writeln!(u, "Type=simple");
