@@ -138,6 +138,11 @@ async fn the_installed_unit_passes_systemd_and_runs_this_cocoon() -> Result<()> 
     );
     assert_eq!(setting(&unit, "KillMode"), Some("mixed"), "{unit}");
     assert_eq!(setting(&unit, "WantedBy"), Some("default.target"), "{unit}");
+    assert_eq!(
+        setting(&unit, "After"),
+        None,
+        "a user manager has no network target"
+    );
     assert_eq!(setting(&unit, "TimeoutStopSec"), Some("45s"), "{unit}");
 
     let env_path = data.join("service.env");
@@ -315,6 +320,11 @@ fn install_and_uninstall_drive_systemctl_and_refuse_what_would_not_work() -> Res
     assert_eq!(
         setting(&unit, "WantedBy"),
         Some("multi-user.target"),
+        "{unit}"
+    );
+    assert_eq!(
+        setting(&unit, "After"),
+        Some("network-online.target"),
         "{unit}"
     );
     assert!(out.contains("systemctl enable --now edge.service"), "{out}");
