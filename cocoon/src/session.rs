@@ -273,7 +273,9 @@ async fn session(
                 serving.close();
                 draining = Some(Box::pin(tokio::time::sleep(config.shutdown_grace)));
             }
-            () = serving.wait(), if draining.is_some() => {
+            // An async block, so the wait is built only once it is polled, not on every
+            // turn of the loop.
+            () = async { serving.wait().await }, if draining.is_some() => {
                 // Every request has ended, so all they had to say is queued: it leaves
                 // before the close, heads before the body frames that follow them.
                 while let Ok(answer) = answers.try_recv() {

@@ -39,7 +39,7 @@ pub(crate) const PREFIX: &str = "/proxy/";
 /// target from the path, the caller from its credentials, the peer from the connection),
 /// so no routing, extractors or boxing stand between a request and its device.
 pub(crate) async fn handle(state: AppState, req: Request) -> Response {
-    let response = match proxy(state.clone(), req).await {
+    let response = match proxy(&state, req).await {
         Ok(response) => response,
         Err(e) => e.into_response(),
     };
@@ -72,8 +72,8 @@ fn offline() -> ApiError {
     )
 }
 
-async fn proxy(state: AppState, mut req: Request) -> Result<Response, ApiError> {
-    let caller = proxy_caller(req.uri().path(), req.headers(), &state)?;
+async fn proxy(state: &AppState, mut req: Request) -> Result<Response, ApiError> {
+    let caller = proxy_caller(req.uri().path(), req.headers(), state)?;
     let Some(&ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<SocketAddr>>() else {
         return Err(ApiError::internal(
             &"the connection's peer address is unknown",
@@ -116,7 +116,7 @@ async fn proxy(state: AppState, mut req: Request) -> Result<Response, ApiError> 
             (id, target)
         }
         _ => {
-            let device = owned_device(&state, &caller, device_id).await?;
+            let device = owned_device(state, &caller, device_id).await?;
             if !device.services.iter().any(|s| s.name == service) {
                 return Err(no_service());
             }
@@ -132,7 +132,7 @@ async fn proxy(state: AppState, mut req: Request) -> Result<Response, ApiError> 
             return Err(too_large(max));
         }
     }
-    let deadline = deadline(&state, req.headers())?;
+    let deadline = deadline(state, req.headers())?;
     let prefix = format!("/proxy/{device_id}/{service}");
     let upgrade = upgrade_protocol(req.headers());
     let on_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
@@ -148,7 +148,7 @@ async fn proxy(state: AppState, mut req: Request) -> Result<Response, ApiError> 
         upgrade: upgrade.clone(),
         empty_body,
     };
-    let opened = rpc::open_proxy(&state, &device_id, head).await?;
+    let opened = rpc::open_proxy(state, &device_id, head).await?;
     let (too_large_tx, too_large_rx) = oneshot::channel();
     if let Some(on_upgrade) = on_upgrade {
         // Boxed: the upgrade's wait would otherwise size every proxied request's future.

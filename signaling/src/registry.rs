@@ -649,6 +649,11 @@ mod tests {
             .collect()
     }
 
+    /// Connects device `n` on `conn`, offering `protocols`, with no owners or services.
+    fn offering(reg: &Registry, n: u8, conn: ConnId, protocols: &[&str]) {
+        reg.insert(id(n), conn, handle(reg), &[], &offers(protocols), &[]);
+    }
+
     fn found(reg: &Registry, protocol: &str) -> Vec<DeviceId> {
         let q = CapabilityQuery::new(protocol, None).expect("query");
         let mut ids: Vec<DeviceId> = reg
@@ -664,15 +669,8 @@ mod tests {
     fn a_stopping_device_is_passed_over_until_it_reconnects() {
         let reg = Registry::new(Duration::from_secs(5));
         let old = reg.next_conn_id();
-        reg.insert(id(1), old, handle(&reg), &[], &offers(&["embeddings"]), &[]);
-        reg.insert(
-            id(2),
-            reg.next_conn_id(),
-            handle(&reg),
-            &[],
-            &offers(&["embeddings"]),
-            &[],
-        );
+        offering(&reg, 1, old, &["embeddings"]);
+        offering(&reg, 2, reg.next_conn_id(), &["embeddings"]);
         reg.set_draining(&id(1), old);
         assert_eq!(found(&reg, "embeddings"), vec![id(2)]);
         let q = CapabilityQuery::new("embeddings", None).expect("query");
@@ -682,8 +680,7 @@ mod tests {
         );
         assert!(reg.access(&id(1)).is_some_and(|a| a.draining));
         // Its next connection is a fresh start; a late word from the old one changes nothing.
-        let new = reg.next_conn_id();
-        reg.insert(id(1), new, handle(&reg), &[], &offers(&["embeddings"]), &[]);
+        offering(&reg, 1, reg.next_conn_id(), &["embeddings"]);
         reg.set_draining(&id(1), old);
         assert_eq!(found(&reg, "embeddings"), vec![id(1), id(2)]);
         assert!(reg.access(&id(1)).is_some_and(|a| !a.draining));
@@ -693,22 +690,8 @@ mod tests {
     fn routing_sees_exactly_the_live_offers() {
         let reg = Registry::new(Duration::from_secs(5));
         let (c1, c2) = (reg.next_conn_id(), reg.next_conn_id());
-        reg.insert(
-            id(1),
-            c1,
-            handle(&reg),
-            &[],
-            &offers(&["embeddings", "llm.chat"]),
-            &[],
-        );
-        reg.insert(
-            id(2),
-            reg.next_conn_id(),
-            handle(&reg),
-            &[],
-            &offers(&["embeddings"]),
-            &[],
-        );
+        offering(&reg, 1, c1, &["embeddings", "llm.chat"]);
+        offering(&reg, 2, reg.next_conn_id(), &["embeddings"]);
         assert_eq!(found(&reg, "embeddings"), vec![id(1), id(2)]);
         assert_eq!(found(&reg, "llm.chat"), vec![id(1)]);
         assert!(found(&reg, "tasks").is_empty());

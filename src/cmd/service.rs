@@ -18,7 +18,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use crate::cmd::cocoon::RunArgs;
 use crate::paths;
@@ -281,14 +281,10 @@ fn uninstall(args: UninstallArgs) -> Result<()> {
 }
 
 fn parse_run_args(run_args: &[String]) -> Result<RunOnly> {
-    let matches = RunOnly::command()
-        .try_get_matches_from(
-            std::iter::once("adi cocoon run".to_owned()).chain(run_args.iter().cloned()),
-        )
-        .map_err(|e| {
-            anyhow::anyhow!("the arguments after -- are not valid for `adi cocoon run`:\n{e}")
-        })?;
-    RunOnly::from_arg_matches(&matches).map_err(|e| anyhow::anyhow!("{e}"))
+    RunOnly::try_parse_from(
+        std::iter::once("adi cocoon run").chain(run_args.iter().map(String::as_str)),
+    )
+    .map_err(|e| anyhow::anyhow!("the arguments after -- are not valid for `adi cocoon run`:\n{e}"))
 }
 
 /// Removes `flag VALUE` and `flag=VALUE` from `args`.
@@ -389,42 +385,40 @@ fn unit_file(spec: &UnitSpec<'_>) -> Result<String> {
     for a in spec.run_args {
         exec.push(quote(a)?);
     }
-    let mut u = String::new();
-    let _ = writeln!(u, "# Written by `adi cocoon service install`.");
-    let _ = writeln!(u, "[Unit]");
-    let _ = writeln!(
-        u,
-        "Description=adi cocoon: this device's agent for its adi hub"
-    );
+    let user = match spec.run_as {
+        Some(user) => format!("User={}\n", setting(user)?),
+        None => String::new(),
+    };
     // Only the system manager has this target; the agent reconnects by itself anyway.
-    if spec.system {
-        let _ = writeln!(u, "Wants=network-online.target");
-        let _ = writeln!(u, "After=network-online.target");
-    }
-    let _ = writeln!(u);
-    let _ = writeln!(u, "[Service]");
-    let _ = writeln!(u, "Type=simple");
-    if let Some(user) = spec.run_as {
-        let _ = writeln!(u, "User={}", setting(user)?);
-    }
-    let _ = writeln!(u, "EnvironmentFile={}", setting(env_file)?);
-    let _ = writeln!(u, "ExecStart={}", exec.join(" "));
-    let _ = writeln!(u, "Restart=on-failure");
-    let _ = writeln!(u, "RestartSec=5s");
-    let _ = writeln!(u, "KillMode=mixed");
-    let _ = writeln!(u, "TimeoutStopSec={}s", spec.stop_timeout.as_secs());
-    let _ = writeln!(u);
-    let _ = writeln!(u, "[Install]");
-    let _ = writeln!(
-        u,
-        "WantedBy={}",
-        if spec.system {
-            "multi-user.target"
-        } else {
-            "default.target"
-        }
-    );
-    Ok(u)
+    let (network, wanted_by) = if spec.system {
+        (
+            "Wants=network-online.target\nAfter=network-online.target\n",
+            "multi-user.target",
+        )
+    } else {
+        ("", "default.target")
+    };
+    Ok(format!(
+        "# Written by `adi cocoon service install`.\n\
+         [Unit]\n\
+         Description=adi cocoon: this device's agent for its adi hub\n\
+         {network}\n\
+         [Service]\n\
+         Type=simple\n\
+         {user}\
+         EnvironmentFile={env_file}\n\
+         ExecStart={exec}\n\
+         Restart=on-failure\n\
+         RestartSec=5s\n\
+         KillMode=mixed\n\
+         TimeoutStopSec={stop}s\n\
+         \n\
+         [Install]\n\
+         WantedBy={wanted_by}\n",
+        env_file = setting(env_file)?,
+        exec = exec.join(" "),
+        stop = spec.stop_timeout.as_secs(),
+    ))
 }
 
 /// One word of a unit's command line or setting, quoted as systemd reads it: in double
