@@ -137,6 +137,8 @@ async fn register(ws_url: &str, token: String, offers: Vec<CapabilityOffer>) -> 
         capabilities: offers,
         agent_version: "bench".into(),
         location: None,
+        max_frame_bytes: None,
+        instance: None,
     });
     ws.send(Message::text(encode(&reg))).await?;
     match ws.next().await {

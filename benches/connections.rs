@@ -806,6 +806,11 @@ fn spawn_hub(
         .args([
             "--heartbeat-interval",
             &humantime::format_duration(interval).to_string(),
+            // Every simulated device connects from this host's loopback.
+            "--max-connections-per-source",
+            "0",
+            "--max-connections",
+            "1000000",
         ])
         .env_remove("ADI_DATABASE_URL")
         .stdin(Stdio::null())
@@ -1258,6 +1263,8 @@ async fn session(
         capabilities: Vec::new(),
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         location: None,
+        max_frame_bytes: None,
+        instance: None,
     });
     if ws.send(Message::text(encode(&register))).await.is_err() {
         return Outcome::Lost { registered: false };

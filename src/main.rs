@@ -89,7 +89,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            if e.downcast_ref::<cmd::cocoon::FinalRefusal>().is_some() {
+                ExitCode::from(cmd::cocoon::FinalRefusal::EXIT_STATUS)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod config_file;
 mod health;
 pub mod identity;
 pub mod local_api;
+pub mod lock;
 pub mod plugins;
 mod pool;
 pub mod probe;
@@ -206,6 +207,9 @@ pub enum CocoonError {
     /// The local API could not start.
     #[error("local API: {0}")]
     LocalApi(String),
+    /// The data dir is another agent's, or cannot be locked.
+    #[error(transparent)]
+    DataDir(#[from] lock::LockError),
     /// The hub refused this device and retrying cannot help.
     #[error("the hub refused this device ({code}): {message}")]
     Refused {
@@ -297,6 +301,8 @@ impl CapabilityClient {
 
 /// A running cocoon.
 pub struct CocoonHandle {
+    /// Held for the agent's life: no other agent may use its data dir meanwhile.
+    _lock: lock::DataDirLock,
     state: watch::Receiver<ConnState>,
     runner: Arc<Runner>,
     cancel: CancellationToken,
@@ -382,6 +388,8 @@ impl CocoonHandle {
 /// runner and the connection loop.
 pub async fn start(config: CocoonConfig) -> Result<CocoonHandle, CocoonError> {
     let ws_url = config.ws_url()?;
+    // Before anything in the data dir is read or written.
+    let lock = lock::acquire(&config.data_dir, &config.hub_url)?;
     let secret = identity::load_or_create(&config.data_dir)?;
     let store = adi_task_store::open(config.task_database_url.as_deref(), &config.data_dir).await?;
     let runner = Runner::start(
@@ -433,6 +441,7 @@ pub async fn start(config: CocoonConfig) -> Result<CocoonHandle, CocoonError> {
         }
     };
     let shared = session::Shared {
+        instance: hex::encode(rand::random::<[u8; 16]>()),
         runner: runner.clone(),
         http: pool::Pool::default(),
         health,
@@ -450,6 +459,7 @@ pub async fn start(config: CocoonConfig) -> Result<CocoonHandle, CocoonError> {
         cancel.clone(),
     ));
     Ok(CocoonHandle {
+        _lock: lock,
         state: rx,
         runner,
         cancel,

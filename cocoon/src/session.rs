@@ -46,6 +46,9 @@ enum Outcome {
 
 /// What the sessions of one cocoon share with the rest of it.
 pub(crate) struct Shared {
+    /// This agent process's own id, sent at every registration: the hub tells a
+    /// reconnect of this agent from a second agent holding a copy of the secret.
+    pub(crate) instance: String,
     pub(crate) runner: Arc<Runner>,
     pub(crate) http: crate::pool::Pool,
     pub(crate) health: watch::Receiver<Vec<adi_protocol::ServiceHealth>>,
@@ -68,6 +71,7 @@ pub(crate) async fn run(
     loop {
         state.send_replace(ConnState::Connecting);
         let agent = Agent {
+            instance: &shared.instance,
             config: &config,
             ws_url: &ws_url,
             secret: &secret,
@@ -119,6 +123,7 @@ pub(crate) async fn run(
 
 /// What every session of one cocoon shares.
 struct Agent<'a> {
+    instance: &'a str,
     config: &'a CocoonConfig,
     ws_url: &'a str,
     secret: &'a DeviceSecret,
@@ -138,6 +143,7 @@ async fn session(
     cancel: &CancellationToken,
 ) -> Outcome {
     let Agent {
+        instance,
         config,
         ws_url,
         secret,
@@ -175,6 +181,8 @@ async fn session(
         capabilities: capabilities.borrow_and_update().offers(),
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         location: config.location.clone(),
+        max_frame_bytes: u64::try_from(config.max_frame_bytes).ok(),
+        instance: Some(instance.to_owned()),
     });
     if let Err(e) = ws.send(Message::text(encode(&register))).await {
         return lost(false, format!("sending registration failed: {e}"));
@@ -299,7 +307,12 @@ async fn session(
                 seq += 1;
                 let services = health.borrow().clone();
                 let load = load.borrow().clone();
-                let hb = encode(&DeviceToHub::Heartbeat(Heartbeat { seq, services, load }));
+                let mut hb = encode(&DeviceToHub::Heartbeat(Heartbeat { seq, services, load }));
+                if hb.len() > max_answer {
+                    // Liveness matters more than the figures: send it bare.
+                    warn!(bytes = hb.len(), max = max_answer, "the heartbeat's load and health figures do not fit in one frame; sending it without them");
+                    hb = encode(&DeviceToHub::Heartbeat(Heartbeat { seq, ..Heartbeat::default() }));
+                }
                 // The ping makes the hub answer, so a dead hub is noticed even though
                 // heartbeats themselves are not acknowledged.
                 let sent = async {
@@ -327,6 +340,10 @@ async fn session(
             Ok(()) = capabilities.changed() => {
                 let offers = capabilities.borrow_and_update().offers();
                 let update = encode(&DeviceToHub::CapabilitiesUpdate { capabilities: offers });
+                if update.len() > max_answer {
+                    warn!(bytes = update.len(), max = max_answer, "the plugins offer more capabilities than fit in one frame to the hub; the hub keeps the last list it got until fewer are installed");
+                    continue;
+                }
                 if let Err(e) = ws.send(Message::text(update)).await {
                     return lost(true, format!("sending capabilities failed: {e}"));
                 }
@@ -364,6 +381,11 @@ async fn session(
                     Some(Ok(Message::Close(frame))) => return lost(true, close_reason(frame.as_ref())),
                     Some(Ok(Message::Text(t))) => {
                         match adi_protocol::decode_hub_frame(t.as_bytes(), config.max_frame_bytes) {
+                            // Another agent holds this device's secret and took its
+                            // place: reconnecting would only take it back, forever.
+                            Ok(HubToDevice::Error { code: ErrorCode::DuplicateAgent, message }) => {
+                                return Outcome::Refused(ErrorCode::DuplicateAgent, message);
+                            }
                             Ok(HubToDevice::Error { code, message }) => warn!(%code, "hub reported an error: {message}"),
                             Ok(HubToDevice::Registered(_)) => warn!("unexpected second registration answer"),
                             // Opened now, before reading on: its body frames follow.
@@ -451,14 +473,29 @@ where
     ws.flush().await
 }
 
-/// The frame for an answer, or, when it would exceed the hub's frame limit (which
-/// would close this link), an error answer in its place: the request still ends once.
-fn fit(answer: DeviceToHub, max: usize) -> String {
-    let frame = encode(&answer);
+/// The frame for a message, held to the hub's frame limit (the hub closes a link that
+/// sends it a larger one, see `adi_protocol::limits`): an answer or a response head
+/// that does not fit is replaced by an error for that request alone, and an error's
+/// words are cut to size. Heartbeats and capability updates are checked where they
+/// are made.
+fn fit(msg: DeviceToHub, max: usize) -> String {
+    let msg = match msg {
+        DeviceToHub::ProxyError {
+            stream_id,
+            code,
+            message,
+        } => DeviceToHub::ProxyError {
+            stream_id,
+            code,
+            message: adi_protocol::limits::clip_message(message),
+        },
+        other => other,
+    };
+    let frame = encode(&msg);
     if frame.len() <= max {
         return frame;
     }
-    match answer {
+    match msg {
         DeviceToHub::Response { request_id, .. } => {
             warn!(
                 request_id,
@@ -477,8 +514,25 @@ fn fit(answer: DeviceToHub, max: usize) -> String {
                 }),
             })
         }
-        // Proxy heads and errors are small; anything else goes as it is.
-        _ => frame,
+        DeviceToHub::ProxyResponse { stream_id, .. } => {
+            warn!(
+                stream_id,
+                bytes = frame.len(),
+                max,
+                "a service's response head is too large to pass on"
+            );
+            encode(&DeviceToHub::ProxyError {
+                stream_id,
+                code: ErrorCode::UpstreamError,
+                message: format!(
+                    "the service's response head is {} bytes; at most {max} can be \
+                     passed on",
+                    frame.len()
+                ),
+            })
+        }
+        // Nothing else a request carries reaches this queue.
+        other => encode(&other),
     }
 }
 

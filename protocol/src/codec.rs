@@ -114,6 +114,8 @@ mod tests {
                             capabilities,
                             agent_version: agent,
                             location,
+                            max_frame_bytes: Some(64 * 1024),
+                            instance: Some("0123456789abcdef".into()),
                         })
                     }
                 ),

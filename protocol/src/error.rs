@@ -39,6 +39,17 @@ pub enum ErrorCode {
     NotEnrolled,
     /// The request conflicts with existing state (a user name taken, say).
     Conflict,
+    /// The request's head (its headers and target) is larger than can be carried to
+    /// the device; the client should send fewer or shorter headers.
+    HeadersTooLarge,
+    /// The caller holds more connections than one source may.
+    TooManyRequests,
+    /// The hub cannot serve this now (its catalog cannot write, it is at its
+    /// connection limit); retrying later can succeed.
+    Unavailable,
+    /// Another agent with this device's secret connected (a copied data dir): the
+    /// older connection is displaced and its agent stops.
+    DuplicateAgent,
     /// The hub failed internally; the detail is in its log, never in the reply.
     Internal,
 }
@@ -58,7 +69,10 @@ impl ErrorCode {
                 400
             }
             ErrorCode::TokenExpired | ErrorCode::TokenUsed => 410,
-            ErrorCode::Conflict => 409,
+            ErrorCode::Conflict | ErrorCode::DuplicateAgent => 409,
+            ErrorCode::HeadersTooLarge => 431,
+            ErrorCode::TooManyRequests => 429,
+            ErrorCode::Unavailable => 503,
             ErrorCode::Internal => 500,
         }
     }
@@ -82,6 +96,10 @@ impl ErrorCode {
             ErrorCode::TokenUsed => "token_used",
             ErrorCode::NotEnrolled => "not_enrolled",
             ErrorCode::Conflict => "conflict",
+            ErrorCode::HeadersTooLarge => "headers_too_large",
+            ErrorCode::TooManyRequests => "too_many_requests",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::DuplicateAgent => "duplicate_agent",
             ErrorCode::Internal => "internal",
         }
     }
@@ -91,7 +109,11 @@ impl ErrorCode {
     pub fn is_retryable(self) -> bool {
         matches!(
             self,
-            ErrorCode::Internal | ErrorCode::Timeout | ErrorCode::UpstreamError
+            ErrorCode::Internal
+                | ErrorCode::Timeout
+                | ErrorCode::UpstreamError
+                | ErrorCode::Unavailable
+                | ErrorCode::TooManyRequests
         )
     }
 }
@@ -113,6 +135,10 @@ mod tests {
             ErrorCode::NoCapableDevice,
             ErrorCode::TokenExpired,
             ErrorCode::PayloadTooLarge,
+            ErrorCode::HeadersTooLarge,
+            ErrorCode::TooManyRequests,
+            ErrorCode::Unavailable,
+            ErrorCode::DuplicateAgent,
         ] {
             let json = serde_json::to_string(&code).expect("serializes");
             assert_eq!(json, format!("\"{}\"", code.as_str()));

@@ -27,7 +27,10 @@
 //!    request. The device reports what it serves in [`Register`] and, when its plugins
 //!    change, in [`DeviceToHub::CapabilitiesUpdate`].
 //! 6. A frame that does not decode is answered with [`HubToDevice::Error`] (`bad_request`);
-//!    the connection stays up. An oversized frame closes the connection with code 1009.
+//!    the connection stays up. An oversized frame closes the connection with code 1009:
+//!    each side announces its limit and the sender checks every message against the
+//!    peer's limit before sending (the rule and its table are in [`limits`]), so only a
+//!    broken peer ever sends one.
 //!
 //! Control messages are JSON text frames tagged by `type`; unknown fields are ignored so
 //! either side can grow, unknown types are errors.
@@ -39,6 +42,7 @@ mod error;
 mod fast;
 pub mod http;
 mod ids;
+pub mod limits;
 mod messages;
 mod payload;
 pub mod tasks;

@@ -60,6 +60,14 @@ pub struct Register {
     /// Where the device is, in its owner's words (`home`, `eu-west rack 3`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub location: Option<String>,
+    /// Largest frame the device accepts from the hub; the hub keeps what it sends
+    /// within it. Absent from agents that predate it: the default limit then applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_frame_bytes: Option<u64>,
+    /// Made fresh by each agent process, so the hub can tell the same agent coming
+    /// back from a second agent holding a copy of this device's secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
 }
 
 /// Liveness and load report, sent every heartbeat interval.

@@ -6,6 +6,7 @@
 //! answered exactly like one that does not exist.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use adi_protocol::{
 };
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{
-    FromRequest, FromRequestParts, Path, RawQuery, Request, State, WebSocketUpgrade,
+    ConnectInfo, FromRequest, FromRequestParts, Path, RawQuery, Request, State, WebSocketUpgrade,
 };
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
@@ -246,13 +247,26 @@ fn bearer_caller(header: &header::HeaderValue, state: &AppState) -> Result<Calle
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
-    /// The bearer header only: the session cookie is not accepted here.
+    /// The bearer header only: the session cookie is not accepted here. A session
+    /// outlives nothing it names: a user removed from the catalog is refused.
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let header = parts
             .headers
             .get(header::AUTHORIZATION)
             .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "missing bearer token"))?;
-        bearer_caller(header, state)
+        let caller = bearer_caller(header, state)?;
+        live_user(state, caller).await
+    }
+}
+
+/// The caller, if their user still exists.
+pub(crate) async fn live_user(state: &HubState, caller: Caller) -> Result<Caller, ApiError> {
+    match state.catalog.user(caller.id).await? {
+        Some(_) => Ok(caller),
+        None => Err(ApiError::new(
+            ErrorCode::Unauthorized,
+            "this session's user no longer exists",
+        )),
     }
 }
 
@@ -304,23 +318,32 @@ fn read_buffer_bytes(config: &crate::HubConfig, query: Option<&str>) -> usize {
     }
 }
 
+/// The connection's place under the hub's caps, which an upgraded socket keeps.
+type Slot = Option<axum::Extension<crate::server::ConnSlot>>;
+
 async fn cocoon_ws(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    slot: Slot,
     RawQuery(query): RawQuery,
     ws: WebSocketUpgrade,
 ) -> Response {
     // Control frames are held to `max_frame_bytes` by the decoder; the socket must also
     // let whole body frames through.
     let max = state.config.max_frame_bytes.max(adi_tunnel::MAX_FRAME);
+    let slot = slot.map(|s| s.0);
     ws.read_buffer_size(read_buffer_bytes(&state.config, query.as_deref()))
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| crate::connection::serve(state, socket))
+        .on_upgrade(move |socket| crate::connection::serve(state, socket, peer, slot))
 }
 
-async fn client_ws(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
+async fn client_ws(State(state): State<AppState>, slot: Slot, ws: WebSocketUpgrade) -> Response {
     ws.max_message_size(64 * 1024)
-        .on_upgrade(move |socket| crate::client_ws::serve(state, socket))
+        .on_upgrade(move |socket| async move {
+            crate::client_ws::serve(state, socket).await;
+            drop(slot);
+        })
 }
 
 #[derive(Deserialize)]
@@ -439,6 +462,21 @@ pub struct CocoonView {
     pub owners: Vec<OwnerView>,
     /// Unix seconds of enrolment.
     pub created_at: i64,
+    /// The last time two agents connected with this device's secret at once (a copied
+    /// data dir): the newer one holds the device, the older one was stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conflict: Option<ConflictView>,
+}
+
+/// Two agents with one device's secret, as the API shows it.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ConflictView {
+    /// Unix seconds.
+    pub at: i64,
+    /// Where the agent that was stopped connected from.
+    pub displaced_from: Option<String>,
+    /// Where the agent that holds the device now connected from.
+    pub connected_from: Option<String>,
 }
 
 /// A service as the API shows it: what the device declared and how its last probe went.
@@ -528,6 +566,11 @@ pub(crate) fn view(state: &HubState, d: DeviceRecord) -> CocoonView {
         },
         capabilities: d.capabilities,
         in_flight: state.registry.in_flight(&d.id).unwrap_or(0),
+        conflict: state.registry.conflict(&d.id).map(|c| ConflictView {
+            at: c.at,
+            displaced_from: c.displaced.map(|a| a.to_string()),
+            connected_from: c.by.map(|a| a.to_string()),
+        }),
         id: d.id,
         name: d.name,
         location: d.location,

@@ -18,11 +18,13 @@ use crate::HubState;
 
 /// Largest frame a client may send.
 const MAX_CLIENT_FRAME: usize = 64 * 1024;
-/// How long a new socket may take to authenticate.
-const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a close frame may take to leave for a peer that does not read.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+/// How long any other frame may wait for a client that does not read.
+const SEND_WAIT: Duration = Duration::from_secs(30);
 
 pub(crate) async fn serve(state: Arc<HubState>, mut socket: WebSocket) {
-    let caller = match authenticate(&state, &mut socket).await {
+    let (caller, expires_at) = match authenticate(&state, &mut socket).await {
         Some(c) => c,
         None => return,
     };
@@ -35,16 +37,30 @@ pub(crate) async fn serve(state: Arc<HubState>, mut socket: WebSocket) {
     .await;
     let _counted = state.metrics.client_socket();
     let shutdown = state.shutdown.clone();
+    // The socket lives no longer than the credential it was opened with.
+    let expiry = tokio::time::sleep(until_unix(expires_at));
+    tokio::pin!(expiry);
     loop {
         let frame = tokio::select! {
             _ = shutdown.cancelled() => {
-                let _ = socket.send(Message::Close(Some(CloseFrame { code: close_code::RESTART, reason: "hub restarting".into() }))).await;
+                close(&mut socket, close_code::RESTART, "hub restarting").await;
+                return;
+            }
+            () = &mut expiry => {
+                debug!(user = %caller.id, "client socket's session expired");
+                close(&mut socket, close_code::POLICY, "session expired").await;
                 return;
             }
             f = socket.recv() => f,
         };
         let bytes = match frame {
-            None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+            None | Some(Ok(Message::Close(_))) => return,
+            Some(Err(e)) => {
+                if let Ok((code, reason)) = crate::close::read_error(e, MAX_CLIENT_FRAME) {
+                    close(&mut socket, code, &reason).await;
+                }
+                return;
+            }
             Some(Ok(Message::Text(t))) => t.as_bytes().to_vec(),
             Some(Ok(Message::Binary(b))) => b.to_vec(),
             Some(Ok(_)) => continue,
@@ -182,42 +198,103 @@ async fn aggregate_query(
     send(socket, &done).await.map_err(|_| QueryEnd::Gone)
 }
 
-async fn authenticate(state: &HubState, socket: &mut WebSocket) -> Option<Caller> {
-    let refuse = |message: String| HubToClient::Error {
-        query_id: None,
-        code: ErrorCode::Unauthorized,
-        message,
+/// Reads the first frame, which must sign the socket in; answers the caller and when
+/// its credential ends, or closes the socket with the reason and `None`.
+async fn authenticate(state: &HubState, socket: &mut WebSocket) -> Option<(Caller, u64)> {
+    let wait = state.config.handshake_timeout;
+    let deadline = tokio::time::Instant::now() + wait;
+    let first = loop {
+        match tokio::time::timeout_at(deadline, socket.recv()).await {
+            Err(_) => {
+                let message = format!("no sign-in within {wait:?}");
+                refuse(socket, ErrorCode::Unauthorized, message, close_code::POLICY).await;
+                return None;
+            }
+            Ok(None) | Ok(Some(Ok(Message::Close(_)))) => return None,
+            Ok(Some(Err(e))) => {
+                if let Ok((code, reason)) = crate::close::read_error(e, MAX_CLIENT_FRAME) {
+                    close(socket, code, &reason).await;
+                }
+                return None;
+            }
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+            Ok(Some(Ok(msg))) => break msg,
+        }
     };
-    let first = match tokio::time::timeout(AUTH_TIMEOUT, socket.recv()).await {
-        Ok(Some(Ok(Message::Text(t)))) => decode::<ClientToHub>(t.as_bytes(), MAX_CLIENT_FRAME),
-        _ => return None,
+    let decoded = match &first {
+        Message::Text(t) => decode::<ClientToHub>(t.as_bytes(), MAX_CLIENT_FRAME),
+        Message::Binary(b) => decode::<ClientToHub>(b, MAX_CLIENT_FRAME),
+        _ => Err(adi_protocol::DecodeError::Invalid(
+            "the first frame must be auth".into(),
+        )),
     };
-    let result = match first {
+    let result = match decoded {
         Ok(ClientToHub::Auth { token }) => {
             state.auth.verify(token.trim()).map_err(|e| e.to_string())
         }
         Ok(_) => Err("the first frame must be auth".to_owned()),
         Err(e) => Err(e.to_string()),
     };
+    let result = match result {
+        Ok(claims) => {
+            let caller = Caller {
+                id: claims.sub,
+                name: claims.name,
+            };
+            crate::api::live_user(state, caller)
+                .await
+                .map(|c| (c, claims.exp))
+                .map_err(|e| e.message().to_owned())
+        }
+        Err(e) => Err(e),
+    };
     match result {
-        Ok(claims) => Some(Caller {
-            id: claims.sub,
-            name: claims.name,
-        }),
+        Ok(signed_in) => Some(signed_in),
         Err(message) => {
             debug!("client authentication refused: {message}");
-            let _ = send(socket, &refuse(message)).await;
-            let _ = socket
-                .send(Message::Close(Some(CloseFrame {
-                    code: close_code::POLICY,
-                    reason: "unauthorized".into(),
-                })))
-                .await;
+            refuse(socket, ErrorCode::Unauthorized, message, close_code::POLICY).await;
             None
         }
     }
 }
 
+/// Sends an error frame, then closes with the code's name as the reason.
+async fn refuse(socket: &mut WebSocket, code: ErrorCode, message: String, close_with: u16) {
+    let err = HubToClient::Error {
+        query_id: None,
+        code,
+        message,
+    };
+    let _ = tokio::time::timeout(CLOSE_WAIT, send(socket, &err)).await;
+    close(socket, close_with, code.as_str()).await;
+}
+
+/// Sends a close frame, waiting at most a moment for a peer that does not read.
+async fn close(socket: &mut WebSocket, code: u16, reason: &str) {
+    let frame = Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    }));
+    let _ = tokio::time::timeout(CLOSE_WAIT, socket.send(frame)).await;
+}
+
+/// How long from now until a unix time in seconds (zero when it has passed).
+fn until_unix(at: u64) -> Duration {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    Duration::from_secs(at).saturating_sub(now)
+}
+
+/// Sends one frame; a client that takes none for [`SEND_WAIT`] is gone, so that a
+/// peer that stops reading cannot hold this socket's task forever.
 async fn send(socket: &mut WebSocket, msg: &HubToClient) -> Result<(), axum::Error> {
-    socket.send(Message::Text(encode(msg).into())).await
+    let frame = Message::Text(encode(msg).into());
+    match tokio::time::timeout(SEND_WAIT, socket.send(frame)).await {
+        Ok(sent) => sent,
+        Err(_) => Err(axum::Error::new(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the client took no frame for 30 s",
+        ))),
+    }
 }

@@ -50,6 +50,20 @@ pub struct HubConfig {
     /// Bearer token that lets a scraper off the hub's loopback read `/metrics`; `None`
     /// serves metrics to loopback only.
     pub metrics_token: Option<String>,
+    /// How long a client has to send a whole request head once it connects or once
+    /// its previous request is answered: it bounds slow senders and idle keep-alive
+    /// connections alike.
+    pub header_timeout: Duration,
+    /// How long a new WebSocket has to send its first frame (a cocoon's registration,
+    /// a client's sign-in) before it is closed.
+    pub handshake_timeout: Duration,
+    /// Connections held at once, WebSockets included. The last
+    /// [`HubConfig::reserved_connections`] of them take only health checks, sign-ins
+    /// and device reconnects, so a flood of idle sockets cannot lock those out.
+    pub max_connections: usize,
+    /// Connections one source address may hold at once; 0 for no cap (a hub behind a
+    /// reverse proxy sees every client as the proxy's address).
+    pub max_connections_per_source: usize,
 }
 
 impl Default for HubConfig {
@@ -69,6 +83,10 @@ impl Default for HubConfig {
             capability_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
             metrics_token: None,
+            header_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            max_connections: 16_384,
+            max_connections_per_source: 512,
         }
     }
 }
@@ -97,9 +115,21 @@ pub enum ConfigError {
     /// Public URL is not an http(s) URL.
     #[error("public URL must start with http:// or https://")]
     PublicUrl,
+    /// A connection timeout out of range.
+    #[error("header and handshake timeouts must be between 100 ms and 10 minutes")]
+    ConnectionTimeout,
+    /// Connection caps out of range.
+    #[error("max connections must be at least 64, and the cap per source at most that")]
+    MaxConnections,
 }
 
 impl HubConfig {
+    /// Connections kept for health checks, sign-ins and device reconnects: a sixteenth
+    /// of [`HubConfig::max_connections`], at least 4.
+    pub fn reserved_connections(&self) -> usize {
+        (self.max_connections / 16).max(4)
+    }
+
     /// Checks every field; called by `spawn` before anything starts.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.heartbeat_interval < Duration::from_millis(100)
@@ -124,6 +154,13 @@ impl HubConfig {
         }
         if self.metrics_token.as_ref().is_some_and(|t| t.len() < 16) {
             return Err(ConfigError::MetricsToken);
+        }
+        let timeouts = Duration::from_millis(100)..=Duration::from_secs(600);
+        if !timeouts.contains(&self.header_timeout) || !timeouts.contains(&self.handshake_timeout) {
+            return Err(ConfigError::ConnectionTimeout);
+        }
+        if self.max_connections < 64 || self.max_connections_per_source > self.max_connections {
+            return Err(ConfigError::MaxConnections);
         }
         if let Some(url) = &self.public_url {
             if !(url.starts_with("http://") || url.starts_with("https://")) {

@@ -40,7 +40,7 @@ use tracing::{debug, info, warn};
 use crate::auth::unix_now_i64;
 use crate::catalog::{CatalogError, DeviceConfig, DeviceRecord, UserId};
 use crate::link::{AskSlot, ConnHandle, Next, Stop, MAX_DEVICE_REQUESTS};
-use crate::registry::ConnId;
+use crate::registry::{Agent, ConnId};
 use crate::routing::{self, Destination, Requester};
 use crate::rpc::{
     Answer, Call, Command, Ended, ProxyCall, ProxyOpened, ReplyTo, ResponseHead, RpcError,
@@ -48,8 +48,8 @@ use crate::rpc::{
 use crate::tokens::{self, TokenError};
 use crate::HubState;
 
-/// How long a new connection may take to send its registration.
-const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a close frame may take to leave for a peer that does not read.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// Requests awaiting an answer from one device before new ones are refused.
 const MAX_IN_FLIGHT: usize = 1024;
 /// Longest deadline a device may set on a capability request.
@@ -76,7 +76,12 @@ impl Refusal {
 
 /// Registers one cocoon connection and, once the device is accepted, spawns the actor
 /// that serves it to its end.
-pub(crate) async fn serve(state: Arc<HubState>, mut socket: WebSocket) {
+pub(crate) async fn serve(
+    state: Arc<HubState>,
+    mut socket: WebSocket,
+    peer: std::net::SocketAddr,
+    slot: Option<crate::server::ConnSlot>,
+) {
     let conn_id = state.registry.next_conn_id();
     let Some(accepted) = admit(&state, &mut socket, conn_id).await else {
         return;
@@ -106,6 +111,10 @@ pub(crate) async fn serve(state: Arc<HubState>, mut socket: WebSocket) {
         &accepted.owners,
         &accepted.config.capabilities,
         &accepted.config.services,
+        Agent {
+            instance: accepted.instance,
+            peer: Some(peer),
+        },
     );
     // A shutdown that began while this device registered has already stopped every
     // connection it found; this one was not there yet.
@@ -121,7 +130,9 @@ pub(crate) async fn serve(state: Arc<HubState>, mut socket: WebSocket) {
     );
     let conn = Connection {
         state,
+        _slot: slot,
         conn_id,
+        peer_max: accepted.peer_max,
         config: accepted.config,
         socket,
         link,
@@ -140,29 +151,44 @@ pub(crate) async fn serve(state: Arc<HubState>, mut socket: WebSocket) {
 /// here. It writes only refusals: see [`serve`].
 async fn admit(state: &HubState, socket: &mut WebSocket, conn_id: ConnId) -> Option<Accepted> {
     let max = state.config.max_frame_bytes;
-    let register = match timeout(REGISTER_TIMEOUT, socket.recv()).await {
-        Err(_) => {
-            let refusal = Refusal::new(ErrorCode::BadRequest, "no registration within 10 s");
+    let wait = state.config.handshake_timeout;
+    let deadline = Instant::now() + wait;
+    let first = loop {
+        match tokio::time::timeout_at(deadline, socket.recv()).await {
+            Err(_) => {
+                let refusal = Refusal::new(
+                    ErrorCode::BadRequest,
+                    format!("no registration within {wait:?}"),
+                );
+                refuse(socket, refusal).await;
+                return None;
+            }
+            Ok(None) | Ok(Some(Ok(Message::Close(_)))) => return None,
+            Ok(Some(Err(e))) => {
+                if let Ok((code, reason)) = crate::close::read_error(e, max) {
+                    debug!(
+                        conn_id,
+                        code, "closing an unregistered device socket: {reason}"
+                    );
+                    close(socket, code, reason).await;
+                }
+                return None;
+            }
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+            Ok(Some(Ok(msg))) => break msg,
+        }
+    };
+    let register = match frame_bytes(&first).map(|bytes| decode::<DeviceToHub>(bytes, max)) {
+        Some(Ok(DeviceToHub::Register(r))) => r,
+        Some(Err(e)) => {
+            refuse(socket, decode_refusal(&e)).await;
+            return None;
+        }
+        Some(Ok(_)) | None => {
+            let refusal = Refusal::new(ErrorCode::BadRequest, "the first frame must be register");
             refuse(socket, refusal).await;
             return None;
         }
-        Ok(None) | Ok(Some(Err(_))) => return None,
-        Ok(Some(Ok(msg))) => match frame_bytes(&msg) {
-            None => return None,
-            Some(bytes) => match decode::<DeviceToHub>(bytes, max) {
-                Ok(DeviceToHub::Register(r)) => r,
-                Ok(_) => {
-                    let refusal =
-                        Refusal::new(ErrorCode::BadRequest, "the first frame must be register");
-                    refuse(socket, refusal).await;
-                    return None;
-                }
-                Err(e) => {
-                    refuse(socket, decode_refusal(&e)).await;
-                    return None;
-                }
-            },
-        },
     };
     let accepted = match register_device(state, &register).await {
         Ok(a) => a,
@@ -181,6 +207,8 @@ enum End {
     Closed(String),
     /// We close, with this code and reason.
     Send(u16, String),
+    /// We tell the device why, as an error frame, then close with the code's name.
+    Refuse(ErrorCode, String),
 }
 
 impl End {
@@ -192,6 +220,16 @@ impl End {
                 "replaced by a newer connection of this device".into(),
             ),
             Stop::Silent => End::Send(close_code::AWAY, "no heartbeat for 3 intervals".into()),
+            Stop::Displaced(by) => End::Refuse(
+                ErrorCode::DuplicateAgent,
+                format!(
+                    "another agent with this device's secret connected{} and took its place; \
+                     this agent stops. A copied data dir makes a second agent: give the copy \
+                     its own identity (remove its device.secret and enrol it with a new setup \
+                     token)",
+                    by.map(|a| format!(" from {a}")).unwrap_or_default()
+                ),
+            ),
         }
     }
 }
@@ -211,7 +249,11 @@ type HeadReply = oneshot::Sender<Result<ResponseHead, RpcError>>;
 /// The actor's state: everything one connected device holds in the hub.
 struct Connection {
     state: Arc<HubState>,
+    /// This connection's place under the hub's caps, given back when it ends.
+    _slot: Option<crate::server::ConnSlot>,
     conn_id: ConnId,
+    /// Largest frame the device accepts: everything this hub sends it is held to it.
+    peer_max: usize,
     config: DeviceConfig,
     socket: WebSocket,
     /// This connection's handle, as the registry holds it: the queue the actor reads,
@@ -243,7 +285,9 @@ impl Connection {
     fn run(mut self) -> impl Future<Output = ()> + Send + 'static {
         async move {
             let end = self.pump().await;
-            self.finish(end).await;
+            // Boxed: it runs once, and its state must not size the future every
+            // connected device keeps.
+            Box::pin(self.finish(end)).await;
         }
     }
 
@@ -272,7 +316,10 @@ impl Connection {
                     self.link.heard(self.state.registry.now_ms());
                     let reply = match frame {
                         None => return End::Closed("peer went away".into()),
-                        Some(Err(e)) => return classify_read_error(e, self.state.config.max_frame_bytes.max(adi_tunnel::MAX_FRAME)),
+                        Some(Err(e)) => return match crate::close::read_error(e, self.state.config.max_frame_bytes.max(adi_tunnel::MAX_FRAME)) {
+                            Ok((code, reason)) => End::Send(code, reason),
+                            Err(reason) => End::Closed(reason),
+                        },
                         Some(Ok(Message::Close(_))) => return End::Closed("peer closed".into()),
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => None,
                         Some(Ok(Message::Binary(b))) => self.body_frame(b).map(|r| text(&r)),
@@ -354,59 +401,77 @@ impl Connection {
             End::Closed(reason) => info!(%device_id, conn_id, "device connection closed: {reason}"),
             End::Send(code, reason) => {
                 info!(%device_id, conn_id, "closing device connection: {reason}");
-                let _ = self
-                    .socket
-                    .send(Message::Close(Some(CloseFrame {
-                        code,
-                        reason: reason.into(),
-                    })))
-                    .await;
+                close(&mut self.socket, code, reason).await;
+            }
+            End::Refuse(code, message) => {
+                warn!(%device_id, conn_id, %code, "closing device connection: {message}");
+                refuse(&mut self.socket, Refusal { code, message }).await;
             }
         }
     }
 
-    /// Opens a body stream pair and returns the request frame to send.
+    /// Opens a body stream pair and returns the request frame to send; a head that
+    /// would not fit in one frame the device accepts is refused here, for this request
+    /// alone, before anything is opened (see `adi_protocol::limits`).
     fn start_proxy(&mut self, call: ProxyCall) -> Option<Message> {
+        if self.heads.len() >= MAX_IN_FLIGHT || self.heads.len() == self.heads.capacity() {
+            // Callers that gave up need no head; forget them before the table grows.
+            self.heads.retain(|_, reply| !reply.is_closed());
+        }
+        if self.heads.len() >= MAX_IN_FLIGHT {
+            let _ = call.reply.send(Err(RpcError::Busy));
+            return None;
+        }
+        let stream_id = self.next_stream;
+        let mut request = call.request;
+        request.stream_id = stream_id;
+        // Most requests (GETs) carry no body: head and (empty) body go in one binary
+        // frame, which the device parses once, as a plain struct.
+        let frame = request
+            .empty_body
+            .then(|| serde_json::to_vec(&request).ok())
+            .flatten()
+            .and_then(|head| adi_tunnel::whole(stream_id, &head, &[]))
+            .map(Message::Binary);
+        let frame = match frame {
+            Some(frame) => frame,
+            None => {
+                let text = encode(&HubToDevice::ProxyRequest(request));
+                if text.len() > self.peer_max {
+                    let _ = call.reply.send(Err(RpcError::Remote(RemoteError::new(
+                        ErrorCode::HeadersTooLarge,
+                        format!(
+                            "the request head is {} bytes as sent to the device, which \
+                             accepts at most {}; send fewer or shorter headers",
+                            text.len(),
+                            self.peer_max
+                        ),
+                    ))));
+                    return None;
+                }
+                Message::Text(text.into())
+            }
+        };
+        self.next_stream = self.next_stream.wrapping_add(1).max(1);
         let frames = &mut self.frames;
         let streams = self.streams.get_or_insert_with(|| {
             let (tx, rx) = mpsc::channel(FRAME_QUEUE);
             *frames = Some(rx);
             adi_tunnel::Streams::new(tx)
         });
-        if self.heads.len() >= MAX_IN_FLIGHT || self.heads.len() == self.heads.capacity() {
-            // Callers that gave up need no head; forget them before the table grows.
-            self.heads.retain(|_, reply| !reply.is_closed());
-        }
-        if self.heads.len() >= MAX_IN_FLIGHT {
-            // Dropping the reply tells the caller the device is unavailable.
-            return None;
-        }
-        let stream_id = self.next_stream;
-        self.next_stream = self.next_stream.wrapping_add(1).max(1);
         let (response_body, request_body) = streams.open(stream_id);
         let (head_tx, head_rx) = oneshot::channel();
         self.heads.insert(stream_id, head_tx);
-        let mut request = call.request;
-        request.stream_id = stream_id;
         let opened = ProxyOpened {
             request_body,
             response_body,
             head: head_rx,
         };
-        if call.reply.send(opened).is_err() {
+        if call.reply.send(Ok(opened)).is_err() {
             self.heads.remove(&stream_id);
             return None;
         }
-        if request.empty_body {
-            // Head and (empty) body in one binary frame: the device parses the head
-            // once, as a plain struct, instead of as one case of every message.
-            if let Ok(head) = serde_json::to_vec(&request) {
-                if let Some(frame) = adi_tunnel::whole(stream_id, &head, &[]) {
-                    return Some(Message::Binary(frame));
-                }
-            }
-        }
-        Some(text(&HubToDevice::ProxyRequest(request)))
+        Some(frame)
     }
 
     /// Routes one binary (body) frame; returns an error reply if it is malformed.
@@ -473,9 +538,9 @@ impl Connection {
             deadline_ms,
             request: call.request,
         });
-        // The device refuses a frame over the limit by closing its link; refusing the
+        // The device refuses a frame over its limit by closing its link; refusing the
         // one request here keeps everything else on the link going.
-        let max = self.state.config.max_frame_bytes;
+        let max = self.peer_max;
         if frame.len() > max {
             call.reply.end(Err(RpcError::Remote(RemoteError {
                 code: ErrorCode::PayloadTooLarge,
@@ -638,7 +703,7 @@ impl Connection {
     /// send, an error in its place: the request still ends exactly once.
     fn fit(&self, msg: HubToDevice) -> Message {
         let frame = encode(&msg);
-        let max = self.state.config.max_frame_bytes;
+        let max = self.peer_max;
         match msg {
             HubToDevice::CapabilityResponse { request_id, .. } if frame.len() > max => {
                 text(&HubToDevice::CapabilityResponse {
@@ -878,6 +943,8 @@ impl Asks {
 
 struct Accepted {
     config: DeviceConfig,
+    peer_max: usize,
+    instance: Option<u64>,
     owners: Vec<UserId>,
     version: u32,
     enrolled: bool,
@@ -912,8 +979,26 @@ async fn register_device(state: &HubState, reg: &Register) -> Result<Accepted, R
             "device location must be at most 128 characters",
         ));
     }
+    let peer_max = adi_protocol::limits::announced(reg.max_frame_bytes);
+    let instance = reg.instance.as_deref().map(instance_digest);
+    let id = state.device_ids.derive(&reg.secret);
+    // Checked before the catalog is touched, so a displaced agent cannot rename the
+    // device or change its services on its way back.
+    if let Some(conflict) = state.registry.displaced(&id, instance) {
+        return Err(Refusal::new(
+            ErrorCode::DuplicateAgent,
+            format!(
+                "this agent was displaced by another agent with the same device secret{}; \
+                 stop one of them, or give the copy its own identity",
+                conflict
+                    .by
+                    .map(|a| format!(" (connected from {a})"))
+                    .unwrap_or_default()
+            ),
+        ));
+    }
     let mut config = DeviceConfig {
-        id: state.device_ids.derive(&reg.secret),
+        id,
         name: name.to_owned(),
         services: reg.services.clone(),
         capabilities: reg.capabilities.clone(),
@@ -927,6 +1012,8 @@ async fn register_device(state: &HubState, reg: &Register) -> Result<Accepted, R
         update_if_changed(state, &DeviceConfig::from(known), &config).await?;
         return Ok(Accepted {
             config,
+            peer_max,
+            instance,
             owners,
             version,
             enrolled: false,
@@ -941,6 +1028,8 @@ async fn register_device(state: &HubState, reg: &Register) -> Result<Accepted, R
     match tokens::enrol(state.catalog.as_ref(), token, &config, unix_now_i64()).await {
         Ok(record) => Ok(Accepted {
             config,
+            peer_max,
+            instance,
             owners: record.owners.iter().map(|o| o.id).collect(),
             version,
             enrolled: true,
@@ -953,6 +1042,8 @@ async fn register_device(state: &HubState, reg: &Register) -> Result<Accepted, R
                 .unwrap_or_default();
             Ok(Accepted {
                 config,
+                peer_max,
+                instance,
                 owners,
                 version,
                 enrolled: false,
@@ -1005,23 +1096,19 @@ fn refusal_text(e: &TokenError) -> String {
     }
 }
 
+/// A short, fixed-size stand-in for the id an agent made for itself: it is compared,
+/// never shown, and an agent gains nothing by choosing it.
+fn instance_digest(instance: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    instance.hash(&mut h);
+    h.finish()
+}
+
 fn decode_refusal(e: &DecodeError) -> Refusal {
     match e {
         DecodeError::TooLarge { .. } => Refusal::new(ErrorCode::PayloadTooLarge, e.to_string()),
         DecodeError::Invalid(_) => Refusal::new(ErrorCode::BadRequest, e.to_string()),
-    }
-}
-
-fn classify_read_error(e: axum::Error, max: usize) -> End {
-    let text = e.to_string();
-    // tungstenite reports an over-limit message as a capacity error.
-    if text.contains("Space limit exceeded") || text.to_ascii_lowercase().contains("too long") {
-        End::Send(
-            close_code::SIZE,
-            format!("frame exceeds the limit of {max} bytes"),
-        )
-    } else {
-        End::Closed(format!("read failed: {text}"))
     }
 }
 
@@ -1055,13 +1142,17 @@ async fn refuse(socket: &mut WebSocket, refusal: Refusal) {
         ErrorCode::Internal => close_code::ERROR,
         _ => close_code::POLICY,
     };
-    let _ = socket.send(text(&frame)).await;
-    let _ = socket
-        .send(Message::Close(Some(CloseFrame {
-            code: close_code,
-            reason: refusal.code.as_str().into(),
-        })))
-        .await;
+    let _ = timeout(CLOSE_WAIT, socket.send(text(&frame))).await;
+    close(socket, close_code, refusal.code.as_str().into()).await;
+}
+
+/// Sends a close frame, waiting at most a moment for a peer that does not read.
+async fn close(socket: &mut WebSocket, code: u16, reason: String) {
+    let frame = Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    }));
+    let _ = timeout(CLOSE_WAIT, socket.send(frame)).await;
 }
 
 #[cfg(test)]

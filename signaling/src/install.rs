@@ -14,6 +14,17 @@ use tokio_util::io::ReaderStream;
 
 use crate::HubState;
 
+/// Says once, at start, where install.sh sends devices when no public URL is set: to
+/// whatever host each request names, which only fits a hub reached at one address.
+pub(crate) fn warn_without_public_url(state: &HubState) {
+    if state.config.public_url.is_none() {
+        tracing::warn!(
+            "no --public-url: install.sh tells each device to use the host its own request \
+             named; set --public-url to the URL devices reach this hub at"
+        );
+    }
+}
+
 pub(crate) fn routes() -> Router<Arc<HubState>> {
     Router::new()
         .route("/", get(|| async { Html(adi_web::INDEX_HTML) }))
@@ -51,8 +62,14 @@ fn state_addr(state: &HubState) -> String {
 }
 
 async fn install_script(State(state): State<Arc<HubState>>, headers: HeaderMap) -> Response {
+    let origin = if state.config.public_url.is_some() {
+        "the hub's --public-url"
+    } else {
+        "the address this script was fetched from; the hub has no --public-url"
+    };
     let script = INSTALL_SH
         .replace("@HUB@", &hub_url(&state, &headers))
+        .replace("@ORIGIN@", origin)
         .replace("@OS@", std::env::consts::OS)
         .replace("@ARCH@", std::env::consts::ARCH);
     (
@@ -111,6 +128,7 @@ const INSTALL_SH: &str = r#"#!/bin/sh
 set -eu
 HUB="@HUB@"
 TOKEN="${1:-}"
+echo "adi install: using hub $HUB (@ORIGIN@)"
 PREFIX="${ADI_PREFIX:-$HOME/.local}"
 BIN="$PREFIX/bin"
 

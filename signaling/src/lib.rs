@@ -15,6 +15,7 @@ pub mod auth;
 mod capability_routes;
 pub mod catalog;
 mod client_ws;
+mod close;
 pub mod config;
 mod connection;
 pub mod credential;
@@ -26,6 +27,7 @@ mod proxy;
 pub mod registry;
 pub mod routing;
 pub mod rpc;
+mod server;
 mod task_routes;
 pub mod tokens;
 
@@ -34,8 +36,6 @@ pub use task_routes::{AggregateTasks, CanRun};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::serve::ListenerExt;
-use axum::ServiceExt as _;
 use rand::RngCore;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -93,6 +93,8 @@ pub struct HubState {
     /// requests in flight finish (see [`HubConfig::shutdown_grace`]); only then does the
     /// registry's sweeper stop every cocoon connection.
     pub shutdown: CancellationToken,
+    /// The connections held, under the hub's caps.
+    pub(crate) admission: Arc<server::Admission>,
 }
 
 /// A running hub.
@@ -167,12 +169,15 @@ pub async fn spawn(config: HubConfig) -> Result<HubHandle, HubError> {
         addr: config.listen,
         source,
     })?;
+    let metrics = Arc::new(metrics::Metrics::new()?);
+    let admission = server::Admission::new(&config, metrics.connections_refused());
     let state = Arc::new(HubState {
         registry: Registry::new(config.heartbeat_interval),
         auth: Auth::new(&jwt_key, config.jwt_ttl),
         device_ids: DeviceIdKey::new(device_key),
-        metrics: Arc::new(metrics::Metrics::new()?),
+        metrics,
         shutdown: CancellationToken::new(),
+        admission: admission.clone(),
         catalog,
         config,
     });
@@ -184,35 +189,27 @@ pub async fn spawn(config: HubConfig) -> Result<HubHandle, HubError> {
         let drained = drained.clone();
         async move { state.registry.run_sweeper(&drained).await }
     });
+    install::warn_without_public_url(&state);
     let app = api::app(state.clone());
     let shutdown = state.shutdown.clone();
     let grace = state.config.shutdown_grace;
-    // Small frames (control messages, request heads, 1 KiB bodies) must leave at once:
-    // with Nagle's algorithm they wait for the peer's delayed ACK, up to 40 ms each.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("cannot set TCP_NODELAY: {e}");
-        }
-    });
-    let task = tokio::spawn(async move {
-        let serve = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-        let result = tokio::select! {
-            r = serve => r,
-            () = async {
-                shutdown.cancelled().await;
-                tracing::info!(?grace, "shutting down: no new connections; waiting for the requests in flight");
-                tokio::time::sleep(grace).await;
-            } => {
-                tracing::warn!(?grace, "requests still in flight after the grace period; closing them");
-                Ok(())
+    let task = tokio::spawn({
+        let state = state.clone();
+        async move {
+            let serve = server::serve(listener, app, &state.config, admission, shutdown.clone());
+            tokio::select! {
+                () = serve => {}
+                () = async {
+                    shutdown.cancelled().await;
+                    tracing::info!(?grace, "shutting down: no new connections; waiting for the requests in flight");
+                    tokio::time::sleep(grace).await;
+                } => {
+                    tracing::warn!(?grace, "requests still in flight after the grace period; closing them");
+                }
             }
-        };
-        drained.cancel();
-        result
+            drained.cancel();
+            Ok(())
+        }
     });
     tracing::info!(%addr, "hub listening");
     Ok(HubHandle { addr, state, task })

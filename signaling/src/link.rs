@@ -36,6 +36,9 @@ pub const MAX_DEVICE_REQUESTS: u32 = 256;
 pub enum Stop {
     /// A newer connection of the same device took its place.
     Replaced,
+    /// Another agent process with the same device secret connected (from this
+    /// address) and took the device's place; this agent must stop for good.
+    Displaced(Option<std::net::SocketAddr>),
     /// The device sent nothing for too long.
     Silent,
     /// The hub is shutting down.

@@ -36,6 +36,8 @@ pub struct Metrics {
     devices_connected: IntGauge,
     devices_online: IntGauge,
     devices_draining: IntGauge,
+    connections_open: IntGauge,
+    connections_refused: IntCounterVec,
 }
 
 impl Metrics {
@@ -78,6 +80,17 @@ impl Metrics {
             Opts::new("adi_hub_build_info", "The hub's version, as a label.")
                 .const_label("version", env!("CARGO_PKG_VERSION")),
         )?;
+        let connections_open = IntGauge::new(
+            "adi_hub_connections",
+            "TCP connections held, WebSockets included.",
+        )?;
+        let connections_refused = IntCounterVec::new(
+            Opts::new(
+                "adi_hub_connections_refused_total",
+                "Connections refused at a cap, by which: per_source or total.",
+            ),
+            &["cap"],
+        )?;
         build.set(1);
         for c in [
             Box::new(proxy) as Box<dyn prometheus::core::Collector>,
@@ -86,6 +99,8 @@ impl Metrics {
             Box::new(devices_connected.clone()),
             Box::new(devices_online.clone()),
             Box::new(devices_draining.clone()),
+            Box::new(connections_open.clone()),
+            Box::new(connections_refused.clone()),
             Box::new(build),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ] {
@@ -100,7 +115,17 @@ impl Metrics {
             devices_connected,
             devices_online,
             devices_draining,
+            connections_open,
+            connections_refused,
         })
+    }
+
+    /// The counters the accept loop bumps when it refuses a connection at a cap.
+    pub(crate) fn connections_refused(&self) -> crate::server::Refused {
+        crate::server::Refused {
+            per_source: self.connections_refused.with_label_values(&["per_source"]),
+            total: self.connections_refused.with_label_values(&["total"]),
+        }
     }
 
     /// Counts one response to a proxied request.
@@ -131,6 +156,8 @@ impl Metrics {
         self.devices_connected.set(gauge_value(devices.connected));
         self.devices_online.set(gauge_value(devices.online));
         self.devices_draining.set(gauge_value(devices.draining));
+        self.connections_open
+            .set(gauge_value(state.admission.open()));
         let mut out = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
         Ok(String::from_utf8_lossy(&out).into_owned())

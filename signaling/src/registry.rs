@@ -16,6 +16,7 @@
 
 use std::collections::HashSet;
 use std::hash::Hash;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -36,6 +37,10 @@ pub type ConnId = u64;
 
 /// Heartbeat intervals of silence after which the hub drops a connection.
 pub const SILENT_INTERVALS: u32 = 3;
+
+/// How long an agent displaced by a second agent with the same secret is refused if
+/// it comes back (an agent of an older build that does not stop by itself).
+const DISPLACED_REFUSED_FOR: Duration = Duration::from_secs(600);
 
 /// One connected device.
 #[derive(Debug)]
@@ -62,6 +67,34 @@ pub struct LiveDevice {
     /// The device said it is stopping: it finishes what it serves, but nothing new is
     /// routed or proxied to it.
     pub draining: bool,
+    /// Which agent process holds the connection, and from where.
+    pub agent: Agent,
+}
+
+/// The agent process behind a connection: its own random id (from its registration;
+/// `None` from agents that predate it) and the address it connected from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Agent {
+    /// A digest of the id the agent made for itself at start.
+    pub instance: Option<u64>,
+    /// Where its connection came from.
+    pub peer: Option<SocketAddr>,
+}
+
+/// Two live agents presented one device's secret: the newer connection took the
+/// device's place and the older agent was told to stop. Kept for its owners to see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conflict {
+    /// Unix seconds.
+    pub at: i64,
+    /// Where the displaced agent connected from.
+    pub displaced: Option<SocketAddr>,
+    /// Where the agent that holds the device now connected from.
+    pub by: Option<SocketAddr>,
+    /// The displaced agent's instance, refused if it comes back.
+    displaced_instance: u64,
+    /// Until when that instance is refused.
+    refused_until: Instant,
 }
 
 /// What the proxy needs of a connected device, read from RAM.
@@ -166,6 +199,8 @@ pub struct Registry {
     /// Devices by the protocols they offer, so routing looks only at devices that can
     /// serve. A superset at worst: every id found here is checked against `devices`.
     by_protocol: DashMap<String, Vec<DeviceId>>,
+    /// The last time two agents held one device's secret at once, by device.
+    conflicts: DashMap<DeviceId, Conflict>,
 }
 
 impl Registry {
@@ -180,6 +215,7 @@ impl Registry {
             capability_lists: Lists::new(),
             service_lists: Lists::new(),
             by_protocol: DashMap::new(),
+            conflicts: DashMap::new(),
         }
     }
 
@@ -206,7 +242,13 @@ impl Registry {
     }
 
     /// Records a newly registered connection, owned by `owners` and serving
-    /// `capabilities`; stops the one it replaces, if any.
+    /// `capabilities`; stops the one it replaces, if any. When that one is a different
+    /// agent process that was still heartbeating, two agents hold the device's secret
+    /// (a copied data dir): the older one is told it was displaced, which stops it for
+    /// good, and the conflict is kept for the owners to see. Otherwise (the same agent
+    /// back on a new connection, or an agent restarted while its old socket lingered)
+    /// the old connection is simply replaced.
+    #[allow(clippy::too_many_arguments)]
     pub fn insert(
         &self,
         id: DeviceId,
@@ -215,6 +257,7 @@ impl Registry {
         owners: &[UserId],
         capabilities: &[CapabilityOffer],
         services: &[ServiceInfo],
+        agent: Agent,
     ) {
         let live = LiveDevice {
             conn_id,
@@ -226,12 +269,49 @@ impl Registry {
             capabilities: self.capability_lists.get(capabilities),
             services: self.service_lists.get(services),
             draining: false,
+            agent,
         };
         self.index(&id, capabilities);
         if let Some(old) = self.devices.insert(id.clone(), live) {
-            old.handle.stop(Stop::Replaced);
+            let second_agent = match (old.agent.instance, agent.instance) {
+                (Some(a), Some(b)) => {
+                    a != b && old.last_heartbeat.elapsed() <= self.online_window()
+                }
+                _ => false,
+            };
+            match (second_agent, old.agent.instance) {
+                (true, Some(displaced_instance)) => {
+                    old.handle.stop(Stop::Displaced(agent.peer));
+                    self.conflicts.insert(
+                        id.clone(),
+                        Conflict {
+                            at: crate::auth::unix_now_i64(),
+                            displaced: old.agent.peer,
+                            by: agent.peer,
+                            displaced_instance,
+                            refused_until: Instant::now() + DISPLACED_REFUSED_FOR,
+                        },
+                    );
+                }
+                _ => old.handle.stop(Stop::Replaced),
+            }
             self.unindex_gone(&id, &old.capabilities);
         }
+    }
+
+    /// The conflict that displaced this agent, if `instance` is an agent this hub told
+    /// to stop not long ago: it is refused rather than let take the device back.
+    pub fn displaced(&self, id: &DeviceId, instance: Option<u64>) -> Option<Conflict> {
+        let instance = instance?;
+        let conflict = *self.conflicts.get(id)?;
+        (conflict.displaced_instance == instance && Instant::now() < conflict.refused_until)
+            .then_some(conflict)
+    }
+
+    /// The last time two agents held this device's secret at once, if ever (since the
+    /// hub started).
+    pub fn conflict(&self, id: &DeviceId) -> Option<Conflict> {
+        self.conflicts.get(id).map(|c| *c)
     }
 
     fn index(&self, id: &DeviceId, offers: &[CapabilityOffer]) {
@@ -569,8 +649,8 @@ mod tests {
         let h2 = handle(&reg);
         let c1 = reg.next_conn_id();
         let c2 = reg.next_conn_id();
-        reg.insert(id(1), c1, h1.clone(), &[], &[], &[]);
-        reg.insert(id(1), c2, h2.clone(), &[], &[], &[]);
+        reg.insert(id(1), c1, h1.clone(), &[], &[], &[], Agent::default());
+        reg.insert(id(1), c2, h2.clone(), &[], &[], &[], Agent::default());
         assert_eq!(h1.stopped(), Some(Stop::Replaced));
         assert_eq!(h2.stopped(), None);
         assert!(!reg.remove(&id(1), c1), "stale connection must not evict");
@@ -588,7 +668,7 @@ mod tests {
     async fn presence_follows_heartbeat_age() {
         let reg = Registry::new(Duration::from_secs(5));
         let c = reg.next_conn_id();
-        reg.insert(id(2), c, handle(&reg), &[], &[], &[]);
+        reg.insert(id(2), c, handle(&reg), &[], &[], &[], Agent::default());
         assert!(reg.presence(&id(2)).online);
         tokio::time::advance(Duration::from_secs(9)).await;
         assert!(
@@ -608,8 +688,24 @@ mod tests {
         let reg = Arc::new(Registry::new(Duration::from_secs(2)));
         let silent = handle(&reg);
         let talking = handle(&reg);
-        reg.insert(id(3), reg.next_conn_id(), silent.clone(), &[], &[], &[]);
-        reg.insert(id(4), reg.next_conn_id(), talking.clone(), &[], &[], &[]);
+        reg.insert(
+            id(3),
+            reg.next_conn_id(),
+            silent.clone(),
+            &[],
+            &[],
+            &[],
+            Agent::default(),
+        );
+        reg.insert(
+            id(4),
+            reg.next_conn_id(),
+            talking.clone(),
+            &[],
+            &[],
+            &[],
+            Agent::default(),
+        );
         let shutdown = CancellationToken::new();
         let sweeper = tokio::spawn({
             let reg = reg.clone();
@@ -651,7 +747,15 @@ mod tests {
 
     /// Connects device `n` on `conn`, offering `protocols`, with no owners or services.
     fn offering(reg: &Registry, n: u8, conn: ConnId, protocols: &[&str]) {
-        reg.insert(id(n), conn, handle(reg), &[], &offers(protocols), &[]);
+        reg.insert(
+            id(n),
+            conn,
+            handle(reg),
+            &[],
+            &offers(protocols),
+            &[],
+            Agent::default(),
+        );
     }
 
     fn found(reg: &Registry, protocol: &str) -> Vec<DeviceId> {
@@ -698,7 +802,15 @@ mod tests {
 
         // The device reconnects offering less; the old connection's late removal must
         // not take the new one out of the index.
-        reg.insert(id(1), c2, handle(&reg), &[], &offers(&["embeddings"]), &[]);
+        reg.insert(
+            id(1),
+            c2,
+            handle(&reg),
+            &[],
+            &offers(&["embeddings"]),
+            &[],
+            Agent::default(),
+        );
         assert!(found(&reg, "llm.chat").is_empty());
         assert!(!reg.remove(&id(1), c1));
         assert_eq!(found(&reg, "embeddings"), vec![id(1), id(2)]);
@@ -727,6 +839,7 @@ mod tests {
                 &[user(1)],
                 std::slice::from_ref(&tasks),
                 &[],
+                Agent::default(),
             );
         }
         assert!(

@@ -61,8 +61,9 @@ pub struct Answer {
 pub struct ProxyCall {
     /// The request head; the actor fills in the stream id.
     pub request: ProxyRequest,
-    /// Where the opened exchange goes.
-    pub reply: oneshot::Sender<ProxyOpened>,
+    /// Where the opened exchange goes, or why it could not open (its head does not
+    /// fit in a frame the device accepts, the device has too many open).
+    pub reply: oneshot::Sender<Result<ProxyOpened, RpcError>>,
 }
 
 /// A proxied exchange in flight: send the request body, await the head, read the body.
@@ -212,7 +213,7 @@ pub async fn open_proxy(
     handle
         .try_send(Command::Proxy(Box::new(ProxyCall { request, reply: tx })))
         .map_err(refused)?;
-    rx.await.map_err(|_| RpcError::Disconnected)
+    rx.await.map_err(|_| RpcError::Disconnected)?
 }
 
 /// A full queue means the device is not keeping up; a closed one that it is gone.

@@ -44,6 +44,13 @@ pub enum TokenError {
     /// Lifetime out of range.
     #[error("token lifetime must be between 1 second and {} days", MAX_TTL.as_secs() / 86400)]
     BadTtl,
+    /// A share token claimed by someone who already owns its device: it is not spent,
+    /// so it still works for whoever it was meant for.
+    #[error(
+        "you already own this device; the share token was not used and still works for \
+         whoever you give it to"
+    )]
+    AlreadyOwner,
     /// The catalog failed.
     #[error(transparent)]
     Catalog(#[from] CatalogError),
@@ -58,7 +65,9 @@ impl TokenError {
             TokenError::Expired => ErrorCode::TokenExpired,
             TokenError::Used => ErrorCode::TokenUsed,
             TokenError::WrongKind { .. } | TokenError::BadTtl => ErrorCode::BadRequest,
-            TokenError::Catalog(CatalogError::Conflict(_)) => ErrorCode::Conflict,
+            TokenError::Catalog(CatalogError::Conflict(_)) | TokenError::AlreadyOwner => {
+                ErrorCode::Conflict
+            }
             TokenError::Catalog(_) => ErrorCode::Internal,
         }
     }
@@ -163,6 +172,15 @@ pub async fn claim(
     now: i64,
 ) -> Result<DeviceId, TokenError> {
     let record = check(catalog, raw, TokenKind::Share, now).await?;
+    if let Some(device) = &record.device_id {
+        let owns = catalog
+            .device(device)
+            .await?
+            .is_some_and(|d| d.owners.iter().any(|o| o.id == user));
+        if owns {
+            return Err(TokenError::AlreadyOwner);
+        }
+    }
     catalog
         .claim_share(&record.id, now, user)
         .await

@@ -391,11 +391,30 @@ async fn run_agent(mut args: RunArgs) -> Result<()> {
     match result {
         Ok(()) => Ok(()),
         Err(CocoonError::Refused { code, message }) => {
-            bail!("the hub refused this device ({code}): {message}")
+            Err(FinalRefusal(format!("the hub refused this device ({code}): {message}")).into())
         }
         Err(e) => Err(e.into()),
     }
 }
+
+/// The hub refused this device for good (a bad token, a second agent with its secret):
+/// starting it again as it is cannot help, so `adi` exits with
+/// [`FinalRefusal::EXIT_STATUS`], which the systemd unit does not restart.
+#[derive(Debug)]
+pub struct FinalRefusal(String);
+
+impl FinalRefusal {
+    /// `EX_CONFIG` from sysexits.h: the configuration must change first.
+    pub const EXIT_STATUS: u8 = 78;
+}
+
+impl std::fmt::Display for FinalRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for FinalRefusal {}
 
 /// Resolves when the cocoon ends by itself (a final refusal).
 async fn wait_end(handle: &adi_cocoon::CocoonHandle) -> Result<()> {
@@ -543,6 +562,24 @@ async fn list(args: ListArgs) -> Result<()> {
         ],
         &rows,
     );
+    for c in list.cocoons.iter() {
+        if let Some(conflict) = &c.conflict {
+            println!(
+                "warning: {} ({}) was connected from two places at once: the agent from {} \
+                 was stopped when one from {} connected with the same device secret",
+                c.name,
+                c.id,
+                conflict
+                    .displaced_from
+                    .as_deref()
+                    .unwrap_or("an unknown address"),
+                conflict
+                    .connected_from
+                    .as_deref()
+                    .unwrap_or("an unknown address"),
+            );
+        }
+    }
     Ok(())
 }
 

@@ -410,6 +410,7 @@ fn unit_file(spec: &UnitSpec<'_>) -> Result<String> {
          ExecStart={exec}\n\
          Restart=on-failure\n\
          RestartSec=5s\n\
+         RestartPreventExitStatus={refused}\n\
          KillMode=mixed\n\
          TimeoutStopSec={stop}s\n\
          \n\
@@ -418,6 +419,7 @@ fn unit_file(spec: &UnitSpec<'_>) -> Result<String> {
         env_file = setting(env_file)?,
         exec = exec.join(" "),
         stop = spec.stop_timeout.as_secs(),
+        refused = crate::cmd::cocoon::FinalRefusal::EXIT_STATUS,
     ))
 }
 

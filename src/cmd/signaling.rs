@@ -15,7 +15,7 @@ use crate::paths;
 #[derive(Subcommand)]
 pub enum SignalingCmd {
     /// Run the hub until Ctrl-C or SIGTERM.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage users (run on the hub host, against its catalog).
     #[command(subcommand)]
     User(UserCmd),
@@ -89,6 +89,23 @@ pub struct ServeArgs {
     /// anywhere; without one, metrics are served on the hub's loopback only.
     #[arg(long, env = "ADI_METRICS_TOKEN", hide_env_values = true)]
     metrics_token: Option<String>,
+    /// How long a client has to send a whole request head, from when it connects or
+    /// its previous answer ends; a keep-alive connection idle this long is closed.
+    #[arg(long, env = "ADI_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    header_timeout: Duration,
+    /// How long a new WebSocket has to send its first frame (a device's registration,
+    /// a client's sign-in).
+    #[arg(long, env = "ADI_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    handshake_timeout: Duration,
+    /// Connections held at once, device and client WebSockets included (at most the
+    /// open-file limit allows). The last sixteenth take only health checks, sign-ins
+    /// and device reconnects.
+    #[arg(long, env = "ADI_MAX_CONNECTIONS", default_value_t = 16_384)]
+    max_connections: usize,
+    /// Connections one source address may hold at once; 0 for no cap (set it to 0 or
+    /// high behind a reverse proxy, which every client's connection comes from).
+    #[arg(long, env = "ADI_MAX_CONNECTIONS_PER_SOURCE", default_value_t = 512)]
+    max_connections_per_source: usize,
 }
 
 #[derive(Args)]
@@ -101,12 +118,13 @@ pub struct UserAddArgs {
 
 pub async fn run(cmd: SignalingCmd) -> Result<()> {
     match cmd {
-        SignalingCmd::Serve(args) => serve(args).await,
+        SignalingCmd::Serve(args) => serve(*args).await,
         SignalingCmd::User(UserCmd::Add(args)) => user_add(args).await,
     }
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
+    let max_connections = within_open_file_limit(args.max_connections);
     let config = HubConfig {
         listen: args.listen,
         data_dir: args.catalog.data_dir(),
@@ -120,6 +138,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
         capability_timeout: args.capability_timeout,
         shutdown_grace: args.shutdown_grace,
         metrics_token: args.metrics_token,
+        header_timeout: args.header_timeout,
+        handshake_timeout: args.handshake_timeout,
+        max_connections,
+        max_connections_per_source: args.max_connections_per_source.min(max_connections),
         ..HubConfig::default()
     };
     let hub = adi_signaling::spawn(config)
@@ -169,6 +191,30 @@ async fn user_add(args: UserAddArgs) -> Result<()> {
         Err(CatalogError::Conflict(_)) => anyhow::bail!("user {name:?} already exists"),
         Err(e) => Err(e).context("creating the user"),
     }
+}
+
+/// Descriptors the hub needs besides its connections (catalog, logs, the runtime).
+const SPARE_FILES: usize = 256;
+
+/// The connection cap, lowered to what the open-file limit lets the hub hold: past it,
+/// accepting fails anyway, and a cap the hub cannot reach would keep no reserve.
+fn within_open_file_limit(wanted: usize) -> usize {
+    let Ok((soft, _)) = rlimit::getrlimit(rlimit::Resource::NOFILE) else {
+        return wanted;
+    };
+    let room = usize::try_from(soft)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(SPARE_FILES);
+    if wanted > room {
+        tracing::warn!(
+            wanted,
+            open_file_limit = soft,
+            "--max-connections lowered to {room} to fit the open-file limit; raise the \
+             limit (ulimit -n, LimitNOFILE=) to hold more"
+        );
+        return room.max(64);
+    }
+    wanted
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -267,3 +267,96 @@ async fn the_config_file_supplies_hub_name_and_services_and_typos_are_refused() 
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_second_agent_on_a_data_dir_in_use_refuses_and_touches_nothing() -> Result<()> {
+    let hub = Hub::start().await?;
+    let alice = Api::login(&hub.url, &hub.add_user("alice")?).await?;
+    let dir = tempfile::tempdir()?;
+    let token = alice.setup_token(3600).await?;
+    let first = Cocoon::start_in(&hub.url, "laptop", Some(&token), dir.path(), &[])?;
+    let id = first.device_id().await?;
+    let files = |name: &str| std::fs::read(dir.path().join(name));
+    let (secret, local_api) = (files("device.secret")?, files("local-api.json")?);
+
+    let mut second = Cocoon::start_in(
+        &hub.url,
+        "laptop-2",
+        None,
+        dir.path(),
+        &["--local-api", "off"],
+    )?;
+    assert_ne!(second.proc.wait_exit(Duration::from_secs(10)).await?, 0);
+    let said = second.proc.output();
+    assert!(said.contains("is in use by another adi cocoon"), "{said}");
+    assert!(
+        said.contains(&format!("pid {}", first.proc.pid())),
+        "{said}"
+    );
+    // The running agent's files are as they were (`--local-api off` would have removed
+    // its local-api.json), and it is still the device, online, under its own name.
+    assert_eq!(files("device.secret")?, secret);
+    assert_eq!(files("local-api.json")?, local_api);
+    alice.wait_online(&id, true, Duration::from_secs(5)).await?;
+    let (_, view) = alice.cocoon(&id).await?;
+    assert_eq!(view["name"], "laptop");
+    Ok(())
+}
+
+#[tokio::test]
+async fn two_agents_with_one_secret_do_not_flap_the_older_one_stops_and_says_why() -> Result<()> {
+    let hub = Hub::start().await?;
+    let alice = Api::login(&hub.url, &hub.add_user("alice")?).await?;
+    let token = alice.setup_token(3600).await?;
+    let mut a = Cocoon::start(&hub.url, "box-a", Some(&token), &["--service", "web:8001"])?;
+    let id = a.device_id().await?;
+    // A copy of the data dir on another machine: the same secret, another agent.
+    let copy = tempfile::tempdir()?;
+    std::fs::write(copy.path().join("device.secret"), a.secret()?)?;
+    let b = Cocoon::start_in(
+        &hub.url,
+        "box-b",
+        None,
+        copy.path(),
+        &["--service", "web:8002"],
+    )?;
+    assert_eq!(b.device_id().await?, id);
+
+    // The displaced agent stops for good, says why, and is not restarted by its unit.
+    assert_eq!(a.proc.wait_exit(Duration::from_secs(20)).await?, 78);
+    let said = a.proc.output();
+    assert!(said.contains("duplicate_agent"), "{said}");
+    assert!(
+        said.contains("another agent with this device's secret"),
+        "{said}"
+    );
+
+    // The catalog holds the newer agent's name and services, and they stay so.
+    for _ in 0..3 {
+        tokio::time::sleep(crate::harness::HEARTBEAT).await;
+        let (_, view) = alice.cocoon(&id).await?;
+        assert_eq!(view["name"], "box-b", "{view}");
+        assert_eq!(view["services"][0]["port"], 8002, "{view}");
+        assert_eq!(view["online"], true, "{view}");
+    }
+    // The owner sees that the device was connected from two places.
+    let (_, view) = alice.cocoon(&id).await?;
+    let conflict = &view["conflict"];
+    assert!(conflict["at"].as_i64().is_some(), "{view}");
+    assert!(
+        conflict["displaced_from"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("127.0.0.1:")),
+        "{view}"
+    );
+    assert_ne!(
+        conflict["displaced_from"], conflict["connected_from"],
+        "{view}"
+    );
+    assert!(
+        !b.proc.output().contains("hub connection lost"),
+        "{}",
+        b.proc.output()
+    );
+    Ok(())
+}

@@ -6,6 +6,7 @@ mod access;
 mod auth;
 mod browser;
 mod capabilities;
+mod connections;
 mod enrolment;
 mod harness;
 mod install;

@@ -171,6 +171,21 @@ fn service(seen: Arc<Seen>) -> Router {
             }),
         )
         .route(
+            "/big-head/{kib}",
+            get(|Path(kib): Path<usize>| async move {
+                // KiB-sized headers, as many as asked for.
+                let mut response = "small body".into_response();
+                for i in 0..kib {
+                    let name = axum::http::HeaderName::try_from(format!("x-filler-{i}"))
+                        .expect("header name");
+                    let value =
+                        axum::http::HeaderValue::try_from("v".repeat(1000)).expect("header value");
+                    response.headers_mut().insert(name, value);
+                }
+                response
+            }),
+        )
+        .route(
             "/slow",
             get(|| async {
                 tokio::time::sleep(Duration::from_secs(30)).await;
@@ -1301,5 +1316,97 @@ async fn a_stopping_device_finishes_its_downloads_and_refuses_new_requests_at_on
     s.seen.release_gated.notify_one();
     assert_eq!(rest_of(download).await?, b"then the rest");
     assert_eq!(s.cocoon.proc.wait_exit(Duration::from_secs(15)).await?, 0);
+    Ok(())
+}
+
+/// `count` headers of about 1 KiB each.
+fn big_headers(count: usize) -> reqwest::header::HeaderMap {
+    let mut headers = reqwest::header::HeaderMap::new();
+    for i in 0..count {
+        headers.insert(
+            reqwest::header::HeaderName::try_from(format!("x-big-{i}")).expect("name"),
+            reqwest::header::HeaderValue::try_from("h".repeat(1000)).expect("value"),
+        );
+    }
+    headers
+}
+
+#[tokio::test]
+async fn a_head_too_large_for_the_link_fails_its_own_request_and_nothing_else() -> Result<()> {
+    let s = setup(&[]).await?;
+    // A download in flight on the same device, whose link must survive what follows.
+    let download = gated_download(&s).await?;
+
+    // 70 KiB of request headers: more than one frame to the device holds.
+    let too_big = s
+        .req(reqwest::Method::GET, &s.url("web", "/echo"))
+        .headers(big_headers(70))
+        .send()
+        .await?;
+    assert_eq!(too_big.status(), 431);
+    let body: Value = too_big.json().await?;
+    assert_eq!(body["error"]["code"], "headers_too_large", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("bytes")),
+        "{body}"
+    );
+    // Under the limit, every header reaches the service.
+    let fits = s
+        .req(reqwest::Method::GET, &s.url("web", "/echo"))
+        .headers(big_headers(40))
+        .send()
+        .await?;
+    assert_eq!(fits.status(), 200);
+    let seen: Value = fits.json().await?;
+    assert_eq!(seen["headers"]["x-big-39"], "h".repeat(1000));
+
+    // A service whose response head is over the limit: 502 naming why.
+    let big_answer = s
+        .req(reqwest::Method::GET, &s.url("web", "/big-head/70"))
+        .send()
+        .await?;
+    assert_eq!(big_answer.status(), 502);
+    let body: Value = big_answer.json().await?;
+    assert_eq!(body["error"]["code"], "upstream_error", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("response head")),
+        "{body}"
+    );
+    let fits = s
+        .req(reqwest::Method::GET, &s.url("web", "/big-head/40"))
+        .send()
+        .await?;
+    assert_eq!(fits.status(), 200);
+    assert_eq!(fits.headers()["x-filler-39"], "v".repeat(1000).as_str());
+
+    // Heads the hub's own HTTP server refuses before anything is sent on.
+    let many = s
+        .req(reqwest::Method::GET, &s.url("web", "/echo"))
+        .headers({
+            let mut h = reqwest::header::HeaderMap::new();
+            for i in 0..150 {
+                h.insert(
+                    reqwest::header::HeaderName::try_from(format!("x-n-{i}"))?,
+                    reqwest::header::HeaderValue::from_static("1"),
+                );
+            }
+            h
+        })
+        .send()
+        .await?;
+    assert_eq!(many.status(), 431);
+
+    // The download was never disturbed: the device's link stayed up throughout.
+    s.seen.release_gated.notify_one();
+    assert_eq!(rest_of(download).await?, b"then the rest");
+    assert!(
+        !s.cocoon.proc.output().contains("hub connection lost"),
+        "the device's link dropped:\n{}",
+        s.cocoon.proc.output()
+    );
     Ok(())
 }

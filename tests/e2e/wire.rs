@@ -480,3 +480,124 @@ async fn a_device_request_ends_exactly_once_by_its_deadline() -> Result<()> {
     held(&mut s2).await?;
     Ok(())
 }
+
+/// A text frame whose payload is not UTF-8, which no conforming client sends.
+fn invalid_utf8_text() -> Message {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    Message::Frame(Frame::message(
+        vec![b'{', 0xff, 0xfe, b'}'],
+        OpCode::Data(Data::Text),
+        true,
+    ))
+}
+
+fn huge_text() -> Message {
+    Message::text(format!(
+        r#"{{"type":"auth","pad":"{}"}}"#,
+        "x".repeat(300 * 1024)
+    ))
+}
+
+/// Sends `frame` and returns the close code the hub answers with.
+async fn close_code_after(mut ws: Ws, frame: Message) -> Result<u16> {
+    let _ = ws.send(frame).await;
+    loop {
+        let reply = next(&mut ws).await?;
+        if let Some(code) = reply.get("close") {
+            return code
+                .as_u64()
+                .and_then(|c| u16::try_from(c).ok())
+                .ok_or_else(|| anyhow!("a close without a code: {reply}"));
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_socket_closes_with_a_code_for_an_oversized_or_broken_frame() -> Result<()> {
+    let hub = Hub::start().await?;
+    let api = Api::login(&hub.url, &hub.add_user("alice")?).await?;
+    let size = u16::from(CloseCode::Size);
+    let invalid = u16::from(CloseCode::Invalid);
+    let client_url = format!("{}/ws/client", hub.url.replacen("http", "ws", 1));
+    let unsigned_client = || async {
+        Ok::<_, anyhow::Error>(
+            tokio_tungstenite::connect_async(client_url.clone())
+                .await?
+                .0,
+        )
+    };
+
+    // A device socket before it registers.
+    assert_eq!(
+        close_code_after(connect(&hub).await?, huge_text()).await?,
+        size
+    );
+    assert_eq!(
+        close_code_after(connect(&hub).await?, invalid_utf8_text()).await?,
+        invalid
+    );
+    // ...and after.
+    let (ws, _, _) = enrolled(&hub, &api).await?;
+    assert_eq!(close_code_after(ws, invalid_utf8_text()).await?, invalid);
+
+    // A client socket before it signs in, and after.
+    assert_eq!(
+        close_code_after(unsigned_client().await?, huge_text()).await?,
+        size
+    );
+    assert_eq!(
+        close_code_after(unsigned_client().await?, invalid_utf8_text()).await?,
+        invalid
+    );
+    assert_eq!(
+        close_code_after(client(&hub, &api.jwt).await?, huge_text()).await?,
+        size
+    );
+    assert_eq!(
+        close_code_after(client(&hub, &api.jwt).await?, invalid_utf8_text()).await?,
+        invalid
+    );
+    // A broken frame ends its own socket only: the device stays online.
+    let (mut device, _, id) = enrolled(&hub, &api).await?;
+    let _ = close_code_after(client(&hub, &api.jwt).await?, huge_text()).await?;
+    device
+        .send(Message::text(r#"{"type":"heartbeat","seq":1}"#))
+        .await?;
+    let (_, view) = api.cocoon(&id).await?;
+    assert_eq!(view["online"], true);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_client_socket_closes_when_its_session_ends() -> Result<()> {
+    let hub = Hub::start().await?;
+    let api = Api::login(&hub.url, &hub.add_user("alice")?).await?;
+    // A session the hub would have issued, ending two seconds from now.
+    let claims: Value = {
+        let mut parts = api.jwt.split('.');
+        let body = parts.nth(1).ok_or_else(|| anyhow!("not a JWT"))?;
+        use base64::Engine as _;
+        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(body)?)?
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let mut short = claims.clone();
+    short["exp"] = json!(now + 2);
+    let jwt = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &short,
+        &jsonwebtoken::EncodingKey::from_secret(&hub.jwt_key().await?),
+    )?;
+    let mut ws = client(&hub, &jwt).await?;
+    let reply = loop {
+        let reply = tokio::time::timeout(Duration::from_secs(15), next(&mut ws)).await??;
+        if reply.get("close").is_some() {
+            break reply;
+        }
+    };
+    assert_eq!(reply["close"], u16::from(CloseCode::Policy), "{reply}");
+    assert_eq!(reply["reason"], "session expired", "{reply}");
+    Ok(())
+}
