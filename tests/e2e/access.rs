@@ -245,3 +245,88 @@ async fn tokens_route_validates_its_input() -> Result<()> {
         .contains("setup token"));
     Ok(())
 }
+
+#[tokio::test]
+async fn an_owner_claiming_their_own_share_token_is_told_so_and_the_token_still_works() -> Result<()>
+{
+    let hub = Hub::start().await?;
+    let alice = Api::login(&hub.url, &hub.add_user("alice")?).await?;
+    let bob = Api::login(&hub.url, &hub.add_user("bob")?).await?;
+    let cocoon = Cocoon::start(&hub.url, "box", Some(&alice.setup_token(60).await?), &[])?;
+    let id = cocoon.device_id().await?;
+    let (status, share) = alice
+        .post(
+            "/api/tokens",
+            serde_json::json!({"kind": "share", "device_id": id}),
+        )
+        .await?;
+    assert_eq!(status, 201, "{share}");
+    let token = share["token"].clone();
+
+    let (status, answer) = alice
+        .post("/api/tokens/claim", serde_json::json!({"token": token}))
+        .await?;
+    assert_eq!(status, 409, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("already own") && m.contains("still works")),
+        "{answer}"
+    );
+    // Not spent: the teammate it was meant for claims it.
+    let (status, answer) = bob
+        .post("/api/tokens/claim", serde_json::json!({"token": token}))
+        .await?;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(ids(&bob.cocoons().await?), vec![id]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_session_whose_user_is_gone_is_refused_on_every_route() -> Result<()> {
+    let hub = Hub::start().await?;
+    let ghost = Api::login(&hub.url, &hub.add_user("ghost")?).await?;
+    // The user is removed from the catalog while their session is still unexpired.
+    {
+        use sqlx::Connection;
+        let url = format!("sqlite:{}", hub.data_dir.join("catalog.db").display());
+        let mut db = sqlx::SqliteConnection::connect(&url).await?;
+        let (id,): (String,) = sqlx::query_as("SELECT id FROM users WHERE name = 'ghost'")
+            .fetch_one(&mut db)
+            .await?;
+        sqlx::query("DELETE FROM api_keys WHERE user_id = ?")
+            .bind(&id)
+            .execute(&mut db)
+            .await?;
+        sqlx::query("DELETE FROM users WHERE id = ?")
+            .bind(&id)
+            .execute(&mut db)
+            .await?;
+    }
+    for (status, answer) in [
+        ghost.get("/api/cocoons").await?,
+        ghost.get("/api/aggregate/tasks").await?,
+        ghost
+            .post("/api/tokens", serde_json::json!({"kind": "setup"}))
+            .await?,
+        ghost
+            .post(
+                "/api/capabilities/embeddings/request",
+                serde_json::json!({"payload": {}}),
+            )
+            .await?,
+    ] {
+        assert_eq!(status, 401, "{answer}");
+        assert_eq!(answer["error"]["code"], "unauthorized", "{answer}");
+    }
+    let url = format!("{}/ws/client", hub.url.replacen("http", "ws", 1));
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
+    use futures_util::SinkExt;
+    ws.send(tokio_tungstenite::tungstenite::Message::text(
+        serde_json::json!({"type": "auth", "token": ghost.jwt}).to_string(),
+    ))
+    .await?;
+    let answer = crate::wire::next(&mut ws).await?;
+    assert_eq!(answer["code"], "unauthorized", "{answer}");
+    Ok(())
+}

@@ -23,6 +23,10 @@ async fn install_one_liner_installs_adi_and_enrols_the_device() -> Result<()> {
         .await?;
     assert!(script.starts_with("#!/bin/sh"));
     assert!(script.contains(&hub.url), "the script points at this hub");
+    assert!(
+        hub.proc.output().contains("no --public-url"),
+        "the hub warns that install.sh takes the hub's address from each request"
+    );
 
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
@@ -68,6 +72,11 @@ async fn install_one_liner_installs_adi_and_enrols_the_device() -> Result<()> {
     );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("adi cocoon run --hub"), "{text}");
+    assert!(
+        text.contains(&format!("adi install: using hub {}", hub.url))
+            && text.contains("no --public-url"),
+        "the script says which hub it uses and where that came from: {text}"
+    );
     Ok(())
 }
 
