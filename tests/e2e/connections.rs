@@ -184,6 +184,12 @@ async fn caps_per_source_and_in_total_keep_room_for_health_sign_in_and_devices()
         "only {} open slots were given",
         held.len()
     );
+    eprintln!(
+        "figure: with --max-connections 64 --max-connections-per-source 40, one source held 40 \
+         and was refused its 41st (429); {} WebSockets in all (plus the API client's own) \
+         filled the open slots, leaving the reserve of 4",
+        held.len()
+    );
     // Only the reserve is left: ordinary requests are turned away...
     let busy = request_from(
         [127, 0, 0, 4],

@@ -1362,6 +1362,24 @@ async fn a_head_too_large_for_the_link_fails_its_own_request_and_nothing_else() 
     let seen: Value = fits.json().await?;
     assert_eq!(seen["headers"]["x-big-39"], "h".repeat(1000));
 
+    // The largest header the hub carries to a device, found by halving.
+    let (mut fits, mut refused) = (1_000usize, 80_000usize);
+    while refused - fits > 64 {
+        let mid = (fits + refused) / 2;
+        let status = s
+            .req(reqwest::Method::GET, &s.url("web", "/echo"))
+            .header("x-one", "h".repeat(mid))
+            .send()
+            .await?
+            .status();
+        match status.as_u16() {
+            200 => fits = mid,
+            431 => refused = mid,
+            other => anyhow::bail!("a {mid}-byte header got {other}"),
+        }
+    }
+    eprintln!("figure: the largest single request header carried to a device is about {fits} bytes (431 from {refused})");
+
     // A service whose response head is over the limit: 502 naming why.
     let big_answer = s
         .req(reqwest::Method::GET, &s.url("web", "/big-head/70"))
