@@ -13,5 +13,6 @@ mod metrics;
 mod presence;
 mod proxy;
 mod service;
+mod storage;
 mod tasks;
 mod wire;
