@@ -41,6 +41,10 @@ pub enum ErrorCode {
     Conflict,
     /// The hub failed internally; the detail is in its log, never in the reply.
     Internal,
+    /// A store cannot read or write now (disk full, I/O error, a lock held too long,
+    /// read-only, database unreachable): nothing was stored, and the same request can
+    /// succeed once the cause is gone.
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -50,7 +54,7 @@ impl ErrorCode {
             ErrorCode::Unauthorized | ErrorCode::NotEnrolled => 401,
             ErrorCode::Forbidden => 403,
             ErrorCode::NotFound | ErrorCode::TokenUnknown => 404,
-            ErrorCode::NoCapableDevice => 503,
+            ErrorCode::NoCapableDevice | ErrorCode::Unavailable => 503,
             ErrorCode::DeviceOffline | ErrorCode::UpstreamError => 502,
             ErrorCode::Timeout => 504,
             ErrorCode::PayloadTooLarge => 413,
@@ -83,6 +87,7 @@ impl ErrorCode {
             ErrorCode::NotEnrolled => "not_enrolled",
             ErrorCode::Conflict => "conflict",
             ErrorCode::Internal => "internal",
+            ErrorCode::Unavailable => "unavailable",
         }
     }
 
@@ -91,7 +96,10 @@ impl ErrorCode {
     pub fn is_retryable(self) -> bool {
         matches!(
             self,
-            ErrorCode::Internal | ErrorCode::Timeout | ErrorCode::UpstreamError
+            ErrorCode::Internal
+                | ErrorCode::Timeout
+                | ErrorCode::UpstreamError
+                | ErrorCode::Unavailable
         )
     }
 }
@@ -113,9 +121,16 @@ mod tests {
             ErrorCode::NoCapableDevice,
             ErrorCode::TokenExpired,
             ErrorCode::PayloadTooLarge,
+            ErrorCode::Unavailable,
         ] {
             let json = serde_json::to_string(&code).expect("serializes");
             assert_eq!(json, format!("\"{}\"", code.as_str()));
         }
+    }
+
+    #[test]
+    fn an_unavailable_store_is_503_and_worth_retrying() {
+        assert_eq!(ErrorCode::Unavailable.http_status(), 503);
+        assert!(ErrorCode::Unavailable.is_retryable());
     }
 }

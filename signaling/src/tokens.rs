@@ -58,8 +58,7 @@ impl TokenError {
             TokenError::Expired => ErrorCode::TokenExpired,
             TokenError::Used => ErrorCode::TokenUsed,
             TokenError::WrongKind { .. } | TokenError::BadTtl => ErrorCode::BadRequest,
-            TokenError::Catalog(CatalogError::Conflict(_)) => ErrorCode::Conflict,
-            TokenError::Catalog(_) => ErrorCode::Internal,
+            TokenError::Catalog(e) => e.code(),
         }
     }
 }

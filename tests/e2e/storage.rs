@@ -339,16 +339,20 @@ async fn secrets_and_user_data_are_owner_only_whatever_the_umask() -> Result<()>
 // The hub key file
 // ---------------------------------------------------------------------------------------
 
-/// The names of the hub secrets the SQLite catalog at `data_dir` holds.
+/// The hub secrets the SQLite catalog at `data_dir` holds, as `name=bytes`.
 async fn catalog_secrets(data_dir: &Path) -> Result<Vec<String>> {
     use sqlx::Connection;
     let url = format!("sqlite:{}?mode=ro", data_dir.join("catalog.db").display());
     let mut conn = sqlx::SqliteConnection::connect(&url).await?;
-    let names: Vec<(String,)> = sqlx::query_as("SELECT name FROM hub_secrets ORDER BY name")
-        .fetch_all(&mut conn)
-        .await?;
+    let names: Vec<(String, Vec<u8>)> =
+        sqlx::query_as("SELECT name, value FROM hub_secrets ORDER BY name")
+            .fetch_all(&mut conn)
+            .await?;
     conn.close().await?;
-    Ok(names.into_iter().map(|(n,)| n).collect())
+    Ok(names
+        .into_iter()
+        .map(|(n, v)| format!("{n}={v:?}"))
+        .collect())
 }
 
 #[tokio::test]
@@ -368,7 +372,10 @@ async fn the_key_file_takes_the_keys_out_of_the_catalog_and_keeps_device_ids() -
     )?;
     let id = device_id(&device).await?;
     let before = catalog_secrets(&hub_dir).await?;
-    ensure!(before.contains(&"jwt_key".to_owned()), "{before:?}");
+    ensure!(
+        before.iter().any(|s| s.starts_with("jwt_key=")),
+        "{before:?}"
+    );
     let listen = hub.listen();
     hub.proc.terminate().await?;
 
@@ -382,7 +389,9 @@ async fn the_key_file_takes_the_keys_out_of_the_catalog_and_keeps_device_ids() -
     );
     let after = catalog_secrets(&hub_dir).await?;
     ensure!(
-        !after.iter().any(|n| n == "jwt_key" || n == "device_id_key"),
+        !after
+            .iter()
+            .any(|s| s.starts_with("jwt_key=") || s.starts_with("device_id_key=")),
         "the catalog still holds keys: {after:?}"
     );
     // Same JWT key: the session from before is still good. Same device-id key: the
@@ -433,12 +442,12 @@ async fn a_key_file_that_does_not_match_the_catalog_is_refused() -> Result<()> {
 
     let mut hub = Served::on(&hub_dir, &[]).await?;
     hub.proc.terminate().await?;
-    let before = std::fs::read(hub_dir.join("catalog.db"))?;
+    let before = catalog_secrets(&hub_dir).await?;
     let args = hub_args(&hub_dir, "127.0.0.1:0", &["--key-file", path_str(&foreign)]);
     refused(&args, &foreign, "differ").await?;
     ensure!(
-        std::fs::read(hub_dir.join("catalog.db"))? == before,
-        "the refused start changed the catalog"
+        catalog_secrets(&hub_dir).await? == before,
+        "the refused start changed the catalog's keys"
     );
 
     // Once the keys moved to a file, the catalog will not start without it (it would
@@ -562,10 +571,14 @@ impl Tmpfs {
         self.path().join("filler")
     }
 
-    /// Writes a file until the filesystem is full.
+    /// Writes to a file until the filesystem is full; again after a store freed some of
+    /// it (SQLite may drop its write-ahead log when a write fails).
     fn fill(&self) -> Result<()> {
         use std::io::Write;
-        let mut f = std::fs::File::create(self.filler())?;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.filler())?;
         let chunk = vec![0x5a; 64 * 1024];
         loop {
             match f.write(&chunk) {
@@ -656,11 +669,46 @@ async fn enrolment_on_a_full_disk_is_refused_retryably_and_succeeds_once_space_i
     let hub_dir = fs.path().join("hub");
     let hub = Served::on(&hub_dir, &[]).await?;
     let api = Api::login(&hub.url, &add_user(adi(&[]), &hub_dir, "alice", &[])?).await?;
-    let token = api.setup_token(600).await?;
+    let mut tokens = Vec::new();
+    for _ in 0..8 {
+        tokens.push(api.setup_token(600).await?);
+    }
+    let mut tokens = tokens.into_iter();
 
+    // The first write after the disk filled up is the device's enrolment: refused as
+    // retryable, so the device keeps trying. (A refused write can leave room that the
+    // next one reuses; a retry may then be stored, and acknowledged, while the disk is
+    // still full.)
     fs.fill()?;
-    let (mut ws, reply) = register(&hub.ws(), &secret(), Some(&token)).await?;
-    ensure!(reply["type"] == "error", "{reply}");
+    let token = tokens.next().context("a token")?;
+    let root = tempfile::tempdir()?;
+    let mut device = cocoon(adi(&[]), &hub.url, root.path(), Some(&token))?;
+    device
+        .wait_line("hub refused (unavailable)", WAIT)
+        .await
+        .context("the device was not refused as retryable")?;
+    fs.free()?;
+    let id = device_id(&device).await?;
+    api.wait_online(&id, true, WAIT).await?;
+    device.kill();
+    let (_ws, reply) = register(&hub.ws(), &secret(), Some(&token)).await?;
+    ensure!(reply["code"] == "token_used", "enrolled once: {reply}");
+
+    // On the wire: the refusal names the outage, and the close says "try again later".
+    fs.fill()?;
+    let mut acknowledged = 1;
+    let mut refusal = None;
+    for token in tokens {
+        fs.fill()?;
+        let (mut ws, reply) = register(&hub.ws(), &secret(), Some(&token)).await?;
+        if reply["type"] == "registered" {
+            acknowledged += 1;
+            continue;
+        }
+        refusal = Some((reply, next(&mut ws).await?));
+        break;
+    }
+    let (reply, close) = refusal.context("no enrolment was refused on a full disk")?;
     ensure!(reply["code"] == "unavailable", "{reply}");
     ensure!(
         reply["message"]
@@ -668,28 +716,14 @@ async fn enrolment_on_a_full_disk_is_refused_retryably_and_succeeds_once_space_i
             .is_some_and(|m| m.contains("disk full")),
         "{reply}"
     );
-    let close = next(&mut ws).await?;
     ensure!(
         close["close"] == 1013,
         "a full disk is 'try again later': {close}"
     );
 
-    // A real device keeps trying.
-    let root = tempfile::tempdir()?;
-    let mut device = cocoon(adi(&[]), &hub.url, root.path(), Some(&token))?;
-    device
-        .wait_line("hub refused (unavailable)", WAIT)
-        .await
-        .context("the device was not refused as retryable")?;
-    ensure!(api.cocoons().await?.is_empty());
-
     fs.free()?;
-    let id = device_id(&device).await?;
-    api.wait_online(&id, true, WAIT).await?;
-    // Enrolled once: the token is spent.
-    let (_ws, reply) = register(&hub.ws(), &secret(), Some(&token)).await?;
-    ensure!(reply["code"] == "token_used", "{reply}");
-    device.kill();
+    // Every enrolment acknowledged was stored.
+    ensure!(api.cocoons().await?.len() == acknowledged);
     Ok(())
 }
 
@@ -860,10 +894,10 @@ async fn a_damaged_catalog_is_refused_naming_the_file_and_the_first_error() -> R
     std::fs::write(&catalog, &bytes)?;
 
     let args = hub_args(&hub_dir, "127.0.0.1:0", &[]);
-    let output = refused(&args, &catalog, "integrity check").await?;
+    let output = refused(&args, &catalog, "integrity check: ").await?;
     ensure!(
-        output.contains("page"),
-        "the first error is named:\n{output}"
+        output.contains("users"),
+        "the first error names what is broken:\n{output}"
     );
     ensure!(
         std::fs::read(&catalog)? == bytes,
