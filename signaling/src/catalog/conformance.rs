@@ -1032,14 +1032,35 @@ async fn sqlite_refuses_a_damaged_catalog_naming_the_first_error() {
 }
 
 #[tokio::test]
-async fn sqlite_creation_replaces_a_half_made_catalog_of_a_crashed_start() {
+async fn sqlite_refuses_a_log_without_its_database() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let path = dir.path().join("catalog.db");
-    std::fs::write(dir.path().join("catalog.db.new"), b"half made").expect("write");
-    let catalog = SqliteCatalog::open(&path).await.expect("created");
-    catalog.ping().await.expect("ping");
-    assert!(!dir.path().join("catalog.db.new").exists());
-    catalog.close().await;
+    std::fs::write(dir.path().join("catalog.db-wal"), b"frames").expect("write");
+    let err = SqliteCatalog::open(&path).await.expect_err("refused");
+    assert!(matches!(err, CatalogError::NotACatalog { .. }), "{err}");
+    assert!(!path.exists(), "no new catalog was made");
+}
+
+#[tokio::test]
+async fn sqlite_creation_leaves_nothing_half_made_and_racers_share_one_file() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("catalog.db");
+    let (a, b) = tokio::join!(SqliteCatalog::open(&path), SqliteCatalog::open(&path));
+    let (a, b) = (a.expect("first"), b.expect("second"));
+    let alice = a.create_user("alice").await.expect("user");
+    assert_eq!(
+        b.user_by_name("alice").await.expect("lookup"),
+        Some(alice),
+        "one file"
+    );
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("list")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["catalog.db", "catalog.db-shm", "catalog.db-wal"]);
+    a.close().await;
+    b.close().await;
 }
 
 #[tokio::test]

@@ -8,7 +8,7 @@
 //! token serialise on the write lock instead of failing on a stale snapshot.
 //!
 //! Only a missing file makes a new catalog, and it appears whole: it is built beside
-//! its final name and renamed into place. An empty file, a file that is not SQLite, an
+//! its final name and linked into place. An empty file, a file that is not SQLite, an
 //! SQLite database that is not an adi catalog and one that fails `PRAGMA quick_check`
 //! are refused, never replaced: a new catalog would hold new keys, and every device would
 //! get a new id. The file is created 0600 before SQLite opens it, because SQLite gives
@@ -181,7 +181,16 @@ fn inspect(path: &Path) -> Result<bool> {
     };
     let mut file = match std::fs::File::open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // SQLite would replay a log left without its database into a new one.
+            let wal = sidecar(path, "-wal");
+            if std::fs::metadata(&wal).is_ok_and(|m| m.len() > 0) {
+                return Err(refuse(
+                    "the database file is missing, but its write-ahead log (-wal) is there",
+                ));
+            }
+            return Ok(false);
+        }
         Err(source) => {
             return Err(CatalogError::File {
                 path: path.to_owned(),
@@ -206,31 +215,42 @@ fn inspect(path: &Path) -> Result<bool> {
     Ok(true)
 }
 
-/// Builds a new catalog beside `path` and renames it into place, so a crash never
-/// leaves a half-made catalog (which the next start would refuse) behind.
+/// Builds a new catalog beside `path` and links it into place, so a crash never leaves a
+/// half-made catalog (which the next start would refuse) behind, and of two processes
+/// creating one at once, one wins and both use its file.
 async fn create(path: &Path) -> Result<()> {
-    let new = sidecar(path, ".new");
+    let new = sidecar(path, &format!(".{}.new", uuid::Uuid::new_v4().simple()));
     let file_error = |source| CatalogError::File {
         path: new.clone(),
         source,
     };
-    // A leftover of a start that crashed while creating.
-    for stale in [new.clone(), sidecar(&new, "-journal")] {
-        match std::fs::remove_file(&stale) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(CatalogError::File {
-                    path: stale,
-                    source,
-                })
+    owner_only::create_new_file(&new).map_err(file_error)?;
+    let built = build(&new).await;
+    let linked = built.and_then(|()| match std::fs::hard_link(&new, path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(source) => Err(CatalogError::File {
+            path: path.to_owned(),
+            source,
+        }),
+    });
+    let _ = std::fs::remove_file(&new);
+    if linked? {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            if let Ok(dir) = std::fs::File::open(parent) {
+                let _ = dir.sync_all();
             }
         }
+        tracing::info!(path = %path.display(), "created a new catalog");
     }
-    owner_only::create_new_file(&new).map_err(file_error)?;
-    // A rollback journal, not WAL, so that one file holds everything at the rename.
+    Ok(())
+}
+
+/// Makes the empty file at `path` a catalog, with a rollback journal rather than WAL, so
+/// that one file holds all of it.
+async fn build(path: &Path) -> Result<()> {
     let options = SqliteConnectOptions::new()
-        .filename(&new)
+        .filename(path)
         .journal_mode(SqliteJournalMode::Delete)
         .synchronous(SqliteSynchronous::Full)
         .foreign_keys(true);
@@ -240,15 +260,7 @@ async fn create(path: &Path) -> Result<()> {
         .await?;
     let migrated = MIGRATOR.run(&pool).await;
     pool.close().await;
-    migrated?;
-    std::fs::rename(&new, path).map_err(file_error)?;
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        if let Ok(dir) = std::fs::File::open(parent) {
-            let _ = dir.sync_all();
-        }
-    }
-    tracing::info!(path = %path.display(), "created a new catalog");
-    Ok(())
+    Ok(migrated?)
 }
 
 /// Refuses a damaged file, and an SQLite database that is not an adi catalog.
