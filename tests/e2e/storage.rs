@@ -399,9 +399,12 @@ async fn the_key_file_takes_the_keys_out_of_the_catalog_and_keeps_device_ids() -
     api.wait_online(&id, true, WAIT).await?;
     ensure!(api.cocoons().await?.len() == 1);
 
-    // And again from the file alone.
+    // And again from the file alone, made owner-only again if it was opened up.
     hub.proc.terminate().await?;
+    loosen(std::slice::from_ref(&key_file))?;
     let hub = Served::start(adi(&args.iter().map(String::as_str).collect::<Vec<_>>())).await?;
+    ensure!(mode(&key_file)? == 0o600);
+    assert_warned_once(&hub.proc.output(), std::slice::from_ref(&key_file))?;
     api.wait_online(&id, true, WAIT).await?;
     let (status, body) = api.get(&format!("/api/cocoons/{id}")).await?;
     ensure!(status == 200, "{status} {body}");
