@@ -8,6 +8,8 @@ use clap::Args;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use adi_signaling::owner_only;
+
 use crate::paths;
 
 /// Flags every client command takes.
@@ -35,25 +37,14 @@ pub fn session_path() -> PathBuf {
     paths::config_dir().join("session.json")
 }
 
-/// Stores the session with mode 0600: it is a bearer credential.
+/// Stores the session owner-only (0600, in a 0700 dir): it is a bearer credential.
 pub fn save_session(session: &Session) -> Result<PathBuf> {
     let path = session_path();
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        owner_only::dir(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let tmp = path.with_extension("json.tmp");
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let file = opts
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    serde_json::to_writer_pretty(file, session)?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    owner_only::write(&path, &serde_json::to_vec_pretty(session)?)
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
 }
 
@@ -61,8 +52,13 @@ fn load_session() -> Result<Option<Session>> {
     load_session_at(&session_path())
 }
 
-/// The session stored at `path`, if there is one.
+/// The session stored at `path`, if there is one; a session (or its dir) others could
+/// read is made owner-only first.
 pub fn load_session_at(path: &std::path::Path) -> Result<Option<Session>> {
+    if let Some(dir) = path.parent().filter(|d| d.exists()) {
+        owner_only::tighten(dir).with_context(|| format!("restricting {}", dir.display()))?;
+    }
+    owner_only::tighten(path).with_context(|| format!("restricting {}", path.display()))?;
     match std::fs::read(path) {
         Ok(bytes) => Ok(Some(
             serde_json::from_slice(&bytes)

@@ -1,12 +1,12 @@
-//! The device's long-lived secret, kept in `device.secret` in the data dir with mode
-//! 0600. Generated on first run; the hub derives the device id from it, so losing the
-//! file means becoming a new device.
+//! The device's long-lived secret, kept in `device.secret` in the data dir, both
+//! owner-only (0600 and 0700). Generated on first run; the hub derives the device id
+//! from it, so losing the file means becoming a new device.
 
-use std::fs::{self, OpenOptions};
-use std::io::Write;
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use adi_protocol::{DeviceSecret, SecretError};
+use adi_task_store::owner_only;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use rand::RngCore;
@@ -36,16 +36,18 @@ pub enum IdentityError {
 }
 
 /// Loads the device secret from `data_dir`, creating it (and the dir) on first run.
+/// The data dir is made owner-only here, the first thing a cocoon does with it: it holds
+/// this secret, the local API's token and the task store.
 pub fn load_or_create(data_dir: &Path) -> Result<DeviceSecret, IdentityError> {
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| IdentityError::Io { path, source }
     };
-    fs::create_dir_all(data_dir).map_err(io(data_dir))?;
+    owner_only::dir(data_dir).map_err(io(data_dir))?;
     let path = data_dir.join(SECRET_FILE);
+    owner_only::tighten(&path).map_err(io(&path))?;
     match fs::read_to_string(&path) {
         Ok(s) => {
-            tighten_permissions(&path).map_err(io(&path))?;
             DeviceSecret::new(s.trim()).map_err(|source| IdentityError::Invalid { path, source })
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => create(&path),
@@ -57,38 +59,22 @@ fn create(path: &Path) -> Result<DeviceSecret, IdentityError> {
     let mut bytes = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut bytes);
     let secret = URL_SAFE_NO_PAD.encode(bytes);
-    let mut opts = OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
     let io = |source| IdentityError::Io {
         path: path.to_owned(),
         source,
     };
-    let mut file = opts.open(path).map_err(io)?;
-    file.write_all(secret.as_bytes()).map_err(io)?;
-    file.sync_all().map_err(io)?;
+    // Two cocoons started on one data dir at once must not end up with two identities.
+    if !owner_only::write_new(path, secret.as_bytes()).map_err(io)? {
+        let stored = fs::read_to_string(path).map_err(io)?;
+        return DeviceSecret::new(stored.trim()).map_err(|source| IdentityError::Invalid {
+            path: path.to_owned(),
+            source,
+        });
+    }
     DeviceSecret::new(secret).map_err(|source| IdentityError::Invalid {
         path: path.to_owned(),
         source,
     })
-}
-
-/// A secret readable by others is a leaked secret waiting to happen: fix it and say so.
-fn tighten_permissions(path: &Path) -> std::io::Result<()> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = fs::metadata(path)?.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "device secret was readable by others; setting mode 0600");
-            fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -109,6 +95,8 @@ mod tests {
                 .permissions()
                 .mode();
             assert_eq!(mode & 0o777, 0o600);
+            let dir_mode = fs::metadata(&data).expect("meta").permissions().mode();
+            assert_eq!(dir_mode & 0o777, 0o700);
         }
         let second = load_or_create(&data).expect("loaded");
         assert_eq!(first, second);

@@ -166,23 +166,13 @@ pub fn read_info(data_dir: &Path) -> std::io::Result<LocalApiInfo> {
     serde_json::from_slice(&bytes).map_err(std::io::Error::other)
 }
 
+/// Writes the info file owner-only, in one step: it holds the API's bearer token.
 fn write_private(path: &Path, info: &LocalApiInfo) -> std::io::Result<()> {
-    use std::io::Write;
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        adi_task_store::owner_only::create_missing_dirs(dir)?;
     }
-    let tmp = path.with_extension("json.tmp");
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut file = opts.open(&tmp)?;
-    file.write_all(&serde_json::to_vec_pretty(info).map_err(std::io::Error::other)?)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)
+    let bytes = serde_json::to_vec_pretty(info).map_err(std::io::Error::other)?;
+    adi_task_store::owner_only::write(path, &bytes)
 }
 
 struct ApiError(RemoteError);

@@ -270,6 +270,13 @@ fn store_error(e: StoreError) -> RemoteError {
             code: ErrorCode::Conflict,
             message: format!("the task is already {from}"),
         },
+        StoreError::Unavailable { outage, detail } => {
+            warn!("task store unavailable: {outage}: {detail:#}");
+            RemoteError {
+                code: ErrorCode::Unavailable,
+                message: format!("the device's task store is unavailable: {outage}"),
+            }
+        }
         other => {
             warn!("task store failed: {other:#}");
             RemoteError {

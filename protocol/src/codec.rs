@@ -255,7 +255,8 @@ mod tests {
                     Just(ErrorCode::BadRequest),
                     Just(ErrorCode::TokenUsed),
                     Just(ErrorCode::NotEnrolled),
-                    Just(ErrorCode::Internal)
+                    Just(ErrorCode::Internal),
+                    Just(ErrorCode::Unavailable)
                 ],
                 "\\PC{0,60}"
             )

@@ -44,8 +44,10 @@ pub enum ErrorCode {
     HeadersTooLarge,
     /// The caller holds more connections than one source may.
     TooManyRequests,
-    /// The hub cannot serve this now (its catalog cannot write, it is at its
-    /// connection limit); retrying later can succeed.
+    /// The hub cannot serve this now: a store cannot read or write (disk full, I/O
+    /// error, a lock held too long, read-only, database unreachable) and nothing was
+    /// stored, or the hub is at its connection limit. The same request can succeed
+    /// once the cause is gone.
     Unavailable,
     /// Another agent with this device's secret connected (a copied data dir): the
     /// older connection is displaced and its agent stops.

@@ -150,13 +150,17 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A catalog failure as the caller sees it: a conflict by name, an outage by its reason
+/// (503: nothing was stored, retry later), anything else as a bare internal error.
 impl From<CatalogError> for ApiError {
     fn from(e: CatalogError) -> Self {
-        match e {
-            CatalogError::Conflict(what) => {
-                ApiError::new(ErrorCode::Conflict, format!("{what} already exists"))
+        match e.code() {
+            ErrorCode::Internal => ApiError::internal(&e),
+            ErrorCode::Unavailable => {
+                warn!("request refused: {e:#}");
+                ApiError::new(ErrorCode::Unavailable, e.public_message())
             }
-            other => ApiError::internal(&other),
+            code => ApiError::new(code, e.public_message()),
         }
     }
 }
@@ -292,12 +296,15 @@ pub(crate) fn proxy_caller(
     })
 }
 
+/// Ready only while the catalog can be read and written (a committed write, at most
+/// one a second however often this is asked); `/healthz` only says the hub is alive.
 async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
+    let catalog = state.catalog.clone();
     state
-        .catalog
-        .ping()
+        .readiness
+        .check(move || async move { catalog.probe_write(unix_now_i64()).await })
         .await
-        .map_err(|e| ApiError::internal(&e))?;
+        .map_err(|u| ApiError::new(u.code, u.message))?;
     Ok("ready")
 }
 

@@ -15,6 +15,10 @@ pub struct HubConfig {
     pub data_dir: PathBuf,
     /// `postgres://...` (or `sqlite:PATH`) to use instead of the embedded catalog.
     pub database_url: Option<String>,
+    /// File (0600) that holds the hub's signing and device-id keys instead of the
+    /// catalog, so a shared catalog's readers do not hold them; created when missing,
+    /// taking the catalog's keys if it has some. Hubs sharing a catalog share this file.
+    pub key_file: Option<PathBuf>,
     /// How often cocoons heartbeat; told to each cocoon at registration.
     pub heartbeat_interval: Duration,
     /// Largest control frame accepted from a cocoon.
@@ -72,6 +76,7 @@ impl Default for HubConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("adi-hub-data"),
             database_url: None,
+            key_file: None,
             heartbeat_interval: Duration::from_secs(5),
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             jwt_ttl: Duration::from_secs(3600),

@@ -736,7 +736,7 @@ impl Connection {
                     "storing device {what} failed: {e:#}"
                 );
                 Some(HubToDevice::Error {
-                    code: ErrorCode::Internal,
+                    code: e.code(),
                     message: format!("the hub could not store the {what}"),
                 })
             }
@@ -1063,10 +1063,7 @@ async fn existing(state: &HubState, id: &DeviceId) -> Result<Option<DeviceRecord
         Ok(found) => Ok(found),
         Err(e) => {
             warn!("catalog lookup failed: {e:#}");
-            Err(Refusal::new(
-                ErrorCode::Internal,
-                "the hub's catalog is unavailable; retry later",
-            ))
+            Err(catalog_refusal(&e))
         }
     }
 }
@@ -1082,16 +1079,13 @@ async fn update_if_changed(
     }
     state.catalog.update_device(reported).await.map_err(|e| {
         warn!("storing device configuration failed: {e:#}");
-        Refusal::new(
-            ErrorCode::Internal,
-            "the hub's catalog is unavailable; retry later",
-        )
+        catalog_refusal(&e)
     })
 }
 
 fn refusal_text(e: &TokenError) -> String {
     match e {
-        TokenError::Catalog(_) => "the hub's catalog is unavailable; retry later".into(),
+        TokenError::Catalog(inner) => catalog_refusal(inner).message,
         other => format!("setup token refused: {other}"),
     }
 }
@@ -1103,6 +1097,12 @@ fn instance_digest(instance: &str) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     instance.hash(&mut h);
     h.finish()
+}
+
+/// A registration the catalog could not serve: retryable, and with the outage named
+/// when it is one (a full disk, say), so the device's log says why it waits.
+fn catalog_refusal(e: &CatalogError) -> Refusal {
+    Refusal::new(e.code(), format!("{}; retry later", e.public_message()))
 }
 
 fn decode_refusal(e: &DecodeError) -> Refusal {
@@ -1140,6 +1140,7 @@ async fn refuse(socket: &mut WebSocket, refusal: Refusal) {
     let close_code = match refusal.code {
         ErrorCode::PayloadTooLarge => close_code::SIZE,
         ErrorCode::Internal => close_code::ERROR,
+        ErrorCode::Unavailable => close_code::AGAIN,
         _ => close_code::POLICY,
     };
     let _ = timeout(CLOSE_WAIT, socket.send(text(&frame))).await;

@@ -21,9 +21,12 @@ mod connection;
 pub mod credential;
 pub mod identity;
 mod install;
+pub mod keys;
 pub mod link;
 pub mod metrics;
+pub mod owner_only;
 mod proxy;
+pub mod readiness;
 pub mod registry;
 pub mod routing;
 pub mod rpc;
@@ -36,7 +39,6 @@ pub use task_routes::{AggregateTasks, CanRun};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use rand::RngCore;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -46,12 +48,8 @@ pub use config::{ConfigError, HubConfig};
 use crate::auth::Auth;
 use crate::catalog::{Catalog, CatalogError};
 use crate::identity::DeviceIdKey;
+use crate::keys::KeyError;
 use crate::registry::Registry;
-
-/// Catalog name of the key device ids are derived under.
-const DEVICE_ID_KEY: &str = "device_id_key";
-/// Catalog name of the key JWTs are signed with.
-const JWT_KEY: &str = "jwt_key";
 
 /// Why a hub could not start.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +60,9 @@ pub enum HubError {
     /// The catalog could not be opened.
     #[error(transparent)]
     Catalog(#[from] CatalogError),
+    /// The hub's keys could not be loaded.
+    #[error(transparent)]
+    Keys(#[from] KeyError),
     /// The metrics could not be set up.
     #[error("setting up metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -89,6 +90,8 @@ pub struct HubState {
     pub device_ids: DeviceIdKey,
     /// What the hub counts for `/metrics`.
     pub metrics: Arc<metrics::Metrics>,
+    /// Whether the catalog writes, probed at most once a second for `/readyz`.
+    pub readiness: readiness::Readiness,
     /// Cancelled when the hub begins to shut down: it stops accepting and lets the
     /// requests in flight finish (see [`HubConfig::shutdown_grace`]); only then does the
     /// registry's sweeper stop every cocoon connection.
@@ -155,10 +158,7 @@ impl HubHandle {
 pub async fn spawn(config: HubConfig) -> Result<HubHandle, HubError> {
     config.validate()?;
     let catalog = catalog::open(config.database_url.as_deref(), &config.data_dir).await?;
-    let device_key = catalog
-        .hub_secret_or_insert(DEVICE_ID_KEY, &random_key())
-        .await?;
-    let jwt_key = catalog.hub_secret_or_insert(JWT_KEY, &random_key()).await?;
+    let keys = keys::load(catalog.as_ref(), config.key_file.as_deref()).await?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| HubError::Bind {
@@ -173,9 +173,10 @@ pub async fn spawn(config: HubConfig) -> Result<HubHandle, HubError> {
     let admission = server::Admission::new(&config, metrics.connections_refused());
     let state = Arc::new(HubState {
         registry: Registry::new(config.heartbeat_interval),
-        auth: Auth::new(&jwt_key, config.jwt_ttl),
-        device_ids: DeviceIdKey::new(device_key),
+        auth: Auth::new(&keys.jwt, config.jwt_ttl),
+        device_ids: DeviceIdKey::new(keys.device_id),
         metrics,
+        readiness: readiness::Readiness::default(),
         shutdown: CancellationToken::new(),
         admission: admission.clone(),
         catalog,
@@ -213,10 +214,4 @@ pub async fn spawn(config: HubConfig) -> Result<HubHandle, HubError> {
     });
     tracing::info!(%addr, "hub listening");
     Ok(HubHandle { addr, state, task })
-}
-
-fn random_key() -> Vec<u8> {
-    let mut key = vec![0u8; 32];
-    rand::thread_rng().fill_bytes(&mut key);
-    key
 }

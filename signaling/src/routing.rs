@@ -208,7 +208,10 @@ fn worth_retrying(e: &RpcError) -> bool {
         RpcError::Offline | RpcError::Disconnected | RpcError::Busy => true,
         RpcError::Remote(r) => matches!(
             r.code,
-            ErrorCode::UpstreamError | ErrorCode::DeviceOffline | ErrorCode::Internal
+            ErrorCode::UpstreamError
+                | ErrorCode::DeviceOffline
+                | ErrorCode::Internal
+                | ErrorCode::Unavailable
         ),
         RpcError::Timeout(_) => false,
     }

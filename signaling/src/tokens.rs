@@ -65,10 +65,8 @@ impl TokenError {
             TokenError::Expired => ErrorCode::TokenExpired,
             TokenError::Used => ErrorCode::TokenUsed,
             TokenError::WrongKind { .. } | TokenError::BadTtl => ErrorCode::BadRequest,
-            TokenError::Catalog(CatalogError::Conflict(_)) | TokenError::AlreadyOwner => {
-                ErrorCode::Conflict
-            }
-            TokenError::Catalog(_) => ErrorCode::Internal,
+            TokenError::AlreadyOwner => ErrorCode::Conflict,
+            TokenError::Catalog(e) => e.code(),
         }
     }
 }

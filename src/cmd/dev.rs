@@ -35,6 +35,9 @@ pub struct DevArgs {
 }
 
 pub async fn run(args: DevArgs) -> Result<()> {
+    // The hub's keys and the device's secret live under it.
+    adi_signaling::owner_only::dir(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
     let hub = adi_signaling::spawn(HubConfig {
         listen: args.listen,
         data_dir: args.data_dir.join("hub"),

@@ -20,6 +20,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
+use adi_signaling::owner_only;
+
 use crate::cmd::cocoon::RunArgs;
 use crate::paths;
 
@@ -192,9 +194,9 @@ fn install(args: InstallArgs) -> Result<()> {
         env.push(("ADI_COCOON_TOKEN".to_owned(), token));
     }
     let env_path = data_dir.join(ENV_FILE);
-    std::fs::create_dir_all(&data_dir)
-        .with_context(|| format!("creating {}", data_dir.display()))?;
-    write_private(&env_path, &env_file(&env)?)?;
+    owner_only::dir(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    owner_only::write(&env_path, env_file(&env)?.as_bytes())
+        .with_context(|| format!("writing {}", env_path.display()))?;
 
     let exe = std::env::current_exe()
         .and_then(|p| p.canonicalize())
@@ -341,26 +343,6 @@ fn env_file(env: &[(String, String)]) -> Result<String> {
         let _ = writeln!(out, "{k}=\"{escaped}\"");
     }
     Ok(out)
-}
-
-/// Writes a file only its owner may read.
-fn write_private(path: &Path, content: &str) -> Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    use std::os::unix::fs::PermissionsExt as _;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    // An existing file keeps its mode on open; make sure it is the owner's alone.
-    f.set_permissions(std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("restricting {}", path.display()))?;
-    f.write_all(content.as_bytes())
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
 }
 
 struct UnitSpec<'a> {

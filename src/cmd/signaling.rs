@@ -57,6 +57,11 @@ pub struct ServeArgs {
     listen: SocketAddr,
     #[command(flatten)]
     catalog: CatalogArgs,
+    /// File (owner-only) for the hub's signing and device-id keys, kept out of the
+    /// catalog; created if missing, taking over the catalog's keys. Hubs sharing a
+    /// catalog must share this file too.
+    #[arg(long, env = "ADI_KEY_FILE")]
+    key_file: Option<PathBuf>,
     /// How often cocoons heartbeat (e.g. 5s, 500ms).
     #[arg(long, env = "ADI_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     heartbeat_interval: Duration,
@@ -129,6 +134,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         listen: args.listen,
         data_dir: args.catalog.data_dir(),
         database_url: args.catalog.database_url.clone(),
+        key_file: args.key_file,
         heartbeat_interval: args.heartbeat_interval,
         max_frame_bytes: args.max_frame_bytes,
         jwt_ttl: args.jwt_ttl,

@@ -1357,6 +1357,77 @@ async fn sqlite_reopen_keeps_data() {
 }
 
 #[tokio::test]
+async fn sqlite_files_are_owner_only_and_loose_ones_tightened() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let data = dir.path().join("data");
+    let path = data.join("tasks.db");
+    let files = ["tasks.db", "tasks.db-wal", "tasks.db-shm"].map(|f| data.join(f));
+    let store = SqliteTaskStore::open(&path).await.expect("open");
+    store.create(titled("a write")).await.expect("create");
+    assert_eq!(mode(&data), 0o700);
+    for f in &files {
+        assert_eq!(mode(f), 0o600, "{}", f.display());
+    }
+    for f in &files {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    }
+    let again = SqliteTaskStore::open(&path).await.expect("reopen");
+    for f in &files {
+        assert_eq!(mode(f), 0o600, "{}", f.display());
+    }
+    again.close().await;
+    store.close().await;
+}
+
+#[tokio::test]
+async fn a_write_the_database_refuses_is_an_outage_not_a_failure() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("tasks.db");
+    SqliteTaskStore::open(&path)
+        .await
+        .expect("create")
+        .close()
+        .await;
+    let mut ro = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&path)
+        .read_only(true)
+        .connect()
+        .await
+        .expect("open read-only");
+    let e = sqlx::query("DELETE FROM tasks")
+        .execute(&mut ro)
+        .await
+        .expect_err("read-only");
+    let e = crate::StoreError::from(e);
+    assert!(
+        matches!(
+            e,
+            crate::StoreError::Unavailable {
+                outage: crate::Outage::ReadOnly,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let _ = ro.close().await;
+    for (state, outage) in [
+        ("53100", Some(crate::Outage::DiskFull)),
+        ("08006", Some(crate::Outage::Unreachable)),
+        ("23505", None),
+    ] {
+        assert_eq!(crate::Outage::of_sqlstate(state), outage, "{state}");
+    }
+}
+
+#[tokio::test]
 async fn open_picks_backend_from_url() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let default = crate::open(None, dir.path()).await.expect("default store");

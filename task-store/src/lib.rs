@@ -3,8 +3,11 @@
 //! [`TaskStore`] trait, an SQLite backend (the default, a WAL file in the cocoon's data
 //! dir) and a PostgreSQL backend, held to the same behaviour by one conformance suite.
 //!
-//! It must never run anything: running commands is the cocoon's runner's job.
+//! It must never run anything: running commands is the cocoon's runner's job. Nor may it
+//! acknowledge a write it did not commit: a database that cannot write now (disk full,
+//! I/O, a lock held too long, read-only, unreachable) is [`StoreError::Unavailable`].
 
+pub mod owner_only;
 mod postgres;
 mod sqlite;
 
@@ -44,9 +47,26 @@ pub enum StoreError {
     /// The input is not acceptable (empty title, bad filter).
     #[error("invalid task: {0}")]
     Invalid(String),
+    /// The database cannot read or write now; nothing was stored. It may work again as
+    /// soon as the cause is gone.
+    #[error("the task store is unavailable: {outage} ({detail})")]
+    Unavailable {
+        /// What is wrong, in words a caller may be shown.
+        outage: Outage,
+        /// What the database said, for the log.
+        detail: sqlx::Error,
+    },
     /// The database failed.
     #[error("task storage: {0}")]
-    Storage(#[from] sqlx::Error),
+    Storage(sqlx::Error),
+    /// A file or directory of the store could not be made.
+    #[error("{}: {source}", path.display())]
+    File {
+        /// The file or directory.
+        path: std::path::PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
     /// The schema could not be brought up to date.
     #[error("task store migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -56,6 +76,95 @@ pub enum StoreError {
     /// The database URL names no backend we have.
     #[error("unsupported task database URL: use sqlite:PATH or postgres://...")]
     UnsupportedUrl,
+}
+
+/// Why a store cannot serve now, though it may once the cause is gone. Read from the
+/// database's error codes, never from its messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outage {
+    /// The disk (or the database server's) is full.
+    DiskFull,
+    /// Reading or writing failed at the OS or the network.
+    Io,
+    /// Another writer held a lock too long, or every connection stayed in use.
+    Busy,
+    /// The file or database accepts no writes.
+    ReadOnly,
+    /// The database file cannot be opened.
+    CannotOpen,
+    /// The database server is not there or is shutting down.
+    Unreachable,
+}
+
+impl std::fmt::Display for Outage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Outage::DiskFull => "disk full",
+            Outage::Io => "I/O error",
+            Outage::Busy => "busy (a lock was held too long)",
+            Outage::ReadOnly => "read-only",
+            Outage::CannotOpen => "cannot open the database file",
+            Outage::Unreachable => "the database cannot be reached",
+        })
+    }
+}
+
+impl Outage {
+    /// The outage `e` reports, if it is one.
+    pub fn of(e: &sqlx::Error) -> Option<Self> {
+        match e {
+            sqlx::Error::Io(io) => Some(match io.kind() {
+                std::io::ErrorKind::StorageFull => Outage::DiskFull,
+                std::io::ErrorKind::ReadOnlyFilesystem => Outage::ReadOnly,
+                _ => Outage::Io,
+            }),
+            sqlx::Error::PoolTimedOut => Some(Outage::Busy),
+            sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => Some(Outage::Unreachable),
+            sqlx::Error::Database(db) => {
+                if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+                    // SQLite's primary result code is the low byte of the extended one.
+                    match db.code()?.parse::<i32>().ok()? & 0xff {
+                        5 | 6 => Some(Outage::Busy),    // SQLITE_BUSY, SQLITE_LOCKED
+                        8 => Some(Outage::ReadOnly),    // SQLITE_READONLY
+                        10 => Some(Outage::Io),         // SQLITE_IOERR
+                        13 => Some(Outage::DiskFull),   // SQLITE_FULL
+                        14 => Some(Outage::CannotOpen), // SQLITE_CANTOPEN
+                        _ => None,
+                    }
+                } else if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+                    Self::of_sqlstate(pg.code())
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        }
+    }
+
+    /// PostgreSQL's SQLSTATE: its first two characters name the class.
+    fn of_sqlstate(state: &str) -> Option<Self> {
+        match state {
+            "53100" => Some(Outage::DiskFull),
+            "25006" => Some(Outage::ReadOnly),
+            "57P01" | "57P02" | "57P03" => Some(Outage::Unreachable),
+            "57014" | "55P03" | "40001" | "40P01" => Some(Outage::Busy),
+            _ => match state.get(..2) {
+                Some("08") => Some(Outage::Unreachable),
+                Some("53") => Some(Outage::Busy),
+                Some("58") => Some(Outage::Io),
+                _ => None,
+            },
+        }
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match Outage::of(&e) {
+            Some(outage) => StoreError::Unavailable { outage, detail: e },
+            None => StoreError::Storage(e),
+        }
+    }
 }
 
 /// Shorthand for store results.

@@ -10,7 +10,7 @@
 //! taken while holding that lock, so commit order is `created_at` order and a reader
 //! paging through the list never sees a task appear behind its position.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -19,13 +19,16 @@ use adi_protocol::tasks::{
     TaskStatus,
 };
 use async_trait::async_trait;
+use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 
-use crate::{legal_transition, Result, StoreError, TaskStore, TaskUpdate, MAX_LOG_PAGE, MAX_PAGE};
+use crate::{
+    legal_transition, owner_only, Result, StoreError, TaskStore, TaskUpdate, MAX_LOG_PAGE, MAX_PAGE,
+};
 
 /// How long a statement waits for another connection's write lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -49,14 +52,28 @@ pub struct SqliteTaskStore {
 }
 
 impl SqliteTaskStore {
-    /// Opens (creating it and its parent directories if needed) the task file at `path`
-    /// and brings its schema up to date.
+    /// Opens (creating it and its missing parent directories if needed) the task file at
+    /// `path` and brings its schema up to date. The file and SQLite's `-wal` and `-shm`
+    /// beside it are owner-only: it is created 0600 before SQLite opens it, as SQLite
+    /// gives those files the database file's mode, and loose ones are tightened.
     pub async fn open(path: &Path) -> Result<Self> {
-        if let Some(parent) = path.parent() {
-            if !parent.as_os_str().is_empty() {
-                std::fs::create_dir_all(parent)
-                    .map_err(|e| StoreError::Storage(sqlx::Error::Io(e)))?;
-            }
+        let file_error = |at: &Path| {
+            let path = at.to_owned();
+            move |source| StoreError::File { path, source }
+        };
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            owner_only::create_missing_dirs(parent).map_err(file_error(parent))?;
+        }
+        for suffix in ["", "-wal", "-shm"] {
+            let mut file = path.as_os_str().to_owned();
+            file.push(suffix);
+            let file = PathBuf::from(file);
+            owner_only::tighten(&file).map_err(file_error(&file))?;
+        }
+        match owner_only::create_new_file(path) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(file_error(path)(e)),
         }
         let options = SqliteConnectOptions::new()
             .filename(path)
@@ -106,6 +123,60 @@ impl SqliteTaskStore {
     }
 }
 
+/// A transaction on a pooled connection of its own, begun and committed with plain
+/// statements.
+///
+/// SQLite ends a transaction by itself on some errors (a full disk, an I/O error); sqlx's
+/// rollback then fails and leaves its pooled connection believing it is still in a
+/// transaction, refusing every later one. So a transaction that does not commit here
+/// closes its connection instead of returning it to the pool: closing rolls back what is
+/// left and frees the write lock, and the next request gets a fresh connection. The same
+/// holds when the request is cancelled half way.
+struct Tx {
+    conn: PoolConnection<Sqlite>,
+    committed: bool,
+}
+
+impl Tx {
+    /// `BEGIN IMMEDIATE` for a write (take the write lock now), `BEGIN` for a snapshot.
+    async fn begin(pool: &SqlitePool, begin: &'static str) -> Result<Self> {
+        let mut tx = Tx {
+            conn: pool.acquire().await?,
+            committed: false,
+        };
+        sqlx::query(begin).execute(&mut *tx.conn).await?;
+        Ok(tx)
+    }
+
+    async fn commit(mut self) -> Result<()> {
+        sqlx::query("COMMIT").execute(&mut *self.conn).await?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for Tx {
+    type Target = SqliteConnection;
+
+    fn deref(&self) -> &SqliteConnection {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for Tx {
+    fn deref_mut(&mut self) -> &mut SqliteConnection {
+        &mut self.conn
+    }
+}
+
+impl Drop for Tx {
+    fn drop(&mut self) {
+        if !self.committed {
+            self.conn.close_on_drop();
+        }
+    }
+}
+
 #[async_trait]
 impl TaskStore for SqliteTaskStore {
     async fn create(&self, new: NewTask) -> Result<Task> {
@@ -115,7 +186,7 @@ impl TaskStore for SqliteTaskStore {
         let requirements = encode_json(&new.requirements)?;
         let input = new.input.as_ref().map(encode_json).transpose()?;
         let id = TaskId::new();
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = Tx::begin(&self.pool, "BEGIN IMMEDIATE").await?;
         let created_at = self.next_created_at(&mut tx).await?;
         sqlx::query(
             "INSERT INTO tasks (id, title, description, status, command, requirements, input, \
@@ -214,7 +285,7 @@ impl TaskStore for SqliteTaskStore {
     }
 
     async fn update(&self, id: TaskId, update: TaskUpdate) -> Result<Task> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = Tx::begin(&self.pool, "BEGIN IMMEDIATE").await?;
         let Some(row) = sqlx::query(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?"))
             .bind(id.to_string())
             .fetch_optional(&mut *tx)
@@ -269,7 +340,7 @@ impl TaskStore for SqliteTaskStore {
     }
 
     async fn append_log(&self, id: TaskId, stream: LogStream, text: &str) -> Result<u64> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = Tx::begin(&self.pool, "BEGIN IMMEDIATE").await?;
         if !task_exists(&mut tx, id).await? {
             return Err(StoreError::NotFound(id));
         }
@@ -304,7 +375,7 @@ impl TaskStore for SqliteTaskStore {
     }
 
     async fn fail_interrupted(&self) -> Result<Vec<TaskId>> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = Tx::begin(&self.pool, "BEGIN IMMEDIATE").await?;
         let ids: Vec<String> = sqlx::query_scalar(
             "SELECT id FROM tasks WHERE status = 'running' ORDER BY created_at, id",
         )
@@ -543,4 +614,54 @@ fn now_micros() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SQLite rolls a transaction back by itself here, as it may on a full disk; the
+    /// pool's only connection must still serve the next transaction.
+    #[tokio::test]
+    async fn a_transaction_sqlite_ended_itself_leaves_the_pool_usable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(
+                SqliteConnectOptions::new()
+                    .filename(dir.path().join("db"))
+                    .create_if_missing(true),
+            )
+            .await
+            .expect("pool");
+        sqlx::query("CREATE TABLE t (x INTEGER UNIQUE)")
+            .execute(&pool)
+            .await
+            .expect("table");
+        sqlx::query("INSERT INTO t VALUES (1)")
+            .execute(&pool)
+            .await
+            .expect("row");
+        {
+            let mut tx = Tx::begin(&pool, "BEGIN IMMEDIATE").await.expect("begin");
+            sqlx::query("INSERT OR ROLLBACK INTO t VALUES (1)")
+                .execute(&mut *tx)
+                .await
+                .expect_err("SQLite rolls back");
+        }
+        let mut tx = Tx::begin(&pool, "BEGIN IMMEDIATE")
+            .await
+            .expect("a fresh transaction");
+        sqlx::query("INSERT INTO t VALUES (2)")
+            .execute(&mut *tx)
+            .await
+            .expect("insert");
+        tx.commit().await.expect("commit");
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM t")
+            .fetch_one(&pool)
+            .await
+            .expect("count");
+        assert_eq!(n, 2);
+        pool.close().await;
+    }
 }

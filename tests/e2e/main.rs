@@ -14,5 +14,6 @@ mod metrics;
 mod presence;
 mod proxy;
 mod service;
+mod storage;
 mod tasks;
 mod wire;

@@ -193,6 +193,8 @@ macro_rules! conformance {
 
 conformance!(
     ping_works,
+    write_probes_commit,
+    hub_secrets_are_read_and_removed,
     hub_secret_is_stored_once,
     hub_secret_concurrent_callers_agree,
     users_round_trip,
@@ -316,6 +318,25 @@ fn unix_now() -> i64 {
 
 async fn ping_works(c: Arc<dyn Catalog>) {
     c.ping().await.expect("ping");
+}
+
+async fn write_probes_commit(c: Arc<dyn Catalog>) {
+    c.probe_write(NOW).await.expect("first probe");
+    c.probe_write(NOW + 1)
+        .await
+        .expect("a probe rewrites the same row");
+}
+
+async fn hub_secrets_are_read_and_removed(c: Arc<dyn Catalog>) {
+    assert_eq!(c.hub_secret("k").await.expect("read"), None);
+    c.hub_secret_or_insert("k", b"v").await.expect("insert");
+    c.hub_secret_or_insert("j", b"w").await.expect("insert");
+    assert_eq!(c.hub_secret("k").await.expect("read"), Some(b"v".to_vec()));
+    c.remove_hub_secrets(&["k", "never stored"])
+        .await
+        .expect("remove");
+    assert_eq!(c.hub_secret("k").await.expect("read"), None);
+    assert_eq!(c.hub_secret("j").await.expect("read"), Some(b"w".to_vec()));
 }
 
 async fn hub_secret_is_stored_once(c: Arc<dyn Catalog>) {
@@ -906,6 +927,140 @@ async fn sqlite_reopen_keeps_data() {
         secret
     );
     second.close().await;
+}
+
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+#[tokio::test]
+async fn sqlite_catalog_files_are_owner_only_and_loose_ones_tightened() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let data = dir.path().join("data");
+    let path = data.join("catalog.db");
+    let files = ["catalog.db", "catalog.db-wal", "catalog.db-shm"].map(|f| data.join(f));
+    let catalog = SqliteCatalog::open(&path).await.expect("open");
+    catalog.create_user("alice").await.expect("a write");
+    assert_eq!(mode(&data), 0o700);
+    for f in &files {
+        assert_eq!(mode(f), 0o600, "{}", f.display());
+    }
+    for f in &files {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    }
+    let again = SqliteCatalog::open(&path).await.expect("reopen");
+    for f in &files {
+        assert_eq!(mode(f), 0o600, "{}", f.display());
+    }
+    again.close().await;
+    catalog.close().await;
+}
+
+/// Opens the catalog at `path`, expecting a refusal; the file must be left as it was.
+async fn refused(path: &std::path::Path) -> CatalogError {
+    let before = std::fs::read(path).expect("read");
+    let err = SqliteCatalog::open(path).await.expect_err("refused");
+    assert!(
+        std::fs::read(path).expect("read") == before,
+        "the file changed"
+    );
+    assert!(
+        err.to_string().contains(&path.display().to_string()),
+        "{err}"
+    );
+    err
+}
+
+#[tokio::test]
+async fn sqlite_refuses_an_empty_or_foreign_file_without_replacing_it() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("catalog.db");
+    std::fs::write(&path, b"").expect("write");
+    let err = refused(&path).await;
+    assert!(err.to_string().contains("empty"), "{err}");
+
+    std::fs::write(&path, b"not a database at all").expect("write");
+    let err = refused(&path).await;
+    assert!(err.to_string().contains("not an SQLite database"), "{err}");
+
+    std::fs::remove_file(&path).expect("remove");
+    let url = format!("sqlite:{}?mode=rwc", path.display());
+    let mut conn = sqlx::SqliteConnection::connect(&url).await.expect("create");
+    sqlx::query("CREATE TABLE notes (body TEXT)")
+        .execute(&mut conn)
+        .await
+        .expect("table");
+    conn.close().await.expect("close");
+    let err = refused(&path).await;
+    assert!(matches!(err, CatalogError::NotACatalog { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn sqlite_refuses_a_damaged_catalog_naming_the_first_error() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("catalog.db");
+    let catalog = SqliteCatalog::open(&path).await.expect("open");
+    catalog.create_user("alice").await.expect("user");
+    // Everything into the main file, and its WAL gone, before the damage.
+    catalog.close().await;
+    let url = format!("sqlite:{}", path.display());
+    let mut conn = sqlx::SqliteConnection::connect(&url).await.expect("open");
+    let root: i64 = sqlx::query_scalar("SELECT rootpage FROM sqlite_schema WHERE name = 'users'")
+        .fetch_one(&mut conn)
+        .await
+        .expect("root page");
+    conn.close().await.expect("close");
+    let mut bytes = std::fs::read(&path).expect("read");
+    let page_size = usize::from(u16::from_be_bytes([bytes[16], bytes[17]]));
+    bytes[(usize::try_from(root).expect("page") - 1) * page_size] = 0;
+    std::fs::write(&path, &bytes).expect("write");
+    let err = refused(&path).await;
+    match &err {
+        CatalogError::Damaged { first_error, .. } => assert!(
+            first_error.contains("users"),
+            "the first error names what is broken: {err}"
+        ),
+        other => panic!("not refused as damaged: {other}"),
+    }
+    assert!(err.to_string().contains("integrity check"), "{err}");
+}
+
+#[tokio::test]
+async fn sqlite_refuses_a_log_without_its_database() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("catalog.db");
+    std::fs::write(dir.path().join("catalog.db-wal"), b"frames").expect("write");
+    let err = SqliteCatalog::open(&path).await.expect_err("refused");
+    assert!(matches!(err, CatalogError::NotACatalog { .. }), "{err}");
+    assert!(!path.exists(), "no new catalog was made");
+}
+
+#[tokio::test]
+async fn sqlite_creation_leaves_nothing_half_made_and_racers_share_one_file() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("catalog.db");
+    let (a, b) = tokio::join!(SqliteCatalog::open(&path), SqliteCatalog::open(&path));
+    let (a, b) = (a.expect("first"), b.expect("second"));
+    let alice = a.create_user("alice").await.expect("user");
+    assert_eq!(
+        b.user_by_name("alice").await.expect("lookup"),
+        Some(alice),
+        "one file"
+    );
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("list")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["catalog.db", "catalog.db-shm", "catalog.db-wal"]);
+    a.close().await;
+    b.close().await;
 }
 
 #[tokio::test]

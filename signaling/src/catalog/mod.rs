@@ -8,14 +8,19 @@
 //!
 //! Two backends implement [`Catalog`]: SQLite (embedded default, one hub) and
 //! PostgreSQL (several hubs sharing one catalog). One conformance suite runs against both.
+//!
+//! Failures are typed here once: a database error that says the store cannot read or
+//! write now (disk full, I/O, a lock held too long, read-only, unreachable) becomes
+//! [`CatalogError::Unavailable`], which callers answer with 503 and a reason and never
+//! with a success.
 
 mod postgres;
 mod sqlite;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use adi_protocol::{CapabilityOffer, DeviceId, Hardware, ServiceInfo};
+use adi_protocol::{CapabilityOffer, DeviceId, ErrorCode, Hardware, ServiceInfo};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
@@ -179,9 +184,51 @@ pub enum CatalogError {
     /// The row the operation needs does not exist.
     #[error("{0} not found")]
     NotFound(String),
+    /// The database cannot read or write now; nothing was stored. It may work again
+    /// as soon as the cause is gone, without a restart.
+    #[error("the hub's catalog is unavailable: {outage} ({detail})")]
+    Unavailable {
+        /// What is wrong, in words a caller may be shown.
+        outage: Outage,
+        /// What the database said, for the log.
+        detail: sqlx::Error,
+    },
     /// The database failed.
     #[error("catalog storage: {0}")]
-    Storage(#[from] sqlx::Error),
+    Storage(sqlx::Error),
+    /// A file or directory of the catalog could not be made or read.
+    #[error("{}: {source}", path.display())]
+    File {
+        /// The file or directory.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// Where the catalog should be there is something else; it is neither used nor
+    /// replaced, because a new catalog would mean new keys and every device a new id.
+    #[error(
+        "{}: {reason}; the hub will neither use it as its catalog nor replace it \
+         (move it away to start a new, empty catalog)",
+        path.display()
+    )]
+    NotACatalog {
+        /// The file.
+        path: PathBuf,
+        /// What it is instead.
+        reason: &'static str,
+    },
+    /// The catalog file failed its integrity check.
+    #[error(
+        "{}: the catalog failed its integrity check: {first_error} \
+         (restore it from a backup, or try the sqlite3 `.recover` command on a copy)",
+        path.display()
+    )]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// The first problem the check found.
+        first_error: String,
+    },
     /// The schema could not be brought up to date.
     #[error("catalog migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -191,6 +238,134 @@ pub enum CatalogError {
     /// A stored value is not what this build expects.
     #[error("catalog holds a corrupt value: {0}")]
     Corrupt(String),
+}
+
+impl CatalogError {
+    /// The protocol code a caller is answered with.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            CatalogError::Conflict(_) => ErrorCode::Conflict,
+            CatalogError::Unavailable { .. } => ErrorCode::Unavailable,
+            _ => ErrorCode::Internal,
+        }
+    }
+
+    /// What a caller may be told: the outage or the conflict, never internal detail.
+    pub fn public_message(&self) -> String {
+        match self {
+            CatalogError::Conflict(what) => format!("{what} already exists"),
+            CatalogError::Unavailable { outage, .. } => {
+                format!("the hub's catalog is unavailable: {outage}")
+            }
+            _ => "the hub's catalog failed".to_owned(),
+        }
+    }
+}
+
+/// Why a store cannot serve now, though it may once the cause is gone. Read from the
+/// database's error codes, never from its messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outage {
+    /// The disk (or the database server's) is full.
+    DiskFull,
+    /// Reading or writing failed at the OS or the network.
+    Io,
+    /// Another writer held a lock too long, or every connection stayed in use.
+    Busy,
+    /// The file or database accepts no writes.
+    ReadOnly,
+    /// The database file cannot be opened.
+    CannotOpen,
+    /// The database server is not there or is shutting down.
+    Unreachable,
+}
+
+impl std::fmt::Display for Outage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Outage::DiskFull => "disk full",
+            Outage::Io => "I/O error",
+            Outage::Busy => "busy (a lock was held too long)",
+            Outage::ReadOnly => "read-only",
+            Outage::CannotOpen => "cannot open the database file",
+            Outage::Unreachable => "the database cannot be reached",
+        })
+    }
+}
+
+impl Outage {
+    /// The outage `e` reports, if it is one.
+    pub fn of(e: &sqlx::Error) -> Option<Self> {
+        match e {
+            sqlx::Error::Io(io) => Some(Self::of_io(io)),
+            sqlx::Error::PoolTimedOut => Some(Outage::Busy),
+            sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => Some(Outage::Unreachable),
+            sqlx::Error::Database(db) => {
+                if let Some(sqlite) = db.try_downcast_ref::<sqlx::sqlite::SqliteError>() {
+                    Self::of_sqlite(sqlite)
+                } else if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+                    Self::of_sqlstate(pg.code())
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        }
+    }
+
+    fn of_io(e: &std::io::Error) -> Self {
+        match e.kind() {
+            std::io::ErrorKind::StorageFull => Outage::DiskFull,
+            std::io::ErrorKind::ReadOnlyFilesystem => Outage::ReadOnly,
+            _ => Outage::Io,
+        }
+    }
+
+    /// SQLite's primary result code is the low byte of the extended one.
+    fn of_sqlite(e: &sqlx::sqlite::SqliteError) -> Option<Self> {
+        use sqlx::error::DatabaseError;
+        let code: i32 = e.code()?.parse().ok()?;
+        match code & 0xff {
+            SQLITE_BUSY | SQLITE_LOCKED => Some(Outage::Busy),
+            SQLITE_READONLY => Some(Outage::ReadOnly),
+            SQLITE_IOERR => Some(Outage::Io),
+            SQLITE_FULL => Some(Outage::DiskFull),
+            SQLITE_CANTOPEN => Some(Outage::CannotOpen),
+            _ => None,
+        }
+    }
+
+    /// PostgreSQL's SQLSTATE: its first two characters name the class.
+    fn of_sqlstate(state: &str) -> Option<Self> {
+        match state {
+            "53100" => Some(Outage::DiskFull),
+            "25006" => Some(Outage::ReadOnly),
+            "57P01" | "57P02" | "57P03" => Some(Outage::Unreachable),
+            "57014" | "55P03" | "40001" | "40P01" => Some(Outage::Busy),
+            _ => match state.get(..2) {
+                Some("08") => Some(Outage::Unreachable),
+                Some("53") => Some(Outage::Busy),
+                Some("58") => Some(Outage::Io),
+                _ => None,
+            },
+        }
+    }
+}
+
+const SQLITE_BUSY: i32 = 5;
+const SQLITE_LOCKED: i32 = 6;
+const SQLITE_READONLY: i32 = 8;
+const SQLITE_IOERR: i32 = 10;
+const SQLITE_FULL: i32 = 13;
+const SQLITE_CANTOPEN: i32 = 14;
+
+impl From<sqlx::Error> for CatalogError {
+    fn from(e: sqlx::Error) -> Self {
+        match Outage::of(&e) {
+            Some(outage) => CatalogError::Unavailable { outage, detail: e },
+            None => CatalogError::Storage(e),
+        }
+    }
 }
 
 /// Shorthand for catalog results.
@@ -203,6 +378,11 @@ pub trait Catalog: Send + Sync + 'static {
     /// Returns the hub secret called `name`, storing `candidate` first if there is none.
     /// Concurrent callers (several hubs on one database) all get the same stored value.
     async fn hub_secret_or_insert(&self, name: &str, candidate: &[u8]) -> Result<Vec<u8>>;
+    /// The hub secret called `name`, if the catalog holds one.
+    async fn hub_secret(&self, name: &str) -> Result<Option<Vec<u8>>>;
+    /// Deletes the hub secrets called `names` in one transaction (they moved to a key
+    /// file); names it does not hold are skipped.
+    async fn remove_hub_secrets(&self, names: &[&str]) -> Result<()>;
 
     /// Creates a user; `Conflict` if the name is taken.
     async fn create_user(&self, name: &str) -> Result<User>;
@@ -245,12 +425,22 @@ pub trait Catalog: Send + Sync + 'static {
     /// Rewrites a device's declared configuration; `NotFound` if it is not enrolled.
     async fn update_device(&self, device: &DeviceConfig) -> Result<()>;
 
-    /// Cheap round trip, for readiness checks.
+    /// Cheap round trip.
     async fn ping(&self) -> Result<()>;
+    /// Reads and rewrites one tiny row and commits: proof, for readiness, that the
+    /// catalog can write now.
+    async fn probe_write(&self, now: i64) -> Result<()>;
+
+    /// Where the catalog is (a file, or a database without its password), for messages.
+    fn location(&self) -> String;
+    /// Whether others read this catalog too (a database server, its operators and its
+    /// backups), so that a secret in it is no longer the hub's alone.
+    fn is_shared(&self) -> bool;
 }
 
 /// Opens the catalog a hub is configured with: PostgreSQL when `database_url` is given,
-/// else SQLite in `data_dir/catalog.db`. Runs migrations before returning.
+/// else SQLite in `data_dir/catalog.db` (the data dir made or kept owner-only). Runs
+/// migrations before returning.
 pub async fn open(database_url: Option<&str>, data_dir: &Path) -> Result<Arc<dyn Catalog>> {
     match database_url {
         Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
@@ -263,11 +453,136 @@ pub async fn open(database_url: Option<&str>, data_dir: &Path) -> Result<Arc<dyn
             Ok(Arc::new(SqliteCatalog::open(Path::new(path)).await?))
         }
         Some(_) => Err(CatalogError::UnsupportedUrl),
-        None => Ok(Arc::new(
-            SqliteCatalog::open(&data_dir.join("catalog.db")).await?,
-        )),
+        None => {
+            crate::owner_only::dir(data_dir).map_err(|source| CatalogError::File {
+                path: data_dir.to_owned(),
+                source,
+            })?;
+            Ok(Arc::new(
+                SqliteCatalog::open(&data_dir.join("catalog.db")).await?,
+            ))
+        }
     }
 }
 
 #[cfg(test)]
 mod conformance;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::{ConnectOptions, Connection};
+
+    #[test]
+    fn postgres_states_are_read_by_code() {
+        for (state, outage) in [
+            ("53100", Some(Outage::DiskFull)),
+            ("08006", Some(Outage::Unreachable)),
+            ("57P01", Some(Outage::Unreachable)),
+            ("53300", Some(Outage::Busy)),
+            ("55P03", Some(Outage::Busy)),
+            ("58030", Some(Outage::Io)),
+            ("25006", Some(Outage::ReadOnly)),
+            ("23505", None),
+            ("42P01", None),
+        ] {
+            assert_eq!(Outage::of_sqlstate(state), outage, "{state}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_read_only_sqlite_database_is_an_outage() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db");
+        let mut rw = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true)
+            .connect()
+            .await
+            .expect("create");
+        sqlx::query("CREATE TABLE t (x)")
+            .execute(&mut rw)
+            .await
+            .expect("table");
+        let mut ro = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&path)
+            .read_only(true)
+            .connect()
+            .await
+            .expect("open read-only");
+        let e = sqlx::query("INSERT INTO t VALUES (1)")
+            .execute(&mut ro)
+            .await
+            .expect_err("read-only");
+        let e = CatalogError::from(e);
+        assert!(
+            matches!(
+                e,
+                CatalogError::Unavailable {
+                    outage: Outage::ReadOnly,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(e.code(), ErrorCode::Unavailable);
+        assert_eq!(
+            e.public_message(),
+            "the hub's catalog is unavailable: read-only"
+        );
+        let _ = ro.close().await;
+        let _ = rw.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_write_lock_held_too_long_is_an_outage() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(dir.path().join("db"))
+            .create_if_missing(true)
+            .busy_timeout(std::time::Duration::ZERO);
+        let mut holder = options.connect().await.expect("open");
+        sqlx::query("CREATE TABLE t (x)")
+            .execute(&mut holder)
+            .await
+            .expect("table");
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut holder)
+            .await
+            .expect("lock");
+        let mut other = options.connect().await.expect("open");
+        let e = sqlx::query("INSERT INTO t VALUES (1)")
+            .execute(&mut other)
+            .await
+            .expect_err("busy");
+        assert!(matches!(
+            CatalogError::from(e),
+            CatalogError::Unavailable {
+                outage: Outage::Busy,
+                ..
+            }
+        ),);
+        let _ = other.close().await;
+        let _ = holder.close().await;
+    }
+
+    #[tokio::test]
+    async fn other_database_errors_are_not_outages() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(dir.path().join("db"))
+            .create_if_missing(true)
+            .connect()
+            .await
+            .expect("open");
+        let e = sqlx::query("SELECT * FROM missing")
+            .execute(&mut conn)
+            .await
+            .expect_err("no table");
+        let e = CatalogError::from(e);
+        assert!(matches!(e, CatalogError::Storage(_)), "{e}");
+        assert_eq!(e.code(), ErrorCode::Internal);
+        assert_eq!(e.public_message(), "the hub's catalog failed");
+        let _ = conn.close().await;
+    }
+}

@@ -30,6 +30,8 @@ const DEVICE_COLUMNS: &str = "id, name, services, capabilities, location, hardwa
 #[derive(Debug, Clone)]
 pub struct PgCatalog {
     pool: PgPool,
+    /// `postgres://USER@HOST:PORT/DATABASE`, without the password.
+    location: String,
 }
 
 impl PgCatalog {
@@ -42,13 +44,20 @@ impl PgCatalog {
 
     /// Connects with explicit options and brings the schema up to date.
     pub async fn connect_with(options: PgConnectOptions) -> Result<Self> {
+        let location = format!(
+            "postgres://{}@{}:{}/{}",
+            options.get_username(),
+            options.get_host(),
+            options.get_port(),
+            options.get_database().unwrap_or_default()
+        );
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options)
             .await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
-        Ok(PgCatalog { pool })
+        Ok(PgCatalog { pool, location })
     }
 
     /// Closes every connection, waiting for those in use to be returned.
@@ -74,6 +83,24 @@ impl Catalog for PgCatalog {
             .fetch_one(&self.pool)
             .await?;
         Ok(value)
+    }
+
+    async fn hub_secret(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        Ok(
+            sqlx::query_scalar("SELECT value FROM hub_secrets WHERE name = $1")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn remove_hub_secrets(&self, names: &[&str]) -> Result<()> {
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        sqlx::query("DELETE FROM hub_secrets WHERE name = ANY($1)")
+            .bind(names)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     async fn create_user(&self, name: &str) -> Result<User> {
@@ -375,6 +402,25 @@ impl Catalog for PgCatalog {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
+
+    async fn probe_write(&self, now: i64) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO readiness (id, checked_at) VALUES (1, $1) \
+             ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at",
+        )
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    fn location(&self) -> String {
+        self.location.clone()
+    }
+
+    fn is_shared(&self) -> bool {
+        true
+    }
 }
 
 /// The owners of `device`, ordered by name.
@@ -424,11 +470,11 @@ fn device_from_row(row: &PgRow, owners: Vec<Owner>) -> Result<DeviceRecord> {
     })
 }
 
-/// Maps a unique violation to `Conflict(what)`, anything else to `Storage`.
+/// Maps a unique violation to `Conflict(what)`, anything else as any database error.
 fn conflict(e: sqlx::Error, what: impl FnOnce() -> String) -> CatalogError {
     match &e {
         sqlx::Error::Database(db) if db.is_unique_violation() => CatalogError::Conflict(what()),
-        _ => CatalogError::Storage(e),
+        _ => e.into(),
     }
 }
 

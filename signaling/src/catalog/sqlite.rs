@@ -1,32 +1,48 @@
 //! The embedded SQLite backend of the [`Catalog`]: one file, one hub.
 //!
-//! This module owns the SQLite connection settings (WAL, `synchronous=NORMAL`, foreign
-//! keys, busy timeout), the SQLite schema migrations under `migrations/sqlite`, and the
-//! mapping between catalog rows and the record types. Write transactions start with
-//! `BEGIN IMMEDIATE`, so two hub tasks racing for one token serialise on the write lock
-//! instead of failing on a stale snapshot.
+//! This module owns the SQLite connection settings (WAL, `synchronous=FULL` since the
+//! catalog is written on configuration changes only, foreign keys, busy timeout), the
+//! SQLite schema migrations under `migrations/sqlite`, the checks a file passes before
+//! it is used as a catalog, and the mapping between catalog rows and the record types.
+//! Write transactions start with `BEGIN IMMEDIATE`, so two hub tasks racing for one
+//! token serialise on the write lock instead of failing on a stale snapshot.
+//!
+//! Only a missing file makes a new catalog, and it appears whole: it is built beside
+//! its final name and linked into place. An empty file, a file that is not SQLite, an
+//! SQLite database that is not an adi catalog and one that fails `PRAGMA quick_check`
+//! are refused, never replaced: a new catalog would hold new keys, and every device would
+//! get a new id. The file is created 0600 before SQLite opens it, because SQLite gives
+//! its `-wal` and `-shm` files the mode of the database file.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use adi_protocol::{CapabilityOffer, DeviceId, Hardware, ServiceInfo};
 use async_trait::async_trait;
+use sqlx::migrate::Migrator;
+use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
-use sqlx::{Row, SqliteConnection};
+use sqlx::{ConnectOptions, Connection, Row, Sqlite, SqliteConnection};
 
 use super::{
     ApiKeyRecord, Catalog, CatalogError, DeviceConfig, DeviceRecord, Owner, Result, TokenKind,
     TokenRecord, User, UserId,
 };
+use crate::owner_only;
 
 /// How long a statement waits for another connection's write lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// SQLite has one writer at a time; a few connections are enough for concurrent reads.
 const MAX_CONNECTIONS: u32 = 4;
+/// The first 16 bytes of every SQLite database file.
+const SQLITE_HEADER: &[u8; 16] = b"SQLite format 3\0";
+
+static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
 
 const DEVICE_COLUMNS: &str = "id, name, services, capabilities, location, hardware, created_at";
 
@@ -34,23 +50,47 @@ const DEVICE_COLUMNS: &str = "id, name, services, capabilities, location, hardwa
 #[derive(Debug, Clone)]
 pub struct SqliteCatalog {
     pool: SqlitePool,
+    path: PathBuf,
 }
 
 impl SqliteCatalog {
-    /// Opens (creating it and its parent directories if needed) the catalog file at
-    /// `path` and brings its schema up to date.
+    /// Opens the catalog file at `path` and brings its schema up to date; creates it
+    /// (and missing parent directories, 0700) only when nothing is there. Refuses a file
+    /// that is not an intact adi catalog.
     pub async fn open(path: &Path) -> Result<Self> {
-        if let Some(parent) = path.parent() {
-            if !parent.as_os_str().is_empty() {
-                std::fs::create_dir_all(parent)
-                    .map_err(|e| CatalogError::Storage(sqlx::Error::Io(e)))?;
-            }
+        let file_error = |at: &Path| {
+            let path = at.to_owned();
+            move |source| CatalogError::File { path, source }
+        };
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            owner_only::create_missing_dirs(parent).map_err(file_error(parent))?;
         }
+        for file in [
+            path.to_owned(),
+            sidecar(path, "-wal"),
+            sidecar(path, "-shm"),
+        ] {
+            owner_only::tighten(&file).map_err(file_error(&file))?;
+        }
+        if !inspect(path)? {
+            create(path).await?;
+        }
+        // Checked on a plain connection first: setting the journal mode alone would
+        // write to a file that turns out not to be ours.
+        let mut conn = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(false)
+            .busy_timeout(BUSY_TIMEOUT)
+            .connect()
+            .await?;
+        let checked = check(&mut conn, path).await;
+        let _ = conn.close().await;
+        checked?;
         let options = SqliteConnectOptions::new()
             .filename(path)
-            .create_if_missing(true)
+            .create_if_missing(false)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
+            .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(BUSY_TIMEOUT);
         let pool = SqlitePoolOptions::new()
@@ -58,13 +98,245 @@ impl SqliteCatalog {
             .acquire_timeout(BUSY_TIMEOUT * 2)
             .connect_with(options)
             .await?;
-        sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
-        Ok(SqliteCatalog { pool })
+        MIGRATOR.run(&pool).await?;
+        Ok(SqliteCatalog {
+            pool,
+            path: path.to_owned(),
+        })
     }
 
     /// Closes every connection, waiting for those in use to be returned.
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+/// A transaction on a pooled connection of its own, begun and committed with plain
+/// statements.
+///
+/// SQLite ends a transaction by itself on some errors (a full disk, an I/O error); sqlx's
+/// rollback then fails and leaves its pooled connection believing it is still in a
+/// transaction, refusing every later one. So a transaction that does not commit here
+/// closes its connection instead of returning it to the pool: closing rolls back what is
+/// left and frees the write lock, and the next request gets a fresh connection. The same
+/// holds when the request is cancelled half way.
+struct Tx {
+    conn: PoolConnection<Sqlite>,
+    committed: bool,
+}
+
+impl Tx {
+    /// `BEGIN IMMEDIATE` for a write (take the write lock now), `BEGIN` for a snapshot.
+    async fn begin(pool: &SqlitePool, begin: &'static str) -> Result<Self> {
+        let mut tx = Tx {
+            conn: pool.acquire().await?,
+            committed: false,
+        };
+        sqlx::query(begin).execute(&mut *tx.conn).await?;
+        Ok(tx)
+    }
+
+    async fn commit(mut self) -> Result<()> {
+        sqlx::query("COMMIT").execute(&mut *self.conn).await?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for Tx {
+    type Target = SqliteConnection;
+
+    fn deref(&self) -> &SqliteConnection {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for Tx {
+    fn deref_mut(&mut self) -> &mut SqliteConnection {
+        &mut self.conn
+    }
+}
+
+impl Drop for Tx {
+    fn drop(&mut self) {
+        if !self.committed {
+            self.conn.close_on_drop();
+        }
+    }
+}
+
+/// `path` with `suffix` appended to its file name, as SQLite names its `-wal` and `-shm`.
+fn sidecar(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// Whether an SQLite database is at `path`: `false` when nothing is there, an error
+/// when something else is.
+fn inspect(path: &Path) -> Result<bool> {
+    let refuse = |reason| CatalogError::NotACatalog {
+        path: path.to_owned(),
+        reason,
+    };
+    let mut file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // SQLite would replay a log left without its database into a new one.
+            let wal = sidecar(path, "-wal");
+            if std::fs::metadata(&wal).is_ok_and(|m| m.len() > 0) {
+                return Err(refuse(
+                    "the database file is missing, but its write-ahead log (-wal) is there",
+                ));
+            }
+            return Ok(false);
+        }
+        Err(source) => {
+            return Err(CatalogError::File {
+                path: path.to_owned(),
+                source,
+            })
+        }
+    };
+    let mut header = Vec::with_capacity(SQLITE_HEADER.len());
+    file.by_ref()
+        .take(SQLITE_HEADER.len() as u64)
+        .read_to_end(&mut header)
+        .map_err(|source| CatalogError::File {
+            path: path.to_owned(),
+            source,
+        })?;
+    if header.is_empty() {
+        return Err(refuse("the file is empty (zero bytes)"));
+    }
+    if header != SQLITE_HEADER {
+        return Err(refuse("it is not an SQLite database"));
+    }
+    Ok(true)
+}
+
+/// Builds a new catalog beside `path` and links it into place, so a crash never leaves a
+/// half-made catalog (which the next start would refuse) behind, and of two processes
+/// creating one at once, one wins and both use its file.
+async fn create(path: &Path) -> Result<()> {
+    let new = sidecar(path, &format!(".{}.new", uuid::Uuid::new_v4().simple()));
+    let file_error = |source| CatalogError::File {
+        path: new.clone(),
+        source,
+    };
+    owner_only::create_new_file(&new).map_err(file_error)?;
+    let built = build(&new).await;
+    let linked = built.and_then(|()| match std::fs::hard_link(&new, path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(source) => Err(CatalogError::File {
+            path: path.to_owned(),
+            source,
+        }),
+    });
+    let _ = std::fs::remove_file(&new);
+    if linked? {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            if let Ok(dir) = std::fs::File::open(parent) {
+                let _ = dir.sync_all();
+            }
+        }
+        tracing::info!(path = %path.display(), "created a new catalog");
+    }
+    Ok(())
+}
+
+/// Makes the empty file at `path` a catalog, with a rollback journal rather than WAL, so
+/// that one file holds all of it.
+async fn build(path: &Path) -> Result<()> {
+    let options = SqliteConnectOptions::new()
+        .filename(path)
+        .journal_mode(SqliteJournalMode::Delete)
+        .synchronous(SqliteSynchronous::Full)
+        .foreign_keys(true);
+    let pool = SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await?;
+    let migrated = MIGRATOR.run(&pool).await;
+    pool.close().await;
+    Ok(migrated?)
+}
+
+/// Refuses a damaged file, and an SQLite database that is not an adi catalog.
+async fn check(conn: &mut SqliteConnection, path: &Path) -> Result<()> {
+    check_integrity(conn, path).await?;
+    check_is_catalog(conn, path).await
+}
+
+/// Runs `PRAGMA quick_check`; the first problem it reports refuses the file. The check
+/// may list problems and then fail outright, so its rows are read one by one.
+async fn check_integrity(conn: &mut SqliteConnection, path: &Path) -> Result<()> {
+    use futures_util::TryStreamExt;
+    let mut rows = sqlx::query_scalar::<_, String>("PRAGMA quick_check").fetch(&mut *conn);
+    let mut first_error = None;
+    let outcome = loop {
+        match rows.try_next().await {
+            Ok(Some(row)) if row == "ok" => {}
+            // A heading, such as "*** in database main ***".
+            Ok(Some(row)) if row.starts_with("***") => {}
+            Ok(Some(row)) => {
+                first_error.get_or_insert(row.replace('\n', " "));
+            }
+            Ok(None) => break Ok(()),
+            Err(sqlx::Error::Database(db)) if is_corrupt(db.code().as_deref()) => {
+                first_error.get_or_insert_with(|| db.message().to_owned());
+                break Ok(());
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    drop(rows);
+    outcome?;
+    match first_error {
+        None => Ok(()),
+        Some(first_error) => Err(CatalogError::Damaged {
+            path: path.to_owned(),
+            first_error,
+        }),
+    }
+}
+
+/// SQLITE_CORRUPT (11) and SQLITE_NOTADB (26), by primary code.
+fn is_corrupt(code: Option<&str>) -> bool {
+    code.and_then(|c| c.parse::<i32>().ok())
+        .is_some_and(|c| matches!(c & 0xff, 11 | 26))
+}
+
+/// Refuses an SQLite database that is not an adi catalog: one without our migrations
+/// table, or whose first migration is not ours.
+async fn check_is_catalog(conn: &mut SqliteConnection, path: &Path) -> Result<()> {
+    let refuse = || CatalogError::NotACatalog {
+        path: path.to_owned(),
+        reason: "it is an SQLite database, but not an adi catalog",
+    };
+    let has_table: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_schema \
+         WHERE type = 'table' AND name = '_sqlx_migrations')",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    if !has_table {
+        return Err(refuse());
+    }
+    let first = MIGRATOR
+        .migrations
+        .iter()
+        .min_by_key(|m| m.version)
+        .ok_or_else(|| CatalogError::Corrupt("this build has no catalog migrations".into()))?;
+    let checksum: Option<Vec<u8>> =
+        sqlx::query_scalar("SELECT checksum FROM _sqlx_migrations WHERE version = ?")
+            .bind(first.version)
+            .fetch_optional(&mut *conn)
+            .await?;
+    match checksum {
+        Some(c) if c == first.checksum.as_ref() => Ok(()),
+        _ => Err(refuse()),
     }
 }
 
@@ -83,6 +355,27 @@ impl Catalog for SqliteCatalog {
             .fetch_one(&self.pool)
             .await?;
         Ok(value)
+    }
+
+    async fn hub_secret(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        Ok(
+            sqlx::query_scalar("SELECT value FROM hub_secrets WHERE name = ?")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn remove_hub_secrets(&self, names: &[&str]) -> Result<()> {
+        let mut tx = Tx::begin(&self.pool, "BEGIN IMMEDIATE").await?;
+        for name in names {
+            sqlx::query("DELETE FROM hub_secrets WHERE name = ?")
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn create_user(&self, name: &str) -> Result<User> {
@@ -209,7 +502,7 @@ impl Catalog for SqliteCatalog {
         let services = encode_json(&device.services)?;
         let capabilities = encode_json(&device.capabilities)?;
         // Dropping `tx` on any early return rolls everything back.
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = Tx::begin(&self.pool, "BEGIN IMMEDIATE").await?;
         let owner: Option<String> = sqlx::query_scalar(
             "UPDATE tokens SET used_at = ?, used_by = created_by \
              WHERE id = ? AND kind = 'setup' AND used_at IS NULL AND expires_at > ? \
@@ -259,7 +552,7 @@ impl Catalog for SqliteCatalog {
 
     async fn claim_share(&self, token_id: &str, now: i64, user: UserId) -> Result<DeviceId> {
         let user = user.to_string();
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = Tx::begin(&self.pool, "BEGIN IMMEDIATE").await?;
         let device: Option<Option<String>> = sqlx::query_scalar(
             "UPDATE tokens SET used_at = ?, used_by = ? \
              WHERE id = ? AND kind = 'share' AND used_at IS NULL AND expires_at > ? \
@@ -293,7 +586,7 @@ impl Catalog for SqliteCatalog {
 
     async fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>> {
         // One snapshot for the device and its owners.
-        let mut tx = self.pool.begin().await?;
+        let mut tx = Tx::begin(&self.pool, "BEGIN").await?;
         let Some(row) = sqlx::query(&format!(
             "SELECT {DEVICE_COLUMNS} FROM devices WHERE id = ?"
         ))
@@ -311,7 +604,7 @@ impl Catalog for SqliteCatalog {
     async fn devices_owned_by(&self, user: UserId) -> Result<Vec<DeviceRecord>> {
         let user = user.to_string();
         // Both reads in one transaction so the owner lists match the device list.
-        let mut tx = self.pool.begin().await?;
+        let mut tx = Tx::begin(&self.pool, "BEGIN").await?;
         let rows = sqlx::query(
             "SELECT d.id, d.name, d.services, d.capabilities, d.location, d.hardware, d.created_at \
              FROM devices d JOIN device_owners o ON o.device_id = d.id \
@@ -377,6 +670,27 @@ impl Catalog for SqliteCatalog {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
+
+    async fn probe_write(&self, now: i64) -> Result<()> {
+        let mut tx = Tx::begin(&self.pool, "BEGIN IMMEDIATE").await?;
+        sqlx::query(
+            "INSERT INTO readiness (id, checked_at) VALUES (1, ?) \
+             ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at",
+        )
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    fn location(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn is_shared(&self) -> bool {
+        false
+    }
 }
 
 /// The owners of `device`, ordered by name.
@@ -426,11 +740,11 @@ fn device_from_row(row: &SqliteRow, owners: Vec<Owner>) -> Result<DeviceRecord> 
     })
 }
 
-/// Maps a unique violation to `Conflict(what)`, anything else to `Storage`.
+/// Maps a unique violation to `Conflict(what)`, anything else as any database error.
 fn conflict(e: sqlx::Error, what: impl FnOnce() -> String) -> CatalogError {
     match &e {
         sqlx::Error::Database(db) if db.is_unique_violation() => CatalogError::Conflict(what()),
-        _ => CatalogError::Storage(e),
+        _ => e.into(),
     }
 }
 
@@ -458,4 +772,54 @@ fn unix_now() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SQLite rolls a transaction back by itself here, as it may on a full disk; the
+    /// pool's only connection must still serve the next transaction.
+    #[tokio::test]
+    async fn a_transaction_sqlite_ended_itself_leaves_the_pool_usable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(
+                SqliteConnectOptions::new()
+                    .filename(dir.path().join("db"))
+                    .create_if_missing(true),
+            )
+            .await
+            .expect("pool");
+        sqlx::query("CREATE TABLE t (x INTEGER UNIQUE)")
+            .execute(&pool)
+            .await
+            .expect("table");
+        sqlx::query("INSERT INTO t VALUES (1)")
+            .execute(&pool)
+            .await
+            .expect("row");
+        {
+            let mut tx = Tx::begin(&pool, "BEGIN IMMEDIATE").await.expect("begin");
+            sqlx::query("INSERT OR ROLLBACK INTO t VALUES (1)")
+                .execute(&mut *tx)
+                .await
+                .expect_err("SQLite rolls back");
+        }
+        let mut tx = Tx::begin(&pool, "BEGIN IMMEDIATE")
+            .await
+            .expect("a fresh transaction");
+        sqlx::query("INSERT INTO t VALUES (2)")
+            .execute(&mut *tx)
+            .await
+            .expect("insert");
+        tx.commit().await.expect("commit");
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM t")
+            .fetch_one(&pool)
+            .await
+            .expect("count");
+        assert_eq!(n, 2);
+        pool.close().await;
+    }
 }
