@@ -400,6 +400,7 @@ pub async fn start(config: CocoonConfig) -> Result<CocoonHandle, CocoonError> {
             has_gpu: tokio::task::spawn_blocking(probe::detect_gpu)
                 .await
                 .unwrap_or(false),
+            ..RunnerConfig::default()
         },
     )
     .await?;

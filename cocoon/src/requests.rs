@@ -255,6 +255,10 @@ fn runner_error(e: RunnerError) -> RemoteError {
             message: format!("the task is already {status}"),
         },
         RunnerError::NotFound(_) => not_found(),
+        e @ RunnerError::CancelUnderway => RemoteError {
+            code: ErrorCode::Timeout,
+            message: e.to_string(),
+        },
         RunnerError::Store(e) => store_error(e),
     }
 }

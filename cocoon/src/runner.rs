@@ -3,11 +3,10 @@
 //! This module owns everything between "a task with a command is stored Pending" and
 //! "the task is final with its output in the log": admission ([`Runner::can_run`]),
 //! scheduling (at most [`RunnerConfig::max_concurrent`] commands at once, oldest task
-//! first), spawning each command in a process group of its own, streaming its stdout
-//! and stderr into the task's log line by line, recording how it ended, cancelling
-//! (SIGKILL to the whole process group), and recovery on start (tasks left `Running` by
-//! a crash are failed and whatever their commands left running is killed, tasks left
-//! `Pending` are run).
+//! first), spawning each command where all it starts can be found again, streaming its
+//! stdout and stderr into the task's log line by line, recording how it ended,
+//! cancelling, and recovery on start (tasks left `Running` by a crash are failed and
+//! whatever their commands left running is killed, tasks left `Pending` are run).
 //!
 //! The store is the single source of truth; the runner keeps in memory only which
 //! tasks wait for a slot and which ones it is running. Cancelling must go through
@@ -15,18 +14,32 @@
 //! stop its process.
 //!
 //! A task's log is complete before its final status is written, so whoever sees a final
-//! status can read the whole log. When a command's leader process exits, whatever it
-//! left running in its process group is killed too, so a task never outlives itself and
-//! its output pipes close.
+//! status can read the whole log.
+//!
+//! A task ends whole. When it is cancelled, when the cocoon stops, and when its command
+//! exits on its own, everything the command started is killed, however it detached (a
+//! new session or process group, a cleared environment, a double fork), so a task never
+//! outlives itself and its output pipes close. Whether tasks can have a cgroup v2 each is
+//! decided once, at start: where they can, a command joins its own cgroup before it runs
+//! and ending the task kills that cgroup and removes it ([`cgroup`]). Where they cannot
+//! (no delegation, cgroup v1 only), the cocoon becomes a child subreaper and traces a
+//! task's processes through `/proc` by process group, session, parent, environment and
+//! output pipes ([`processes`], which says what that cannot find).
 //!
 //! A cocoon that is killed outright (SIGKILL, a power cut) cannot kill anything, so
 //! every command runs with [`TASK_ID_ENV`] set to its task's id, which its children
-//! inherit. On the next start, the tasks found `Running` are failed, and every process
-//! still carrying one of their ids is killed: the id, not a recorded pid, names them,
-//! so a pid reused since by an unrelated process is never hit.
+//! inherit, and its cgroup is named by that id. On the next start, the tasks found
+//! `Running` are failed, their cgroups are killed and removed wherever they are, and every
+//! process still carrying one of their ids is killed: the id, not a recorded pid, names
+//! them, so a pid reused since by an unrelated process is never hit.
 
-use std::collections::{BTreeSet, HashMap};
+mod cgroup;
+mod processes;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::os::fd::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -42,6 +55,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use self::cgroup::{TaskCgroup, TaskCgroups};
+use self::processes::Trace;
+
 /// Longest log line, in bytes; longer lines are split so one runaway line cannot take
 /// the store's or a reader's memory. Small enough that a line fits in one frame to
 /// the hub even when every byte is a control character JSON spells as `\u00XX`.
@@ -51,13 +67,13 @@ pub const MAX_LINE_BYTES: usize = 8 * 1024;
 /// with: its task's id.
 pub const TASK_ID_ENV: &str = "ADI_TASK_ID";
 
-/// Rounds of looking for leftover processes after a crash: one kill per round, and a
-/// leftover that forks meanwhile is found by the next.
-const LEFTOVER_ROUNDS: usize = 10;
+/// How long the processes of a task are waited for once killed. A process stuck in the
+/// kernel may take longer to die; nothing waits on it past this.
+const KILL_WAIT: Duration = Duration::from_secs(2);
 
-/// How long output is still read after a command's process group is gone, in case a
-/// process that left the group keeps a pipe open.
-const OUTPUT_GRACE: Duration = Duration::from_secs(5);
+/// How long output is still read after a command's processes are gone, in case one that
+/// could not be found keeps a pipe open.
+const OUTPUT_GRACE: Duration = Duration::from_secs(3);
 
 /// The reason recorded on tasks stopped by [`Runner::shutdown`].
 const STOPPED: &str = "interrupted: the cocoon stopped";
@@ -73,15 +89,24 @@ pub struct RunnerConfig {
     pub exec_allowed: bool,
     /// Whether tasks requiring `gpu` can run here.
     pub has_gpu: bool,
+    /// Whether each task gets a cgroup v2 of its own where the machine allows it. Off,
+    /// tasks are traced through `/proc` as where cgroups are not writable.
+    pub task_cgroups: bool,
+    /// How long [`Runner::cancel`] waits for a running task to end before it answers
+    /// that the cancel is under way: less than the hub waits for a device's answer.
+    pub cancel_wait: Duration,
 }
 
 impl Default for RunnerConfig {
-    /// Four commands at once, commands allowed, no GPU.
+    /// Four commands at once, commands allowed, no GPU, a cgroup per task where
+    /// possible, cancels answered within 8 s.
     fn default() -> Self {
         RunnerConfig {
             max_concurrent: 4,
             exec_allowed: true,
             has_gpu: false,
+            task_cgroups: true,
+            cancel_wait: Duration::from_secs(8),
         }
     }
 }
@@ -98,6 +123,10 @@ pub enum RunnerError {
     /// No such task on this device.
     #[error("task {0} not found")]
     NotFound(TaskId),
+    /// The task was told to stop but is not final yet (its store is slow, or a process
+    /// is slow to die); it ends cancelled.
+    #[error("the cancel is under way; the task is not final yet")]
+    CancelUnderway,
     /// The task store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -107,6 +136,8 @@ pub enum RunnerError {
 pub struct Runner {
     store: Arc<dyn TaskStore>,
     config: RunnerConfig,
+    /// Where task cgroups go; `None` where the probe at start failed or they are off.
+    cgroups: Option<TaskCgroups>,
     state: Mutex<State>,
     /// One permit per command that may run at once.
     slots: Arc<Semaphore>,
@@ -121,6 +152,7 @@ impl std::fmt::Debug for Runner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Runner")
             .field("config", &self.config)
+            .field("cgroups", &self.cgroups)
             .finish_non_exhaustive()
     }
 }
@@ -212,14 +244,10 @@ impl Runner {
         for id in &interrupted {
             tracing::warn!(task_id = %id, "task was running when the device stopped; marked failed");
         }
-        if !interrupted.is_empty() {
-            match tokio::task::spawn_blocking(move || kill_leftovers(&interrupted)).await {
-                Ok(0) => {}
-                Ok(killed) => {
-                    tracing::warn!(killed, "killed processes left running by interrupted tasks")
-                }
-                Err(e) => tracing::warn!("looking for leftover processes failed: {e}"),
-            }
+        let cgroups = probe_cgroups(&config).await;
+        let killed = end_leftovers(&*store, cgroups.as_ref(), &interrupted).await;
+        if killed > 0 {
+            tracing::warn!(killed, "killed processes left running by interrupted tasks");
         }
         let queue = pending_commands(&*store).await?;
         if !queue.is_empty() {
@@ -227,6 +255,7 @@ impl Runner {
         }
         let runner = Arc::new(Runner {
             store,
+            cgroups,
             slots: Arc::new(Semaphore::new(config.max_concurrent.max(1))),
             config,
             state: Mutex::new(State {
@@ -298,11 +327,14 @@ impl Runner {
         Ok(task)
     }
 
-    /// Pending -> Cancelled right away; Running -> kill the whole process group, then
+    /// Pending -> Cancelled right away; Running -> kill every process of the task, then
     /// the task ends Cancelled with error "cancelled"; final ->
     /// `RunnerError::AlreadyFinished(status)`. Returns the task once it is final, so
-    /// the caller knows its process is gone.
+    /// the caller knows its processes are gone; if that takes longer than
+    /// [`RunnerConfig::cancel_wait`], answers `RunnerError::CancelUnderway` instead, and
+    /// the task still ends cancelled.
     pub async fn cancel(&self, id: TaskId) -> Result<Task, RunnerError> {
+        let deadline = tokio::time::Instant::now() + self.config.cancel_wait;
         let run = {
             let mut state = self.state();
             let run = state.running.get(&id).cloned();
@@ -314,35 +346,30 @@ impl Runner {
         };
         if let Some(run) = run {
             run.request_stop(StopReason::Cancelled);
-            run.finished().await;
-            let task = self.store.get(id).await?.ok_or(RunnerError::NotFound(id))?;
+            let ended = async {
+                run.finished().await;
+                self.store.get(id).await
+            };
+            let task = tokio::time::timeout_at(deadline, ended)
+                .await
+                .map_err(|_| RunnerError::CancelUnderway)??
+                .ok_or(RunnerError::NotFound(id))?;
             return match task.status {
                 TaskStatus::Cancelled => Ok(task),
                 // It ended on its own before the kill: it keeps that ending.
                 status => Err(RunnerError::AlreadyFinished(status)),
             };
         }
-        let task = self.store.get(id).await?.ok_or(RunnerError::NotFound(id))?;
-        if task.status.is_final() {
-            return Err(RunnerError::AlreadyFinished(task.status));
-        }
-        // The line first: whoever sees the final status has the whole log.
-        self.log(id, LogStream::System, CANCELLED).await;
-        let update = TaskUpdate {
-            status: Some(TaskStatus::Cancelled),
-            error: Some(CANCELLED.into()),
-            ..TaskUpdate::default()
-        };
-        match self.store.update(id, update).await {
-            Ok(task) => {
-                tracing::info!(task_id = %id, "pending task cancelled");
-                Ok(task)
-            }
-            Err(StoreError::NotFound(_)) => Err(RunnerError::NotFound(id)),
-            Err(StoreError::InvalidTransition { from, .. }) => {
-                Err(RunnerError::AlreadyFinished(from))
-            }
-            Err(e) => Err(e.into()),
+        // Its own task, so a cancel that answers late still happens whole.
+        let cancelling = tokio::spawn(cancel_pending(self.store.clone(), id).in_current_span());
+        match tokio::time::timeout_at(deadline, cancelling).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(e)) => match e.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                // The runtime is stopping.
+                Err(_) => Err(RunnerError::CancelUnderway),
+            },
+            Err(_) => Err(RunnerError::CancelUnderway),
         }
     }
 
@@ -361,7 +388,27 @@ impl Runner {
             run.request_stop(StopReason::Shutdown);
         }
         for run in &runs {
-            run.finished().await;
+            if tokio::time::timeout(self.config.cancel_wait, run.finished())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "a task did not finish stopping in time; it is failed at next start"
+                );
+            }
+        }
+        if self.cgroups.is_none() {
+            // Orphans of the commands, adopted as a subreaper: whatever nothing else named.
+            let ended =
+                tokio::task::spawn_blocking(|| processes::end(&Trace::adopted(), KILL_WAIT))
+                    .await
+                    .unwrap_or(0);
+            if ended > 0 {
+                tracing::info!(
+                    killed = ended,
+                    "killed processes the tasks' commands had detached"
+                );
+            }
         }
         let scheduler = lock(&self.scheduler).take();
         if let Some(scheduler) = scheduler {
@@ -377,9 +424,7 @@ impl Runner {
 
     /// Appends a log line; a failing store is logged, never fatal to the run.
     async fn log(&self, id: TaskId, stream: LogStream, text: &str) {
-        if let Err(e) = self.store.append_log(id, stream, text).await {
-            tracing::warn!(task_id = %id, "could not append to the task log: {e}");
-        }
+        log(&*self.store, id, stream, text).await;
     }
 
     /// Takes the oldest queued task, unless stopping.
@@ -494,53 +539,44 @@ impl Runner {
             return;
         }
 
-        let mut command = Command::new(&argv[0]);
-        command
-            .args(&argv[1..])
-            .env(TASK_ID_ENV, id.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .process_group(0);
-        let mut child = match command.spawn() {
-            Ok(child) => child,
-            Err(e) => {
-                let error = format!("could not start: {e}");
-                tracing::warn!("{error}");
-                self.log(id, LogStream::System, &error).await;
-                self.finish(id, TaskStatus::Failed, None, error).await;
-                return;
-            }
+        let Some((mut child, tracking)) = self.spawn(id, &argv).await else {
+            return;
         };
         // The child leads its own process group, whose id is its pid.
         let group = child.id().and_then(|pid| i32::try_from(pid).ok());
-        let pumps = [
+        let pumps: Vec<JoinHandle<()>> = [
             child.stdout.take().map(|out| {
                 tokio::spawn(pump(self.store.clone(), id, LogStream::Stdout, out).in_current_span())
             }),
             child.stderr.take().map(|err| {
                 tokio::spawn(pump(self.store.clone(), id, LogStream::Stderr, err).in_current_span())
             }),
-        ];
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
 
-        let ending = wait_or_stop(&mut child, group, &run).await;
-        // Whatever the leader left behind in its group goes with it, so the pipes close.
-        kill_group(group);
-        for pump in pumps.into_iter().flatten() {
-            let abort = pump.abort_handle();
-            match tokio::time::timeout(OUTPUT_GRACE, pump).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!("output reader failed: {e}"),
-                Err(_) => {
-                    abort.abort();
-                    self.log(
-                        id,
-                        LogStream::System,
-                        "output still open after the command ended; stopped reading it",
-                    )
-                    .await;
+        let ending = wait_or_stop(&mut child, &tracking, group, &run).await;
+        if let Some(pid) = group {
+            processes::forget_leader(pid);
+        }
+        // Whatever the command left behind goes with it, so the pipes close.
+        tracking.end(group).await;
+        let aborts: Vec<_> = pumps.iter().map(JoinHandle::abort_handle).collect();
+        match tokio::time::timeout(OUTPUT_GRACE, futures_util::future::join_all(pumps)).await {
+            Ok(results) => {
+                for e in results.into_iter().filter_map(Result::err) {
+                    tracing::warn!("output reader failed: {e}");
                 }
+            }
+            Err(_) => {
+                aborts.iter().for_each(tokio::task::AbortHandle::abort);
+                self.log(
+                    id,
+                    LogStream::System,
+                    "output still open after the command ended; stopped reading it",
+                )
+                .await;
             }
         }
 
@@ -564,6 +600,82 @@ impl Runner {
             }
         }
         drop(guard);
+    }
+
+    /// Starts a task's command: in the task's cgroup, which it joins before it runs,
+    /// where tasks have cgroups, else traced. A command that cannot start fails its task
+    /// (logged here) and gives `None`.
+    async fn spawn(&self, id: TaskId, argv: &[String]) -> Option<(Child, Tracking)> {
+        let placed = match &self.cgroups {
+            None => Ok(None),
+            Some(cgroups) => match find_program(&argv[0]) {
+                Err(e) => Err(e),
+                Ok(()) => cgroups
+                    .create(id)
+                    .await
+                    .map(Some)
+                    .map_err(|e| format!("{e:#}")),
+            },
+        };
+        let cgroup = match placed {
+            Ok(cgroup) => cgroup,
+            Err(e) => {
+                self.fail_start(id, &e).await;
+                return None;
+            }
+        };
+        let mut command = match &cgroup {
+            Some(cgroup) => {
+                let mut command = Command::new(cgroup::SHELL);
+                command
+                    .args(["-c", cgroup::JOIN_SCRIPT, cgroup::JOIN_NAME])
+                    .arg(cgroup.procs())
+                    .args(argv);
+                command
+            }
+            None => {
+                let mut command = Command::new(&argv[0]);
+                command.args(&argv[1..]);
+                command
+            }
+        };
+        command
+            .env(TASK_ID_ENV, id.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .process_group(0);
+        let child = match processes::spawn_leader(&mut command) {
+            Ok(child) => child,
+            Err(e) => {
+                self.fail_start(id, &e.to_string()).await;
+                return None;
+            }
+        };
+        let tracking = match cgroup {
+            Some(cgroup) => Tracking::Cgroup(cgroup),
+            None => {
+                let leader = child.id().and_then(|pid| i32::try_from(pid).ok());
+                let pipes: Vec<_> = [
+                    child.stdout.as_ref().map(AsRawFd::as_raw_fd),
+                    child.stderr.as_ref().map(AsRawFd::as_raw_fd),
+                ]
+                .into_iter()
+                .flatten()
+                .collect();
+                Tracking::Traced(Trace::running(id, leader, &pipes))
+            }
+        };
+        Some((child, tracking))
+    }
+
+    /// Fails a task whose command could not start, saying why; this ends the task.
+    async fn fail_start(&self, id: TaskId, why: &str) {
+        let error = format!("could not start: {why}");
+        tracing::warn!("{error}");
+        self.log(id, LogStream::System, &error).await;
+        self.finish(id, TaskStatus::Failed, None, error).await;
     }
 
     /// Records a run we stopped: Cancelled, or Failed when the cocoon is stopping.
@@ -625,13 +737,208 @@ async fn pending_commands(store: &dyn TaskStore) -> Result<BTreeSet<(i64, TaskId
     }
 }
 
-/// Waits for the child to exit, or kills its group when the run is asked to stop.
-async fn wait_or_stop(child: &mut Child, group: Option<i32>, run: &Run) -> std::io::Result<Ending> {
+/// Decides, once, whether tasks get cgroups here, and says so.
+async fn probe_cgroups(config: &RunnerConfig) -> Option<TaskCgroups> {
+    let probed = if config.task_cgroups {
+        tokio::task::spawn_blocking(TaskCgroups::probe)
+            .await
+            .unwrap_or_else(|e| Err(cgroup::CgroupError::Join(format!("the probe failed: {e}"))))
+            .map_err(|e| format!("{e:#}"))
+    } else {
+        Err("turned off".to_owned())
+    };
+    match probed {
+        Ok(cgroups) => {
+            tracing::info!("tasks run in cgroup v2 under {}", cgroups.dir().display());
+            Some(cgroups)
+        }
+        Err(reason) => {
+            let subreaper = if processes::become_subreaper() {
+                ", and this process adopts their orphans"
+            } else {
+                ""
+            };
+            tracing::warn!(
+                "cgroup v2 not writable here ({reason}): tasks are tracked by process group, \
+                 session and environment{subreaper}"
+            );
+            None
+        }
+    }
+}
+
+/// Kills what a cocoon that stopped without ending its tasks left: the cgroups of the
+/// `interrupted` tasks wherever they are, and of any of this store's tasks in this
+/// cocoon's own task directory (one that could not be removed when its task ended),
+/// and every process still carrying an interrupted task's id. Returns how many
+/// processes it killed.
+async fn end_leftovers(
+    store: &dyn TaskStore,
+    cgroups: Option<&TaskCgroups>,
+    interrupted: &[TaskId],
+) -> usize {
+    let mut killed = 0;
+    if let Some(cgroups) = cgroups {
+        let ids: HashSet<TaskId> = interrupted.iter().copied().collect();
+        let found = {
+            let mount = cgroups.mount().to_owned();
+            tokio::task::spawn_blocking(move || cgroup::find(&mount))
+                .await
+                .unwrap_or_default()
+        };
+        for (id, path) in found {
+            let ours = ids.contains(&id)
+                || (path.parent() == Some(cgroups.dir())
+                    && matches!(store.get(id).await, Ok(Some(_))));
+            if !ours {
+                continue;
+            }
+            let cgroup = cgroups.adopt(path);
+            killed += cgroup.pids().len();
+            match cgroup.end(KILL_WAIT).await {
+                Ok(()) => tracing::info!(task_id = %id, "removed the cgroup its task left"),
+                Err(e) => {
+                    tracing::warn!(task_id = %id, "could not end the cgroup its task left: {e:#}")
+                }
+            }
+        }
+    }
+    if !interrupted.is_empty() {
+        let trace = Trace::left_by(interrupted);
+        killed += tokio::task::spawn_blocking(move || processes::end(&trace, KILL_WAIT))
+            .await
+            .unwrap_or(0);
+    }
+    killed
+}
+
+/// Cancels a task that is not running: Pending -> Cancelled, "cancelled" in its log.
+async fn cancel_pending(store: Arc<dyn TaskStore>, id: TaskId) -> Result<Task, RunnerError> {
+    let task = store.get(id).await?.ok_or(RunnerError::NotFound(id))?;
+    if task.status.is_final() {
+        return Err(RunnerError::AlreadyFinished(task.status));
+    }
+    // The line first: whoever sees the final status has the whole log.
+    log(&*store, id, LogStream::System, CANCELLED).await;
+    let update = TaskUpdate {
+        status: Some(TaskStatus::Cancelled),
+        error: Some(CANCELLED.into()),
+        ..TaskUpdate::default()
+    };
+    match store.update(id, update).await {
+        Ok(task) => {
+            tracing::info!(task_id = %id, "pending task cancelled");
+            Ok(task)
+        }
+        Err(StoreError::NotFound(_)) => Err(RunnerError::NotFound(id)),
+        Err(StoreError::InvalidTransition { from, .. }) => Err(RunnerError::AlreadyFinished(from)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Appends a log line; a failing store is logged, never fatal to the run.
+async fn log(store: &dyn TaskStore, id: TaskId, stream: LogStream, text: &str) {
+    if let Err(e) = store.append_log(id, stream, text).await {
+        tracing::warn!(task_id = %id, "could not append to the task log: {e}");
+    }
+}
+
+/// Checks that `program` would start, as `exec` finds it (through `PATH` unless it
+/// has a slash): in a cgroup a command is started by a shell, whose failure to find it
+/// would only show as exit status 127.
+fn find_program(program: &str) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let runnable = |path: &Path| {
+        std::fs::metadata(path).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        return match runnable(Path::new(program)) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(format!("{program} is not an executable file")),
+            Err(e) => Err(format!("{program}: {e}")),
+        };
+    }
+    // A shell's own default where PATH is unset.
+    let path = std::env::var_os("PATH")
+        .unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    if std::env::split_paths(&path).any(|dir| runnable(&dir.join(program)).unwrap_or(false)) {
+        Ok(())
+    } else {
+        Err(format!("{program}: not found in PATH"))
+    }
+}
+
+/// How the processes of a running task are found and ended.
+enum Tracking {
+    /// All of them are in the task's cgroup.
+    Cgroup(TaskCgroup),
+    /// They are traced through `/proc`.
+    Traced(Trace),
+}
+
+impl Tracking {
+    /// Kills every process of the task now (the command is not reaped yet).
+    async fn kill(&self, group: Option<i32>) {
+        match self {
+            Tracking::Cgroup(cgroup) => {
+                kill_group(group);
+                if let Err(e) = cgroup.kill() {
+                    tracing::warn!("could not kill the task's cgroup: {e:#}");
+                }
+            }
+            Tracking::Traced(trace) => {
+                // Not the group first: its members' children would lose their parents,
+                // and with them what ties them to the task. The trace stops the group
+                // with the rest before killing anything.
+                let trace = trace.clone();
+                let _ =
+                    tokio::task::spawn_blocking(move || processes::end(&trace, KILL_WAIT)).await;
+                kill_group(group);
+            }
+        }
+    }
+
+    /// Once the command is reaped: kills whatever it left, waits (at most [`KILL_WAIT`])
+    /// for it to die, and removes the task's cgroup.
+    async fn end(self, group: Option<i32>) {
+        match self {
+            // Not the command's process group: the command is reaped, and its pid (the
+            // group's id, once the group is empty) may already name another process.
+            Tracking::Cgroup(cgroup) => {
+                if let Err(e) = cgroup.end(KILL_WAIT).await {
+                    tracing::warn!(
+                        "the task's cgroup is left in place, ended at next start: {e:#}"
+                    );
+                }
+            }
+            Tracking::Traced(mut trace) => {
+                trace.leader_reaped();
+                let _ =
+                    tokio::task::spawn_blocking(move || processes::end(&trace, KILL_WAIT)).await;
+                kill_group(group);
+            }
+        }
+    }
+}
+
+/// Waits for the child to exit, or kills all the task's processes when the run is
+/// asked to stop.
+async fn wait_or_stop(
+    child: &mut Child,
+    tracking: &Tracking,
+    group: Option<i32>,
+    run: &Run,
+) -> std::io::Result<Ending> {
     tokio::select! {
         status = child.wait() => status.map(Ending::Exited),
         () = run.stop.cancelled() => {
-            kill_group(group);
-            child.wait().await?;
+            tracking.kill(group).await;
+            match tokio::time::timeout(KILL_WAIT, child.wait()).await {
+                Ok(status) => {
+                    status?;
+                }
+                Err(_) => tracing::warn!("the command has not died yet; not waiting any longer"),
+            }
             Ok(Ending::Stopped(run.stop_reason().unwrap_or(StopReason::Cancelled)))
         }
     }
@@ -647,57 +954,6 @@ fn kill_group(group: Option<i32>) {
         Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
         Err(e) => tracing::warn!(group, "could not kill the process group: {e}"),
     }
-}
-
-/// SIGKILLs every process that runs with [`TASK_ID_ENV`] set to one of `tasks`, until
-/// none is left (or [`LEFTOVER_ROUNDS`] passed); returns how many were killed. Reads
-/// `/proc`, so it finds nothing where there is none; processes of other users cannot be
-/// read and are left alone.
-fn kill_leftovers(tasks: &[TaskId]) -> usize {
-    let markers: Vec<Vec<u8>> = tasks
-        .iter()
-        .map(|id| format!("{TASK_ID_ENV}={id}").into_bytes())
-        .collect();
-    let mut killed = 0;
-    for _ in 0..LEFTOVER_ROUNDS {
-        let found = processes_marked(&markers);
-        if found.is_empty() {
-            break;
-        }
-        for pid in found {
-            match nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL) {
-                Ok(()) => {
-                    tracing::info!(pid, "killed a process left by an interrupted task");
-                    killed += 1;
-                }
-                Err(nix::errno::Errno::ESRCH) => {}
-                Err(e) => tracing::warn!(pid, "could not kill a leftover process: {e}"),
-            }
-        }
-    }
-    killed
-}
-
-/// Pids of the live processes whose environment holds one of `markers` exactly
-/// (`NAME=value`). A zombie's environment reads empty, so the dead are not found again.
-fn processes_marked(markers: &[Vec<u8>]) -> Vec<i32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let own = std::process::id();
-    entries
-        .filter_map(Result::ok)
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| *pid != own)
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
-                env.split(|b| *b == 0)
-                    .any(|var| markers.iter().any(|m| m.as_slice() == var))
-            })
-        })
-        .filter_map(|pid| i32::try_from(pid).ok())
-        .filter(|pid| *pid > 1)
-        .collect()
 }
 
 /// The final status, exit code and words for how a command ended on its own.
@@ -867,7 +1123,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
+    use std::path::{Path, PathBuf};
     use std::time::Instant;
 
     use adi_protocol::tasks::LogLine;
@@ -1514,6 +1770,470 @@ mod tests {
             .await
             .expect("submit");
         assert_eq!(later.status, TaskStatus::Pending);
+    }
+
+    /// Where cgroup v2 is mounted and this process's own cgroup, read from the kernel
+    /// independently of the runner's code, joined into the directory the runner puts its
+    /// task cgroups in. `None` after saying SKIPPED where that directory cannot be
+    /// written; a failure instead when `CI` is set, where it must be writable.
+    fn task_cgroups_dir() -> Option<PathBuf> {
+        let found = (|| -> Result<PathBuf, String> {
+            let mounts =
+                std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
+            let mount = mounts
+                .lines()
+                .find_map(|line| {
+                    let (left, right) = line.split_once(" - ")?;
+                    (right.split_whitespace().next() == Some("cgroup2"))
+                        .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
+                })
+                .ok_or("no cgroup2 mount")?;
+            let own = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| e.to_string())?;
+            let own = own
+                .lines()
+                .find_map(|l| l.strip_prefix("0::"))
+                .ok_or("no cgroup v2 line in /proc/self/cgroup")?;
+            let dir = mount.join(own.trim_start_matches('/')).join("adi-tasks");
+            let probe = dir.join(format!("test-{}", uuid::Uuid::new_v4().simple()));
+            std::fs::create_dir_all(&probe).map_err(|e| format!("{}: {e}", probe.display()))?;
+            std::fs::remove_dir(&probe).map_err(|e| format!("{}: {e}", probe.display()))?;
+            Ok(dir)
+        })();
+        match found {
+            Ok(dir) => Some(dir),
+            Err(e) if std::env::var("CI").is_ok_and(|v| !v.is_empty()) => {
+                panic!("cgroup v2 is not writable here and CI is set: {e}")
+            }
+            Err(e) => {
+                eprintln!("*** SKIPPED: cgroup v2 is not writable here: {e} ***");
+                None
+            }
+        }
+    }
+
+    /// What a test may leave behind if it fails: task cgroups, killed and removed, and the
+    /// `sleep 300`s its commands started, killed (checked by their command line, so a
+    /// reused pid is never hit).
+    #[derive(Default)]
+    struct Cleanup {
+        cgroups: Vec<PathBuf>,
+        pids: Vec<String>,
+    }
+
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            for pid in &self.pids {
+                let ours = std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| c == b"sleep\x00300\x00");
+                if let (true, Ok(pid)) = (ours, pid.parse()) {
+                    let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+            }
+            for cgroup in &self.cgroups {
+                if !cgroup.exists() {
+                    continue;
+                }
+                let _ = std::fs::write(cgroup.join("cgroup.kill"), "1");
+                let start = Instant::now();
+                while std::fs::remove_dir(cgroup).is_err() && start.elapsed() < WAIT {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+
+    /// A shell script that starts two `sleep 300`s meant to outlive it: one detached
+    /// every way at once (a new session and so a new process group, a cleared
+    /// environment, a double fork, no descriptor of the task's), one under `nohup`. It
+    /// writes their pids into `dir` (`detached`, `nohup`), then runs `then`.
+    fn detacher(dir: &Path, then: &str) -> String {
+        format!(
+            "(setsid env -i PATH=\"$PATH\" sh -c 'sleep 300 </dev/null >/dev/null 2>&1 & echo $! > {d}/detached' &); \
+             nohup sleep 300 </dev/null >/dev/null 2>&1 & echo $! > {d}/nohup; \
+             while [ ! -s {d}/detached ] || [ ! -s {d}/nohup ]; do sleep 0.05; done; {then}",
+            d = dir.display()
+        )
+    }
+
+    /// Waits until every pid in `pids` is dead, or panics naming the survivors.
+    async fn wait_dead(pids: &[String], what: &str) {
+        let start = Instant::now();
+        loop {
+            let alive: Vec<&String> = pids.iter().filter(|p| !process_is_dead(p)).collect();
+            if alive.is_empty() {
+                return;
+            }
+            assert!(start.elapsed() < WAIT, "{alive:?} survived {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The pids of the two sleeps [`detacher`] started, alive, recorded for cleanup.
+    async fn detached_pids(dir: &Path, cleanup: &mut Cleanup) -> Vec<String> {
+        let mut pids = Vec::new();
+        for name in ["detached", "nohup"] {
+            let pid = wait_for_file(&dir.join(name)).await;
+            cleanup.pids.push(pid.clone());
+            assert!(!process_is_dead(&pid), "the {name} sleep runs");
+            pids.push(pid);
+        }
+        pids
+    }
+
+    #[tokio::test]
+    async fn cancel_ends_every_descendant_however_it_detached() {
+        let Some(cgroups) = task_cgroups_dir() else {
+            return;
+        };
+        let f = fixture().await;
+        let mut cleanup = Cleanup::default();
+        let runner = Runner::start(f.store.clone(), config())
+            .await
+            .expect("start");
+        let task = runner
+            .submit(shell("detacher", &detacher(f.dir.path(), "exec sleep 300")))
+            .await
+            .expect("submit");
+        cleanup.cgroups.push(cgroups.join(task.id.to_string()));
+        let pids = detached_pids(f.dir.path(), &mut cleanup).await;
+
+        let cancelled = runner.cancel(task.id).await.expect("cancel");
+        assert_eq!(cancelled.status, TaskStatus::Cancelled);
+        wait_dead(&pids, "the cancel").await;
+        assert!(
+            !cgroups.join(task.id.to_string()).exists(),
+            "the task's cgroup is removed"
+        );
+        runner.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_task_that_exits_leaves_nothing_running() {
+        let Some(cgroups) = task_cgroups_dir() else {
+            return;
+        };
+        let f = fixture().await;
+        let mut cleanup = Cleanup::default();
+        let runner = Runner::start(f.store.clone(), config())
+            .await
+            .expect("start");
+        let task = runner
+            .submit(shell("daemoniser", &detacher(f.dir.path(), "exit 0")))
+            .await
+            .expect("submit");
+        cleanup.cgroups.push(cgroups.join(task.id.to_string()));
+        let pids = detached_pids(f.dir.path(), &mut cleanup).await;
+        let done = wait_final(&*f.store, task.id).await;
+        assert_eq!(done.status, TaskStatus::Completed, "{done:?}");
+        wait_dead(&pids, "the end of their task").await;
+        assert!(
+            !cgroups.join(task.id.to_string()).exists(),
+            "the task's cgroup is removed"
+        );
+        runner.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn shutdown_ends_every_descendant_however_it_detached() {
+        let Some(cgroups) = task_cgroups_dir() else {
+            return;
+        };
+        let f = fixture().await;
+        let mut cleanup = Cleanup::default();
+        let runner = Runner::start(f.store.clone(), config())
+            .await
+            .expect("start");
+        let task = runner
+            .submit(shell("detacher", &detacher(f.dir.path(), "exec sleep 300")))
+            .await
+            .expect("submit");
+        cleanup.cgroups.push(cgroups.join(task.id.to_string()));
+        let pids = detached_pids(f.dir.path(), &mut cleanup).await;
+
+        runner.shutdown().await;
+        let done = f.store.get(task.id).await.expect("get").expect("task");
+        assert_eq!(done.status, TaskStatus::Failed, "{done:?}");
+        wait_dead(&pids, "the shutdown").await;
+        assert!(
+            !cgroups.join(task.id.to_string()).exists(),
+            "the task's cgroup is removed"
+        );
+    }
+
+    #[tokio::test]
+    async fn commands_run_in_a_cgroup_of_their_own() {
+        let Some(cgroups) = task_cgroups_dir() else {
+            return;
+        };
+        let f = fixture().await;
+        let mut cleanup = Cleanup::default();
+        let runner = Runner::start(f.store.clone(), config())
+            .await
+            .expect("start");
+        let task = runner
+            .submit(shell("where", "cat /proc/self/cgroup"))
+            .await
+            .expect("submit");
+        cleanup.cgroups.push(cgroups.join(task.id.to_string()));
+        let done = wait_final(&*f.store, task.id).await;
+        assert_eq!(done.status, TaskStatus::Completed, "{done:?}");
+        let out = texts(&logs(&*f.store, task.id).await, LogStream::Stdout);
+        let v2 = out.iter().find_map(|l| l.strip_prefix("0::"));
+        assert!(
+            v2.is_some_and(|path| path.ends_with(&format!("/adi-tasks/{}", task.id))),
+            "{out:?}"
+        );
+        runner.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn restart_ends_every_leftover_of_an_interrupted_task() {
+        let Some(cgroups) = task_cgroups_dir() else {
+            return;
+        };
+        let f = fixture().await;
+        let mut cleanup = Cleanup::default();
+        let script = detacher(f.dir.path(), "exec sleep 300");
+        let interrupted = left_running(&*f.store, &script).await;
+        // What a cocoon killed mid-task leaves: the task's cgroup, with its command and
+        // everything that command started still running in it.
+        let cgroup = cgroups.join(interrupted.id.to_string());
+        cleanup.cgroups.push(cgroup.clone());
+        std::fs::create_dir_all(&cgroup).expect("create the task's cgroup");
+        use std::os::unix::process::CommandExt as _;
+        let mut leader = std::process::Command::new("/bin/sh")
+            .args(["-c", r#"echo 0 > "$1" && shift && exec "$@""#, "adi-task"])
+            .arg(cgroup.join("cgroup.procs"))
+            .args(["sh", "-c", &script])
+            .env(TASK_ID_ENV, interrupted.id.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("spawn the command");
+        let pids = detached_pids(f.dir.path(), &mut cleanup).await;
+
+        let runner = Runner::start(f.store.clone(), config())
+            .await
+            .expect("start");
+        wait_dead(&pids, "the restart").await;
+        let start = Instant::now();
+        while leader.try_wait().expect("try_wait").is_none() {
+            assert!(start.elapsed() < WAIT, "the command survived the restart");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!cgroup.exists(), "the task's cgroup is removed");
+        let failed = f
+            .store
+            .get(interrupted.id)
+            .await
+            .expect("get")
+            .expect("task");
+        assert_eq!(failed.status, TaskStatus::Failed);
+        runner.shutdown().await;
+    }
+
+    /// Set in a process a test runs alone in.
+    const ALONE: &str = "ADI_TEST_ALONE";
+
+    /// Runs the test `name` alone in a process of its own, for a test that changes what
+    /// its whole process is (a child subreaper, which adopts other tests' orphans):
+    /// `true` in that process, where the test goes on; `false` in the calling one, once
+    /// it passed there.
+    fn alone(name: &str) -> bool {
+        if std::env::var_os(ALONE).is_some() {
+            return true;
+        }
+        let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args(["--exact", name, "--nocapture", "--test-threads", "1"])
+            .env(ALONE, "1")
+            .output()
+            .expect("run the test alone");
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(
+            out.status.success() && stdout.contains(&format!("test {name} ... ok")),
+            "{stdout}\n{stderr}"
+        );
+        false
+    }
+
+    #[tokio::test]
+    async fn without_cgroups_cancel_ends_what_names_the_task_and_shutdown_what_was_adopted() {
+        if !alone("runner::tests::without_cgroups_cancel_ends_what_names_the_task_and_shutdown_what_was_adopted") {
+            return;
+        }
+        let f = fixture().await;
+        let mut cleanup = Cleanup::default();
+        let runner = Runner::start(
+            f.store.clone(),
+            RunnerConfig {
+                task_cgroups: false,
+                ..config()
+            },
+        )
+        .await
+        .expect("start");
+        let script = format!(
+            // Each sleeps in a session and process group of its own, after a double fork
+            // (or below a parent that waits), with one thing left that names the task:
+            // its environment,
+            "(setsid sh -c 'sleep 300 </dev/null >/dev/null 2>&1 & echo $! > {d}/env' &); \
+             (setsid env -i PATH=\"$PATH\" sh -c 'sleep 300 </dev/null 2>/dev/null & echo $! > {d}/pipe' &); \
+             setsid env -i PATH=\"$PATH\" sh -c 'sleep 300 & echo $! > {d}/chain; wait' </dev/null >/dev/null 2>&1 & \
+             (setsid env -i PATH=\"$PATH\" sh -c 'sleep 300 </dev/null >/dev/null 2>&1 & echo $! > {d}/detached' &); \
+             while [ ! -s {d}/env ] || [ ! -s {d}/pipe ] || [ ! -s {d}/chain ] || [ ! -s {d}/detached ]; do sleep 0.05; done; \
+             exec sleep 300",
+            d = f.dir.path().display()
+        );
+        // ...the task's stdout, its parent chain while its parent lives, nothing at all.
+        let task = runner
+            .submit(shell("detacher", &script))
+            .await
+            .expect("submit");
+        let mut named = Vec::new();
+        for name in ["env", "pipe", "chain"] {
+            let pid = wait_for_file(&f.dir.path().join(name)).await;
+            cleanup.pids.push(pid.clone());
+            assert!(!process_is_dead(&pid), "the {name} sleep runs");
+            named.push(pid);
+        }
+        let detached = wait_for_file(&f.dir.path().join("detached")).await;
+        cleanup.pids.push(detached.clone());
+
+        let cancelled = runner.cancel(task.id).await.expect("cancel");
+        assert_eq!(cancelled.status, TaskStatus::Cancelled);
+        wait_dead(&named, "the cancel").await;
+        // Nothing named the last one, but the cocoon adopted it: it ends when the cocoon stops.
+        runner.shutdown().await;
+        wait_dead(&[detached], "the shutdown").await;
+    }
+
+    /// A SQLite store whose writes can be made to hang, as a store that stopped answering.
+    struct StallingStore {
+        inner: SqliteTaskStore,
+        stalled: watch::Sender<bool>,
+    }
+
+    impl StallingStore {
+        async fn unstalled(&self) {
+            let mut stalled = self.stalled.subscribe();
+            let _ = stalled.wait_for(|s| !*s).await;
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl TaskStore for StallingStore {
+        async fn create(&self, new: NewTask) -> adi_task_store::Result<Task> {
+            self.inner.create(new).await
+        }
+        async fn get(&self, id: TaskId) -> adi_task_store::Result<Option<Task>> {
+            self.inner.get(id).await
+        }
+        async fn list(
+            &self,
+            filter: &TaskFilter,
+            after: Option<adi_protocol::tasks::Position>,
+            limit: u32,
+        ) -> adi_task_store::Result<adi_protocol::tasks::TaskPage> {
+            self.inner.list(filter, after, limit).await
+        }
+        async fn update(&self, id: TaskId, update: TaskUpdate) -> adi_task_store::Result<Task> {
+            self.unstalled().await;
+            self.inner.update(id, update).await
+        }
+        async fn delete(&self, id: TaskId) -> adi_task_store::Result<bool> {
+            self.inner.delete(id).await
+        }
+        async fn stats(&self) -> adi_task_store::Result<adi_protocol::tasks::TaskStats> {
+            self.inner.stats().await
+        }
+        async fn append_log(
+            &self,
+            id: TaskId,
+            stream: LogStream,
+            text: &str,
+        ) -> adi_task_store::Result<u64> {
+            self.unstalled().await;
+            self.inner.append_log(id, stream, text).await
+        }
+        async fn read_logs(
+            &self,
+            id: TaskId,
+            after_seq: u64,
+            limit: u32,
+        ) -> adi_task_store::Result<Vec<LogLine>> {
+            self.inner.read_logs(id, after_seq, limit).await
+        }
+        async fn fail_interrupted(&self) -> adi_task_store::Result<Vec<TaskId>> {
+            self.inner.fail_interrupted().await
+        }
+    }
+
+    #[tokio::test]
+    async fn cancel_answers_in_time_while_the_store_hangs_and_the_cancel_still_happens() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let store = Arc::new(StallingStore {
+            inner: SqliteTaskStore::open(&dir.path().join("tasks.db"))
+                .await
+                .expect("open store"),
+            stalled: watch::channel(false).0,
+        });
+        let mut cleanup = Cleanup::default();
+        let runner = Runner::start(
+            store.clone(),
+            RunnerConfig {
+                max_concurrent: 1,
+                cancel_wait: Duration::from_millis(300),
+                ..config()
+            },
+        )
+        .await
+        .expect("start");
+        let pidfile = dir.path().join("pid");
+        let running = runner
+            .submit(shell(
+                "sleeper",
+                &format!("echo $$ > '{}'; exec sleep 300", pidfile.display()),
+            ))
+            .await
+            .expect("submit");
+        if let Some(cgroups) = &runner.cgroups {
+            cleanup
+                .cgroups
+                .push(cgroups.dir().join(running.id.to_string()));
+        }
+        let pending = runner
+            .submit(shell("queued", "echo never"))
+            .await
+            .expect("submit");
+        wait_for(&*store, running.id, "running", |t| {
+            t.status == TaskStatus::Running
+        })
+        .await;
+        let pid = wait_for_file(&pidfile).await;
+        cleanup.pids.push(pid.clone());
+
+        store.stalled.send_replace(true);
+        for id in [running.id, pending.id] {
+            let answer = tokio::time::timeout(WAIT, runner.cancel(id))
+                .await
+                .expect("the cancel answers although the store hangs");
+            assert!(
+                matches!(answer, Err(RunnerError::CancelUnderway)),
+                "{answer:?}"
+            );
+        }
+        wait_dead(&[pid], "a cancel whose store hangs").await;
+        store.stalled.send_replace(false);
+        for id in [running.id, pending.id] {
+            let done = wait_final(&*store, id).await;
+            assert_eq!(done.status, TaskStatus::Cancelled, "{done:?}");
+        }
+        runner.shutdown().await;
     }
 
     #[test]

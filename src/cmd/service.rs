@@ -9,7 +9,10 @@
 //! secret, readable by its owner only: a unit file is world-readable, a token is a secret.
 //! systemd sends SIGTERM to the agent alone (`KillMode=mixed`), so it finishes its requests
 //! in flight and stops its tasks' commands itself, and waits for that longer than the
-//! agent's shutdown grace.
+//! agent's shutdown grace. The unit delegates its cgroup to the agent (`Delegate=yes`), so
+//! the agent may give each task a cgroup of its own inside the unit's and end a task by
+//! killing its cgroup; those stay inside the unit's cgroup, so systemd's final SIGKILL to
+//! what remains after the stop still reaches every task process.
 
 use std::ffi::OsString;
 use std::fmt::Write as _;
@@ -394,6 +397,7 @@ fn unit_file(spec: &UnitSpec<'_>) -> Result<String> {
          RestartSec=5s\n\
          RestartPreventExitStatus={refused}\n\
          KillMode=mixed\n\
+         Delegate=yes\n\
          TimeoutStopSec={stop}s\n\
          \n\
          [Install]\n\

@@ -721,3 +721,72 @@ impl Drop for Browser {
             .status();
     }
 }
+
+/// The directory a cocoon started by this test puts its task cgroups in: cgroup v2's
+/// mount and this process's own cgroup (which the cocoon inherits), read from the kernel,
+/// then `adi-tasks`. `None` after saying SKIPPED where that directory cannot be written;
+/// an error instead when `CI` is set, where it must be writable.
+pub fn task_cgroups_dir() -> Result<Option<PathBuf>> {
+    let found = (|| -> Result<PathBuf> {
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+        let mount = mounts
+            .lines()
+            .find_map(|line| {
+                let (left, right) = line.split_once(" - ")?;
+                (right.split_whitespace().next() == Some("cgroup2"))
+                    .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
+            })
+            .context("no cgroup2 mount")?;
+        let own = std::fs::read_to_string("/proc/self/cgroup")?;
+        let own = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .context("no cgroup v2 line in /proc/self/cgroup")?;
+        let dir = mount.join(own.trim_start_matches('/')).join("adi-tasks");
+        let probe = dir.join(format!("test-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&probe).with_context(|| probe.display().to_string())?;
+        std::fs::remove_dir(&probe).with_context(|| probe.display().to_string())?;
+        Ok(dir)
+    })();
+    match found {
+        Ok(dir) => Ok(Some(dir)),
+        Err(e) if std::env::var("CI").map(|v| !v.is_empty()).unwrap_or(false) => {
+            bail!("cgroup v2 is not writable here and CI is set: {e:#}")
+        }
+        Err(e) => {
+            eprintln!("*** SKIPPED: cgroup v2 is not writable here: {e:#} ***");
+            Ok(None)
+        }
+    }
+}
+
+/// What a task test may leave behind if it fails: task cgroups, killed and removed, and
+/// the `sleep 300`s its commands started, killed (checked by their command line, so a
+/// reused pid is never hit).
+#[derive(Default)]
+pub struct Leftovers {
+    pub cgroups: Vec<PathBuf>,
+    pub pids: Vec<u32>,
+}
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        for pid in &self.pids {
+            if std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == b"sleep\x00300\x00")
+            {
+                signal(*pid, "KILL");
+            }
+        }
+        for cgroup in &self.cgroups {
+            if !cgroup.exists() {
+                continue;
+            }
+            let _ = std::fs::write(cgroup.join("cgroup.kill"), "1");
+            let start = Instant::now();
+            while std::fs::remove_dir(cgroup).is_err() && start.elapsed() < Duration::from_secs(10)
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}

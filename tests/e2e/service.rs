@@ -137,6 +137,8 @@ async fn the_installed_unit_passes_systemd_and_runs_this_cocoon() -> Result<()> 
         "the token stays out of the unit:\n{unit}"
     );
     assert_eq!(setting(&unit, "KillMode"), Some("mixed"), "{unit}");
+    // The agent may make a cgroup per task inside the unit's.
+    assert_eq!(setting(&unit, "Delegate"), Some("yes"), "{unit}");
     assert_eq!(setting(&unit, "WantedBy"), Some("default.target"), "{unit}");
     assert_eq!(
         setting(&unit, "After"),

@@ -8,7 +8,9 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use serde_json::{json, Value};
 
-use crate::harness::{cli, drop_postgres, fresh_postgres, wait_for, Api, Cocoon, Hub};
+use crate::harness::{
+    cli, drop_postgres, fresh_postgres, task_cgroups_dir, wait_for, Api, Cocoon, Hub, Leftovers,
+};
 
 async fn create(api: &Api, device: &str, body: Value) -> Result<Value> {
     let (status, task) = api
@@ -1202,5 +1204,142 @@ async fn pages_fit_a_hub_configured_with_a_smaller_frame_limit() -> Result<()> {
     }
     assert_eq!(seen.len(), 20);
     api.wait_online(&id, true, Duration::from_secs(2)).await?;
+    Ok(())
+}
+
+/// A command that starts two `sleep 300`s meant to outlive it: one detached every way at
+/// once (a new session and so a new process group, a cleared environment, a double fork,
+/// no descriptor of the task's), one under `nohup`. It writes their pids into `dir`
+/// (`detached`, `nohup`), then runs `then`.
+fn detacher(dir: &std::path::Path, then: &str) -> Value {
+    let script = format!(
+        "(setsid env -i PATH=\"$PATH\" sh -c 'sleep 300 </dev/null >/dev/null 2>&1 & echo $! > {d}/detached' &); \
+         nohup sleep 300 </dev/null >/dev/null 2>&1 & echo $! > {d}/nohup; \
+         while [ ! -s {d}/detached ] || [ ! -s {d}/nohup ]; do sleep 0.05; done; {then}",
+        d = dir.display()
+    );
+    json!(["sh", "-c", script])
+}
+
+/// The pids of the two sleeps [`detacher`] started, once both run; kept for cleanup.
+async fn detached_pids(dir: &std::path::Path, leftovers: &mut Leftovers) -> Result<Vec<u32>> {
+    let mut pids = Vec::new();
+    for name in ["detached", "nohup"] {
+        let path = dir.join(name);
+        let pid = wait_for(
+            &format!("the {name} pid"),
+            Duration::from_secs(20),
+            || async {
+                Ok(std::fs::read_to_string(&path)
+                    .ok()
+                    .filter(|t| t.ends_with('\n'))
+                    .and_then(|t| t.trim().parse::<u32>().ok()))
+            },
+        )
+        .await?;
+        leftovers.pids.push(pid);
+        assert!(!process_is_dead(pid), "the {name} sleep runs");
+        pids.push(pid);
+    }
+    Ok(pids)
+}
+
+async fn wait_dead(pids: &[u32], what: &str) -> Result<()> {
+    wait_for(what, Duration::from_secs(20), || async {
+        Ok(pids.iter().all(|p| process_is_dead(*p)).then_some(()))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn cancel_and_the_end_of_a_task_end_every_descendant_however_it_detached() -> Result<()> {
+    let Some(cgroups) = task_cgroups_dir()? else {
+        return Ok(());
+    };
+    let mut leftovers = Leftovers::default();
+    let hub = Hub::start().await?;
+    let alice = Api::login(&hub.url, &hub.add_user("alice")?).await?;
+    let c = Cocoon::start(&hub.url, "whole", Some(&alice.setup_token(60).await?), &[])?;
+    let d = c.device_id().await?;
+
+    let cancelled = tempfile::tempdir()?;
+    let t = create(
+        &alice,
+        &d,
+        json!({"title": "detacher", "command": detacher(cancelled.path(), "exec sleep 300")}),
+    )
+    .await?;
+    let id = t["id"].as_str().unwrap_or_default();
+    leftovers.cgroups.push(cgroups.join(id));
+    let pids = detached_pids(cancelled.path(), &mut leftovers).await?;
+    let (status, body) = alice
+        .post(&format!("/api/cocoons/{d}/tasks/{id}/cancel"), json!({}))
+        .await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "cancelled", "{body}");
+    wait_dead(&pids, "the cancelled task's descendants to die").await?;
+    assert!(!cgroups.join(id).exists(), "its cgroup is removed");
+
+    let exited = tempfile::tempdir()?;
+    let t = create(
+        &alice,
+        &d,
+        json!({"title": "daemoniser", "command": detacher(exited.path(), "exit 0")}),
+    )
+    .await?;
+    let id = t["id"].as_str().unwrap_or_default();
+    leftovers.cgroups.push(cgroups.join(id));
+    let pids = detached_pids(exited.path(), &mut leftovers).await?;
+    wait_status(&alice, &d, id, "completed").await?;
+    wait_dead(&pids, "the daemons of a task that exited to die").await?;
+    assert!(!cgroups.join(id).exists(), "its cgroup is removed");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_killed_cocoon_ends_what_its_task_detached_when_it_starts_again() -> Result<()> {
+    let Some(cgroups) = task_cgroups_dir()? else {
+        return Ok(());
+    };
+    let mut leftovers = Leftovers::default();
+    let hub = Hub::start().await?;
+    let alice = Api::login(&hub.url, &hub.add_user("alice")?).await?;
+    let dir = tempfile::tempdir()?;
+    let mut c = Cocoon::start_in(
+        &hub.url,
+        "crashy",
+        Some(&alice.setup_token(60).await?),
+        dir.path(),
+        &[],
+    )?;
+    let d = c.device_id().await?;
+    let pids_dir = tempfile::tempdir()?;
+    let t = create(
+        &alice,
+        &d,
+        json!({"title": "detacher", "command": detacher(pids_dir.path(), "exec sleep 300")}),
+    )
+    .await?;
+    let id = t["id"].as_str().unwrap_or_default();
+    leftovers.cgroups.push(cgroups.join(id));
+    let pids = detached_pids(pids_dir.path(), &mut leftovers).await?;
+    c.proc.kill();
+    alice.wait_online(&d, false, Duration::from_secs(5)).await?;
+    assert!(
+        pids.iter().all(|p| !process_is_dead(*p)),
+        "nobody was there to stop them"
+    );
+
+    let _again = Cocoon::start_in(&hub.url, "crashy", None, dir.path(), &[])?;
+    let t = wait_status(&alice, &d, id, "failed").await?;
+    assert!(
+        t["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("interrupted"),
+        "{t}"
+    );
+    wait_dead(&pids, "the interrupted task's descendants to die").await?;
+    assert!(!cgroups.join(id).exists(), "its cgroup is removed");
     Ok(())
 }
