@@ -13,6 +13,7 @@ use std::io::{Read, Seek, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use adi_task_store::owner_only;
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 
@@ -57,13 +58,14 @@ pub fn acquire(data_dir: &Path, about: &str) -> Result<DataDirLock, LockError> {
         path: path.clone(),
         source,
     };
-    std::fs::create_dir_all(data_dir).map_err(io)?;
+    owner_only::dir(data_dir).map_err(io)?;
+    owner_only::tighten(&path).map_err(io)?;
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .mode(0o600)
+        .mode(owner_only::FILE_MODE)
         .open(&path)
         .map_err(io)?;
     let mut file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
