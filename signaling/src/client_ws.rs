@@ -28,6 +28,8 @@ pub(crate) async fn serve(state: Arc<HubState>, mut socket: WebSocket) {
         Some(c) => c,
         None => return,
     };
+    // Counted before the client hears it is signed in, so what it reads next agrees.
+    let _counted = state.metrics.client_socket();
     let _ = send(
         &mut socket,
         &HubToClient::Authenticated {
@@ -35,7 +37,6 @@ pub(crate) async fn serve(state: Arc<HubState>, mut socket: WebSocket) {
         },
     )
     .await;
-    let _counted = state.metrics.client_socket();
     let shutdown = state.shutdown.clone();
     // The socket lives no longer than the credential it was opened with.
     let expiry = tokio::time::sleep(until_unix(expires_at));
