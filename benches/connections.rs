@@ -63,7 +63,7 @@ use std::time::Duration;
 use adi_cocoon::CocoonConfig;
 use adi_protocol::{
     decode, encode, DeviceSecret, DeviceToHub, ErrorCode, Heartbeat, HubToDevice, Register,
-    DEFAULT_MAX_FRAME_BYTES, SUPPORTED_VERSIONS,
+    ServiceInfo, DEFAULT_MAX_FRAME_BYTES, SUPPORTED_VERSIONS,
 };
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -261,8 +261,12 @@ async fn bench(opts: Options) -> Result<()> {
     }
 
     eprintln!("\n== adi hub ==");
-    let (hub, restart) = measure_hub(&opts, tmp.path(), clk_tck).await?;
+    let (hub, restart) = measure_hub(&opts, tmp.path(), clk_tck, false).await?;
     results.push(hub);
+    eprintln!("\n== adi hub, devices with services ==");
+    let (with_services, _) = measure_hub(&opts, tmp.path(), clk_tck, true).await?;
+    results.push(with_services);
+    let restart = restart.context("the hub run without services measures the restart")?;
 
     print_report(&opts, &results, &restart);
     Ok(())
@@ -316,7 +320,7 @@ fn print_report(opts: &Options, results: &[Measurement], restart: &Restart) {
             m.client_cpu_percent
         );
     }
-    if let [defaults, small, hub] = results {
+    if let [defaults, small, hub, with_services] = results {
         let ratio = |echo: &Measurement| {
             let e = echo.per_device_kib();
             if e > 0.0 {
@@ -329,6 +333,15 @@ fn print_report(opts: &Options, results: &[Measurement], restart: &Restart) {
             "hub / echo(defaults) = {}   hub / echo(4 KiB) = {}   (target <= 1.25)",
             ratio(defaults),
             ratio(small)
+        );
+        let e = defaults.per_device_kib();
+        println!(
+            "hub with services / echo(defaults) = {}   (their sockets read into 64 KiB)",
+            if e > 0.0 {
+                format!("{:.2}", with_services.per_device_kib() / e)
+            } else {
+                "n/a".to_owned()
+            }
         );
     }
     println!("(CPU % is of one core over the steady window; client CPU is this bench process, which simulates the devices)");
@@ -557,7 +570,7 @@ async fn measure_echo(
         sleep(Duration::from_millis(10)).await;
     };
     let url = format!("ws://127.0.0.1:{port}/ws/cocoon");
-    let fleet = Fleet::new(Mode::Echo, url, opts, vec![None; opts.devices]);
+    let fleet = Fleet::new(Mode::Echo, url, false, opts, vec![None; opts.devices]);
     let m = measure(&fleet, &mut server, label, opts, clk_tck, None).await;
     fleet.stop().await;
     drop(server);
@@ -877,12 +890,16 @@ async fn mint_tokens(api: &HubApi, n: usize, concurrency: usize) -> Result<Vec<S
     Ok(tokens)
 }
 
+/// A hub with a fleet of devices: without services, then the restart; or, with
+/// `services`, devices that each declare one and so carry proxied bodies (their sockets
+/// get the hub's larger read buffer), without the restart.
 async fn measure_hub(
     opts: &Options,
     scratch: &Path,
     clk_tck: f64,
-) -> Result<(Measurement, Restart)> {
-    let data_dir = scratch.join("hub");
+    services: bool,
+) -> Result<(Measurement, Option<Restart>)> {
+    let data_dir = scratch.join(if services { "hub-services" } else { "hub" });
     let api_key = create_user(&data_dir)?;
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
     let base = format!("http://{addr}");
@@ -900,14 +917,26 @@ async fn measure_hub(
     let api = HubApi::login(http, base, &api_key).await?;
     let tokens = mint_tokens(&api, opts.devices, opts.mint_concurrency).await?;
 
-    let url = format!("ws://{addr}/ws/cocoon");
-    let fleet = Fleet::new(Mode::Hub, url, opts, tokens.into_iter().map(Some).collect());
+    // A cocoon with services says so in its URL, as `CocoonConfig::ws_url` does.
+    let (url, label) = if services {
+        (
+            format!("ws://{addr}/ws/cocoon?bodies=1"),
+            "adi hub (with services)",
+        )
+    } else {
+        (format!("ws://{addr}/ws/cocoon"), "adi hub")
+    };
+    let tokens = tokens.into_iter().map(Some).collect();
+    let fleet = Fleet::new(Mode::Hub, url, services, opts, tokens);
     let result = async {
-        let m = measure(&fleet, &mut hub, "adi hub", opts, clk_tck, Some(&api)).await?;
+        let m = measure(&fleet, &mut hub, label, opts, clk_tck, Some(&api)).await?;
         report_line(&m);
+        if services {
+            return Ok((m, None));
+        }
         eprintln!("\n== restart ==");
         let restart = restart_hub(opts, &fleet, &mut hub, addr, &data_dir, scratch, &api).await?;
-        Ok((m, restart))
+        Ok((m, Some(restart)))
     }
     .await;
     fleet.stop().await;
@@ -1024,6 +1053,8 @@ struct Device {
 struct Shared {
     mode: Mode,
     url: String,
+    /// Devices declare a service, as a cocoon that carries proxied bodies does.
+    services: bool,
     interval: Duration,
     /// Only its `backoff` is used: the reconnect policy of the real cocoon.
     policy: CocoonConfig,
@@ -1041,7 +1072,13 @@ struct Shared {
 }
 
 impl Fleet {
-    fn new(mode: Mode, url: String, opts: &Options, tokens: Vec<Option<String>>) -> Self {
+    fn new(
+        mode: Mode,
+        url: String,
+        services: bool,
+        opts: &Options,
+        tokens: Vec<Option<String>>,
+    ) -> Self {
         let devices = tokens
             .into_iter()
             .enumerate()
@@ -1056,6 +1093,7 @@ impl Fleet {
             mode,
             policy: CocoonConfig::new(url.clone(), "/nonexistent", "sim"),
             url,
+            services,
             interval: opts.interval,
             stop: CancellationToken::new(),
             connect_gate: Arc::new(Semaphore::new(opts.connect_concurrency)),
@@ -1259,7 +1297,15 @@ async fn session(
         secret: device.secret.clone(),
         setup_token: device.token.clone(),
         name: device.name.clone(),
-        services: Vec::new(),
+        services: if shared.services {
+            vec![ServiceInfo {
+                name: "web".into(),
+                port: 8080,
+                health_path: None,
+            }]
+        } else {
+            Vec::new()
+        },
         capabilities: Vec::new(),
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         location: None,

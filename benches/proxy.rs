@@ -51,7 +51,8 @@
 //!
 //! Options: `--duration D` (measured window per run, whole seconds, default 10s),
 //! `--warmup D` (default 2s), `--connections N` (default 64), `--threads N` (wrk
-//! threads, default: CPUs), `--rounds N` (repeat every run, medians in the summary),
+//! threads, default: one per CPU, at most one per connection), `--rounds N` (repeat
+//! every run, in alternating order; medians in the summary),
 //! `--load auto|wrk|builtin`, `--only direct,adi,rathole`, `--sizes 1k,1m`,
 //! `--rathole PATH`, `--rust-log FILTER` (`RUST_LOG` for hub, cocoon and rathole;
 //! default: each one's own default, `info`). Unknown flags (such as the `--bench` cargo
@@ -60,6 +61,8 @@
 //! This is a benchmark, not a test: it asserts nothing about the figures. It listens on
 //! loopback only, stops by itself and kills every process it started, also on error.
 //! Figures and their discussion are in `BENCHMARKS.md`.
+
+mod support;
 
 use std::fmt::Write as _;
 use std::fs;
@@ -187,7 +190,7 @@ impl Options {
             duration: Duration::from_secs(10),
             warmup: Duration::from_secs(2),
             connections: 64,
-            threads: cpus,
+            threads: 0,
             rounds: 1,
             load: Load::Auto,
             routes: vec![Route::Direct, Route::Adi, Route::Rathole],
@@ -280,6 +283,11 @@ impl Options {
             "--warmup must be whole seconds"
         );
         ensure!(opts.connections > 0, "--connections must be at least 1");
+        if opts.threads == 0 {
+            // wrk needs a connection per thread: one thread per CPU, at most one per
+            // connection.
+            opts.threads = cpus.min(opts.connections);
+        }
         ensure!(
             opts.threads > 0 && opts.threads <= opts.connections,
             "--threads must be 1 to --connections"
@@ -512,8 +520,14 @@ async fn bench(opts: Options) -> Result<()> {
 
     let mut runs = Vec::new();
     for round in 1..=opts.rounds {
+        // Every other round runs the paths in the opposite order, so no path always
+        // follows the same one (and its leftover heat, page cache or CPU frequency).
+        let mut routes = opts.routes.clone();
+        if round % 2 == 0 {
+            routes.reverse();
+        }
         for &size in &opts.sizes {
-            for &route in &opts.routes {
+            for &route in &routes {
                 let (url, server_pid, device_pid) = match route {
                     Route::Direct => (
                         format!("http://127.0.0.1:{service_port}{}", size.path()),
@@ -1278,17 +1292,9 @@ fn mib(kib: u64) -> String {
     format!("{:.1}", kib as f64 / 1024.0)
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    Some(if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    })
+fn median(v: Vec<f64>) -> Option<f64> {
+    let m = support::median(v);
+    (!m.is_nan()).then_some(m)
 }
 
 /// CPU time per request of one side, in µs.

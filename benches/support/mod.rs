@@ -196,5 +196,12 @@ pub fn median(mut v: Vec<f64>) -> f64 {
         return f64::NAN;
     }
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        // The mean of the two middle values: taking either one would favour the
+        // better (or the worse) of two rounds.
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
