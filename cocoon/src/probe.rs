@@ -162,17 +162,24 @@ mod tests {
     /// GPU: both say none).
     #[test]
     fn gpu_detection_agrees_with_nvidia_smi() {
-        let listed = std::process::Command::new("nvidia-smi")
+        let listed = gpus_nvidia_smi_lists();
+        assert_eq!(detect_gpu(), listed > 0, "nvidia-smi lists {listed} GPUs");
+    }
+
+    /// The GPUs `nvidia-smi -L` lists: the driver's own account, independent of NVML
+    /// as this crate uses it; 0 without a driver.
+    fn gpus_nvidia_smi_lists() -> usize {
+        std::process::Command::new("nvidia-smi")
             .arg("-L")
             .output()
             .ok()
             .filter(|o| o.status.success())
-            .is_some_and(|o| {
+            .map_or(0, |o| {
                 String::from_utf8_lossy(&o.stdout)
                     .lines()
-                    .any(|l| l.starts_with("GPU "))
-            });
-        assert_eq!(detect_gpu(), listed, "nvidia-smi lists a GPU: {listed}");
+                    .filter(|l| l.starts_with("GPU "))
+                    .count()
+            })
     }
 
     #[test]
@@ -188,10 +195,15 @@ mod tests {
             "{}",
             second.cpu_percent
         );
-        // Every GPU NVML lists has a name and memory figures that fit.
+        // Exactly the GPUs the driver lists (none without one), each with a name, a
+        // uuid and memory figures that fit.
+        assert_eq!(second.gpus.len(), gpus_nvidia_smi_lists(), "{second:?}");
         for g in &second.gpus {
             assert!(!g.name.is_empty());
+            assert!(g.uuid.starts_with("GPU-"), "{}", g.uuid);
+            assert!(g.memory_total_bytes > 0);
             assert!(g.memory_used_bytes <= g.memory_total_bytes);
+            assert!(g.utilization_percent <= 100);
         }
     }
 }

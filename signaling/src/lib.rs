@@ -98,6 +98,8 @@ pub struct HubState {
     pub shutdown: CancellationToken,
     /// The connections held, under the hub's caps.
     pub(crate) admission: Arc<server::Admission>,
+    /// Whose turn it is among devices tied for best in capability routing.
+    pub(crate) routing_turn: std::sync::atomic::AtomicUsize,
 }
 
 /// A running hub.
@@ -179,6 +181,7 @@ pub async fn spawn(config: HubConfig) -> Result<HubHandle, HubError> {
         readiness: readiness::Readiness::default(),
         shutdown: CancellationToken::new(),
         admission: admission.clone(),
+        routing_turn: std::sync::atomic::AtomicUsize::new(0),
         catalog,
         config,
     });

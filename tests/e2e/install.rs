@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Result};
 
-use crate::harness::{wait_for, Api, Hub, Proc, ADI};
+use crate::harness::{Api, Hub, Proc, ADI};
 
 #[tokio::test]
 async fn install_one_liner_installs_adi_and_enrols_the_device() -> Result<()> {
@@ -53,10 +53,23 @@ async fn install_one_liner_installs_adi_and_enrols_the_device() -> Result<()> {
     assert_eq!(devices.len(), 1);
     assert_eq!(devices[0]["name"], "installed");
     assert_eq!(devices[0]["online"], true);
-    // `sh` exec'd into adi, so the child is the cocoon itself.
-    let pid = proc.pid();
+    // The script exec'd into the installed adi: that process is the cocoon, and
+    // stopping it takes the device offline.
+    let running: Vec<u32> = std::fs::read_dir("/proc")?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|pid: &u32| {
+            std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe == installed)
+        })
+        .collect();
+    let [cocoon] = running[..] else {
+        anyhow::bail!("one process of the installed adi should run: {running:?}");
+    };
+    let id = devices[0]["id"].as_str().unwrap_or_default().to_owned();
+    crate::harness::signal(cocoon, "TERM");
+    alice
+        .wait_online(&id, false, Duration::from_secs(10))
+        .await?;
     drop(proc);
-    let _ = pid;
 
     // Without a token it installs and says how to enrol.
     let out = Command::new("sh")
@@ -136,9 +149,14 @@ async fn adi_dev_runs_a_hub_with_a_local_cocoon() -> Result<()> {
         .await?;
     let out = proc.output();
     assert!(out.contains(&id), "same device id after restart: {out}");
-    wait_for("exit cleanly", Duration::from_secs(1), || async {
-        Ok(Some(()))
-    })
-    .await?;
+    // Ctrl-C (SIGINT) stops both, cleanly.
+    crate::harness::signal(proc.pid(), "INT");
+    let mut proc = proc;
+    assert_eq!(
+        proc.wait_exit(Duration::from_secs(15)).await?,
+        0,
+        "{}",
+        proc.output()
+    );
     Ok(())
 }

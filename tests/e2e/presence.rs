@@ -116,13 +116,23 @@ async fn load_is_reported_and_a_machine_without_nvidia_says_no_gpu_once() -> Res
     assert!(load["ram_total_bytes"].as_u64().unwrap_or(0) > 0, "{load}");
     let cpu = load["cpu_percent"].as_f64().unwrap_or(-1.0);
     assert!((0.0..=100.0).contains(&cpu), "{load}");
-    let nvidia = std::path::Path::new("/dev/nvidiactl").exists();
-    if !nvidia {
-        assert_eq!(load["gpus"], serde_json::json!([]), "{load}");
+    let gpus = load["gpus"].as_array().cloned().unwrap_or_default();
+    assert_eq!(gpus.len(), gpus_the_driver_lists(), "{load}");
+    if gpus.is_empty() {
         // Several samples later, "no GPU" was still said only once.
         tokio::time::sleep(Duration::from_millis(800)).await;
         let said = c.proc.output().matches("no GPU").count();
         assert_eq!(said, 1, "{}", c.proc.output());
+    } else {
+        assert!(
+            c.proc.output().contains("NVML loaded"),
+            "{}",
+            c.proc.output()
+        );
+        for g in &gpus {
+            assert!(g["name"].as_str().is_some_and(|n| !n.is_empty()), "{g}");
+            assert!(g["memory_total_bytes"].as_u64().unwrap_or(0) > 0, "{g}");
+        }
     }
     let cfg = tempfile::tempdir()?;
     let (code, table, err) = crate::harness::cli(
@@ -182,8 +192,13 @@ async fn hardware_and_location_are_configuration_and_heartbeats_never_write_the_
         view["hardware"]["ram_total_bytes"], view["load"]["ram_total_bytes"],
         "{view}"
     );
-    // No NVIDIA driver here: the probe reports no GPU, and the cocoon runs on.
-    assert_eq!(view["hardware"]["gpus"], serde_json::json!([]), "{view}");
+    // The hardware names exactly the GPUs the driver lists: none without a driver,
+    // and the cocoon runs on.
+    assert_eq!(
+        view["hardware"]["gpus"].as_array().map_or(0, Vec::len),
+        gpus_the_driver_lists(),
+        "{view}"
+    );
 
     // Six more heartbeats, each seen as the heartbeat age falling back: the catalog's
     // files stay as they were, load changes and all.
@@ -214,4 +229,19 @@ async fn hardware_and_location_are_configuration_and_heartbeats_never_write_the_
     assert_eq!(offline["hardware"], view["hardware"]);
     assert_eq!(offline["location"], "rack 3, shelf 2");
     Ok(())
+}
+
+/// The GPUs `nvidia-smi -L` lists on this machine: 0 without an NVIDIA driver.
+fn gpus_the_driver_lists() -> usize {
+    std::process::Command::new("nvidia-smi")
+        .arg("-L")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map_or(0, |o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter(|l| l.starts_with("GPU "))
+                .count()
+        })
 }

@@ -641,7 +641,7 @@ async fn a_stalled_download_does_not_block_small_requests_and_a_departed_client_
 }
 
 #[tokio::test]
-async fn errors_are_fast_and_say_why() -> Result<()> {
+async fn errors_have_their_status_and_say_why() -> Result<()> {
     let mut s = setup(&["--proxy-max-body-bytes", "1000"]).await?;
     let get = |url: String| s.req(reqwest::Method::GET, &url).send();
 
