@@ -39,12 +39,12 @@ use tracing::{debug, info, warn};
 
 use crate::auth::unix_now_i64;
 use crate::catalog::{CatalogError, DeviceConfig, DeviceRecord, UserId};
+use crate::link::command::{
+    Answer, Call, Command, Ended, ProxyCall, ProxyOpened, ReplyTo, ResponseHead, RpcError,
+};
 use crate::link::{AskSlot, ConnHandle, Next, Stop, MAX_DEVICE_REQUESTS};
 use crate::registry::{Agent, ConnId};
 use crate::routing::{self, Destination, Requester};
-use crate::rpc::{
-    Answer, Call, Command, Ended, ProxyCall, ProxyOpened, ReplyTo, ResponseHead, RpcError,
-};
 use crate::tokens::{self, TokenError};
 use crate::HubState;
 

@@ -119,7 +119,7 @@ pub struct Candidate {
     pub handle: ConnHandle,
     /// Its offer that matches the query (the newest, if it has several).
     pub offer: CapabilityOffer,
-    /// Its load share in [0, 1) from its last report ([`crate::routing::load_share`]).
+    /// Its load share in [0, 1) from its last report ([`load_share`]).
     pub load_share: f64,
     /// Its owners.
     pub owners: Arc<[UserId]>,
@@ -184,6 +184,36 @@ impl<T: Hash + Eq + Clone> Lists<T> {
             .unwrap_or_else(PoisonError::into_inner)
             .len()
     }
+}
+
+/// A device's load share in [0, 1): GPU utilisation, VRAM in use and CPU when it has
+/// GPUs; CPU alone when it has none; a middling 0.5 before its first report.
+pub fn load_share(load: Option<&LoadReport>) -> f64 {
+    let Some(load) = load else {
+        return 0.5;
+    };
+    let cpu = f64::from(load.cpu_percent.clamp(0.0, 100.0)) / 100.0;
+    let share = if load.gpus.is_empty() {
+        cpu
+    } else {
+        let n = load.gpus.len() as f64;
+        let util = load
+            .gpus
+            .iter()
+            .map(|g| f64::from(g.utilization_percent.min(100)))
+            .sum::<f64>()
+            / n
+            / 100.0;
+        let total: u64 = load.gpus.iter().map(|g| g.memory_total_bytes).sum();
+        let used: u64 = load.gpus.iter().map(|g| g.memory_used_bytes).sum();
+        let vram = if total == 0 {
+            1.0
+        } else {
+            (used as f64 / total as f64).min(1.0)
+        };
+        0.4 * util + 0.3 * vram + 0.3 * cpu
+    };
+    share.clamp(0.0, 0.999)
 }
 
 /// All live connections of this hub.
@@ -494,7 +524,7 @@ impl Registry {
             id: id.clone(),
             handle: e.handle.clone(),
             offer,
-            load_share: crate::routing::load_share(e.load.as_deref()),
+            load_share: load_share(e.load.as_deref()),
             owners: e.owners.clone(),
         })
     }

@@ -20,15 +20,17 @@ use std::time::Duration;
 
 use adi_protocol::{
     CapabilityAnswer, CapabilityOutcome, CapabilityQuery, DeviceId, DeviceReply, DeviceRequest,
-    ErrorCode, LoadReport, RemoteError,
+    ErrorCode, RemoteError,
 };
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::debug;
 
 use crate::catalog::UserId;
+use crate::link::command::{Call, Command, Ended, Ending, ReplyTo, Routed, RpcError};
+pub use crate::registry::load_share;
 use crate::registry::{Candidate, ConnHandle};
-use crate::rpc::{self, Call, Command, Ended, ReplyTo, RpcError};
+use crate::rpc;
 use crate::HubState;
 
 /// Scores closer than this to the best count as equal, so equal devices share the work.
@@ -94,36 +96,6 @@ impl RouteError {
             message: self.to_string(),
         }
     }
-}
-
-/// A device's load share in [0, 1): GPU utilisation, VRAM in use and CPU when it has
-/// GPUs; CPU alone when it has none; a middling 0.5 before its first report.
-pub fn load_share(load: Option<&LoadReport>) -> f64 {
-    let Some(load) = load else {
-        return 0.5;
-    };
-    let cpu = f64::from(load.cpu_percent.clamp(0.0, 100.0)) / 100.0;
-    let share = if load.gpus.is_empty() {
-        cpu
-    } else {
-        let n = load.gpus.len() as f64;
-        let util = load
-            .gpus
-            .iter()
-            .map(|g| f64::from(g.utilization_percent.min(100)))
-            .sum::<f64>()
-            / n
-            / 100.0;
-        let total: u64 = load.gpus.iter().map(|g| g.memory_total_bytes).sum();
-        let used: u64 = load.gpus.iter().map(|g| g.memory_used_bytes).sum();
-        let vram = if total == 0 {
-            1.0
-        } else {
-            (used as f64 / total as f64).min(1.0)
-        };
-        0.4 * util + 0.3 * vram + 0.3 * cpu
-    };
-    share.clamp(0.0, 0.999)
 }
 
 /// A candidate's score: lower is better.
@@ -361,12 +333,8 @@ struct Retry {
     payload: adi_protocol::Payload,
 }
 
-/// A capability request on its way to one device. It ends exactly once: with the
-/// device's answer, with its error, or, dropped unanswered (the device's connection
-/// ended, or its queue was dropped), as if the device disconnected.
-#[derive(Debug)]
-pub struct Routed(Option<Box<Route>>);
-
+/// One attempt of a routed request at one device: where its ending goes, the device's
+/// in-flight count it holds, and what a second attempt would need.
 struct Route {
     to: Destination,
     device: DeviceId,
@@ -375,46 +343,15 @@ struct Route {
     retry: Option<Retry>,
 }
 
-impl std::fmt::Debug for Route {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Route")
-            .field("device", &self.device)
-            .field("retry", &self.retry.is_some())
-            .finish()
-    }
-}
-
-impl Routed {
-    /// Ends the request with the device's answer, or why there is none.
-    pub fn end(mut self, answer: Result<DeviceReply, RpcError>) {
-        if let Some(route) = self.0.take() {
-            (*route).end(answer);
-        }
-    }
-
-    /// Whether whoever asked has stopped waiting.
-    pub fn is_abandoned(&self) -> bool {
-        self.0.as_ref().is_none_or(|r| r.to.is_gone())
-    }
-}
-
-impl Drop for Routed {
-    fn drop(&mut self) {
-        if let Some(route) = self.0.take() {
-            (*route).end(Err(RpcError::Disconnected));
-        }
-    }
-}
-
-impl Route {
-    fn end(self, answer: Result<DeviceReply, RpcError>) {
+impl Ending for Route {
+    fn end(self: Box<Self>, answer: Result<DeviceReply, RpcError>) {
         let Route {
             to,
             device,
             counted,
             deadline,
             retry,
-        } = self;
+        } = *self;
         // No longer in flight to this device, before the next one is chosen.
         drop(counted);
         let ending = match answer {
@@ -443,6 +380,10 @@ impl Route {
         };
         to.deliver(ending);
     }
+
+    fn is_abandoned(&self) -> bool {
+        self.to.is_gone()
+    }
 }
 
 impl Retry {
@@ -465,13 +406,13 @@ fn send(
     retry: Option<Retry>,
 ) {
     let left = deadline.saturating_duration_since(Instant::now());
-    let routed = Routed(Some(Box::new(Route {
+    let routed = Routed::new(Box::new(Route {
         to,
         device: candidate.id.clone(),
         counted: InFlight::new(candidate),
         deadline,
         retry,
-    })));
+    }));
     let call = Call {
         request: DeviceRequest::Capability {
             capability: query,
@@ -491,7 +432,7 @@ fn send(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use adi_protocol::{CapabilityOffer, GpuReport};
+    use adi_protocol::{CapabilityOffer, GpuReport, LoadReport};
 
     fn candidate(b: u8, in_flight: u32, load: Option<LoadReport>) -> Candidate {
         let handle = ConnHandle::new(0);

@@ -22,7 +22,9 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 
-use crate::rpc::Command;
+pub mod command;
+
+use command::Command;
 
 /// Requests queued for one device before callers are refused. Generous, because a
 /// burst (64 proxied requests at once) must queue rather than fail, and cheap, because
@@ -298,8 +300,8 @@ impl fmt::Debug for AskSlot {
 
 #[cfg(test)]
 mod tests {
+    use super::command::{Answer, Call, ReplyTo, RpcError};
     use super::*;
-    use crate::rpc::{Answer, Call, ReplyTo, RpcError};
     use adi_protocol::{DeviceReply, DeviceRequest, HubToDevice};
     use std::time::Duration;
     use tokio::sync::oneshot;
