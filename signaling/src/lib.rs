@@ -24,7 +24,6 @@ mod install;
 pub mod keys;
 pub mod link;
 pub mod metrics;
-pub mod owner_only;
 mod proxy;
 pub mod readiness;
 pub mod registry;
@@ -34,6 +33,9 @@ mod server;
 mod task_routes;
 pub mod tokens;
 
+/// Owner-only files and directories, re-exported for the CLI, which keeps its session
+/// beside the hub's files and follows the same rule.
+pub use adi_storage::owner_only;
 pub use task_routes::{AggregateTasks, CanRun};
 
 use std::net::SocketAddr;

@@ -18,17 +18,15 @@ use adi_protocol::tasks::{
     LogLine, LogStream, NewTask, Position, Task, TaskFilter, TaskId, TaskPage, TaskStats,
     TaskStatus,
 };
+use adi_storage::{owner_only, Tx};
 use async_trait::async_trait;
-use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 
-use crate::{
-    legal_transition, owner_only, Result, StoreError, TaskStore, TaskUpdate, MAX_LOG_PAGE, MAX_PAGE,
-};
+use crate::{legal_transition, Result, StoreError, TaskStore, TaskUpdate, MAX_LOG_PAGE, MAX_PAGE};
 
 /// How long a statement waits for another connection's write lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -120,60 +118,6 @@ impl SqliteTaskStore {
                 Some(chosen)
             });
         Ok(chosen)
-    }
-}
-
-/// A transaction on a pooled connection of its own, begun and committed with plain
-/// statements.
-///
-/// SQLite ends a transaction by itself on some errors (a full disk, an I/O error); sqlx's
-/// rollback then fails and leaves its pooled connection believing it is still in a
-/// transaction, refusing every later one. So a transaction that does not commit here
-/// closes its connection instead of returning it to the pool: closing rolls back what is
-/// left and frees the write lock, and the next request gets a fresh connection. The same
-/// holds when the request is cancelled half way.
-struct Tx {
-    conn: PoolConnection<Sqlite>,
-    committed: bool,
-}
-
-impl Tx {
-    /// `BEGIN IMMEDIATE` for a write (take the write lock now), `BEGIN` for a snapshot.
-    async fn begin(pool: &SqlitePool, begin: &'static str) -> Result<Self> {
-        let mut tx = Tx {
-            conn: pool.acquire().await?,
-            committed: false,
-        };
-        sqlx::query(begin).execute(&mut *tx.conn).await?;
-        Ok(tx)
-    }
-
-    async fn commit(mut self) -> Result<()> {
-        sqlx::query("COMMIT").execute(&mut *self.conn).await?;
-        self.committed = true;
-        Ok(())
-    }
-}
-
-impl std::ops::Deref for Tx {
-    type Target = SqliteConnection;
-
-    fn deref(&self) -> &SqliteConnection {
-        &self.conn
-    }
-}
-
-impl std::ops::DerefMut for Tx {
-    fn deref_mut(&mut self) -> &mut SqliteConnection {
-        &mut self.conn
-    }
-}
-
-impl Drop for Tx {
-    fn drop(&mut self) {
-        if !self.committed {
-            self.conn.close_on_drop();
-        }
     }
 }
 
@@ -614,54 +558,4 @@ fn now_micros() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
         .unwrap_or_default()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// SQLite rolls a transaction back by itself here, as it may on a full disk; the
-    /// pool's only connection must still serve the next transaction.
-    #[tokio::test]
-    async fn a_transaction_sqlite_ended_itself_leaves_the_pool_usable() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let pool = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(
-                SqliteConnectOptions::new()
-                    .filename(dir.path().join("db"))
-                    .create_if_missing(true),
-            )
-            .await
-            .expect("pool");
-        sqlx::query("CREATE TABLE t (x INTEGER UNIQUE)")
-            .execute(&pool)
-            .await
-            .expect("table");
-        sqlx::query("INSERT INTO t VALUES (1)")
-            .execute(&pool)
-            .await
-            .expect("row");
-        {
-            let mut tx = Tx::begin(&pool, "BEGIN IMMEDIATE").await.expect("begin");
-            sqlx::query("INSERT OR ROLLBACK INTO t VALUES (1)")
-                .execute(&mut *tx)
-                .await
-                .expect_err("SQLite rolls back");
-        }
-        let mut tx = Tx::begin(&pool, "BEGIN IMMEDIATE")
-            .await
-            .expect("a fresh transaction");
-        sqlx::query("INSERT INTO t VALUES (2)")
-            .execute(&mut *tx)
-            .await
-            .expect("insert");
-        tx.commit().await.expect("commit");
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM t")
-            .fetch_one(&pool)
-            .await
-            .expect("count");
-        assert_eq!(n, 2);
-        pool.close().await;
-    }
 }

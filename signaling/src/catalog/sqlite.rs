@@ -20,14 +20,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use adi_protocol::{CapabilityOffer, DeviceId, Hardware, ServiceInfo};
+use adi_storage::Tx;
 use async_trait::async_trait;
 use sqlx::migrate::Migrator;
-use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
-use sqlx::{ConnectOptions, Connection, Row, Sqlite, SqliteConnection};
+use sqlx::{ConnectOptions, Connection, Row, SqliteConnection};
 
 use super::{
     ApiKeyRecord, Catalog, CatalogError, DeviceConfig, DeviceRecord, Owner, Result, TokenKind,
@@ -108,60 +108,6 @@ impl SqliteCatalog {
     /// Closes every connection, waiting for those in use to be returned.
     pub async fn close(&self) {
         self.pool.close().await;
-    }
-}
-
-/// A transaction on a pooled connection of its own, begun and committed with plain
-/// statements.
-///
-/// SQLite ends a transaction by itself on some errors (a full disk, an I/O error); sqlx's
-/// rollback then fails and leaves its pooled connection believing it is still in a
-/// transaction, refusing every later one. So a transaction that does not commit here
-/// closes its connection instead of returning it to the pool: closing rolls back what is
-/// left and frees the write lock, and the next request gets a fresh connection. The same
-/// holds when the request is cancelled half way.
-struct Tx {
-    conn: PoolConnection<Sqlite>,
-    committed: bool,
-}
-
-impl Tx {
-    /// `BEGIN IMMEDIATE` for a write (take the write lock now), `BEGIN` for a snapshot.
-    async fn begin(pool: &SqlitePool, begin: &'static str) -> Result<Self> {
-        let mut tx = Tx {
-            conn: pool.acquire().await?,
-            committed: false,
-        };
-        sqlx::query(begin).execute(&mut *tx.conn).await?;
-        Ok(tx)
-    }
-
-    async fn commit(mut self) -> Result<()> {
-        sqlx::query("COMMIT").execute(&mut *self.conn).await?;
-        self.committed = true;
-        Ok(())
-    }
-}
-
-impl std::ops::Deref for Tx {
-    type Target = SqliteConnection;
-
-    fn deref(&self) -> &SqliteConnection {
-        &self.conn
-    }
-}
-
-impl std::ops::DerefMut for Tx {
-    fn deref_mut(&mut self) -> &mut SqliteConnection {
-        &mut self.conn
-    }
-}
-
-impl Drop for Tx {
-    fn drop(&mut self) {
-        if !self.committed {
-            self.conn.close_on_drop();
-        }
     }
 }
 
@@ -304,8 +250,7 @@ async fn check_integrity(conn: &mut SqliteConnection, path: &Path) -> Result<()>
 
 /// SQLITE_CORRUPT (11) and SQLITE_NOTADB (26), by primary code.
 fn is_corrupt(code: Option<&str>) -> bool {
-    code.and_then(|c| c.parse::<i32>().ok())
-        .is_some_and(|c| matches!(c & 0xff, 11 | 26))
+    adi_storage::outage::sqlite_primary_code(code).is_some_and(|c| matches!(c, 11 | 26))
 }
 
 /// Refuses an SQLite database that is not an adi catalog: one without our migrations
@@ -772,54 +717,4 @@ fn unix_now() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
         .unwrap_or_default()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// SQLite rolls a transaction back by itself here, as it may on a full disk; the
-    /// pool's only connection must still serve the next transaction.
-    #[tokio::test]
-    async fn a_transaction_sqlite_ended_itself_leaves_the_pool_usable() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let pool = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(
-                SqliteConnectOptions::new()
-                    .filename(dir.path().join("db"))
-                    .create_if_missing(true),
-            )
-            .await
-            .expect("pool");
-        sqlx::query("CREATE TABLE t (x INTEGER UNIQUE)")
-            .execute(&pool)
-            .await
-            .expect("table");
-        sqlx::query("INSERT INTO t VALUES (1)")
-            .execute(&pool)
-            .await
-            .expect("row");
-        {
-            let mut tx = Tx::begin(&pool, "BEGIN IMMEDIATE").await.expect("begin");
-            sqlx::query("INSERT OR ROLLBACK INTO t VALUES (1)")
-                .execute(&mut *tx)
-                .await
-                .expect_err("SQLite rolls back");
-        }
-        let mut tx = Tx::begin(&pool, "BEGIN IMMEDIATE")
-            .await
-            .expect("a fresh transaction");
-        sqlx::query("INSERT INTO t VALUES (2)")
-            .execute(&mut *tx)
-            .await
-            .expect("insert");
-        tx.commit().await.expect("commit");
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM t")
-            .fetch_one(&pool)
-            .await
-            .expect("count");
-        assert_eq!(n, 2);
-        pool.close().await;
-    }
 }

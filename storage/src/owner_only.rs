@@ -1,10 +1,11 @@
 //! Owner-only paths: files that hold a secret or user data are 0600 and their
 //! directories 0700, whatever the umask of whoever started the process.
 //!
-//! The hub keeps its signing key in its catalog or key file, and the CLI keeps a session
-//! token; each is created through here, and an existing one that group or others can
-//! reach is tightened with one warning naming it. Modes are set explicitly after each
-//! creation, because the umask only ever removes bits and may remove the owner's own.
+//! The hub keeps its signing key in its catalog or key file, the CLI a session token, and
+//! a device its secret, its local API token and its tasks (commands, outputs, logs); each
+//! is created through here, and an existing one that group or others can reach is
+//! tightened with one warning naming it. Modes are set explicitly after each creation,
+//! because the umask only ever removes bits and may remove the owner's own.
 //!
 //! This module must never loosen a mode, and never change a directory it was not named
 //! (a parent such as `/tmp` belongs to someone else).

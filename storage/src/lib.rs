@@ -1,0 +1,27 @@
+//! What the hub's catalog and a device's task store share: both keep durable data in
+//! SQLite or PostgreSQL, in files that must stay owner-only, and both must tell "the
+//! database cannot serve now" from "this failed".
+//!
+//! Layout, one job each:
+//! - [`owner_only`]: files and directories that hold secrets or user data are created
+//!   0600/0700 and loose ones tightened, whatever the umask.
+//! - [`outage`]: which database errors are outages ([`Outage`]), read from SQLite's
+//!   result codes, PostgreSQL's SQLSTATE and sqlx's error variants.
+//! - [`sqlite_tx`]: the SQLite transaction guard ([`Tx`]) that never returns a connection
+//!   whose transaction did not commit to its pool.
+//! - `test_database` (feature `test-support`): a fresh PostgreSQL database per test and
+//!   an SQLite file in a temporary directory, for the stores' conformance suites and the
+//!   end-to-end tests.
+//!
+//! This crate must never know a store's schema, rows or rules (those belong to the
+//! catalog and the task store), never open a database of its own outside the test
+//! helpers, and never read a database's message text to decide anything.
+
+pub mod outage;
+pub mod owner_only;
+pub mod sqlite_tx;
+#[cfg(feature = "test-support")]
+pub mod test_database;
+
+pub use outage::Outage;
+pub use sqlite_tx::Tx;
