@@ -142,31 +142,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_write_to_a_read_only_sqlite_database_is_an_outage() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("db");
-        let mut rw = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(&path)
-            .create_if_missing(true)
-            .connect()
-            .await
-            .expect("create");
-        sqlx::query("CREATE TABLE t (x)")
-            .execute(&mut rw)
-            .await
-            .expect("table");
-        let mut ro = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(&path)
-            .read_only(true)
-            .connect()
-            .await
-            .expect("open read-only");
-        let e = sqlx::query("INSERT INTO t VALUES (1)")
-            .execute(&mut ro)
-            .await
-            .expect_err("read-only");
+        let e = crate::test_database::read_only_write_error().await;
         assert_eq!(Outage::of(&e), Some(Outage::ReadOnly), "{e}");
-        let _ = ro.close().await;
-        let _ = rw.close().await;
     }
 
     #[tokio::test]

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use sqlx::postgres::PgConnectOptions;
+use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{ConnectOptions, Connection};
 use tokio::sync::{Semaphore, SemaphorePermit};
 
@@ -57,6 +58,35 @@ impl TestSqlite {
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
+}
+
+/// What a write to a read-only SQLite database fails with: a real outage, for the tests
+/// of how a store reports one.
+pub async fn read_only_write_error() -> sqlx::Error {
+    let file = TestSqlite::new("read-only.db");
+    let mut rw = SqliteConnectOptions::new()
+        .filename(file.path())
+        .create_if_missing(true)
+        .connect()
+        .await
+        .expect("create");
+    sqlx::query("CREATE TABLE t (x)")
+        .execute(&mut rw)
+        .await
+        .expect("table");
+    let mut ro = SqliteConnectOptions::new()
+        .filename(file.path())
+        .read_only(true)
+        .connect()
+        .await
+        .expect("open read-only");
+    let e = sqlx::query("INSERT INTO t VALUES (1)")
+        .execute(&mut ro)
+        .await
+        .expect_err("a read-only database refuses writes");
+    let _ = ro.close().await;
+    let _ = rw.close().await;
+    e
 }
 
 /// A throwaway database on the test server, holding one of the test binary's slots.

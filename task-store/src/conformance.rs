@@ -7,15 +7,12 @@
 
 use std::collections::HashSet;
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Duration;
 
 use adi_protocol::tasks::{LogStream, NewTask, Position, Task, TaskFilter, TaskId, TaskStatus};
-use adi_storage::test_database::{with_postgres, TestSqlite};
-use futures_util::FutureExt;
+use adi_storage::conformance::run_then_close;
+use adi_storage::test_database::{read_only_write_error, with_postgres, TestSqlite};
 use serde_json::json;
-use sqlx::{ConnectOptions, Connection};
 
 use crate::{
     PgTaskStore, SqliteTaskStore, StoreError, TaskStore, TaskUpdate, MAX_LOG_PAGE, MAX_PAGE,
@@ -39,63 +36,38 @@ where
 {
     // A nested path, so `open` has to create the parent directories.
     let file = TestSqlite::new("data/tasks.db");
-    let store = Arc::new(
-        SqliteTaskStore::open(file.path())
-            .await
-            .expect("open SQLite task store"),
-    );
-    test(store.clone()).await;
-    store.close().await;
+    let store = SqliteTaskStore::open(file.path())
+        .await
+        .expect("open SQLite task store");
+    run_then_close(
+        Arc::new(store),
+        |s| test(s),
+        |s| async move { s.close().await },
+    )
+    .await;
 }
 
-/// Runs `test` against a PostgreSQL task store in a fresh database, then drops it (also
-/// when the test panics).
+/// Runs `test` against a PostgreSQL task store in a fresh database, then drops it.
 async fn on_postgres<F, Fut>(test: F)
 where
     F: FnOnce(Arc<dyn TaskStore>) -> Fut,
     Fut: Future<Output = ()>,
 {
     with_postgres(SUITE, |options| async move {
-        let store = Arc::new(
-            PgTaskStore::connect_with(options)
-                .await
-                .expect("connect PostgreSQL task store"),
-        );
-        let result = AssertUnwindSafe(test(store.clone())).catch_unwind().await;
-        // Tasks a failed test left behind may hold connections; the drop forces them out.
-        let _ = tokio::time::timeout(Duration::from_secs(5), store.close()).await;
-        if let Err(panic) = result {
-            std::panic::resume_unwind(panic);
-        }
+        let store = PgTaskStore::connect_with(options)
+            .await
+            .expect("connect PostgreSQL task store");
+        run_then_close(
+            Arc::new(store),
+            |s| test(s),
+            |s| async move { s.close().await },
+        )
+        .await;
     })
     .await;
 }
 
-/// Declares each suite function as a test on both backends:
-/// `conformance::sqlite::NAME` and `conformance::postgres::NAME`.
-macro_rules! conformance {
-    ($($name:ident),+ $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    super::on_sqlite(super::$name).await;
-                }
-            )+
-        }
-
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    super::on_postgres(super::$name).await;
-                }
-            )+
-        }
-    };
-}
-
-conformance!(
+adi_storage::conformance_tests!(
     create_and_get_round_trip_every_field,
     minimal_task_round_trips,
     create_trims_and_validates_title,
@@ -1286,35 +1258,17 @@ async fn sqlite_files_are_owner_only_and_loose_ones_tightened() {
 
 #[tokio::test]
 async fn a_write_the_database_refuses_is_an_outage_not_a_failure() {
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let path = dir.path().join("tasks.db");
-    SqliteTaskStore::open(&path)
-        .await
-        .expect("create")
-        .close()
-        .await;
-    let mut ro = sqlx::sqlite::SqliteConnectOptions::new()
-        .filename(&path)
-        .read_only(true)
-        .connect()
-        .await
-        .expect("open read-only");
-    let e = sqlx::query("DELETE FROM tasks")
-        .execute(&mut ro)
-        .await
-        .expect_err("read-only");
-    let e = crate::StoreError::from(e);
+    let e = StoreError::from(read_only_write_error().await);
     assert!(
         matches!(
             e,
-            crate::StoreError::Unavailable {
+            StoreError::Unavailable {
                 outage: crate::Outage::ReadOnly,
                 ..
             }
         ),
         "{e}"
     );
-    let _ = ro.close().await;
 }
 
 #[tokio::test]

@@ -3,11 +3,23 @@
 //! [`TaskStore`] trait, an SQLite backend (the default, a WAL file in the cocoon's data
 //! dir) and a PostgreSQL backend, held to the same behaviour by one conformance suite.
 //!
+//! Layout, one job each:
+//! - this file: the [`TaskStore`] trait, its errors and their conversions, and [`open`],
+//!   which picks a backend from a URL.
+//! - `sqlite` ([`SqliteTaskStore`]) and `postgres` ([`PgTaskStore`]): what differs per
+//!   backend: connection, migrations, SQL text and placeholders, locking.
+//! - `rows`: the one mapping between task rows and the protocol's types, for both.
+//! - `rules`: validation, updates, paging, search escaping and the creation clock, for
+//!   both.
+//! - `conformance` (tests): every behaviour, run against both backends.
+//!
 //! It must never run anything: running commands is the cocoon's runner's job. Nor may it
 //! acknowledge a write it did not commit: a database that cannot write now (disk full,
 //! I/O, a lock held too long, read-only, unreachable) is [`StoreError::Unavailable`].
 
 mod postgres;
+mod rows;
+mod rules;
 mod sqlite;
 
 use std::path::Path;
@@ -76,6 +88,15 @@ pub enum StoreError {
     /// The database URL names no backend we have.
     #[error("unsupported task database URL: use sqlite:PATH or postgres://...")]
     UnsupportedUrl,
+}
+
+impl From<adi_storage::FileError> for StoreError {
+    fn from(e: adi_storage::FileError) -> Self {
+        StoreError::File {
+            path: e.path,
+            source: e.source,
+        }
+    }
 }
 
 impl From<sqlx::Error> for StoreError {
