@@ -6,13 +6,11 @@
 //! the PostgreSQL server is unreachable (a failure in CI, a loud skip elsewhere).
 
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Duration;
 
 use adi_protocol::{CapabilityOffer, DeviceId, GpuModel, Hardware, ServiceInfo};
+use adi_storage::conformance::run_then_close;
 use adi_storage::test_database::{with_postgres, TestSqlite};
-use futures_util::FutureExt;
 use sqlx::Connection;
 
 use super::{
@@ -39,13 +37,15 @@ where
 {
     // A nested path, so `open` has to create the parent directories.
     let file = TestSqlite::new("data/catalog.db");
-    let catalog = Arc::new(
-        SqliteCatalog::open(file.path())
-            .await
-            .expect("open SQLite catalog"),
-    );
-    test(catalog.clone()).await;
-    catalog.close().await;
+    let catalog = SqliteCatalog::open(file.path())
+        .await
+        .expect("open SQLite catalog");
+    run_then_close(
+        Arc::new(catalog),
+        |c| test(c),
+        |c| async move { c.close().await },
+    )
+    .await;
 }
 
 /// Runs `test` against a PostgreSQL catalog in a fresh database, then drops it (also
@@ -56,46 +56,20 @@ where
     Fut: Future<Output = ()>,
 {
     with_postgres(SUITE, |options| async move {
-        let catalog = Arc::new(
-            PgCatalog::connect_with(options)
-                .await
-                .expect("connect PostgreSQL catalog"),
-        );
-        let result = AssertUnwindSafe(test(catalog.clone())).catch_unwind().await;
-        // Tasks a failed test left behind may hold connections; the drop forces them out.
-        let _ = tokio::time::timeout(Duration::from_secs(5), catalog.close()).await;
-        if let Err(panic) = result {
-            std::panic::resume_unwind(panic);
-        }
+        let catalog = PgCatalog::connect_with(options)
+            .await
+            .expect("connect PostgreSQL catalog");
+        run_then_close(
+            Arc::new(catalog),
+            |c| test(c),
+            |c| async move { c.close().await },
+        )
+        .await;
     })
     .await;
 }
 
-/// Declares each suite function as a test on both backends:
-/// `catalog::conformance::sqlite::NAME` and `catalog::conformance::postgres::NAME`.
-macro_rules! conformance {
-    ($($name:ident),+ $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    super::on_sqlite(super::$name).await;
-                }
-            )+
-        }
-
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    super::on_postgres(super::$name).await;
-                }
-            )+
-        }
-    };
-}
-
-conformance!(
+adi_storage::conformance_tests!(
     ping_works,
     write_probes_commit,
     hub_secrets_are_read_and_removed,

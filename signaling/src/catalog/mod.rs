@@ -8,6 +8,14 @@
 //!
 //! Two backends implement [`Catalog`]: SQLite (embedded default, one hub) and
 //! PostgreSQL (several hubs sharing one catalog). One conformance suite runs against both.
+//! Layout, one job each:
+//! - this file: the records, the [`Catalog`] trait, [`CatalogError`] and its
+//!   conversions, and [`open`], which picks a backend.
+//! - `sqlite` ([`SqliteCatalog`]) and `postgres` ([`PgCatalog`]): what differs per
+//!   backend: connection, migrations, the SQLite file checks, SQL text and placeholders,
+//!   locking.
+//! - `rows`: the one mapping between catalog rows and the records, for both.
+//! - `conformance` (tests): every behaviour, run against both backends.
 //!
 //! Failures are typed here once: a database error that says the store cannot read or
 //! write now (disk full, I/O, a lock held too long, read-only, unreachable) becomes
@@ -15,6 +23,7 @@
 //! with a success.
 
 mod postgres;
+mod rows;
 mod sqlite;
 
 use std::path::{Path, PathBuf};
@@ -263,11 +272,31 @@ impl CatalogError {
     }
 }
 
+impl From<adi_storage::FileError> for CatalogError {
+    fn from(e: adi_storage::FileError) -> Self {
+        CatalogError::File {
+            path: e.path,
+            source: e.source,
+        }
+    }
+}
+
 impl From<sqlx::Error> for CatalogError {
     fn from(e: sqlx::Error) -> Self {
         match Outage::of(&e) {
             Some(outage) => CatalogError::Unavailable { outage, detail: e },
             None => CatalogError::Storage(e),
+        }
+    }
+}
+
+impl CatalogError {
+    /// A failed insert: `Conflict(what)` when it broke a unique constraint (the name or
+    /// id is taken), else what any database error is.
+    fn from_insert(e: sqlx::Error, what: impl FnOnce() -> String) -> Self {
+        match &e {
+            sqlx::Error::Database(db) if db.is_unique_violation() => CatalogError::Conflict(what()),
+            _ => e.into(),
         }
     }
 }
@@ -375,33 +404,11 @@ mod conformance;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sqlx::{ConnectOptions, Connection};
+    use adi_storage::test_database::read_only_write_error;
 
     #[tokio::test]
     async fn a_read_only_sqlite_database_is_an_outage() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("db");
-        let mut rw = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(&path)
-            .create_if_missing(true)
-            .connect()
-            .await
-            .expect("create");
-        sqlx::query("CREATE TABLE t (x)")
-            .execute(&mut rw)
-            .await
-            .expect("table");
-        let mut ro = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(&path)
-            .read_only(true)
-            .connect()
-            .await
-            .expect("open read-only");
-        let e = sqlx::query("INSERT INTO t VALUES (1)")
-            .execute(&mut ro)
-            .await
-            .expect_err("read-only");
-        let e = CatalogError::from(e);
+        let e = CatalogError::from(read_only_write_error().await);
         assert!(
             matches!(
                 e,
@@ -417,27 +424,13 @@ mod tests {
             e.public_message(),
             "the hub's catalog is unavailable: read-only"
         );
-        let _ = ro.close().await;
-        let _ = rw.close().await;
     }
 
     #[tokio::test]
     async fn other_database_errors_are_not_outages() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(dir.path().join("db"))
-            .create_if_missing(true)
-            .connect()
-            .await
-            .expect("open");
-        let e = sqlx::query("SELECT * FROM missing")
-            .execute(&mut conn)
-            .await
-            .expect_err("no table");
-        let e = CatalogError::from(e);
+        let e = CatalogError::from(sqlx::Error::RowNotFound);
         assert!(matches!(e, CatalogError::Storage(_)), "{e}");
         assert_eq!(e.code(), ErrorCode::Internal);
         assert_eq!(e.public_message(), "the hub's catalog failed");
-        let _ = conn.close().await;
     }
 }
