@@ -27,7 +27,7 @@ use sqlx::Postgres;
 
 use crate::rows::{self, LogRow, NewTaskRow, StatusCount, TaskRow, TASK_COLUMNS};
 use crate::rules::{self, CreationClock, INTERRUPTED};
-use crate::{Result, StoreError, TaskStore, TaskUpdate, MAX_LOG_PAGE, MAX_PAGE};
+use crate::{Result, StoreError, TaskStore, TaskUpdate, MAX_LOG_PAGE};
 
 /// The transaction-scoped advisory lock creates take (any fixed number; it only has to
 /// be the same for every store on the database).
@@ -109,10 +109,7 @@ impl TaskStore for PgTaskStore {
         after: Option<Position>,
         limit: u32,
     ) -> Result<TaskPage> {
-        if limit == 0 {
-            return Err(StoreError::Invalid("limit must be at least 1".into()));
-        }
-        let limit = limit.min(MAX_PAGE);
+        let limit = rules::page_limit(limit)?;
         let tasks = rows::list_query::<Postgres>(filter, after, limit, "ILIKE")
             .build_query_as::<TaskRow>()
             .fetch_all(&self.pool)

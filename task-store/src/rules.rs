@@ -11,7 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use adi_protocol::tasks::{Position, Task, TaskPage, TaskStatus};
 
-use crate::{legal_transition, Result, StoreError, TaskUpdate};
+use crate::{legal_transition, Result, StoreError, TaskUpdate, MAX_PAGE};
 
 /// Longest title, in characters.
 const MAX_TITLE_CHARS: usize = 200;
@@ -95,6 +95,15 @@ pub(crate) fn apply_update(mut task: Task, update: TaskUpdate, now: i64) -> Resu
     }
     task.updated_at = now.max(task.updated_at).max(task.created_at);
     Ok(task)
+}
+
+/// The number of tasks a listing asks the database for: `limit`, at most [`MAX_PAGE`];
+/// `Invalid` for 0, which could never page.
+pub(crate) fn page_limit(limit: u32) -> Result<u32> {
+    if limit == 0 {
+        return Err(StoreError::Invalid("limit must be at least 1".into()));
+    }
+    Ok(limit.min(MAX_PAGE))
 }
 
 /// A page of `tasks` asked for with `limit`: `next` only when the page came back full.

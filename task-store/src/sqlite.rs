@@ -25,7 +25,7 @@ use sqlx::{Sqlite, SqliteConnection};
 
 use crate::rows::{self, LogRow, NewTaskRow, StatusCount, TaskRow, TASK_COLUMNS};
 use crate::rules::{self, CreationClock, INTERRUPTED};
-use crate::{Result, StoreError, TaskStore, TaskUpdate, MAX_LOG_PAGE, MAX_PAGE};
+use crate::{Result, StoreError, TaskStore, TaskUpdate, MAX_LOG_PAGE};
 
 /// A device's tasks in one SQLite file.
 #[derive(Debug)]
@@ -114,10 +114,7 @@ impl TaskStore for SqliteTaskStore {
         after: Option<Position>,
         limit: u32,
     ) -> Result<TaskPage> {
-        if limit == 0 {
-            return Err(StoreError::Invalid("limit must be at least 1".into()));
-        }
-        let limit = limit.min(MAX_PAGE);
+        let limit = rules::page_limit(limit)?;
         let tasks = rows::list_query::<Sqlite>(filter, after, limit, "LIKE")
             .build_query_as::<TaskRow>()
             .fetch_all(&self.pool)
