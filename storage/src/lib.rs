@@ -3,6 +3,8 @@
 //! database cannot serve now" from "this failed".
 //!
 //! Layout, one job each:
+//! - this file: [`FileError`], the crate's one error of its own (the others are sqlx's
+//!   and the OS's, which each store maps into its own error).
 //! - [`owner_only`]: files and directories that hold secrets or user data are created
 //!   0600/0700 and loose ones tightened, whatever the umask.
 //! - [`outage`]: which database errors are outages ([`Outage`]), read from SQLite's
@@ -17,8 +19,9 @@
 //!   one test per suite function and backend.
 //!
 //! This crate must never know a store's schema, rows or rules (those belong to the
-//! catalog and the task store), never open a database of its own outside the test
-//! helpers, and never read a database's message text to decide anything.
+//! catalog and the task store), never run a store's migrations or statements (only the
+//! test helpers make and drop databases), and never read a database's message text to
+//! decide anything.
 
 #[cfg(feature = "test-support")]
 pub mod conformance;
