@@ -6,7 +6,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use adi_protocol::{DeviceSecret, SecretError};
-use adi_task_store::owner_only;
+use adi_storage::owner_only;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use rand::RngCore;

@@ -169,10 +169,10 @@ pub fn read_info(data_dir: &Path) -> std::io::Result<LocalApiInfo> {
 /// Writes the info file owner-only, in one step: it holds the API's bearer token.
 fn write_private(path: &Path, info: &LocalApiInfo) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
-        adi_task_store::owner_only::create_missing_dirs(dir)?;
+        adi_storage::owner_only::create_missing_dirs(dir)?;
     }
     let bytes = serde_json::to_vec_pretty(info).map_err(std::io::Error::other)?;
-    adi_task_store::owner_only::write(path, &bytes)
+    adi_storage::owner_only::write(path, &bytes)
 }
 
 struct ApiError(RemoteError);

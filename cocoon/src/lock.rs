@@ -13,7 +13,7 @@ use std::io::{Read, Seek, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use adi_task_store::owner_only;
+use adi_storage::owner_only;
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 

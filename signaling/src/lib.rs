@@ -8,6 +8,31 @@
 //!
 //! [`spawn`] starts a hub and hands back a [`HubHandle`], so tests and `adi dev` can run
 //! hubs in-process.
+//!
+//! Layout, one job each:
+//! - `server`: the accept loop; admission, caps and deadlines of every TCP connection.
+//! - `connection`: one actor per cocoon WebSocket, from registration to close.
+//! - `link`: the hub's end of one device connection as everyone but its actor sees it.
+//! - `registry`: which devices are connected now (RAM only, never the catalog).
+//! - `rpc`: asking a device something and waiting for its one answer.
+//! - `routing`: picking the device that serves a capability.
+//! - `aggregate`: fanning a query out to a user's devices and merging the parts.
+//! - `proxy`: `/proxy/...`, a device's loopback service reached through the hub.
+//! - `api`: the REST edge and its one error shape; `task_routes` and
+//!   `capability_routes` are its task and capability routes.
+//! - `client_ws`: a signed-in person's live WebSocket.
+//! - `close`: the close frame a served WebSocket ends with, by the error's type.
+//! - `auth`: API keys exchanged for JWTs, and the JWT every call presents.
+//! - `credential`: the format of every bearer secret the hub hands out.
+//! - `tokens`: one-time setup and share tokens: minting, checking, redeeming.
+//! - `identity`: device ids derived from device secrets under a hub key.
+//! - `keys`: where the hub's keys live (the catalog or a key file).
+//! - `catalog`: what the hub remembers across restarts, on SQLite or PostgreSQL.
+//! - `readiness`: whether the catalog can write right now.
+//! - `metrics`: `/metrics` in Prometheus' text format.
+//! - `install`: the install script, the hub's own executable and the web UI's page.
+//! - `config`: hub configuration, validated before any port is bound.
+//! - `owner_only`: owner-only files (the shared `adi_storage` module, for the CLI).
 
 pub mod aggregate;
 pub mod api;
@@ -24,7 +49,6 @@ mod install;
 pub mod keys;
 pub mod link;
 pub mod metrics;
-pub mod owner_only;
 mod proxy;
 pub mod readiness;
 pub mod registry;
@@ -34,6 +58,9 @@ mod server;
 mod task_routes;
 pub mod tokens;
 
+/// Owner-only files and directories, re-exported for the CLI, which keeps its session
+/// beside the hub's files and follows the same rule.
+pub use adi_storage::owner_only;
 pub use task_routes::{AggregateTasks, CanRun};
 
 use std::net::SocketAddr;

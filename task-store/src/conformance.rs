@@ -1,29 +1,25 @@
 //! The task store conformance suite: every [`TaskStore`] behaviour the cocoon and the
 //! hub rely on, written once against `Arc<dyn TaskStore>` and run against both backends.
 //!
-//! SQLite runs on a real file in a temporary directory. PostgreSQL runs on a fresh
-//! database per test, created on the server named by `ADI_TEST_POSTGRES_URL` (default
-//! `postgres://postgres@127.0.0.1:5432/postgres`) and dropped afterwards. When that
-//! server is unreachable the PostgreSQL tests fail if `CI` is set, and are skipped with
-//! a loud line on stderr otherwise.
+//! SQLite runs on a real file in a temporary directory, PostgreSQL on a fresh database
+//! per test, both from `adi_storage::test_database`, which also says what happens when
+//! the PostgreSQL server is unreachable (a failure in CI, a loud skip elsewhere).
 
 use std::collections::HashSet;
 use std::future::Future;
-use std::io::Write;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Duration;
 
 use adi_protocol::tasks::{LogStream, NewTask, Position, Task, TaskFilter, TaskId, TaskStatus};
-use futures_util::FutureExt;
+use adi_storage::conformance::run_then_close;
+use adi_storage::test_database::{read_only_write_error, with_postgres, TestSqlite};
 use serde_json::json;
-use sqlx::postgres::PgConnectOptions;
-use sqlx::{ConnectOptions, Connection};
-use tokio::sync::Semaphore;
 
 use crate::{
     PgTaskStore, SqliteTaskStore, StoreError, TaskStore, TaskUpdate, MAX_LOG_PAGE, MAX_PAGE,
 };
+
+/// The suite's name in the line that says a PostgreSQL test was skipped.
+const SUITE: &str = "task store";
 
 /// The reason `fail_interrupted` records.
 const INTERRUPTED: &str = "interrupted: the device restarted while it ran";
@@ -38,118 +34,17 @@ where
     F: FnOnce(Arc<dyn TaskStore>) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let dir = tempfile::tempdir().expect("temporary directory");
     // A nested path, so `open` has to create the parent directories.
-    let path = dir.path().join("data").join("tasks.db");
-    let store = Arc::new(
-        SqliteTaskStore::open(&path)
-            .await
-            .expect("open SQLite task store"),
-    );
-    test(store.clone()).await;
-    store.close().await;
-}
-
-/// Default server the PostgreSQL tests create their databases on.
-const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
-
-/// Caps how many PostgreSQL tests hold databases (and pools) at once, so a many-core
-/// test run stays under the server's connection limit. Shared by every test's runtime.
-static POSTGRES_SLOTS: Semaphore = Semaphore::const_new(4);
-
-/// A throwaway database on the test server.
-struct TestDatabase {
-    admin: PgConnectOptions,
-    name: String,
-}
-
-impl TestDatabase {
-    /// Creates a fresh database, or returns `None` (after saying so) when the server is
-    /// unreachable outside CI. Panics when it is unreachable in CI.
-    async fn create() -> Option<Self> {
-        let url =
-            std::env::var("ADI_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_POSTGRES_URL.into());
-        let admin: PgConnectOptions = url
-            .parse()
-            .expect("ADI_TEST_POSTGRES_URL is not a PostgreSQL URL");
-        let admin = admin.disable_statement_logging();
-        let server = format!("{}:{}", admin.get_host(), admin.get_port());
-        let mut conn = match tokio::time::timeout(Duration::from_secs(5), admin.connect()).await {
-            Ok(Ok(conn)) => conn,
-            Ok(Err(e)) => return unreachable(&server, &e.to_string()),
-            Err(_) => return unreachable(&server, "connection timed out"),
-        };
-        let name = format!("adi_test_tasks_{}", uuid::Uuid::new_v4().simple());
-        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
-            .execute(&mut conn)
-            .await
-            .unwrap_or_else(|e| panic!("CREATE DATABASE {name} on {server}: {e}"));
-        let _ = conn.close().await;
-        Some(TestDatabase { admin, name })
-    }
-
-    fn options(&self) -> PgConnectOptions {
-        self.admin.clone().database(&self.name)
-    }
-
-    /// Drops the database, best-effort.
-    async fn drop_database(self) {
-        let Ok(mut conn) = self.admin.connect().await else {
-            eprintln!(
-                "warning: could not reconnect to drop test database {}",
-                self.name
-            );
-            return;
-        };
-        let dropped = sqlx::query(&format!(
-            "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-            self.name
-        ))
-        .execute(&mut conn)
-        .await;
-        if let Err(e) = dropped {
-            eprintln!("warning: could not drop test database {}: {e}", self.name);
-        }
-        let _ = conn.close().await;
-    }
-}
-
-/// What to do when the PostgreSQL test server cannot be reached.
-fn unreachable(server: &str, why: &str) -> Option<TestDatabase> {
-    let in_ci = std::env::var("CI").is_ok_and(|v| !v.is_empty());
-    if in_ci {
-        panic!(
-            "PostgreSQL is unreachable at {server} ({why}) and CI is set: the PostgreSQL \
-             task store tests must run in CI. Start a server or set ADI_TEST_POSTGRES_URL."
-        );
-    }
-    // Straight to the process's stderr: libtest captures `eprintln!` of passing tests.
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n*** SKIPPED: postgres unreachable at {server} ({why}); PostgreSQL task store \
-         test not run. Set ADI_TEST_POSTGRES_URL, or CI=1 to make this a failure. ***\n"
-    );
-    None
-}
-
-/// Runs `body` with a fresh test database, then drops it (also when `body` panics).
-async fn with_test_database<F, Fut>(body: F)
-where
-    F: FnOnce(PgConnectOptions) -> Fut,
-    Fut: Future<Output = ()>,
-{
-    let _slot = POSTGRES_SLOTS
-        .acquire()
+    let file = TestSqlite::new("data/tasks.db");
+    let store = SqliteTaskStore::open(file.path())
         .await
-        .expect("the semaphore is never closed");
-    let Some(db) = TestDatabase::create().await else {
-        return;
-    };
-    let outcome = AssertUnwindSafe(body(db.options())).catch_unwind().await;
-    db.drop_database().await;
-    if let Err(panic) = outcome {
-        std::panic::resume_unwind(panic);
-    }
+        .expect("open SQLite task store");
+    run_then_close(
+        Arc::new(store),
+        |s| test(s),
+        |s| async move { s.close().await },
+    )
+    .await;
 }
 
 /// Runs `test` against a PostgreSQL task store in a fresh database, then drops it.
@@ -158,47 +53,21 @@ where
     F: FnOnce(Arc<dyn TaskStore>) -> Fut,
     Fut: Future<Output = ()>,
 {
-    with_test_database(|options| async move {
-        let store = Arc::new(
-            PgTaskStore::connect_with(options)
-                .await
-                .expect("connect PostgreSQL task store"),
-        );
-        let result = AssertUnwindSafe(test(store.clone())).catch_unwind().await;
-        // Tasks a failed test left behind may hold connections; the drop forces them out.
-        let _ = tokio::time::timeout(Duration::from_secs(5), store.close()).await;
-        if let Err(panic) = result {
-            std::panic::resume_unwind(panic);
-        }
+    with_postgres(SUITE, |options| async move {
+        let store = PgTaskStore::connect_with(options)
+            .await
+            .expect("connect PostgreSQL task store");
+        run_then_close(
+            Arc::new(store),
+            |s| test(s),
+            |s| async move { s.close().await },
+        )
+        .await;
     })
     .await;
 }
 
-/// Declares each suite function as a test on both backends:
-/// `conformance::sqlite::NAME` and `conformance::postgres::NAME`.
-macro_rules! conformance {
-    ($($name:ident),+ $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    super::on_sqlite(super::$name).await;
-                }
-            )+
-        }
-
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    super::on_postgres(super::$name).await;
-                }
-            )+
-        }
-    };
-}
-
-conformance!(
+adi_storage::conformance_tests!(
     create_and_get_round_trip_every_field,
     minimal_task_round_trips,
     create_trims_and_validates_title,
@@ -1389,42 +1258,17 @@ async fn sqlite_files_are_owner_only_and_loose_ones_tightened() {
 
 #[tokio::test]
 async fn a_write_the_database_refuses_is_an_outage_not_a_failure() {
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let path = dir.path().join("tasks.db");
-    SqliteTaskStore::open(&path)
-        .await
-        .expect("create")
-        .close()
-        .await;
-    let mut ro = sqlx::sqlite::SqliteConnectOptions::new()
-        .filename(&path)
-        .read_only(true)
-        .connect()
-        .await
-        .expect("open read-only");
-    let e = sqlx::query("DELETE FROM tasks")
-        .execute(&mut ro)
-        .await
-        .expect_err("read-only");
-    let e = crate::StoreError::from(e);
+    let e = StoreError::from(read_only_write_error().await);
     assert!(
         matches!(
             e,
-            crate::StoreError::Unavailable {
+            StoreError::Unavailable {
                 outage: crate::Outage::ReadOnly,
                 ..
             }
         ),
         "{e}"
     );
-    let _ = ro.close().await;
-    for (state, outage) in [
-        ("53100", Some(crate::Outage::DiskFull)),
-        ("08006", Some(crate::Outage::Unreachable)),
-        ("23505", None),
-    ] {
-        assert_eq!(crate::Outage::of_sqlstate(state), outage, "{state}");
-    }
 }
 
 #[tokio::test]
@@ -1451,7 +1295,7 @@ async fn open_picks_backend_from_url() {
 
 #[tokio::test]
 async fn postgres_reconnect_keeps_data() {
-    with_test_database(|options| async move {
+    with_postgres(SUITE, |options| async move {
         let first = PgTaskStore::connect_with(options.clone())
             .await
             .expect("connect");

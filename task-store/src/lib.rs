@@ -3,12 +3,23 @@
 //! [`TaskStore`] trait, an SQLite backend (the default, a WAL file in the cocoon's data
 //! dir) and a PostgreSQL backend, held to the same behaviour by one conformance suite.
 //!
+//! Layout, one job each:
+//! - this file: the [`TaskStore`] trait, its errors and their conversions, and [`open`],
+//!   which picks a backend from a URL.
+//! - `sqlite` ([`SqliteTaskStore`]) and `postgres` ([`PgTaskStore`]): what differs per
+//!   backend: connection, migrations, SQL text and placeholders, locking.
+//! - `rows`: the one mapping between task rows and the protocol's types, for both.
+//! - `rules`: validation, updates, paging, search escaping and the creation clock, for
+//!   both.
+//! - `conformance` (tests): every behaviour, run against both backends.
+//!
 //! It must never run anything: running commands is the cocoon's runner's job. Nor may it
 //! acknowledge a write it did not commit: a database that cannot write now (disk full,
 //! I/O, a lock held too long, read-only, unreachable) is [`StoreError::Unavailable`].
 
-pub mod owner_only;
 mod postgres;
+mod rows;
+mod rules;
 mod sqlite;
 
 use std::path::Path;
@@ -20,6 +31,7 @@ use adi_protocol::tasks::{
 };
 use async_trait::async_trait;
 
+pub use adi_storage::Outage;
 pub use postgres::PgTaskStore;
 pub use sqlite::SqliteTaskStore;
 
@@ -78,82 +90,11 @@ pub enum StoreError {
     UnsupportedUrl,
 }
 
-/// Why a store cannot serve now, though it may once the cause is gone. Read from the
-/// database's error codes, never from its messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outage {
-    /// The disk (or the database server's) is full.
-    DiskFull,
-    /// Reading or writing failed at the OS or the network.
-    Io,
-    /// Another writer held a lock too long, or every connection stayed in use.
-    Busy,
-    /// The file or database accepts no writes.
-    ReadOnly,
-    /// The database file cannot be opened.
-    CannotOpen,
-    /// The database server is not there or is shutting down.
-    Unreachable,
-}
-
-impl std::fmt::Display for Outage {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Outage::DiskFull => "disk full",
-            Outage::Io => "I/O error",
-            Outage::Busy => "busy (a lock was held too long)",
-            Outage::ReadOnly => "read-only",
-            Outage::CannotOpen => "cannot open the database file",
-            Outage::Unreachable => "the database cannot be reached",
-        })
-    }
-}
-
-impl Outage {
-    /// The outage `e` reports, if it is one.
-    pub fn of(e: &sqlx::Error) -> Option<Self> {
-        match e {
-            sqlx::Error::Io(io) => Some(match io.kind() {
-                std::io::ErrorKind::StorageFull => Outage::DiskFull,
-                std::io::ErrorKind::ReadOnlyFilesystem => Outage::ReadOnly,
-                _ => Outage::Io,
-            }),
-            sqlx::Error::PoolTimedOut => Some(Outage::Busy),
-            sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => Some(Outage::Unreachable),
-            sqlx::Error::Database(db) => {
-                if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
-                    // SQLite's primary result code is the low byte of the extended one.
-                    match db.code()?.parse::<i32>().ok()? & 0xff {
-                        5 | 6 => Some(Outage::Busy),    // SQLITE_BUSY, SQLITE_LOCKED
-                        8 => Some(Outage::ReadOnly),    // SQLITE_READONLY
-                        10 => Some(Outage::Io),         // SQLITE_IOERR
-                        13 => Some(Outage::DiskFull),   // SQLITE_FULL
-                        14 => Some(Outage::CannotOpen), // SQLITE_CANTOPEN
-                        _ => None,
-                    }
-                } else if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
-                    Self::of_sqlstate(pg.code())
-                } else {
-                    None
-                }
-            }
-            _ => None,
-        }
-    }
-
-    /// PostgreSQL's SQLSTATE: its first two characters name the class.
-    fn of_sqlstate(state: &str) -> Option<Self> {
-        match state {
-            "53100" => Some(Outage::DiskFull),
-            "25006" => Some(Outage::ReadOnly),
-            "57P01" | "57P02" | "57P03" => Some(Outage::Unreachable),
-            "57014" | "55P03" | "40001" | "40P01" => Some(Outage::Busy),
-            _ => match state.get(..2) {
-                Some("08") => Some(Outage::Unreachable),
-                Some("53") => Some(Outage::Busy),
-                Some("58") => Some(Outage::Io),
-                _ => None,
-            },
+impl From<adi_storage::FileError> for StoreError {
+    fn from(e: adi_storage::FileError) -> Self {
+        StoreError::File {
+            path: e.path,
+            source: e.source,
         }
     }
 }

@@ -1,11 +1,12 @@
 //! The PostgreSQL backend of the [`TaskStore`]: for devices that keep their tasks in a
 //! PostgreSQL database instead of the default SQLite file.
 //!
-//! This module owns the PostgreSQL pool settings, the PostgreSQL schema migrations under
+//! This module owns what is PostgreSQL's alone: the schema migrations under
 //! `migrations/postgres` (sqlx serialises concurrent migrators with an advisory lock),
-//! and the mapping between rows and the protocol's task types. Read-modify-write
-//! operations lock what they read: `update` and `append_log` take the task row with
-//! `SELECT ... FOR UPDATE`, so concurrent appends to one task queue up and number their
+//! its SQL and its locking; the pool is the shared `adi_storage::pool`. Rows are read and
+//! written through `rows`, and the rules they follow are in `rules`, as for SQLite.
+//! Read-modify-write operations lock what they read: `update` and `append_log` take the
+//! task row with `SELECT ... FOR UPDATE`, so concurrent appends to one task queue up and number their
 //! lines without gaps or duplicates. Creates serialise on a transaction-scoped advisory
 //! lock and take `created_at` while holding it (one microsecond past the newest task in
 //! the database at least), so commit order is `created_at` order even when several
@@ -15,41 +16,27 @@
 //! Ids are stored as text with the `C` collation: under a locale collation PostgreSQL
 //! would ignore the hyphens and the text order would no longer be the UUID order.
 
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
 use adi_protocol::tasks::{
     LogLine, LogStream, NewTask, Position, Task, TaskFilter, TaskId, TaskPage, TaskStats,
     TaskStatus,
 };
+use adi_storage::pool;
 use async_trait::async_trait;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
-use sqlx::{Postgres, QueryBuilder, Row};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool};
+use sqlx::Postgres;
 
-use crate::{legal_transition, Result, StoreError, TaskStore, TaskUpdate, MAX_LOG_PAGE, MAX_PAGE};
+use crate::rows::{self, LogRow, NewTaskRow, StatusCount, TaskRow, TASK_COLUMNS};
+use crate::rules::{self, CreationClock, INTERRUPTED};
+use crate::{Result, StoreError, TaskStore, TaskUpdate, MAX_LOG_PAGE};
 
-/// Connections per store; other stores and the hub may share the server's limit.
-const MAX_CONNECTIONS: u32 = 10;
-/// How long an operation waits for a free connection before failing.
-const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The transaction-scoped advisory lock creates take (any fixed number; it only has to
 /// be the same for every store on the database).
 const CREATE_LOCK: i64 = 0x0061_6469_7461_736b; // "aditask"
-/// Longest title, in characters.
-const MAX_TITLE_CHARS: usize = 200;
-/// The reason recorded on tasks that were running when the device went down.
-const INTERRUPTED: &str = "interrupted: the device restarted while it ran";
-
-const TASK_COLUMNS: &str = "id, title, description, status, command, requirements, input, \
-                            output, exit_code, error, created_at, updated_at";
-
 /// A device's tasks in a PostgreSQL database.
 #[derive(Debug)]
 pub struct PgTaskStore {
     pool: PgPool,
-    /// The `created_at` of the last task this store created, so the next one is later
-    /// even when the clock stands still or steps back.
-    last_created_at: AtomicI64,
+    clock: CreationClock,
 }
 
 impl PgTaskStore {
@@ -62,18 +49,12 @@ impl PgTaskStore {
 
     /// Connects with explicit options and brings the schema up to date.
     pub async fn connect_with(options: PgConnectOptions) -> Result<Self> {
-        let pool = PgPoolOptions::new()
-            .max_connections(MAX_CONNECTIONS)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_with(options)
-            .await?;
+        let pool = pool::postgres(options).await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
-        let last: Option<i64> = sqlx::query_scalar("SELECT MAX(created_at) FROM tasks")
-            .fetch_one(&pool)
-            .await?;
+        let newest = newest_created_at(&mut *pool.acquire().await?).await?;
         Ok(PgTaskStore {
             pool,
-            last_created_at: AtomicI64::new(last.unwrap_or(i64::MIN)),
+            clock: CreationClock::new(newest),
         })
     }
 
@@ -81,82 +62,44 @@ impl PgTaskStore {
     pub async fn close(&self) {
         self.pool.close().await;
     }
-
-    /// The next `created_at`: now, or one microsecond after the last task created (by
-    /// this store, or found in the database), whichever is later. Call it holding the
-    /// create lock, so that commit order matches `created_at` order.
-    async fn next_created_at(&self, conn: &mut PgConnection) -> Result<i64> {
-        let in_db: Option<i64> = sqlx::query_scalar("SELECT MAX(created_at) FROM tasks")
-            .fetch_one(&mut *conn)
-            .await?;
-        let floor = in_db.unwrap_or(i64::MIN).saturating_add(1);
-        let now = now_micros().max(floor);
-        let mut chosen = now;
-        // The closure always returns `Some`, so this cannot fail.
-        let _ = self
-            .last_created_at
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |last| {
-                chosen = now.max(last.saturating_add(1));
-                Some(chosen)
-            });
-        Ok(chosen)
-    }
 }
 
 #[async_trait]
 impl TaskStore for PgTaskStore {
     async fn create(&self, new: NewTask) -> Result<Task> {
-        let title = validate_title(&new.title)?;
-        validate_text("description", &new.description)?;
-        let command = new.command.as_ref().map(encode_json).transpose()?;
-        let requirements = encode_json(&new.requirements)?;
-        let input = new.input.as_ref().map(encode_json).transpose()?;
-        let id = TaskId::new();
+        let row = NewTaskRow::new(new)?;
         let mut tx = self.pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(CREATE_LOCK)
             .execute(&mut *tx)
             .await?;
-        let created_at = self.next_created_at(&mut tx).await?;
+        // Taken holding the create lock, so commit order is `created_at` order.
+        let created_at = self.clock.next(newest_created_at(&mut tx).await?);
         sqlx::query(
             "INSERT INTO tasks (id, title, description, status, command, requirements, input, \
              output, exit_code, error, created_at, updated_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, NULL, NULL, $8, $8)",
         )
-        .bind(id.to_string())
-        .bind(&title)
-        .bind(&new.description)
+        .bind(row.id.to_string())
+        .bind(&row.title)
+        .bind(row.description())
         .bind(TaskStatus::Pending.as_str())
-        .bind(command)
-        .bind(requirements)
-        .bind(input)
+        .bind(&row.command)
+        .bind(&row.requirements)
+        .bind(&row.input)
         .bind(created_at)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(Task {
-            id,
-            title,
-            description: new.description,
-            status: TaskStatus::Pending,
-            command: new.command,
-            requirements: new.requirements,
-            input: new.input,
-            output: None,
-            exit_code: None,
-            error: None,
-            created_at,
-            updated_at: created_at,
-            device_id: None,
-        })
+        Ok(row.into_task(created_at))
     }
 
     async fn get(&self, id: TaskId) -> Result<Option<Task>> {
-        sqlx::query(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1"))
+        sqlx::query_as::<_, TaskRow>(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1"))
             .bind(id.to_string())
             .fetch_optional(&self.pool)
             .await?
-            .map(|row| task_from_row(&row))
+            .map(Task::try_from)
             .transpose()
     }
 
@@ -166,55 +109,20 @@ impl TaskStore for PgTaskStore {
         after: Option<Position>,
         limit: u32,
     ) -> Result<TaskPage> {
-        if limit == 0 {
-            return Err(StoreError::Invalid("limit must be at least 1".into()));
-        }
-        let limit = limit.min(MAX_PAGE);
-        let mut query =
-            QueryBuilder::<Postgres>::new(format!("SELECT {TASK_COLUMNS} FROM tasks WHERE TRUE"));
-        if let Some(status) = filter.status {
-            query.push(" AND status = ").push_bind(status.as_str());
-        }
-        if let Some(text) = filter.text.as_deref().filter(|t| !t.is_empty()) {
-            let pattern = format!("%{}%", escape_like(text));
-            query
-                .push(" AND (title ILIKE ")
-                .push_bind(pattern.clone())
-                .push(" ESCAPE '\\' OR description ILIKE ")
-                .push_bind(pattern)
-                .push(" ESCAPE '\\')");
-        }
-        if let Some(from) = filter.created_from {
-            query.push(" AND created_at >= ").push_bind(from);
-        }
-        if let Some(to) = filter.created_to {
-            query.push(" AND created_at < ").push_bind(to);
-        }
-        if let Some(pos) = after {
-            // A row-value comparison, so the index serves it as a range.
-            query
-                .push(" AND (created_at, id) < (")
-                .push_bind(pos.created_at)
-                .push(", ")
-                .push_bind(pos.id.to_string())
-                .push(")");
-        }
-        query
-            .push(" ORDER BY created_at DESC, id DESC LIMIT ")
-            .push_bind(i64::from(limit));
-        let tasks = query
-            .build()
+        let limit = rules::page_limit(limit)?;
+        let tasks = rows::list_query::<Postgres>(filter, after, limit, "ILIKE")
+            .build_query_as::<TaskRow>()
             .fetch_all(&self.pool)
             .await?
-            .iter()
-            .map(task_from_row)
+            .into_iter()
+            .map(Task::try_from)
             .collect::<Result<Vec<_>>>()?;
-        Ok(page(tasks, limit))
+        Ok(rules::page(tasks, limit))
     }
 
     async fn update(&self, id: TaskId, update: TaskUpdate) -> Result<Task> {
         let mut tx = self.pool.begin().await?;
-        let Some(row) = sqlx::query(&format!(
+        let Some(row) = sqlx::query_as::<_, TaskRow>(&format!(
             "SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1 FOR UPDATE"
         ))
         .bind(id.to_string())
@@ -223,8 +131,8 @@ impl TaskStore for PgTaskStore {
         else {
             return Err(StoreError::NotFound(id));
         };
-        let task = apply_update(task_from_row(&row)?, update, now_micros())?;
-        let output = task.output.as_ref().map(encode_json).transpose()?;
+        let task = rules::apply_update(row.try_into()?, update, rules::now_micros())?;
+        let output = task.output.as_ref().map(rows::encode_json).transpose()?;
         sqlx::query(
             "UPDATE tasks SET title = $1, description = $2, status = $3, output = $4, \
              exit_code = $5, error = $6, updated_at = $7 WHERE id = $8",
@@ -252,21 +160,13 @@ impl TaskStore for PgTaskStore {
     }
 
     async fn stats(&self) -> Result<TaskStats> {
-        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM tasks GROUP BY status")
+        rows::stats(
+            sqlx::query_as::<_, StatusCount>(
+                "SELECT status, COUNT(*) AS n FROM tasks GROUP BY status",
+            )
             .fetch_all(&self.pool)
-            .await?;
-        let mut stats = TaskStats {
-            by_status: TaskStatus::ALL.into_iter().map(|s| (s, 0)).collect(),
-            total: 0,
-        };
-        for row in &rows {
-            let status = parse_status(&row.try_get::<String, _>("status")?)?;
-            let n = u64::try_from(row.try_get::<i64, _>("n")?)
-                .map_err(|_| StoreError::Corrupt("negative count".into()))?;
-            stats.by_status.insert(status, n);
-            stats.total += n;
-        }
-        Ok(stats)
+            .await?,
+        )
     }
 
     async fn append_log(&self, id: TaskId, stream: LogStream, text: &str) -> Result<u64> {
@@ -276,24 +176,24 @@ impl TaskStore for PgTaskStore {
         if !lock_task(&mut tx, id).await? {
             return Err(StoreError::NotFound(id));
         }
-        let seq = insert_log(&mut tx, id, stream, text, now_micros()).await?;
+        let seq = insert_log(&mut tx, id, stream, text, rules::now_micros()).await?;
         tx.commit().await?;
         Ok(seq)
     }
 
     async fn read_logs(&self, id: TaskId, after_seq: u64, limit: u32) -> Result<Vec<LogLine>> {
         let limit = limit.min(MAX_LOG_PAGE);
-        let lines = sqlx::query(
+        let lines = sqlx::query_as::<_, LogRow>(
             "SELECT seq, stream, at, text FROM task_logs \
              WHERE task_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
         )
         .bind(id.to_string())
-        .bind(i64::try_from(after_seq).unwrap_or(i64::MAX))
+        .bind(rows::after_seq(after_seq))
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?
-        .iter()
-        .map(log_from_row)
+        .into_iter()
+        .map(LogLine::try_from)
         .collect::<Result<Vec<_>>>()?;
         // An empty answer may mean an unknown task; a task whose log is read up to the
         // end is not an error.
@@ -318,10 +218,10 @@ impl TaskStore for PgTaskStore {
         )
         .fetch_all(&mut *tx)
         .await?;
-        let now = now_micros();
+        let now = rules::now_micros();
         let mut failed = Vec::with_capacity(ids.len());
         for raw in &ids {
-            let id = parse_task_id(raw)?;
+            let id = rows::parse_task_id(raw)?;
             sqlx::query(
                 "UPDATE tasks SET status = 'failed', error = $1, \
                  updated_at = GREATEST(updated_at, created_at, $2) WHERE id = $3",
@@ -337,6 +237,13 @@ impl TaskStore for PgTaskStore {
         tx.commit().await?;
         Ok(failed)
     }
+}
+
+/// The newest `created_at` in the database, if any task is there.
+async fn newest_created_at(conn: &mut PgConnection) -> Result<Option<i64>> {
+    Ok(sqlx::query_scalar("SELECT MAX(created_at) FROM tasks")
+        .fetch_one(&mut *conn)
+        .await?)
 }
 
 /// Locks the task's row for the rest of the transaction; false if there is none.
@@ -363,192 +270,10 @@ async fn insert_log(
          RETURNING seq",
     )
     .bind(id.to_string())
-    .bind(stream_str(stream))
+    .bind(rows::stream_str(stream))
     .bind(at)
-    .bind(log_text(text).as_ref())
+    .bind(rules::log_text(text).as_ref())
     .fetch_one(&mut *conn)
     .await?;
-    u64::try_from(seq).map_err(|_| StoreError::Corrupt(format!("log sequence {seq}")))
-}
-
-fn task_from_row(row: &PgRow) -> Result<Task> {
-    let command: Option<String> = row.try_get("command")?;
-    let requirements: String = row.try_get("requirements")?;
-    let input: Option<String> = row.try_get("input")?;
-    let output: Option<String> = row.try_get("output")?;
-    Ok(Task {
-        id: parse_task_id(&row.try_get::<String, _>("id")?)?,
-        title: row.try_get("title")?,
-        description: row.try_get("description")?,
-        status: parse_status(&row.try_get::<String, _>("status")?)?,
-        command: command
-            .map(|c| decode_json(&c, "task command"))
-            .transpose()?,
-        requirements: decode_json(&requirements, "task requirements")?,
-        input: input.map(|i| decode_json(&i, "task input")).transpose()?,
-        output: output.map(|o| decode_json(&o, "task output")).transpose()?,
-        exit_code: row.try_get("exit_code")?,
-        error: row.try_get("error")?,
-        created_at: row.try_get("created_at")?,
-        updated_at: row.try_get("updated_at")?,
-        device_id: None,
-    })
-}
-
-fn log_from_row(row: &PgRow) -> Result<LogLine> {
-    let seq: i64 = row.try_get("seq")?;
-    Ok(LogLine {
-        seq: u64::try_from(seq).map_err(|_| StoreError::Corrupt(format!("log sequence {seq}")))?,
-        stream: parse_stream(&row.try_get::<String, _>("stream")?)?,
-        at: row.try_get("at")?,
-        text: row.try_get("text")?,
-    })
-}
-
-// ---------------------------------------------------------------------------------------
-// Rules shared in spirit with the PostgreSQL backend (kept per backend, as the catalog
-// does; the conformance suite holds both to the same behaviour).
-// ---------------------------------------------------------------------------------------
-
-/// The title to store (trimmed), or why it is refused.
-fn validate_title(title: &str) -> Result<String> {
-    let title = title.trim();
-    if title.is_empty() {
-        return Err(StoreError::Invalid("the title is empty".into()));
-    }
-    let chars = title.chars().count();
-    if chars > MAX_TITLE_CHARS {
-        return Err(StoreError::Invalid(format!(
-            "the title has {chars} characters; at most {MAX_TITLE_CHARS} are allowed"
-        )));
-    }
-    validate_text("title", title)?;
-    Ok(title.to_owned())
-}
-
-/// PostgreSQL text cannot hold NUL; both backends refuse it so they behave alike.
-fn validate_text(what: &str, text: &str) -> Result<()> {
-    if text.contains('\0') {
-        return Err(StoreError::Invalid(format!(
-            "the {what} contains a NUL character"
-        )));
-    }
-    Ok(())
-}
-
-/// Log text as stored: NUL (which PostgreSQL text cannot hold) becomes U+FFFD, on both
-/// backends, so a command printing NUL bytes cannot make logging fail.
-fn log_text(text: &str) -> std::borrow::Cow<'_, str> {
-    if text.contains('\0') {
-        std::borrow::Cow::Owned(text.replace('\0', "\u{FFFD}"))
-    } else {
-        std::borrow::Cow::Borrowed(text)
-    }
-}
-
-/// `task` with `update` applied at `now`, or why the update is refused. A final task
-/// refuses every update; asking for the current status changes nothing.
-fn apply_update(mut task: Task, update: TaskUpdate, now: i64) -> Result<Task> {
-    let refuse = |to: TaskStatus| StoreError::InvalidTransition {
-        id: task.id,
-        from: task.status,
-        to,
-    };
-    if task.status.is_final() {
-        return Err(refuse(update.status.unwrap_or(task.status)));
-    }
-    if let Some(to) = update.status {
-        if to != task.status && !legal_transition(task.status, to) {
-            return Err(refuse(to));
-        }
-    }
-    let title = update.title.as_deref().map(validate_title).transpose()?;
-    if let Some(description) = &update.description {
-        validate_text("description", description)?;
-    }
-    if let Some(to) = update.status {
-        task.status = to;
-    }
-    if let Some(title) = title {
-        task.title = title;
-    }
-    if let Some(description) = update.description {
-        task.description = description;
-    }
-    if let Some(output) = update.output {
-        task.output = Some(output);
-    }
-    if let Some(exit_code) = update.exit_code {
-        task.exit_code = Some(exit_code);
-    }
-    if let Some(error) = update.error {
-        task.error = Some(error);
-    }
-    task.updated_at = now.max(task.updated_at).max(task.created_at);
-    Ok(task)
-}
-
-/// A page of `tasks` asked for with `limit`: `next` only when the page came back full.
-fn page(tasks: Vec<Task>, limit: u32) -> TaskPage {
-    let full = u32::try_from(tasks.len()).is_ok_and(|n| n >= limit);
-    let next = tasks.last().filter(|_| full).map(|t| Position {
-        created_at: t.created_at,
-        id: t.id,
-    });
-    TaskPage { tasks, next }
-}
-
-/// Makes `%`, `_` and `\` in user text match literally under `ESCAPE '\'`.
-fn escape_like(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        if matches!(c, '\\' | '%' | '_') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
-}
-
-fn stream_str(stream: LogStream) -> &'static str {
-    match stream {
-        LogStream::Stdout => "stdout",
-        LogStream::Stderr => "stderr",
-        LogStream::System => "system",
-    }
-}
-
-fn parse_stream(s: &str) -> Result<LogStream> {
-    match s {
-        "stdout" => Ok(LogStream::Stdout),
-        "stderr" => Ok(LogStream::Stderr),
-        "system" => Ok(LogStream::System),
-        _ => Err(StoreError::Corrupt(format!("log stream {s:?}"))),
-    }
-}
-
-fn parse_status(s: &str) -> Result<TaskStatus> {
-    s.parse()
-        .map_err(|_| StoreError::Corrupt(format!("task status {s:?}")))
-}
-
-fn parse_task_id(s: &str) -> Result<TaskId> {
-    s.parse()
-        .map_err(|_| StoreError::Corrupt(format!("task id {s:?}")))
-}
-
-fn encode_json<T: serde::Serialize>(value: &T) -> Result<String> {
-    serde_json::to_string(value).map_err(|e| StoreError::Corrupt(format!("encoding JSON: {e}")))
-}
-
-fn decode_json<T: serde::de::DeserializeOwned>(s: &str, what: &str) -> Result<T> {
-    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
-}
-
-/// Microseconds since the Unix epoch.
-fn now_micros() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-        .unwrap_or_default()
+    rows::log_seq(seq)
 }

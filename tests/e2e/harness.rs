@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use adi_storage::test_database::TestPostgres;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 
@@ -456,42 +457,10 @@ pub fn cli(
     ))
 }
 
-/// A fresh PostgreSQL database on the machine's server, dropped on `drop_db`.
-/// Fails when the server is unreachable and `CI` is set; otherwise returns `None`.
-pub async fn fresh_postgres() -> Result<Option<String>> {
-    use sqlx::Connection;
-    let admin = std::env::var("ADI_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let mut conn = match sqlx::PgConnection::connect(&admin).await {
-        Ok(c) => c,
-        Err(e) if std::env::var("CI").map(|v| !v.is_empty()).unwrap_or(false) => {
-            bail!("PostgreSQL is unreachable at {admin} and CI is set: {e}")
-        }
-        Err(e) => {
-            eprintln!("*** SKIPPED: PostgreSQL unreachable at {admin}: {e} ***");
-            return Ok(None);
-        }
-    };
-    let name = format!("adi_e2e_{}", uuid::Uuid::new_v4().simple());
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut conn)
-        .await?;
-    let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
-    Ok(Some(format!("{base}/{name}")))
-}
-
-pub async fn drop_postgres(url: &str) {
-    use sqlx::Connection;
-    let admin = std::env::var("ADI_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let Some(name) = url.rsplit('/').next() else {
-        return;
-    };
-    if let Ok(mut conn) = sqlx::PgConnection::connect(&admin).await {
-        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .execute(&mut conn)
-            .await;
-    }
+/// A fresh PostgreSQL database on the machine's server; drop it with `drop_database`.
+/// `None` (after saying SKIPPED) when the server is unreachable, a panic when `CI` is set.
+pub async fn fresh_postgres() -> Option<TestPostgres> {
+    TestPostgres::create("end-to-end").await
 }
 
 /// With `ADI_TEST_LOGS=1`, every hub and cocoon prints what it logged when it is

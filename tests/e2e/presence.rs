@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
-use crate::harness::{drop_postgres, fresh_postgres, Api, Cocoon, Hub, HEARTBEAT};
+use crate::harness::{fresh_postgres, Api, Cocoon, Hub, HEARTBEAT};
 
 #[tokio::test]
 async fn killed_cocoon_is_offline_within_three_heartbeats() -> Result<()> {
@@ -87,11 +87,11 @@ async fn hub_restart_on_sqlite_keeps_ids_and_owners_and_cocoons_return() -> Resu
 
 #[tokio::test]
 async fn hub_restart_on_postgres_keeps_ids_and_owners_and_cocoons_return() -> Result<()> {
-    let Some(url) = fresh_postgres().await? else {
+    let Some(db) = fresh_postgres().await else {
         return Ok(());
     };
-    let result = async { restart_scenario(Hub::start_postgres(&url).await?).await }.await;
-    drop_postgres(&url).await;
+    let result = async { restart_scenario(Hub::start_postgres(&db.url()).await?).await }.await;
+    db.drop_database().await;
     result
 }
 

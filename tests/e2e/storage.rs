@@ -19,7 +19,7 @@ use futures_util::SinkExt;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::harness::{drop_postgres, fresh_postgres, wait_for, Api, Proc, ADI, HEARTBEAT};
+use crate::harness::{fresh_postgres, wait_for, Api, Proc, ADI, HEARTBEAT};
 use crate::wire::{next, secret, Ws};
 
 /// How long a process may take to start, or a state to be reached.
@@ -476,9 +476,10 @@ async fn register(url: &str, secret: &str, token: Option<&str>) -> Result<(Ws, V
 
 #[tokio::test]
 async fn hubs_on_one_postgres_catalog_share_one_key_file() -> Result<()> {
-    let Some(db) = fresh_postgres().await? else {
+    let Some(database) = fresh_postgres().await else {
         return Ok(());
     };
+    let db = database.url();
     let result = async {
         let root = tempfile::tempdir()?;
         let key_file = root.path().join("hub.key");
@@ -517,11 +518,11 @@ async fn hubs_on_one_postgres_catalog_share_one_key_file() -> Result<()> {
         ensure!(on_hub_a["device_id"] == on_hub_b["device_id"]);
 
         // Without a key file, a PostgreSQL catalog holds the signing key: say so once.
-        let Some(db2) = fresh_postgres().await? else {
+        let Some(db2) = fresh_postgres().await else {
             return Ok(());
         };
-        let plain = Served::on(&root.path().join("c"), &["--database-url", &db2]).await;
-        drop_postgres(&db2).await;
+        let plain = Served::on(&root.path().join("c"), &["--database-url", &db2.url()]).await;
+        db2.drop_database().await;
         let plain = plain?;
         let output = plain.proc.output();
         let n = output
@@ -532,7 +533,7 @@ async fn hubs_on_one_postgres_catalog_share_one_key_file() -> Result<()> {
         Ok(())
     }
     .await;
-    drop_postgres(&db).await;
+    database.drop_database().await;
     result
 }
 

@@ -9,7 +9,7 @@ use anyhow::{bail, Result};
 use serde_json::{json, Value};
 
 use crate::harness::{
-    cli, drop_postgres, fresh_postgres, task_cgroups_dir, wait_for, Api, Cocoon, Hub, Leftovers,
+    cli, fresh_postgres, task_cgroups_dir, wait_for, Api, Cocoon, Hub, Leftovers,
 };
 
 async fn create(api: &Api, device: &str, body: Value) -> Result<Value> {
@@ -57,11 +57,11 @@ fn task_ids(list: &Value) -> Vec<String> {
 
 #[tokio::test]
 async fn merged_view_across_sqlite_and_postgres_devices() -> Result<()> {
-    let Some(pg) = fresh_postgres().await? else {
+    let Some(pg) = fresh_postgres().await else {
         return Ok(());
     };
-    let result = merged_scenario(&pg).await;
-    drop_postgres(&pg).await;
+    let result = merged_scenario(&pg.url()).await;
+    pg.drop_database().await;
     result
 }
 

@@ -1,28 +1,25 @@
 //! The catalog conformance suite: every [`Catalog`] behaviour the hub relies on, written
 //! once against `Arc<dyn Catalog>` and run against both backends.
 //!
-//! SQLite runs on a real file in a temporary directory. PostgreSQL runs on a fresh
-//! database per test, created on the server named by `ADI_TEST_POSTGRES_URL` (default
-//! `postgres://postgres@127.0.0.1:5432/postgres`) and dropped afterwards. When that
-//! server is unreachable the PostgreSQL tests fail if `CI` is set, and are skipped with
-//! a loud line on stderr otherwise.
+//! SQLite runs on a real file in a temporary directory, PostgreSQL on a fresh database
+//! per test, both from `adi_storage::test_database`, which also says what happens when
+//! the PostgreSQL server is unreachable (a failure in CI, a loud skip elsewhere).
 
 use std::future::Future;
-use std::io::Write;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Duration;
 
 use adi_protocol::{CapabilityOffer, DeviceId, GpuModel, Hardware, ServiceInfo};
-use futures_util::FutureExt;
-use sqlx::postgres::PgConnectOptions;
-use sqlx::{ConnectOptions, Connection};
-use tokio::sync::Semaphore;
+use adi_storage::conformance::run_then_close;
+use adi_storage::test_database::{with_postgres, TestSqlite};
+use sqlx::Connection;
 
 use super::{
     ApiKeyRecord, Catalog, CatalogError, DeviceConfig, Owner, PgCatalog, SqliteCatalog, TokenKind,
     TokenRecord, User, UserId,
 };
+
+/// The suite's name in the line that says a PostgreSQL test was skipped.
+const SUITE: &str = "catalog";
 
 /// The `now` the token tests run at; tokens expire an hour after it.
 const NOW: i64 = 1_700_000_000;
@@ -38,98 +35,17 @@ where
     F: FnOnce(Arc<dyn Catalog>) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let dir = tempfile::tempdir().expect("temporary directory");
     // A nested path, so `open` has to create the parent directories.
-    let path = dir.path().join("data").join("catalog.db");
-    let catalog = Arc::new(
-        SqliteCatalog::open(&path)
-            .await
-            .expect("open SQLite catalog"),
-    );
-    test(catalog.clone()).await;
-    catalog.close().await;
-}
-
-/// Default server the PostgreSQL tests create their databases on.
-const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
-
-/// Caps how many PostgreSQL tests hold databases (and pools) at once, so a many-core
-/// test run stays under the server's connection limit. Shared by every test's runtime.
-static POSTGRES_SLOTS: Semaphore = Semaphore::const_new(4);
-
-/// A throwaway database on the test server.
-struct TestDatabase {
-    admin: PgConnectOptions,
-    name: String,
-}
-
-impl TestDatabase {
-    /// Creates a fresh database, or returns `None` (after saying so) when the server is
-    /// unreachable outside CI. Panics when it is unreachable in CI.
-    async fn create() -> Option<Self> {
-        let url =
-            std::env::var("ADI_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_POSTGRES_URL.into());
-        let admin: PgConnectOptions = url
-            .parse()
-            .expect("ADI_TEST_POSTGRES_URL is not a PostgreSQL URL");
-        let admin = admin.disable_statement_logging();
-        let server = format!("{}:{}", admin.get_host(), admin.get_port());
-        let mut conn = match tokio::time::timeout(Duration::from_secs(5), admin.connect()).await {
-            Ok(Ok(conn)) => conn,
-            Ok(Err(e)) => return unreachable(&server, &e.to_string()),
-            Err(_) => return unreachable(&server, "connection timed out"),
-        };
-        let name = format!("adi_test_{}", uuid::Uuid::new_v4().simple());
-        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
-            .execute(&mut conn)
-            .await
-            .unwrap_or_else(|e| panic!("CREATE DATABASE {name} on {server}: {e}"));
-        let _ = conn.close().await;
-        Some(TestDatabase { admin, name })
-    }
-
-    fn options(&self) -> PgConnectOptions {
-        self.admin.clone().database(&self.name)
-    }
-
-    /// Drops the database, best-effort.
-    async fn drop_database(self) {
-        let Ok(mut conn) = self.admin.connect().await else {
-            eprintln!(
-                "warning: could not reconnect to drop test database {}",
-                self.name
-            );
-            return;
-        };
-        let dropped = sqlx::query(&format!(
-            "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-            self.name
-        ))
-        .execute(&mut conn)
-        .await;
-        if let Err(e) = dropped {
-            eprintln!("warning: could not drop test database {}: {e}", self.name);
-        }
-        let _ = conn.close().await;
-    }
-}
-
-/// What to do when the PostgreSQL test server cannot be reached.
-fn unreachable(server: &str, why: &str) -> Option<TestDatabase> {
-    let in_ci = std::env::var("CI").is_ok_and(|v| !v.is_empty());
-    if in_ci {
-        panic!(
-            "PostgreSQL is unreachable at {server} ({why}) and CI is set: the PostgreSQL \
-             catalog tests must run in CI. Start a server or set ADI_TEST_POSTGRES_URL."
-        );
-    }
-    // Straight to the process's stderr: libtest captures `eprintln!` of passing tests.
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n*** SKIPPED: postgres unreachable at {server} ({why}); PostgreSQL catalog test \
-         not run. Set ADI_TEST_POSTGRES_URL, or CI=1 to make this a failure. ***\n"
-    );
-    None
+    let file = TestSqlite::new("data/catalog.db");
+    let catalog = SqliteCatalog::open(file.path())
+        .await
+        .expect("open SQLite catalog");
+    run_then_close(
+        Arc::new(catalog),
+        |c| test(c),
+        |c| async move { c.close().await },
+    )
+    .await;
 }
 
 /// Runs `test` against a PostgreSQL catalog in a fresh database, then drops it (also
@@ -139,59 +55,21 @@ where
     F: FnOnce(Arc<dyn Catalog>) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let _slot = POSTGRES_SLOTS
-        .acquire()
-        .await
-        .expect("the semaphore is never closed");
-    let Some(db) = TestDatabase::create().await else {
-        return;
-    };
-    let outcome = AssertUnwindSafe(async {
-        let catalog = Arc::new(
-            PgCatalog::connect_with(db.options())
-                .await
-                .expect("connect PostgreSQL catalog"),
-        );
-        let result = AssertUnwindSafe(test(catalog.clone())).catch_unwind().await;
-        // Tasks a failed test left behind may hold connections; the drop forces them out.
-        let _ = tokio::time::timeout(Duration::from_secs(5), catalog.close()).await;
-        if let Err(panic) = result {
-            std::panic::resume_unwind(panic);
-        }
+    with_postgres(SUITE, |options| async move {
+        let catalog = PgCatalog::connect_with(options)
+            .await
+            .expect("connect PostgreSQL catalog");
+        run_then_close(
+            Arc::new(catalog),
+            |c| test(c),
+            |c| async move { c.close().await },
+        )
+        .await;
     })
-    .catch_unwind()
     .await;
-    db.drop_database().await;
-    if let Err(panic) = outcome {
-        std::panic::resume_unwind(panic);
-    }
 }
 
-/// Declares each suite function as a test on both backends:
-/// `catalog::conformance::sqlite::NAME` and `catalog::conformance::postgres::NAME`.
-macro_rules! conformance {
-    ($($name:ident),+ $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    super::on_sqlite(super::$name).await;
-                }
-            )+
-        }
-
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    super::on_postgres(super::$name).await;
-                }
-            )+
-        }
-    };
-}
-
-conformance!(
+adi_storage::conformance_tests!(
     ping_works,
     write_probes_commit,
     hub_secrets_are_read_and_removed,
@@ -1065,23 +943,16 @@ async fn sqlite_creation_leaves_nothing_half_made_and_racers_share_one_file() {
 
 #[tokio::test]
 async fn postgres_reconnect_keeps_data() {
-    let _slot = POSTGRES_SLOTS
-        .acquire()
-        .await
-        .expect("the semaphore is never closed");
-    let Some(db) = TestDatabase::create().await else {
-        return;
-    };
-    let outcome = AssertUnwindSafe(async {
-        let first = PgCatalog::connect_with(db.options())
+    with_postgres(SUITE, |options| async move {
+        let first = PgCatalog::connect_with(options.clone())
             .await
             .expect("connect");
         let alice = first.create_user("alice").await.expect("create user");
         first.close().await;
         // Two hubs starting at once both run the migrator; it must not fail.
         let (a, b) = tokio::join!(
-            PgCatalog::connect_with(db.options()),
-            PgCatalog::connect_with(db.options())
+            PgCatalog::connect_with(options.clone()),
+            PgCatalog::connect_with(options)
         );
         let (a, b) = (a.expect("second hub"), b.expect("third hub"));
         assert_eq!(a.user_by_name("alice").await.expect("lookup"), Some(alice));
@@ -1089,10 +960,5 @@ async fn postgres_reconnect_keeps_data() {
         a.close().await;
         b.close().await;
     })
-    .catch_unwind()
     .await;
-    db.drop_database().await;
-    if let Err(panic) = outcome {
-        std::panic::resume_unwind(panic);
-    }
 }

@@ -8,6 +8,14 @@
 //!
 //! Two backends implement [`Catalog`]: SQLite (embedded default, one hub) and
 //! PostgreSQL (several hubs sharing one catalog). One conformance suite runs against both.
+//! Layout, one job each:
+//! - this file: the records, the [`Catalog`] trait, [`CatalogError`] and its
+//!   conversions, and [`open`], which picks a backend.
+//! - `sqlite` ([`SqliteCatalog`]) and `postgres` ([`PgCatalog`]): what differs per
+//!   backend: connection, migrations, the SQLite file checks, SQL text and placeholders,
+//!   locking.
+//! - `rows`: the one mapping between catalog rows and the records, for both.
+//! - `conformance` (tests): every behaviour, run against both backends.
 //!
 //! Failures are typed here once: a database error that says the store cannot read or
 //! write now (disk full, I/O, a lock held too long, read-only, unreachable) becomes
@@ -15,6 +23,7 @@
 //! with a success.
 
 mod postgres;
+mod rows;
 mod sqlite;
 
 use std::path::{Path, PathBuf};
@@ -24,6 +33,7 @@ use adi_protocol::{CapabilityOffer, DeviceId, ErrorCode, Hardware, ServiceInfo};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+pub use adi_storage::Outage;
 pub use postgres::PgCatalog;
 pub use sqlite::SqliteCatalog;
 
@@ -262,108 +272,31 @@ impl CatalogError {
     }
 }
 
-/// Why a store cannot serve now, though it may once the cause is gone. Read from the
-/// database's error codes, never from its messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outage {
-    /// The disk (or the database server's) is full.
-    DiskFull,
-    /// Reading or writing failed at the OS or the network.
-    Io,
-    /// Another writer held a lock too long, or every connection stayed in use.
-    Busy,
-    /// The file or database accepts no writes.
-    ReadOnly,
-    /// The database file cannot be opened.
-    CannotOpen,
-    /// The database server is not there or is shutting down.
-    Unreachable,
-}
-
-impl std::fmt::Display for Outage {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Outage::DiskFull => "disk full",
-            Outage::Io => "I/O error",
-            Outage::Busy => "busy (a lock was held too long)",
-            Outage::ReadOnly => "read-only",
-            Outage::CannotOpen => "cannot open the database file",
-            Outage::Unreachable => "the database cannot be reached",
-        })
-    }
-}
-
-impl Outage {
-    /// The outage `e` reports, if it is one.
-    pub fn of(e: &sqlx::Error) -> Option<Self> {
-        match e {
-            sqlx::Error::Io(io) => Some(Self::of_io(io)),
-            sqlx::Error::PoolTimedOut => Some(Outage::Busy),
-            sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => Some(Outage::Unreachable),
-            sqlx::Error::Database(db) => {
-                if let Some(sqlite) = db.try_downcast_ref::<sqlx::sqlite::SqliteError>() {
-                    Self::of_sqlite(sqlite)
-                } else if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
-                    Self::of_sqlstate(pg.code())
-                } else {
-                    None
-                }
-            }
-            _ => None,
-        }
-    }
-
-    fn of_io(e: &std::io::Error) -> Self {
-        match e.kind() {
-            std::io::ErrorKind::StorageFull => Outage::DiskFull,
-            std::io::ErrorKind::ReadOnlyFilesystem => Outage::ReadOnly,
-            _ => Outage::Io,
-        }
-    }
-
-    /// SQLite's primary result code is the low byte of the extended one.
-    fn of_sqlite(e: &sqlx::sqlite::SqliteError) -> Option<Self> {
-        use sqlx::error::DatabaseError;
-        let code: i32 = e.code()?.parse().ok()?;
-        match code & 0xff {
-            SQLITE_BUSY | SQLITE_LOCKED => Some(Outage::Busy),
-            SQLITE_READONLY => Some(Outage::ReadOnly),
-            SQLITE_IOERR => Some(Outage::Io),
-            SQLITE_FULL => Some(Outage::DiskFull),
-            SQLITE_CANTOPEN => Some(Outage::CannotOpen),
-            _ => None,
-        }
-    }
-
-    /// PostgreSQL's SQLSTATE: its first two characters name the class.
-    fn of_sqlstate(state: &str) -> Option<Self> {
-        match state {
-            "53100" => Some(Outage::DiskFull),
-            "25006" => Some(Outage::ReadOnly),
-            "57P01" | "57P02" | "57P03" => Some(Outage::Unreachable),
-            "57014" | "55P03" | "40001" | "40P01" => Some(Outage::Busy),
-            _ => match state.get(..2) {
-                Some("08") => Some(Outage::Unreachable),
-                Some("53") => Some(Outage::Busy),
-                Some("58") => Some(Outage::Io),
-                _ => None,
-            },
+impl From<adi_storage::FileError> for CatalogError {
+    fn from(e: adi_storage::FileError) -> Self {
+        CatalogError::File {
+            path: e.path,
+            source: e.source,
         }
     }
 }
-
-const SQLITE_BUSY: i32 = 5;
-const SQLITE_LOCKED: i32 = 6;
-const SQLITE_READONLY: i32 = 8;
-const SQLITE_IOERR: i32 = 10;
-const SQLITE_FULL: i32 = 13;
-const SQLITE_CANTOPEN: i32 = 14;
 
 impl From<sqlx::Error> for CatalogError {
     fn from(e: sqlx::Error) -> Self {
         match Outage::of(&e) {
             Some(outage) => CatalogError::Unavailable { outage, detail: e },
             None => CatalogError::Storage(e),
+        }
+    }
+}
+
+impl CatalogError {
+    /// A failed insert: `Conflict(what)` when it broke a unique constraint (the name or
+    /// id is taken), else what any database error is.
+    fn from_insert(e: sqlx::Error, what: impl FnOnce() -> String) -> Self {
+        match &e {
+            sqlx::Error::Database(db) if db.is_unique_violation() => CatalogError::Conflict(what()),
+            _ => e.into(),
         }
     }
 }
@@ -471,50 +404,11 @@ mod conformance;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sqlx::{ConnectOptions, Connection};
-
-    #[test]
-    fn postgres_states_are_read_by_code() {
-        for (state, outage) in [
-            ("53100", Some(Outage::DiskFull)),
-            ("08006", Some(Outage::Unreachable)),
-            ("57P01", Some(Outage::Unreachable)),
-            ("53300", Some(Outage::Busy)),
-            ("55P03", Some(Outage::Busy)),
-            ("58030", Some(Outage::Io)),
-            ("25006", Some(Outage::ReadOnly)),
-            ("23505", None),
-            ("42P01", None),
-        ] {
-            assert_eq!(Outage::of_sqlstate(state), outage, "{state}");
-        }
-    }
+    use adi_storage::test_database::read_only_write_error;
 
     #[tokio::test]
     async fn a_read_only_sqlite_database_is_an_outage() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("db");
-        let mut rw = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(&path)
-            .create_if_missing(true)
-            .connect()
-            .await
-            .expect("create");
-        sqlx::query("CREATE TABLE t (x)")
-            .execute(&mut rw)
-            .await
-            .expect("table");
-        let mut ro = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(&path)
-            .read_only(true)
-            .connect()
-            .await
-            .expect("open read-only");
-        let e = sqlx::query("INSERT INTO t VALUES (1)")
-            .execute(&mut ro)
-            .await
-            .expect_err("read-only");
-        let e = CatalogError::from(e);
+        let e = CatalogError::from(read_only_write_error().await);
         assert!(
             matches!(
                 e,
@@ -530,59 +424,13 @@ mod tests {
             e.public_message(),
             "the hub's catalog is unavailable: read-only"
         );
-        let _ = ro.close().await;
-        let _ = rw.close().await;
-    }
-
-    #[tokio::test]
-    async fn a_write_lock_held_too_long_is_an_outage() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let options = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(dir.path().join("db"))
-            .create_if_missing(true)
-            .busy_timeout(std::time::Duration::ZERO);
-        let mut holder = options.connect().await.expect("open");
-        sqlx::query("CREATE TABLE t (x)")
-            .execute(&mut holder)
-            .await
-            .expect("table");
-        sqlx::query("BEGIN IMMEDIATE")
-            .execute(&mut holder)
-            .await
-            .expect("lock");
-        let mut other = options.connect().await.expect("open");
-        let e = sqlx::query("INSERT INTO t VALUES (1)")
-            .execute(&mut other)
-            .await
-            .expect_err("busy");
-        assert!(matches!(
-            CatalogError::from(e),
-            CatalogError::Unavailable {
-                outage: Outage::Busy,
-                ..
-            }
-        ),);
-        let _ = other.close().await;
-        let _ = holder.close().await;
     }
 
     #[tokio::test]
     async fn other_database_errors_are_not_outages() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(dir.path().join("db"))
-            .create_if_missing(true)
-            .connect()
-            .await
-            .expect("open");
-        let e = sqlx::query("SELECT * FROM missing")
-            .execute(&mut conn)
-            .await
-            .expect_err("no table");
-        let e = CatalogError::from(e);
+        let e = CatalogError::from(sqlx::Error::RowNotFound);
         assert!(matches!(e, CatalogError::Storage(_)), "{e}");
         assert_eq!(e.code(), ErrorCode::Internal);
         assert_eq!(e.public_message(), "the hub's catalog failed");
-        let _ = conn.close().await;
     }
 }

@@ -1,30 +1,25 @@
 //! The PostgreSQL backend of the [`Catalog`]: one database shared by several hubs.
 //!
-//! This module owns the PostgreSQL pool settings, the PostgreSQL schema migrations under
+//! This module owns what is PostgreSQL's alone: the schema migrations under
 //! `migrations/postgres` (sqlx serialises concurrent migrators with an advisory lock),
-//! and the mapping between catalog rows and the record types. Token use relies on
+//! its SQL and its locking; the pool is the shared `adi_storage::pool`, and rows are read
+//! and written through `rows`, as for SQLite. Token use relies on
 //! PostgreSQL's row locks: of two transactions updating the same unused token, the
 //! second waits for the first and then re-checks `used_at IS NULL`, so exactly one wins.
 
-use std::collections::HashMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use adi_protocol::{CapabilityOffer, DeviceId, Hardware, ServiceInfo};
+use adi_protocol::DeviceId;
+use adi_storage::pool;
 use async_trait::async_trait;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
-use sqlx::Row;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool};
 
-use super::{
-    ApiKeyRecord, Catalog, CatalogError, DeviceConfig, DeviceRecord, Owner, Result, TokenKind,
-    TokenRecord, User, UserId,
+use super::rows::{
+    self, ApiKeyRow, DeviceColumns, DeviceOwnerRow, DeviceRow, OwnerRow, TokenRow, UserRow,
+    API_KEY_COLUMNS, DEVICE_COLUMNS, TOKEN_COLUMNS, USER_COLUMNS,
 };
-
-/// Connections per hub; several hubs share the server's connection limit.
-const MAX_CONNECTIONS: u32 = 10;
-/// How long a request waits for a free connection before failing.
-const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
-
-const DEVICE_COLUMNS: &str = "id, name, services, capabilities, location, hardware, created_at";
+use super::{
+    ApiKeyRecord, Catalog, CatalogError, DeviceConfig, DeviceRecord, Owner, Result, TokenRecord,
+    User, UserId,
+};
 
 /// The catalog in a PostgreSQL database.
 #[derive(Debug, Clone)]
@@ -51,11 +46,7 @@ impl PgCatalog {
             options.get_port(),
             options.get_database().unwrap_or_default()
         );
-        let pool = PgPoolOptions::new()
-            .max_connections(MAX_CONNECTIONS)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_with(options)
-            .await?;
+        let pool = pool::postgres(options).await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
         Ok(PgCatalog { pool, location })
     }
@@ -104,36 +95,32 @@ impl Catalog for PgCatalog {
     }
 
     async fn create_user(&self, name: &str) -> Result<User> {
-        let user = User {
-            id: UserId(uuid::Uuid::new_v4()),
-            name: name.to_owned(),
-            created_at: unix_now(),
-        };
+        let user = rows::new_user(name);
         sqlx::query("INSERT INTO users (id, name, created_at) VALUES ($1, $2, $3)")
             .bind(user.id.to_string())
             .bind(&user.name)
             .bind(user.created_at)
             .execute(&self.pool)
             .await
-            .map_err(|e| conflict(e, || format!("user {name:?}")))?;
+            .map_err(|e| CatalogError::from_insert(e, || format!("user {name:?}")))?;
         Ok(user)
     }
 
     async fn user_by_name(&self, name: &str) -> Result<Option<User>> {
-        sqlx::query("SELECT id, name, created_at FROM users WHERE name = $1")
+        sqlx::query_as::<_, UserRow>(&format!("SELECT {USER_COLUMNS} FROM users WHERE name = $1"))
             .bind(name)
             .fetch_optional(&self.pool)
             .await?
-            .map(|row| user_from_row(&row))
+            .map(User::try_from)
             .transpose()
     }
 
     async fn user(&self, id: UserId) -> Result<Option<User>> {
-        sqlx::query("SELECT id, name, created_at FROM users WHERE id = $1")
+        sqlx::query_as::<_, UserRow>(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1"))
             .bind(id.to_string())
             .fetch_optional(&self.pool)
             .await?
-            .map(|row| user_from_row(&row))
+            .map(User::try_from)
             .transpose()
     }
 
@@ -148,26 +135,19 @@ impl Catalog for PgCatalog {
         .bind(key.created_at)
         .execute(&self.pool)
         .await
-        .map_err(|e| conflict(e, || format!("api key {:?}", key.key_id)))?;
+        .map_err(|e| CatalogError::from_insert(e, || format!("api key {:?}", key.key_id)))?;
         Ok(())
     }
 
     async fn api_key(&self, key_id: &str) -> Result<Option<ApiKeyRecord>> {
-        let Some(row) = sqlx::query(
-            "SELECT key_id, user_id, secret_hash, created_at FROM api_keys WHERE key_id = $1",
-        )
+        sqlx::query_as::<_, ApiKeyRow>(&format!(
+            "SELECT {API_KEY_COLUMNS} FROM api_keys WHERE key_id = $1"
+        ))
         .bind(key_id)
         .fetch_optional(&self.pool)
         .await?
-        else {
-            return Ok(None);
-        };
-        Ok(Some(ApiKeyRecord {
-            key_id: row.try_get("key_id")?,
-            user_id: parse_user_id(&row.try_get::<String, _>("user_id")?)?,
-            secret_hash: row.try_get("secret_hash")?,
-            created_at: row.try_get("created_at")?,
-        }))
+        .map(ApiKeyRecord::try_from)
+        .transpose()
     }
 
     async fn insert_token(&self, token: &TokenRecord) -> Result<()> {
@@ -186,37 +166,17 @@ impl Catalog for PgCatalog {
         .bind(token.used_at)
         .execute(&self.pool)
         .await
-        .map_err(|e| conflict(e, || format!("token {:?}", token.id)))?;
+        .map_err(|e| CatalogError::from_insert(e, || format!("token {:?}", token.id)))?;
         Ok(())
     }
 
     async fn token(&self, id: &str) -> Result<Option<TokenRecord>> {
-        let Some(row) = sqlx::query(
-            "SELECT id, kind, secret_hash, created_by, device_id, created_at, expires_at, used_at \
-             FROM tokens WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?
-        else {
-            return Ok(None);
-        };
-        let kind: String = row.try_get("kind")?;
-        Ok(Some(TokenRecord {
-            id: row.try_get("id")?,
-            kind: TokenKind::parse(&kind)
-                .ok_or_else(|| CatalogError::Corrupt(format!("token kind {kind:?}")))?,
-            secret_hash: row.try_get("secret_hash")?,
-            created_by: parse_user_id(&row.try_get::<String, _>("created_by")?)?,
-            device_id: row
-                .try_get::<Option<String>, _>("device_id")?
-                .as_deref()
-                .map(parse_device_id)
-                .transpose()?,
-            created_at: row.try_get("created_at")?,
-            expires_at: row.try_get("expires_at")?,
-            used_at: row.try_get("used_at")?,
-        }))
+        sqlx::query_as::<_, TokenRow>(&format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(TokenRecord::try_from)
+            .transpose()
     }
 
     async fn enrol_device(
@@ -225,8 +185,7 @@ impl Catalog for PgCatalog {
         now: i64,
         device: &DeviceConfig,
     ) -> Result<DeviceRecord> {
-        let services = encode_json(&device.services)?;
-        let capabilities = encode_json(&device.capabilities)?;
+        let columns = DeviceColumns::of(device)?;
         // Dropping `tx` on any early return rolls everything back.
         let mut tx = self.pool.begin().await?;
         let owner: Option<String> = sqlx::query_scalar(
@@ -247,14 +206,14 @@ impl Catalog for PgCatalog {
         )
         .bind(device.id.as_str())
         .bind(&device.name)
-        .bind(&services)
-        .bind(&capabilities)
+        .bind(&columns.services)
+        .bind(&columns.capabilities)
         .bind(device.location.as_deref())
-        .bind(device.hardware.as_ref().map(encode_json).transpose()?)
+        .bind(&columns.hardware)
         .bind(now)
         .execute(&mut *tx)
         .await
-        .map_err(|e| conflict(e, || format!("device {}", device.id)))?;
+        .map_err(|e| CatalogError::from_insert(e, || format!("device {}", device.id)))?;
         sqlx::query("INSERT INTO device_owners (device_id, user_id, added_at) VALUES ($1, $2, $3)")
             .bind(device.id.as_str())
             .bind(&owner)
@@ -294,7 +253,7 @@ impl Catalog for PgCatalog {
         let device = device.ok_or_else(|| {
             CatalogError::Corrupt(format!("share token {token_id:?} has no device"))
         })?;
-        let device_id = parse_device_id(&device)?;
+        let device_id = rows::parse_device_id(&device)?;
         sqlx::query(
             "INSERT INTO device_owners (device_id, user_id, added_at) VALUES ($1, $2, $3) \
              ON CONFLICT (device_id, user_id) DO NOTHING",
@@ -314,7 +273,7 @@ impl Catalog for PgCatalog {
             .pool
             .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             .await?;
-        let Some(row) = sqlx::query(&format!(
+        let Some(row) = sqlx::query_as::<_, DeviceRow>(&format!(
             "SELECT {DEVICE_COLUMNS} FROM devices WHERE id = $1"
         ))
         .bind(id.as_str())
@@ -325,7 +284,7 @@ impl Catalog for PgCatalog {
         };
         let owners = owners_of(&mut tx, id).await?;
         tx.commit().await?;
-        device_from_row(&row, owners).map(Some)
+        row.into_record(owners).map(Some)
     }
 
     async fn devices_owned_by(&self, user: UserId) -> Result<Vec<DeviceRecord>> {
@@ -335,7 +294,7 @@ impl Catalog for PgCatalog {
             .pool
             .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             .await?;
-        let rows = sqlx::query(
+        let devices = sqlx::query_as::<_, DeviceRow>(
             "SELECT d.id, d.name, d.services, d.capabilities, d.location, d.hardware, d.created_at \
              FROM devices d JOIN device_owners o ON o.device_id = d.id \
              WHERE o.user_id = $1 ORDER BY d.name, d.id",
@@ -343,7 +302,7 @@ impl Catalog for PgCatalog {
         .bind(&user)
         .fetch_all(&mut *tx)
         .await?;
-        let owner_rows = sqlx::query(
+        let owners = sqlx::query_as::<_, DeviceOwnerRow>(
             "SELECT o.device_id, u.id, u.name \
              FROM device_owners o JOIN users u ON u.id = o.user_id \
              WHERE o.device_id IN (SELECT device_id FROM device_owners WHERE user_id = $1) \
@@ -353,19 +312,7 @@ impl Catalog for PgCatalog {
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
-        let mut owners: HashMap<String, Vec<Owner>> = HashMap::new();
-        for row in &owner_rows {
-            owners
-                .entry(row.try_get("device_id")?)
-                .or_default()
-                .push(owner_from_row(row)?);
-        }
-        rows.iter()
-            .map(|row| {
-                let id: String = row.try_get("id")?;
-                device_from_row(row, owners.remove(&id).unwrap_or_default())
-            })
-            .collect()
+        rows::devices_with_owners(devices, owners)
     }
 
     async fn is_owner(&self, device: &DeviceId, user: UserId) -> Result<bool> {
@@ -380,15 +327,16 @@ impl Catalog for PgCatalog {
     }
 
     async fn update_device(&self, device: &DeviceConfig) -> Result<()> {
+        let columns = DeviceColumns::of(device)?;
         let done = sqlx::query(
             "UPDATE devices SET name = $1, services = $2, capabilities = $3, location = $4, \
              hardware = $5 WHERE id = $6",
         )
         .bind(&device.name)
-        .bind(encode_json(&device.services)?)
-        .bind(encode_json(&device.capabilities)?)
+        .bind(&columns.services)
+        .bind(&columns.capabilities)
         .bind(device.location.as_deref())
-        .bind(device.hardware.as_ref().map(encode_json).transpose()?)
+        .bind(&columns.hardware)
         .bind(device.id.as_str())
         .execute(&self.pool)
         .await?;
@@ -425,81 +373,12 @@ impl Catalog for PgCatalog {
 
 /// The owners of `device`, ordered by name.
 async fn owners_of(conn: &mut PgConnection, device: &DeviceId) -> Result<Vec<Owner>> {
-    sqlx::query(
+    let owners = sqlx::query_as::<_, OwnerRow>(
         "SELECT u.id, u.name FROM device_owners o JOIN users u ON u.id = o.user_id \
          WHERE o.device_id = $1 ORDER BY u.name, u.id",
     )
     .bind(device.as_str())
     .fetch_all(&mut *conn)
-    .await?
-    .iter()
-    .map(owner_from_row)
-    .collect()
-}
-
-fn user_from_row(row: &PgRow) -> Result<User> {
-    Ok(User {
-        id: parse_user_id(&row.try_get::<String, _>("id")?)?,
-        name: row.try_get("name")?,
-        created_at: row.try_get("created_at")?,
-    })
-}
-
-fn owner_from_row(row: &PgRow) -> Result<Owner> {
-    Ok(Owner {
-        id: parse_user_id(&row.try_get::<String, _>("id")?)?,
-        name: row.try_get("name")?,
-    })
-}
-
-fn device_from_row(row: &PgRow, owners: Vec<Owner>) -> Result<DeviceRecord> {
-    let services: String = row.try_get("services")?;
-    let capabilities: String = row.try_get("capabilities")?;
-    Ok(DeviceRecord {
-        id: parse_device_id(&row.try_get::<String, _>("id")?)?,
-        name: row.try_get("name")?,
-        services: decode_json::<Vec<ServiceInfo>>(&services, "device services")?,
-        capabilities: decode_json::<Vec<CapabilityOffer>>(&capabilities, "device capabilities")?,
-        location: row.try_get("location")?,
-        hardware: row
-            .try_get::<Option<String>, _>("hardware")?
-            .map(|h| decode_json::<Hardware>(&h, "device hardware"))
-            .transpose()?,
-        created_at: row.try_get("created_at")?,
-        owners,
-    })
-}
-
-/// Maps a unique violation to `Conflict(what)`, anything else as any database error.
-fn conflict(e: sqlx::Error, what: impl FnOnce() -> String) -> CatalogError {
-    match &e {
-        sqlx::Error::Database(db) if db.is_unique_violation() => CatalogError::Conflict(what()),
-        _ => e.into(),
-    }
-}
-
-fn parse_user_id(s: &str) -> Result<UserId> {
-    uuid::Uuid::parse_str(s)
-        .map(UserId)
-        .map_err(|_| CatalogError::Corrupt(format!("user id {s:?}")))
-}
-
-fn parse_device_id(s: &str) -> Result<DeviceId> {
-    s.parse()
-        .map_err(|_| CatalogError::Corrupt(format!("device id {s:?}")))
-}
-
-fn encode_json<T: serde::Serialize>(value: &T) -> Result<String> {
-    serde_json::to_string(value).map_err(|e| CatalogError::Corrupt(format!("encoding JSON: {e}")))
-}
-
-fn decode_json<T: serde::de::DeserializeOwned>(s: &str, what: &str) -> Result<T> {
-    serde_json::from_str(s).map_err(|e| CatalogError::Corrupt(format!("{what}: {e}")))
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or_default()
+    .await?;
+    rows::owners(owners)
 }

@@ -1,10 +1,10 @@
 //! The embedded SQLite backend of the [`Catalog`]: one file, one hub.
 //!
-//! This module owns the SQLite connection settings (WAL, `synchronous=FULL` since the
-//! catalog is written on configuration changes only, foreign keys, busy timeout), the
-//! SQLite schema migrations under `migrations/sqlite`, the checks a file passes before
-//! it is used as a catalog, and the mapping between catalog rows and the record types.
-//! Write transactions start with `BEGIN IMMEDIATE`, so two hub tasks racing for one
+//! This module owns what is SQLite's alone: the catalog's durability (`synchronous=FULL`,
+//! since the catalog is written on configuration changes only; WAL, foreign keys and the
+//! busy timeout are the shared `adi_storage::pool`), the SQLite schema migrations under
+//! `migrations/sqlite`, the checks a file passes before it is used as a catalog, and its
+//! SQL. Rows are read and written through `rows`, as for PostgreSQL. Write transactions start with `BEGIN IMMEDIATE`, so two hub tasks racing for one
 //! token serialise on the write lock instead of failing on a stale snapshot.
 //!
 //! Only a missing file makes a new catalog, and it appears whole: it is built beside
@@ -14,37 +14,32 @@
 //! get a new id. The file is created 0600 before SQLite opens it, because SQLite gives
 //! its `-wal` and `-shm` files the mode of the database file.
 
-use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use adi_protocol::{CapabilityOffer, DeviceId, Hardware, ServiceInfo};
+use adi_protocol::DeviceId;
+use adi_storage::{pool, Tx};
 use async_trait::async_trait;
 use sqlx::migrate::Migrator;
-use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{ConnectOptions, Connection, Row, Sqlite, SqliteConnection};
+use sqlx::{ConnectOptions, Connection, SqliteConnection};
 
+use super::rows::{
+    self, ApiKeyRow, DeviceColumns, DeviceOwnerRow, DeviceRow, OwnerRow, TokenRow, UserRow,
+    API_KEY_COLUMNS, DEVICE_COLUMNS, TOKEN_COLUMNS, USER_COLUMNS,
+};
 use super::{
-    ApiKeyRecord, Catalog, CatalogError, DeviceConfig, DeviceRecord, Owner, Result, TokenKind,
-    TokenRecord, User, UserId,
+    ApiKeyRecord, Catalog, CatalogError, DeviceConfig, DeviceRecord, Owner, Result, TokenRecord,
+    User, UserId,
 };
 use crate::owner_only;
 
-/// How long a statement waits for another connection's write lock before failing.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-/// SQLite has one writer at a time; a few connections are enough for concurrent reads.
-const MAX_CONNECTIONS: u32 = 4;
 /// The first 16 bytes of every SQLite database file.
 const SQLITE_HEADER: &[u8; 16] = b"SQLite format 3\0";
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
-
-const DEVICE_COLUMNS: &str = "id, name, services, capabilities, location, hardware, created_at";
 
 /// The catalog in one SQLite file.
 #[derive(Debug, Clone)]
@@ -58,20 +53,7 @@ impl SqliteCatalog {
     /// (and missing parent directories, 0700) only when nothing is there. Refuses a file
     /// that is not an intact adi catalog.
     pub async fn open(path: &Path) -> Result<Self> {
-        let file_error = |at: &Path| {
-            let path = at.to_owned();
-            move |source| CatalogError::File { path, source }
-        };
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            owner_only::create_missing_dirs(parent).map_err(file_error(parent))?;
-        }
-        for file in [
-            path.to_owned(),
-            sidecar(path, "-wal"),
-            sidecar(path, "-shm"),
-        ] {
-            owner_only::tighten(&file).map_err(file_error(&file))?;
-        }
+        owner_only::sqlite_database(path)?;
         if !inspect(path)? {
             create(path).await?;
         }
@@ -80,24 +62,19 @@ impl SqliteCatalog {
         let mut conn = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(false)
-            .busy_timeout(BUSY_TIMEOUT)
+            .busy_timeout(pool::SQLITE_BUSY_TIMEOUT)
             .connect()
             .await?;
         let checked = check(&mut conn, path).await;
         let _ = conn.close().await;
         checked?;
-        let options = SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(false)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .foreign_keys(true)
-            .busy_timeout(BUSY_TIMEOUT);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(MAX_CONNECTIONS)
-            .acquire_timeout(BUSY_TIMEOUT * 2)
-            .connect_with(options)
-            .await?;
+        let pool = pool::sqlite(
+            SqliteConnectOptions::new()
+                .filename(path)
+                .create_if_missing(false)
+                .synchronous(SqliteSynchronous::Full),
+        )
+        .await?;
         MIGRATOR.run(&pool).await?;
         Ok(SqliteCatalog {
             pool,
@@ -108,60 +85,6 @@ impl SqliteCatalog {
     /// Closes every connection, waiting for those in use to be returned.
     pub async fn close(&self) {
         self.pool.close().await;
-    }
-}
-
-/// A transaction on a pooled connection of its own, begun and committed with plain
-/// statements.
-///
-/// SQLite ends a transaction by itself on some errors (a full disk, an I/O error); sqlx's
-/// rollback then fails and leaves its pooled connection believing it is still in a
-/// transaction, refusing every later one. So a transaction that does not commit here
-/// closes its connection instead of returning it to the pool: closing rolls back what is
-/// left and frees the write lock, and the next request gets a fresh connection. The same
-/// holds when the request is cancelled half way.
-struct Tx {
-    conn: PoolConnection<Sqlite>,
-    committed: bool,
-}
-
-impl Tx {
-    /// `BEGIN IMMEDIATE` for a write (take the write lock now), `BEGIN` for a snapshot.
-    async fn begin(pool: &SqlitePool, begin: &'static str) -> Result<Self> {
-        let mut tx = Tx {
-            conn: pool.acquire().await?,
-            committed: false,
-        };
-        sqlx::query(begin).execute(&mut *tx.conn).await?;
-        Ok(tx)
-    }
-
-    async fn commit(mut self) -> Result<()> {
-        sqlx::query("COMMIT").execute(&mut *self.conn).await?;
-        self.committed = true;
-        Ok(())
-    }
-}
-
-impl std::ops::Deref for Tx {
-    type Target = SqliteConnection;
-
-    fn deref(&self) -> &SqliteConnection {
-        &self.conn
-    }
-}
-
-impl std::ops::DerefMut for Tx {
-    fn deref_mut(&mut self) -> &mut SqliteConnection {
-        &mut self.conn
-    }
-}
-
-impl Drop for Tx {
-    fn drop(&mut self) {
-        if !self.committed {
-            self.conn.close_on_drop();
-        }
     }
 }
 
@@ -304,8 +227,7 @@ async fn check_integrity(conn: &mut SqliteConnection, path: &Path) -> Result<()>
 
 /// SQLITE_CORRUPT (11) and SQLITE_NOTADB (26), by primary code.
 fn is_corrupt(code: Option<&str>) -> bool {
-    code.and_then(|c| c.parse::<i32>().ok())
-        .is_some_and(|c| matches!(c & 0xff, 11 | 26))
+    adi_storage::outage::sqlite_primary_code(code).is_some_and(|c| matches!(c, 11 | 26))
 }
 
 /// Refuses an SQLite database that is not an adi catalog: one without our migrations
@@ -379,36 +301,32 @@ impl Catalog for SqliteCatalog {
     }
 
     async fn create_user(&self, name: &str) -> Result<User> {
-        let user = User {
-            id: UserId(uuid::Uuid::new_v4()),
-            name: name.to_owned(),
-            created_at: unix_now(),
-        };
+        let user = rows::new_user(name);
         sqlx::query("INSERT INTO users (id, name, created_at) VALUES (?, ?, ?)")
             .bind(user.id.to_string())
             .bind(&user.name)
             .bind(user.created_at)
             .execute(&self.pool)
             .await
-            .map_err(|e| conflict(e, || format!("user {name:?}")))?;
+            .map_err(|e| CatalogError::from_insert(e, || format!("user {name:?}")))?;
         Ok(user)
     }
 
     async fn user_by_name(&self, name: &str) -> Result<Option<User>> {
-        sqlx::query("SELECT id, name, created_at FROM users WHERE name = ?")
+        sqlx::query_as::<_, UserRow>(&format!("SELECT {USER_COLUMNS} FROM users WHERE name = ?"))
             .bind(name)
             .fetch_optional(&self.pool)
             .await?
-            .map(|row| user_from_row(&row))
+            .map(User::try_from)
             .transpose()
     }
 
     async fn user(&self, id: UserId) -> Result<Option<User>> {
-        sqlx::query("SELECT id, name, created_at FROM users WHERE id = ?")
+        sqlx::query_as::<_, UserRow>(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = ?"))
             .bind(id.to_string())
             .fetch_optional(&self.pool)
             .await?
-            .map(|row| user_from_row(&row))
+            .map(User::try_from)
             .transpose()
     }
 
@@ -422,26 +340,19 @@ impl Catalog for SqliteCatalog {
         .bind(key.created_at)
         .execute(&self.pool)
         .await
-        .map_err(|e| conflict(e, || format!("api key {:?}", key.key_id)))?;
+        .map_err(|e| CatalogError::from_insert(e, || format!("api key {:?}", key.key_id)))?;
         Ok(())
     }
 
     async fn api_key(&self, key_id: &str) -> Result<Option<ApiKeyRecord>> {
-        let Some(row) = sqlx::query(
-            "SELECT key_id, user_id, secret_hash, created_at FROM api_keys WHERE key_id = ?",
-        )
+        sqlx::query_as::<_, ApiKeyRow>(&format!(
+            "SELECT {API_KEY_COLUMNS} FROM api_keys WHERE key_id = ?"
+        ))
         .bind(key_id)
         .fetch_optional(&self.pool)
         .await?
-        else {
-            return Ok(None);
-        };
-        Ok(Some(ApiKeyRecord {
-            key_id: row.try_get("key_id")?,
-            user_id: parse_user_id(&row.try_get::<String, _>("user_id")?)?,
-            secret_hash: row.try_get("secret_hash")?,
-            created_at: row.try_get("created_at")?,
-        }))
+        .map(ApiKeyRecord::try_from)
+        .transpose()
     }
 
     async fn insert_token(&self, token: &TokenRecord) -> Result<()> {
@@ -460,37 +371,17 @@ impl Catalog for SqliteCatalog {
         .bind(token.used_at)
         .execute(&self.pool)
         .await
-        .map_err(|e| conflict(e, || format!("token {:?}", token.id)))?;
+        .map_err(|e| CatalogError::from_insert(e, || format!("token {:?}", token.id)))?;
         Ok(())
     }
 
     async fn token(&self, id: &str) -> Result<Option<TokenRecord>> {
-        let Some(row) = sqlx::query(
-            "SELECT id, kind, secret_hash, created_by, device_id, created_at, expires_at, used_at \
-             FROM tokens WHERE id = ?",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?
-        else {
-            return Ok(None);
-        };
-        let kind: String = row.try_get("kind")?;
-        Ok(Some(TokenRecord {
-            id: row.try_get("id")?,
-            kind: TokenKind::parse(&kind)
-                .ok_or_else(|| CatalogError::Corrupt(format!("token kind {kind:?}")))?,
-            secret_hash: row.try_get("secret_hash")?,
-            created_by: parse_user_id(&row.try_get::<String, _>("created_by")?)?,
-            device_id: row
-                .try_get::<Option<String>, _>("device_id")?
-                .as_deref()
-                .map(parse_device_id)
-                .transpose()?,
-            created_at: row.try_get("created_at")?,
-            expires_at: row.try_get("expires_at")?,
-            used_at: row.try_get("used_at")?,
-        }))
+        sqlx::query_as::<_, TokenRow>(&format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(TokenRecord::try_from)
+            .transpose()
     }
 
     async fn enrol_device(
@@ -499,8 +390,7 @@ impl Catalog for SqliteCatalog {
         now: i64,
         device: &DeviceConfig,
     ) -> Result<DeviceRecord> {
-        let services = encode_json(&device.services)?;
-        let capabilities = encode_json(&device.capabilities)?;
+        let columns = DeviceColumns::of(device)?;
         // Dropping `tx` on any early return rolls everything back.
         let mut tx = Tx::begin(&self.pool, "BEGIN IMMEDIATE").await?;
         let owner: Option<String> = sqlx::query_scalar(
@@ -522,14 +412,14 @@ impl Catalog for SqliteCatalog {
         )
         .bind(device.id.as_str())
         .bind(&device.name)
-        .bind(&services)
-        .bind(&capabilities)
+        .bind(&columns.services)
+        .bind(&columns.capabilities)
         .bind(device.location.as_deref())
-        .bind(device.hardware.as_ref().map(encode_json).transpose()?)
+        .bind(&columns.hardware)
         .bind(now)
         .execute(&mut *tx)
         .await
-        .map_err(|e| conflict(e, || format!("device {}", device.id)))?;
+        .map_err(|e| CatalogError::from_insert(e, || format!("device {}", device.id)))?;
         sqlx::query("INSERT INTO device_owners (device_id, user_id, added_at) VALUES (?, ?, ?)")
             .bind(device.id.as_str())
             .bind(&owner)
@@ -570,7 +460,7 @@ impl Catalog for SqliteCatalog {
         let device = device.ok_or_else(|| {
             CatalogError::Corrupt(format!("share token {token_id:?} has no device"))
         })?;
-        let device_id = parse_device_id(&device)?;
+        let device_id = rows::parse_device_id(&device)?;
         sqlx::query(
             "INSERT INTO device_owners (device_id, user_id, added_at) VALUES (?, ?, ?) \
              ON CONFLICT (device_id, user_id) DO NOTHING",
@@ -587,7 +477,7 @@ impl Catalog for SqliteCatalog {
     async fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>> {
         // One snapshot for the device and its owners.
         let mut tx = Tx::begin(&self.pool, "BEGIN").await?;
-        let Some(row) = sqlx::query(&format!(
+        let Some(row) = sqlx::query_as::<_, DeviceRow>(&format!(
             "SELECT {DEVICE_COLUMNS} FROM devices WHERE id = ?"
         ))
         .bind(id.as_str())
@@ -598,14 +488,14 @@ impl Catalog for SqliteCatalog {
         };
         let owners = owners_of(&mut tx, id).await?;
         tx.commit().await?;
-        device_from_row(&row, owners).map(Some)
+        row.into_record(owners).map(Some)
     }
 
     async fn devices_owned_by(&self, user: UserId) -> Result<Vec<DeviceRecord>> {
         let user = user.to_string();
         // Both reads in one transaction so the owner lists match the device list.
         let mut tx = Tx::begin(&self.pool, "BEGIN").await?;
-        let rows = sqlx::query(
+        let devices = sqlx::query_as::<_, DeviceRow>(
             "SELECT d.id, d.name, d.services, d.capabilities, d.location, d.hardware, d.created_at \
              FROM devices d JOIN device_owners o ON o.device_id = d.id \
              WHERE o.user_id = ? ORDER BY d.name, d.id",
@@ -613,7 +503,7 @@ impl Catalog for SqliteCatalog {
         .bind(&user)
         .fetch_all(&mut *tx)
         .await?;
-        let owner_rows = sqlx::query(
+        let owners = sqlx::query_as::<_, DeviceOwnerRow>(
             "SELECT o.device_id, u.id, u.name \
              FROM device_owners o JOIN users u ON u.id = o.user_id \
              WHERE o.device_id IN (SELECT device_id FROM device_owners WHERE user_id = ?) \
@@ -623,19 +513,7 @@ impl Catalog for SqliteCatalog {
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
-        let mut owners: HashMap<String, Vec<Owner>> = HashMap::new();
-        for row in &owner_rows {
-            owners
-                .entry(row.try_get("device_id")?)
-                .or_default()
-                .push(owner_from_row(row)?);
-        }
-        rows.iter()
-            .map(|row| {
-                let id: String = row.try_get("id")?;
-                device_from_row(row, owners.remove(&id).unwrap_or_default())
-            })
-            .collect()
+        rows::devices_with_owners(devices, owners)
     }
 
     async fn is_owner(&self, device: &DeviceId, user: UserId) -> Result<bool> {
@@ -650,16 +528,19 @@ impl Catalog for SqliteCatalog {
     }
 
     async fn update_device(&self, device: &DeviceConfig) -> Result<()> {
-        let done =
-            sqlx::query("UPDATE devices SET name = ?, services = ?, capabilities = ?, location = ?, hardware = ? WHERE id = ?")
-                .bind(&device.name)
-                .bind(encode_json(&device.services)?)
-                .bind(encode_json(&device.capabilities)?)
-                .bind(device.location.as_deref())
-                .bind(device.hardware.as_ref().map(encode_json).transpose()?)
-                .bind(device.id.as_str())
-                .execute(&self.pool)
-                .await?;
+        let columns = DeviceColumns::of(device)?;
+        let done = sqlx::query(
+            "UPDATE devices SET name = ?, services = ?, capabilities = ?, location = ?, \
+             hardware = ? WHERE id = ?",
+        )
+        .bind(&device.name)
+        .bind(&columns.services)
+        .bind(&columns.capabilities)
+        .bind(device.location.as_deref())
+        .bind(&columns.hardware)
+        .bind(device.id.as_str())
+        .execute(&self.pool)
+        .await?;
         if done.rows_affected() == 0 {
             return Err(CatalogError::NotFound(format!("device {}", device.id)));
         }
@@ -695,131 +576,12 @@ impl Catalog for SqliteCatalog {
 
 /// The owners of `device`, ordered by name.
 async fn owners_of(conn: &mut SqliteConnection, device: &DeviceId) -> Result<Vec<Owner>> {
-    sqlx::query(
+    let owners = sqlx::query_as::<_, OwnerRow>(
         "SELECT u.id, u.name FROM device_owners o JOIN users u ON u.id = o.user_id \
          WHERE o.device_id = ? ORDER BY u.name, u.id",
     )
     .bind(device.as_str())
     .fetch_all(&mut *conn)
-    .await?
-    .iter()
-    .map(owner_from_row)
-    .collect()
-}
-
-fn user_from_row(row: &SqliteRow) -> Result<User> {
-    Ok(User {
-        id: parse_user_id(&row.try_get::<String, _>("id")?)?,
-        name: row.try_get("name")?,
-        created_at: row.try_get("created_at")?,
-    })
-}
-
-fn owner_from_row(row: &SqliteRow) -> Result<Owner> {
-    Ok(Owner {
-        id: parse_user_id(&row.try_get::<String, _>("id")?)?,
-        name: row.try_get("name")?,
-    })
-}
-
-fn device_from_row(row: &SqliteRow, owners: Vec<Owner>) -> Result<DeviceRecord> {
-    let services: String = row.try_get("services")?;
-    let capabilities: String = row.try_get("capabilities")?;
-    Ok(DeviceRecord {
-        id: parse_device_id(&row.try_get::<String, _>("id")?)?,
-        name: row.try_get("name")?,
-        services: decode_json::<Vec<ServiceInfo>>(&services, "device services")?,
-        capabilities: decode_json::<Vec<CapabilityOffer>>(&capabilities, "device capabilities")?,
-        location: row.try_get("location")?,
-        hardware: row
-            .try_get::<Option<String>, _>("hardware")?
-            .map(|h| decode_json::<Hardware>(&h, "device hardware"))
-            .transpose()?,
-        created_at: row.try_get("created_at")?,
-        owners,
-    })
-}
-
-/// Maps a unique violation to `Conflict(what)`, anything else as any database error.
-fn conflict(e: sqlx::Error, what: impl FnOnce() -> String) -> CatalogError {
-    match &e {
-        sqlx::Error::Database(db) if db.is_unique_violation() => CatalogError::Conflict(what()),
-        _ => e.into(),
-    }
-}
-
-fn parse_user_id(s: &str) -> Result<UserId> {
-    uuid::Uuid::parse_str(s)
-        .map(UserId)
-        .map_err(|_| CatalogError::Corrupt(format!("user id {s:?}")))
-}
-
-fn parse_device_id(s: &str) -> Result<DeviceId> {
-    s.parse()
-        .map_err(|_| CatalogError::Corrupt(format!("device id {s:?}")))
-}
-
-fn encode_json<T: serde::Serialize>(value: &T) -> Result<String> {
-    serde_json::to_string(value).map_err(|e| CatalogError::Corrupt(format!("encoding JSON: {e}")))
-}
-
-fn decode_json<T: serde::de::DeserializeOwned>(s: &str, what: &str) -> Result<T> {
-    serde_json::from_str(s).map_err(|e| CatalogError::Corrupt(format!("{what}: {e}")))
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or_default()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// SQLite rolls a transaction back by itself here, as it may on a full disk; the
-    /// pool's only connection must still serve the next transaction.
-    #[tokio::test]
-    async fn a_transaction_sqlite_ended_itself_leaves_the_pool_usable() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let pool = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(
-                SqliteConnectOptions::new()
-                    .filename(dir.path().join("db"))
-                    .create_if_missing(true),
-            )
-            .await
-            .expect("pool");
-        sqlx::query("CREATE TABLE t (x INTEGER UNIQUE)")
-            .execute(&pool)
-            .await
-            .expect("table");
-        sqlx::query("INSERT INTO t VALUES (1)")
-            .execute(&pool)
-            .await
-            .expect("row");
-        {
-            let mut tx = Tx::begin(&pool, "BEGIN IMMEDIATE").await.expect("begin");
-            sqlx::query("INSERT OR ROLLBACK INTO t VALUES (1)")
-                .execute(&mut *tx)
-                .await
-                .expect_err("SQLite rolls back");
-        }
-        let mut tx = Tx::begin(&pool, "BEGIN IMMEDIATE")
-            .await
-            .expect("a fresh transaction");
-        sqlx::query("INSERT INTO t VALUES (2)")
-            .execute(&mut *tx)
-            .await
-            .expect("insert");
-        tx.commit().await.expect("commit");
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM t")
-            .fetch_one(&pool)
-            .await
-            .expect("count");
-        assert_eq!(n, 2);
-        pool.close().await;
-    }
+    .await?;
+    rows::owners(owners)
 }

@@ -1,10 +1,11 @@
 //! Owner-only paths: files that hold a secret or user data are 0600 and their
 //! directories 0700, whatever the umask of whoever started the process.
 //!
-//! The hub keeps its signing key in its catalog or key file, and the CLI keeps a session
-//! token; each is created through here, and an existing one that group or others can
-//! reach is tightened with one warning naming it. Modes are set explicitly after each
-//! creation, because the umask only ever removes bits and may remove the owner's own.
+//! The hub keeps its signing key in its catalog or key file, the CLI a session token, and
+//! a device its secret, its local API token and its tasks (commands, outputs, logs); each
+//! is created through here, and an existing one that group or others can reach is
+//! tightened with one warning naming it. Modes are set explicitly after each creation,
+//! because the umask only ever removes bits and may remove the owner's own.
 //!
 //! This module must never loosen a mode, and never change a directory it was not named
 //! (a parent such as `/tmp` belongs to someone else).
@@ -13,6 +14,8 @@ use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+use crate::FileError;
 
 /// Mode of an owner-only file.
 pub const FILE_MODE: u32 = 0o600;
@@ -77,6 +80,26 @@ pub fn tighten(path: &Path) -> io::Result<()> {
         "tightened {}: group or others could reach it (mode {old:04o}, now {new:04o})",
         path.display()
     );
+    Ok(())
+}
+
+/// Makes the missing parent directories of the SQLite database at `path` owner-only, and
+/// tightens the database and the `-wal` and `-shm` files beside it. Call it before
+/// SQLite opens the database: SQLite gives those files the database file's mode.
+pub fn sqlite_database(path: &Path) -> Result<(), FileError> {
+    let at = |path: &Path| {
+        let path = path.to_owned();
+        move |source| FileError { path, source }
+    };
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        create_missing_dirs(parent).map_err(at(parent))?;
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let mut file = path.as_os_str().to_owned();
+        file.push(suffix);
+        let file = PathBuf::from(file);
+        tighten(&file).map_err(at(&file))?;
+    }
     Ok(())
 }
 
@@ -186,6 +209,26 @@ mod tests {
         tighten(&f).expect("left");
         assert_eq!(mode(&f), 0o400);
         tighten(&root.path().join("missing")).expect("nothing to do");
+    }
+
+    #[test]
+    fn an_sqlite_database_gets_owner_only_parents_and_tightened_files() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let db = root.path().join("a/b/tasks.db");
+        sqlite_database(&db).expect("parents made");
+        assert_eq!(mode(&root.path().join("a")), DIR_MODE);
+        assert_eq!(mode(&root.path().join("a/b")), DIR_MODE);
+        assert!(!db.exists(), "SQLite makes the file");
+        let files =
+            ["tasks.db", "tasks.db-wal", "tasks.db-shm"].map(|f| root.path().join("a/b").join(f));
+        for f in &files {
+            fs::write(f, "x").expect("write");
+            fs::set_permissions(f, Permissions::from_mode(0o644)).expect("chmod");
+        }
+        sqlite_database(&db).expect("tightened");
+        for f in &files {
+            assert_eq!(mode(f), FILE_MODE, "{}", f.display());
+        }
     }
 
     #[test]
