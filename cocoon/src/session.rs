@@ -41,7 +41,57 @@ const FRAME_QUEUE: usize = 64;
 enum Outcome {
     Cancelled,
     Refused(ErrorCode, String),
-    Lost { registered: bool, reason: String },
+    Lost {
+        registered: bool,
+        reason: String,
+    },
+    /// What answered at the hub's address is not an adi hub; what it answered.
+    NotAHub(String),
+}
+
+/// Statuses a reverse proxy or a busy hub answers an upgrade with for a while (the hub
+/// behind it restarting, the hub's connection caps): worth retrying. Any other answer
+/// but `101 Switching Protocols` comes from something that is not an adi hub.
+fn transient(status: tokio_tungstenite::tungstenite::http::StatusCode) -> bool {
+    matches!(status.as_u16(), 408 | 429 | 502 | 503 | 504)
+}
+
+/// Why a connection attempt failed: something that is not an adi hub answered (by the
+/// HTTP status or the malformed answer), or the hub could not be reached for now.
+fn connect_failed(ws_url: &str, e: tokio_tungstenite::tungstenite::Error) -> Outcome {
+    use tokio_tungstenite::tungstenite::Error;
+    match e {
+        Error::Http(response) if !transient(response.status()) => {
+            let body = response
+                .body()
+                .as_deref()
+                .map(String::from_utf8_lossy)
+                .map(|b| b.split_whitespace().collect::<Vec<_>>().join(" "))
+                .filter(|b| !b.is_empty())
+                .map(|b| {
+                    let cut: String = b.chars().take(120).collect();
+                    let more = if cut.len() < b.len() { "…" } else { "" };
+                    format!(": {cut}{more}")
+                })
+                .unwrap_or_default();
+            Outcome::NotAHub(format!(
+                "it answered the cocoon endpoint's WebSocket upgrade with HTTP {}{body}",
+                response.status()
+            ))
+        }
+        Error::Http(response) => lost(
+            false,
+            format!(
+                "the hub answered HTTP {} (busy or restarting)",
+                response.status()
+            ),
+        ),
+        Error::Protocol(p) => Outcome::NotAHub(format!(
+            "its answer to the cocoon endpoint's WebSocket upgrade is not one: {p}"
+        )),
+        Error::Io(io) => lost(false, io.to_string()),
+        other => lost(false, format!("{ws_url}: {other}")),
+    }
 }
 
 /// What the sessions of one cocoon share with the rest of it.
@@ -68,6 +118,9 @@ pub(crate) async fn run(
 ) -> Result<(), CocoonError> {
     let mut token = config.setup_token.clone();
     let mut attempt: u32 = 0;
+    // Once this agent has been online, an address that answers like something else is
+    // taken for a hub's reverse proxy having a bad moment, and retried.
+    let mut ever_online = false;
     loop {
         state.send_replace(ConnState::Connecting);
         let agent = Agent {
@@ -83,7 +136,7 @@ pub(crate) async fn run(
             server: &shared.server,
         };
         let outcome = session(&agent, &mut token, &mut calls, &state, &cancel).await;
-        let reason = match outcome {
+        let (was_online, reason) = match outcome {
             Outcome::Cancelled => {
                 state.send_replace(ConnState::Stopped);
                 return Ok(());
@@ -95,20 +148,45 @@ pub(crate) async fn run(
                 });
                 return Err(CocoonError::Refused { code, message });
             }
-            Outcome::Refused(code, message) => format!("hub refused ({code}): {message}"),
+            Outcome::NotAHub(answered) if !ever_online => {
+                state.send_replace(ConnState::NotAHub {
+                    hub: config.hub_url.clone(),
+                    answered: answered.clone(),
+                });
+                return Err(CocoonError::NotAHub {
+                    hub: config.hub_url.clone(),
+                    answered,
+                });
+            }
+            Outcome::NotAHub(answered) => (
+                false,
+                format!("its address answered like something else: {answered}"),
+            ),
+            Outcome::Refused(code, message) => (false, format!("hub refused ({code}): {message}")),
             Outcome::Lost { registered, reason } => {
                 if registered {
                     attempt = 0;
+                    ever_online = true;
                 }
-                reason
+                (registered, reason)
             }
         };
         let delay = config.backoff(attempt);
-        warn!(
-            attempt,
-            delay_ms = delay.as_millis() as u64,
-            "hub connection lost: {reason}"
-        );
+        let hub = &config.hub_url;
+        let secs = delay.as_secs_f64();
+        let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        // One line per retry: what failed, and when the next try is.
+        if was_online {
+            warn!(
+                attempt,
+                delay_ms, "hub connection lost: {reason}; reconnecting to {hub} in {secs:.1}s"
+            );
+        } else {
+            warn!(
+                attempt,
+                delay_ms, "cannot connect to the hub at {hub}: {reason}; retrying in {secs:.1}s"
+            );
+        }
         state.send_replace(ConnState::Reconnecting { attempt, reason });
         attempt = attempt.saturating_add(1);
         tokio::select! {
@@ -168,7 +246,7 @@ async fn session(
         _ = cancel.cancelled() => return Outcome::Cancelled,
         r = timeout(REGISTER_TIMEOUT, connect) => match r {
             Err(_) => return lost(false, "connecting timed out"),
-            Ok(Err(e)) => return lost(false, format!("cannot connect to {ws_url}: {e}")),
+            Ok(Err(e)) => return connect_failed(ws_url, e),
             Ok(Ok((ws, _))) => ws,
         },
     };
@@ -183,8 +261,18 @@ async fn session(
         location: config.location.clone(),
         max_frame_bytes: u64::try_from(config.max_frame_bytes).ok(),
         instance: Some(instance.to_owned()),
+        load: load.borrow().clone(),
     });
-    if let Err(e) = ws.send(Message::text(encode(&register))).await {
+    let mut frame = encode(&register);
+    if frame.len() > adi_protocol::DEFAULT_MAX_FRAME_BYTES {
+        // The hub's limit is not known before it answers: registering matters more
+        // than the figures, which the first heartbeat brings anyway.
+        if let DeviceToHub::Register(mut bare) = register {
+            bare.load = None;
+            frame = encode(&DeviceToHub::Register(bare));
+        }
+    }
+    if let Err(e) = ws.send(Message::text(frame)).await {
         return lost(false, format!("sending registration failed: {e}"));
     }
     let registered = tokio::select! {
@@ -204,9 +292,19 @@ async fn session(
                     | HubToDevice::ProxyRequest(_)
                     | HubToDevice::CapabilityResponse { .. },
                 ) => return lost(false, "request before registration"),
-                Err(e) => return lost(false, format!("bad registration answer: {e}")),
+                Err(e) => {
+                    return Outcome::NotAHub(format!(
+                        "its WebSocket answered the registration with something that is \
+                         not an adi message ({e})"
+                    ))
+                }
             },
             Message::Close(frame) => return lost(false, close_reason(frame.as_ref())),
+            Message::Binary(_) => {
+                return Outcome::NotAHub(
+                    "its WebSocket answered the registration with binary data".into(),
+                )
+            }
             _ => return lost(false, "unexpected registration answer"),
         },
     };
