@@ -66,8 +66,9 @@ pub enum HubError {
     /// The metrics could not be set up.
     #[error("setting up metrics: {0}")]
     Metrics(#[from] prometheus::Error),
-    /// The listen address could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    /// The listen address could not be bound. The OS's words are the error's source,
+    /// not part of this message, so a printed chain says them once.
+    #[error("cannot listen on {addr}")]
     Bind {
         /// Address asked for.
         addr: SocketAddr,
@@ -98,6 +99,8 @@ pub struct HubState {
     pub shutdown: CancellationToken,
     /// The connections held, under the hub's caps.
     pub(crate) admission: Arc<server::Admission>,
+    /// The executable `/download/adi` serves.
+    pub(crate) download: install::Download,
 }
 
 /// A running hub.
@@ -179,6 +182,7 @@ pub async fn spawn(config: HubConfig) -> Result<HubHandle, HubError> {
         readiness: readiness::Readiness::default(),
         shutdown: CancellationToken::new(),
         admission: admission.clone(),
+        download: install::Download::new(&config.data_dir),
         catalog,
         config,
     });

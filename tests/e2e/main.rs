@@ -11,6 +11,7 @@ mod enrolment;
 mod harness;
 mod install;
 mod metrics;
+mod operator;
 mod presence;
 mod proxy;
 mod service;
