@@ -140,19 +140,12 @@ pub async fn exchange_key(hub: &str, api_key: &str) -> Result<TokenAnswer> {
     }
 }
 
-/// The start of a foreign answer's body, on one line, to show what answered.
+/// What a foreign answer said, as a clause to append.
 fn snippet(bytes: &[u8]) -> String {
-    const SHOWN: usize = 120;
-    let text = String::from_utf8_lossy(bytes)
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ");
-    if text.is_empty() {
-        return String::new();
+    match adi_protocol::http::excerpt(bytes) {
+        e if e.is_empty() => e,
+        e => format!(": {e}"),
     }
-    let cut: String = text.chars().take(SHOWN).collect();
-    let more = if cut.len() < text.len() { "…" } else { "" };
-    format!(": {cut}{more}")
 }
 
 impl HubClient {

@@ -59,20 +59,15 @@ fn transient(status: tokio_tungstenite::tungstenite::http::StatusCode) -> bool {
 /// Why a connection attempt failed: something that is not an adi hub answered (by the
 /// HTTP status or the malformed answer), or the hub could not be reached for now.
 fn connect_failed(ws_url: &str, e: tokio_tungstenite::tungstenite::Error) -> Outcome {
-    use tokio_tungstenite::tungstenite::Error;
+    use tokio_tungstenite::tungstenite::error::{Error, ProtocolError};
     match e {
         Error::Http(response) if !transient(response.status()) => {
             let body = response
                 .body()
                 .as_deref()
-                .map(String::from_utf8_lossy)
-                .map(|b| b.split_whitespace().collect::<Vec<_>>().join(" "))
-                .filter(|b| !b.is_empty())
-                .map(|b| {
-                    let cut: String = b.chars().take(120).collect();
-                    let more = if cut.len() < b.len() { "…" } else { "" };
-                    format!(": {cut}{more}")
-                })
+                .map(adi_protocol::http::excerpt)
+                .filter(|e| !e.is_empty())
+                .map(|e| format!(": {e}"))
                 .unwrap_or_default();
             Outcome::NotAHub(format!(
                 "it answered the cocoon endpoint's WebSocket upgrade with HTTP {}{body}",
@@ -86,7 +81,15 @@ fn connect_failed(ws_url: &str, e: tokio_tungstenite::tungstenite::Error) -> Out
                 response.status()
             ),
         ),
-        Error::Protocol(p) => Outcome::NotAHub(format!(
+        // An answer that is no WebSocket upgrade at all; a connection cut short (a hub
+        // stopping) is retried instead.
+        Error::Protocol(
+            p @ (ProtocolError::HttparseError(_)
+            | ProtocolError::WrongHttpVersion
+            | ProtocolError::MissingConnectionUpgradeHeader
+            | ProtocolError::MissingUpgradeWebSocketHeader
+            | ProtocolError::SecWebSocketAcceptKeyMismatch),
+        ) => Outcome::NotAHub(format!(
             "its answer to the cocoon endpoint's WebSocket upgrade is not one: {p}"
         )),
         Error::Io(io) => lost(false, io.to_string()),
@@ -292,6 +295,11 @@ async fn session(
                     | HubToDevice::ProxyRequest(_)
                     | HubToDevice::CapabilityResponse { .. },
                 ) => return lost(false, "request before registration"),
+                // A hub newer than this agent may answer in words it does not know
+                // yet: only an answer not shaped like a hub's is something else's.
+                Err(e) if answer_shaped(t.as_bytes()) => {
+                    return lost(false, format!("bad registration answer: {e}"))
+                }
                 Err(e) => {
                     return Outcome::NotAHub(format!(
                         "its WebSocket answered the registration with something that is \
@@ -634,6 +642,18 @@ fn fit(msg: DeviceToHub, max: usize) -> String {
     }
 }
 
+/// Whether a frame is a JSON object typed as one of the hub's answers to a registration.
+fn answer_shaped(frame: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(frame)
+        .ok()
+        .and_then(|v| {
+            v.get("type")?
+                .as_str()
+                .map(|t| t == "registered" || t == "error")
+        })
+        .unwrap_or(false)
+}
+
 fn lost(registered: bool, reason: impl Into<String>) -> Outcome {
     Outcome::Lost {
         registered,
@@ -681,5 +701,67 @@ struct EndStreams(adi_tunnel::Streams);
 impl Drop for EndStreams {
     fn drop(&mut self) {
         self.0.close_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_tungstenite::tungstenite::error::{Error, ProtocolError};
+    use tokio_tungstenite::tungstenite::http::Response;
+
+    fn answered(status: u16) -> Outcome {
+        let response = Response::builder()
+            .status(status)
+            .body(Some(b"<html>\n  Not here\n</html>".to_vec()))
+            .expect("response");
+        connect_failed("ws://hub/ws/cocoon", Error::Http(response))
+    }
+
+    /// Stopping for good on a hub that is only busy or restarting would strand a
+    /// device: only answers no adi hub gives stop it.
+    #[test]
+    fn busy_or_restarting_hubs_are_retried_and_other_answers_are_not_a_hub() {
+        for status in [408, 429, 502, 503, 504] {
+            assert!(
+                matches!(
+                    answered(status),
+                    Outcome::Lost {
+                        registered: false,
+                        ..
+                    }
+                ),
+                "{status}"
+            );
+        }
+        for status in [200, 400, 404, 426, 500, 501] {
+            match answered(status) {
+                Outcome::NotAHub(what) => {
+                    assert!(what.contains(&status.to_string()), "{what}");
+                    assert!(what.ends_with(": Not here"), "{what}");
+                }
+                _ => panic!("{status} taken for a hub"),
+            }
+        }
+        let cut_short = Error::Protocol(ProtocolError::HandshakeIncomplete);
+        assert!(matches!(
+            connect_failed("ws://hub/ws/cocoon", cut_short),
+            Outcome::Lost { .. }
+        ));
+        let garbage = Error::Protocol(ProtocolError::WrongHttpVersion);
+        assert!(matches!(
+            connect_failed("ws://hub/ws/cocoon", garbage),
+            Outcome::NotAHub(_)
+        ));
+    }
+
+    #[test]
+    fn a_hub_answer_in_words_this_agent_does_not_know_is_still_a_hub() {
+        assert!(answer_shaped(
+            br#"{"type":"error","code":"from_the_future","message":"m"}"#
+        ));
+        assert!(answer_shaped(br#"{"type":"registered","device_id":7}"#));
+        assert!(!answer_shaped(br#"{"type":"register","name":"echoed"}"#));
+        assert!(!answer_shaped(b"hello"));
     }
 }

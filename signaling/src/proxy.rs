@@ -159,10 +159,11 @@ async fn proxy(state: &AppState, mut req: Request) -> Result<Response, ApiError>
         || check_target(target).map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()));
     // Connected devices are checked in RAM, as routing is; only a device that is not
     // connected costs a catalog read, to tell "offline" from "not yours".
-    let named = given.parse::<DeviceId>().is_err();
-    let live = match given.parse::<DeviceId>() {
-        Ok(id) => Some(id),
-        Err(_) => live_named(state, &caller, given)?,
+    let by_id = given.parse::<DeviceId>().ok();
+    let named = by_id.is_none();
+    let live = match by_id {
+        Some(id) => Some(id),
+        None => live_named(state, &caller, given)?,
     }
     .and_then(|id| state.registry.access(&id).map(|a| (id, a)));
     let (device_id, target) = match live {
