@@ -15,6 +15,7 @@ mod operator;
 mod presence;
 mod proxy;
 mod service;
+mod setup;
 mod storage;
 mod tasks;
 mod wire;
