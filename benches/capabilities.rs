@@ -139,6 +139,7 @@ async fn register(ws_url: &str, token: String, offers: Vec<CapabilityOffer>) -> 
         location: None,
         max_frame_bytes: None,
         instance: None,
+        load: None,
     });
     ws.send(Message::text(encode(&reg))).await?;
     match ws.next().await {

@@ -862,6 +862,8 @@ fn create_user(data_dir: &Path) -> Result<String> {
     let out = Command::new(ADI)
         .args(["signaling", "user", "add", "bench", "--data-dir"])
         .arg(data_dir)
+        // Before the hub first starts, so there is no catalog yet.
+        .arg("--create")
         .env_remove("ADI_DATABASE_URL")
         .output()
         .context("running adi signaling user add")?;
@@ -1311,6 +1313,7 @@ async fn session(
         location: None,
         max_frame_bytes: None,
         instance: None,
+        load: None,
     });
     if ws.send(Message::text(encode(&register))).await.is_err() {
         return Outcome::Lost { registered: false };

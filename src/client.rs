@@ -105,15 +105,47 @@ pub fn normalize_hub(url: &str) -> Result<String> {
     Ok(url.to_owned())
 }
 
-/// Exchanges an API key for a JWT.
+/// The route every adi hub has always served: what answers it otherwise is no adi hub.
+const TOKEN_ROUTE: &str = "/api/auth/token";
+
+/// Exchanges an API key for a JWT. Also where a mistyped hub URL shows: an answer
+/// that is not adi's is said to be one, with what came back.
 pub async fn exchange_key(hub: &str, api_key: &str) -> Result<TokenAnswer> {
     let resp = http()?
-        .post(format!("{hub}/api/auth/token"))
+        .post(format!("{hub}{TOKEN_ROUTE}"))
         .json(&serde_json::json!({ "api_key": api_key }))
         .send()
         .await
         .with_context(|| format!("cannot reach the hub at {hub}"))?;
-    parse(resp).await
+    let status = resp.status();
+    let bytes = resp.bytes().await.context("reading the hub's answer")?;
+    let not_a_hub = || {
+        anyhow!(
+            "{hub} is not an adi hub (it answered POST {TOKEN_ROUTE} with HTTP {status}{}); \
+             check the hub URL",
+            snippet(&bytes)
+        )
+    };
+    if status.is_success() {
+        return serde_json::from_slice(&bytes).map_err(|_| not_a_hub());
+    }
+    match serde_json::from_slice::<ErrorBody>(&bytes) {
+        Ok(b) => Err(adi_error(b)),
+        // What a reverse proxy says while the hub behind it is down or restarting.
+        Err(_) if matches!(status.as_u16(), 502..=504) => Err(anyhow!(
+            "the hub at {hub} answered HTTP {status}: it may be restarting, or a proxy in \
+             front of it cannot reach it"
+        )),
+        Err(_) => Err(not_a_hub()),
+    }
+}
+
+/// What a foreign answer said, as a clause to append.
+fn snippet(bytes: &[u8]) -> String {
+    match adi_protocol::http::excerpt(bytes) {
+        e if e.is_empty() => e,
+        e => format!(": {e}"),
+    }
 }
 
 impl HubClient {
@@ -211,11 +243,18 @@ async fn parse<T: DeserializeOwned>(resp: reqwest::Response) -> Result<T> {
             .context("the hub's answer is not what this adi expects");
     }
     match serde_json::from_slice::<ErrorBody>(&bytes) {
-        Ok(b) if b.error.code == "unauthorized" => Err(anyhow!(
+        Ok(b) => Err(adi_error(b)),
+        Err(_) => Err(anyhow!("the hub answered HTTP {status}{}", snippet(&bytes))),
+    }
+}
+
+fn adi_error(b: ErrorBody) -> anyhow::Error {
+    if b.error.code == "unauthorized" {
+        anyhow!(
             "{} — run `adi login` again or check ADI_API_KEY",
             b.error.message
-        )),
-        Ok(b) => Err(anyhow!("{} ({})", b.error.message, b.error.code)),
-        Err(_) => Err(anyhow!("the hub answered HTTP {status}")),
+        )
+    } else {
+        anyhow!("{} ({})", b.error.message, b.error.code)
     }
 }

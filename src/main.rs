@@ -35,6 +35,8 @@ enum Command {
     Signaling(cmd::signaling::SignalingCmd),
     /// Exchange an API key for a session and remember the hub.
     Login(cmd::login::LoginArgs),
+    /// Print the session's bearer token (JWT) for curl and scripts.
+    Token(cmd::token::TokenArgs),
     /// Run a device agent, or manage devices.
     #[command(subcommand)]
     Cocoon(cmd::cocoon::CocoonCmd),
@@ -79,6 +81,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Signaling(c) => cmd::signaling::run(c).await,
             Command::Login(a) => cmd::login::run(a).await,
+            Command::Token(a) => cmd::token::run(a).await,
             Command::Cocoon(c) => cmd::cocoon::run(c).await,
             Command::Dev(a) => cmd::dev::run(a).await,
             Command::Tasks(c) => cmd::tasks::run(c).await,
@@ -98,11 +101,15 @@ fn main() -> ExitCode {
     }
 }
 
+/// Logs go to stderr, coloured only on a terminal: a log file or journal gets plain
+/// text, without escape codes.
 fn init_logging(default: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
 }

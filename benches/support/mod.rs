@@ -85,6 +85,8 @@ pub fn create_user(data_dir: &Path, name: &str) -> Result<String> {
     let out = Command::new(ADI)
         .args(["signaling", "user", "add", name, "--data-dir"])
         .arg(data_dir)
+        // Before the hub first starts, so there is no catalog yet.
+        .arg("--create")
         .env_remove("ADI_DATABASE_URL")
         .output()
         .context("running adi signaling user add")?;

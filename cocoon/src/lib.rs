@@ -188,6 +188,13 @@ pub enum ConnState {
         /// The hub's words.
         message: String,
     },
+    /// What answered at the hub's address is not an adi hub; the cocoon stopped.
+    NotAHub {
+        /// The hub URL as configured.
+        hub: String,
+        /// What it answered.
+        answered: String,
+    },
     /// Stopped on request.
     Stopped,
 }
@@ -210,6 +217,15 @@ pub enum CocoonError {
     /// The data dir is another agent's, or cannot be locked.
     #[error(transparent)]
     DataDir(#[from] lock::LockError),
+    /// What answered at the hub's address is not an adi hub, so retrying cannot help
+    /// until the address changes.
+    #[error("{hub} is not an adi hub ({answered}); check the hub URL")]
+    NotAHub {
+        /// The hub URL as configured.
+        hub: String,
+        /// What it answered.
+        answered: String,
+    },
     /// The hub refused this device and retrying cannot help.
     #[error("the hub refused this device ({code}): {message}")]
     Refused {
@@ -345,6 +361,12 @@ impl CocoonHandle {
                         message: message.clone(),
                     })
                 }
+                ConnState::NotAHub { hub, answered } => {
+                    return Err(CocoonError::NotAHub {
+                        hub: hub.clone(),
+                        answered: answered.clone(),
+                    })
+                }
                 _ => {}
             }
             if rx.changed().await.is_err() {
@@ -391,15 +413,18 @@ pub async fn start(config: CocoonConfig) -> Result<CocoonHandle, CocoonError> {
     // Before anything in the data dir is read or written.
     let lock = lock::acquire(&config.data_dir, &config.hub_url)?;
     let secret = identity::load_or_create(&config.data_dir)?;
+    // Sampled while the task store opens: the registration carries it.
+    let sampling = tokio::task::spawn_blocking(probe::open_sampled);
     let store = adi_task_store::open(config.task_database_url.as_deref(), &config.data_dir).await?;
+    let sampled = sampling.await.ok();
     let runner = Runner::start(
         store,
         RunnerConfig {
             max_concurrent: config.max_concurrent_tasks.max(1),
             exec_allowed: config.exec_allowed,
-            has_gpu: tokio::task::spawn_blocking(probe::detect_gpu)
-                .await
-                .unwrap_or(false),
+            has_gpu: sampled
+                .as_ref()
+                .is_some_and(|(_, load)| probe::has_gpu(load)),
             ..RunnerConfig::default()
         },
     )
@@ -413,7 +438,7 @@ pub async fn start(config: CocoonConfig) -> Result<CocoonHandle, CocoonError> {
         config.health_interval,
         cancel.child_token(),
     );
-    let load = probe::spawn(config.health_interval, cancel.child_token());
+    let load = probe::spawn(sampled, config.health_interval, cancel.child_token());
     let capabilities = plugins::watch(
         config.plugin_config(),
         config.plugins_poll,

@@ -246,7 +246,7 @@ async fn status(
         ConnState::Connecting => "connecting",
         ConnState::Online { .. } => "online",
         ConnState::Reconnecting { .. } => "reconnecting",
-        ConnState::Failed { .. } => "failed",
+        ConnState::Failed { .. } | ConnState::NotAHub { .. } => "failed",
         ConnState::Stopped => "stopped",
     };
     Ok(Json(Status {

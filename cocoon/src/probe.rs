@@ -101,19 +101,46 @@ pub fn detect_gpu() -> bool {
     has_gpu(&Probe::open_logged(false).sample())
 }
 
-/// Samples every `every` on a blocking thread; the channel holds the latest sample.
+/// Opens the probe and takes a first sample whose CPU figure means something (CPU use
+/// is measured between two readings, so it waits the shortest interval that gives a
+/// real one); blocking. The cocoon registers with this sample, so its hardware and load
+/// are known from its first moment online instead of a heartbeat later.
+pub(crate) fn open_sampled() -> (Probe, LoadReport) {
+    let mut probe = Probe::open();
+    std::thread::sleep(sysinfo::MINIMUM_CPU_UPDATE_INTERVAL);
+    let first = probe.sample();
+    (probe, first)
+}
+
+/// Samples every `every` on a blocking thread; the channel holds the latest sample,
+/// starting with `opened`'s when given (else the probe is opened here).
 pub(crate) fn spawn(
+    opened: Option<(Probe, LoadReport)>,
     every: Duration,
     cancel: CancellationToken,
 ) -> watch::Receiver<Option<LoadReport>> {
-    let (tx, rx) = watch::channel(None);
+    let (probe, first) = match opened {
+        Some((probe, first)) => (Some(probe), Some(first)),
+        None => (None, None),
+    };
+    let sampled = first.is_some();
+    let (tx, rx) = watch::channel(first);
     tokio::spawn(async move {
-        let probe = tokio::task::spawn_blocking(Probe::open).await;
+        let probe = match probe {
+            Some(p) => Ok(p),
+            None => tokio::task::spawn_blocking(Probe::open).await,
+        };
         let Ok(mut probe) = probe else {
             warn!("load probe could not start");
             return;
         };
-        let mut ticker = tokio::time::interval(every);
+        // A sample taken just now is not taken again at once.
+        let start = if sampled {
+            tokio::time::Instant::now() + every
+        } else {
+            tokio::time::Instant::now()
+        };
+        let mut ticker = tokio::time::interval_at(start, every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {

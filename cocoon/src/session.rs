@@ -41,7 +41,60 @@ const FRAME_QUEUE: usize = 64;
 enum Outcome {
     Cancelled,
     Refused(ErrorCode, String),
-    Lost { registered: bool, reason: String },
+    Lost {
+        registered: bool,
+        reason: String,
+    },
+    /// What answered at the hub's address is not an adi hub; what it answered.
+    NotAHub(String),
+}
+
+/// Statuses a reverse proxy or a busy hub answers an upgrade with for a while (the hub
+/// behind it restarting, the hub's connection caps): worth retrying. Any other answer
+/// but `101 Switching Protocols` comes from something that is not an adi hub.
+fn transient(status: tokio_tungstenite::tungstenite::http::StatusCode) -> bool {
+    matches!(status.as_u16(), 408 | 429 | 502 | 503 | 504)
+}
+
+/// Why a connection attempt failed: something that is not an adi hub answered (by the
+/// HTTP status or the malformed answer), or the hub could not be reached for now.
+fn connect_failed(ws_url: &str, e: tokio_tungstenite::tungstenite::Error) -> Outcome {
+    use tokio_tungstenite::tungstenite::error::{Error, ProtocolError};
+    match e {
+        Error::Http(response) if !transient(response.status()) => {
+            let body = response
+                .body()
+                .as_deref()
+                .map(adi_protocol::http::excerpt)
+                .filter(|e| !e.is_empty())
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default();
+            Outcome::NotAHub(format!(
+                "it answered the cocoon endpoint's WebSocket upgrade with HTTP {}{body}",
+                response.status()
+            ))
+        }
+        Error::Http(response) => lost(
+            false,
+            format!(
+                "the hub answered HTTP {} (busy or restarting)",
+                response.status()
+            ),
+        ),
+        // An answer that is no WebSocket upgrade at all; a connection cut short (a hub
+        // stopping) is retried instead.
+        Error::Protocol(
+            p @ (ProtocolError::HttparseError(_)
+            | ProtocolError::WrongHttpVersion
+            | ProtocolError::MissingConnectionUpgradeHeader
+            | ProtocolError::MissingUpgradeWebSocketHeader
+            | ProtocolError::SecWebSocketAcceptKeyMismatch),
+        ) => Outcome::NotAHub(format!(
+            "its answer to the cocoon endpoint's WebSocket upgrade is not one: {p}"
+        )),
+        Error::Io(io) => lost(false, io.to_string()),
+        other => lost(false, format!("{ws_url}: {other}")),
+    }
 }
 
 /// What the sessions of one cocoon share with the rest of it.
@@ -68,6 +121,9 @@ pub(crate) async fn run(
 ) -> Result<(), CocoonError> {
     let mut token = config.setup_token.clone();
     let mut attempt: u32 = 0;
+    // Once this agent has been online, an address that answers like something else is
+    // taken for a hub's reverse proxy having a bad moment, and retried.
+    let mut ever_online = false;
     loop {
         state.send_replace(ConnState::Connecting);
         let agent = Agent {
@@ -83,7 +139,7 @@ pub(crate) async fn run(
             server: &shared.server,
         };
         let outcome = session(&agent, &mut token, &mut calls, &state, &cancel).await;
-        let reason = match outcome {
+        let (was_online, reason) = match outcome {
             Outcome::Cancelled => {
                 state.send_replace(ConnState::Stopped);
                 return Ok(());
@@ -95,20 +151,45 @@ pub(crate) async fn run(
                 });
                 return Err(CocoonError::Refused { code, message });
             }
-            Outcome::Refused(code, message) => format!("hub refused ({code}): {message}"),
+            Outcome::NotAHub(answered) if !ever_online => {
+                state.send_replace(ConnState::NotAHub {
+                    hub: config.hub_url.clone(),
+                    answered: answered.clone(),
+                });
+                return Err(CocoonError::NotAHub {
+                    hub: config.hub_url.clone(),
+                    answered,
+                });
+            }
+            Outcome::NotAHub(answered) => (
+                false,
+                format!("its address answered like something else: {answered}"),
+            ),
+            Outcome::Refused(code, message) => (false, format!("hub refused ({code}): {message}")),
             Outcome::Lost { registered, reason } => {
                 if registered {
                     attempt = 0;
+                    ever_online = true;
                 }
-                reason
+                (registered, reason)
             }
         };
         let delay = config.backoff(attempt);
-        warn!(
-            attempt,
-            delay_ms = delay.as_millis() as u64,
-            "hub connection lost: {reason}"
-        );
+        let hub = &config.hub_url;
+        let secs = delay.as_secs_f64();
+        let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        // One line per retry: what failed, and when the next try is.
+        if was_online {
+            warn!(
+                attempt,
+                delay_ms, "hub connection lost: {reason}; reconnecting to {hub} in {secs:.1}s"
+            );
+        } else {
+            warn!(
+                attempt,
+                delay_ms, "cannot connect to the hub at {hub}: {reason}; retrying in {secs:.1}s"
+            );
+        }
         state.send_replace(ConnState::Reconnecting { attempt, reason });
         attempt = attempt.saturating_add(1);
         tokio::select! {
@@ -168,7 +249,7 @@ async fn session(
         _ = cancel.cancelled() => return Outcome::Cancelled,
         r = timeout(REGISTER_TIMEOUT, connect) => match r {
             Err(_) => return lost(false, "connecting timed out"),
-            Ok(Err(e)) => return lost(false, format!("cannot connect to {ws_url}: {e}")),
+            Ok(Err(e)) => return connect_failed(ws_url, e),
             Ok(Ok((ws, _))) => ws,
         },
     };
@@ -183,8 +264,18 @@ async fn session(
         location: config.location.clone(),
         max_frame_bytes: u64::try_from(config.max_frame_bytes).ok(),
         instance: Some(instance.to_owned()),
+        load: load.borrow().clone(),
     });
-    if let Err(e) = ws.send(Message::text(encode(&register))).await {
+    let mut frame = encode(&register);
+    if frame.len() > adi_protocol::DEFAULT_MAX_FRAME_BYTES {
+        // The hub's limit is not known before it answers: registering matters more
+        // than the figures, which the first heartbeat brings anyway.
+        if let DeviceToHub::Register(mut bare) = register {
+            bare.load = None;
+            frame = encode(&DeviceToHub::Register(bare));
+        }
+    }
+    if let Err(e) = ws.send(Message::text(frame)).await {
         return lost(false, format!("sending registration failed: {e}"));
     }
     let registered = tokio::select! {
@@ -204,9 +295,24 @@ async fn session(
                     | HubToDevice::ProxyRequest(_)
                     | HubToDevice::CapabilityResponse { .. },
                 ) => return lost(false, "request before registration"),
-                Err(e) => return lost(false, format!("bad registration answer: {e}")),
+                // A hub newer than this agent may answer in words it does not know
+                // yet: only an answer not shaped like a hub's is something else's.
+                Err(e) if answer_shaped(t.as_bytes()) => {
+                    return lost(false, format!("bad registration answer: {e}"))
+                }
+                Err(e) => {
+                    return Outcome::NotAHub(format!(
+                        "its WebSocket answered the registration with something that is \
+                         not an adi message ({e})"
+                    ))
+                }
             },
             Message::Close(frame) => return lost(false, close_reason(frame.as_ref())),
+            Message::Binary(_) => {
+                return Outcome::NotAHub(
+                    "its WebSocket answered the registration with binary data".into(),
+                )
+            }
             _ => return lost(false, "unexpected registration answer"),
         },
     };
@@ -536,6 +642,18 @@ fn fit(msg: DeviceToHub, max: usize) -> String {
     }
 }
 
+/// Whether a frame is a JSON object typed as one of the hub's answers to a registration.
+fn answer_shaped(frame: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(frame)
+        .ok()
+        .and_then(|v| {
+            v.get("type")?
+                .as_str()
+                .map(|t| t == "registered" || t == "error")
+        })
+        .unwrap_or(false)
+}
+
 fn lost(registered: bool, reason: impl Into<String>) -> Outcome {
     Outcome::Lost {
         registered,
@@ -583,5 +701,67 @@ struct EndStreams(adi_tunnel::Streams);
 impl Drop for EndStreams {
     fn drop(&mut self) {
         self.0.close_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_tungstenite::tungstenite::error::{Error, ProtocolError};
+    use tokio_tungstenite::tungstenite::http::Response;
+
+    fn answered(status: u16) -> Outcome {
+        let response = Response::builder()
+            .status(status)
+            .body(Some(b"<html>\n  Not here\n</html>".to_vec()))
+            .expect("response");
+        connect_failed("ws://hub/ws/cocoon", Error::Http(response))
+    }
+
+    /// Stopping for good on a hub that is only busy or restarting would strand a
+    /// device: only answers no adi hub gives stop it.
+    #[test]
+    fn busy_or_restarting_hubs_are_retried_and_other_answers_are_not_a_hub() {
+        for status in [408, 429, 502, 503, 504] {
+            assert!(
+                matches!(
+                    answered(status),
+                    Outcome::Lost {
+                        registered: false,
+                        ..
+                    }
+                ),
+                "{status}"
+            );
+        }
+        for status in [200, 400, 404, 426, 500, 501] {
+            match answered(status) {
+                Outcome::NotAHub(what) => {
+                    assert!(what.contains(&status.to_string()), "{what}");
+                    assert!(what.ends_with(": Not here"), "{what}");
+                }
+                _ => panic!("{status} taken for a hub"),
+            }
+        }
+        let cut_short = Error::Protocol(ProtocolError::HandshakeIncomplete);
+        assert!(matches!(
+            connect_failed("ws://hub/ws/cocoon", cut_short),
+            Outcome::Lost { .. }
+        ));
+        let garbage = Error::Protocol(ProtocolError::WrongHttpVersion);
+        assert!(matches!(
+            connect_failed("ws://hub/ws/cocoon", garbage),
+            Outcome::NotAHub(_)
+        ));
+    }
+
+    #[test]
+    fn a_hub_answer_in_words_this_agent_does_not_know_is_still_a_hub() {
+        assert!(answer_shaped(
+            br#"{"type":"error","code":"from_the_future","message":"m"}"#
+        ));
+        assert!(answer_shaped(br#"{"type":"registered","device_id":7}"#));
+        assert!(!answer_shaped(br#"{"type":"register","name":"echoed"}"#));
+        assert!(!answer_shaped(b"hello"));
     }
 }

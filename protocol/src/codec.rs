@@ -82,6 +82,35 @@ mod tests {
             })
     }
 
+    fn load() -> impl Strategy<Value = crate::LoadReport> {
+        (
+            1u32..512,
+            0f32..100.0,
+            any::<u64>(),
+            any::<u64>(),
+            proptest::collection::vec(("\\PC{1,20}", any::<u64>(), 0u32..101), 0..3),
+        )
+            .prop_map(|(cpus, cpu, total, used, gpus)| crate::LoadReport {
+                cpu_count: cpus,
+                cpu_percent: cpu,
+                ram_total_bytes: total,
+                ram_used_bytes: used,
+                gpus: gpus
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (name, mem, util))| crate::GpuReport {
+                        index: i as u32,
+                        name,
+                        uuid: format!("GPU-{i}"),
+                        memory_total_bytes: mem,
+                        memory_used_bytes: mem / 2,
+                        utilization_percent: util,
+                        temperature_c: Some(40),
+                    })
+                    .collect(),
+            })
+    }
+
     fn device_to_hub() -> impl Strategy<Value = DeviceToHub> {
         prop_oneof![
             (
@@ -93,6 +122,7 @@ mod tests {
                 proptest::collection::vec(offer(), 0..3),
                 "\\PC{0,10}",
                 proptest::option::of("\\PC{0,20}"),
+                proptest::option::of(load()),
             )
                 .prop_map(
                     |(
@@ -104,6 +134,7 @@ mod tests {
                         capabilities,
                         agent,
                         location,
+                        load,
                     )| {
                         DeviceToHub::Register(Register {
                             versions,
@@ -116,42 +147,17 @@ mod tests {
                             location,
                             max_frame_bytes: Some(64 * 1024),
                             instance: Some("0123456789abcdef".into()),
+                            load,
                         })
                     }
                 ),
-            (
-                any::<u64>(),
-                proptest::option::of((
-                    1u32..512,
-                    0f32..100.0,
-                    any::<u64>(),
-                    any::<u64>(),
-                    proptest::collection::vec(("\\PC{1,20}", any::<u64>(), 0u32..101), 0..3)
-                ))
-            )
-                .prop_map(|(seq, load)| DeviceToHub::Heartbeat(Heartbeat {
+            (any::<u64>(), proptest::option::of(load())).prop_map(|(seq, load)| {
+                DeviceToHub::Heartbeat(Heartbeat {
                     seq,
-                    load: load.map(|(cpus, cpu, total, used, gpus)| crate::LoadReport {
-                        cpu_count: cpus,
-                        cpu_percent: cpu,
-                        ram_total_bytes: total,
-                        ram_used_bytes: used,
-                        gpus: gpus
-                            .into_iter()
-                            .enumerate()
-                            .map(|(i, (name, mem, util))| crate::GpuReport {
-                                index: i as u32,
-                                name,
-                                uuid: format!("GPU-{i}"),
-                                memory_total_bytes: mem,
-                                memory_used_bytes: mem / 2,
-                                utilization_percent: util,
-                                temperature_c: Some(40),
-                            })
-                            .collect(),
-                    }),
-                    services: vec![]
-                })),
+                    load,
+                    services: vec![],
+                })
+            }),
             proptest::collection::vec(service(), 0..5)
                 .prop_map(|services| DeviceToHub::ServiceRegister { services }),
             proptest::collection::vec(offer(), 0..5)

@@ -10,6 +10,9 @@
 //! [`check_target`] refuses those instead of guessing how the service reads them; an
 //! encoded slash or backslash that forms no `..` (`/repos/group%2Fproject`) passes
 //! unchanged, because services that use them mean them as data.
+//!
+//! Also how a foreign answer is shown: when something that is not an adi hub answers
+//! at a hub's address, the CLI and the cocoon quote the start of what it said.
 
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus the ones a
 /// proxy must not pass on.
@@ -147,6 +150,37 @@ fn decoded_eq(seg: &str, want: &str) -> bool {
     lower == want
 }
 
+/// Longest quote of a foreign answer, in characters.
+const EXCERPT_CHARS: usize = 120;
+
+/// The start of a body some other server answered with, as one line of its text (tags
+/// dropped, whitespace collapsed, cut with an ellipsis): enough to tell a web server's
+/// error page or another API apart in a log line. Empty for an empty body.
+pub fn excerpt(body: &[u8]) -> String {
+    let mut text = String::new();
+    let mut in_tag = false;
+    for c in String::from_utf8_lossy(body).chars() {
+        match c {
+            '<' => in_tag = true,
+            '>' if in_tag => {
+                in_tag = false;
+                text.push(' ');
+            }
+            _ if in_tag => {}
+            c if c.is_control() => text.push(' '),
+            c => text.push(c),
+        }
+    }
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let line = words.join(" ");
+    let cut: String = line.chars().take(EXCERPT_CHARS).collect();
+    if cut.len() < line.len() {
+        format!("{cut}…")
+    } else {
+        cut
+    }
+}
+
 fn is_dot(seg: &str) -> bool {
     decoded_eq(seg, ".")
 }
@@ -158,6 +192,22 @@ fn is_dotdot(seg: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_foreign_answer_is_quoted_as_one_line_of_its_text() {
+        assert_eq!(
+            excerpt(b"<html><head><title>404 Not Found</title></head>\n<body><h1>Not Found</h1></body></html>"),
+            "404 Not Found Not Found"
+        );
+        assert_eq!(
+            excerpt(b"{\"detail\": \"nope\"}\r\n"),
+            "{\"detail\": \"nope\"}"
+        );
+        assert_eq!(excerpt(b""), "");
+        let long = excerpt("é".repeat(500).as_bytes());
+        assert_eq!(long.chars().count(), EXCERPT_CHARS + 1);
+        assert!(long.ends_with('…'));
+    }
 
     #[test]
     fn dot_segments_never_climb_above_the_root() {

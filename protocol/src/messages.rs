@@ -37,7 +37,7 @@ pub struct ServiceInfo {
 }
 
 /// First frame on a cocoon connection.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Register {
     /// Every protocol version the cocoon speaks.
     pub versions: Vec<u32>,
@@ -68,6 +68,11 @@ pub struct Register {
     /// back from a second agent holding a copy of this device's secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<String>,
+    /// CPU, RAM and GPU use sampled just before registering, so the device shows its
+    /// hardware and load from its first moment online rather than a heartbeat later.
+    /// Absent from agents that predate it: the first heartbeat then brings them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<LoadReport>,
 }
 
 /// Liveness and load report, sent every heartbeat interval.

@@ -358,6 +358,24 @@ struct AuthRequest {
     api_key: String,
 }
 
+/// The sign-in body, or what to send instead: the first call anyone makes by hand
+/// (curl without `-H Content-Type`, a form post) should say how it is done.
+fn auth_request(
+    body: Result<axum::Json<AuthRequest>, JsonRejection>,
+) -> Result<AuthRequest, ApiError> {
+    let why = match body {
+        Ok(axum::Json(req)) => return Ok(req),
+        Err(JsonRejection::MissingJsonContentType(_)) => "the request is not marked as JSON",
+        Err(JsonRejection::JsonSyntaxError(_)) => "the body is not JSON",
+        Err(JsonRejection::JsonDataError(_)) => "the body has no \"api_key\" string",
+        Err(e) => return Err(e.into()),
+    };
+    Err(ApiError::new(
+        ErrorCode::BadRequest,
+        format!("{why}: send Content-Type: application/json with {{\"api_key\": \"...\"}}"),
+    ))
+}
+
 #[derive(Serialize)]
 struct AuthResponse {
     token: String,
@@ -373,8 +391,9 @@ struct UserView {
 
 async fn auth_token(
     State(state): State<AppState>,
-    Json(req): Json<AuthRequest>,
+    body: Result<axum::Json<AuthRequest>, JsonRejection>,
 ) -> Result<Json<AuthResponse>, ApiError> {
+    let req = auth_request(body)?;
     let user = auth::user_for_api_key(&state.catalog, &req.api_key).await?;
     let (token, expires_at) = state.auth.issue(&user);
     Ok(Json(AuthResponse {
@@ -391,8 +410,9 @@ async fn auth_token(
 async fn open_session(
     State(state): State<AppState>,
     headers: axum::http::HeaderMap,
-    Json(req): Json<AuthRequest>,
+    body: Result<axum::Json<AuthRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
+    let req = auth_request(body)?;
     let user = auth::user_for_api_key(&state.catalog, &req.api_key).await?;
     let (token, expires_at) = state.auth.issue(&user);
     let secure = state

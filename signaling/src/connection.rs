@@ -28,8 +28,8 @@ use std::time::Duration;
 
 use adi_protocol::{
     decode, encode, negotiate_version, CapabilityOutcome, CapabilityQuery, DecodeError, DeviceId,
-    DeviceToHub, ErrorCode, Hardware, HubToDevice, Outcome, Register, Registered, RemoteError,
-    SUPPORTED_VERSIONS,
+    DeviceToHub, ErrorCode, Hardware, HubToDevice, LoadReport, Outcome, Register, Registered,
+    RemoteError, SUPPORTED_VERSIONS,
 };
 use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket};
 use futures_util::SinkExt;
@@ -106,6 +106,7 @@ pub(crate) async fn serve(
     })));
     state.registry.insert(
         accepted.config.id.clone(),
+        &accepted.config.name,
         conn_id,
         link.clone(),
         &accepted.owners,
@@ -116,6 +117,13 @@ pub(crate) async fn serve(
             peer: Some(peer),
         },
     );
+    // The load sampled for the registration counts as the first heartbeat's, so the
+    // device shows its figures from its first moment online.
+    if accepted.load.is_some() {
+        state
+            .registry
+            .heartbeat(&accepted.config.id, conn_id, Vec::new(), accepted.load);
+    }
     // A shutdown that began while this device registered has already stopped every
     // connection it found; this one was not there yet.
     if state.shutdown.is_cancelled() {
@@ -190,7 +198,7 @@ async fn admit(state: &HubState, socket: &mut WebSocket, conn_id: ConnId) -> Opt
             return None;
         }
     };
-    let accepted = match register_device(state, &register).await {
+    let mut accepted = match register_device(state, &register).await {
         Ok(a) => a,
         Err(refusal) => {
             warn!(conn_id, code = %refusal.code, "registration refused: {}", refusal.message);
@@ -198,6 +206,7 @@ async fn admit(state: &HubState, socket: &mut WebSocket, conn_id: ConnId) -> Opt
             return None;
         }
     };
+    accepted.load = register.load;
     Some(accepted)
 }
 
@@ -943,6 +952,8 @@ impl Asks {
 
 struct Accepted {
     config: DeviceConfig,
+    /// The load the device registered with, if it sent one.
+    load: Option<LoadReport>,
     peer_max: usize,
     instance: Option<u64>,
     owners: Vec<UserId>,
@@ -1003,15 +1014,20 @@ async fn register_device(state: &HubState, reg: &Register) -> Result<Accepted, R
         services: reg.services.clone(),
         capabilities: reg.capabilities.clone(),
         location: location.map(str::to_owned),
-        hardware: None,
+        // What the registration's load shows; stored only where it differs from what
+        // the catalog holds, as heartbeats do.
+        hardware: reg.load.as_ref().map(Hardware::from),
     };
     if let Some(known) = existing(state, &config.id).await? {
-        // Hardware arrives with the first heartbeat; until then the stored one stands.
-        config.hardware = known.hardware.clone();
+        let reported = reg.load.as_ref();
+        if reported.is_none_or(|l| known.hardware.as_ref().is_some_and(|h| h.describes(l))) {
+            config.hardware = known.hardware.clone();
+        }
         let owners = known.owners.iter().map(|o| o.id).collect();
         update_if_changed(state, &DeviceConfig::from(known), &config).await?;
         return Ok(Accepted {
             config,
+            load: None,
             peer_max,
             instance,
             owners,
@@ -1028,6 +1044,7 @@ async fn register_device(state: &HubState, reg: &Register) -> Result<Accepted, R
     match tokens::enrol(state.catalog.as_ref(), token, &config, unix_now_i64()).await {
         Ok(record) => Ok(Accepted {
             config,
+            load: None,
             peer_max,
             instance,
             owners: record.owners.iter().map(|o| o.id).collect(),
@@ -1042,6 +1059,7 @@ async fn register_device(state: &HubState, reg: &Register) -> Result<Accepted, R
                 .unwrap_or_default();
             Ok(Accepted {
                 config,
+                load: None,
                 peer_max,
                 instance,
                 owners,

@@ -1,8 +1,16 @@
 //! Self-distribution: the hub serves an install script and its own executable, so a new
 //! device needs nothing but `curl -fsSL HUB/install.sh | sh -s -- TOKEN`. Also serves
 //! the web UI's page.
+//!
+//! The executable is served without its debug info: a build with it is several times
+//! larger, and a device has no use for it. On the first download the hub writes a copy
+//! without it (`objcopy --strip-debug`, from binutils) into its data dir, owner-only,
+//! and serves that from then on. Where that cannot be done (no `objcopy` on the hub's
+//! host, no room) it serves the running executable as it is, and says why once.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
@@ -10,6 +18,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use tokio::sync::OnceCell;
 use tokio_util::io::ReaderStream;
 
 use crate::HubState;
@@ -79,17 +88,145 @@ async fn install_script(State(state): State<Arc<HubState>>, headers: HeaderMap) 
         .into_response()
 }
 
-async fn download() -> Response {
-    // /proc/self/exe still reads when the file on disk was replaced by an upgrade.
-    let path = if cfg!(target_os = "linux") {
-        std::path::PathBuf::from("/proc/self/exe")
-    } else {
-        match std::env::current_exe() {
-            Ok(p) => p,
-            Err(e) => return unavailable(&e),
+/// The copy of the running executable that `/download/adi` serves, made once.
+pub(crate) struct Download {
+    /// Where the copy without debug info goes.
+    copy: PathBuf,
+    /// The file served: the copy once made, or the running executable.
+    served: OnceCell<PathBuf>,
+}
+
+/// File name of the served copy in the hub's data dir.
+const COPY_FILE: &str = "adi-download";
+
+/// How long making the copy may take before the original is served instead.
+const STRIP_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Why no smaller copy is served.
+#[derive(Debug, thiserror::Error)]
+enum StripError {
+    #[error("objcopy (binutils) could not run: {0}")]
+    Spawn(std::io::Error),
+    #[error("objcopy failed: {0}")]
+    Failed(String),
+    #[error("objcopy took longer than {STRIP_TIMEOUT:?}")]
+    Timeout,
+    #[error("{}: {error}", path.display())]
+    File {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+}
+
+impl Download {
+    pub(crate) fn new(data_dir: &Path) -> Self {
+        Download {
+            copy: data_dir.join(COPY_FILE),
+            served: OnceCell::new(),
         }
+    }
+
+    /// The file to serve; made on the first call, which the others wait for.
+    async fn file(&self) -> Result<PathBuf, std::io::Error> {
+        let running = running_executable()?;
+        let served = self
+            .served
+            .get_or_init(|| async {
+                match strip(&running, &self.copy).await {
+                    Ok(Some(copy)) => copy,
+                    Ok(None) => running.clone(),
+                    Err(e) => {
+                        tracing::warn!(
+                            "serving /download/adi with its debug info, as it runs: {e}"
+                        );
+                        running.clone()
+                    }
+                }
+            })
+            .await;
+        Ok(served.clone())
+    }
+}
+
+/// The executable of this process. On Linux, `/proc/PID/exe` still reads when the
+/// file on disk was replaced by an upgrade; by pid, because a tool opening
+/// `/proc/self/exe` would read its own.
+fn running_executable() -> Result<PathBuf, std::io::Error> {
+    if cfg!(target_os = "linux") {
+        Ok(PathBuf::from(format!("/proc/{}/exe", std::process::id())))
+    } else {
+        std::env::current_exe()
+    }
+}
+
+/// Writes `running` without its debug info to `copy` (0600); `None` when that would
+/// not be smaller (a build without debug info).
+async fn strip(running: &Path, copy: &Path) -> Result<Option<PathBuf>, StripError> {
+    let file_error = |path: &Path| {
+        let path = path.to_owned();
+        move |error| StripError::File { path, error }
     };
-    let file = match tokio::fs::File::open(&path).await {
+    if let Some(dir) = copy.parent() {
+        crate::owner_only::dir(dir).map_err(file_error(dir))?;
+    }
+    let scratch = copy.with_extension(format!("tmp{}", std::process::id()));
+    let _ = tokio::fs::remove_file(&scratch).await;
+    let run = tokio::process::Command::new("objcopy")
+        .arg("--strip-debug")
+        .arg(running)
+        .arg(&scratch)
+        .kill_on_drop(true)
+        .output();
+    let made = match tokio::time::timeout(STRIP_TIMEOUT, run).await {
+        Err(_) => Err(StripError::Timeout),
+        Ok(Err(e)) => Err(StripError::Spawn(e)),
+        Ok(Ok(out)) if !out.status.success() => Err(StripError::Failed(
+            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        )),
+        Ok(Ok(_)) => Ok(()),
+    };
+    let kept = async {
+        made?;
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::Permissions::from_mode(crate::owner_only::FILE_MODE);
+        tokio::fs::set_permissions(&scratch, mode)
+            .await
+            .map_err(file_error(&scratch))?;
+        let size = |p: PathBuf| async move {
+            tokio::fs::metadata(&p)
+                .await
+                .map(|m| m.len())
+                .map_err(file_error(&p))
+        };
+        if size(scratch.clone()).await? >= size(running.to_owned()).await? {
+            return Ok(None);
+        }
+        tokio::fs::rename(&scratch, copy)
+            .await
+            .map_err(file_error(copy))?;
+        Ok(Some(copy.to_owned()))
+    }
+    .await;
+    if !matches!(kept, Ok(Some(_))) {
+        let _ = tokio::fs::remove_file(&scratch).await;
+    }
+    kept
+}
+
+async fn download(State(state): State<Arc<HubState>>) -> Response {
+    let path = match state.download.file().await {
+        Ok(p) => p,
+        Err(e) => return unavailable(&e),
+    };
+    let opened = match tokio::fs::File::open(&path).await {
+        Ok(f) => Ok(f),
+        // The copy was removed under the hub: the original is still there.
+        Err(_) => match running_executable() {
+            Ok(p) => tokio::fs::File::open(p).await,
+            Err(e) => Err(e),
+        },
+    };
+    let file = match opened {
         Ok(f) => f,
         Err(e) => return unavailable(&e),
     };

@@ -93,8 +93,9 @@ pub enum HubError {
     /// The metrics could not be set up.
     #[error("setting up metrics: {0}")]
     Metrics(#[from] prometheus::Error),
-    /// The listen address could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    /// The listen address could not be bound. The OS's words are the error's source,
+    /// not part of this message, so a printed chain says them once.
+    #[error("cannot listen on {addr}")]
     Bind {
         /// Address asked for.
         addr: SocketAddr,
@@ -127,6 +128,8 @@ pub struct HubState {
     pub(crate) admission: Arc<server::Admission>,
     /// Whose turn it is among devices tied for best in capability routing.
     pub(crate) routing_turn: std::sync::atomic::AtomicUsize,
+    /// The executable `/download/adi` serves.
+    pub(crate) download: install::Download,
 }
 
 /// A running hub.
@@ -209,6 +212,7 @@ pub async fn spawn(config: HubConfig) -> Result<HubHandle, HubError> {
         shutdown: CancellationToken::new(),
         admission: admission.clone(),
         routing_turn: std::sync::atomic::AtomicUsize::new(0),
+        download: install::Download::new(&config.data_dir),
         catalog,
         config,
     });

@@ -65,6 +65,73 @@ fn upgrade_protocol(headers: &HeaderMap) -> Option<String> {
     requested_upgrade(get(header::CONNECTION), get(header::UPGRADE))
 }
 
+/// A device name as it appears in a path, decoded; `None` if it cannot be a name.
+fn decoded_name(given: &str) -> Option<std::borrow::Cow<'_, str>> {
+    percent_encoding::percent_decode_str(given)
+        .decode_utf8()
+        .ok()
+}
+
+/// Several of the caller's devices answer to one name: the caller must pick by id.
+fn ambiguous(name: &str, mut ids: Vec<DeviceId>) -> ApiError {
+    ids.sort();
+    let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
+    ApiError::new(
+        ErrorCode::Conflict,
+        format!(
+            "{} of your devices are called {name:?}: {}; use the id of the one you mean",
+            ids.len(),
+            ids.join(", ")
+        ),
+    )
+}
+
+/// The caller's connected device called `given`, found in RAM; `None` when none of
+/// them is connected, and a conflict when several are.
+fn live_named(
+    state: &AppState,
+    caller: &crate::api::Caller,
+    given: &str,
+) -> Result<Option<DeviceId>, ApiError> {
+    let Some(name) = decoded_name(given) else {
+        return Ok(None);
+    };
+    let mut ids = state
+        .registry
+        .named(&name, |owners| owners.contains(&caller.id));
+    match ids.len() {
+        0 => Ok(None),
+        1 => Ok(ids.pop()),
+        _ => Err(ambiguous(&name, ids)),
+    }
+}
+
+/// The caller's one device called `given`, from the catalog: for a name none of whose
+/// devices is connected. Another user's device of that name is "no such device".
+async fn owned_device_named(
+    state: &AppState,
+    caller: &crate::api::Caller,
+    given: &str,
+) -> Result<crate::catalog::DeviceRecord, ApiError> {
+    let not_found = || ApiError::new(ErrorCode::NotFound, "no such device");
+    let name = decoded_name(given).ok_or_else(not_found)?;
+    let mut devices: Vec<_> = state
+        .catalog
+        .devices_owned_by(caller.id)
+        .await?
+        .into_iter()
+        .filter(|d| d.name == name)
+        .collect();
+    match devices.len() {
+        0 => Err(not_found()),
+        1 => devices.pop().ok_or_else(not_found),
+        _ => Err(ambiguous(
+            &name,
+            devices.into_iter().map(|d| d.id).collect(),
+        )),
+    }
+}
+
 fn offline() -> ApiError {
     ApiError::new(
         ErrorCode::DeviceOffline,
@@ -84,7 +151,7 @@ async fn proxy(state: &AppState, mut req: Request) -> Result<Response, ApiError>
         .path_and_query()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_default();
-    let (device_id, service, target) = split_uri(&path_and_query)
+    let (given, service, target) = split_uri(&path_and_query)
         .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no such service"))?;
     let no_service = || ApiError::new(ErrorCode::NotFound, "no such service on this device");
     // Checked once the device is known to be the caller's, so a stranger learns nothing.
@@ -92,10 +159,13 @@ async fn proxy(state: &AppState, mut req: Request) -> Result<Response, ApiError>
         || check_target(target).map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()));
     // Connected devices are checked in RAM, as routing is; only a device that is not
     // connected costs a catalog read, to tell "offline" from "not yours".
-    let live = device_id
-        .parse::<DeviceId>()
-        .ok()
-        .and_then(|id| state.registry.access(&id).map(|a| (id, a)));
+    let by_id = given.parse::<DeviceId>().ok();
+    let named = by_id.is_none();
+    let live = match by_id {
+        Some(id) => Some(id),
+        None => live_named(state, &caller, given)?,
+    }
+    .and_then(|id| state.registry.access(&id).map(|a| (id, a)));
     let (device_id, target) = match live {
         Some((id, access)) if access.owners.contains(&caller.id) => {
             if !access.services.iter().any(|s| s.name == service) {
@@ -116,7 +186,11 @@ async fn proxy(state: &AppState, mut req: Request) -> Result<Response, ApiError>
             (id, target)
         }
         _ => {
-            let device = owned_device(state, &caller, device_id).await?;
+            let device = if named {
+                owned_device_named(state, &caller, given).await?
+            } else {
+                owned_device(state, &caller, given).await?
+            };
             if !device.services.iter().any(|s| s.name == service) {
                 return Err(no_service());
             }
@@ -133,7 +207,8 @@ async fn proxy(state: &AppState, mut req: Request) -> Result<Response, ApiError>
         }
     }
     let deadline = deadline(state, req.headers())?;
-    let prefix = format!("/proxy/{device_id}/{service}");
+    // As the client addressed it, by id or by name: the service builds its links on it.
+    let prefix = format!("/proxy/{given}/{service}");
     let upgrade = upgrade_protocol(req.headers());
     let on_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     // Most requests (GETs) carry no body: the head says so, and no frame follows it.

@@ -47,6 +47,9 @@ const DISPLACED_REFUSED_FOR: Duration = Duration::from_secs(600);
 pub struct LiveDevice {
     /// Which connection this entry belongs to.
     pub conn_id: ConnId,
+    /// The name it registered with, so a proxied request may name the device instead
+    /// of giving its id, without reading the catalog.
+    pub name: Arc<str>,
     /// Handle to the connection's actor.
     pub handle: ConnHandle,
     /// When the last heartbeat (or the registration) arrived.
@@ -229,6 +232,9 @@ pub struct Registry {
     /// Devices by the protocols they offer, so routing looks only at devices that can
     /// serve. A superset at worst: every id found here is checked against `devices`.
     by_protocol: DashMap<String, Vec<DeviceId>>,
+    /// Devices by name, for proxied requests that name a device. A superset at worst,
+    /// like `by_protocol`: every id found here is checked against its entry's name.
+    by_name: DashMap<Arc<str>, Vec<DeviceId>>,
     /// The last time two agents held one device's secret at once, by device.
     conflicts: DashMap<DeviceId, Conflict>,
 }
@@ -245,6 +251,7 @@ impl Registry {
             capability_lists: Lists::new(),
             service_lists: Lists::new(),
             by_protocol: DashMap::new(),
+            by_name: DashMap::new(),
             conflicts: DashMap::new(),
         }
     }
@@ -282,6 +289,7 @@ impl Registry {
     pub fn insert(
         &self,
         id: DeviceId,
+        name: &str,
         conn_id: ConnId,
         handle: ConnHandle,
         owners: &[UserId],
@@ -289,8 +297,10 @@ impl Registry {
         services: &[ServiceInfo],
         agent: Agent,
     ) {
+        let name: Arc<str> = Arc::from(name);
         let live = LiveDevice {
             conn_id,
+            name: name.clone(),
             handle,
             last_heartbeat: Instant::now(),
             health: Vec::new(),
@@ -302,6 +312,7 @@ impl Registry {
             agent,
         };
         self.index(&id, capabilities);
+        self.index_name(&id, name);
         if let Some(old) = self.devices.insert(id.clone(), live) {
             let second_agent = match (old.agent.instance, agent.instance) {
                 (Some(a), Some(b)) => {
@@ -326,6 +337,7 @@ impl Registry {
                 _ => old.handle.stop(Stop::Replaced),
             }
             self.unindex_gone(&id, &old.capabilities);
+            self.unindex_name(&id, &old.name);
         }
     }
 
@@ -351,6 +363,46 @@ impl Registry {
                 ids.push(id.clone());
             }
         }
+    }
+
+    fn index_name(&self, id: &DeviceId, name: Arc<str>) {
+        let mut ids = self.by_name.entry(name).or_default();
+        if !ids.contains(id) {
+            ids.push(id.clone());
+        }
+    }
+
+    /// Drops `id` from the index of `name` unless its current entry (if any) still
+    /// bears that name.
+    fn unindex_name(&self, id: &DeviceId, name: &str) {
+        if self.devices.get(id).is_some_and(|live| &*live.name == name) {
+            return;
+        }
+        if let Some(mut ids) = self.by_name.get_mut(name) {
+            ids.retain(|d| d != id);
+        }
+        self.by_name.remove_if(name, |_, ids| ids.is_empty());
+        // A new connection of the device may have registered meanwhile under this
+        // name: put it back, so the index never misses a live device.
+        let live = self.devices.get(id).map(|l| l.name.clone());
+        if let Some(live) = live {
+            self.index_name(id, live);
+        }
+    }
+
+    /// The connected devices called `name` whose owners pass `may_use`. Reads RAM only;
+    /// no guard outlives the call.
+    pub fn named(&self, name: &str, may_use: impl Fn(&[UserId]) -> bool) -> Vec<DeviceId> {
+        let Some(ids) = self.by_name.get(name).map(|ids| ids.clone()) else {
+            return Vec::new();
+        };
+        ids.into_iter()
+            .filter(|id| {
+                self.devices
+                    .get(id)
+                    .is_some_and(|live| &*live.name == name && may_use(&live.owners))
+            })
+            .collect()
     }
 
     /// Drops `id` from the index of each protocol in `offers` that its current entry (if
@@ -552,6 +604,7 @@ impl Registry {
         {
             Some((_, gone)) => {
                 self.unindex_gone(id, &gone.capabilities);
+                self.unindex_name(id, &gone.name);
                 true
             }
             None => false,
@@ -679,8 +732,8 @@ mod tests {
         let h2 = handle(&reg);
         let c1 = reg.next_conn_id();
         let c2 = reg.next_conn_id();
-        reg.insert(id(1), c1, h1.clone(), &[], &[], &[], Agent::default());
-        reg.insert(id(1), c2, h2.clone(), &[], &[], &[], Agent::default());
+        reg.insert(id(1), "d", c1, h1.clone(), &[], &[], &[], Agent::default());
+        reg.insert(id(1), "d", c2, h2.clone(), &[], &[], &[], Agent::default());
         assert_eq!(h1.stopped(), Some(Stop::Replaced));
         assert_eq!(h2.stopped(), None);
         assert!(!reg.remove(&id(1), c1), "stale connection must not evict");
@@ -698,7 +751,7 @@ mod tests {
     async fn presence_follows_heartbeat_age() {
         let reg = Registry::new(Duration::from_secs(5));
         let c = reg.next_conn_id();
-        reg.insert(id(2), c, handle(&reg), &[], &[], &[], Agent::default());
+        reg.insert(id(2), "d", c, handle(&reg), &[], &[], &[], Agent::default());
         assert!(reg.presence(&id(2)).online);
         tokio::time::advance(Duration::from_secs(9)).await;
         assert!(
@@ -720,6 +773,7 @@ mod tests {
         let talking = handle(&reg);
         reg.insert(
             id(3),
+            "d",
             reg.next_conn_id(),
             silent.clone(),
             &[],
@@ -729,6 +783,7 @@ mod tests {
         );
         reg.insert(
             id(4),
+            "d",
             reg.next_conn_id(),
             talking.clone(),
             &[],
@@ -779,6 +834,7 @@ mod tests {
     fn offering(reg: &Registry, n: u8, conn: ConnId, protocols: &[&str]) {
         reg.insert(
             id(n),
+            "d",
             conn,
             handle(reg),
             &[],
@@ -834,6 +890,7 @@ mod tests {
         // not take the new one out of the index.
         reg.insert(
             id(1),
+            "d",
             c2,
             handle(&reg),
             &[],
@@ -857,6 +914,47 @@ mod tests {
     }
 
     #[test]
+    fn devices_are_found_by_name_among_their_owners_only_under_their_current_name() {
+        let reg = Registry::new(Duration::from_secs(5));
+        let named = |n: u8, name: &str, conn: ConnId, owner: u8| {
+            reg.insert(
+                id(n),
+                name,
+                conn,
+                handle(&reg),
+                &[user(owner)],
+                &[],
+                &[],
+                Agent::default(),
+            );
+        };
+        let mine = |owners: &[UserId]| owners.contains(&user(1));
+        let (c1, c2) = (reg.next_conn_id(), reg.next_conn_id());
+        named(1, "gpu-box", c1, 1);
+        named(2, "gpu-box", reg.next_conn_id(), 2);
+        assert_eq!(
+            reg.named("gpu-box", mine),
+            vec![id(1)],
+            "not bob's namesake"
+        );
+        assert!(reg.named("laptop", mine).is_empty());
+
+        // Renamed on reconnect: found under the new name only, and the old
+        // connection's late removal does not take it out.
+        named(1, "big-box", c2, 1);
+        assert!(reg.named("gpu-box", mine).is_empty());
+        assert!(!reg.remove(&id(1), c1));
+        assert_eq!(reg.named("big-box", mine), vec![id(1)]);
+
+        named(3, "big-box", reg.next_conn_id(), 1);
+        let mut both = reg.named("big-box", mine);
+        both.sort();
+        assert_eq!(both, vec![id(1), id(3)]);
+        assert!(reg.remove(&id(1), c2));
+        assert_eq!(reg.named("big-box", mine), vec![id(3)]);
+    }
+
+    #[test]
     fn devices_share_equal_lists_and_unused_ones_are_forgotten() {
         let reg = Registry::new(Duration::from_secs(5));
         let tasks: CapabilityOffer = "tasks:1.0.0".parse().expect("offer");
@@ -864,6 +962,7 @@ mod tests {
             let c = reg.next_conn_id();
             reg.insert(
                 id(b),
+                "d",
                 c,
                 handle(&reg),
                 &[user(1)],

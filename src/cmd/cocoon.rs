@@ -393,6 +393,7 @@ async fn run_agent(mut args: RunArgs) -> Result<()> {
         Err(CocoonError::Refused { code, message }) => {
             Err(FinalRefusal(format!("the hub refused this device ({code}): {message}")).into())
         }
+        Err(e @ CocoonError::NotAHub { .. }) => Err(FinalRefusal(e.to_string()).into()),
         Err(e) => Err(e.into()),
     }
 }
@@ -422,7 +423,7 @@ async fn wait_end(handle: &adi_cocoon::CocoonHandle) -> Result<()> {
     loop {
         if matches!(
             *state.borrow_and_update(),
-            ConnState::Failed { .. } | ConnState::Stopped
+            ConnState::Failed { .. } | ConnState::NotAHub { .. } | ConnState::Stopped
         ) {
             return Ok(());
         }
@@ -785,7 +786,8 @@ fn join_or_dash(items: impl Iterator<Item = String>) -> String {
     }
 }
 
-fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
+/// Prints rows under a header, each column as wide as its widest cell.
+pub(crate) fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
     let mut widths = header.map(str::len);
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {

@@ -1,6 +1,7 @@
 //! `adi dev`: the whole system on one machine in one process — a hub on its embedded
-//! SQLite catalog plus a cocoon for this machine attached to it. Prints the hub URL,
-//! the web UI and an API key to sign in with.
+//! SQLite catalog plus a cocoon for this machine attached to it, offering a small demo
+//! page as a service so the proxy can be tried at once. Prints the hub URL, the web UI,
+//! an API key to sign in with and the demo page's address through the hub.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -17,6 +18,9 @@ use crate::paths;
 
 /// User the dev setup signs in as.
 const DEV_USER: &str = "dev";
+
+/// The service the local cocoon offers unless one of `--service` takes the name.
+const DEMO_SERVICE: &str = "demo";
 
 #[derive(Args)]
 pub struct DevArgs {
@@ -66,6 +70,17 @@ pub async fn run(args: DevArgs) -> Result<()> {
         args.name.unwrap_or_else(paths::hostname),
     );
     config.services = args.services;
+    let demo = if config.services.iter().any(|s| s.name == DEMO_SERVICE) {
+        None
+    } else {
+        let (port, server) = demo_service(&config.name).await?;
+        config.services.push(adi_protocol::ServiceInfo {
+            name: DEMO_SERVICE.to_owned(),
+            port,
+            health_path: Some("/".to_owned()),
+        });
+        Some(server)
+    };
     if !enrolled {
         let token = adi_signaling::tokens::issue(
             catalog.as_ref(),
@@ -99,6 +114,12 @@ pub async fn run(args: DevArgs) -> Result<()> {
     println!("  API key:  {api_key}");
     println!("  log in:   adi login --hub {url} --api-key {api_key}");
     println!("  cocoon:   {name} ({device}) online");
+    if demo.is_some() {
+        println!(
+            "  demo:     {url}/proxy/{device}/{DEMO_SERVICE}/ (a page on this machine, \
+             through the hub's proxy; sign in to the web UI first)"
+        );
+    }
     println!("  plugins:  {plugins} (capability manifests, read live)");
     println!("Ctrl-C stops both.");
 
@@ -108,6 +129,9 @@ pub async fn run(args: DevArgs) -> Result<()> {
         cocoon.stop();
         let _ = cocoon.join().await;
         hub.shutdown().await;
+        if let Some(server) = demo {
+            server.abort();
+        }
     };
     tokio::select! {
         () = stopping => {}
@@ -115,3 +139,43 @@ pub async fn run(args: DevArgs) -> Result<()> {
     }
     Ok(())
 }
+
+/// Serves the demo page on a free loopback port, as any service a cocoon offers would
+/// listen; returns the port and the server's task.
+async fn demo_service(device: &str) -> Result<(u16, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .context("starting the demo service")?;
+    let port = listener.local_addr()?.port();
+    let page = DEMO_PAGE
+        .replace("@DEVICE@", &html_escape(device))
+        .replace("@PORT@", &port.to_string());
+    let app = axum::Router::new().route(
+        "/",
+        axum::routing::get(move || async move { axum::response::Html(page) }),
+    );
+    let server = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::warn!("the demo service stopped: {e}");
+        }
+    });
+    Ok((port, server))
+}
+
+fn html_escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+const DEMO_PAGE: &str = r#"<!doctype html>
+<html lang="en">
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>adi demo service</title>
+<h1>Hello from @DEVICE@</h1>
+<p>This page is served only on that device's loopback, at 127.0.0.1:@PORT@, and reached
+through the hub's proxy: no port is open on the device. Any service started with
+<code>adi cocoon run --service NAME:PORT</code> is reached the same way.</p>
+"#;

@@ -7,3 +7,4 @@ pub mod proxy;
 pub mod service;
 pub mod signaling;
 pub mod tasks;
+pub mod token;

@@ -49,9 +49,38 @@ struct Forward {
     http: reqwest::Client,
 }
 
+/// What the check before forwarding reads of `GET /api/cocoons/{id}/services`.
+#[derive(serde::Deserialize)]
+struct Services {
+    services: Vec<Named>,
+}
+
+#[derive(serde::Deserialize)]
+struct Named {
+    name: String,
+}
+
 pub async fn run(args: ProxyArgs) -> Result<()> {
     let client = HubClient::connect(&args.hub).await?;
     let device = crate::cmd::tasks::resolve_device(&client, &args.device).await?;
+    // A forward to a service the device does not have would answer 404 to every
+    // request: say so now, with the services it has.
+    let offered: Services = client
+        .get(&format!("/api/cocoons/{device}/services"))
+        .await?;
+    if !offered.services.iter().any(|s| s.name == args.service) {
+        let names: Vec<&str> = offered.services.iter().map(|s| s.name.as_str()).collect();
+        anyhow::bail!(
+            "{} has no service {:?}; {}",
+            args.device,
+            args.service,
+            if names.is_empty() {
+                "it offers none (adi cocoon run --service NAME:PORT adds one)".to_owned()
+            } else {
+                format!("its services: {}", names.join(", "))
+            }
+        );
+    }
     let renewal = match &args.hub.api_key {
         Some(key) => Renewal::ApiKey(key.clone()),
         None => Renewal::Stored(session_path()),

@@ -31,8 +31,8 @@ pub enum UserCmd {
 #[derive(Args, Clone)]
 pub struct CatalogArgs {
     /// Directory of the embedded SQLite catalog.
-    #[arg(long, env = "ADI_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
+    #[arg(long, env = "ADI_DATA_DIR", default_value_os_t = paths::data_dir("hub"))]
+    pub data_dir: PathBuf,
     /// Use this PostgreSQL catalog instead (postgres://...).
     #[arg(long, env = "ADI_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
@@ -40,9 +40,7 @@ pub struct CatalogArgs {
 
 impl CatalogArgs {
     fn data_dir(&self) -> PathBuf {
-        self.data_dir
-            .clone()
-            .unwrap_or_else(|| paths::data_dir("hub"))
+        self.data_dir.clone()
     }
 }
 
@@ -119,6 +117,10 @@ pub struct UserAddArgs {
     name: String,
     #[command(flatten)]
     catalog: CatalogArgs,
+    /// Start a new catalog if there is none yet (otherwise a missing one is an error,
+    /// so a mistyped --data-dir does not make a catalog no hub uses).
+    #[arg(long)]
+    create: bool,
 }
 
 pub async fn run(cmd: SignalingCmd) -> Result<()> {
@@ -186,7 +188,16 @@ async fn user_add(args: UserAddArgs) -> Result<()> {
         "user name must be 1-64 letters, digits or . _ - @"
     );
     let data_dir = args.catalog.data_dir();
-    let catalog = catalog::open(args.catalog.database_url.as_deref(), &data_dir)
+    let url = args.catalog.database_url.as_deref();
+    if let Some(file) = catalog::sqlite_path(url, &data_dir).filter(|f| !f.exists()) {
+        anyhow::ensure!(
+            args.create,
+            "no hub catalog at {}: is --data-dir the hub's? (`adi signaling serve` makes \
+             one on its first start; --create makes a new one here)",
+            file.display()
+        );
+    }
+    let catalog = catalog::open(url, &data_dir)
         .await
         .context("opening the catalog")?;
     match adi_signaling::auth::add_user(catalog.as_ref(), name).await {

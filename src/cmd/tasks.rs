@@ -197,6 +197,7 @@ async fn list(args: ListArgs) -> Result<()> {
     let mut cursor: Option<String> = None;
     let mut tasks: Vec<Task> = Vec::new();
     let mut notices = Vec::new();
+    let mut names = std::collections::HashMap::new();
     loop {
         let mut q = vec![("limit", limit.as_str())];
         if let Some(s) = &args.status {
@@ -215,11 +216,11 @@ async fn list(args: ListArgs) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&page)?);
             return Ok(());
         }
-        let names: std::collections::HashMap<String, String> = page
-            .devices
-            .iter()
-            .map(|d| (d.device_id.to_string(), d.name.clone()))
-            .collect();
+        names.extend(
+            page.devices
+                .iter()
+                .map(|d| (d.device_id.to_string(), d.name.clone())),
+        );
         for d in &page.devices {
             let status = serde_json::to_value(d.status)?;
             if status != "ok" {
@@ -231,13 +232,7 @@ async fn list(args: ListArgs) -> Result<()> {
                 ));
             }
         }
-        for t in page.tasks {
-            tasks.push(t);
-        }
-        if !args.json {
-            print_tasks(&tasks, &names, cursor.is_none());
-            tasks.clear();
-        }
+        tasks.extend(page.tasks);
         match page.next_cursor {
             Some(c) if args.all => cursor = Some(c),
             Some(_) => {
@@ -249,6 +244,8 @@ async fn list(args: ListArgs) -> Result<()> {
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&tasks)?);
+    } else {
+        print_tasks(&tasks, &names);
     }
     notices.sort();
     notices.dedup();
@@ -258,26 +255,30 @@ async fn list(args: ListArgs) -> Result<()> {
     Ok(())
 }
 
-fn print_tasks(tasks: &[Task], names: &std::collections::HashMap<String, String>, header: bool) {
-    if header {
-        println!("{:<36}  {:<16}  {:<10}  TITLE", "ID", "DEVICE", "STATUS");
-    }
-    for t in tasks {
-        let device = t
-            .device_id
-            .as_ref()
-            .map(|d| {
-                names
-                    .get(d.as_str())
-                    .cloned()
-                    .unwrap_or_else(|| d.to_string())
-            })
-            .unwrap_or_default();
-        println!(
-            "{:<36}  {:<16}  {:<10}  {}",
-            t.id, device, t.status, t.title
-        );
-    }
+/// One table for every page, so the columns line up however long a name is.
+fn print_tasks(tasks: &[Task], names: &std::collections::HashMap<String, String>) {
+    let rows: Vec<[String; 4]> = tasks
+        .iter()
+        .map(|t| {
+            let device = t
+                .device_id
+                .as_ref()
+                .map(|d| {
+                    names
+                        .get(d.as_str())
+                        .cloned()
+                        .unwrap_or_else(|| d.to_string())
+                })
+                .unwrap_or_default();
+            [
+                t.id.to_string(),
+                device,
+                t.status.to_string(),
+                t.title.clone(),
+            ]
+        })
+        .collect();
+    crate::cmd::cocoon::print_table(["ID", "DEVICE", "STATUS", "TITLE"], &rows);
 }
 
 async fn create(args: CreateArgs) -> Result<()> {

@@ -7,7 +7,7 @@ use base64::Engine;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::json;
 
-use crate::harness::{Api, Cocoon, Hub};
+use crate::harness::{cli, foreign_server, Api, Cocoon, Hub};
 
 #[tokio::test]
 async fn bad_bearers_get_401_and_no_data() -> Result<()> {
@@ -166,5 +166,106 @@ async fn health_and_readiness_answer() -> Result<()> {
     );
     let resp = http.get(format!("{}/api/nope", hub.url)).send().await?;
     assert_eq!(resp.status(), 404);
+    Ok(())
+}
+
+#[tokio::test]
+async fn adi_token_prints_a_bearer_the_api_takes() -> Result<()> {
+    let hub = Hub::start().await?;
+    let key = hub.add_user("alice")?;
+    let cfg = tempfile::tempdir()?;
+    let (code, _, err) = cli(
+        cfg.path(),
+        &["login", "--hub", &hub.url, "--api-key", &key],
+        &[],
+    )?;
+    assert_eq!(code, 0, "{err}");
+    let http = reqwest::Client::new();
+    // From the stored session, and from ADI_HUB + ADI_API_KEY without one.
+    let empty = tempfile::tempdir()?;
+    for (dir, env) in [
+        (cfg.path(), vec![]),
+        (
+            empty.path(),
+            vec![("ADI_HUB", hub.url.as_str()), ("ADI_API_KEY", key.as_str())],
+        ),
+    ] {
+        let (code, out, err) = cli(dir, &["token"], &env)?;
+        assert_eq!(code, 0, "{err}");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 1, "only the token: {out:?}");
+        let resp = http
+            .get(format!("{}/api/cocoons", hub.url))
+            .bearer_auth(lines[0])
+            .send()
+            .await?;
+        assert_eq!(resp.status(), 200, "{env:?}");
+    }
+    // Without a session it says how to get one.
+    let (code, out, err) = cli(empty.path(), &["token", "--hub", &hub.url], &[])?;
+    assert_ne!(code, 0);
+    assert!(out.is_empty(), "{out}");
+    assert!(err.contains("adi login"), "{err}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_key_exchange_says_how_to_send_the_key() -> Result<()> {
+    let hub = Hub::start().await?;
+    let key = hub.add_user("alice")?;
+    let http = reqwest::Client::new();
+    let wanted = r#"send Content-Type: application/json with {"api_key": "..."}"#;
+    for route in ["/api/auth/token", "/api/auth/session"] {
+        let url = format!("{}{route}", hub.url);
+        for (what, request) in [
+            // curl -d without -H, and a form post.
+            (
+                "no content type",
+                http.post(&url).body(format!(r#"{{"api_key":"{key}"}}"#)),
+            ),
+            ("a form", http.post(&url).form(&[("api_key", key.as_str())])),
+            ("no api_key", http.post(&url).json(&json!({"key": key}))),
+            (
+                "not JSON",
+                http.post(&url)
+                    .header("content-type", "application/json")
+                    .body("{broken"),
+            ),
+        ] {
+            let resp = request.send().await?;
+            assert_eq!(resp.status(), 400, "{route}, {what}");
+            let body: serde_json::Value = resp.json().await?;
+            assert_eq!(
+                body["error"]["code"], "bad_request",
+                "{route}, {what}: {body}"
+            );
+            let message = body["error"]["message"].as_str().unwrap_or_default();
+            assert!(message.contains(wanted), "{route}, {what}: {body}");
+            assert!(!message.contains(&key), "the key is not echoed: {body}");
+        }
+    }
+    Ok(())
+}
+
+// Several threads: the foreign server answers while the CLI runs and the test waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_to_a_server_that_is_not_an_adi_hub_says_so() -> Result<()> {
+    let cfg = tempfile::tempdir()?;
+    for status in [501, 404, 200] {
+        let url = format!("http://127.0.0.1:{}", foreign_server(status).await?);
+        let (code, _, err) = cli(
+            cfg.path(),
+            &["login", "--hub", &url, "--api-key", "adi_key_x_y"],
+            &[],
+        )?;
+        assert_ne!(code, 0, "{status}");
+        assert!(
+            err.contains(&format!("{url} is not an adi hub"))
+                && err.contains(&status.to_string())
+                && err.contains("some other server"),
+            "{status}: {err}"
+        );
+        assert!(!err.contains("adi_key_x_y"), "{err}");
+    }
     Ok(())
 }

@@ -665,3 +665,41 @@ async fn expired_or_invalid_session_goes_back_to_sign_in() -> Result<()> {
     assert_eq!(stored, Value::Null, "signing out forgets the token");
     b.close().await
 }
+
+#[tokio::test]
+async fn hardware_reads_in_plain_words_and_an_online_device_without_load_is_not_called_offline(
+) -> Result<()> {
+    let Some(b) = Browser::start(1280, 1000).await? else {
+        return Ok(());
+    };
+    let hub = Hub::start().await?;
+    let key = hub.add_user("alice")?;
+    let alice = Api::login(&hub.url, &key).await?;
+    let gib = 1u64 << 30;
+    let reporting = RawDevice::start(
+        &hub,
+        &alice,
+        "reporting",
+        json!({"cpu_count": 16, "cpu_percent": 3.0, "ram_total_bytes": 64 * gib,
+            "ram_used_bytes": 8 * gib, "gpus": []}),
+    )
+    .await?;
+    // An agent that reports no figures (an older build, say) while online.
+    let silent = RawDevice::start(&hub, &alice, "silent", Value::Null).await?;
+
+    b.sign_in(&hub.url, &key).await?;
+    wait_card(&b, &reporting.id, "online").await?;
+    let card = b
+        .wait_text(&format!("{CARD}[data-id=\"{}\"]", reporting.id), "CPUs")
+        .await?;
+    for shown in ["16", "RAM", "64.0 GiB"] {
+        assert!(card.contains(shown), "lacks {shown:?}:\n{card}");
+    }
+    for gone in ["Cpu count", "Ram total"] {
+        assert!(!card.contains(gone), "says {gone:?}:\n{card}");
+    }
+    let card = wait_card(&b, &silent.id, "online").await?;
+    assert!(card.contains("not reported yet"), "{card}");
+    assert!(!card.contains("offline"), "{card}");
+    b.close().await
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use crate::harness::{cli, wait_for, Api, Cocoon, Hub};
+use crate::harness::{cli, closed_port, foreign_server, wait_for, Api, Cocoon, Hub};
 
 /// Starts a cocoon that must be refused; returns its output.
 async fn refused(hub: &Hub, token: Option<&str>) -> Result<String> {
@@ -358,5 +358,49 @@ async fn two_agents_with_one_secret_do_not_flap_the_older_one_stops_and_says_why
         "{}",
         b.proc.output()
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_cocoon_pointed_at_something_else_says_it_is_no_adi_hub_and_stops() -> Result<()> {
+    for status in [404, 501] {
+        let url = format!("http://127.0.0.1:{}", foreign_server(status).await?);
+        let mut c = Cocoon::start(&url, "lost", Some("adi_setup_x_y"), &[])?;
+        let code = c.proc.wait_exit(Duration::from_secs(20)).await?;
+        let out = c.proc.output();
+        // Retrying cannot help until the address changes: the systemd unit does not
+        // restart on this status either.
+        assert_eq!(code, 78, "{out}");
+        assert!(
+            out.contains(&format!("{url} is not an adi hub")) && out.contains(&status.to_string()),
+            "{out}"
+        );
+        assert!(!out.contains("retrying"), "{out}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_cocoon_keeps_trying_an_unreachable_hub_saying_when_it_tries_next() -> Result<()> {
+    let url = format!("http://127.0.0.1:{}", closed_port()?);
+    let mut c = Cocoon::start(&url, "patient", Some("adi_setup_x_y"), &[])?;
+    let wanted = format!("cannot connect to the hub at {url}");
+    let retries = wait_for("three retries", Duration::from_secs(20), || async {
+        let out = c.proc.output();
+        let lines: Vec<String> = out
+            .lines()
+            .filter(|l| l.contains(&wanted))
+            .map(str::to_owned)
+            .collect();
+        Ok((lines.len() >= 3).then_some(lines))
+    })
+    .await?;
+    for line in &retries {
+        assert!(
+            line.contains("Connection refused") && line.contains("retrying in "),
+            "{line}"
+        );
+    }
+    assert!(c.proc.is_running(), "{}", c.proc.output());
     Ok(())
 }

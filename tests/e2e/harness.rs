@@ -121,6 +121,11 @@ impl Proc {
         self.child.id()
     }
 
+    /// Whether the process has not exited yet.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// SIGKILL, like a crash or a power cut.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -163,13 +168,19 @@ impl Hub {
         Self::start_with(&[]).await
     }
 
-    /// A hub on SQLite with extra `serve` flags.
+    /// A hub on SQLite with extra `serve` flags (a `--heartbeat-interval` among them
+    /// replaces the tests' short one).
     pub async fn start_with(extra: &[&str]) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let data_dir = dir.path().join("hub");
         let mut hub = Self::launch_with(&data_dir, None, 0, extra).await?;
         hub._dir = Some(dir);
         Ok(hub)
+    }
+
+    /// A hub on the SQLite catalog in `data_dir`, which the caller keeps.
+    pub async fn start_in(data_dir: &Path) -> Result<Self> {
+        Self::launch(data_dir, None, 0).await
     }
 
     /// A hub whose catalog is the given PostgreSQL database.
@@ -196,13 +207,15 @@ impl Hub {
             .arg(format!("127.0.0.1:{port}"))
             .arg("--data-dir")
             .arg(data_dir)
-            .args(extra)
-            .arg("--heartbeat-interval")
-            .arg(humantime::format_duration(HEARTBEAT).to_string())
-            .env(
-                "RUST_LOG",
-                std::env::var("ADI_TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
-            );
+            .args(extra);
+        if !extra.contains(&"--heartbeat-interval") {
+            cmd.arg("--heartbeat-interval")
+                .arg(humantime::format_duration(HEARTBEAT).to_string());
+        }
+        cmd.env(
+            "RUST_LOG",
+            std::env::var("ADI_TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
+        );
         if let Some(url) = &database_url {
             cmd.arg("--database-url").arg(url);
         }
@@ -435,6 +448,33 @@ impl Cocoon {
             self.data_dir.join("device.secret"),
         )?)
     }
+}
+
+/// A tiny HTTP server on a free loopback port that is not an adi hub: it answers every
+/// request with `status` and a small HTML page, as a web server at a mistyped address
+/// would. Returns its port.
+pub async fn foreign_server(status: u16) -> Result<u16> {
+    use axum::http::StatusCode;
+    let status = StatusCode::from_u16(status)?;
+    let app = axum::Router::new().fallback(move || async move {
+        (
+            status,
+            [("content-type", "text/html")],
+            format!("<html><body><h1>{status}</h1>This is some other server.</body></html>"),
+        )
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(port)
+}
+
+/// A loopback port nothing listens on.
+pub fn closed_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
 }
 
 /// Runs the CLI with its own config dir; returns (exit code, stdout, stderr).

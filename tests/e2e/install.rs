@@ -2,10 +2,12 @@
 //! installs the hub's own `adi` and enrols the device; `adi dev` brings up a hub with a
 //! cocoon attached and prints how to sign in.
 
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, ensure, Context, Result};
 
 use crate::harness::{Api, Hub, Proc, ADI};
 
@@ -45,9 +47,9 @@ async fn install_one_liner_installs_adi_and_enrols_the_device() -> Result<()> {
         .await?;
     let installed = prefix.join("bin/adi");
     assert_eq!(
-        std::fs::read(&installed)?,
-        std::fs::read(ADI)?,
-        "installed the hub's own binary"
+        version_of(&installed)?,
+        version_of(Path::new(ADI))?,
+        "installed the hub's own build"
     );
     let devices = alice.cocoons().await?;
     assert_eq!(devices.len(), 1);
@@ -93,15 +95,74 @@ async fn install_one_liner_installs_adi_and_enrols_the_device() -> Result<()> {
     Ok(())
 }
 
+/// What `adi --version` prints, run from `path`.
+fn version_of(path: &Path) -> Result<String> {
+    let out = Command::new(path).arg("--version").output()?;
+    ensure!(out.status.success(), "{} --version failed", path.display());
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// Whether the ELF file has DWARF debug info: a `.debug_info` section, read from its
+/// section headers (64-bit little-endian, as this target builds).
+fn has_debug_info(elf: &[u8]) -> Result<bool> {
+    let u16_at = |at: usize| -> Result<usize> {
+        let b = elf.get(at..at + 2).context("short ELF")?;
+        Ok(usize::from(u16::from_le_bytes([b[0], b[1]])))
+    };
+    let u64_at = |at: usize| -> Result<usize> {
+        let b: [u8; 8] = elf.get(at..at + 8).context("short ELF")?.try_into()?;
+        Ok(usize::try_from(u64::from_le_bytes(b))?)
+    };
+    ensure!(
+        elf.starts_with(b"\x7fELF\x02\x01"),
+        "not a 64-bit little-endian ELF"
+    );
+    let (table, size, count, names) = (u64_at(0x28)?, u16_at(0x3a)?, u16_at(0x3c)?, u16_at(0x3e)?);
+    let strings = u64_at(table + names * size + 0x18)?;
+    for i in 0..count {
+        let name = strings
+            + u32::from_le_bytes(
+                elf.get(table + i * size..table + i * size + 4)
+                    .context("short ELF")?
+                    .try_into()?,
+            ) as usize;
+        if elf
+            .get(name..)
+            .is_some_and(|n| n.starts_with(b".debug_info\0"))
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 #[tokio::test]
-async fn download_serves_the_running_executable() -> Result<()> {
+async fn download_serves_the_running_build_without_its_debug_info() -> Result<()> {
     let hub = Hub::start().await?;
-    let resp = reqwest::get(format!("{}/download/adi", hub.url)).await?;
-    assert_eq!(resp.status(), 200);
-    assert_eq!(resp.headers()["content-type"], "application/octet-stream");
-    let body = resp.bytes().await?;
-    assert_eq!(body.len() as u64, std::fs::metadata(ADI)?.len());
-    assert_eq!(&body[..4], b"\x7fELF");
+    let running = std::fs::read(ADI)?;
+    for _ in 0..2 {
+        let resp = reqwest::get(format!("{}/download/adi", hub.url)).await?;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["content-type"], "application/octet-stream");
+        let body = resp.bytes().await?;
+        assert_eq!(&body[..4], b"\x7fELF");
+        if has_debug_info(&running)? {
+            assert!(
+                body.len() < running.len() && !has_debug_info(&body)?,
+                "served {} bytes with debug info kept; the running build is {}",
+                body.len(),
+                running.len()
+            );
+        } else {
+            assert!(body.len() <= running.len());
+        }
+        // It runs, and is the same build.
+        let dir = tempfile::tempdir()?;
+        let served = dir.path().join("adi");
+        std::fs::write(&served, &body)?;
+        std::fs::set_permissions(&served, std::fs::Permissions::from_mode(0o755))?;
+        assert_eq!(version_of(&served)?, version_of(Path::new(ADI))?);
+    }
     Ok(())
 }
 
@@ -135,6 +196,16 @@ async fn adi_dev_runs_a_hub_with_a_local_cocoon() -> Result<()> {
     assert_eq!(devices.len(), 1, "{devices:?}");
     assert_eq!(devices[0]["name"], "this-machine");
     assert_eq!(devices[0]["online"], true);
+    // The device offers a demo page, and the output says where it is through the hub.
+    let demo = field("demo:")?;
+    let demo = demo.split_whitespace().next().unwrap_or_default();
+    assert!(demo.starts_with(&format!("{url}/proxy/")), "{out}");
+    let page = api.http.get(demo).bearer_auth(&api.jwt).send().await?;
+    assert_eq!(page.status(), 200, "{demo}");
+    assert!(
+        page.text().await?.contains("Hello from this-machine"),
+        "{demo}"
+    );
     let page = reqwest::get(format!("{url}/")).await?.text().await?;
     assert!(
         page.contains("<html") || page.contains("<!doctype html"),

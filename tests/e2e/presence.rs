@@ -148,6 +148,29 @@ async fn load_is_reported_and_a_machine_without_nvidia_says_no_gpu_once() -> Res
     Ok(())
 }
 
+#[tokio::test]
+async fn a_device_shows_its_hardware_and_load_from_its_first_moment_online() -> Result<()> {
+    // No heartbeat comes within the test: whatever the hub knows came with the
+    // registration.
+    let hub = Hub::start_with(&["--heartbeat-interval", "30s"]).await?;
+    let alice = Api::login(&hub.url, &hub.add_user("alice")?).await?;
+    let c = Cocoon::start(&hub.url, "fresh", Some(&alice.setup_token(60).await?), &[])?;
+    let id = c.device_id().await?;
+    let (status, view) = alice.cocoon(&id).await?;
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(view["online"], true, "{view}");
+    let load = &view["load"];
+    assert!(load["cpu_count"].as_u64().unwrap_or(0) >= 1, "{view}");
+    assert!(load["ram_total_bytes"].as_u64().unwrap_or(0) > 0, "{view}");
+    // The hardware is configuration: stored in the catalog at registration.
+    assert_eq!(view["hardware"]["cpu_count"], load["cpu_count"], "{view}");
+    assert_eq!(
+        view["hardware"]["ram_total_bytes"], load["ram_total_bytes"],
+        "{view}"
+    );
+    Ok(())
+}
+
 /// Size and modification time of the catalog's files, to tell whether it was written.
 fn catalog_stamp(hub: &Hub) -> Vec<(u64, Option<std::time::SystemTime>)> {
     ["catalog.db", "catalog.db-wal"]

@@ -1428,3 +1428,119 @@ async fn a_head_too_large_for_the_link_fails_its_own_request_and_nothing_else() 
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_device_is_reached_by_a_name_unique_among_its_owners_devices() -> Result<()> {
+    let mut s = setup(&[]).await?;
+    let by_name = |api: &Api, name: &str, rest: &str| {
+        s.http
+            .get(format!("{}/proxy/{name}/web{rest}", s.hub.url))
+            .bearer_auth(&api.jwt)
+            .send()
+    };
+    let r = by_name(&s.alice, "box", "/named?q=1").await?;
+    assert_eq!(r.status(), 200);
+    let seen: Value = r.json().await?;
+    assert_eq!(seen["uri"], "/named?q=1");
+    // The service builds its links on the path the client used.
+    assert_eq!(seen["headers"]["x-forwarded-prefix"], "/proxy/box/web");
+
+    // Names are per owner: bob's "box" is his, and alice's stays hers.
+    let bob = Api::login(&s.hub.url, &s.hub.add_user("bob")?).await?;
+    let bobs_port = serve(Router::new().fallback(|| async { "bob's box" })).await?;
+    let mut bobs = Cocoon::start(
+        &s.hub.url,
+        "box",
+        Some(&bob.setup_token(60).await?),
+        &["--service", &format!("web:{bobs_port}")],
+    )?;
+    let bobs_id = bobs.device_id().await?;
+    assert_eq!(by_name(&bob, "box", "/").await?.text().await?, "bob's box");
+    let r = by_name(&s.alice, "box", "/").await?;
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.text().await?.contains("\"uri\""),
+        "alice reached her own box"
+    );
+    let carol = Api::login(&s.hub.url, &s.hub.add_user("carol")?).await?;
+    for (who, name) in [(&carol, "box"), (&s.alice, "no-such-box")] {
+        let r = by_name(who, name, "/").await?;
+        assert_eq!(r.status(), 404, "{name}");
+        let body: Value = r.json().await?;
+        assert_eq!(body["error"]["code"], "not_found", "{body}");
+    }
+
+    // A second "box" of alice's makes the name ambiguous: 409 naming both.
+    let mut second = Cocoon::start(
+        &s.hub.url,
+        "box",
+        Some(&s.alice.setup_token(60).await?),
+        &["--service", &format!("web:{bobs_port}")],
+    )?;
+    let second_id = second.device_id().await?;
+    let r = by_name(&s.alice, "box", "/").await?;
+    assert_eq!(r.status(), 409);
+    let body: Value = r.json().await?;
+    assert_eq!(body["error"]["code"], "conflict", "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&s.device) && message.contains(&second_id),
+        "{body}"
+    );
+    assert!(
+        !message.contains(&bobs_id),
+        "bob's device is not listed: {body}"
+    );
+    // Ids still reach each.
+    let r = s
+        .req(reqwest::Method::GET, &s.url("web", "/"))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 200);
+
+    // A name picks the one of them that is connected...
+    second.proc.kill();
+    s.alice
+        .wait_online(&second_id, false, Duration::from_secs(5))
+        .await?;
+    let seen: Value = by_name(&s.alice, "box", "/again").await?.json().await?;
+    assert_eq!(seen["uri"], "/again");
+    // ...and with none connected, the catalog still knows both.
+    s.cocoon.proc.kill();
+    s.alice
+        .wait_online(&s.device, false, Duration::from_secs(5))
+        .await?;
+    assert_eq!(by_name(&s.alice, "box", "/").await?.status(), 409);
+    // An offline device called so is offline, not unknown.
+    bobs.proc.kill();
+    bob.wait_online(&bobs_id, false, Duration::from_secs(5))
+        .await?;
+    let r = by_name(&bob, "box", "/").await?;
+    assert_eq!(r.status(), 502);
+    let body: Value = r.json().await?;
+    assert_eq!(body["error"]["code"], "device_offline", "{body}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn port_forward_to_a_service_the_device_lacks_stops_naming_its_services() -> Result<()> {
+    let s = setup(&[]).await?;
+    let cfg = tempfile::tempdir()?;
+    let mut cmd = std::process::Command::new(crate::harness::ADI);
+    cmd.args(["proxy", "box", "grafana", "--listen", "127.0.0.1:0"])
+        .env("ADI_CONFIG_DIR", cfg.path())
+        .env("ADI_HUB", &s.hub.url)
+        .env("ADI_API_KEY", &s.alice_key);
+    let mut fwd = crate::harness::Proc::spawn(&mut cmd)?;
+    let code = fwd.wait_exit(Duration::from_secs(20)).await?;
+    let said = fwd.output();
+    assert_ne!(code, 0, "{said}");
+    assert!(
+        said.contains("box has no service \"grafana\"")
+            && said.contains("web")
+            && said.contains("dead"),
+        "{said}"
+    );
+    assert!(!said.contains("forwarding"), "{said}");
+    Ok(())
+}

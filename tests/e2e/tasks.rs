@@ -1343,3 +1343,39 @@ async fn a_killed_cocoon_ends_what_its_task_detached_when_it_starts_again() -> R
     assert!(!cgroups.join(id).exists(), "its cgroup is removed");
     Ok(())
 }
+
+#[tokio::test]
+async fn tasks_list_lines_its_columns_up_whatever_their_lengths() -> Result<()> {
+    let hub = Hub::start().await?;
+    let key = hub.add_user("alice")?;
+    let alice = Api::login(&hub.url, &key).await?;
+    let device = "a-device-with-a-rather-long-name";
+    let c = Cocoon::start(&hub.url, device, Some(&alice.setup_token(60).await?), &[])?;
+    let d = c.device_id().await?;
+    for title in ["short", "a title much longer than the others"] {
+        create(&alice, &d, json!({ "title": title })).await?;
+    }
+    let cfg = tempfile::tempdir()?;
+    let env = [("ADI_HUB", hub.url.as_str()), ("ADI_API_KEY", key.as_str())];
+    let (code, out, err) = cli(cfg.path(), &["tasks", "list"], &env)?;
+    assert_eq!(code, 0, "{err}");
+    let mut lines = out.lines();
+    let header = lines.next().unwrap_or_default();
+    let column = |name: &str| header.find(name).unwrap_or(usize::MAX);
+    let (device_at, status_at, title_at) = (column("DEVICE"), column("STATUS"), column("TITLE"));
+    let rows: Vec<&str> = lines.collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    for row in rows {
+        assert!(
+            row.get(device_at..).is_some_and(|r| r.starts_with(device))
+                && row
+                    .get(status_at..)
+                    .is_some_and(|r| r.starts_with("pending"))
+                && row
+                    .get(title_at..)
+                    .is_some_and(|r| r.starts_with(['s', 'a'])),
+            "columns do not line up:\n{out}"
+        );
+    }
+    Ok(())
+}

@@ -371,6 +371,23 @@ pub trait Catalog: Send + Sync + 'static {
     fn is_shared(&self) -> bool;
 }
 
+/// The embedded catalog's file in a hub's data dir.
+pub const SQLITE_FILE: &str = "catalog.db";
+
+/// Where the embedded catalog of a hub with this data dir and database URL is, if it is
+/// embedded (no URL, or a `sqlite:` one): what admin commands check before opening, so
+/// a mistyped path is not taken for a new catalog.
+pub fn sqlite_path(database_url: Option<&str>, data_dir: &Path) -> Option<std::path::PathBuf> {
+    match database_url {
+        None => Some(data_dir.join(SQLITE_FILE)),
+        Some(url) if url.starts_with("sqlite:") => Some(std::path::PathBuf::from(
+            url.trim_start_matches("sqlite://")
+                .trim_start_matches("sqlite:"),
+        )),
+        Some(_) => None,
+    }
+}
+
 /// Opens the catalog a hub is configured with: PostgreSQL when `database_url` is given,
 /// else SQLite in `data_dir/catalog.db` (the data dir made or kept owner-only). Runs
 /// migrations before returning.
@@ -392,7 +409,7 @@ pub async fn open(database_url: Option<&str>, data_dir: &Path) -> Result<Arc<dyn
                 source,
             })?;
             Ok(Arc::new(
-                SqliteCatalog::open(&data_dir.join("catalog.db")).await?,
+                SqliteCatalog::open(&data_dir.join(SQLITE_FILE)).await?,
             ))
         }
     }
