@@ -54,10 +54,11 @@ use std::time::{Duration, Instant};
 
 use adi_cocoon::{CocoonConfig, CocoonHandle};
 use adi_protocol::tasks::{NewTask, TaskFilter, TaskPage};
+use adi_protocol::views::AggregateTasks;
 use adi_protocol::{DeviceId, DeviceReply, DeviceToHub, Outcome, DEFAULT_MAX_FRAME_BYTES};
 use adi_signaling::aggregate::{self, DeviceStatus, Part, PartStatus};
 use adi_signaling::catalog::TokenKind;
-use adi_signaling::{AggregateTasks, HubConfig, HubHandle};
+use adi_signaling::{HubConfig, HubHandle};
 use adi_task_store::{SqliteTaskStore, TaskStore};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;

@@ -148,3 +148,14 @@ mod tests {
         assert!(!format!("{s:?}").contains("xxxx"));
     }
 }
+
+/// A user's stable id, as the hub's catalog and its API name users.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct UserId(pub uuid::Uuid);
+
+impl fmt::Display for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}

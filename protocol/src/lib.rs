@@ -46,12 +46,13 @@ pub mod limits;
 mod messages;
 mod payload;
 pub mod tasks;
+pub mod views;
 
 pub use capability::{CapabilityOffer, CapabilityQuery};
 pub use codec::{decode, encode, DecodeError, DEFAULT_MAX_FRAME_BYTES};
 pub use error::ErrorCode;
 pub use fast::{decode_device_frame, decode_hub_frame};
-pub use ids::{DeviceId, DeviceSecret, InvalidId, SecretError, MIN_SECRET_LEN};
+pub use ids::{DeviceId, DeviceSecret, InvalidId, SecretError, UserId, MIN_SECRET_LEN};
 pub use messages::{
     negotiate_version, CapabilityAnswer, CapabilityOutcome, DeviceReply, DeviceRequest,
     DeviceToHub, GpuModel, GpuReport, Hardware, HealthStatus, Heartbeat, HubToDevice, LoadReport,

@@ -12,8 +12,9 @@ use futures_util::StreamExt;
 use tracing::debug;
 
 use crate::aggregate::{self, Cursor};
-use crate::api::{ApiError, Caller};
-use crate::task_routes::{task_devices, ListParams};
+use crate::rest::extract::Caller;
+use crate::rest::listing::{task_devices, ListParams};
+use crate::rest::error::ApiError;
 use crate::HubState;
 
 /// Largest frame a client may send.
@@ -156,7 +157,7 @@ async fn aggregate_query(
             })
         })
         .transpose()?;
-    let (online, offline) = task_devices(state, caller).await?;
+    let (online, offline) = task_devices(state, caller.id).await?;
     for device in &offline {
         let part = HubToClient::AggregateQueryPart {
             query_id: query_id.to_owned(),
@@ -242,7 +243,7 @@ async fn authenticate(state: &HubState, socket: &mut WebSocket) -> Option<(Calle
                 id: claims.sub,
                 name: claims.name,
             };
-            crate::api::live_user(state, caller)
+            crate::rest::extract::live_user(state, caller)
                 .await
                 .map(|c| (c, claims.exp))
                 .map_err(|e| e.message().to_owned())

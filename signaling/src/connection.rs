@@ -793,10 +793,7 @@ impl Connection {
             .registry
             .owners(&self.config.id)
             .unwrap_or_else(|| Arc::from(Vec::new()));
-        let requester = Requester::Device {
-            id: self.config.id.clone(),
-            owners,
-        };
+        let requester = Requester::Device { owners };
         let order = match routing::choose(&self.state, &requester, &query, prefer.as_ref()) {
             Ok(order) => order,
             Err(e) => {

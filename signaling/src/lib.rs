@@ -9,59 +9,56 @@
 //! [`spawn`] starts a hub and hands back a [`HubHandle`], so tests and `adi dev` can run
 //! hubs in-process.
 //!
-//! Layout, one job each:
-//! - `server`: the accept loop; admission, caps and deadlines of every TCP connection.
-//! - `connection`: one actor per cocoon WebSocket, from registration to close.
-//! - `link`: the hub's end of one device connection as everyone but its actor sees it.
-//! - `registry`: which devices are connected now (RAM only, never the catalog).
-//! - `rpc`: asking a device something and waiting for its one answer.
-//! - `routing`: picking the device that serves a capability.
-//! - `aggregate`: fanning a query out to a user's devices and merging the parts.
-//! - `proxy`: `/proxy/...`, a device's loopback service reached through the hub.
-//! - `api`: the REST edge and its one error shape; `task_routes` and
-//!   `capability_routes` are its task and capability routes.
-//! - `client_ws`: a signed-in person's live WebSocket.
-//! - `close`: the close frame a served WebSocket ends with, by the error's type.
-//! - `auth`: API keys exchanged for JWTs, and the JWT every call presents.
+//! Layout, one job each, in the order they depend on each other (each uses only the
+//! ones above it, but the two actors and the edges at the bottom use what they need):
+//! - `config`: hub configuration, validated before any port is bound.
+//! - `catalog`: what the hub remembers across restarts, on SQLite or PostgreSQL.
 //! - `credential`: the format of every bearer secret the hub hands out.
+//! - `auth`: API keys exchanged for JWTs, and the JWT every call presents.
 //! - `tokens`: one-time setup and share tokens: minting, checking, redeeming.
 //! - `identity`: device ids derived from device secrets under a hub key.
 //! - `keys`: where the hub's keys live (the catalog or a key file).
-//! - `catalog`: what the hub remembers across restarts, on SQLite or PostgreSQL.
 //! - `readiness`: whether the catalog can write right now.
+//! - `link`: the hub's end of one device connection and what it carries.
+//! - `registry`: which devices are connected now (RAM only, never the catalog).
+//! - `access`: who may see and use which device, decided in one place.
+//! - `rpc`: asking a device something and waiting for its one answer.
+//! - `routing`: picking the device that serves a capability.
+//! - `aggregate`: fanning a query out to a user's devices and merging the parts.
+//! - `connection`: one actor per cocoon WebSocket, from registration to close.
+//! - `client_ws`: a signed-in person's live WebSocket.
+//! - `close`: the close frame a served WebSocket ends with, by the error's type.
+//! - `rest`: the REST edge: the route table, the one error shape, the caller.
+//! - `proxy`: `/proxy/...`, a device's loopback service reached through the hub.
 //! - `metrics`: `/metrics` in Prometheus' text format.
-//! - `install`: the install script, the hub's own executable and the web UI's page.
-//! - `config`: hub configuration, validated before any port is bound.
+//! - `server`: the accept loop; admission, caps and deadlines of every TCP connection.
 //! - `owner_only`: owner-only files (the shared `adi_storage` module, for the CLI).
 
+mod access;
 pub mod aggregate;
-pub mod api;
 pub mod auth;
-mod capability_routes;
 pub mod catalog;
 mod client_ws;
 mod close;
 pub mod config;
 mod connection;
-pub mod credential;
-pub mod identity;
-mod install;
-pub mod keys;
-pub mod link;
-pub mod metrics;
+mod credential;
+mod identity;
+mod keys;
+mod link;
+mod metrics;
 mod proxy;
-pub mod readiness;
-pub mod registry;
-pub mod routing;
-pub mod rpc;
+mod readiness;
+mod registry;
+pub mod rest;
+mod routing;
+mod rpc;
 mod server;
-mod task_routes;
 pub mod tokens;
 
 /// Owner-only files and directories, re-exported for the CLI, which keeps its session
 /// beside the hub's files and follows the same rule.
 pub use adi_storage::owner_only;
-pub use task_routes::{AggregateTasks, CanRun};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -129,7 +126,7 @@ pub struct HubState {
     /// Whose turn it is among devices tied for best in capability routing.
     pub(crate) routing_turn: std::sync::atomic::AtomicUsize,
     /// The executable `/download/adi` serves.
-    pub(crate) download: install::Download,
+    pub(crate) download: rest::install::Download,
 }
 
 /// A running hub.
@@ -212,7 +209,7 @@ pub async fn spawn(config: HubConfig) -> Result<HubHandle, HubError> {
         shutdown: CancellationToken::new(),
         admission: admission.clone(),
         routing_turn: std::sync::atomic::AtomicUsize::new(0),
-        download: install::Download::new(&config.data_dir),
+        download: rest::install::Download::new(&config.data_dir),
         catalog,
         config,
     });
@@ -224,8 +221,8 @@ pub async fn spawn(config: HubConfig) -> Result<HubHandle, HubError> {
         let drained = drained.clone();
         async move { state.registry.run_sweeper(&drained).await }
     });
-    install::warn_without_public_url(&state);
-    let app = api::app(state.clone());
+    rest::install::warn_without_public_url(&state);
+    let app = rest::app(state.clone());
     let shutdown = state.shutdown.clone();
     let grace = state.config.shutdown_grace;
     let task = tokio::spawn({

@@ -21,7 +21,7 @@ use axum::response::{IntoResponse, Response};
 use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 use subtle::ConstantTimeEq;
 
-use crate::api::ApiError;
+use crate::rest::error::ApiError;
 use crate::HubState;
 
 /// What the hub counts as it works.

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use adi_protocol::http::{check_target, is_hop_by_hop, requested_upgrade};
-use adi_protocol::{DeviceId, ErrorCode, ProxyRequest};
+use adi_protocol::{ErrorCode, ProxyRequest};
 use adi_tunnel::BodyReceiver;
 use axum::body::{Body, HttpBody};
 use axum::extract::{ConnectInfo, Request};
@@ -22,7 +22,9 @@ use futures_util::StreamExt;
 use tokio::sync::oneshot;
 use tracing::{debug, Instrument};
 
-use crate::api::{owned_device, proxy_caller, ApiError, SESSION_COOKIE};
+use crate::access::{self, Found};
+use crate::rest::extract::{proxy_caller, SESSION_COOKIE};
+use crate::rest::error::ApiError;
 use crate::rpc::{self, RpcError};
 use crate::HubState;
 
@@ -65,73 +67,6 @@ fn upgrade_protocol(headers: &HeaderMap) -> Option<String> {
     requested_upgrade(get(header::CONNECTION), get(header::UPGRADE))
 }
 
-/// A device name as it appears in a path, decoded; `None` if it cannot be a name.
-fn decoded_name(given: &str) -> Option<std::borrow::Cow<'_, str>> {
-    percent_encoding::percent_decode_str(given)
-        .decode_utf8()
-        .ok()
-}
-
-/// Several of the caller's devices answer to one name: the caller must pick by id.
-fn ambiguous(name: &str, mut ids: Vec<DeviceId>) -> ApiError {
-    ids.sort();
-    let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
-    ApiError::new(
-        ErrorCode::Conflict,
-        format!(
-            "{} of your devices are called {name:?}: {}; use the id of the one you mean",
-            ids.len(),
-            ids.join(", ")
-        ),
-    )
-}
-
-/// The caller's connected device called `given`, found in RAM; `None` when none of
-/// them is connected, and a conflict when several are.
-fn live_named(
-    state: &AppState,
-    caller: &crate::api::Caller,
-    given: &str,
-) -> Result<Option<DeviceId>, ApiError> {
-    let Some(name) = decoded_name(given) else {
-        return Ok(None);
-    };
-    let mut ids = state
-        .registry
-        .named(&name, |owners| owners.contains(&caller.id));
-    match ids.len() {
-        0 => Ok(None),
-        1 => Ok(ids.pop()),
-        _ => Err(ambiguous(&name, ids)),
-    }
-}
-
-/// The caller's one device called `given`, from the catalog: for a name none of whose
-/// devices is connected. Another user's device of that name is "no such device".
-async fn owned_device_named(
-    state: &AppState,
-    caller: &crate::api::Caller,
-    given: &str,
-) -> Result<crate::catalog::DeviceRecord, ApiError> {
-    let not_found = || ApiError::new(ErrorCode::NotFound, "no such device");
-    let name = decoded_name(given).ok_or_else(not_found)?;
-    let mut devices: Vec<_> = state
-        .catalog
-        .devices_owned_by(caller.id)
-        .await?
-        .into_iter()
-        .filter(|d| d.name == name)
-        .collect();
-    match devices.len() {
-        0 => Err(not_found()),
-        1 => devices.pop().ok_or_else(not_found),
-        _ => Err(ambiguous(
-            &name,
-            devices.into_iter().map(|d| d.id).collect(),
-        )),
-    }
-}
-
 fn offline() -> ApiError {
     ApiError::new(
         ErrorCode::DeviceOffline,
@@ -157,27 +92,20 @@ async fn proxy(state: &AppState, mut req: Request) -> Result<Response, ApiError>
     // Checked once the device is known to be the caller's, so a stranger learns nothing.
     let check =
         || check_target(target).map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()));
-    // Connected devices are checked in RAM, as routing is; only a device that is not
-    // connected costs a catalog read, to tell "offline" from "not yours".
-    let by_id = given.parse::<DeviceId>().ok();
-    let named = by_id.is_none();
-    let live = match by_id {
-        Some(id) => Some(id),
-        None => live_named(state, &caller, given)?,
-    }
-    .and_then(|id| state.registry.access(&id).map(|a| (id, a)));
-    let (device_id, target) = match live {
-        Some((id, access)) if access.owners.contains(&caller.id) => {
-            if !access.services.iter().any(|s| s.name == service) {
+    // Whose device it is, and whether it is connected, is decided by `access`: a
+    // stranger's device is "no such device", whatever else is wrong with the request.
+    let (device_id, target) = match access::device_by_id_or_name(state, caller.id, given).await? {
+        Found::Live(id, live) => {
+            if !live.services.iter().any(|s| s.name == service) {
                 return Err(no_service());
             }
             let target = check()?;
             // A device whose socket is still open but that stopped heartbeating would
             // never answer: say so now rather than after the whole deadline.
-            if !access.online {
+            if !live.online {
                 return Err(offline());
             }
-            if access.draining {
+            if live.draining {
                 return Err(ApiError::new(
                     ErrorCode::DeviceOffline,
                     "the device is stopping and takes no new requests",
@@ -185,12 +113,7 @@ async fn proxy(state: &AppState, mut req: Request) -> Result<Response, ApiError>
             }
             (id, target)
         }
-        _ => {
-            let device = if named {
-                owned_device_named(state, &caller, given).await?
-            } else {
-                owned_device(state, &caller, given).await?
-            };
+        Found::Stored(device) => {
             if !device.services.iter().any(|s| s.name == service) {
                 return Err(no_service());
             }
@@ -456,12 +379,6 @@ fn body_from(receiver: BodyReceiver) -> Body {
         }
     });
     Body::from_stream(stream)
-}
-
-impl IntoResponse for RpcError {
-    fn into_response(self) -> Response {
-        ApiError::from(self).into_response()
-    }
 }
 
 #[cfg(test)]

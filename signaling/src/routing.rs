@@ -26,39 +26,14 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::debug;
 
-use crate::catalog::UserId;
+pub use crate::access::Requester;
 use crate::link::command::{Call, Command, Ended, Ending, ReplyTo, Routed, RpcError};
-pub use crate::registry::load_share;
 use crate::registry::{Candidate, ConnHandle};
 use crate::rpc;
 use crate::HubState;
 
 /// Scores closer than this to the best count as equal, so equal devices share the work.
 pub const TIE: f64 = 0.05;
-
-/// Who is asking; decides which devices may serve.
-#[derive(Debug, Clone)]
-pub enum Requester {
-    /// A signed-in user: any online device they own.
-    User(UserId),
-    /// A device: any online device that shares one of its owners.
-    Device {
-        /// The asking device.
-        id: DeviceId,
-        /// Its owners, from the registry.
-        owners: Arc<[UserId]>,
-    },
-}
-
-impl Requester {
-    /// Whether a device with `owners` may serve this requester.
-    pub fn may_use(&self, owners: &[UserId]) -> bool {
-        match self {
-            Requester::User(u) => owners.contains(u),
-            Requester::Device { owners: mine, .. } => owners.iter().any(|o| mine.contains(o)),
-        }
-    }
-}
 
 /// Why a capability request was not served. Each maps to one shared error code.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -432,6 +407,7 @@ fn send(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::registry::load_share;
     use adi_protocol::{CapabilityOffer, GpuReport, LoadReport};
 
     fn candidate(b: u8, in_flight: u32, load: Option<LoadReport>) -> Candidate {

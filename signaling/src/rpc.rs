@@ -9,7 +9,7 @@ use adi_protocol::{DeviceId, DeviceReply, DeviceRequest, ProxyRequest};
 use tokio::sync::oneshot;
 
 use crate::link::command::{Call, Command, ProxyCall, ReplyTo};
-pub use crate::link::command::{ProxyOpened, ResponseHead, RpcError};
+pub use crate::link::command::{ProxyOpened, RpcError};
 use crate::link::{ConnHandle, Refused};
 use crate::HubState;
 

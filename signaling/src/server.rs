@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use crate::api::ApiError;
+use crate::rest::error::ApiError;
 use crate::HubConfig;
 
 /// Largest request head the hub reads. Heads that could be carried to a device are far

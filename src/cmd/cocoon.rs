@@ -11,8 +11,8 @@ use clap::{Args, Subcommand};
 use serde::Deserialize;
 
 use adi_cocoon::{CocoonConfig, CocoonError, ConnState};
+use adi_protocol::views::CocoonView;
 use adi_protocol::ServiceInfo;
-use adi_signaling::api::CocoonView;
 
 use crate::client::{normalize_hub, HubArgs, HubClient};
 use crate::paths;
@@ -586,7 +586,7 @@ async fn list(args: ListArgs) -> Result<()> {
 
 #[derive(Deserialize)]
 struct ServiceList {
-    services: Vec<adi_signaling::api::ServiceView>,
+    services: Vec<adi_protocol::views::ServiceView>,
 }
 
 async fn services(args: ServicesArgs) -> Result<()> {

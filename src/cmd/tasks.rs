@@ -6,8 +6,8 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 
 use adi_protocol::tasks::{LogLine, Task};
-use adi_signaling::api::CocoonView;
-use adi_signaling::{AggregateTasks, CanRun};
+use adi_protocol::views::CocoonView;
+use adi_protocol::views::{AggregateTasks, CanRun};
 
 use crate::client::{HubArgs, HubClient};
 

@@ -37,16 +37,7 @@ pub use adi_storage::Outage;
 pub use postgres::PgCatalog;
 pub use sqlite::SqliteCatalog;
 
-/// A user's stable id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct UserId(pub uuid::Uuid);
-
-impl std::fmt::Display for UserId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
+pub use adi_protocol::UserId;
 
 /// A person who owns devices.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

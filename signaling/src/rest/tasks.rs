@@ -10,7 +10,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use adi_protocol::tasks::{NewTask, Position, Task, TaskFilter, TaskId, TaskStats, TaskStatus};
+use adi_protocol::tasks::{NewTask, Position, Task, TaskId, TaskStats, TaskStatus};
 use adi_protocol::{encode, DeviceReply, DeviceRequest, ErrorCode, HubToDevice};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -23,8 +23,13 @@ use base64::Engine;
 use futures_util::stream::{self, Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 
-use crate::aggregate::{self, Cursor, DeviceStatus, PartStatus};
-use crate::api::{owned_device, ApiError, Caller, Json};
+use crate::aggregate::{self, Cursor, DeviceStatus};
+use adi_protocol::views::{AggregateTasks, CanRun};
+
+use super::error::ApiError;
+use super::extract::{Caller, Json};
+use super::listing::{task_devices, ListParams};
+use crate::access;
 use crate::catalog::DeviceRecord;
 use crate::rpc::{self, RpcError};
 use crate::HubState;
@@ -33,13 +38,6 @@ type AppState = Arc<HubState>;
 
 /// How long a single-device operation may take.
 const DEVICE_DEADLINE: Duration = Duration::from_secs(10);
-/// Default and largest per-device deadline of a fan-out.
-const FANOUT_DEADLINE: Duration = Duration::from_secs(5);
-const MAX_FANOUT_DEADLINE: Duration = Duration::from_secs(60);
-/// Default page size of listings.
-const DEFAULT_LIMIT: u32 = 50;
-/// Largest page of a listing.
-const MAX_LIMIT: u32 = 500;
 /// How often a log follower asks the device for new lines.
 const FOLLOW_POLL: Duration = Duration::from_millis(250);
 /// Most bytes a task's description may take, as JSON.
@@ -66,12 +64,6 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/api/cocoons/{id}/tasks/{task}/logs", get(task_logs))
         .route("/api/aggregate/tasks", get(aggregate_tasks))
         .route("/api/aggregate/stats", get(aggregate_stats))
-}
-
-impl From<RpcError> for ApiError {
-    fn from(e: RpcError) -> Self {
-        ApiError::new(e.code(), e.to_string())
-    }
 }
 
 fn bad(msg: impl Into<String>) -> ApiError {
@@ -155,7 +147,7 @@ async fn create_task(
     Path(id): Path<String>,
     Json(new): Json<NewTask>,
 ) -> Result<(StatusCode, Json<Task>), ApiError> {
-    let device = owned_device(&state, &caller, &id).await?;
+    let device = access::device(&state, caller.id, &id).await?;
     let title = new.title.trim();
     if title.is_empty() || title.chars().count() > 200 {
         return Err(bad("title must be 1 to 200 characters"));
@@ -182,22 +174,6 @@ struct RunCheck {
     requirements: Vec<String>,
 }
 
-/// A device's answer to whether it would run a task.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
-pub struct CanRun {
-    /// The device asked.
-    pub device_id: adi_protocol::DeviceId,
-    /// Whether it would run the task.
-    pub can_run: bool,
-    /// Why not.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    /// Whether the device runs commands at all (off under `--no-exec`).
-    pub exec_allowed: bool,
-    /// Whether the device has a GPU for tasks requiring `gpu`.
-    pub has_gpu: bool,
-}
-
 /// Asks the device whether it would run a task, without creating it.
 async fn can_run(
     State(state): State<AppState>,
@@ -205,7 +181,7 @@ async fn can_run(
     Path(id): Path<String>,
     Json(check): Json<RunCheck>,
 ) -> Result<Json<CanRun>, ApiError> {
-    let device = owned_device(&state, &caller, &id).await?;
+    let device = access::device(&state, caller.id, &id).await?;
     let task = NewTask {
         command: check.command,
         requirements: check.requirements,
@@ -234,7 +210,7 @@ async fn get_task(
     caller: Caller,
     Path((id, task)): Path<(String, String)>,
 ) -> Result<Json<Task>, ApiError> {
-    let device = owned_device(&state, &caller, &id).await?;
+    let device = access::device(&state, caller.id, &id).await?;
     let task = parse_task_id(&task)?;
     let reply = ask(&state, &device, DeviceRequest::GetTask { id: task }).await?;
     Ok(Json(expect_task(&device, reply)?))
@@ -245,97 +221,10 @@ async fn cancel_task(
     caller: Caller,
     Path((id, task)): Path<(String, String)>,
 ) -> Result<Json<Task>, ApiError> {
-    let device = owned_device(&state, &caller, &id).await?;
+    let device = access::device(&state, caller.id, &id).await?;
     let task = parse_task_id(&task)?;
     let reply = ask(&state, &device, DeviceRequest::CancelTask { id: task }).await?;
     Ok(Json(expect_task(&device, reply)?))
-}
-
-/// Query parameters of the listings, parsed by hand so each bad one gets its reason.
-#[derive(Deserialize, Default)]
-pub(crate) struct ListParams {
-    status: Option<String>,
-    q: Option<String>,
-    limit: Option<String>,
-    cursor: Option<String>,
-    created_from: Option<String>,
-    created_to: Option<String>,
-    timeout_ms: Option<String>,
-}
-
-impl ListParams {
-    /// Builds the parameters a WebSocket query carries, to validate them the same way.
-    pub(crate) fn from_query(
-        filter: &TaskFilter,
-        limit: Option<u32>,
-        timeout_ms: Option<u64>,
-    ) -> Self {
-        ListParams {
-            status: filter.status.map(|s| s.as_str().to_owned()),
-            q: filter.text.clone(),
-            limit: limit.map(|l| l.to_string()),
-            cursor: None,
-            created_from: filter.created_from.map(|v| v.to_string()),
-            created_to: filter.created_to.map(|v| v.to_string()),
-            timeout_ms: timeout_ms.map(|v| v.to_string()),
-        }
-    }
-
-    pub(crate) fn filter(&self) -> Result<TaskFilter, ApiError> {
-        let status = match self.status.as_deref().map(str::trim) {
-            None | Some("") => None,
-            Some(s) => Some(s.parse::<TaskStatus>().map_err(bad)?),
-        };
-        let text = self
-            .q
-            .as_deref()
-            .map(str::trim)
-            .filter(|q| !q.is_empty())
-            .map(str::to_owned);
-        if text.as_ref().is_some_and(|t| t.chars().count() > 200) {
-            return Err(bad("q must be at most 200 characters"));
-        }
-        let micros = |name: &str, v: &Option<String>| -> Result<Option<i64>, ApiError> {
-            v.as_deref()
-                .map(|s| {
-                    s.trim().parse::<i64>().map_err(|_| {
-                        bad(format!("{name} must be microseconds since the Unix epoch"))
-                    })
-                })
-                .transpose()
-        };
-        Ok(TaskFilter {
-            status,
-            text,
-            created_from: micros("created_from", &self.created_from)?,
-            created_to: micros("created_to", &self.created_to)?,
-        })
-    }
-
-    pub(crate) fn limit(&self) -> Result<u32, ApiError> {
-        match self.limit.as_deref() {
-            None => Ok(DEFAULT_LIMIT),
-            Some(s) => s
-                .trim()
-                .parse::<u32>()
-                .ok()
-                .filter(|n| (1..=MAX_LIMIT).contains(n))
-                .ok_or_else(|| bad(format!("limit must be between 1 and {MAX_LIMIT}"))),
-        }
-    }
-
-    pub(crate) fn deadline(&self) -> Result<Duration, ApiError> {
-        match self.timeout_ms.as_deref() {
-            None => Ok(FANOUT_DEADLINE),
-            Some(s) => s
-                .trim()
-                .parse::<u64>()
-                .ok()
-                .map(Duration::from_millis)
-                .filter(|d| !d.is_zero() && *d <= MAX_FANOUT_DEADLINE)
-                .ok_or_else(|| bad("timeout_ms must be between 1 and 60000")),
-        }
-    }
 }
 
 #[derive(Serialize)]
@@ -350,7 +239,7 @@ async fn list_device_tasks(
     Path(id): Path<String>,
     Query(params): Query<ListParams>,
 ) -> Result<Json<DeviceTaskPage>, ApiError> {
-    let device = owned_device(&state, &caller, &id).await?;
+    let device = access::device(&state, caller.id, &id).await?;
     let filter = params.filter()?;
     let limit = params.limit()?;
     let after = params
@@ -388,40 +277,6 @@ async fn list_device_tasks(
     }))
 }
 
-/// The merged task list: what every device answered, and how each device did.
-#[derive(Serialize, Deserialize, Debug)]
-pub struct AggregateTasks {
-    /// Tasks of all devices, newest first.
-    pub tasks: Vec<Task>,
-    /// Every device asked (or known offline), with its status.
-    pub devices: Vec<DeviceStatus>,
-    /// Pass back as `cursor` for the next page; absent on the last.
-    pub next_cursor: Option<String>,
-}
-
-/// The caller's devices that keep tasks, split into online ones (to ask) and the
-/// statuses of offline ones (reported without asking).
-pub(crate) async fn task_devices(
-    state: &HubState,
-    caller: &Caller,
-) -> Result<(Vec<DeviceRecord>, Vec<DeviceStatus>), ApiError> {
-    let devices = state.catalog.devices_owned_by(caller.id).await?;
-    let (online, offline): (Vec<_>, Vec<_>) = devices
-        .into_iter()
-        .filter(aggregate::keeps_tasks)
-        .partition(|d| state.registry.presence(&d.id).online);
-    let offline = offline
-        .into_iter()
-        .map(|d| DeviceStatus {
-            device_id: d.id,
-            name: d.name,
-            status: PartStatus::Offline,
-            error: Some("the device is offline".into()),
-        })
-        .collect();
-    Ok((online, offline))
-}
-
 async fn aggregate_tasks(
     State(state): State<AppState>,
     caller: Caller,
@@ -435,7 +290,7 @@ async fn aggregate_tasks(
         .as_deref()
         .map(|c| Cursor::decode(c).ok_or_else(|| bad("cursor is not one this hub handed out")))
         .transpose()?;
-    let (online, mut statuses) = task_devices(&state, &caller).await?;
+    let (online, mut statuses) = task_devices(&state, caller.id).await?;
     let parts: Vec<_> =
         aggregate::list_parts(&state, &online, &filter, cursor.as_ref(), limit, deadline)
             .collect()
@@ -470,7 +325,7 @@ async fn aggregate_stats(
     Query(params): Query<ListParams>,
 ) -> Result<Json<AggregateStats>, ApiError> {
     let deadline = params.deadline()?;
-    let (online, offline) = task_devices(&state, &caller).await?;
+    let (online, offline) = task_devices(&state, caller.id).await?;
     let parts = aggregate::stats_parts(&state, &online, deadline).await;
     let mut total = TaskStats::default();
     for s in TaskStatus::ALL {
@@ -556,7 +411,7 @@ async fn task_logs(
     Path((id, task)): Path<(String, String)>,
     Query(params): Query<LogParams>,
 ) -> Result<Response, ApiError> {
-    let device = owned_device(&state, &caller, &id).await?;
+    let device = access::device(&state, caller.id, &id).await?;
     let task = parse_task_id(&task)?;
     let after = params.after.unwrap_or(0);
     let limit = params.limit.unwrap_or(500).clamp(1, 1000);

@@ -15,7 +15,11 @@ use axum::routing::{get, post};
 use axum::Router;
 use serde::{Deserialize, Serialize};
 
-use crate::api::{view, ApiError, Caller, CocoonView, Json};
+use adi_protocol::views::CocoonView;
+
+use super::error::ApiError;
+use super::extract::{Caller, Json};
+use super::view;
 use crate::routing::{self, Requester, RouteError};
 use crate::HubState;
 
@@ -31,14 +35,6 @@ pub(crate) fn routes() -> Router<Arc<HubState>> {
             )),
         )
         .route("/api/cocoons/by-capability", get(by_capability))
-}
-
-impl From<RouteError> for ApiError {
-    fn from(e: RouteError) -> Self {
-        // Routing treats a user's preferred device of another owner as unknown, so no
-        // answer here names a device the caller does not own.
-        ApiError::new(e.code(), e.to_string())
-    }
 }
 
 fn query(protocol: &str, version: Option<&str>) -> Result<CapabilityQuery, ApiError> {

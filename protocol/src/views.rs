@@ -1,0 +1,118 @@
+//! What the hub's REST API answers, as types the CLI, the web UI's tests and other
+//! clients read back: the hub serialises them, clients deserialise them, and neither
+//! side depends on the other's crate for their shape. Plain data; no behaviour.
+
+use serde::{Deserialize, Serialize};
+
+use crate::client::DeviceStatus;
+use crate::tasks::Task;
+use crate::{CapabilityOffer, DeviceId, Hardware, HealthStatus, LoadReport, UserId};
+
+/// A device as the API shows it: catalog configuration plus live presence.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct CocoonView {
+    /// Device id.
+    pub id: DeviceId,
+    /// Device name.
+    pub name: String,
+    /// `online` or `offline`, from heartbeat age; `stopping` for an online device that
+    /// is finishing its requests and takes no new ones.
+    pub status: String,
+    /// Whether the device is online.
+    pub online: bool,
+    /// Seconds since the last heartbeat, when connected.
+    pub last_heartbeat_age_secs: Option<f64>,
+    /// Declared services, with their live health.
+    pub services: Vec<ServiceView>,
+    /// What the device serves, as last declared (the catalog is written on every change).
+    pub capabilities: Vec<CapabilityOffer>,
+    /// Where it is, in its owner's words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    /// What it is built of (CPUs, RAM, GPUs), as last reported; kept while offline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hardware: Option<Hardware>,
+    /// Capability requests this hub has in flight to it.
+    #[serde(default)]
+    pub in_flight: u32,
+    /// CPU, RAM and GPU use from the latest heartbeat; absent while offline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<LoadReport>,
+    /// Owners.
+    pub owners: Vec<OwnerView>,
+    /// Unix seconds of enrolment.
+    pub created_at: i64,
+    /// The last time two agents connected with this device's secret at once (a copied
+    /// data dir): the newer one holds the device, the older one was stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conflict: Option<ConflictView>,
+}
+
+/// Two agents with one device's secret, as the API shows it.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ConflictView {
+    /// Unix seconds.
+    pub at: i64,
+    /// Where the agent that was stopped connected from.
+    pub displaced_from: Option<String>,
+    /// Where the agent that holds the device now connected from.
+    pub connected_from: Option<String>,
+}
+
+/// A service as the API shows it: what the device declared and how its last probe went.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ServiceView {
+    /// Name used in proxy URLs.
+    pub name: String,
+    /// Loopback port on the device.
+    pub port: u16,
+    /// Path the device probes, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_path: Option<String>,
+    /// `up`, `down`, or `unknown` (device offline or not probed yet).
+    #[serde(default = "unknown_health")]
+    pub health: HealthStatus,
+    /// Why it is down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_detail: Option<String>,
+}
+
+pub(crate) fn unknown_health() -> HealthStatus {
+    HealthStatus::Unknown
+}
+
+/// An owner as the API shows it.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct OwnerView {
+    /// User id.
+    pub id: UserId,
+    /// User name.
+    pub name: String,
+}
+
+/// A device's answer to whether it would run a task.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct CanRun {
+    /// The device asked.
+    pub device_id: DeviceId,
+    /// Whether it would run the task.
+    pub can_run: bool,
+    /// Why not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Whether the device runs commands at all (off under `--no-exec`).
+    pub exec_allowed: bool,
+    /// Whether the device has a GPU for tasks requiring `gpu`.
+    pub has_gpu: bool,
+}
+
+/// The merged task list: what every device answered, and how each device did.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct AggregateTasks {
+    /// Tasks of all devices, newest first.
+    pub tasks: Vec<Task>,
+    /// Every device asked (or known offline), with its status.
+    pub devices: Vec<DeviceStatus>,
+    /// Pass back as `cursor` for the next page; absent on the last.
+    pub next_cursor: Option<String>,
+}

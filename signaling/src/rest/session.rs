@@ -1,0 +1,133 @@
+//! Signing in: an API key exchanged for a session (`POST /api/auth/token`), and the
+//! web UI's sign-in and sign-out, which also set and clear the session cookie.
+
+use std::sync::Arc;
+
+use adi_protocol::ErrorCode;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use serde::{Deserialize, Serialize};
+
+use super::error::ApiError;
+use super::extract::{Json, SESSION_COOKIE, SESSION_COOKIE_PATH};
+use crate::auth;
+use crate::catalog::UserId;
+use crate::HubState;
+
+type AppState = Arc<HubState>;
+
+/// This module's routes.
+pub(super) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/auth/token", post(auth_token))
+        .route(
+            "/api/auth/session",
+            post(open_session).delete(close_session),
+        )
+}
+
+#[derive(Deserialize)]
+struct AuthRequest {
+    api_key: String,
+}
+
+/// The sign-in body, or what to send instead: the first call anyone makes by hand
+/// (curl without `-H Content-Type`, a form post) should say how it is done.
+fn auth_request(
+    body: Result<axum::Json<AuthRequest>, JsonRejection>,
+) -> Result<AuthRequest, ApiError> {
+    let why = match body {
+        Ok(axum::Json(req)) => return Ok(req),
+        Err(JsonRejection::MissingJsonContentType(_)) => "the request is not marked as JSON",
+        Err(JsonRejection::JsonSyntaxError(_)) => "the body is not JSON",
+        Err(JsonRejection::JsonDataError(_)) => "the body has no \"api_key\" string",
+        Err(e) => return Err(e.into()),
+    };
+    Err(ApiError::new(
+        ErrorCode::BadRequest,
+        format!("{why}: send Content-Type: application/json with {{\"api_key\": \"...\"}}"),
+    ))
+}
+
+#[derive(Serialize)]
+struct AuthResponse {
+    token: String,
+    expires_at: u64,
+    user: UserView,
+}
+
+#[derive(Serialize)]
+struct UserView {
+    id: UserId,
+    name: String,
+}
+
+async fn auth_token(
+    State(state): State<AppState>,
+    body: Result<axum::Json<AuthRequest>, JsonRejection>,
+) -> Result<Json<AuthResponse>, ApiError> {
+    let req = auth_request(body)?;
+    let user = auth::user_for_api_key(&state.catalog, &req.api_key).await?;
+    let (token, expires_at) = state.auth.issue(&user);
+    Ok(Json(AuthResponse {
+        token,
+        expires_at,
+        user: UserView {
+            id: user.id,
+            name: user.name,
+        },
+    }))
+}
+
+/// Signs a browser in: the same answer as the token exchange, plus the session cookie.
+async fn open_session(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    body: Result<axum::Json<AuthRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let req = auth_request(body)?;
+    let user = auth::user_for_api_key(&state.catalog, &req.api_key).await?;
+    let (token, expires_at) = state.auth.issue(&user);
+    let secure = state
+        .config
+        .public_url
+        .as_deref()
+        .is_some_and(|u| u.starts_with("https://"))
+        || headers
+            .get("x-forwarded-proto")
+            .is_some_and(|v| v == "https");
+    let cookie = format!(
+        "{SESSION_COOKIE}={token}; Path={SESSION_COOKIE_PATH}; HttpOnly; SameSite=Strict; Max-Age={}{}",
+        state.config.jwt_ttl.as_secs(),
+        if secure { "; Secure" } else { "" }
+    );
+    let mut resp = Json(AuthResponse {
+        token,
+        expires_at,
+        user: UserView {
+            id: user.id,
+            name: user.name,
+        },
+    })
+    .into_response();
+    if let Ok(v) = header::HeaderValue::from_str(&cookie) {
+        resp.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    Ok(resp)
+}
+
+/// Signs a browser out: the cookie is cleared (also one an older hub set on `Path=/`).
+async fn close_session() -> Response {
+    let mut resp = StatusCode::NO_CONTENT.into_response();
+    for path in [SESSION_COOKIE_PATH, "/"] {
+        let clear = format!("{SESSION_COOKIE}=; Path={path}; HttpOnly; SameSite=Strict; Max-Age=0");
+        if let Ok(v) = header::HeaderValue::from_str(&clear) {
+            resp.headers_mut().append(header::SET_COOKIE, v);
+        }
+    }
+    resp
+}

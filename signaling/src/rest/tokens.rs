@@ -1,0 +1,124 @@
+//! Setup and share tokens: minting one (`POST /api/tokens`) and claiming a share
+//! (`POST /api/tokens/claim`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use adi_protocol::views::CocoonView;
+use adi_protocol::{DeviceId, ErrorCode};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::post;
+use axum::Router;
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use super::error::ApiError;
+use super::extract::{Caller, Json};
+use super::view;
+use crate::access;
+use crate::auth::unix_now_i64;
+use crate::catalog::TokenKind;
+use crate::tokens;
+use crate::HubState;
+
+type AppState = Arc<HubState>;
+
+/// This module's routes.
+pub(super) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/tokens", post(create_token))
+        .route("/api/tokens/claim", post(claim_token))
+}
+
+#[derive(Deserialize)]
+struct TokenRequest {
+    kind: TokenKind,
+    #[serde(default)]
+    device_id: Option<String>,
+    #[serde(default = "default_token_ttl")]
+    expires_in_secs: u64,
+}
+
+fn default_token_ttl() -> u64 {
+    3600
+}
+
+#[derive(Serialize)]
+struct TokenResponse {
+    token: String,
+    kind: TokenKind,
+    expires_at: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device_id: Option<DeviceId>,
+}
+
+async fn create_token(
+    State(state): State<AppState>,
+    caller: Caller,
+    Json(req): Json<TokenRequest>,
+) -> Result<(StatusCode, Json<TokenResponse>), ApiError> {
+    let device = match (req.kind, req.device_id.as_deref()) {
+        (TokenKind::Setup, None) => None,
+        (TokenKind::Setup, Some(_)) => {
+            return Err(ApiError::new(
+                ErrorCode::BadRequest,
+                "a setup token enrols a new device; it takes no device_id",
+            ))
+        }
+        (TokenKind::Share, None) => {
+            return Err(ApiError::new(
+                ErrorCode::BadRequest,
+                "a share token needs the device_id of a device you own",
+            ))
+        }
+        (TokenKind::Share, Some(id)) => Some(access::device(&state, caller.id, id).await?.id),
+    };
+    let issued = tokens::issue(
+        state.catalog.as_ref(),
+        caller.id,
+        req.kind,
+        device.clone(),
+        Duration::from_secs(req.expires_in_secs),
+        unix_now_i64(),
+    )
+    .await?;
+    tracing::info!(token_id = %issued.id, kind = req.kind.as_str(), user = %caller.id, "token issued");
+    Ok((
+        StatusCode::CREATED,
+        Json(TokenResponse {
+            token: issued.token,
+            kind: req.kind,
+            expires_at: issued.expires_at,
+            device_id: device,
+        }),
+    ))
+}
+
+#[derive(Deserialize)]
+struct ClaimRequest {
+    token: String,
+}
+
+async fn claim_token(
+    State(state): State<AppState>,
+    caller: Caller,
+    Json(req): Json<ClaimRequest>,
+) -> Result<Json<CocoonView>, ApiError> {
+    let device_id = tokens::claim(
+        state.catalog.as_ref(),
+        &req.token,
+        caller.id,
+        unix_now_i64(),
+    )
+    .await
+    .inspect_err(|e| warn!(user = %caller.id, "share token refused: {e}"))?;
+    tracing::info!(device_id = %device_id, user = %caller.id, "device shared");
+    state.registry.add_owner(&device_id, caller.id);
+    let device = state
+        .catalog
+        .device(&device_id)
+        .await?
+        .ok_or_else(ApiError::not_found_device)?;
+    Ok(Json(view(&state, device)))
+}
