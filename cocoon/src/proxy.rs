@@ -13,9 +13,9 @@
 
 use std::time::Duration;
 
+use adi_mux::{BodyReceiver, BodySender};
 use adi_protocol::http::{check_target, is_hop_by_hop};
 use adi_protocol::{DeviceToHub, ErrorCode, ProxyHead, ProxyRequest, ServiceInfo};
-use adi_tunnel::{BodyReceiver, BodySender};
 use futures_util::StreamExt;
 use http_body_util::{BodyExt, Empty, StreamBody};
 use hyper::body::{Body as _, Frame};
@@ -329,7 +329,7 @@ async fn respond(
         };
         let head = ProxyHead { status, headers };
         let encoded = serde_json::to_vec(&head).unwrap_or_default();
-        if adi_tunnel::fits_whole(encoded.len(), body.len()) {
+        if adi_protocol::frame::fits_whole(encoded.len(), body.len()) {
             let _ = response_body.send_whole(&encoded, &body).await;
             return;
         }
@@ -355,7 +355,7 @@ async fn respond(
     if let (Some(request_body), 101) = (upgrade_body, status) {
         match hyper::upgrade::on(response).await {
             Ok(upgraded) => {
-                adi_tunnel::splice(TokioIo::new(upgraded), response_body, request_body).await
+                adi_mux::splice(TokioIo::new(upgraded), response_body, request_body).await
             }
             Err(e) => response_body.reset(&format!("upgrade failed: {e}")).await,
         }
@@ -426,8 +426,7 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
 
 fn body_stream(
     receiver: BodyReceiver,
-) -> impl futures_util::Stream<Item = Result<bytes::Bytes, adi_tunnel::StreamError>> + Send + 'static
-{
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, adi_mux::StreamError>> + Send + 'static {
     futures_util::stream::unfold(receiver, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     })
@@ -464,7 +463,7 @@ mod tests {
 
     fn body() -> BodyReceiver {
         let (tx, _rx) = mpsc::channel(1);
-        adi_tunnel::Streams::new(tx).open(1).0
+        adi_mux::Streams::new(tx).open(1).0
     }
 
     #[tokio::test]

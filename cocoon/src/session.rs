@@ -239,7 +239,7 @@ async fn session(
     let mut capabilities = capabilities.clone();
     // Control frames are held to `max_frame_bytes` by the decoder; the socket must also
     // let whole body frames through.
-    let socket_max = config.max_frame_bytes.max(adi_tunnel::MAX_FRAME);
+    let socket_max = config.max_frame_bytes.max(adi_protocol::frame::MAX_FRAME);
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(16 * 1024)
         .max_message_size(Some(socket_max))
@@ -338,7 +338,7 @@ async fn session(
     let (answer_tx, mut answers) = mpsc::channel::<DeviceToHub>(ANSWER_QUEUE);
     // Body streams of proxied requests, also per session.
     let (frame_tx, mut frames) = mpsc::channel::<bytes::Bytes>(FRAME_QUEUE);
-    let streams = adi_tunnel::Streams::new(frame_tx);
+    let streams = adi_mux::Streams::new(frame_tx);
     let _end_streams = EndStreams(streams.clone());
     // What the hub asked of this session and is still being served, so that a cocoon
     // asked to stop can finish it first.
@@ -526,8 +526,8 @@ async fn session(
                             Err(e) => warn!("undecodable frame from hub: {e}"),
                         }
                     }
-                    Some(Ok(Message::Binary(b))) => match adi_tunnel::decode(b) {
-                        Ok(frame) if frame.kind == adi_tunnel::Kind::Whole => {
+                    Some(Ok(Message::Binary(b))) => match adi_protocol::frame::decode(b) {
+                        Ok(frame) if frame.kind == adi_protocol::frame::Kind::Whole => {
                             // A proxied request with no body: its head, whole.
                             let (head, _) = frame.split_whole();
                             match serde_json::from_slice::<adi_protocol::ProxyRequest>(&head) {
@@ -696,7 +696,7 @@ async fn grace_end(draining: &mut Option<Pin<Box<Sleep>>>) {
 /// hub went away, a write failed, the cocoon is stopping): each request's task then
 /// drops its exchange, so the service sees its connection close instead of working on
 /// for a client that can no longer be reached.
-struct EndStreams(adi_tunnel::Streams);
+struct EndStreams(adi_mux::Streams);
 
 impl Drop for EndStreams {
     fn drop(&mut self) {

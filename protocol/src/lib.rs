@@ -40,6 +40,7 @@ pub mod client;
 mod codec;
 mod error;
 mod fast;
+pub mod frame;
 pub mod http;
 mod ids;
 pub mod limits;

@@ -12,9 +12,9 @@ use futures_util::StreamExt;
 use tracing::debug;
 
 use crate::aggregate::{self, Cursor};
+use crate::rest::error::ApiError;
 use crate::rest::extract::Caller;
 use crate::rest::listing::{task_devices, ListParams};
-use crate::rest::error::ApiError;
 use crate::HubState;
 
 /// Largest frame a client may send.

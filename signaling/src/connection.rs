@@ -278,7 +278,7 @@ struct Connection {
     /// Body streams of proxied exchanges, and the queue of their frames for the
     /// socket; made on the first one, since most devices never carry a body and an
     /// idle connection should stay small.
-    streams: Option<adi_tunnel::Streams>,
+    streams: Option<adi_mux::Streams>,
     frames: Option<mpsc::Receiver<bytes::Bytes>>,
     /// Proxied requests waiting for their response head, by stream.
     heads: HashMap<u32, HeadReply>,
@@ -325,7 +325,7 @@ impl Connection {
                     self.link.heard(self.state.registry.now_ms());
                     let reply = match frame {
                         None => return End::Closed("peer went away".into()),
-                        Some(Err(e)) => return match crate::close::read_error(e, self.state.config.max_frame_bytes.max(adi_tunnel::MAX_FRAME)) {
+                        Some(Err(e)) => return match crate::close::read_error(e, self.state.config.max_frame_bytes.max(adi_protocol::frame::MAX_FRAME)) {
                             Ok((code, reason)) => End::Send(code, reason),
                             Err(reason) => End::Closed(reason),
                         },
@@ -440,7 +440,7 @@ impl Connection {
             .empty_body
             .then(|| serde_json::to_vec(&request).ok())
             .flatten()
-            .and_then(|head| adi_tunnel::whole(stream_id, &head, &[]))
+            .and_then(|head| adi_protocol::frame::whole(stream_id, &head, &[]))
             .map(Message::Binary);
         let frame = match frame {
             Some(frame) => frame,
@@ -466,7 +466,7 @@ impl Connection {
         let streams = self.streams.get_or_insert_with(|| {
             let (tx, rx) = mpsc::channel(FRAME_QUEUE);
             *frames = Some(rx);
-            adi_tunnel::Streams::new(tx)
+            adi_mux::Streams::new(tx)
         });
         let (response_body, request_body) = streams.open(stream_id);
         let (head_tx, head_rx) = oneshot::channel();
@@ -485,12 +485,12 @@ impl Connection {
 
     /// Routes one binary (body) frame; returns an error reply if it is malformed.
     fn body_frame(&mut self, bytes: bytes::Bytes) -> Option<HubToDevice> {
-        match adi_tunnel::decode(bytes) {
+        match adi_protocol::frame::decode(bytes) {
             Ok(mut frame) => {
-                if frame.kind == adi_tunnel::Kind::Whole {
+                if frame.kind == adi_protocol::frame::Kind::Whole {
                     self.whole_response(&frame);
                     // The body went with the head; the stream only needs to end.
-                    frame.kind = adi_tunnel::Kind::End;
+                    frame.kind = adi_protocol::frame::Kind::End;
                     frame.payload = bytes::Bytes::new();
                 }
                 if let Some(streams) = &self.streams {
@@ -508,7 +508,7 @@ impl Connection {
     /// A small answer in one frame: the head and the whole body go to the waiting
     /// caller together, so the body never passes through the stream. A head that does
     /// not decode fails the request (the stream ends with the frame either way).
-    fn whole_response(&mut self, frame: &adi_tunnel::Frame) {
+    fn whole_response(&mut self, frame: &adi_protocol::frame::Frame) {
         let Some(reply) = self.heads.remove(&frame.stream) else {
             return;
         };

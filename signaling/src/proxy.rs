@@ -11,9 +11,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use adi_mux::BodyReceiver;
 use adi_protocol::http::{check_target, is_hop_by_hop, requested_upgrade};
 use adi_protocol::{ErrorCode, ProxyRequest};
-use adi_tunnel::BodyReceiver;
 use axum::body::{Body, HttpBody};
 use axum::extract::{ConnectInfo, Request};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -23,8 +23,8 @@ use tokio::sync::oneshot;
 use tracing::{debug, Instrument};
 
 use crate::access::{self, Found};
-use crate::rest::extract::{proxy_caller, SESSION_COOKIE};
 use crate::rest::error::ApiError;
+use crate::rest::extract::{proxy_caller, SESSION_COOKIE};
 use crate::rpc::{self, RpcError};
 use crate::HubState;
 
@@ -225,8 +225,7 @@ async fn finish_upgrade(
         tokio::spawn(async move {
             match on_upgrade.await {
                 Ok(upgraded) => {
-                    adi_tunnel::splice(hyper_util::rt::TokioIo::new(upgraded), sender, receiver)
-                        .await
+                    adi_mux::splice(hyper_util::rt::TokioIo::new(upgraded), sender, receiver).await
                 }
                 Err(e) => debug!("client upgrade failed: {e}"),
             }

@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
+use adi_mux::{BodyReceiver, BodySender};
 use adi_protocol::{DeviceReply, DeviceRequest, ErrorCode, ProxyRequest, RemoteError};
-use adi_tunnel::{BodyReceiver, BodySender};
 use tokio::sync::oneshot;
 
 use super::AskSlot;

@@ -39,8 +39,8 @@ use axum::Router;
 use futures_util::future::{Either, FutureExt as _};
 
 use crate::HubState;
-use error::ApiError;
 pub(crate) use devices::view;
+use error::ApiError;
 
 type AppState = Arc<HubState>;
 

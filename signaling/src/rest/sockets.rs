@@ -46,7 +46,10 @@ async fn cocoon_ws(
 ) -> Response {
     // Control frames are held to `max_frame_bytes` by the decoder; the socket must also
     // let whole body frames through.
-    let max = state.config.max_frame_bytes.max(adi_tunnel::MAX_FRAME);
+    let max = state
+        .config
+        .max_frame_bytes
+        .max(adi_protocol::frame::MAX_FRAME);
     let slot = slot.map(|s| s.0);
     ws.read_buffer_size(read_buffer_bytes(&state.config, query.as_deref()))
         .max_message_size(max)

@@ -7,161 +7,23 @@
 //! stops only itself — the connection keeps carrying every other stream — and each side
 //! buffers at most `INITIAL_WINDOW × MAX_CHUNK` bytes per stream, whatever the body size.
 //!
-//! This crate owns the framing and the stream table; it never touches a socket. The
-//! connection's owner feeds it inbound binary frames ([`Streams::on_frame`]) and writes
-//! the frames it produces (the `outbound` channel given to [`Streams::new`]).
+//! This crate owns the stream table and its flow control; the frames' layout and codec
+//! are `adi_protocol::frame`, with the other wire formats. It never touches a socket:
+//! the connection's owner feeds it inbound binary frames ([`Streams::on_frame`]) and
+//! writes the frames it produces (the `outbound` channel given to [`Streams::new`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use adi_protocol::frame::{encode, whole, Frame, Kind, MAX_CHUNK};
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch, Semaphore};
 
-/// Largest payload of one data frame.
-pub const MAX_CHUNK: usize = 64 * 1024;
 /// Data frames a sender may have in flight per stream before it waits for credit.
 pub const INITIAL_WINDOW: u32 = 16;
 /// Credit is returned in batches of this many frames, to keep WINDOW frames rare.
 const CREDIT_BATCH: u32 = INITIAL_WINDOW / 4;
-/// Bytes of the frame header.
-const HEADER: usize = 5;
-/// Largest binary frame this crate produces: a WebSocket carrying streams must accept
-/// messages of at least this size, whatever its limit on control messages.
-pub const MAX_FRAME: usize = MAX_CHUNK + HEADER;
-
-/// What a binary frame carries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    /// A chunk of the body.
-    Data = 0,
-    /// The body is complete.
-    End = 1,
-    /// The sender abandoned its body; the payload is the reason in UTF-8. The other
-    /// direction of the stream is not affected.
-    Reset = 2,
-    /// The receiver consumed frames; the payload is the count as a big-endian u32.
-    Window = 3,
-    /// The receiver stopped reading (its consumer went away): the sender should stop.
-    /// The other direction of the stream is not affected.
-    Stop = 4,
-    /// A head and the whole body in one frame, for small bodies: the payload is the
-    /// head's length as a big-endian u32, the head (opaque to this crate), then every
-    /// byte of the body. The body is complete: no `End` follows. It saves a small
-    /// exchange two of its three frames; see [`whole`] and [`Frame::split_whole`].
-    Whole = 5,
-}
-
-/// A decoded binary frame.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Frame {
-    /// What it carries.
-    pub kind: Kind,
-    /// Which stream.
-    pub stream: u32,
-    /// The bytes after the header.
-    pub payload: Bytes,
-}
-
-/// A binary frame that is not of this format.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum FrameError {
-    /// Shorter than a header.
-    #[error("binary frame of {0} bytes is shorter than its 5-byte header")]
-    Short(usize),
-    /// Unknown kind byte.
-    #[error("binary frame has unknown kind {0}")]
-    Kind(u8),
-    /// Payload bigger than a chunk.
-    #[error("binary frame payload of {0} bytes exceeds {MAX_CHUNK}")]
-    TooLarge(usize),
-    /// A window frame without a 4-byte count.
-    #[error("window frame must carry a 4-byte count")]
-    Window,
-    /// A whole-body frame whose head length points past its end.
-    #[error("whole-body frame has a head length past its end")]
-    Whole,
-}
-
-/// Encodes one frame.
-pub fn encode(kind: Kind, stream: u32, payload: &[u8]) -> Bytes {
-    let mut b = BytesMut::with_capacity(HEADER + payload.len());
-    b.put_u8(kind as u8);
-    b.put_u32(stream);
-    b.put_slice(payload);
-    b.freeze()
-}
-
-/// Whether a head and a body of these sizes fit in one [`Kind::Whole`] frame.
-pub fn fits_whole(head: usize, body: usize) -> bool {
-    4 + head + body <= MAX_CHUNK
-}
-
-/// Encodes a head and a complete body as one [`Kind::Whole`] frame, or `None` when they
-/// do not fit in one frame (send the head and then the body in chunks instead).
-pub fn whole(stream: u32, head: &[u8], body: &[u8]) -> Option<Bytes> {
-    if !fits_whole(head.len(), body.len()) {
-        return None;
-    }
-    let len = 4 + head.len() + body.len();
-    let mut b = BytesMut::with_capacity(HEADER + len);
-    b.put_u8(Kind::Whole as u8);
-    b.put_u32(stream);
-    b.put_u32(u32::try_from(head.len()).ok()?);
-    b.put_slice(head);
-    b.put_slice(body);
-    Some(b.freeze())
-}
-
-impl Frame {
-    /// The head and the body of a [`Kind::Whole`] frame (checked by [`decode`]); for
-    /// any other kind, an empty head and the payload.
-    pub fn split_whole(&self) -> (Bytes, Bytes) {
-        if self.kind != Kind::Whole {
-            return (Bytes::new(), self.payload.clone());
-        }
-        let p = &self.payload;
-        let n = u32::from_be_bytes([p[0], p[1], p[2], p[3]]) as usize;
-        (p.slice(4..4 + n), p.slice(4 + n..))
-    }
-}
-
-/// Decodes one frame; never panics on arbitrary bytes.
-pub fn decode(frame: Bytes) -> Result<Frame, FrameError> {
-    if frame.len() < HEADER {
-        return Err(FrameError::Short(frame.len()));
-    }
-    let kind = match frame[0] {
-        0 => Kind::Data,
-        1 => Kind::End,
-        2 => Kind::Reset,
-        3 => Kind::Window,
-        4 => Kind::Stop,
-        5 => Kind::Whole,
-        k => return Err(FrameError::Kind(k)),
-    };
-    let stream = u32::from_be_bytes([frame[1], frame[2], frame[3], frame[4]]);
-    let payload = frame.slice(HEADER..);
-    if payload.len() > MAX_CHUNK {
-        return Err(FrameError::TooLarge(payload.len()));
-    }
-    if kind == Kind::Window && payload.len() != 4 {
-        return Err(FrameError::Window);
-    }
-    if kind == Kind::Whole {
-        let p = &payload;
-        let fits =
-            p.len() >= 4 && u32::from_be_bytes([p[0], p[1], p[2], p[3]]) as usize <= p.len() - 4;
-        if !fits {
-            return Err(FrameError::Whole);
-        }
-    }
-    Ok(Frame {
-        kind,
-        stream,
-        payload,
-    })
-}
 
 /// Why a stream ended early.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -549,6 +411,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use adi_protocol::frame::decode;
     use std::time::Duration;
 
     /// Two tables wired back to back, as the hub and a cocoon would be.
@@ -568,33 +431,6 @@ mod tests {
             }
         });
         (a, b, wire)
-    }
-
-    #[test]
-    fn frames_round_trip_and_garbage_is_refused() {
-        let f = encode(Kind::Data, 7, b"hello");
-        let d = decode(f).expect("decodes");
-        assert_eq!(
-            (d.kind, d.stream, &d.payload[..]),
-            (Kind::Data, 7, &b"hello"[..])
-        );
-        assert_eq!(
-            decode(Bytes::from_static(b"\x00\x00")),
-            Err(FrameError::Short(2))
-        );
-        assert_eq!(
-            decode(Bytes::from_static(b"\x09\x00\x00\x00\x01")),
-            Err(FrameError::Kind(9))
-        );
-        assert_eq!(
-            decode(encode(Kind::Window, 1, b"\x01")),
-            Err(FrameError::Window)
-        );
-        let big = vec![0u8; MAX_CHUNK + 1];
-        assert!(matches!(
-            decode(encode(Kind::Data, 1, &big)),
-            Err(FrameError::TooLarge(_))
-        ));
     }
 
     #[tokio::test]
@@ -774,25 +610,6 @@ mod tests {
         assert_eq!(b_rx.recv().await, None);
         drop(_a_rx);
         assert!(b.is_empty(), "both directions of b's stream are done");
-        let f = decode(whole(3, b"h", b"xyz").expect("fits")).expect("decodes");
-        assert_eq!(f.kind, Kind::Whole);
-        assert_eq!(
-            f.split_whole(),
-            (Bytes::from_static(b"h"), Bytes::from_static(b"xyz"))
-        );
-        assert_eq!(
-            decode(Bytes::from_static(
-                b"\x05\x00\x00\x00\x01\x00\x00\x00\x09ab"
-            )),
-            Err(FrameError::Whole),
-            "a head length past the end is refused"
-        );
-        assert_eq!(
-            decode(Bytes::from_static(b"\x05\x00\x00\x00\x01\x00")),
-            Err(FrameError::Whole)
-        );
-        assert!(whole(1, &[0; 16], &vec![0; MAX_CHUNK]).is_none());
-        assert!(!fits_whole(16, MAX_CHUNK) && fits_whole(16, 1024));
     }
 
     #[tokio::test]
