@@ -14,6 +14,7 @@
 use std::time::Duration;
 
 use adi_mux::{BodyReceiver, BodySender};
+use adi_protocol::exchange;
 use adi_protocol::http::{check_target, is_hop_by_hop};
 use adi_protocol::{DeviceToHub, ErrorCode, ProxyHead, ProxyRequest, ServiceInfo};
 use futures_util::StreamExt;
@@ -24,11 +25,6 @@ use tokio::sync::mpsc;
 use tracing::debug;
 
 use crate::pool::{ExchangeError, Pool, ProxyBody};
-
-/// Bodies up to this size, of known length, travel whole with their head: one frame
-/// instead of three. Larger ones, and those of unknown length (server-sent events),
-/// stream.
-const INLINE_BODY: u64 = 32 * 1024;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -288,7 +284,7 @@ fn prepare(
 async fn respond(
     service: &ServiceInfo,
     stream_id: u32,
-    response: http::Response<hyper::body::Incoming>,
+    mut response: http::Response<hyper::body::Incoming>,
     upgrade_body: Option<BodyReceiver>,
     mut response_body: BodySender,
     answers: mpsc::Sender<DeviceToHub>,
@@ -309,48 +305,43 @@ async fn respond(
         .body()
         .size_hint()
         .exact()
-        .is_some_and(|n| n <= INLINE_BODY);
+        .is_some_and(|n| n <= exchange::WHOLE_BODY);
+    // A small body of known length is read first, so it can go whole with its head.
+    let mut read_body = None;
     if upgrade_body.is_none() && small {
-        // A small body of known length goes with its head in one frame.
         let read = tokio::select! {
             () = response_body.stopped() => {
                 debug!(stream_id, "client went away before the response body");
                 return;
             }
-            read = response.into_body().collect() => read,
+            read = response.body_mut().collect() => read,
         };
-        let body = match read {
-            Ok(b) => b.to_bytes(),
+        match read {
+            Ok(b) => read_body = Some(b.to_bytes()),
             Err(e) => {
                 let why = format!("service {} failed: {}", service.name, root_cause(&e));
                 let refusal = Refusal::upstream(why);
                 return Box::pin(refusal.send(stream_id, &answers, response_body)).await;
             }
-        };
-        let head = ProxyHead { status, headers };
-        let encoded = serde_json::to_vec(&head).unwrap_or_default();
-        if adi_protocol::frame::fits_whole(encoded.len(), body.len()) {
-            let _ = response_body.send_whole(&encoded, &body).await;
+        }
+    }
+    let head = ProxyHead { status, headers };
+    match exchange::response_head(stream_id, head, read_body) {
+        exchange::ResponseHead::Whole { head, body } => {
+            let _ = response_body.send_whole(&head, &body).await;
             return;
         }
-        let ProxyHead { status, headers } = head;
-        let head = DeviceToHub::ProxyResponse {
-            stream_id,
-            status,
-            headers,
-        };
-        if answers.send(head).await.is_ok() && response_body.send(body).await.is_ok() {
-            let _ = response_body.finish().await;
+        exchange::ResponseHead::Message { head, body } => {
+            if answers.send(*head).await.is_err() {
+                return;
+            }
+            if let Some(body) = body {
+                if response_body.send(body).await.is_ok() {
+                    let _ = response_body.finish().await;
+                }
+                return;
+            }
         }
-        return;
-    }
-    let head = DeviceToHub::ProxyResponse {
-        stream_id,
-        status,
-        headers,
-    };
-    if answers.send(head).await.is_err() {
-        return;
     }
     if let (Some(request_body), 101) = (upgrade_body, status) {
         match hyper::upgrade::on(response).await {

@@ -527,15 +527,11 @@ async fn session(
                         }
                     }
                     Some(Ok(Message::Binary(b))) => match adi_protocol::frame::decode(b) {
+                        // A proxied request with no body: its head, whole.
                         Ok(frame) if frame.kind == adi_protocol::frame::Kind::Whole => {
-                            // A proxied request with no body: its head, whole.
-                            let (head, _) = frame.split_whole();
-                            match serde_json::from_slice::<adi_protocol::ProxyRequest>(&head) {
-                                Ok(mut request) if request.stream_id == frame.stream => {
-                                    request.empty_body = true;
-                                    serve_proxy(request);
-                                }
-                                _ => warn!(stream = frame.stream, "malformed proxied request head from hub"),
+                            match adi_protocol::exchange::read_request(&frame) {
+                                Ok(request) => serve_proxy(request),
+                                Err(e) => warn!("{e}"),
                             }
                         }
                         Ok(frame) => streams.on_frame(frame),

@@ -39,6 +39,7 @@ pub mod capability;
 pub mod client;
 mod codec;
 mod error;
+pub mod exchange;
 mod fast;
 pub mod frame;
 pub mod http;

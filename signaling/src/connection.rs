@@ -26,6 +26,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use adi_protocol::exchange;
 use adi_protocol::{
     decode, encode, negotiate_version, CapabilityOutcome, CapabilityQuery, DecodeError, DeviceId,
     DeviceToHub, ErrorCode, Hardware, HubToDevice, LoadReport, Outcome, Register, Registered,
@@ -434,31 +435,17 @@ impl Connection {
         let stream_id = self.next_stream;
         let mut request = call.request;
         request.stream_id = stream_id;
-        // Most requests (GETs) carry no body: head and (empty) body go in one binary
-        // frame, which the device parses once, as a plain struct.
-        let frame = request
-            .empty_body
-            .then(|| serde_json::to_vec(&request).ok())
-            .flatten()
-            .and_then(|head| adi_protocol::frame::whole(stream_id, &head, &[]))
-            .map(Message::Binary);
-        let frame = match frame {
-            Some(frame) => frame,
-            None => {
-                let text = encode(&HubToDevice::ProxyRequest(request));
-                if text.len() > self.peer_max {
-                    let _ = call.reply.send(Err(RpcError::Remote(RemoteError::new(
-                        ErrorCode::HeadersTooLarge,
-                        format!(
-                            "the request head is {} bytes as sent to the device, which \
-                             accepts at most {}; send fewer or shorter headers",
-                            text.len(),
-                            self.peer_max
-                        ),
-                    ))));
-                    return None;
-                }
-                Message::Text(text.into())
+        // Whole in one binary frame without a body, else a control message no larger
+        // than the device takes: `exchange` decides.
+        let frame = match exchange::request_head(request, self.peer_max) {
+            Ok(exchange::RequestHead::Whole(frame)) => Message::Binary(frame),
+            Ok(exchange::RequestHead::Message(text)) => Message::Text(text.into()),
+            Err(e) => {
+                let _ = call.reply.send(Err(RpcError::Remote(RemoteError::new(
+                    ErrorCode::HeadersTooLarge,
+                    e.to_string(),
+                ))));
+                return None;
             }
         };
         self.next_stream = self.next_stream.wrapping_add(1).max(1);
@@ -512,20 +499,17 @@ impl Connection {
         let Some(reply) = self.heads.remove(&frame.stream) else {
             return;
         };
-        let (head, body) = frame.split_whole();
-        let _ = reply.send(
-            match serde_json::from_slice::<adi_protocol::ProxyHead>(&head) {
-                Ok(h) => Ok(ResponseHead {
-                    status: h.status,
-                    headers: h.headers,
-                    body: Some(body),
-                }),
-                Err(e) => Err(RpcError::Remote(RemoteError::new(
-                    ErrorCode::UpstreamError,
-                    format!("the device sent a malformed response head: {e}"),
-                ))),
-            },
-        );
+        let _ = reply.send(match exchange::read_response(frame) {
+            Ok((head, body)) => Ok(ResponseHead {
+                status: head.status,
+                headers: head.headers,
+                body: Some(body),
+            }),
+            Err(e) => Err(RpcError::Remote(RemoteError::new(
+                ErrorCode::UpstreamError,
+                format!("the device sent {e}"),
+            ))),
+        });
     }
 
     /// Numbers a request and remembers who waits for it; returns the frame to send.
