@@ -1,19 +1,24 @@
 //! The connection loop: one session per WebSocket, and the backoff between sessions.
-//! A session registers, then runs a `select!` over cancellation, the heartbeat timer
-//! and inbound frames until the connection ends.
+//! A session connects and registers; once registered, a [`Session`] actor owns the
+//! socket and everything that lives only as long as the connection, with one handler
+//! per thing that can happen (a frame from the hub, an answer or body frame to send,
+//! the heartbeat, a capability request from a program on this device, a stop), until
+//! the connection ends.
 
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use adi_mux::batch::WriteBatch;
 use adi_protocol::{
-    decode, encode, CapabilityOutcome, DeviceRequest, DeviceSecret, DeviceToHub, ErrorCode,
-    Heartbeat, HubToDevice, Outcome as Answer, Register, RemoteError, SUPPORTED_VERSIONS,
+    decode, encode, CapabilityOutcome, DeviceId, DeviceRequest, DeviceSecret, DeviceToHub,
+    ErrorCode, Heartbeat, HubToDevice, Outcome, ProxyRequest, Register, RemoteError, ServiceInfo,
+    SUPPORTED_VERSIONS,
 };
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::time::{interval, timeout, Instant, MissedTickBehavior, Sleep};
+use tokio::time::{interval, timeout, Instant, Interval, MissedTickBehavior, Sleep};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
@@ -32,13 +37,11 @@ const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 const SILENT_INTERVALS: u32 = 3;
 /// Answers waiting to be written; request handlers wait when it is full.
 const ANSWER_QUEUE: usize = 64;
-/// Answers written before one flush when several are ready.
-const ANSWER_BATCH: usize = 32;
 /// Body frames waiting to be written; stream senders wait when it is full.
 const FRAME_QUEUE: usize = 64;
 
 /// How one session ended.
-enum Outcome {
+enum SessionEnd {
     Cancelled,
     Refused(ErrorCode, String),
     Lost {
@@ -58,7 +61,7 @@ fn transient(status: tokio_tungstenite::tungstenite::http::StatusCode) -> bool {
 
 /// Why a connection attempt failed: something that is not an adi hub answered (by the
 /// HTTP status or the malformed answer), or the hub could not be reached for now.
-fn connect_failed(ws_url: &str, e: tokio_tungstenite::tungstenite::Error) -> Outcome {
+fn connect_failed(ws_url: &str, e: tokio_tungstenite::tungstenite::Error) -> SessionEnd {
     use tokio_tungstenite::tungstenite::error::{Error, ProtocolError};
     match e {
         Error::Http(response) if !transient(response.status()) => {
@@ -69,7 +72,7 @@ fn connect_failed(ws_url: &str, e: tokio_tungstenite::tungstenite::Error) -> Out
                 .filter(|e| !e.is_empty())
                 .map(|e| format!(": {e}"))
                 .unwrap_or_default();
-            Outcome::NotAHub(format!(
+            SessionEnd::NotAHub(format!(
                 "it answered the cocoon endpoint's WebSocket upgrade with HTTP {}{body}",
                 response.status()
             ))
@@ -89,7 +92,7 @@ fn connect_failed(ws_url: &str, e: tokio_tungstenite::tungstenite::Error) -> Out
             | ProtocolError::MissingConnectionUpgradeHeader
             | ProtocolError::MissingUpgradeWebSocketHeader
             | ProtocolError::SecWebSocketAcceptKeyMismatch),
-        ) => Outcome::NotAHub(format!(
+        ) => SessionEnd::NotAHub(format!(
             "its answer to the cocoon endpoint's WebSocket upgrade is not one: {p}"
         )),
         Error::Io(io) => lost(false, io.to_string()),
@@ -140,18 +143,18 @@ pub(crate) async fn run(
         };
         let outcome = session(&agent, &mut token, &mut calls, &state, &cancel).await;
         let (was_online, reason) = match outcome {
-            Outcome::Cancelled => {
+            SessionEnd::Cancelled => {
                 state.send_replace(ConnState::Stopped);
                 return Ok(());
             }
-            Outcome::Refused(code, message) if !code.is_retryable() => {
+            SessionEnd::Refused(code, message) if !code.is_retryable() => {
                 state.send_replace(ConnState::Failed {
                     code,
                     message: message.clone(),
                 });
                 return Err(CocoonError::Refused { code, message });
             }
-            Outcome::NotAHub(answered) if !ever_online => {
+            SessionEnd::NotAHub(answered) if !ever_online => {
                 state.send_replace(ConnState::NotAHub {
                     hub: config.hub_url.clone(),
                     answered: answered.clone(),
@@ -161,12 +164,14 @@ pub(crate) async fn run(
                     answered,
                 });
             }
-            Outcome::NotAHub(answered) => (
+            SessionEnd::NotAHub(answered) => (
                 false,
                 format!("its address answered like something else: {answered}"),
             ),
-            Outcome::Refused(code, message) => (false, format!("hub refused ({code}): {message}")),
-            Outcome::Lost { registered, reason } => {
+            SessionEnd::Refused(code, message) => {
+                (false, format!("hub refused ({code}): {message}"))
+            }
+            SessionEnd::Lost { registered, reason } => {
                 if registered {
                     attempt = 0;
                     ever_online = true;
@@ -222,21 +227,17 @@ async fn session(
     calls: &mut mpsc::Receiver<CapabilityCall>,
     state: &watch::Sender<ConnState>,
     cancel: &CancellationToken,
-) -> Outcome {
+) -> SessionEnd {
     let Agent {
         instance,
         config,
         ws_url,
         secret,
-        runner,
-        http,
-        health,
         load,
-        capabilities,
-        server,
+        ..
     } = *agent;
     // This session's own view, so a change made while it runs is sent exactly once.
-    let mut capabilities = capabilities.clone();
+    let mut capabilities = agent.capabilities.clone();
     // Control frames are held to `max_frame_bytes` by the decoder; the socket must also
     // let whole body frames through.
     let socket_max = config.max_frame_bytes.max(adi_protocol::frame::MAX_FRAME);
@@ -246,7 +247,7 @@ async fn session(
         .max_frame_size(Some(socket_max));
     let connect = tokio_tungstenite::connect_async_with_config(ws_url, Some(ws_config), true);
     let mut ws = tokio::select! {
-        _ = cancel.cancelled() => return Outcome::Cancelled,
+        _ = cancel.cancelled() => return SessionEnd::Cancelled,
         r = timeout(REGISTER_TIMEOUT, connect) => match r {
             Err(_) => return lost(false, "connecting timed out"),
             Ok(Err(e)) => return connect_failed(ws_url, e),
@@ -279,7 +280,7 @@ async fn session(
         return lost(false, format!("sending registration failed: {e}"));
     }
     let registered = tokio::select! {
-        _ = cancel.cancelled() => return Outcome::Cancelled,
+        _ = cancel.cancelled() => return SessionEnd::Cancelled,
         r = timeout(REGISTER_TIMEOUT, ws.next()) => r,
     };
     let registered = match registered {
@@ -289,7 +290,9 @@ async fn session(
         Ok(Some(Ok(msg))) => match msg {
             Message::Text(t) => match decode::<HubToDevice>(t.as_bytes(), config.max_frame_bytes) {
                 Ok(HubToDevice::Registered(r)) => r,
-                Ok(HubToDevice::Error { code, message }) => return Outcome::Refused(code, message),
+                Ok(HubToDevice::Error { code, message }) => {
+                    return SessionEnd::Refused(code, message)
+                }
                 Ok(
                     HubToDevice::Request { .. }
                     | HubToDevice::ProxyRequest(_)
@@ -301,7 +304,7 @@ async fn session(
                     return lost(false, format!("bad registration answer: {e}"))
                 }
                 Err(e) => {
-                    return Outcome::NotAHub(format!(
+                    return SessionEnd::NotAHub(format!(
                         "its WebSocket answered the registration with something that is \
                          not an adi message ({e})"
                     ))
@@ -309,7 +312,7 @@ async fn session(
             },
             Message::Close(frame) => return lost(false, close_reason(frame.as_ref())),
             Message::Binary(_) => {
-                return Outcome::NotAHub(
+                return SessionEnd::NotAHub(
                     "its WebSocket answered the registration with binary data".into(),
                 )
             }
@@ -327,45 +330,392 @@ async fn session(
         device_id: registered.device_id.clone(),
     });
 
-    let mut ticker = interval(heartbeat_every);
-    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    ticker.reset();
-    let mut seq = 0u64;
-    let mut last_heard = Instant::now();
-    let device_id = registered.device_id.clone();
-    // Answers of this session only: when it ends, late answers have nowhere to go,
-    // so they can never reach a later connection that reuses request ids.
-    let (answer_tx, mut answers) = mpsc::channel::<DeviceToHub>(ANSWER_QUEUE);
-    // Body streams of proxied requests, also per session.
-    let (frame_tx, mut frames) = mpsc::channel::<bytes::Bytes>(FRAME_QUEUE);
-    let streams = adi_mux::Streams::new(frame_tx);
-    let _end_streams = EndStreams(streams.clone());
-    // What the hub asked of this session and is still being served, so that a cocoon
-    // asked to stop can finish it first.
-    let serving = TaskTracker::new();
-    // Set once the cocoon is asked to stop: how long it still waits for `serving`.
-    let mut draining: Option<Pin<Box<Sleep>>> = None;
-    // Capability requests this device sent, by the id it gave them. Dropped with the
-    // session, which tells every waiting caller that the link was lost.
-    let mut asked: HashMap<u64, oneshot::Sender<CapabilityOutcome>> = HashMap::new();
-    let mut next_ask: u64 = 1;
     // Answers stay within the smaller of our limit and the hub's: the hub closes a link
     // that sends it a larger frame.
-    let max_answer = registered
-        .max_frame_bytes
-        .and_then(|m| usize::try_from(m).ok())
-        .unwrap_or(adi_protocol::DEFAULT_MAX_FRAME_BYTES)
-        .min(config.max_frame_bytes);
-    let budget = crate::requests::reply_budget(max_answer);
-    // Opens the request's stream and serves it on a task of its own; the services are
-    // shared, not copied, per request.
-    let services: std::sync::Arc<[adi_protocol::ServiceInfo]> = config.services.as_slice().into();
-    let serve_proxy = |request: adi_protocol::ProxyRequest| {
-        let (body_in, body_out) = streams.open(request.stream_id);
-        let tx = answer_tx.clone();
-        let client = http.clone();
-        let services = services.clone();
-        serving.spawn(async move {
+    let max_answer =
+        adi_protocol::limits::announced(registered.max_frame_bytes).min(config.max_frame_bytes);
+    Session::new(
+        agent,
+        ws,
+        registered.device_id,
+        heartbeat_every,
+        max_answer,
+        capabilities,
+    )
+    .run(calls, cancel)
+    .await
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// One registered connection to the hub, as an actor: it owns the socket and all that
+/// lives only as long as this connection (its answers queue, its body streams, the
+/// requests it serves, the capability requests it sent) and has one handler for each
+/// thing that can happen. Every handler returns `Some` when the session ends.
+struct Session<'a> {
+    agent: &'a Agent<'a>,
+    ws: Ws,
+    device_id: DeviceId,
+    /// Largest frame the hub takes from this device.
+    max_answer: usize,
+    /// What an answer may carry, sized to fit `max_answer`.
+    budget: usize,
+    heartbeat_every: Duration,
+    ticker: Interval,
+    seq: u64,
+    last_heard: Instant,
+    /// Answers of this session only: when it ends, late answers have nowhere to go,
+    /// so they can never reach a later connection that reuses request ids.
+    answer_tx: mpsc::Sender<DeviceToHub>,
+    answers: mpsc::Receiver<DeviceToHub>,
+    /// Body streams of proxied requests, also per session, and their frames.
+    streams: adi_mux::Streams,
+    frames: mpsc::Receiver<bytes::Bytes>,
+    _end_streams: EndStreams,
+    /// What the hub asked of this session and is still being served, so that a cocoon
+    /// asked to stop can finish it first.
+    serving: TaskTracker,
+    /// Set once the cocoon is asked to stop: how long it still waits for `serving`.
+    draining: Option<Pin<Box<Sleep>>>,
+    /// Capability requests this device sent, by the id it gave them. Dropped with the
+    /// session, which tells every waiting caller that the link was lost.
+    asked: HashMap<u64, oneshot::Sender<CapabilityOutcome>>,
+    next_ask: u64,
+    /// The services, shared (not copied) by every proxied request.
+    services: Arc<[ServiceInfo]>,
+    /// This session's own view, so a change made while it runs is sent exactly once.
+    capabilities: watch::Receiver<Arc<CapabilitySet>>,
+}
+
+impl<'a> Session<'a> {
+    fn new(
+        agent: &'a Agent<'a>,
+        ws: Ws,
+        device_id: DeviceId,
+        heartbeat_every: Duration,
+        max_answer: usize,
+        capabilities: watch::Receiver<Arc<CapabilitySet>>,
+    ) -> Self {
+        let mut ticker = interval(heartbeat_every);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        ticker.reset();
+        let (answer_tx, answers) = mpsc::channel(ANSWER_QUEUE);
+        let (frame_tx, frames) = mpsc::channel(FRAME_QUEUE);
+        let streams = adi_mux::Streams::new(frame_tx);
+        Session {
+            agent,
+            ws,
+            device_id,
+            max_answer,
+            budget: crate::requests::reply_budget(max_answer),
+            heartbeat_every,
+            ticker,
+            seq: 0,
+            last_heard: Instant::now(),
+            answer_tx,
+            answers,
+            _end_streams: EndStreams(streams.clone()),
+            streams,
+            frames,
+            serving: TaskTracker::new(),
+            draining: None,
+            asked: HashMap::new(),
+            next_ask: 1,
+            services: agent.config.services.as_slice().into(),
+            capabilities,
+        }
+    }
+
+    /// Serves the connection until it ends; says how.
+    async fn run(
+        mut self,
+        calls: &mut mpsc::Receiver<CapabilityCall>,
+        cancel: &CancellationToken,
+    ) -> SessionEnd {
+        loop {
+            let ended = tokio::select! {
+                biased;
+                _ = cancel.cancelled(), if self.draining.is_none() => self.on_stop().await,
+                // An async block, so the wait is built only once it is polled, not on
+                // every turn of the loop.
+                () = async { self.serving.wait().await }, if self.draining.is_some() => {
+                    Some(self.on_served().await)
+                }
+                () = grace_end(&mut self.draining) => {
+                    warn!(in_flight = self.serving.len(), "requests still in flight after the grace period; cutting them off");
+                    Some(stop(&mut self.ws).await)
+                }
+                _ = self.ticker.tick() => self.on_tick().await,
+                Some(frame) = self.frames.recv() => self.on_body_frame(frame).await,
+                Some(answer) = self.answers.recv() => self.on_answer(answer).await,
+                Ok(()) = self.capabilities.changed() => self.on_capabilities().await,
+                Some(call) = calls.recv() => self.on_call(call).await,
+                frame = self.ws.next() => self.on_frame(frame),
+            };
+            if let Some(outcome) = ended {
+                return outcome;
+            }
+        }
+    }
+
+    /// The cocoon is asked to stop: with nothing in flight it closes now; else it tells
+    /// the hub it is draining and finishes what it serves within its grace period.
+    async fn on_stop(&mut self) -> Option<SessionEnd> {
+        let grace = self.agent.config.shutdown_grace;
+        let in_flight = self.serving.len();
+        if in_flight == 0 || grace.is_zero() {
+            return Some(stop(&mut self.ws).await);
+        }
+        info!(
+            in_flight,
+            ?grace,
+            "stopping: finishing the requests in flight, taking no new ones"
+        );
+        let _ = self
+            .ws
+            .send(Message::text(encode(&DeviceToHub::Draining)))
+            .await;
+        self.serving.close();
+        self.draining = Some(Box::pin(tokio::time::sleep(grace)));
+        None
+    }
+
+    /// Every request a stopping cocoon served has ended, so all they had to say is
+    /// queued: it leaves before the close, heads before the body frames that follow.
+    async fn on_served(&mut self) -> SessionEnd {
+        while let Ok(answer) = self.answers.try_recv() {
+            let frame = self.fit(answer);
+            let _ = self.ws.feed(frame).await;
+        }
+        while let Ok(frame) = self.frames.try_recv() {
+            let _ = self.ws.feed(Message::Binary(frame)).await;
+        }
+        info!("requests in flight finished");
+        stop(&mut self.ws).await
+    }
+
+    /// A heartbeat (with a ping, so a dead hub is noticed even though heartbeats are not
+    /// acknowledged), unless the hub has been silent too long.
+    async fn on_tick(&mut self) -> Option<SessionEnd> {
+        self.asked.retain(|_, reply| !reply.is_closed());
+        if self.last_heard.elapsed() > self.heartbeat_every * SILENT_INTERVALS {
+            return Some(lost(true, "hub silent for 3 heartbeat intervals"));
+        }
+        self.seq += 1;
+        let seq = self.seq;
+        let services = self.agent.health.borrow().clone();
+        let load = self.agent.load.borrow().clone();
+        let mut hb = encode(&DeviceToHub::Heartbeat(Heartbeat {
+            seq,
+            services,
+            load,
+        }));
+        if hb.len() > self.max_answer {
+            // Liveness matters more than the figures: send it bare.
+            warn!(bytes = hb.len(), max = self.max_answer, "the heartbeat's load and health figures do not fit in one frame; sending it without them");
+            hb = encode(&DeviceToHub::Heartbeat(Heartbeat {
+                seq,
+                ..Heartbeat::default()
+            }));
+        }
+        let sent = async {
+            self.ws.feed(Message::text(hb)).await?;
+            self.ws.feed(Message::Ping(Default::default())).await?;
+            self.ws.flush().await
+        };
+        match sent.await {
+            Ok(()) => None,
+            Err(e) => Some(lost(true, format!("sending heartbeat failed: {e}"))),
+        }
+    }
+
+    /// A body frame, with every other one ready, in one write.
+    async fn on_body_frame(&mut self, first: bytes::Bytes) -> Option<SessionEnd> {
+        let failed = |e: tokio_tungstenite::tungstenite::Error| {
+            Some(lost(true, format!("sending a body frame failed: {e}")))
+        };
+        if let Err(e) = self.ws.feed(Message::Binary(first)).await {
+            return failed(e);
+        }
+        let mut batch = WriteBatch::started();
+        let mut ran_dry = false;
+        while batch.more(ran_dry).await {
+            ran_dry = match self.frames.try_recv() {
+                Ok(frame) => {
+                    if let Err(e) = self.ws.feed(Message::Binary(frame)).await {
+                        return failed(e);
+                    }
+                    batch.fed();
+                    false
+                }
+                Err(_) => true,
+            };
+        }
+        self.ws.flush().await.err().and_then(failed)
+    }
+
+    /// An answer, with every other one ready, in one write.
+    async fn on_answer(&mut self, first: DeviceToHub) -> Option<SessionEnd> {
+        let frame = self.fit(first);
+        let failed = |e: tokio_tungstenite::tungstenite::Error| {
+            Some(lost(true, format!("sending an answer failed: {e}")))
+        };
+        if let Err(e) = self.ws.feed(frame).await {
+            return failed(e);
+        }
+        let mut batch = WriteBatch::started();
+        let mut ran_dry = false;
+        while batch.more(ran_dry).await {
+            ran_dry = match self.answers.try_recv() {
+                Ok(answer) => {
+                    let frame = self.fit(answer);
+                    if let Err(e) = self.ws.feed(frame).await {
+                        return failed(e);
+                    }
+                    batch.fed();
+                    false
+                }
+                Err(_) => true,
+            };
+        }
+        self.ws.flush().await.err().and_then(failed)
+    }
+
+    /// The device's plugins changed what it offers: the hub hears the new list, unless
+    /// it is too large for one frame (then the hub keeps the last one it got).
+    async fn on_capabilities(&mut self) -> Option<SessionEnd> {
+        let offers = self.capabilities.borrow_and_update().offers();
+        let update = encode(&DeviceToHub::CapabilitiesUpdate {
+            capabilities: offers,
+        });
+        if update.len() > self.max_answer {
+            warn!(bytes = update.len(), max = self.max_answer, "the plugins offer more capabilities than fit in one frame to the hub; the hub keeps the last list it got until fewer are installed");
+            return None;
+        }
+        self.ws
+            .send(Message::text(update))
+            .await
+            .err()
+            .map(|e| lost(true, format!("sending capabilities failed: {e}")))
+    }
+
+    /// A program on this device asks for a capability through the hub.
+    async fn on_call(&mut self, call: CapabilityCall) -> Option<SessionEnd> {
+        if call.reply.is_closed() {
+            return None;
+        }
+        let request_id = self.next_ask;
+        self.next_ask += 1;
+        let frame = encode(&DeviceToHub::CapabilityRequest {
+            request_id,
+            capability: call.query,
+            payload: call.payload,
+            prefer_device: call.prefer,
+            deadline_ms: u64::try_from(call.deadline.as_millis()).unwrap_or(u64::MAX),
+        });
+        if frame.len() > self.max_answer {
+            let _ = call.reply.send(CapabilityOutcome::Error(RemoteError::new(
+                ErrorCode::PayloadTooLarge,
+                format!(
+                    "the request is {} bytes; at most {} fit in one frame",
+                    frame.len(),
+                    self.max_answer
+                ),
+            )));
+            return None;
+        }
+        self.asked.insert(request_id, call.reply);
+        self.ws
+            .send(Message::text(frame))
+            .await
+            .err()
+            .map(|e| lost(true, format!("sending a capability request failed: {e}")))
+    }
+
+    /// Whatever the hub sent.
+    fn on_frame(
+        &mut self,
+        frame: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
+    ) -> Option<SessionEnd> {
+        self.last_heard = Instant::now();
+        match frame {
+            None => Some(lost(true, "hub closed the connection")),
+            Some(Err(e)) => Some(lost(true, format!("connection failed: {e}"))),
+            Some(Ok(Message::Close(frame))) => Some(lost(true, close_reason(frame.as_ref()))),
+            Some(Ok(Message::Text(t))) => self.on_message(t.as_bytes()),
+            Some(Ok(Message::Binary(b))) => {
+                self.on_binary(b);
+                None
+            }
+            Some(Ok(_)) => None,
+        }
+    }
+
+    /// A control message from the hub.
+    fn on_message(&mut self, text: &[u8]) -> Option<SessionEnd> {
+        match adi_protocol::decode_hub_frame(text, self.agent.config.max_frame_bytes) {
+            // Another agent holds this device's secret and took its place: reconnecting
+            // would only take it back, forever.
+            Ok(HubToDevice::Error {
+                code: ErrorCode::DuplicateAgent,
+                message,
+            }) => return Some(SessionEnd::Refused(ErrorCode::DuplicateAgent, message)),
+            Ok(HubToDevice::Error { code, message }) => {
+                warn!(%code, "hub reported an error: {message}")
+            }
+            Ok(HubToDevice::Registered(_)) => warn!("unexpected second registration answer"),
+            // Opened now, before reading on: its body frames follow.
+            Ok(HubToDevice::ProxyRequest(request)) => self.serve_proxy(request),
+            Ok(HubToDevice::CapabilityResponse {
+                request_id,
+                outcome,
+            }) => {
+                if let Some(reply) = self.asked.remove(&request_id) {
+                    let _ = reply.send(outcome);
+                }
+            }
+            Ok(HubToDevice::Request {
+                request_id,
+                request:
+                    DeviceRequest::Capability {
+                        capability,
+                        payload,
+                    },
+                deadline_ms,
+            }) => self.serve_capability(request_id, capability, payload, deadline_ms),
+            Ok(HubToDevice::Request {
+                request_id,
+                request,
+                ..
+            }) => self.serve_request(request_id, request),
+            Err(e) => warn!("undecodable frame from hub: {e}"),
+        }
+        None
+    }
+
+    /// A binary frame from the hub: a body frame of a stream, or a bodiless proxied
+    /// request's head, whole.
+    fn on_binary(&mut self, bytes: bytes::Bytes) {
+        match adi_protocol::frame::decode(bytes) {
+            Ok(frame) if frame.kind == adi_protocol::frame::Kind::Whole => {
+                match adi_protocol::exchange::read_request(&frame) {
+                    Ok(request) => self.serve_proxy(request),
+                    Err(e) => warn!("{e}"),
+                }
+            }
+            Ok(frame) => self.streams.on_frame(frame),
+            Err(e) => warn!("bad body frame from hub: {e}"),
+        }
+    }
+
+    /// Opens the request's stream and serves it on a task of its own.
+    fn serve_proxy(&self, request: ProxyRequest) {
+        let (body_in, body_out) = self.streams.open(request.stream_id);
+        let tx = self.answer_tx.clone();
+        let client = self.agent.http.clone();
+        let services = self.services.clone();
+        self.serving.spawn(async move {
             // Boxed, so the task's own future is a few pointers: spawning it and
             // retiring it copy those, not the whole exchange's state.
             Box::pin(crate::proxy::serve(
@@ -373,268 +723,63 @@ async fn session(
             ))
             .await;
         });
-    };
-    loop {
-        tokio::select! {
-            biased;
-            _ = cancel.cancelled(), if draining.is_none() => {
-                let in_flight = serving.len();
-                if in_flight == 0 || config.shutdown_grace.is_zero() {
-                    return stop(&mut ws).await;
-                }
-                info!(in_flight, grace = ?config.shutdown_grace, "stopping: finishing the requests in flight, taking no new ones");
-                let _ = ws.send(Message::text(encode(&DeviceToHub::Draining))).await;
-                serving.close();
-                draining = Some(Box::pin(tokio::time::sleep(config.shutdown_grace)));
-            }
-            // An async block, so the wait is built only once it is polled, not on every
-            // turn of the loop.
-            () = async { serving.wait().await }, if draining.is_some() => {
-                // Every request has ended, so all they had to say is queued: it leaves
-                // before the close, heads before the body frames that follow them.
-                while let Ok(answer) = answers.try_recv() {
-                    let _ = ws.feed(Message::text(fit(answer, max_answer))).await;
-                }
-                while let Ok(frame) = frames.try_recv() {
-                    let _ = ws.feed(Message::Binary(frame)).await;
-                }
-                info!("requests in flight finished");
-                return stop(&mut ws).await;
-            }
-            () = grace_end(&mut draining) => {
-                warn!(in_flight = serving.len(), "requests still in flight after the grace period; cutting them off");
-                return stop(&mut ws).await;
-            }
-            _ = ticker.tick() => {
-                asked.retain(|_, reply| !reply.is_closed());
-                if last_heard.elapsed() > heartbeat_every * SILENT_INTERVALS {
-                    return lost(true, "hub silent for 3 heartbeat intervals");
-                }
-                seq += 1;
-                let services = health.borrow().clone();
-                let load = load.borrow().clone();
-                let mut hb = encode(&DeviceToHub::Heartbeat(Heartbeat { seq, services, load }));
-                if hb.len() > max_answer {
-                    // Liveness matters more than the figures: send it bare.
-                    warn!(bytes = hb.len(), max = max_answer, "the heartbeat's load and health figures do not fit in one frame; sending it without them");
-                    hb = encode(&DeviceToHub::Heartbeat(Heartbeat { seq, ..Heartbeat::default() }));
-                }
-                // The ping makes the hub answer, so a dead hub is noticed even though
-                // heartbeats themselves are not acknowledged.
-                let sent = async {
-                    ws.feed(Message::text(hb)).await?;
-                    ws.feed(Message::Ping(Default::default())).await?;
-                    ws.flush().await
-                };
-                if let Err(e) = sent.await {
-                    return lost(true, format!("sending heartbeat failed: {e}"));
-                }
-            }
-            Some(frame) = frames.recv() => {
-                // Body frames that are ready together leave with one flush.
-                if let Err(e) = write_ready(&mut ws, frame, &mut frames, Message::Binary).await {
-                    return lost(true, format!("sending a body frame failed: {e}"));
-                }
-            }
-            Some(answer) = answers.recv() => {
-                // Answers that are ready together leave with one flush.
-                let write = write_ready(&mut ws, answer, &mut answers, |a| Message::text(fit(a, max_answer)));
-                if let Err(e) = write.await {
-                    return lost(true, format!("sending an answer failed: {e}"));
-                }
-            }
-            Ok(()) = capabilities.changed() => {
-                let offers = capabilities.borrow_and_update().offers();
-                let update = encode(&DeviceToHub::CapabilitiesUpdate { capabilities: offers });
-                if update.len() > max_answer {
-                    warn!(bytes = update.len(), max = max_answer, "the plugins offer more capabilities than fit in one frame to the hub; the hub keeps the last list it got until fewer are installed");
-                    continue;
-                }
-                if let Err(e) = ws.send(Message::text(update)).await {
-                    return lost(true, format!("sending capabilities failed: {e}"));
-                }
-            }
-            Some(call) = calls.recv() => {
-                if call.reply.is_closed() {
-                    continue;
-                }
-                let request_id = next_ask;
-                next_ask += 1;
-                let frame = encode(&DeviceToHub::CapabilityRequest {
+    }
+
+    /// Serves a capability this device offers, on a task of its own.
+    fn serve_capability(
+        &self,
+        request_id: u64,
+        capability: adi_protocol::CapabilityQuery,
+        payload: adi_protocol::Payload,
+        deadline_ms: u64,
+    ) {
+        let server = self.agent.server.clone();
+        let device_id = self.device_id.clone();
+        let tx = self.answer_tx.clone();
+        self.serving.spawn(async move {
+            let deadline = Duration::from_millis(deadline_ms);
+            let outcome = match server
+                .serve(&device_id, &capability, payload, deadline)
+                .await
+            {
+                Ok(payload) => Outcome::Ok(adi_protocol::DeviceReply::Capability { payload }),
+                Err(e) => Outcome::Error(e),
+            };
+            let _ = tx
+                .send(DeviceToHub::Response {
                     request_id,
-                    capability: call.query,
-                    payload: call.payload,
-                    prefer_device: call.prefer,
-                    deadline_ms: u64::try_from(call.deadline.as_millis()).unwrap_or(u64::MAX),
-                });
-                if frame.len() > max_answer {
-                    let _ = call.reply.send(CapabilityOutcome::Error(RemoteError {
-                        code: ErrorCode::PayloadTooLarge,
-                        message: format!("the request is {} bytes; at most {max_answer} fit in one frame", frame.len()),
-                    }));
-                    continue;
-                }
-                asked.insert(request_id, call.reply);
-                if let Err(e) = ws.send(Message::text(frame)).await {
-                    return lost(true, format!("sending a capability request failed: {e}"));
-                }
-            }
-            frame = ws.next() => {
-                last_heard = Instant::now();
-                match frame {
-                    None => return lost(true, "hub closed the connection"),
-                    Some(Err(e)) => return lost(true, format!("connection failed: {e}")),
-                    Some(Ok(Message::Close(frame))) => return lost(true, close_reason(frame.as_ref())),
-                    Some(Ok(Message::Text(t))) => {
-                        match adi_protocol::decode_hub_frame(t.as_bytes(), config.max_frame_bytes) {
-                            // Another agent holds this device's secret and took its
-                            // place: reconnecting would only take it back, forever.
-                            Ok(HubToDevice::Error { code: ErrorCode::DuplicateAgent, message }) => {
-                                return Outcome::Refused(ErrorCode::DuplicateAgent, message);
-                            }
-                            Ok(HubToDevice::Error { code, message }) => warn!(%code, "hub reported an error: {message}"),
-                            Ok(HubToDevice::Registered(_)) => warn!("unexpected second registration answer"),
-                            // Opened now, before reading on: its body frames follow.
-                            Ok(HubToDevice::ProxyRequest(request)) => serve_proxy(request),
-                            Ok(HubToDevice::CapabilityResponse { request_id, outcome }) => {
-                                if let Some(reply) = asked.remove(&request_id) {
-                                    let _ = reply.send(outcome);
-                                }
-                            }
-                            Ok(HubToDevice::Request { request_id, request: DeviceRequest::Capability { capability, payload }, deadline_ms }) => {
-                                let server = server.clone();
-                                let device_id = device_id.clone();
-                                let tx = answer_tx.clone();
-                                serving.spawn(async move {
-                                    let deadline = Duration::from_millis(deadline_ms);
-                                    let outcome = match server.serve(&device_id, &capability, payload, deadline).await {
-                                        Ok(payload) => Answer::Ok(adi_protocol::DeviceReply::Capability { payload }),
-                                        Err(e) => Answer::Error(e),
-                                    };
-                                    let _ = tx.send(DeviceToHub::Response { request_id, outcome }).await;
-                                });
-                            }
-                            Ok(HubToDevice::Request { request_id, request, .. }) => {
-                                let runner = runner.clone();
-                                let device_id = device_id.clone();
-                                let tx = answer_tx.clone();
-                                serving.spawn(async move {
-                                    let outcome = crate::requests::handle(&runner, &device_id, request, budget).await;
-                                    let _ = tx.send(DeviceToHub::Response { request_id, outcome }).await;
-                                });
-                            }
-                            Err(e) => warn!("undecodable frame from hub: {e}"),
-                        }
-                    }
-                    Some(Ok(Message::Binary(b))) => match adi_protocol::frame::decode(b) {
-                        // A proxied request with no body: its head, whole.
-                        Ok(frame) if frame.kind == adi_protocol::frame::Kind::Whole => {
-                            match adi_protocol::exchange::read_request(&frame) {
-                                Ok(request) => serve_proxy(request),
-                                Err(e) => warn!("{e}"),
-                            }
-                        }
-                        Ok(frame) => streams.on_frame(frame),
-                        Err(e) => warn!("bad body frame from hub: {e}"),
-                    },
-                    Some(Ok(_)) => {}
-                }
-            }
-        }
+                    outcome,
+                })
+                .await;
+        });
     }
-}
 
-/// Writes `first` and whatever else `queue` holds, up to [`ANSWER_BATCH`] frames, then
-/// flushes once. When the queue runs dry it yields once first, so that requests the
-/// runtime is about to finish add their frames to the same write: under load one
-/// syscall carries several answers, which the hub then reads in one.
-async fn write_ready<S, T>(
-    ws: &mut S,
-    first: T,
-    queue: &mut mpsc::Receiver<T>,
-    frame: impl Fn(T) -> Message,
-) -> Result<(), tokio_tungstenite::tungstenite::Error>
-where
-    S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
-{
-    ws.feed(frame(first)).await?;
-    let mut fed = 1;
-    let mut waited = false;
-    while fed < ANSWER_BATCH {
-        let Ok(next) = queue.try_recv() else {
-            if waited {
-                break;
-            }
-            waited = true;
-            tokio::task::yield_now().await;
-            continue;
-        };
-        ws.feed(frame(next)).await?;
-        fed += 1;
+    /// Answers a request about this device's tasks, on a task of its own.
+    fn serve_request(&self, request_id: u64, request: DeviceRequest) {
+        let runner = self.agent.runner.clone();
+        let device_id = self.device_id.clone();
+        let tx = self.answer_tx.clone();
+        let budget = self.budget;
+        self.serving.spawn(async move {
+            let outcome = crate::requests::handle(&runner, &device_id, request, budget).await;
+            let _ = tx
+                .send(DeviceToHub::Response {
+                    request_id,
+                    outcome,
+                })
+                .await;
+        });
     }
-    ws.flush().await
-}
 
-/// The frame for a message, held to the hub's frame limit (the hub closes a link that
-/// sends it a larger one, see `adi_protocol::limits`): an answer or a response head
-/// that does not fit is replaced by an error for that request alone, and an error's
-/// words are cut to size. Heartbeats and capability updates are checked where they
-/// are made.
-fn fit(msg: DeviceToHub, max: usize) -> String {
-    let msg = match msg {
-        DeviceToHub::ProxyError {
-            stream_id,
-            code,
-            message,
-        } => DeviceToHub::ProxyError {
-            stream_id,
-            code,
-            message: adi_protocol::limits::clip_message(message),
-        },
-        other => other,
-    };
-    let frame = encode(&msg);
-    if frame.len() <= max {
-        return frame;
-    }
-    match msg {
-        DeviceToHub::Response { request_id, .. } => {
-            warn!(
-                request_id,
-                bytes = frame.len(),
-                max,
-                "answer too large for one frame"
-            );
-            encode(&DeviceToHub::Response {
-                request_id,
-                outcome: Answer::Error(RemoteError {
-                    code: ErrorCode::PayloadTooLarge,
-                    message: format!(
-                        "the answer is {} bytes; at most {max} fit in one frame",
-                        frame.len()
-                    ),
-                }),
-            })
+    /// The frame for a message, held to the hub's frame limit: what a user or a
+    /// service made too large is replaced by an error for that request alone
+    /// (`adi_protocol::limits`).
+    fn fit(&self, msg: DeviceToHub) -> Message {
+        let (frame, replaced) = adi_protocol::limits::fit(msg, self.max_answer);
+        if let Some(bytes) = replaced {
+            warn!(bytes, max = self.max_answer, "a message too large for one frame to the hub was replaced by an error for its request");
         }
-        DeviceToHub::ProxyResponse { stream_id, .. } => {
-            warn!(
-                stream_id,
-                bytes = frame.len(),
-                max,
-                "a service's response head is too large to pass on"
-            );
-            encode(&DeviceToHub::ProxyError {
-                stream_id,
-                code: ErrorCode::UpstreamError,
-                message: format!(
-                    "the service's response head is {} bytes; at most {max} can be \
-                     passed on",
-                    frame.len()
-                ),
-            })
-        }
-        // Nothing else a request carries reaches this queue.
-        other => encode(&other),
+        Message::text(frame)
     }
 }
 
@@ -650,8 +795,8 @@ fn answer_shaped(frame: &[u8]) -> bool {
         .unwrap_or(false)
 }
 
-fn lost(registered: bool, reason: impl Into<String>) -> Outcome {
-    Outcome::Lost {
+fn lost(registered: bool, reason: impl Into<String>) -> SessionEnd {
+    SessionEnd::Lost {
         registered,
         reason: reason.into(),
     }
@@ -666,7 +811,7 @@ fn close_reason(frame: Option<&CloseFrame>) -> String {
 }
 
 /// Closes the connection for a cocoon that is stopping.
-async fn stop<S>(ws: &mut S) -> Outcome
+async fn stop<S>(ws: &mut S) -> SessionEnd
 where
     S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
 {
@@ -677,7 +822,7 @@ where
         })))
         .await;
     let _ = timeout(Duration::from_secs(1), ws.close()).await;
-    Outcome::Cancelled
+    SessionEnd::Cancelled
 }
 
 /// Resolves when the grace period of a stopping cocoon is over; never before it stops.
@@ -706,7 +851,7 @@ mod tests {
     use tokio_tungstenite::tungstenite::error::{Error, ProtocolError};
     use tokio_tungstenite::tungstenite::http::Response;
 
-    fn answered(status: u16) -> Outcome {
+    fn answered(status: u16) -> SessionEnd {
         let response = Response::builder()
             .status(status)
             .body(Some(b"<html>\n  Not here\n</html>".to_vec()))
@@ -722,7 +867,7 @@ mod tests {
             assert!(
                 matches!(
                     answered(status),
-                    Outcome::Lost {
+                    SessionEnd::Lost {
                         registered: false,
                         ..
                     }
@@ -732,7 +877,7 @@ mod tests {
         }
         for status in [200, 400, 404, 426, 500, 501] {
             match answered(status) {
-                Outcome::NotAHub(what) => {
+                SessionEnd::NotAHub(what) => {
                     assert!(what.contains(&status.to_string()), "{what}");
                     assert!(what.ends_with(": Not here"), "{what}");
                 }
@@ -742,12 +887,12 @@ mod tests {
         let cut_short = Error::Protocol(ProtocolError::HandshakeIncomplete);
         assert!(matches!(
             connect_failed("ws://hub/ws/cocoon", cut_short),
-            Outcome::Lost { .. }
+            SessionEnd::Lost { .. }
         ));
         let garbage = Error::Protocol(ProtocolError::WrongHttpVersion);
         assert!(matches!(
             connect_failed("ws://hub/ws/cocoon", garbage),
-            Outcome::NotAHub(_)
+            SessionEnd::NotAHub(_)
         ));
     }
 

@@ -12,6 +12,8 @@
 //! the connection's owner feeds it inbound binary frames ([`Streams::on_frame`]) and
 //! writes the frames it produces (the `outbound` channel given to [`Streams::new`]).
 
+pub mod batch;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 

@@ -29,7 +29,10 @@
 //! where they enter: the hub's HTTP server refuses a head over its own buffer (`431`)
 //! before anything is measured here.
 
+use serde::Serialize;
+
 pub use crate::codec::DEFAULT_MAX_FRAME_BYTES;
+use crate::{encode, CapabilityOutcome, DeviceToHub, ErrorCode, HubToDevice, Outcome, RemoteError};
 
 /// Largest binary frame either side produces or must accept for proxied bodies,
 /// whatever its control-frame limit: a body chunk plus its 5-byte stream header.
@@ -62,6 +65,79 @@ pub fn clip_message(mut text: String) -> String {
     text
 }
 
+/// A message whose size depends on what a user, a service or a plugin supplied, and
+/// which therefore has a stand-in that fits: the stand-in still ends its request, with
+/// the reason, so the request is answered exactly once and the link carries on.
+pub trait Fit: Serialize + Sized {
+    /// What goes instead of `self`, whose frame would be `len` bytes against the
+    /// peer's `max`; `None` for a message that goes as it is (one no user or service
+    /// can make large).
+    fn stand_in(self, len: usize, max: usize) -> Option<Self>;
+}
+
+/// The frame for `msg`, held to the peer's `max`: `msg` itself when it fits, else its
+/// stand-in. The second value is the size `msg` would have had, when it was replaced,
+/// for the sender's log.
+pub fn fit<M: Fit>(msg: M, max: usize) -> (String, Option<usize>) {
+    let frame = encode(&msg);
+    if frame.len() <= max {
+        return (frame, None);
+    }
+    let len = frame.len();
+    match msg.stand_in(len, max) {
+        Some(stand_in) => (encode(&stand_in), Some(len)),
+        None => (frame, None),
+    }
+}
+
+impl Fit for DeviceToHub {
+    fn stand_in(self, len: usize, max: usize) -> Option<Self> {
+        match self {
+            DeviceToHub::Response { request_id, .. } => Some(DeviceToHub::Response {
+                request_id,
+                outcome: Outcome::Error(RemoteError::new(
+                    ErrorCode::PayloadTooLarge,
+                    format!("the answer is {len} bytes; at most {max} fit in one frame"),
+                )),
+            }),
+            DeviceToHub::ProxyResponse { stream_id, .. } => Some(DeviceToHub::ProxyError {
+                stream_id,
+                code: ErrorCode::UpstreamError,
+                message: format!(
+                    "the service's response head is {len} bytes; at most {max} can be passed on"
+                ),
+            }),
+            DeviceToHub::ProxyError {
+                stream_id,
+                code,
+                message,
+            } => Some(DeviceToHub::ProxyError {
+                stream_id,
+                code,
+                message: clip_message(message),
+            }),
+            _ => None,
+        }
+    }
+}
+
+impl Fit for HubToDevice {
+    fn stand_in(self, len: usize, max: usize) -> Option<Self> {
+        match self {
+            HubToDevice::CapabilityResponse { request_id, .. } => {
+                Some(HubToDevice::CapabilityResponse {
+                    request_id,
+                    outcome: CapabilityOutcome::Error(RemoteError::new(
+                        ErrorCode::PayloadTooLarge,
+                        format!("the answer is {len} bytes; at most {max} fit in one frame"),
+                    )),
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,6 +149,51 @@ mod tests {
         let cut = clip_message(long);
         assert!(cut.len() <= MAX_MESSAGE_TEXT, "{}", cut.len());
         assert!(cut.ends_with('…'));
+    }
+
+    #[test]
+    fn what_does_not_fit_is_replaced_by_an_error_that_ends_the_same_request() {
+        let answer = DeviceToHub::Response {
+            request_id: 7,
+            outcome: Outcome::Ok(crate::DeviceReply::Capability {
+                payload: crate::Payload::from(serde_json::json!({"x": "y".repeat(500)})),
+            }),
+        };
+        let (frame, replaced) = fit(answer.clone(), 4096);
+        assert_eq!(replaced, None);
+        assert_eq!(frame, encode(&answer));
+        let (frame, replaced) = fit(answer, 100);
+        assert!(replaced.is_some_and(|n| n > 500), "{replaced:?}");
+        assert!(frame.len() <= 200, "{frame}");
+        let back: DeviceToHub = crate::decode(frame.as_bytes(), 1024).expect("decodes");
+        assert!(matches!(
+            back,
+            DeviceToHub::Response {
+                request_id: 7,
+                outcome: Outcome::Error(RemoteError {
+                    code: ErrorCode::PayloadTooLarge,
+                    ..
+                })
+            }
+        ));
+        let head = DeviceToHub::ProxyResponse {
+            stream_id: 3,
+            status: 200,
+            headers: vec![("x".into(), "v".repeat(500))],
+        };
+        let (frame, _) = fit(head, 100);
+        let back: DeviceToHub = crate::decode(frame.as_bytes(), 1024).expect("decodes");
+        assert!(matches!(
+            back,
+            DeviceToHub::ProxyError {
+                stream_id: 3,
+                code: ErrorCode::UpstreamError,
+                ..
+            }
+        ));
+        // What has no stand-in goes as it is.
+        let (frame, replaced) = fit(DeviceToHub::Draining, 1);
+        assert_eq!((frame.as_str(), replaced), (r#"{"type":"draining"}"#, None));
     }
 
     #[test]

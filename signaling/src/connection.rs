@@ -26,12 +26,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use adi_protocol::exchange;
+use adi_mux::batch::WriteBatch;
 use adi_protocol::{
     decode, encode, negotiate_version, CapabilityOutcome, CapabilityQuery, DecodeError, DeviceId,
     DeviceToHub, ErrorCode, Hardware, HubToDevice, LoadReport, Outcome, Register, Registered,
     RemoteError, SUPPORTED_VERSIONS,
 };
+use adi_protocol::{exchange, limits};
 use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket};
 use futures_util::SinkExt;
 use tokio::sync::{mpsc, oneshot};
@@ -57,8 +58,6 @@ const MAX_IN_FLIGHT: usize = 1024;
 const MAX_CAPABILITY_DEADLINE: Duration = Duration::from_secs(600);
 /// Body frames queued for the socket before stream senders wait.
 const FRAME_QUEUE: usize = 64;
-/// Frames written before one flush when several are ready.
-const BATCH: usize = 32;
 
 /// A refusal sent to the device before the connection is closed.
 struct Refusal {
@@ -361,21 +360,18 @@ impl Connection {
     /// too: under load a write then carries several frames, for one scheduler pass.
     async fn write(&mut self, first: Message) -> Result<(), axum::Error> {
         self.socket.feed(first).await?;
-        let mut fed = 1;
-        let mut waited = false;
-        while fed < BATCH {
-            let Some(next) = self.ready() else {
-                if waited {
-                    break;
+        let mut batch = WriteBatch::started();
+        let mut ran_dry = false;
+        while batch.more(ran_dry).await {
+            ran_dry = match self.ready() {
+                None => true,
+                Some(None) => false,
+                Some(Some(frame)) => {
+                    self.socket.feed(frame).await?;
+                    batch.fed();
+                    false
                 }
-                waited = true;
-                tokio::task::yield_now().await;
-                continue;
             };
-            if let Some(frame) = next {
-                self.socket.feed(frame).await?;
-                fed += 1;
-            }
         }
         self.socket.flush().await
     }
@@ -692,26 +688,15 @@ impl Connection {
         }
     }
 
-    /// The frame for an answer to the device, or, for a capability answer too large to
-    /// send, an error in its place: the request still ends exactly once.
+    /// The frame for an answer to the device, held to its frame limit: a capability
+    /// answer too large to send is replaced by an error, so the request still ends
+    /// exactly once (`adi_protocol::limits`).
     fn fit(&self, msg: HubToDevice) -> Message {
-        let frame = encode(&msg);
-        let max = self.peer_max;
-        match msg {
-            HubToDevice::CapabilityResponse { request_id, .. } if frame.len() > max => {
-                text(&HubToDevice::CapabilityResponse {
-                    request_id,
-                    outcome: CapabilityOutcome::Error(RemoteError {
-                        code: ErrorCode::PayloadTooLarge,
-                        message: format!(
-                            "the answer is {} bytes; at most {max} fit in one frame",
-                            frame.len()
-                        ),
-                    }),
-                })
-            }
-            _ => Message::Text(frame.into()),
+        let (frame, replaced) = limits::fit(msg, self.peer_max);
+        if let Some(bytes) = replaced {
+            debug!(device_id = %self.config.id, conn_id = self.conn_id, bytes, max = self.peer_max, "an answer too large for the device's frame was replaced by an error");
         }
+        Message::Text(frame.into())
     }
 
     /// Writes a changed configuration to the catalog; on failure the old one stays in
