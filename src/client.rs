@@ -258,3 +258,22 @@ fn adi_error(b: ErrorBody) -> anyhow::Error {
         anyhow!("{} ({})", b.error.message, b.error.code)
     }
 }
+
+/// Accepts a device id, or a device name that matches exactly one of your devices.
+pub async fn resolve_device(client: &HubClient, given: &str) -> Result<String> {
+    if given.parse::<adi_protocol::DeviceId>().is_ok() {
+        return Ok(given.to_owned());
+    }
+    #[derive(serde::Deserialize)]
+    struct CocoonList {
+        cocoons: Vec<adi_protocol::views::CocoonView>,
+    }
+    let list: CocoonList = client.get("/api/cocoons").await?;
+    let matches: Vec<&adi_protocol::views::CocoonView> =
+        list.cocoons.iter().filter(|c| c.name == given).collect();
+    match matches.as_slice() {
+        [one] => Ok(one.id.to_string()),
+        [] => bail!("no device of yours is called {given:?} (see `adi cocoon list`)"),
+        _ => bail!("several devices are called {given:?}; give the id instead"),
+    }
+}

@@ -12,6 +12,8 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 mod client;
 mod cmd;
 mod paths;
+mod signals;
+mod table;
 
 use std::process::ExitCode;
 
@@ -92,8 +94,8 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            if e.downcast_ref::<cmd::cocoon::FinalRefusal>().is_some() {
-                ExitCode::from(cmd::cocoon::FinalRefusal::EXIT_STATUS)
+            if e.downcast_ref::<cmd::agent::FinalRefusal>().is_some() {
+                ExitCode::from(cmd::agent::FinalRefusal::EXIT_STATUS)
             } else {
                 ExitCode::FAILURE
             }

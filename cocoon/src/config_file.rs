@@ -21,7 +21,6 @@
 
 use std::path::{Path, PathBuf};
 
-use adi_protocol::ServiceInfo;
 use serde::Deserialize;
 
 /// File name looked for in the data dir when no `--config` is given.
@@ -66,22 +65,6 @@ pub struct FileService {
     pub port: u16,
     /// Health path, e.g. `/healthz`.
     pub health: Option<String>,
-}
-
-impl From<FileService> for ServiceInfo {
-    fn from(s: FileService) -> Self {
-        ServiceInfo {
-            name: s.name,
-            port: s.port,
-            health_path: s.health.map(|h| {
-                if h.starts_with('/') {
-                    h
-                } else {
-                    format!("/{h}")
-                }
-            }),
-        }
-    }
 }
 
 /// Why the file could not be used.
@@ -141,7 +124,8 @@ mod tests {
         let f = load(&path, true).expect("ok").expect("present");
         assert_eq!(f.hub.as_deref(), Some("http://h:1"));
         assert!(f.no_exec);
-        let s: ServiceInfo = f.services.into_iter().next().expect("one").into();
+        let s = f.services.into_iter().next().expect("one");
+        let s = crate::services::check(&s.name, s.port, s.health.as_deref()).expect("valid");
         assert_eq!(s.health_path.as_deref(), Some("/healthz"));
     }
 

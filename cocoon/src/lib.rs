@@ -18,6 +18,7 @@ pub mod probe;
 pub mod proxy;
 mod requests;
 pub mod runner;
+pub mod services;
 mod session;
 
 use std::collections::BTreeSet;

@@ -1,8 +1,6 @@
 //! `adi cocoon ...`: run this device's agent, and manage devices through the hub.
 
-use std::collections::BTreeSet;
 use std::io::Read;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -10,17 +8,17 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use serde::Deserialize;
 
-use adi_cocoon::{CocoonConfig, CocoonError, ConnState};
+use adi_cocoon::CocoonConfig;
 use adi_protocol::views::CocoonView;
-use adi_protocol::ServiceInfo;
 
-use crate::client::{normalize_hub, HubArgs, HubClient};
+use crate::client::{HubArgs, HubClient};
+use crate::cmd::agent::{data_dir_and_file, disabled_set, PluginArgs};
 use crate::paths;
 
 #[derive(Subcommand)]
 pub enum CocoonCmd {
     /// Run this device's agent: connect to the hub and stay connected.
-    Run(Box<RunArgs>),
+    Run(Box<crate::cmd::agent::RunArgs>),
     /// Print a one-time token: a setup token enrols a new device, a share token
     /// (--share DEVICE) makes whoever claims it a co-owner.
     GenerateToken(TokenArgs),
@@ -42,20 +40,6 @@ pub enum CocoonCmd {
 }
 
 /// Where a cocoon's data dir and plugin settings are, for commands run beside it.
-#[derive(Args)]
-pub struct PluginArgs {
-    /// Directory of plugin manifests (default: plugins/ in the data dir).
-    #[arg(long, env = "ADI_COCOON_PLUGINS_DIR")]
-    plugins_dir: Option<PathBuf>,
-    /// Do not offer this capability (protocol name, e.g. llm.chat); repeatable.
-    #[arg(
-        long = "disable-capability",
-        env = "ADI_COCOON_DISABLE_CAPABILITIES",
-        value_delimiter = ','
-    )]
-    disable_capabilities: Vec<String>,
-}
-
 #[derive(Args)]
 pub struct CapabilitiesArgs {
     /// The cocoon's data dir (default: XDG data dir).
@@ -90,91 +74,6 @@ pub struct RequestArgs {
     /// Print `{from_device, payload}` instead of the payload alone.
     #[arg(long)]
     json: bool,
-}
-
-#[derive(Args)]
-pub struct RunArgs {
-    /// Threads for the agent's own networking. One keeps the device's other cores for
-    /// its workloads and costs the least CPU per proxied request (no hand-offs between
-    /// threads); one thread carries about a gigabyte a second of proxied bodies.
-    #[arg(long, env = "ADI_COCOON_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
-    pub threads: u16,
-    /// Hub URL (or `hub` in the config file).
-    #[arg(long, env = "ADI_HUB")]
-    hub: Option<String>,
-    /// TOML config file (default: cocoon.toml in the data dir, if present); flags and
-    /// environment variables override it.
-    #[arg(long, env = "ADI_COCOON_CONFIG")]
-    config: Option<PathBuf>,
-    /// One-time setup token; needed only the first time this data dir is used.
-    #[arg(long, env = "ADI_COCOON_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-    /// Device name (default: host name).
-    #[arg(long, env = "ADI_COCOON_NAME")]
-    name: Option<String>,
-    /// Where the device secret lives (default: XDG data dir).
-    #[arg(long, env = "ADI_COCOON_DATA_DIR")]
-    data_dir: Option<PathBuf>,
-    /// A service on this device's loopback, NAME:PORT[/HEALTH_PATH]; repeatable.
-    #[arg(long = "service", env = "COCOON_SERVICES", value_delimiter = ',', value_parser = parse_service)]
-    services: Vec<ServiceInfo>,
-    /// Longest delay between reconnect attempts.
-    #[arg(long, env = "ADI_COCOON_BACKOFF_MAX", default_value = "10s", value_parser = humantime::parse_duration)]
-    backoff_max: Duration,
-    /// Task store: sqlite:PATH or postgres://... (default: tasks.db in the data dir).
-    #[arg(long, env = "COCOON_DATABASE_URL", hide_env_values = true)]
-    database_url: Option<String>,
-    /// Refuse tasks that run a command on this device.
-    #[arg(long, env = "ADI_COCOON_NO_EXEC")]
-    no_exec: bool,
-    /// Task commands running at once; more wait as pending (default 4).
-    #[arg(long, env = "ADI_COCOON_MAX_CONCURRENT_TASKS")]
-    max_concurrent_tasks: Option<usize>,
-    /// How often services are probed for health.
-    #[arg(long, env = "ADI_COCOON_HEALTH_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
-    health_interval: Duration,
-    /// On SIGTERM or Ctrl-C, how long the cocoon keeps serving the proxied and
-    /// capability requests in flight (the hub sends it nothing new meanwhile) before it
-    /// disconnects; 0 disconnects at once. Running tasks are stopped either way.
-    #[arg(long, env = "ADI_COCOON_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
-    shutdown_grace: Duration,
-    #[command(flatten)]
-    plugins: PluginArgs,
-    /// Loopback address of the local API for programs on this device, or `off`
-    /// (default 127.0.0.1:0, a free port; address and token go to local-api.json in the
-    /// data dir).
-    #[arg(long, env = "ADI_COCOON_LOCAL_API")]
-    local_api: Option<String>,
-    /// Where this device is, in your words (shown to its owners).
-    #[arg(long, env = "ADI_COCOON_LOCATION")]
-    location: Option<String>,
-}
-
-impl RunArgs {
-    /// The data dir given, if any.
-    pub(crate) fn data_dir(&self) -> Option<&std::path::Path> {
-        self.data_dir.as_deref()
-    }
-
-    /// The config file given, if any.
-    pub(crate) fn config_path(&self) -> Option<&std::path::Path> {
-        self.config.as_deref()
-    }
-
-    /// The hub given, if any (the config file may name one too).
-    pub(crate) fn hub(&self) -> Option<&str> {
-        self.hub.as_deref()
-    }
-
-    /// The setup token given, if any.
-    pub(crate) fn token(&self) -> Option<&str> {
-        self.token.as_deref()
-    }
-
-    /// How long a stopping agent finishes its requests in flight.
-    pub(crate) fn shutdown_grace(&self) -> Duration {
-        self.shutdown_grace
-    }
 }
 
 #[derive(Args)]
@@ -222,7 +121,7 @@ pub struct ServicesArgs {
 
 pub async fn run(cmd: CocoonCmd) -> Result<()> {
     match cmd {
-        CocoonCmd::Run(a) => run_agent(*a).await,
+        CocoonCmd::Run(a) => crate::cmd::agent::run(*a).await,
         CocoonCmd::GenerateToken(a) => generate_token(a).await,
         CocoonCmd::Claim(a) => claim(a).await,
         CocoonCmd::List(a) => list(a).await,
@@ -234,205 +133,6 @@ pub async fn run(cmd: CocoonCmd) -> Result<()> {
 }
 
 /// Parses `--local-api`: a loopback `IP:PORT`, or `off`.
-fn parse_local_api(s: &str) -> Result<Option<SocketAddr>> {
-    let s = s.trim();
-    if s.eq_ignore_ascii_case("off") {
-        return Ok(None);
-    }
-    let addr: SocketAddr = s
-        .parse()
-        .with_context(|| format!("--local-api {s:?} is not IP:PORT or off"))?;
-    if !addr.ip().is_loopback() {
-        bail!("--local-api {addr} is not a loopback address; use 127.0.0.1:PORT or [::1]:PORT");
-    }
-    Ok(Some(addr))
-}
-
-/// Checks protocol names given to --disable-capability.
-fn disabled_set(names: &[String]) -> Result<BTreeSet<String>> {
-    names
-        .iter()
-        .map(|n| n.trim())
-        .filter(|n| !n.is_empty())
-        .map(|n| {
-            adi_protocol::capability::validate_protocol(n)
-                .map(str::to_owned)
-                .map_err(|e| anyhow::anyhow!("--disable-capability: {e}"))
-        })
-        .collect()
-}
-
-/// Parses `NAME:PORT[/HEALTH_PATH]`.
-pub fn parse_service(s: &str) -> Result<ServiceInfo, String> {
-    let (name, rest) = s
-        .trim()
-        .split_once(':')
-        .ok_or_else(|| format!("service {s:?} is not NAME:PORT"))?;
-    let (port, health) = match rest.split_once('/') {
-        Some((p, h)) => (p, Some(format!("/{h}"))),
-        None => (rest, None),
-    };
-    if name.is_empty()
-        || name.len() > 64
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-    {
-        return Err(format!(
-            "service name {name:?} must be 1-64 of [A-Za-z0-9._-]"
-        ));
-    }
-    let port: u16 = port
-        .parse()
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(|| format!("service port {port:?} is not 1-65535"))?;
-    Ok(ServiceInfo {
-        name: name.to_owned(),
-        port,
-        health_path: health,
-    })
-}
-
-/// The cocoon's data dir (given or the XDG default) and its config file: the one given,
-/// else `cocoon.toml` in the data dir if there is one.
-pub(crate) fn data_dir_and_file(
-    data_dir: Option<PathBuf>,
-    config: Option<&std::path::Path>,
-) -> Result<(PathBuf, adi_cocoon::config_file::CocoonFile)> {
-    let data_dir = data_dir.unwrap_or_else(|| paths::data_dir("cocoon"));
-    let file = match config {
-        Some(path) => adi_cocoon::config_file::load(path, true)?,
-        None => adi_cocoon::config_file::load(
-            &data_dir.join(adi_cocoon::config_file::DEFAULT_FILE),
-            false,
-        )?,
-    }
-    .unwrap_or_default();
-    Ok((data_dir, file))
-}
-
-async fn run_agent(mut args: RunArgs) -> Result<()> {
-    let (data_dir, file) = data_dir_and_file(args.data_dir.clone(), args.config.as_deref())?;
-    let hub = args.hub.clone().or(file.hub).ok_or_else(|| {
-        anyhow::anyhow!(
-            "no hub given: pass --hub, set ADI_HUB, or put hub = \"...\" in the config file"
-        )
-    })?;
-    let hub = normalize_hub(&hub)?;
-    args.services
-        .extend(file.services.into_iter().map(ServiceInfo::from));
-    let mut names: Vec<&str> = args.services.iter().map(|s| s.name.as_str()).collect();
-    names.sort_unstable();
-    if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
-        bail!("service {:?} is given twice", w[0]);
-    }
-    let mut config = CocoonConfig::new(
-        hub.clone(),
-        data_dir,
-        args.name.or(file.name).unwrap_or_else(paths::hostname),
-    );
-    config.setup_token = args.token;
-    config.services = args.services;
-    config.backoff_max = args.backoff_max;
-    config.task_database_url = args.database_url.or(file.database_url);
-    config.exec_allowed = !(args.no_exec || file.no_exec);
-    config.max_concurrent_tasks = args
-        .max_concurrent_tasks
-        .or(file.max_concurrent_tasks)
-        .unwrap_or(4);
-    config.health_interval = args.health_interval;
-    config.shutdown_grace = args.shutdown_grace;
-    config.plugins_dir = args.plugins.plugins_dir.or(file.plugins_dir);
-    let mut disabled = args.plugins.disable_capabilities;
-    disabled.extend(file.disable_capabilities);
-    config.disabled_capabilities = disabled_set(&disabled)?;
-    if let Some(api) = args.local_api.or(file.local_api) {
-        config.local_api = parse_local_api(&api)?;
-    }
-    config.location = args.location.or(file.location);
-    let handle = adi_cocoon::start(config)
-        .await
-        .context("starting the cocoon")?;
-    let mut state = handle.state();
-    let watcher = tokio::spawn(async move {
-        while state.changed().await.is_ok() {
-            let now = state.borrow_and_update().clone();
-            if let ConnState::Online { device_id } = now {
-                eprintln!("cocoon online as device {device_id} at {hub}");
-            }
-        }
-    });
-    let stopper = {
-        let signal = crate::cmd::signaling::shutdown_signal();
-        tokio::spawn(signal)
-    };
-    let result = tokio::select! {
-        _ = stopper => {
-            eprintln!(
-                "cocoon stopping: finishing the requests in flight (at most {}); signal again to stop now",
-                humantime::format_duration(args.shutdown_grace)
-            );
-            handle.stop();
-            tokio::select! {
-                r = handle.join() => r,
-                () = crate::cmd::signaling::shutdown_signal() => {
-                    tracing::warn!("stopping now: requests in flight are cut off; tasks left running are cleaned up at the next start");
-                    Ok(())
-                }
-            }
-        }
-        r = wait_end(&handle) => {
-            r?;
-            handle.join().await
-        }
-    };
-    watcher.abort();
-    match result {
-        Ok(()) => Ok(()),
-        Err(CocoonError::Refused { code, message }) => {
-            Err(FinalRefusal(format!("the hub refused this device ({code}): {message}")).into())
-        }
-        Err(e @ CocoonError::NotAHub { .. }) => Err(FinalRefusal(e.to_string()).into()),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// The hub refused this device for good (a bad token, a second agent with its secret):
-/// starting it again as it is cannot help, so `adi` exits with
-/// [`FinalRefusal::EXIT_STATUS`], which the systemd unit does not restart.
-#[derive(Debug)]
-pub struct FinalRefusal(String);
-
-impl FinalRefusal {
-    /// `EX_CONFIG` from sysexits.h: the configuration must change first.
-    pub const EXIT_STATUS: u8 = 78;
-}
-
-impl std::fmt::Display for FinalRefusal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for FinalRefusal {}
-
-/// Resolves when the cocoon ends by itself (a final refusal).
-async fn wait_end(handle: &adi_cocoon::CocoonHandle) -> Result<()> {
-    let mut state = handle.state();
-    loop {
-        if matches!(
-            *state.borrow_and_update(),
-            ConnState::Failed { .. } | ConnState::NotAHub { .. } | ConnState::Stopped
-        ) {
-            return Ok(());
-        }
-        if state.changed().await.is_err() {
-            return Ok(());
-        }
-    }
-}
-
 #[derive(Deserialize, serde::Serialize)]
 struct TokenAnswer {
     token: String,
@@ -447,7 +147,7 @@ async fn generate_token(args: TokenArgs) -> Result<()> {
     let body = match &args.share {
         Some(device) => serde_json::json!({
             "kind": "share",
-            "device_id": crate::cmd::tasks::resolve_device(&client, device).await?,
+            "device_id": crate::client::resolve_device(&client, device).await?,
             "expires_in_secs": args.expires.as_secs()
         }),
         None => serde_json::json!({ "kind": "setup", "expires_in_secs": args.expires.as_secs() }),
@@ -550,7 +250,7 @@ async fn list(args: ListArgs) -> Result<()> {
             ]
         })
         .collect();
-    print_table(
+    crate::table::print_table(
         [
             "ID",
             "NAME",
@@ -591,7 +291,7 @@ struct ServiceList {
 
 async fn services(args: ServicesArgs) -> Result<()> {
     let client = HubClient::connect(&args.hub).await?;
-    let device = crate::cmd::tasks::resolve_device(&client, &args.device).await?;
+    let device = crate::client::resolve_device(&client, &args.device).await?;
     let list: ServiceList = client
         .get(&format!("/api/cocoons/{device}/services"))
         .await?;
@@ -618,7 +318,7 @@ async fn services(args: ServicesArgs) -> Result<()> {
             ]
         })
         .collect();
-    print_table(["NAME", "PORT", "HEALTH", "HEALTH PATH"], &rows);
+    crate::table::print_table(["NAME", "PORT", "HEALTH", "HEALTH PATH"], &rows);
     Ok(())
 }
 
@@ -671,7 +371,7 @@ fn capabilities(args: CapabilitiesArgs) -> Result<()> {
                 ]
             })
             .collect();
-        print_table(
+        crate::table::print_table(
             ["PROTOCOL", "VERSION", "IDEMPOTENT", "SOURCE", "SERVES"],
             &rows,
         );
@@ -783,50 +483,5 @@ fn join_or_dash(items: impl Iterator<Item = String>) -> String {
         "-".into()
     } else {
         joined.join(",")
-    }
-}
-
-/// Prints rows under a header, each column as wide as its widest cell.
-pub(crate) fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
-    let mut widths = header.map(str::len);
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        let mut out = String::new();
-        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
-            if i + 1 == N {
-                out.push_str(cell);
-            } else {
-                out.push_str(&format!("{cell:<w$}  "));
-            }
-        }
-        println!("{}", out.trim_end());
-    };
-    line(header.to_vec());
-    for row in rows {
-        line(row.iter().map(String::as_str).collect());
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn services_parse_with_and_without_health() {
-        let s = parse_service("grafana:3000").expect("ok");
-        assert_eq!(
-            (s.name.as_str(), s.port, s.health_path),
-            ("grafana", 3000, None)
-        );
-        let s = parse_service("api:8092/healthz").expect("ok");
-        assert_eq!(s.health_path.as_deref(), Some("/healthz"));
-        assert!(parse_service("nope").is_err());
-        assert!(parse_service("x:0").is_err());
-        assert!(parse_service("x:70000").is_err());
-        assert!(parse_service("../etc:80").is_err());
     }
 }

@@ -34,7 +34,7 @@ pub struct DevArgs {
     #[arg(long)]
     name: Option<String>,
     /// A service on this machine's loopback to offer, NAME:PORT[/HEALTH]; repeatable.
-    #[arg(long = "service", value_parser = crate::cmd::cocoon::parse_service)]
+    #[arg(long = "service", value_parser = crate::cmd::agent::parse_service)]
     services: Vec<adi_protocol::ServiceInfo>,
 }
 
@@ -123,7 +123,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
     println!("  plugins:  {plugins} (capability manifests, read live)");
     println!("Ctrl-C stops both.");
 
-    crate::cmd::signaling::shutdown_signal().await;
+    crate::signals::shutdown().await;
     eprintln!("stopping: finishing the requests in flight; Ctrl-C again stops now");
     let stopping = async {
         cocoon.stop();
@@ -135,7 +135,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
     };
     tokio::select! {
         () = stopping => {}
-        () = crate::cmd::signaling::shutdown_signal() => {}
+        () = crate::signals::shutdown() => {}
     }
     Ok(())
 }

@@ -1,5 +1,7 @@
-//! One module per top-level command.
+//! One module per command: `agent` is `adi cocoon run` (also used to check a service
+//! unit's arguments), `cocoon` the device commands, `service` the systemd unit.
 
+pub mod agent;
 pub mod cocoon;
 pub mod dev;
 pub mod login;

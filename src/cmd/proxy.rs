@@ -62,7 +62,7 @@ struct Named {
 
 pub async fn run(args: ProxyArgs) -> Result<()> {
     let client = HubClient::connect(&args.hub).await?;
-    let device = crate::cmd::tasks::resolve_device(&client, &args.device).await?;
+    let device = crate::client::resolve_device(&client, &args.device).await?;
     // A forward to a service the device does not have would answer 404 to every
     // request: say so now, with the services it has.
     let offered: Services = client
@@ -106,7 +106,7 @@ pub async fn run(args: ProxyArgs) -> Result<()> {
         let _ = tcp.set_nodelay(true);
     });
     axum::serve(listener, app(forward))
-        .with_graceful_shutdown(crate::cmd::signaling::shutdown_signal())
+        .with_graceful_shutdown(crate::signals::shutdown())
         .await?;
     Ok(())
 }

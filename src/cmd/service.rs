@@ -25,7 +25,7 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use adi_signaling::owner_only;
 
-use crate::cmd::cocoon::RunArgs;
+use crate::cmd::agent::RunArgs;
 use crate::paths;
 
 /// Name of the environment file written into the cocoon's data dir.
@@ -167,7 +167,7 @@ fn install(args: InstallArgs) -> Result<()> {
         .collect::<Result<Vec<String>>>()?;
     // Checked as `adi cocoon run` would check them, environment included.
     let parsed = parse_run_args(&run_args)?;
-    let (data_dir, file) = crate::cmd::cocoon::data_dir_and_file(
+    let (data_dir, file) = crate::cmd::agent::data_dir_and_file(
         parsed.run.data_dir().map(Path::to_path_buf),
         parsed.run.config_path(),
     )?;
@@ -405,7 +405,7 @@ fn unit_file(spec: &UnitSpec<'_>) -> Result<String> {
         env_file = setting(env_file)?,
         exec = exec.join(" "),
         stop = spec.stop_timeout.as_secs(),
-        refused = crate::cmd::cocoon::FinalRefusal::EXIT_STATUS,
+        refused = crate::cmd::agent::FinalRefusal::EXIT_STATUS,
     ))
 }
 

@@ -160,7 +160,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let mut running = std::pin::pin!(hub.wait());
     tokio::select! {
         r = &mut running => return r.context("hub server"),
-        () = shutdown_signal() => {}
+        () = crate::signals::shutdown() => {}
     }
     eprintln!(
         "adi hub stopping: finishing the requests in flight (at most {}); \
@@ -170,7 +170,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     stop.cancel();
     tokio::select! {
         r = &mut running => r.context("hub server"),
-        () = shutdown_signal() => {
+        () = crate::signals::shutdown() => {
             tracing::warn!("stopping now: requests still in flight are cut off");
             Ok(())
         }
@@ -232,26 +232,4 @@ fn within_open_file_limit(wanted: usize) -> usize {
         return room.max(64);
     }
     wanted
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
-    }
 }

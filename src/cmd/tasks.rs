@@ -6,10 +6,9 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 
 use adi_protocol::tasks::{LogLine, Task};
-use adi_protocol::views::CocoonView;
 use adi_protocol::views::{AggregateTasks, CanRun};
 
-use crate::client::{HubArgs, HubClient};
+use crate::client::{resolve_device, HubArgs, HubClient};
 
 #[derive(Subcommand)]
 pub enum TasksCmd {
@@ -155,25 +154,6 @@ async fn check(args: CheckArgs) -> Result<()> {
     }
 }
 
-#[derive(Deserialize)]
-struct CocoonList {
-    cocoons: Vec<CocoonView>,
-}
-
-/// Accepts a device id, or a device name that matches exactly one of your devices.
-pub async fn resolve_device(client: &HubClient, given: &str) -> Result<String> {
-    if given.parse::<adi_protocol::DeviceId>().is_ok() {
-        return Ok(given.to_owned());
-    }
-    let list: CocoonList = client.get("/api/cocoons").await?;
-    let matches: Vec<&CocoonView> = list.cocoons.iter().filter(|c| c.name == given).collect();
-    match matches.as_slice() {
-        [one] => Ok(one.id.to_string()),
-        [] => bail!("no device of yours is called {given:?} (see `adi cocoon list`)"),
-        _ => bail!("several devices are called {given:?}; give the id instead"),
-    }
-}
-
 fn encode_query(pairs: &[(&str, &str)]) -> String {
     let mut out = String::new();
     for (k, v) in pairs {
@@ -278,7 +258,7 @@ fn print_tasks(tasks: &[Task], names: &std::collections::HashMap<String, String>
             ]
         })
         .collect();
-    crate::cmd::cocoon::print_table(["ID", "DEVICE", "STATUS", "TITLE"], &rows);
+    crate::table::print_table(["ID", "DEVICE", "STATUS", "TITLE"], &rows);
 }
 
 async fn create(args: CreateArgs) -> Result<()> {

@@ -265,6 +265,21 @@ async fn the_config_file_supplies_hub_name_and_services_and_typos_are_refused() 
         err.contains("cocoon.toml") && err.contains("hbu") && err.contains("line 2"),
         "{err}"
     );
+    // A service the proxy could not route is refused from the file as from a flag.
+    std::fs::write(
+        bad.path().join("cocoon.toml"),
+        "name = \"x\"\n[[services]]\nname = \"../etc\"\nport = 80\n",
+    )?;
+    let out = std::process::Command::new(ADI)
+        .args(["cocoon", "run", "--hub", &hub.url, "--data-dir"])
+        .arg(bad.path())
+        .output()?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("service name \"../etc\"") && err.contains("[[services]]"),
+        "{err}"
+    );
     Ok(())
 }
 

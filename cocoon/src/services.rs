@@ -1,0 +1,94 @@
+//! What a service declaration must be, however it is given: a `--service` flag,
+//! `COCOON_SERVICES`, or a `[[services]]` table in `cocoon.toml`. One check for all of
+//! them, so a name the proxy could not route or a port that cannot be listened on is
+//! refused wherever it was written.
+
+use adi_protocol::ServiceInfo;
+
+/// Why a service declaration is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ServiceError {
+    /// Not of the `NAME:PORT[/HEALTH]` form.
+    #[error("service {0:?} is not NAME:PORT")]
+    Form(String),
+    /// A name the proxy path could not carry.
+    #[error("service name {0:?} must be 1-64 of [A-Za-z0-9._-]")]
+    Name(String),
+    /// Not a port a service can listen on.
+    #[error("service port {0:?} is not 1-65535")]
+    Port(String),
+}
+
+/// Parses `NAME:PORT[/HEALTH]` and checks it.
+pub fn parse(s: &str) -> Result<ServiceInfo, ServiceError> {
+    let (name, rest) = s
+        .trim()
+        .split_once(':')
+        .ok_or_else(|| ServiceError::Form(s.to_owned()))?;
+    let (port, health) = match rest.split_once('/') {
+        Some((p, h)) => (p, Some(h)),
+        None => (rest, None),
+    };
+    let port: u16 = port
+        .parse()
+        .map_err(|_| ServiceError::Port(port.to_owned()))?;
+    check(name, port, health)
+}
+
+/// Checks a declared service: its name, its port, and its health path (made to start
+/// with `/`).
+pub fn check(name: &str, port: u16, health: Option<&str>) -> Result<ServiceInfo, ServiceError> {
+    let name_ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && name != "."
+        && name != "..";
+    if !name_ok {
+        return Err(ServiceError::Name(name.to_owned()));
+    }
+    if port == 0 {
+        return Err(ServiceError::Port(port.to_string()));
+    }
+    Ok(ServiceInfo {
+        name: name.to_owned(),
+        port,
+        health_path: health.map(|h| {
+            if h.starts_with('/') {
+                h.to_owned()
+            } else {
+                format!("/{h}")
+            }
+        }),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn services_parse_with_and_without_health_and_bad_ones_say_why() {
+        let s = parse("grafana:3000").expect("ok");
+        assert_eq!(
+            (s.name.as_str(), s.port, s.health_path),
+            ("grafana", 3000, None)
+        );
+        let s = parse("api:8092/healthz").expect("ok");
+        assert_eq!(s.health_path.as_deref(), Some("/healthz"));
+        assert_eq!(parse("nope"), Err(ServiceError::Form("nope".into())));
+        assert!(matches!(parse("x:0"), Err(ServiceError::Port(_))));
+        assert!(matches!(parse("x:70000"), Err(ServiceError::Port(_))));
+        assert!(matches!(parse("../etc:80"), Err(ServiceError::Name(_))));
+        assert!(matches!(parse("..:80"), Err(ServiceError::Name(_))));
+        assert!(matches!(check("a b", 80, None), Err(ServiceError::Name(_))));
+        assert_eq!(
+            check("web", 80, Some("health"))
+                .expect("ok")
+                .health_path
+                .as_deref(),
+            Some("/health")
+        );
+    }
+}
