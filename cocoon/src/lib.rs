@@ -3,8 +3,22 @@
 //! capped exponential backoff and jitter. Only a refusal that retrying cannot fix (a bad
 //! setup token, an unenrolled secret) stops it.
 //!
-//! [`spawn`] runs a cocoon as a task and hands back a [`CocoonHandle`] whose state is a
+//! [`start`] runs a cocoon as a task and hands back a [`CocoonHandle`] whose state is a
 //! `watch` channel, so tests and `adi dev` can run cocoons in-process.
+//!
+//! Layout, one job each:
+//! - [`lock`]: one live agent per data dir.
+//! - [`identity`]: the device secret, owner-only in the data dir.
+//! - `session`: the connection loop, and a session actor per connection.
+//! - [`proxy`] and `pool`: the hub's proxied requests, served against the device's own
+//!   loopback services, with connections driven by the requests that hold them.
+//! - `requests`: the hub's questions about this device's tasks.
+//! - [`runner`]: running tasks' commands, whole, and their logs.
+//! - [`plugins`] and `capabilities`: what the device offers, and serving it.
+//! - [`local_api`]: the loopback API programs on this device use.
+//! - [`services`]: what a service declaration must be, however it is given.
+//! - `health` and [`probe`]: service health, and CPU, RAM and GPU figures.
+//! - [`config_file`]: the agent's `cocoon.toml`.
 
 mod capabilities;
 pub mod config_file;
@@ -14,8 +28,8 @@ pub mod local_api;
 pub mod lock;
 pub mod plugins;
 mod pool;
-pub mod probe;
-pub mod proxy;
+mod probe;
+mod proxy;
 mod requests;
 pub mod runner;
 pub mod services;

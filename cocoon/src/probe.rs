@@ -95,12 +95,6 @@ pub fn has_gpu(report: &LoadReport) -> bool {
     !report.gpus.is_empty()
 }
 
-/// Probes once and tells whether this device has a GPU; blocking (it loads NVML).
-/// Logs nothing: the periodic probe says what it finds.
-pub fn detect_gpu() -> bool {
-    has_gpu(&Probe::open_logged(false).sample())
-}
-
 /// Opens the probe and takes a first sample whose CPU figure means something (CPU use
 /// is measured between two readings, so it waits the shortest interval that gives a
 /// real one); blocking. The cocoon registers with this sample, so its hardware and load
@@ -190,7 +184,12 @@ mod tests {
     #[test]
     fn gpu_detection_agrees_with_nvidia_smi() {
         let listed = gpus_nvidia_smi_lists();
-        assert_eq!(detect_gpu(), listed > 0, "nvidia-smi lists {listed} GPUs");
+        let sample = Probe::open().sample();
+        assert_eq!(
+            has_gpu(&sample),
+            listed > 0,
+            "nvidia-smi lists {listed} GPUs"
+        );
     }
 
     /// The GPUs `nvidia-smi -L` lists: the driver's own account, independent of NVML

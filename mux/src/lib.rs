@@ -11,6 +11,10 @@
 //! are `adi_protocol::frame`, with the other wire formats. It never touches a socket:
 //! the connection's owner feeds it inbound binary frames ([`Streams::on_frame`]) and
 //! writes the frames it produces (the `outbound` channel given to [`Streams::new`]).
+//!
+//! Layout: this file, the stream table ([`Streams`]) and each stream's ends
+//! ([`BodySender`], [`BodyReceiver`], [`splice`]); [`batch`], how a socket's writer
+//! batches the frames it carries, the same on both ends.
 
 pub mod batch;
 

@@ -34,6 +34,22 @@
 //!
 //! Control messages are JSON text frames tagged by `type`; unknown fields are ignored so
 //! either side can grow, unknown types are errors.
+//!
+//! # Layout, one job each
+//! - `messages`: the control messages by direction, and what they carry.
+//! - `codec`: bytes in, a message or a descriptive error out; `fast`: the same for the
+//!   frames of the hot paths, read in one pass, held to the general path's answers.
+//! - [`frame`]: the binary frames' layout (body chunks by stream) and their codec.
+//! - [`exchange`]: a proxied exchange's heads, whole or as messages, in one place.
+//! - [`limits`]: the size rule of the link, who checks what before sending.
+//! - `error`: the closed set of error codes and their HTTP statuses.
+//! - `ids`: device and user ids, device secrets.
+//! - [`capability`]: capability names, versions and matching.
+//! - [`tasks`]: tasks, their filters, pages and logs.
+//! - [`client`]: the messages of a person's client socket.
+//! - [`views`]: what the REST API answers, as clients read it.
+//! - [`http`]: the HTTP rules every proxy path applies (hop-by-hop headers, paths).
+//! - `payload`: a capability's JSON payload, kept as raw text.
 
 pub mod capability;
 pub mod client;
