@@ -100,12 +100,18 @@ pub fn load(path: &Path, required: bool) -> Result<Option<CocoonFile>, ConfigFil
             })
         }
     };
-    toml::from_str(&text)
+    parse(&text)
         .map(Some)
-        .map_err(|e| ConfigFileError::Invalid {
+        .map_err(|message| ConfigFileError::Invalid {
             path: path.to_owned(),
-            message: e.to_string().trim().to_owned(),
+            message,
         })
+}
+
+/// Reads the file's text: the parser's words (with line and column) when it is not a
+/// valid file. Apart from [`load`] so that its decoder can be fuzzed without a disk.
+pub fn parse(text: &str) -> Result<CocoonFile, String> {
+    toml::from_str(text).map_err(|e| e.to_string().trim().to_owned())
 }
 
 #[cfg(test)]

@@ -185,10 +185,17 @@ fn line_of(text: &str, offset: usize) -> usize {
 
 /// One manifest's capabilities, or one line saying why the file is skipped.
 fn read_manifest(path: &Path) -> Result<Vec<Served>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    parse_manifest(&text, path)
+}
+
+/// One manifest's capabilities from its text (`path` names it in errors and sources, and
+/// its directory is a command's working directory), or one line saying why it is
+/// skipped. Apart from reading the file so that its decoder can be fuzzed without a disk.
+pub fn parse_manifest(text: &str, path: &Path) -> Result<Vec<Served>, String> {
     let shown = path.display();
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{shown}: {e}"))?;
-    let manifest: Manifest = toml::from_str(&text).map_err(|e| {
-        let line = e.span().map(|s| line_of(&text, s.start));
+    let manifest: Manifest = toml::from_str(text).map_err(|e| {
+        let line = e.span().map(|s| line_of(text, s.start));
         let message = e.message().trim().to_owned();
         match line {
             Some(l) => format!("{shown}:{l}: {message}"),
@@ -206,7 +213,7 @@ fn read_manifest(path: &Path) -> Result<Vec<Served>, String> {
         .capabilities
         .into_iter()
         .map(|spanned| {
-            let line = line_of(&text, spanned.span().start);
+            let line = line_of(text, spanned.span().start);
             let c = spanned.into_inner();
             let fail = |why: String| format!("{shown}:{line}: {why}");
             validate_protocol(&c.protocol).map_err(|e| fail(e.to_string()))?;

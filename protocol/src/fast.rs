@@ -60,7 +60,10 @@ fn direct_or_general<T: serde::de::DeserializeOwned>(
     max_len: usize,
     direct: &[Direct<T>],
 ) -> Result<T, DecodeError> {
-    if frame.len() <= max_len {
+    // The general decoder refuses invalid UTF-8 anywhere in the frame, the direct
+    // readers only where they read a string, not in a field they skip: both must give
+    // one answer (a text frame is UTF-8 already, so this refuses nothing real).
+    if frame.len() <= max_len && std::str::from_utf8(frame).is_ok() {
         let fast = direct
             .iter()
             .find(|(prefix, _)| frame.starts_with(prefix))

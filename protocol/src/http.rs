@@ -87,11 +87,7 @@ fn hides_dotdot(seg: &str) -> bool {
     if !seg.contains(['%', '\\', ';']) {
         return seg == "..";
     }
-    let mut s = seg.to_ascii_lowercase();
-    // `%252e` -> `%2e`: each pass shortens the string, so this ends.
-    while s.contains("%25") {
-        s = s.replace("%25", "%");
-    }
+    let s = collapse_escaped_percents(&seg.to_ascii_lowercase());
     let s = s
         .replace("%2f", "/")
         .replace("%5c", "/")
@@ -99,6 +95,24 @@ fn hides_dotdot(seg: &str) -> bool {
         .replace("%2e", ".");
     s.split('/')
         .any(|piece| piece.split(';').next() == Some(".."))
+}
+
+/// Undoes `%25` (an escaped `%`) as often as a service decoding again and again would,
+/// so `%252e` reads `%2e`: a `%` and every `25` right after it become one `%`. One pass,
+/// where replacing until nothing changes would take a pass per `25` (quadratic in a
+/// head of `%252525...`).
+fn collapse_escaped_percents(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('%') {
+        out.push_str(&rest[..=i]);
+        rest = &rest[i + 1..];
+        while let Some(after) = rest.strip_prefix("25") {
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Normalises a request target (`/path?query`) for a service: the path always starts
@@ -192,6 +206,32 @@ fn is_dotdot(seg: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the one-pass collapse must equal: replacing until nothing changes.
+    fn collapse_by_repeating(s: &str) -> String {
+        let mut s = s.to_owned();
+        while s.contains("%25") {
+            s = s.replace("%25", "%");
+        }
+        s
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn escaped_percents_collapse_in_one_pass_as_by_repeating(s in "[%25e.x/]{0,40}") {
+            proptest::prop_assert_eq!(collapse_escaped_percents(&s), collapse_by_repeating(&s));
+        }
+    }
+
+    #[test]
+    fn a_dot_dot_behind_many_escaped_percents_is_still_found() {
+        let seg = format!("%{}2e%2e", "25".repeat(30_000));
+        assert!(hides_dotdot(&seg));
+        assert!(matches!(
+            check_target(&format!("/a/{seg}/etc/passwd")),
+            Err(UnsafeTarget::HiddenDotSegment(_))
+        ));
+    }
 
     #[test]
     fn a_foreign_answer_is_quoted_as_one_line_of_its_text() {

@@ -89,12 +89,23 @@ pub struct Heartbeat {
     pub services: Vec<ServiceHealth>,
 }
 
+/// A share in percent, held to 0–100.
+fn percent<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<f32, D::Error> {
+    let value = f64::deserialize(deserializer)?;
+    // JSON numbers are finite, and a clamped one fits an f32.
+    #[allow(clippy::cast_possible_truncation)]
+    Ok(value.clamp(0.0, 100.0) as f32)
+}
+
 /// A device's CPU, RAM and GPU use at one instant. Kept in the hub's RAM only.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct LoadReport {
     /// Logical CPUs.
     pub cpu_count: u32,
-    /// Busy share of all CPUs since the previous sample, 0–100.
+    /// Busy share of all CPUs since the previous sample, 0–100 (a figure outside is
+    /// read as the nearest end: past `f32`'s range it would become infinite, which
+    /// JSON cannot carry, and every view of the device would stop encoding).
+    #[serde(deserialize_with = "percent")]
     pub cpu_percent: f32,
     /// Bytes of RAM.
     pub ram_total_bytes: u64,

@@ -102,6 +102,16 @@ impl<'de> Deserialize<'de> for Payload {
                 match map.next_key::<String>()? {
                     Some(key) if key == RAW_TOKEN => {
                         let raw: Box<RawValue> = map.next_value_seed(RawText)?;
+                        // Text holding the token as a key would be read as raw text
+                        // again by any decoder that buffers the message first, so one
+                        // frame would decode two ways: refuse it. (Spelt with escapes
+                        // it still reaches the device as it was sent, and reads as
+                        // `null` to code that parses it.)
+                        if raw.get().contains(RAW_TOKEN) {
+                            return Err(de::Error::custom(
+                                "a payload may not use serde_json's reserved key",
+                            ));
+                        }
                         Ok(Payload(raw))
                     }
                     _ => Err(de::Error::custom("unexpected raw value")),

@@ -1,0 +1,207 @@
+//! The checks each fuzz target runs on one input, apart from libFuzzer so that the
+//! workspace's tests run them too, on every seed and every input that once failed
+//! (`seeds/` and `regressions/`, one folder per target).
+//!
+//! Each check decodes bytes the way the project reads them from the network or disk and
+//! asserts what a caller relies on; a panic is a finding.
+
+#![forbid(unsafe_code)]
+
+use std::path::Path;
+
+use adi_cocoon::plugins::{parse_manifest, Serve};
+use adi_cocoon::{config_file, services};
+use adi_mux::Streams;
+use adi_protocol::client::{ClientToHub, HubToClient};
+use adi_protocol::exchange::{read_request, read_response, request_head, RequestHead};
+use adi_protocol::http::{check_target, normalize_target};
+use adi_protocol::{
+    decode, decode_device_frame, decode_hub_frame, encode, frame, DecodeError, HubToDevice,
+    DEFAULT_MAX_FRAME_BYTES,
+};
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// A check: decodes one input and panics on a finding.
+pub type Check = fn(&[u8]);
+
+/// Every check by its target name, for the corpus tests.
+pub const CHECKS: &[(&str, Check)] = &[
+    ("device_frame", device_frame),
+    ("hub_frame", hub_frame),
+    ("client_message", client_message),
+    ("mux_frames", mux_frames),
+    ("proxy_head", proxy_head),
+    ("request_target", request_target),
+    ("plugin_manifest", plugin_manifest),
+    ("cocoon_toml", cocoon_toml),
+];
+
+/// A frame a device sent, as the hub reads it: the direct reader of the hot frames must
+/// give the general decoder's answer, and every message decoded must survive its own
+/// encoding unchanged.
+pub fn device_frame(data: &[u8]) {
+    direct_is_general(data, decode_device_frame);
+}
+
+/// A frame the hub sent, as a device reads it, held to the same as [`device_frame`].
+pub fn hub_frame(data: &[u8]) {
+    direct_is_general(data, decode_hub_frame);
+}
+
+/// The direct reader and the general decoder agree, and what decodes round-trips.
+fn direct_is_general<T>(data: &[u8], direct: fn(&[u8], usize) -> Result<T, DecodeError>)
+where
+    T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug,
+{
+    let fast = direct(data, DEFAULT_MAX_FRAME_BYTES);
+    let general = decode::<T>(data, DEFAULT_MAX_FRAME_BYTES);
+    match (&fast, &general) {
+        (Ok(a), Ok(b)) => assert_eq!(a, b, "the direct reader differs from the general one"),
+        (Err(_), Err(_)) => {}
+        _ => panic!("direct {fast:?} but general {general:?}"),
+    }
+    round_trip::<T>(data);
+}
+
+/// A message that decodes survives its own encoding unchanged.
+fn round_trip<T>(data: &[u8])
+where
+    T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug,
+{
+    if let Ok(message) = decode::<T>(data, DEFAULT_MAX_FRAME_BYTES) {
+        let text = encode(&message);
+        let again: T = decode(text.as_bytes(), usize::MAX).expect("own encoding decodes");
+        assert_eq!(again, message, "a message changed through its own encoding");
+    }
+}
+
+/// The messages of a person's client socket, both ways: decoding arbitrary bytes never
+/// panics, and every message decoded survives its own encoding unchanged.
+pub fn client_message(data: &[u8]) {
+    round_trip::<ClientToHub>(data);
+    round_trip::<HubToClient>(data);
+}
+
+/// A run of binary frames from a peer, as the stream multiplexer meets them: each is
+/// decoded (a length byte pair before each frame in the input), and those that decode
+/// are routed through a table with a few open streams. Nothing may panic, and the
+/// table must end empty once every stream is closed.
+pub fn mux_frames(data: &[u8]) {
+    let (outbound, mut written) = tokio::sync::mpsc::channel(1024);
+    let streams = Streams::new(outbound);
+    let open: Vec<_> = (0..4).map(|id| streams.open(id)).collect();
+    let mut rest = data;
+    while rest.len() >= 2 {
+        let len = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
+        let take = len.min(rest.len() - 2);
+        let bytes = Bytes::copy_from_slice(&rest[2..2 + take]);
+        rest = &rest[2 + take..];
+        if let Ok(f) = frame::decode(bytes) {
+            if f.kind == frame::Kind::Whole {
+                let (head, body) = f.split_whole();
+                assert_eq!(head.len() + body.len() + 4, f.payload.len());
+            }
+            streams.on_frame(f);
+        }
+    }
+    while let Ok(sent) = written.try_recv() {
+        frame::decode(sent).expect("the table writes only frames that decode");
+    }
+    drop(open);
+    streams.close_all();
+    assert!(streams.is_empty());
+}
+
+/// A whole frame carrying a proxied exchange's head, as each end reads it: the request
+/// head a device reads and the response head the hub reads. A request that decodes
+/// must encode back to a head that reads the same.
+pub fn proxy_head(data: &[u8]) {
+    let Ok(whole) = frame::decode(Bytes::copy_from_slice(data)) else {
+        return;
+    };
+    let _ = read_response(&whole);
+    let Ok(request) = read_request(&whole) else {
+        return;
+    };
+    match request_head(request.clone(), DEFAULT_MAX_FRAME_BYTES) {
+        Ok(RequestHead::Whole(bytes)) => {
+            let again = frame::decode(bytes).expect("own whole frame decodes");
+            assert_eq!(read_request(&again).expect("own head reads"), request);
+        }
+        Ok(RequestHead::Message(text)) => {
+            let message: HubToDevice =
+                decode(text.as_bytes(), usize::MAX).expect("own message decodes");
+            assert!(
+                matches!(message, HubToDevice::ProxyRequest(_)),
+                "{message:?}"
+            );
+        }
+        Err(_) => {}
+    }
+}
+
+/// A proxied request's target (path and query) as the hub checks and normalises it
+/// before a service sees it: the result starts with `/`, holds no `.` or `..`
+/// segment, is its own normal form, and passes the check again.
+pub fn request_target(data: &[u8]) {
+    let Ok(target) = std::str::from_utf8(data) else {
+        return;
+    };
+    let normal = normalize_target(target);
+    assert!(normal.starts_with('/'), "{normal:?}");
+    assert_eq!(normalize_target(&normal), normal, "not idempotent");
+    let path = normal.split_once('?').map_or(normal.as_str(), |(p, _)| p);
+    for segment in path.split('/') {
+        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
+        assert!(
+            decoded != "." && decoded != "..",
+            "{normal:?} keeps a dot segment"
+        );
+    }
+    if let Ok(checked) = check_target(target) {
+        assert_eq!(checked, normal);
+        assert_eq!(check_target(&checked).ok(), Some(checked.clone()));
+    }
+}
+
+/// A plugin manifest's text as the cocoon reads it: never a panic, and every capability
+/// it accepts names a valid protocol and is served by a loopback URL or a program.
+pub fn plugin_manifest(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(served) = parse_manifest(text, Path::new("/plugins/fuzz.toml")) else {
+        return;
+    };
+    assert!(
+        !served.is_empty(),
+        "a manifest that serves nothing was accepted"
+    );
+    for s in served {
+        adi_protocol::capability::validate_protocol(&s.offer.protocol).expect("valid protocol");
+        match s.serve {
+            Serve::Http(url) => assert!(url.starts_with("http"), "{url}"),
+            Serve::Command { argv, .. } => assert!(!argv[0].trim().is_empty()),
+            Serve::Builtin => panic!("a manifest cannot declare a built-in"),
+        }
+    }
+}
+
+/// `cocoon.toml` as the cocoon reads it at start: never a panic, and each service it
+/// declares is either refused by the one service check or comes out usable.
+pub fn cocoon_toml(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(file) = config_file::parse(text) else {
+        return;
+    };
+    for s in file.services {
+        if let Ok(info) = services::check(&s.name, s.port, s.health.as_deref()) {
+            assert!(info.port != 0);
+            assert!(info.health_path.is_none_or(|p| p.starts_with('/')));
+        }
+    }
+}
