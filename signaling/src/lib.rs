@@ -9,8 +9,8 @@
 //! [`spawn`] starts a hub and hands back a [`HubHandle`], so tests and `adi dev` can run
 //! hubs in-process.
 //!
-//! Layout, one job each, in the order they depend on each other (each uses only the
-//! ones above it, but the two actors and the edges at the bottom use what they need):
+//! Layout, one job each, in the order they depend on each other: each uses only the
+//! ones above it (no module imports one below it, so there is no cycle).
 //! - `config`: hub configuration, validated before any port is bound.
 //! - `catalog`: what the hub remembers across restarts, on SQLite or PostgreSQL.
 //! - `credential`: the format of every bearer secret the hub hands out.
@@ -25,13 +25,15 @@
 //! - `rpc`: asking a device something and waiting for its one answer.
 //! - `routing`: picking the device that serves a capability.
 //! - `aggregate`: fanning a query out to a user's devices and merging the parts.
-//! - `connection`: one actor per cocoon WebSocket, from registration to close.
-//! - `client_ws`: a signed-in person's live WebSocket.
 //! - `close`: the close frame a served WebSocket ends with, by the error's type.
-//! - `rest`: the REST edge: the route table, the one error shape, the caller.
+//! - `rest`: the REST routes, the one error shape, the caller.
+//! - `client_ws`: a signed-in person's live WebSocket.
+//! - `server`: the accept loop; admission, caps and deadlines of every TCP connection.
+//! - `connection`: one actor per cocoon WebSocket, from registration to close.
 //! - `proxy`: `/proxy/...`, a device's loopback service reached through the hub.
 //! - `metrics`: `/metrics` in Prometheus' text format.
-//! - `server`: the accept loop; admission, caps and deadlines of every TCP connection.
+//! - `sockets`: the cocoon and client WebSocket upgrades.
+//! - `router`: the route table joining all of the above.
 //! - `owner_only`: owner-only files (the shared `adi_storage` module, for the CLI).
 
 mod access;
@@ -51,9 +53,11 @@ mod proxy;
 mod readiness;
 mod registry;
 pub mod rest;
+mod router;
 mod routing;
 mod rpc;
 mod server;
+mod sockets;
 pub mod tokens;
 
 /// Owner-only files and directories, re-exported for the CLI, which keeps its session
@@ -222,7 +226,7 @@ pub async fn spawn(config: HubConfig) -> Result<HubHandle, HubError> {
         async move { state.registry.run_sweeper(&drained).await }
     });
     rest::install::warn_without_public_url(&state);
-    let app = rest::app(state.clone());
+    let app = router::app(state.clone());
     let shutdown = state.shutdown.clone();
     let grace = state.config.shutdown_grace;
     let task = tokio::spawn({

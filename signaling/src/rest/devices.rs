@@ -19,7 +19,7 @@ use crate::HubState;
 type AppState = Arc<HubState>;
 
 /// This module's routes.
-pub(super) fn routes() -> Router<AppState> {
+pub(crate) fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/cocoons", get(list_cocoons))
         .route("/api/cocoons/{id}", get(get_cocoon))

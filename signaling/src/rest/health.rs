@@ -13,7 +13,7 @@ use crate::HubState;
 type AppState = Arc<HubState>;
 
 /// This module's routes.
-pub(super) fn routes() -> Router<AppState> {
+pub(crate) fn routes() -> Router<AppState> {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

@@ -21,7 +21,7 @@ use crate::HubState;
 type AppState = Arc<HubState>;
 
 /// This module's routes.
-pub(super) fn routes() -> Router<AppState> {
+pub(crate) fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/auth/token", post(auth_token))
         .route(

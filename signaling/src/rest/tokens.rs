@@ -25,7 +25,7 @@ use crate::HubState;
 type AppState = Arc<HubState>;
 
 /// This module's routes.
-pub(super) fn routes() -> Router<AppState> {
+pub(crate) fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/tokens", post(create_token))
         .route("/api/tokens/claim", post(claim_token))

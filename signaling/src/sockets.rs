@@ -15,7 +15,7 @@ use crate::HubState;
 type AppState = Arc<HubState>;
 
 /// This module's routes.
-pub(super) fn routes() -> Router<AppState> {
+pub(crate) fn routes() -> Router<AppState> {
     Router::new()
         .route("/ws/cocoon", get(cocoon_ws))
         .route("/ws/client", get(client_ws))
