@@ -7,7 +7,7 @@
 
 use std::fmt;
 
-use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::de::{self, DeserializeSeed as _, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 use serde_json::value::RawValue;
 
@@ -102,16 +102,13 @@ impl<'de> Deserialize<'de> for Payload {
                 match map.next_key::<String>()? {
                     Some(key) if key == RAW_TOKEN => {
                         let raw: Box<RawValue> = map.next_value_seed(RawText)?;
-                        // Text holding the token as a key would be read as raw text
-                        // again by any decoder that buffers the message first, so one
-                        // frame would decode two ways: refuse it. (Spelt with escapes
-                        // it still reaches the device as it was sent, and reads as
-                        // `null` to code that parses it.)
-                        if raw.get().contains(RAW_TOKEN) {
-                            return Err(de::Error::custom(
-                                "a payload may not use serde_json's reserved key",
-                            ));
-                        }
+                        // Read it once as the general way does, keeping nothing, so
+                        // that a frame decodes the same both ways.
+                        let mut reader = serde_json::Deserializer::from_str(raw.get());
+                        Strict::check()
+                            .deserialize(&mut reader)
+                            .and_then(|_| reader.end())
+                            .map_err(de::Error::custom)?;
                         Ok(Payload(raw))
                     }
                     _ => Err(de::Error::custom("unexpected raw value")),
@@ -122,12 +119,137 @@ impl<'de> Deserialize<'de> for Payload {
                 self,
                 deserializer: D,
             ) -> Result<Payload, D::Error> {
-                let value = serde_json::Value::deserialize(deserializer)?;
-                Ok(Payload::from_value(&value))
+                let value = Strict::keep().deserialize(deserializer)?;
+                Ok(Payload::from_value(&value.unwrap_or_default()))
             }
         }
 
         deserializer.deserialize_newtype_struct(RAW_TOKEN, PayloadVisitor)
+    }
+}
+
+/// Deepest nesting of arrays and objects in a payload: well inside serde_json's limit
+/// for a whole frame, so a payload is refused for its depth alike, however it is read.
+pub const MAX_DEPTH: usize = 100;
+
+/// Reads one JSON value under the rules every decoder of a payload applies alike:
+/// numbers that fit an `f64`, no object key that is serde_json's reserved token, at
+/// most [`MAX_DEPTH`] levels. The direct path checks the raw text with it (keeping
+/// nothing); the general path builds the value with it.
+struct Strict {
+    depth: usize,
+    keep: bool,
+}
+
+impl Strict {
+    fn check() -> Self {
+        Strict {
+            depth: 0,
+            keep: false,
+        }
+    }
+
+    fn keep() -> Self {
+        Strict {
+            depth: 0,
+            keep: true,
+        }
+    }
+
+    fn deeper<E: de::Error>(&self) -> Result<Self, E> {
+        if self.depth >= MAX_DEPTH {
+            return Err(E::custom(format_args!(
+                "the payload nests more than {MAX_DEPTH} levels deep"
+            )));
+        }
+        Ok(Strict {
+            depth: self.depth + 1,
+            keep: self.keep,
+        })
+    }
+
+    fn leaf<E>(
+        &self,
+        value: impl FnOnce() -> serde_json::Value,
+    ) -> Result<Option<serde_json::Value>, E> {
+        Ok(self.keep.then(value))
+    }
+}
+
+impl<'de> de::DeserializeSeed<'de> for Strict {
+    type Value = Option<serde_json::Value>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Strict {
+    type Value = Option<serde_json::Value>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any valid JSON value")
+    }
+
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
+        self.leaf(|| v.into())
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        self.leaf(|| v.into())
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        self.leaf(|| v.into())
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+        self.leaf(|| v.into())
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        self.leaf(|| v.into())
+    }
+
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+        self.leaf(|| v.into())
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        self.leaf(|| serde_json::Value::Null)
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        self.leaf(|| serde_json::Value::Null)
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let inner = self.deeper()?;
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element_seed(Strict { ..inner })? {
+            items.extend(item);
+        }
+        self.leaf(|| items.into())
+    }
+
+    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+        let inner = self.deeper()?;
+        let mut entries = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if key == RAW_TOKEN {
+                return Err(de::Error::custom(
+                    "a payload may not use serde_json's reserved key",
+                ));
+            }
+            if let Some(value) = map.next_value_seed(Strict { ..inner })? {
+                entries.insert(key, value);
+            }
+        }
+        self.leaf(|| entries.into())
     }
 }
 
@@ -214,6 +336,43 @@ mod tests {
             Payload::from_json(" [1] ".into()).expect("json").to_value(),
             json!([1])
         );
+    }
+
+    /// Both ways of reading a payload: straight from the text, and buffered first.
+    fn both_ways(payload: &str) -> (Result<Payload, String>, Result<Payload, String>) {
+        let plain = format!(r#"{{"id":1,"payload":{payload}}}"#);
+        let tagged = format!(r#"{{"type":"ask","id":1,"payload":{payload}}}"#);
+        (
+            serde_json::from_str::<Plain>(&plain)
+                .map(|p| p.payload)
+                .map_err(|e| e.to_string()),
+            serde_json::from_str::<Tagged>(&tagged)
+                .map(|Tagged::Ask { payload, .. }| payload)
+                .map_err(|e| e.to_string()),
+        )
+    }
+
+    #[test]
+    fn what_one_way_refuses_the_other_refuses_too() {
+        let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        for (payload, why) in [
+            ("[1e400]", "number out of range"),
+            ("{\"a\":-1e309}", "number out of range"),
+            (r#"{"$serde_json::private::RawValue":"1"}"#, "reserved key"),
+            (
+                r#"{"a":{"$serde_json::private::RawValu\u0065":"{"}}"#,
+                "reserved key",
+            ),
+            (deep(MAX_DEPTH + 1).as_str(), "nests more than"),
+        ] {
+            let (straight, buffered) = both_ways(payload);
+            for (way, got) in [("straight", straight), ("buffered", buffered)] {
+                let e = got.expect_err(payload);
+                assert!(e.contains(why), "{way} {payload}: {e}");
+            }
+        }
+        let (straight, buffered) = both_ways(&deep(MAX_DEPTH));
+        assert_eq!(straight.expect("straight"), buffered.expect("buffered"));
     }
 
     #[test]
