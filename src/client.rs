@@ -224,6 +224,19 @@ impl HubClient {
     }
 }
 
+impl HubClient {
+    pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let resp = self
+            .http
+            .delete(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the hub at {}", self.base))?;
+        parse(resp).await
+    }
+}
+
 #[derive(Deserialize)]
 struct ErrorBody {
     error: ErrorDetail,

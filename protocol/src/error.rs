@@ -35,6 +35,8 @@ pub enum ErrorCode {
     TokenExpired,
     /// A one-time token was already used.
     TokenUsed,
+    /// A one-time token was revoked by whoever made it.
+    TokenRevoked,
     /// A device secret the hub has never enrolled, presented without a setup token.
     NotEnrolled,
     /// The request conflicts with existing state (a user name taken, say).
@@ -70,7 +72,7 @@ impl ErrorCode {
             ErrorCode::BadRequest | ErrorCode::UnsupportedVersion | ErrorCode::TokenMalformed => {
                 400
             }
-            ErrorCode::TokenExpired | ErrorCode::TokenUsed => 410,
+            ErrorCode::TokenExpired | ErrorCode::TokenUsed | ErrorCode::TokenRevoked => 410,
             ErrorCode::Conflict | ErrorCode::DuplicateAgent => 409,
             ErrorCode::HeadersTooLarge => 431,
             ErrorCode::TooManyRequests => 429,
@@ -96,6 +98,7 @@ impl ErrorCode {
             ErrorCode::TokenUnknown => "token_unknown",
             ErrorCode::TokenExpired => "token_expired",
             ErrorCode::TokenUsed => "token_used",
+            ErrorCode::TokenRevoked => "token_revoked",
             ErrorCode::NotEnrolled => "not_enrolled",
             ErrorCode::Conflict => "conflict",
             ErrorCode::HeadersTooLarge => "headers_too_large",
@@ -136,6 +139,7 @@ mod tests {
             ErrorCode::Unauthorized,
             ErrorCode::NoCapableDevice,
             ErrorCode::TokenExpired,
+            ErrorCode::TokenRevoked,
             ErrorCode::PayloadTooLarge,
             ErrorCode::HeadersTooLarge,
             ErrorCode::TooManyRequests,

@@ -116,3 +116,49 @@ pub struct AggregateTasks {
     /// Pass back as `cursor` for the next page; absent on the last.
     pub next_cursor: Option<String>,
 }
+
+/// Where a setup or share token stands.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenState {
+    /// Unused, unrevoked and not yet expired: it still works.
+    Active,
+    /// Used once, by the device it enrolled or the person who claimed it.
+    Used,
+    /// Taken back by whoever made it.
+    Revoked,
+    /// Past its expiry, unused.
+    Expired,
+}
+
+/// A setup or share token as its maker sees it listed: everything but its secret,
+/// which the hub never stored.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct TokenView {
+    /// Public id: the 16 hex characters after the token's prefix.
+    pub id: String,
+    /// `setup` or `share`.
+    pub kind: String,
+    /// For a share token, the device it shares.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<DeviceId>,
+    /// Where it stands now.
+    pub state: TokenState,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds.
+    pub expires_at: i64,
+    /// Unix seconds, once used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used_at: Option<i64>,
+    /// Unix seconds, once revoked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<i64>,
+}
+
+/// `GET /api/tokens`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct TokenList {
+    /// Newest first.
+    pub tokens: Vec<TokenView>,
+}

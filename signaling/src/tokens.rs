@@ -1,9 +1,11 @@
 //! One-time setup and share tokens: minting, checking and redeeming them.
 //!
 //! Checks happen in a fixed order so the refusal names the real reason: format, then
-//! existence (an unknown id and a wrong secret look the same), then kind, expiry and
-//! use. Redemption is one catalog transaction guarded by "still unused and unexpired",
-//! so two concurrent redeemers cannot both win and a failure leaves nothing half-made.
+//! existence (an unknown id and a wrong secret look the same), then kind, use,
+//! revocation and expiry. Redemption is one catalog transaction guarded by "still
+//! unused, unrevoked and unexpired", so two concurrent redeemers cannot both win, a
+//! revocation cannot lose to a redemption already checked, and a failure leaves nothing
+//! half-made.
 
 use std::time::Duration;
 
@@ -33,6 +35,9 @@ pub enum TokenError {
     /// Already used once.
     #[error("the token was already used")]
     Used,
+    /// Taken back by its creator before anyone used it.
+    #[error("the token was revoked by whoever made it")]
+    Revoked,
     /// A token of the other kind.
     #[error("this is a {actual} token, but a {expected} token is needed here")]
     WrongKind {
@@ -64,6 +69,7 @@ impl TokenError {
             TokenError::Unknown => ErrorCode::TokenUnknown,
             TokenError::Expired => ErrorCode::TokenExpired,
             TokenError::Used => ErrorCode::TokenUsed,
+            TokenError::Revoked => ErrorCode::TokenRevoked,
             TokenError::WrongKind { .. } | TokenError::BadTtl => ErrorCode::BadRequest,
             TokenError::AlreadyOwner => ErrorCode::Conflict,
             TokenError::Catalog(e) => e.code(),
@@ -106,6 +112,7 @@ pub async fn issue(
             created_at: now,
             expires_at,
             used_at: None,
+            revoked_at: None,
         })
         .await?;
     Ok(Issued {
@@ -142,6 +149,9 @@ pub async fn check(
     if record.used_at.is_some() {
         return Err(TokenError::Used);
     }
+    if record.revoked_at.is_some() {
+        return Err(TokenError::Revoked);
+    }
     if record.expires_at <= now {
         return Err(TokenError::Expired);
     }
@@ -156,10 +166,10 @@ pub async fn enrol(
     now: i64,
 ) -> Result<DeviceRecord, TokenError> {
     let record = check(catalog, raw, TokenKind::Setup, now).await?;
-    catalog
-        .enrol_device(&record.id, now, device)
-        .await
-        .map_err(|e| lost_race(e, now, &record))
+    match catalog.enrol_device(&record.id, now, device).await {
+        Ok(device) => Ok(device),
+        Err(e) => Err(lost_race(catalog, e, now, &record).await),
+    }
 }
 
 /// Makes `user` a co-owner of the device a share token names.
@@ -179,18 +189,26 @@ pub async fn claim(
             return Err(TokenError::AlreadyOwner);
         }
     }
-    catalog
-        .claim_share(&record.id, now, user)
-        .await
-        .map_err(|e| lost_race(e, now, &record))
+    match catalog.claim_share(&record.id, now, user).await {
+        Ok(device) => Ok(device),
+        Err(e) => Err(lost_race(catalog, e, now, &record).await),
+    }
 }
 
-/// A token that passed `check` but failed the guarded update was used or expired
-/// in between; say which.
-fn lost_race(e: CatalogError, now: i64, record: &TokenRecord) -> TokenError {
+/// A token that passed `check` but failed the guarded update was used, revoked or
+/// expired in between; say which.
+async fn lost_race(
+    catalog: &dyn Catalog,
+    e: CatalogError,
+    now: i64,
+    record: &TokenRecord,
+) -> TokenError {
     match e {
         CatalogError::TokenUnavailable if record.expires_at <= now => TokenError::Expired,
-        CatalogError::TokenUnavailable => TokenError::Used,
+        CatalogError::TokenUnavailable => match catalog.token(&record.id).await {
+            Ok(Some(now_stored)) if now_stored.revoked_at.is_some() => TokenError::Revoked,
+            _ => TokenError::Used,
+        },
         other => TokenError::Catalog(other),
     }
 }

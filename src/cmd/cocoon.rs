@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 use serde::Deserialize;
 
 use adi_cocoon::CocoonConfig;
-use adi_protocol::views::CocoonView;
+use adi_protocol::views::{CocoonView, TokenList, TokenView};
 
 use crate::client::{HubArgs, HubClient};
 use crate::cmd::agent::{data_dir_and_file, disabled_set, PluginArgs};
@@ -24,6 +24,11 @@ pub enum CocoonCmd {
     GenerateToken(TokenArgs),
     /// Become a co-owner of a device with a share token someone gave you.
     Claim(ClaimArgs),
+    /// List the setup and share tokens you made, newest first, and where each stands
+    /// (never their secrets, which the hub does not keep).
+    Tokens(ListArgs),
+    /// Take back a setup or share token nobody used yet (its id, or the token itself).
+    RevokeToken(RevokeTokenArgs),
     /// List your devices.
     List(ListArgs),
     /// List a device's services.
@@ -100,6 +105,14 @@ pub struct ClaimArgs {
 }
 
 #[derive(Args)]
+pub struct RevokeTokenArgs {
+    /// The token's id (from `adi cocoon tokens`) or the whole token.
+    token: String,
+    #[command(flatten)]
+    hub: HubArgs,
+}
+
+#[derive(Args)]
 pub struct ListArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
@@ -124,6 +137,8 @@ pub async fn run(cmd: CocoonCmd) -> Result<()> {
         CocoonCmd::Run(a) => crate::cmd::agent::run(*a).await,
         CocoonCmd::GenerateToken(a) => generate_token(a).await,
         CocoonCmd::Claim(a) => claim(a).await,
+        CocoonCmd::Tokens(a) => tokens(a).await,
+        CocoonCmd::RevokeToken(a) => revoke_token(a).await,
         CocoonCmd::List(a) => list(a).await,
         CocoonCmd::Services(a) => services(a).await,
         CocoonCmd::Capabilities(a) => capabilities(a),
@@ -181,6 +196,87 @@ async fn claim(args: ClaimArgs) -> Result<()> {
         )
         .await?;
     println!("you now co-own {} ({})", device.name, device.id);
+    Ok(())
+}
+
+async fn tokens(args: ListArgs) -> Result<()> {
+    let client = HubClient::connect(&args.hub).await?;
+    let list: TokenList = client.get("/api/tokens").await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&list.tokens)?);
+        return Ok(());
+    }
+    if list.tokens.is_empty() {
+        println!("no tokens yet: `adi cocoon generate-token` makes one");
+        return Ok(());
+    }
+    let now = adi_signaling::auth::unix_now_i64();
+    let rows: Vec<[String; 5]> = list
+        .tokens
+        .iter()
+        .map(|t| {
+            let when = match (t.used_at, t.revoked_at) {
+                (Some(at), _) => format!("used {}", ago(now, at)),
+                (None, Some(at)) => format!("revoked {}", ago(now, at)),
+                (None, None) if t.expires_at <= now => {
+                    format!("expired {}", ago(now, t.expires_at))
+                }
+                (None, None) => format!("expires in {}", span(t.expires_at - now)),
+            };
+            [
+                t.id.clone(),
+                t.kind.clone(),
+                t.device_id
+                    .as_ref()
+                    .map_or_else(|| "-".into(), ToString::to_string),
+                serde_json::to_value(t.state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+                when,
+            ]
+        })
+        .collect();
+    crate::table::print_table(["ID", "KIND", "DEVICE", "STATE", "WHEN"], &rows);
+    Ok(())
+}
+
+/// A duration in whole seconds, in the largest unit that keeps it readable.
+fn span(secs: i64) -> String {
+    let secs = u64::try_from(secs.max(0)).unwrap_or(0);
+    let rounded = match secs {
+        s if s >= 86_400 => s / 3600 * 3600,
+        s if s >= 3600 => s / 60 * 60,
+        s => s,
+    };
+    humantime::format_duration(Duration::from_secs(rounded)).to_string()
+}
+
+fn ago(now: i64, at: i64) -> String {
+    format!("{} ago", span(now - at))
+}
+
+/// The public id of a token given whole (`adi_setup_<id>_<secret>`), or the id itself.
+fn token_id(given: &str) -> &str {
+    let given = given.trim();
+    ["adi_setup_", "adi_share_"]
+        .iter()
+        .find_map(|p| given.strip_prefix(p))
+        .and_then(|rest| rest.get(..16))
+        .unwrap_or(given)
+}
+
+async fn revoke_token(args: RevokeTokenArgs) -> Result<()> {
+    let id = token_id(&args.token);
+    if id.is_empty() || !id.chars().all(|c| c.is_ascii_hexdigit()) {
+        bail!("{id:?} is not a token id: give the ID column of `adi cocoon tokens`, or the token");
+    }
+    let client = HubClient::connect(&args.hub).await?;
+    let token: TokenView = client.delete(&format!("/api/tokens/{id}")).await?;
+    println!(
+        "revoked {} token {}; it can no longer be used",
+        token.kind, token.id
+    );
     Ok(())
 }
 

@@ -419,3 +419,115 @@ async fn a_cocoon_keeps_trying_an_unreachable_hub_saying_when_it_tries_next() ->
     assert!(c.proc.is_running(), "{}", c.proc.output());
     Ok(())
 }
+
+/// A token's public id: the 16 hex characters after its `adi_setup_`/`adi_share_`.
+fn token_id(token: &str) -> &str {
+    &token[10..26]
+}
+
+#[tokio::test]
+async fn a_maker_lists_their_tokens_and_revokes_an_unused_one_which_then_enrols_nothing(
+) -> Result<()> {
+    let hub = Hub::start().await?;
+    let alice_key = hub.add_user("alice")?;
+    let bob_key = hub.add_user("bob")?;
+    let cfg = tempfile::tempdir()?;
+    let alice_env = [
+        ("ADI_HUB", hub.url.as_str()),
+        ("ADI_API_KEY", alice_key.as_str()),
+    ];
+    let mint = |args: &[&str]| -> Result<String> {
+        let mut all = vec!["cocoon", "generate-token"];
+        all.extend_from_slice(args);
+        let (code, out, err) = cli(cfg.path(), &all, &alice_env)?;
+        assert_eq!(code, 0, "{err}");
+        Ok(out.trim().to_owned())
+    };
+    let used = mint(&[])?;
+    let device = Cocoon::start(&hub.url, "nas", Some(&used), &[])?;
+    let device_id = device.device_id().await?;
+    let setup = mint(&["--expires", "2h"])?;
+    let share = mint(&["--share", "nas"])?;
+
+    // The listing shows each token's id and state, never a secret.
+    let (code, out, err) = cli(cfg.path(), &["cocoon", "tokens", "--json"], &alice_env)?;
+    assert_eq!(code, 0, "{err}");
+    for token in [&used, &setup, &share] {
+        let secret = &token[token.len() - 43..];
+        assert!(!out.contains(secret), "a secret is listed: {out}");
+    }
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&out)?;
+    let state_of = |listed: &[serde_json::Value], token: &str| -> String {
+        let id = token_id(token);
+        listed
+            .iter()
+            .find(|t| t["id"] == id)
+            .map(|t| t["state"].as_str().unwrap_or_default().to_owned())
+            .unwrap_or_else(|| format!("{id} not listed"))
+    };
+    assert_eq!(listed.len(), 3, "{out}");
+    assert_eq!(state_of(&listed, &used), "used");
+    assert_eq!(state_of(&listed, &setup), "active");
+    assert_eq!(state_of(&listed, &share), "active");
+    let share_entry = listed
+        .iter()
+        .find(|t| t["kind"] == "share")
+        .expect("the share token is listed");
+    assert_eq!(share_entry["device_id"], device_id.as_str());
+    let (code, table, _) = cli(cfg.path(), &["cocoon", "tokens"], &alice_env)?;
+    assert_eq!(code, 0);
+    assert!(
+        table.starts_with("ID") && table.contains("expires in") && table.contains("used"),
+        "{table}"
+    );
+
+    // Bob sees none of them and cannot revoke one: it is as if it did not exist.
+    let bob = Api::login(&hub.url, &bob_key).await?;
+    let (status, body) = bob.get("/api/tokens").await?;
+    assert_eq!(status, 200);
+    assert_eq!(body["tokens"].as_array().map(Vec::len), Some(0), "{body}");
+    let setup_id = token_id(&setup);
+    let (status, _) = bob.delete(&format!("/api/tokens/{setup_id}")).await?;
+    assert_eq!(status, 404);
+
+    // Alice revokes the setup token by its id and the share token whole.
+    let (code, out, err) = cli(
+        cfg.path(),
+        &["cocoon", "revoke-token", setup_id],
+        &alice_env,
+    )?;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("revoked setup token"), "{out}");
+    let (code, _, err) = cli(cfg.path(), &["cocoon", "revoke-token", &share], &alice_env)?;
+    assert_eq!(code, 0, "{err}");
+    // A used token cannot be taken back.
+    let (code, _, err) = cli(cfg.path(), &["cocoon", "revoke-token", &used], &alice_env)?;
+    assert_ne!(code, 0);
+    assert!(err.contains("already used"), "{err}");
+
+    // The revoked tokens are refused, saying so, and enrol or share nothing.
+    let out = refused(&hub, Some(&setup)).await?;
+    assert!(
+        out.contains("token_revoked") && out.contains("revoked"),
+        "{out}"
+    );
+    let bob_cfg = tempfile::tempdir()?;
+    let (code, _, err) = cli(
+        bob_cfg.path(),
+        &["cocoon", "claim", &share],
+        &[
+            ("ADI_HUB", hub.url.as_str()),
+            ("ADI_API_KEY", bob_key.as_str()),
+        ],
+    )?;
+    assert_ne!(code, 0);
+    assert!(err.contains("revoked"), "{err}");
+    assert_eq!(bob.cocoons().await?.len(), 0);
+    let alice = Api::login(&hub.url, &alice_key).await?;
+    assert_eq!(alice.cocoons().await?.len(), 1);
+    let (_, body) = alice.get("/api/tokens").await?;
+    let listed = body["tokens"].as_array().cloned().unwrap_or_default();
+    assert_eq!(state_of(&listed, &setup), "revoked");
+    assert_eq!(state_of(&listed, &share), "revoked");
+    Ok(())
+}

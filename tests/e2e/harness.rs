@@ -327,6 +327,18 @@ impl Api {
         Ok((status, resp.json().await.unwrap_or(Value::Null)))
     }
 
+    /// DELETE with the bearer token; returns status and JSON body.
+    pub async fn delete(&self, path: &str) -> Result<(u16, Value)> {
+        let resp = self
+            .http
+            .delete(format!("{}{path}", self.base))
+            .bearer_auth(&self.jwt)
+            .send()
+            .await?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.json().await.unwrap_or(Value::Null)))
+    }
+
     /// POST JSON with the bearer token; returns status and JSON body.
     pub async fn post(&self, path: &str, body: Value) -> Result<(u16, Value)> {
         let resp = self

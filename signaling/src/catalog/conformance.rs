@@ -79,6 +79,7 @@ adi_storage::conformance_tests!(
     duplicate_user_name_conflicts,
     api_keys_round_trip,
     tokens_round_trip,
+    tokens_are_listed_by_creator_and_revoked_only_unused,
     enrol_creates_device_owned_by_token_creator,
     enrol_twice_with_same_token_is_refused,
     enrol_with_expired_or_unknown_token_is_refused,
@@ -141,6 +142,7 @@ fn token_record(id: &str, kind: TokenKind, by: UserId, device: Option<&DeviceId>
         created_at: NOW - 60,
         expires_at: NOW + HOUR,
         used_at: None,
+        revoked_at: None,
     }
 }
 
@@ -340,6 +342,86 @@ async fn tokens_round_trip(c: Arc<dyn Catalog>) {
         .await
         .expect_err("same token id twice");
     assert!(matches!(err, CatalogError::Conflict(_)), "got {err:?}");
+}
+
+async fn tokens_are_listed_by_creator_and_revoked_only_unused(c: Arc<dyn Catalog>) {
+    let alice = user(&*c, "alice").await;
+    let bob = user(&*c, "bob").await;
+    let device = enrolled(&*c, &alice, "nas").await;
+    let mut older = token_record("st_old", TokenKind::Setup, alice.id, None);
+    older.created_at = NOW - 120;
+    c.insert_token(&older).await.expect("insert");
+    let mut newer = token_record("sh_new", TokenKind::Share, alice.id, Some(&device));
+    newer.created_at = NOW - 30;
+    c.insert_token(&newer).await.expect("insert");
+    let share = newer.id;
+    setup_token(&*c, "st_bob", bob.id).await;
+    let listed: Vec<String> = c
+        .tokens_created_by(alice.id, 10)
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|t| t.id)
+        .collect();
+    // Newest first: the share token, enrolled()'s spent setup token, the oldest.
+    assert_eq!(listed.first().map(String::as_str), Some("sh_new"));
+    assert_eq!(listed.last().map(String::as_str), Some("st_old"));
+    assert!(!listed.iter().any(|t| t == "st_bob"), "{listed:?}");
+    assert_eq!(
+        c.tokens_created_by(alice.id, 1).await.expect("list").len(),
+        1
+    );
+
+    // Someone else's token: nothing to revoke, and it stays usable.
+    assert_eq!(
+        c.revoke_token("st_bob", alice.id, NOW)
+            .await
+            .expect("revoke"),
+        None
+    );
+    let revoked = c
+        .revoke_token(&share, alice.id, NOW)
+        .await
+        .expect("revoke")
+        .expect("alice's token");
+    assert_eq!(revoked.revoked_at, Some(NOW));
+    let again = c
+        .revoke_token(&share, alice.id, NOW + 5)
+        .await
+        .expect("revoke again")
+        .expect("still there");
+    assert_eq!(again.revoked_at, Some(NOW), "the first revocation stands");
+    let err = c
+        .claim_share(&share, NOW + 6, bob.id)
+        .await
+        .expect_err("a revoked token is spent");
+    assert!(matches!(err, CatalogError::TokenUnavailable), "got {err:?}");
+    assert!(!c.is_owner(&device, bob.id).await.expect("is_owner"));
+
+    // A used token cannot be revoked: the record says it was used.
+    let used = c
+        .tokens_created_by(alice.id, 10)
+        .await
+        .expect("list")
+        .into_iter()
+        .find(|t| t.used_at.is_some())
+        .expect("enrolled() used a setup token");
+    let after = c
+        .revoke_token(&used.id, alice.id, NOW)
+        .await
+        .expect("revoke")
+        .expect("alice's token");
+    assert_eq!((after.used_at, after.revoked_at), (used.used_at, None));
+
+    let revoked_setup = setup_token(&*c, "st_rev", alice.id).await;
+    c.revoke_token(&revoked_setup, alice.id, NOW)
+        .await
+        .expect("revoke");
+    let err = c
+        .enrol_device(&revoked_setup, NOW + 1, &config(&new_device_id(), "x"))
+        .await
+        .expect_err("a revoked setup token enrols nothing");
+    assert!(matches!(err, CatalogError::TokenUnavailable), "got {err:?}");
 }
 
 async fn enrol_creates_device_owned_by_token_creator(c: Arc<dyn Catalog>) {

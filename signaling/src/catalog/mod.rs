@@ -111,6 +111,8 @@ pub struct TokenRecord {
     pub expires_at: i64,
     /// Unix seconds; set once, when the token is used.
     pub used_at: Option<i64>,
+    /// Unix seconds; set once, when its creator revokes it unused.
+    pub revoked_at: Option<i64>,
 }
 
 /// A device as the catalog knows it: its configuration, never its live state.
@@ -324,9 +326,15 @@ pub trait Catalog: Send + Sync + 'static {
     async fn insert_token(&self, token: &TokenRecord) -> Result<()>;
     /// Finds a token record by its public id.
     async fn token(&self, id: &str) -> Result<Option<TokenRecord>>;
+    /// The tokens `user` made, newest first, at most `limit`.
+    async fn tokens_created_by(&self, user: UserId, limit: u32) -> Result<Vec<TokenRecord>>;
+    /// Revokes token `id` if `user` made it and it is neither used nor revoked yet;
+    /// returns the record as it stands afterwards (`None` if `user` made no such
+    /// token), so the caller can tell a revocation from a token already used.
+    async fn revoke_token(&self, id: &str, user: UserId, now: i64) -> Result<Option<TokenRecord>>;
 
-    /// In one transaction: marks setup token `token_id` used (only if it is still unused
-    /// and `expires_at > now`, else `TokenUnavailable`), creates the device (`Conflict`
+    /// In one transaction: marks setup token `token_id` used (only if it is still unused,
+    /// unrevoked and `expires_at > now`, else `TokenUnavailable`), creates the device (`Conflict`
     /// if it exists) and makes the token's creator its owner. Nothing is written on error.
     async fn enrol_device(
         &self,

@@ -179,6 +179,44 @@ impl Catalog for PgCatalog {
             .transpose()
     }
 
+    async fn tokens_created_by(&self, user: UserId, limit: u32) -> Result<Vec<TokenRecord>> {
+        sqlx::query_as::<_, TokenRow>(&format!(
+            "SELECT {TOKEN_COLUMNS} FROM tokens WHERE created_by = $1 \
+             ORDER BY created_at DESC, id LIMIT $2"
+        ))
+        .bind(user.to_string())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(TokenRecord::try_from)
+        .collect()
+    }
+
+    async fn revoke_token(&self, id: &str, user: UserId, now: i64) -> Result<Option<TokenRecord>> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "UPDATE tokens SET revoked_at = $1 \
+             WHERE id = $2 AND created_by = $3 AND used_at IS NULL AND revoked_at IS NULL",
+        )
+        .bind(now)
+        .bind(id)
+        .bind(user.to_string())
+        .execute(&mut *tx)
+        .await?;
+        let record = sqlx::query_as::<_, TokenRow>(&format!(
+            "SELECT {TOKEN_COLUMNS} FROM tokens WHERE id = $1 AND created_by = $2"
+        ))
+        .bind(id)
+        .bind(user.to_string())
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(TokenRecord::try_from)
+        .transpose()?;
+        tx.commit().await?;
+        Ok(record)
+    }
+
     async fn enrol_device(
         &self,
         token_id: &str,
@@ -190,7 +228,8 @@ impl Catalog for PgCatalog {
         let mut tx = self.pool.begin().await?;
         let owner: Option<String> = sqlx::query_scalar(
             "UPDATE tokens SET used_at = $1, used_by = created_by \
-             WHERE id = $2 AND kind = 'setup' AND used_at IS NULL AND expires_at > $1 \
+             WHERE id = $2 AND kind = 'setup' AND used_at IS NULL AND revoked_at IS NULL \
+             AND expires_at > $1 \
              RETURNING created_by",
         )
         .bind(now)
@@ -239,7 +278,7 @@ impl Catalog for PgCatalog {
         let mut tx = self.pool.begin().await?;
         let device: Option<Option<String>> = sqlx::query_scalar(
             "UPDATE tokens SET used_at = $1, used_by = $2 \
-             WHERE id = $3 AND kind = 'share' AND used_at IS NULL AND expires_at > $1 \
+             WHERE id = $3 AND kind = 'share' AND used_at IS NULL AND revoked_at IS NULL AND expires_at > $1 \
              RETURNING device_id",
         )
         .bind(now)

@@ -23,7 +23,7 @@ pub(super) const USER_COLUMNS: &str = "id, name, created_at";
 pub(super) const API_KEY_COLUMNS: &str = "key_id, user_id, secret_hash, created_at";
 /// The columns a [`TokenRow`] is read from.
 pub(super) const TOKEN_COLUMNS: &str =
-    "id, kind, secret_hash, created_by, device_id, created_at, expires_at, used_at";
+    "id, kind, secret_hash, created_by, device_id, created_at, expires_at, used_at, revoked_at";
 /// The columns a [`DeviceRow`] is read from.
 pub(super) const DEVICE_COLUMNS: &str =
     "id, name, services, capabilities, location, hardware, created_at";
@@ -90,6 +90,7 @@ pub(super) struct TokenRow {
     created_at: i64,
     expires_at: i64,
     used_at: Option<i64>,
+    revoked_at: Option<i64>,
 }
 
 impl TryFrom<TokenRow> for TokenRecord {
@@ -106,6 +107,7 @@ impl TryFrom<TokenRow> for TokenRecord {
             created_at: row.created_at,
             expires_at: row.expires_at,
             used_at: row.used_at,
+            revoked_at: row.revoked_at,
         })
     }
 }

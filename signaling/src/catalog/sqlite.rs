@@ -384,6 +384,44 @@ impl Catalog for SqliteCatalog {
             .transpose()
     }
 
+    async fn tokens_created_by(&self, user: UserId, limit: u32) -> Result<Vec<TokenRecord>> {
+        sqlx::query_as::<_, TokenRow>(&format!(
+            "SELECT {TOKEN_COLUMNS} FROM tokens WHERE created_by = ? \
+             ORDER BY created_at DESC, id LIMIT ?"
+        ))
+        .bind(user.to_string())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(TokenRecord::try_from)
+        .collect()
+    }
+
+    async fn revoke_token(&self, id: &str, user: UserId, now: i64) -> Result<Option<TokenRecord>> {
+        let mut tx = Tx::begin(&self.pool, "BEGIN IMMEDIATE").await?;
+        sqlx::query(
+            "UPDATE tokens SET revoked_at = ? \
+             WHERE id = ? AND created_by = ? AND used_at IS NULL AND revoked_at IS NULL",
+        )
+        .bind(now)
+        .bind(id)
+        .bind(user.to_string())
+        .execute(&mut *tx)
+        .await?;
+        let record = sqlx::query_as::<_, TokenRow>(&format!(
+            "SELECT {TOKEN_COLUMNS} FROM tokens WHERE id = ? AND created_by = ?"
+        ))
+        .bind(id)
+        .bind(user.to_string())
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(TokenRecord::try_from)
+        .transpose()?;
+        tx.commit().await?;
+        Ok(record)
+    }
+
     async fn enrol_device(
         &self,
         token_id: &str,
@@ -395,7 +433,8 @@ impl Catalog for SqliteCatalog {
         let mut tx = Tx::begin(&self.pool, "BEGIN IMMEDIATE").await?;
         let owner: Option<String> = sqlx::query_scalar(
             "UPDATE tokens SET used_at = ?, used_by = created_by \
-             WHERE id = ? AND kind = 'setup' AND used_at IS NULL AND expires_at > ? \
+             WHERE id = ? AND kind = 'setup' AND used_at IS NULL AND revoked_at IS NULL \
+             AND expires_at > ? \
              RETURNING created_by",
         )
         .bind(now)
@@ -445,7 +484,8 @@ impl Catalog for SqliteCatalog {
         let mut tx = Tx::begin(&self.pool, "BEGIN IMMEDIATE").await?;
         let device: Option<Option<String>> = sqlx::query_scalar(
             "UPDATE tokens SET used_at = ?, used_by = ? \
-             WHERE id = ? AND kind = 'share' AND used_at IS NULL AND expires_at > ? \
+             WHERE id = ? AND kind = 'share' AND used_at IS NULL AND revoked_at IS NULL \
+             AND expires_at > ? \
              RETURNING device_id",
         )
         .bind(now)

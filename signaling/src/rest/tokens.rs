@@ -1,14 +1,15 @@
-//! Setup and share tokens: minting one (`POST /api/tokens`) and claiming a share
-//! (`POST /api/tokens/claim`).
+//! Setup and share tokens: minting one (`POST /api/tokens`), claiming a share
+//! (`POST /api/tokens/claim`), listing one's own (`GET /api/tokens`) and revoking one
+//! before it is used (`DELETE /api/tokens/{id}`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use adi_protocol::views::CocoonView;
+use adi_protocol::views::{CocoonView, TokenList, TokenState, TokenView};
 use adi_protocol::{DeviceId, ErrorCode};
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::post;
+use axum::routing::{delete, post};
 use axum::Router;
 use serde::{Deserialize, Serialize};
 use tracing::warn;
@@ -18,7 +19,7 @@ use super::extract::{Caller, Json};
 use super::view;
 use crate::access;
 use crate::auth::unix_now_i64;
-use crate::catalog::TokenKind;
+use crate::catalog::{TokenKind, TokenRecord};
 use crate::tokens;
 use crate::HubState;
 
@@ -27,8 +28,9 @@ type AppState = Arc<HubState>;
 /// This module's routes.
 pub(crate) fn routes() -> Router<AppState> {
     Router::new()
-        .route("/api/tokens", post(create_token))
+        .route("/api/tokens", post(create_token).get(list_tokens))
         .route("/api/tokens/claim", post(claim_token))
+        .route("/api/tokens/{id}", delete(revoke_token))
 }
 
 #[derive(Deserialize)]
@@ -121,4 +123,64 @@ async fn claim_token(
         .await?
         .ok_or_else(ApiError::not_found_device)?;
     Ok(Json(view(&state, device)))
+}
+
+/// Most tokens one listing shows, newest first.
+const LISTED: u32 = 1000;
+
+/// A token as its maker sees it at `now`.
+fn token_view(t: TokenRecord, now: i64) -> TokenView {
+    let state = if t.used_at.is_some() {
+        TokenState::Used
+    } else if t.revoked_at.is_some() {
+        TokenState::Revoked
+    } else if t.expires_at <= now {
+        TokenState::Expired
+    } else {
+        TokenState::Active
+    };
+    TokenView {
+        id: t.id,
+        kind: t.kind.as_str().to_owned(),
+        device_id: t.device_id,
+        state,
+        created_at: t.created_at,
+        expires_at: t.expires_at,
+        used_at: t.used_at,
+        revoked_at: t.revoked_at,
+    }
+}
+
+async fn list_tokens(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<TokenList>, ApiError> {
+    let now = unix_now_i64();
+    let tokens = state.catalog.tokens_created_by(caller.id, LISTED).await?;
+    Ok(Json(TokenList {
+        tokens: tokens.into_iter().map(|t| token_view(t, now)).collect(),
+    }))
+}
+
+/// Revokes one of the caller's tokens that nobody used yet; revoking it again changes
+/// nothing. Someone else's token is answered like one that does not exist.
+async fn revoke_token(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<TokenView>, ApiError> {
+    let now = unix_now_i64();
+    let token = state
+        .catalog
+        .revoke_token(&id, caller.id, now)
+        .await?
+        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "you made no token with this id"))?;
+    if token.used_at.is_some() {
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            "the token was already used; remove what it granted instead",
+        ));
+    }
+    tracing::info!(token_id = %token.id, user = %caller.id, "token revoked");
+    Ok(Json(token_view(token, now)))
 }
