@@ -63,7 +63,7 @@ fn direct_or_general<T: serde::de::DeserializeOwned>(
     // The general decoder refuses invalid UTF-8 anywhere in the frame, the direct
     // readers only where they read a string, not in a field they skip: both must give
     // one answer (a text frame is UTF-8 already, so this refuses nothing real).
-    if frame.len() <= max_len && std::str::from_utf8(frame).is_ok() {
+    if frame.len() <= max_len && std::str::from_utf8(frame).is_ok() && !may_overflow(frame) {
         let fast = direct
             .iter()
             .find(|(prefix, _)| frame.starts_with(prefix))
@@ -73,6 +73,56 @@ fn direct_or_general<T: serde::de::DeserializeOwned>(
         }
     }
     decode(frame, max_len)
+}
+
+/// Whether a number outside the frame's strings might not fit an `f64`: one with an
+/// exponent of three digits or more, or a run of 300 digits. The general decoder
+/// refuses such a number anywhere, the direct readers only where they read one, not in
+/// a field they skip; so such a frame goes the general way, which gives the one answer.
+/// Our encoder never writes one (an `f64` prints with a two-digit exponent at most, as
+/// `1e-7`), and the scan is one pass over bytes already in cache.
+fn may_overflow(frame: &[u8]) -> bool {
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut digits = 0usize;
+    let mut exponent: Option<usize> = None;
+    for &b in frame {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match (b, exponent) {
+            (b'0'..=b'9', Some(n)) => {
+                if n + 1 >= 3 {
+                    return true;
+                }
+                exponent = Some(n + 1);
+            }
+            (b'0'..=b'9', None) => {
+                digits += 1;
+                if digits >= 300 {
+                    return true;
+                }
+            }
+            (b'e' | b'E', None) if digits > 0 => exponent = Some(0),
+            (b'+' | b'-', Some(0)) | (b'.', None) => {}
+            (b'"', _) => {
+                in_string = true;
+                digits = 0;
+                exponent = None;
+            }
+            _ => {
+                digits = 0;
+                exponent = None;
+            }
+        }
+    }
+    false
 }
 
 /// Exactly one of an answer and an error, as the general way requires.
@@ -192,6 +242,22 @@ mod tests {
     use crate::{encode, ErrorCode};
 
     const MAX: usize = crate::DEFAULT_MAX_FRAME_BYTES;
+
+    #[test]
+    fn only_numbers_that_might_not_fit_send_a_frame_the_general_way() {
+        let long = format!(r#"{{"a":{}}}"#, "9".repeat(300));
+        for (frame, general) in [
+            (r#"{"a":1e999}"#, true),
+            (r#"{"a":-2.5E+308}"#, true),
+            (long.as_str(), true),
+            (r#"{"a":1e-7,"b":[2.5e-12,10]}"#, false),
+            (r#"{"a":"1e999"}"#, false),
+            (r#"{"a":"x\"1e999","b":true,"c":false}"#, false),
+            (r#"{"id":"0123456789abcdef9e999"}"#, false),
+        ] {
+            assert_eq!(may_overflow(frame.as_bytes()), general, "{frame}");
+        }
+    }
 
     fn spaced() -> Payload {
         Payload::from_json(r#"{ "text" : "hi", "v" : [1.50, 2] }"#.into()).expect("json")
