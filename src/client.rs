@@ -180,9 +180,13 @@ impl HubClient {
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        let resp = self
-            .http
-            .get(format!("{}{path}", self.base))
+        self.call(self.http.get(format!("{}{path}", self.base)))
+            .await
+    }
+
+    /// Sends a request with the session and reads the hub's JSON answer or error.
+    async fn call<T: DeserializeOwned>(&self, request: reqwest::RequestBuilder) -> Result<T> {
+        let resp = request
             .bearer_auth(&self.token)
             .send()
             .await
@@ -212,28 +216,13 @@ impl HubClient {
         path: &str,
         body: &serde_json::Value,
     ) -> Result<T> {
-        let resp = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .json(body)
-            .send()
+        self.call(self.http.post(format!("{}{path}", self.base)).json(body))
             .await
-            .with_context(|| format!("cannot reach the hub at {}", self.base))?;
-        parse(resp).await
     }
-}
 
-impl HubClient {
     pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        let resp = self
-            .http
-            .delete(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .send()
+        self.call(self.http.delete(format!("{}{path}", self.base)))
             .await
-            .with_context(|| format!("cannot reach the hub at {}", self.base))?;
-        parse(resp).await
     }
 }
 
