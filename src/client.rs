@@ -90,7 +90,7 @@ pub struct UserAnswer {
     pub name: String,
 }
 
-fn http() -> Result<reqwest::Client> {
+pub fn http() -> Result<reqwest::Client> {
     Ok(reqwest::Client::builder()
         .user_agent(concat!("adi/", env!("CARGO_PKG_VERSION")))
         .build()?)

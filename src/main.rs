@@ -37,6 +37,8 @@ enum Command {
     Signaling(cmd::signaling::SignalingCmd),
     /// Exchange an API key for a session and remember the hub.
     Login(cmd::login::LoginArgs),
+    /// Revoke the stored session at its hub and forget it.
+    Logout(cmd::login::LogoutArgs),
     /// Print the session's bearer token (JWT) for curl and scripts.
     Token(cmd::token::TokenArgs),
     /// Run a device agent, or manage devices.
@@ -83,6 +85,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Signaling(c) => cmd::signaling::run(c).await,
             Command::Login(a) => cmd::login::run(a).await,
+            Command::Logout(a) => cmd::login::logout(a).await,
             Command::Token(a) => cmd::token::run(a).await,
             Command::Cocoon(c) => cmd::cocoon::run(c).await,
             Command::Dev(a) => cmd::dev::run(a).await,

@@ -28,6 +28,10 @@ pub struct Claims {
     pub exp: u64,
     /// Always [`ISSUER`].
     pub iss: String,
+    /// This session's id, so that signing out can revoke it alone. Sessions issued
+    /// before hubs wrote it have none and cannot be revoked one by one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sid: Option<String>,
 }
 
 /// Why a credential was refused. Messages are safe to show: they never quote it.
@@ -45,6 +49,9 @@ pub enum AuthError {
     /// The JWT is malformed, wrongly signed or of a refused algorithm.
     #[error("invalid bearer token")]
     InvalidToken,
+    /// The session was signed out.
+    #[error("this session was signed out; sign in again")]
+    Revoked,
     /// The catalog failed.
     #[error(transparent)]
     Catalog(#[from] CatalogError),
@@ -65,6 +72,9 @@ pub struct Auth {
     /// request. Only the digest is kept, never the token; an entry counts only until
     /// the token's own expiry.
     verified: dashmap::DashMap<[u8; 32], Claims>,
+    /// Sessions signed out before their expiry, by id, with that expiry: refused until
+    /// then. Loaded from the catalog at start, which keeps them across restarts.
+    revoked: dashmap::DashMap<String, u64>,
 }
 
 impl Auth {
@@ -80,6 +90,7 @@ impl Auth {
             validation,
             ttl,
             verified: dashmap::DashMap::new(),
+            revoked: dashmap::DashMap::new(),
         }
     }
 
@@ -93,6 +104,7 @@ impl Auth {
             iat,
             exp,
             iss: ISSUER.to_owned(),
+            sid: Some(hex::encode(rand::random::<[u8; 16]>())),
         };
         // HS256 signing of a plain struct cannot fail; an empty token would be refused.
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
@@ -100,8 +112,24 @@ impl Auth {
         (token, exp)
     }
 
-    /// Checks a JWT's algorithm, signature, issuer and expiry.
+    /// Refuses session `sid` from now until `exp` (unix seconds).
+    pub fn revoke(&self, sid: &str, exp: u64) {
+        let now = unix_now();
+        self.revoked.retain(|_, until| now < *until);
+        self.revoked.insert(sid.to_owned(), exp);
+    }
+
+    /// Checks a JWT's algorithm, signature, issuer, expiry, and that its session was
+    /// not signed out.
     pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+        let claims = self.verify_signed(token)?;
+        match &claims.sid {
+            Some(sid) if self.revoked.contains_key(sid) => Err(AuthError::Revoked),
+            _ => Ok(claims),
+        }
+    }
+
+    fn verify_signed(&self, token: &str) -> Result<Claims, AuthError> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         if let Some(claims) = self.verified.get(&digest) {
             // Stricter than the full check (no leeway): a token near its end is
@@ -202,6 +230,7 @@ mod tests {
             iat: past - 60,
             exp: past,
             iss: ISSUER.into(),
+            sid: None,
         };
         let token = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
@@ -292,6 +321,18 @@ mod tests {
     }
 
     #[test]
+    fn a_revoked_session_is_refused_and_others_of_the_user_are_not() {
+        let auth = Auth::new(b"0123456789abcdef0123456789abcdef", Duration::from_secs(60));
+        let (one, _) = auth.issue(&user());
+        let (other, _) = auth.issue(&user());
+        let claims = auth.verify(&one).expect("valid");
+        let sid = claims.sid.expect("a new session has an id");
+        auth.revoke(&sid, claims.exp);
+        assert!(matches!(auth.verify(&one), Err(AuthError::Revoked)));
+        assert!(auth.verify(&other).is_ok(), "only that session ends");
+    }
+
+    #[test]
     fn foreign_issuer_is_refused() {
         let key = b"0123456789abcdef0123456789abcdef";
         let auth = Auth::new(key, Duration::from_secs(60));
@@ -301,6 +342,7 @@ mod tests {
             iat: unix_now(),
             exp: unix_now() + 60,
             iss: "someone-else".into(),
+            sid: None,
         };
         let token = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),

@@ -192,6 +192,10 @@ pub async fn spawn(config: HubConfig) -> Result<HubHandle, HubError> {
     config.validate()?;
     let catalog = catalog::open(config.database_url.as_deref(), &config.data_dir).await?;
     let keys = keys::load(catalog.as_ref(), config.key_file.as_deref()).await?;
+    let auth = Auth::new(&keys.jwt, config.jwt_ttl);
+    for (sid, expires_at) in catalog.revoked_sessions(auth::unix_now_i64()).await? {
+        auth.revoke(&sid, u64::try_from(expires_at).unwrap_or(0));
+    }
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| HubError::Bind {
@@ -206,7 +210,7 @@ pub async fn spawn(config: HubConfig) -> Result<HubHandle, HubError> {
     let admission = server::Admission::new(&config, metrics.connections_refused());
     let state = Arc::new(HubState {
         registry: Registry::new(config.heartbeat_interval),
-        auth: Auth::new(&keys.jwt, config.jwt_ttl),
+        auth,
         device_ids: DeviceIdKey::new(keys.device_id),
         metrics,
         readiness: readiness::Readiness::default(),

@@ -1,9 +1,12 @@
-//! `adi login`: exchange an API key for a short-lived session and remember the hub.
+//! `adi login`: exchange an API key for a short-lived session and remember the hub;
+//! `adi logout`: revoke that session at the hub and forget it.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 
-use crate::client::{exchange_key, normalize_hub, save_session, Session};
+use crate::client::{
+    exchange_key, load_session_at, normalize_hub, save_session, session_path, Session,
+};
 
 #[derive(Args)]
 pub struct LoginArgs {
@@ -33,5 +36,46 @@ pub async fn run(args: LoginArgs) -> Result<()> {
         humantime::format_duration(std::time::Duration::from_secs(valid_for)),
         path.display()
     );
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct LogoutArgs {}
+
+/// Revokes the stored session at its hub (so the token stops working everywhere, not
+/// just here) and deletes it. The file goes even when the hub cannot be reached; then
+/// the token stays valid at the hub until it expires, and this says so.
+pub async fn logout(_args: LogoutArgs) -> Result<()> {
+    let path = session_path();
+    let Some(session) = load_session_at(&path)? else {
+        println!("not logged in");
+        return Ok(());
+    };
+    let revoked = crate::client::http()?
+        .delete(format!("{}/api/auth/session", session.hub))
+        .bearer_auth(&session.token)
+        .send()
+        .await;
+    std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+    match revoked {
+        Ok(r) if r.status().is_success() => {
+            println!("logged out of {}: the session is revoked", session.hub);
+        }
+        outcome => {
+            let why = match outcome {
+                Ok(r) => format!("it answered HTTP {}", r.status()),
+                Err(e) => format!("it could not be reached: {e}"),
+            };
+            let left = session
+                .expires_at
+                .saturating_sub(adi_signaling::auth::unix_now());
+            eprintln!(
+                "warning: the hub {} did not revoke the session ({why}); it is forgotten \
+                 here but stays valid at the hub for {}",
+                session.hub,
+                humantime::format_duration(std::time::Duration::from_secs(left))
+            );
+        }
+    }
     Ok(())
 }

@@ -601,6 +601,7 @@ mod tests {
             iat: unix_now() - 7200,
             exp: unix_now() - 3600,
             iss: "adi-hub".into(),
+            sid: None,
         };
         let expired = jsonwebtoken::encode(
             &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),

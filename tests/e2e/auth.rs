@@ -269,3 +269,74 @@ async fn login_to_a_server_that_is_not_an_adi_hub_says_so() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn logout_revokes_that_session_everywhere_and_across_a_restart() -> Result<()> {
+    let data = tempfile::tempdir()?;
+    let mut hub = Hub::start_in(data.path()).await?;
+    let key = hub.add_user("alice")?;
+    let cfg = tempfile::tempdir()?;
+    let (code, _, err) = cli(
+        cfg.path(),
+        &["login", "--hub", &hub.url, "--api-key", &key],
+        &[],
+    )?;
+    assert_eq!(code, 0, "{err}");
+    let (code, jwt, err) = cli(cfg.path(), &["token"], &[])?;
+    assert_eq!(code, 0, "{err}");
+    let jwt = jwt.trim().to_owned();
+    let other = Api::login(&hub.url, &key).await?;
+    let http = reqwest::Client::new();
+    let status = |url: String, jwt: String| {
+        let http = http.clone();
+        async move {
+            let resp = http
+                .get(format!("{url}/api/cocoons"))
+                .bearer_auth(jwt)
+                .send()
+                .await?;
+            let status = resp.status().as_u16();
+            let body: serde_json::Value = resp.json().await.unwrap_or_default();
+            anyhow::Ok((status, body))
+        }
+    };
+    assert_eq!(status(hub.url.clone(), jwt.clone()).await?.0, 200);
+
+    let (code, out, err) = cli(cfg.path(), &["logout"], &[])?;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("revoked"), "{out}");
+    assert!(
+        !cfg.path().join("session.json").exists(),
+        "the session is forgotten"
+    );
+
+    // The old token is refused on the REST API, the proxy and the client socket.
+    let (code, body) = status(hub.url.clone(), jwt.clone()).await?;
+    assert_eq!(code, 401);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("signed out")),
+        "{body}"
+    );
+    let proxied = http
+        .get(format!("{}/proxy/anything/web/", hub.url))
+        .bearer_auth(&jwt)
+        .send()
+        .await?;
+    assert_eq!(proxied.status(), 401);
+    assert!(crate::wire::client(&hub, &jwt).await.is_err());
+    // Another session of the same user is not touched.
+    assert_eq!(other.get("/api/cocoons").await?.0, 200);
+    // Logging out again with nothing stored says so.
+    let (code, out, _) = cli(cfg.path(), &["logout"], &[])?;
+    assert_eq!(code, 0);
+    assert!(out.contains("not logged in"), "{out}");
+
+    // The revocation outlives the hub process.
+    hub.proc.terminate().await?;
+    let hub = Hub::start_in(data.path()).await?;
+    assert_eq!(status(hub.url.clone(), jwt.clone()).await?.0, 401);
+    assert_eq!(status(hub.url.clone(), other.jwt.clone()).await?.0, 200);
+    Ok(())
+}

@@ -79,6 +79,7 @@ adi_storage::conformance_tests!(
     duplicate_user_name_conflicts,
     api_keys_round_trip,
     tokens_round_trip,
+    revoked_sessions_are_kept_until_they_expire,
     tokens_are_listed_by_creator_and_revoked_only_unused,
     enrol_creates_device_owned_by_token_creator,
     enrol_twice_with_same_token_is_refused,
@@ -342,6 +343,33 @@ async fn tokens_round_trip(c: Arc<dyn Catalog>) {
         .await
         .expect_err("same token id twice");
     assert!(matches!(err, CatalogError::Conflict(_)), "got {err:?}");
+}
+
+async fn revoked_sessions_are_kept_until_they_expire(c: Arc<dyn Catalog>) {
+    c.revoke_session("s1", NOW + 60, NOW).await.expect("revoke");
+    c.revoke_session("s2", NOW + 10, NOW).await.expect("revoke");
+    c.revoke_session("s1", NOW + 60, NOW)
+        .await
+        .expect("revoking twice is fine");
+    let mut kept = c.revoked_sessions(NOW).await.expect("list");
+    kept.sort();
+    assert_eq!(
+        kept,
+        vec![("s1".to_owned(), NOW + 60), ("s2".to_owned(), NOW + 10)]
+    );
+    assert_eq!(
+        c.revoked_sessions(NOW + 10).await.expect("list"),
+        vec![("s1".to_owned(), NOW + 60)],
+        "a session past its expiry needs no revocation"
+    );
+    // Revoking prunes what has expired.
+    c.revoke_session("s3", NOW + 90, NOW + 61)
+        .await
+        .expect("revoke");
+    assert_eq!(
+        c.revoked_sessions(NOW).await.expect("list"),
+        vec![("s3".to_owned(), NOW + 90)]
+    );
 }
 
 async fn tokens_are_listed_by_creator_and_revoked_only_unused(c: Arc<dyn Catalog>) {

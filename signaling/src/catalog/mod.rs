@@ -322,6 +322,12 @@ pub trait Catalog: Send + Sync + 'static {
     /// Finds an API key record by its public id.
     async fn api_key(&self, key_id: &str) -> Result<Option<ApiKeyRecord>>;
 
+    /// Records that session `id` was signed out; its JWT is refused until
+    /// `expires_at`. Sessions already past their expiry are forgotten on the way.
+    async fn revoke_session(&self, id: &str, expires_at: i64, now: i64) -> Result<()>;
+    /// The signed-out sessions not yet past their expiry, with it.
+    async fn revoked_sessions(&self, now: i64) -> Result<Vec<(String, i64)>>;
+
     /// Stores a new token record.
     async fn insert_token(&self, token: &TokenRecord) -> Result<()>;
     /// Finds a token record by its public id.

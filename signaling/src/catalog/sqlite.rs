@@ -355,6 +355,32 @@ impl Catalog for SqliteCatalog {
         .transpose()
     }
 
+    async fn revoke_session(&self, id: &str, expires_at: i64, now: i64) -> Result<()> {
+        let mut tx = Tx::begin(&self.pool, "BEGIN IMMEDIATE").await?;
+        sqlx::query("DELETE FROM revoked_sessions WHERE expires_at <= ?")
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO revoked_sessions (id, expires_at) VALUES (?, ?) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(id)
+        .bind(expires_at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn revoked_sessions(&self, now: i64) -> Result<Vec<(String, i64)>> {
+        Ok(sqlx::query_as::<_, (String, i64)>(
+            "SELECT id, expires_at FROM revoked_sessions WHERE expires_at > ?",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     async fn insert_token(&self, token: &TokenRecord) -> Result<()> {
         sqlx::query(
             "INSERT INTO tokens \

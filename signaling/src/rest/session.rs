@@ -120,8 +120,32 @@ async fn open_session(
     Ok(resp)
 }
 
-/// Signs a browser out: the cookie is cleared (also one an older hub set on `Path=/`).
-async fn close_session() -> Response {
+/// Signs out: the session of the bearer token that comes along (the CLI's, the web
+/// UI's) is revoked for the rest of its life, on this hub and after a restart, and the
+/// cookie is cleared (also one an older hub set on `Path=/`). Without a valid bearer
+/// token there is no session to revoke, and only the cookie is cleared.
+async fn close_session(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| {
+            h.strip_prefix("Bearer ")
+                .or_else(|| h.strip_prefix("bearer "))
+        });
+    if let Some(claims) = bearer.and_then(|t| state.auth.verify(t.trim()).ok()) {
+        if let Some(sid) = &claims.sid {
+            let exp = i64::try_from(claims.exp).unwrap_or(i64::MAX);
+            state
+                .catalog
+                .revoke_session(sid, exp, auth::unix_now_i64())
+                .await?;
+            state.auth.revoke(sid, claims.exp);
+            tracing::info!(user = %claims.sub, "session signed out");
+        }
+    }
     let mut resp = StatusCode::NO_CONTENT.into_response();
     for path in [SESSION_COOKIE_PATH, "/"] {
         let clear = format!("{SESSION_COOKIE}=; Path={path}; HttpOnly; SameSite=Strict; Max-Age=0");
@@ -129,5 +153,5 @@ async fn close_session() -> Response {
             resp.headers_mut().append(header::SET_COOKIE, v);
         }
     }
-    resp
+    Ok(resp)
 }
