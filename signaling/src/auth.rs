@@ -75,6 +75,8 @@ pub struct Auth {
     /// Sessions signed out before their expiry, by id, with that expiry: refused until
     /// then. Loaded from the catalog at start, which keeps them across restarts.
     revoked: dashmap::DashMap<String, u64>,
+    /// Bumped on every revocation, so that open sockets can look whether theirs ended.
+    revisions: tokio::sync::watch::Sender<u64>,
 }
 
 impl Auth {
@@ -91,6 +93,7 @@ impl Auth {
             ttl,
             verified: dashmap::DashMap::new(),
             revoked: dashmap::DashMap::new(),
+            revisions: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -117,6 +120,18 @@ impl Auth {
         let now = unix_now();
         self.revoked.retain(|_, until| now < *until);
         self.revoked.insert(sid.to_owned(), exp);
+        self.revisions.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Whether session `sid` was signed out.
+    pub fn is_revoked(&self, sid: &str) -> bool {
+        self.revoked.contains_key(sid)
+    }
+
+    /// Changes on every revocation: what a long-lived socket waits on to end when its
+    /// session is signed out.
+    pub fn revocations(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.revisions.subscribe()
     }
 
     /// Checks a JWT's algorithm, signature, issuer, expiry, and that its session was

@@ -25,7 +25,7 @@ const CLOSE_WAIT: Duration = Duration::from_secs(2);
 const SEND_WAIT: Duration = Duration::from_secs(30);
 
 pub(crate) async fn serve(state: Arc<HubState>, mut socket: WebSocket) {
-    let (caller, expires_at) = match authenticate(&state, &mut socket).await {
+    let (caller, expires_at, session) = match authenticate(&state, &mut socket).await {
         Some(c) => c,
         None => return,
     };
@@ -42,6 +42,8 @@ pub(crate) async fn serve(state: Arc<HubState>, mut socket: WebSocket) {
     // The socket lives no longer than the credential it was opened with.
     let expiry = tokio::time::sleep(until_unix(expires_at));
     tokio::pin!(expiry);
+    // ...and no longer than its session, if it is signed out first.
+    let mut revocations = state.auth.revocations();
     loop {
         let frame = tokio::select! {
             _ = shutdown.cancelled() => {
@@ -52,6 +54,14 @@ pub(crate) async fn serve(state: Arc<HubState>, mut socket: WebSocket) {
                 debug!(user = %caller.id, "client socket's session expired");
                 close(&mut socket, close_code::POLICY, "session expired").await;
                 return;
+            }
+            Ok(()) = revocations.changed() => {
+                if session.as_deref().is_some_and(|sid| state.auth.is_revoked(sid)) {
+                    debug!(user = %caller.id, "client socket's session was signed out");
+                    close(&mut socket, close_code::POLICY, "session signed out").await;
+                    return;
+                }
+                continue;
             }
             f = socket.recv() => f,
         };
@@ -202,7 +212,10 @@ async fn aggregate_query(
 
 /// Reads the first frame, which must sign the socket in; answers the caller and when
 /// its credential ends, or closes the socket with the reason and `None`.
-async fn authenticate(state: &HubState, socket: &mut WebSocket) -> Option<(Caller, u64)> {
+/// The signed-in caller, the expiry of their credential and its session id.
+type SignedIn = (Caller, u64, Option<String>);
+
+async fn authenticate(state: &HubState, socket: &mut WebSocket) -> Option<SignedIn> {
     let wait = state.config.handshake_timeout;
     let deadline = tokio::time::Instant::now() + wait;
     let first = loop {
@@ -245,7 +258,7 @@ async fn authenticate(state: &HubState, socket: &mut WebSocket) -> Option<(Calle
             };
             crate::rest::extract::live_user(state, caller)
                 .await
-                .map(|c| (c, claims.exp))
+                .map(|c| (c, claims.exp, claims.sid))
                 .map_err(|e| e.message().to_owned())
         }
         Err(e) => Err(e),

@@ -301,6 +301,7 @@ async fn logout_revokes_that_session_everywhere_and_across_a_restart() -> Result
         }
     };
     assert_eq!(status(hub.url.clone(), jwt.clone()).await?.0, 200);
+    let mut open_socket = crate::wire::client(&hub, &jwt).await?;
 
     let (code, out, err) = cli(cfg.path(), &["logout"], &[])?;
     assert_eq!(code, 0, "{err}");
@@ -326,6 +327,10 @@ async fn logout_revokes_that_session_everywhere_and_across_a_restart() -> Result
         .await?;
     assert_eq!(proxied.status(), 401);
     assert!(crate::wire::client(&hub, &jwt).await.is_err());
+    // A client socket opened before is closed, saying why.
+    let closed = crate::wire::next(&mut open_socket).await?;
+    assert_eq!(closed["close"], 1008, "{closed}");
+    assert_eq!(closed["reason"], "session signed out", "{closed}");
     // Another session of the same user is not touched.
     assert_eq!(other.get("/api/cocoons").await?.0, 200);
     // Logging out again with nothing stored says so.
