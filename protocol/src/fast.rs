@@ -60,15 +60,16 @@ fn direct_or_general<T: serde::de::DeserializeOwned>(
     max_len: usize,
     direct: &[Direct<T>],
 ) -> Result<T, DecodeError> {
+    // Only frames a direct reader takes pay for the scans below: heartbeats and the
+    // rest go straight the general way.
+    let Some((_, read)) = direct.iter().find(|(prefix, _)| frame.starts_with(prefix)) else {
+        return decode(frame, max_len);
+    };
     // The general decoder refuses invalid UTF-8 anywhere in the frame, the direct
     // readers only where they read a string, not in a field they skip: both must give
     // one answer (a text frame is UTF-8 already, so this refuses nothing real).
     if frame.len() <= max_len && std::str::from_utf8(frame).is_ok() && !may_overflow(frame) {
-        let fast = direct
-            .iter()
-            .find(|(prefix, _)| frame.starts_with(prefix))
-            .and_then(|(_, read)| read(frame));
-        if let Some(msg) = fast {
+        if let Some(msg) = read(frame) {
             return Ok(msg);
         }
     }

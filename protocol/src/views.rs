@@ -131,6 +131,18 @@ pub enum TokenState {
     Expired,
 }
 
+impl TokenState {
+    /// The wire name, as listed.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenState::Active => "active",
+            TokenState::Used => "used",
+            TokenState::Revoked => "revoked",
+            TokenState::Expired => "expired",
+        }
+    }
+}
+
 /// A setup or share token as its maker sees it listed: everything but its secret,
 /// which the hub never stored.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -161,4 +173,22 @@ pub struct TokenView {
 pub struct TokenList {
     /// Newest first.
     pub tokens: Vec<TokenView>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_state_lists_under_its_wire_name() {
+        for state in [
+            TokenState::Active,
+            TokenState::Used,
+            TokenState::Revoked,
+            TokenState::Expired,
+        ] {
+            let json = serde_json::to_string(&state).expect("serializes");
+            assert_eq!(json, format!("\"{}\"", state.as_str()));
+        }
+    }
 }

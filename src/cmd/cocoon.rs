@@ -229,10 +229,7 @@ async fn tokens(args: ListArgs) -> Result<()> {
                 t.device_id
                     .as_ref()
                     .map_or_else(|| "-".into(), ToString::to_string),
-                serde_json::to_value(t.state)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_default(),
+                t.state.as_str().to_owned(),
                 when,
             ]
         })

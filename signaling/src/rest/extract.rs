@@ -61,16 +61,18 @@ fn session_cookie(headers: &axum::http::HeaderMap) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// The token of an `Authorization: Bearer ...` header, if it is one.
+pub(crate) fn bearer_token(header: &header::HeaderValue) -> Option<&str> {
+    let h = header.to_str().ok()?;
+    h.strip_prefix("Bearer ")
+        .or_else(|| h.strip_prefix("bearer "))
+        .map(str::trim)
+}
+
 fn bearer_caller(header: &header::HeaderValue, state: &AppState) -> Result<Caller, ApiError> {
-    let token = header
-        .to_str()
-        .ok()
-        .and_then(|h| {
-            h.strip_prefix("Bearer ")
-                .or_else(|| h.strip_prefix("bearer "))
-        })
+    let token = bearer_token(header)
         .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "malformed Authorization header"))?;
-    let claims = state.auth.verify(token.trim())?;
+    let claims = state.auth.verify(token)?;
     Ok(Caller {
         id: claims.sub,
         name: claims.name,

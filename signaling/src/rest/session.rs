@@ -13,7 +13,7 @@ use axum::Router;
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
-use super::extract::{Json, SESSION_COOKIE, SESSION_COOKIE_PATH};
+use super::extract::{bearer_token, Json, SESSION_COOKIE, SESSION_COOKIE_PATH};
 use crate::auth;
 use crate::catalog::UserId;
 use crate::HubState;
@@ -128,14 +128,8 @@ async fn close_session(
     State(state): State<AppState>,
     headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|h| h.to_str().ok())
-        .and_then(|h| {
-            h.strip_prefix("Bearer ")
-                .or_else(|| h.strip_prefix("bearer "))
-        });
-    if let Some(claims) = bearer.and_then(|t| state.auth.verify(t.trim()).ok()) {
+    let bearer = headers.get(header::AUTHORIZATION).and_then(bearer_token);
+    if let Some(claims) = bearer.and_then(|t| state.auth.verify(t).ok()) {
         if let Some(sid) = &claims.sid {
             let exp = i64::try_from(claims.exp).unwrap_or(i64::MAX);
             state
