@@ -57,7 +57,6 @@ use adi_protocol::tasks::{NewTask, TaskFilter, TaskPage};
 use adi_protocol::views::AggregateTasks;
 use adi_protocol::{DeviceId, DeviceReply, DeviceToHub, Outcome, DEFAULT_MAX_FRAME_BYTES};
 use adi_signaling::aggregate::{self, DeviceStatus, Part, PartStatus};
-use adi_signaling::catalog::TokenKind;
 use adi_signaling::{HubConfig, HubHandle};
 use adi_task_store::{SqliteTaskStore, TaskStore};
 use anyhow::{anyhow, bail, Context, Result};
@@ -325,8 +324,7 @@ impl Bench {
             let token = adi_signaling::tokens::issue(
                 catalog.as_ref(),
                 self.user.id,
-                TokenKind::Setup,
-                None,
+                adi_signaling::tokens::Grant::Setup,
                 Duration::from_secs(600),
                 adi_signaling::auth::unix_now_i64(),
             )
@@ -632,7 +630,7 @@ impl Bench {
         let mut lookup = Vec::with_capacity(iterations);
         for _ in 0..iterations {
             let t0 = Instant::now();
-            let owned = catalog.devices_owned_by(self.user.id).await?;
+            let owned = catalog.devices_of(self.user.id).await?;
             lookup.push(t0.elapsed());
             std::hint::black_box(owned);
         }

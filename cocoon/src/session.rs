@@ -655,12 +655,13 @@ impl<'a> Session<'a> {
     /// A control message from the hub.
     fn on_message(&mut self, text: &[u8]) -> Option<SessionEnd> {
         match adi_protocol::decode_hub_frame(text, self.agent.config.max_frame_bytes) {
-            // Another agent holds this device's secret and took its place: reconnecting
-            // would only take it back, forever.
+            // Another agent holds this device's secret and took its place, or an owner
+            // removed the device: reconnecting would only take it back, or be refused,
+            // forever.
             Ok(HubToDevice::Error {
-                code: ErrorCode::DuplicateAgent,
+                code: code @ (ErrorCode::DuplicateAgent | ErrorCode::DeviceRemoved),
                 message,
-            }) => return Some(SessionEnd::Refused(ErrorCode::DuplicateAgent, message)),
+            }) => return Some(SessionEnd::Refused(code, message)),
             Ok(HubToDevice::Error { code, message }) => {
                 warn!(%code, "hub reported an error: {message}")
             }

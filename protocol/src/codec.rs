@@ -261,6 +261,7 @@ mod tests {
                     Just(ErrorCode::BadRequest),
                     Just(ErrorCode::TokenUsed),
                     Just(ErrorCode::NotEnrolled),
+                    Just(ErrorCode::DeviceRemoved),
                     Just(ErrorCode::Internal),
                     Just(ErrorCode::Unavailable)
                 ],

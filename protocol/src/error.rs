@@ -54,6 +54,12 @@ pub enum ErrorCode {
     /// Another agent with this device's secret connected (a copied data dir): the
     /// older connection is displaced and its agent stops.
     DuplicateAgent,
+    /// The device was removed by one of its owners: its secret is refused from then
+    /// on, and its agent stops rather than retry.
+    DeviceRemoved,
+    /// The credential is valid but its scopes do not cover this route; the message
+    /// names the scope needed.
+    InsufficientScope,
     /// The hub failed internally; the detail is in its log, never in the reply.
     Internal,
 }
@@ -63,7 +69,7 @@ impl ErrorCode {
     pub fn http_status(self) -> u16 {
         match self {
             ErrorCode::Unauthorized | ErrorCode::NotEnrolled => 401,
-            ErrorCode::Forbidden => 403,
+            ErrorCode::Forbidden | ErrorCode::InsufficientScope => 403,
             ErrorCode::NotFound | ErrorCode::TokenUnknown => 404,
             ErrorCode::NoCapableDevice => 503,
             ErrorCode::DeviceOffline | ErrorCode::UpstreamError => 502,
@@ -72,7 +78,10 @@ impl ErrorCode {
             ErrorCode::BadRequest | ErrorCode::UnsupportedVersion | ErrorCode::TokenMalformed => {
                 400
             }
-            ErrorCode::TokenExpired | ErrorCode::TokenUsed | ErrorCode::TokenRevoked => 410,
+            ErrorCode::TokenExpired
+            | ErrorCode::TokenUsed
+            | ErrorCode::TokenRevoked
+            | ErrorCode::DeviceRemoved => 410,
             ErrorCode::Conflict | ErrorCode::DuplicateAgent => 409,
             ErrorCode::HeadersTooLarge => 431,
             ErrorCode::TooManyRequests => 429,
@@ -105,6 +114,8 @@ impl ErrorCode {
             ErrorCode::TooManyRequests => "too_many_requests",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::DuplicateAgent => "duplicate_agent",
+            ErrorCode::DeviceRemoved => "device_removed",
+            ErrorCode::InsufficientScope => "insufficient_scope",
             ErrorCode::Internal => "internal",
         }
     }
@@ -145,6 +156,8 @@ mod tests {
             ErrorCode::TooManyRequests,
             ErrorCode::Unavailable,
             ErrorCode::DuplicateAgent,
+            ErrorCode::DeviceRemoved,
+            ErrorCode::InsufficientScope,
         ] {
             let json = serde_json::to_string(&code).expect("serializes");
             assert_eq!(json, format!("\"{}\"", code.as_str()));

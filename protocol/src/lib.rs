@@ -51,6 +51,7 @@
 //! - [`http`]: the HTTP rules every proxy path applies (hop-by-hop headers, paths).
 //! - `payload`: a capability's JSON payload, kept as raw text.
 
+pub mod access;
 pub mod capability;
 pub mod client;
 mod codec;
@@ -66,6 +67,7 @@ mod payload;
 pub mod tasks;
 pub mod views;
 
+pub use access::Role;
 pub use capability::{CapabilityOffer, CapabilityQuery};
 pub use codec::{decode, encode, DecodeError, DEFAULT_MAX_FRAME_BYTES};
 pub use error::ErrorCode;

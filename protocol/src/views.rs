@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::client::DeviceStatus;
 use crate::tasks::Task;
-use crate::{CapabilityOffer, DeviceId, Hardware, HealthStatus, LoadReport, UserId};
+use crate::{CapabilityOffer, DeviceId, Hardware, HealthStatus, LoadReport, Role, UserId};
 
 /// A device as the API shows it: catalog configuration plus live presence.
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -38,8 +38,11 @@ pub struct CocoonView {
     /// CPU, RAM and GPU use from the latest heartbeat; absent while offline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load: Option<LoadReport>,
-    /// Owners.
+    /// Its members with the owner role: who may share, remove members and delete it.
     pub owners: Vec<OwnerView>,
+    /// Everyone who may use it, owners and users, with their role.
+    #[serde(default)]
+    pub members: Vec<MemberView>,
     /// Unix seconds of enrolment.
     pub created_at: i64,
     /// The last time two agents connected with this device's secret at once (a copied
@@ -88,6 +91,26 @@ pub struct OwnerView {
     pub id: UserId,
     /// User name.
     pub name: String,
+}
+
+/// A member of a device as the API shows it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct MemberView {
+    /// User id.
+    pub id: UserId,
+    /// User name.
+    pub name: String,
+    /// What they may do with the device.
+    pub role: Role,
+}
+
+/// `GET /api/cocoons/{id}/members`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct MemberList {
+    /// The device.
+    pub device_id: DeviceId,
+    /// Owners first, then users, each by name.
+    pub members: Vec<MemberView>,
 }
 
 /// A device's answer to whether it would run a task.
@@ -154,6 +177,9 @@ pub struct TokenView {
     /// For a share token, the device it shares.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device_id: Option<DeviceId>,
+    /// For a share token, the role it grants.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
     /// Where it stands now.
     pub state: TokenState,
     /// Unix seconds.

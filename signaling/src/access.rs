@@ -1,7 +1,8 @@
-//! Who may see and use which device: decided here, and only here. Every REST route, the
-//! proxy, capability routing and the client socket ask this module, so a rule (today:
-//! a device's owners may use it; a device may use the devices it shares an owner with)
-//! changes in one place.
+//! Who may see, use and manage which device: decided here, and only here. Every REST
+//! route, the proxy, capability routing and the client socket ask this module, so a
+//! rule changes in one place. The rules: a device's members (owners and users) see and
+//! use it; only its owners share it, remove members and delete it; a device acts for
+//! its owners, so it may use the devices they may use.
 //!
 //! A device the caller may not use is answered exactly like one that does not exist,
 //! so nobody learns of another user's devices. Connected devices are judged from the
@@ -10,7 +11,7 @@
 
 use std::sync::Arc;
 
-use adi_protocol::DeviceId;
+use adi_protocol::{DeviceId, Role};
 
 use crate::catalog::{CatalogError, DeviceRecord, UserId};
 use crate::registry::Access as Live;
@@ -21,7 +22,9 @@ use crate::HubState;
 pub enum Requester {
     /// A signed-in user: the devices they own.
     User(UserId),
-    /// A device: the devices that share one of its owners.
+    /// A device: it acts for its owners (not for its users, who could otherwise
+    /// reach their own devices through someone else's), so it may use the devices
+    /// any of them may use.
     Device {
         /// Its owners, from the registry.
         owners: Arc<[UserId]>,
@@ -29,11 +32,11 @@ pub enum Requester {
 }
 
 impl Requester {
-    /// Whether a device with `owners` may be used by this requester.
-    pub fn may_use(&self, owners: &[UserId]) -> bool {
+    /// Whether a device with `members` may be used by this requester.
+    pub fn may_use(&self, members: &[UserId]) -> bool {
         match self {
-            Requester::User(u) => owners.contains(u),
-            Requester::Device { owners: mine, .. } => owners.iter().any(|o| mine.contains(o)),
+            Requester::User(u) => members.contains(u),
+            Requester::Device { owners, .. } => members.iter().any(|m| owners.contains(m)),
         }
     }
 }
@@ -44,6 +47,9 @@ pub enum AccessError {
     /// No such device, or one the caller may not use: the same to the caller.
     #[error("no such device")]
     NotFound,
+    /// The caller uses the device but is not one of its owners.
+    #[error("only an owner of this device can do that; you are one of its users")]
+    NotOwner,
     /// Several of the caller's devices answer to the name given.
     #[error(
         "{} of your devices are called {name:?}: {}; use the id of the one you mean",
@@ -69,7 +75,7 @@ pub enum Found {
     Stored(DeviceRecord),
 }
 
-/// The user's device with this id, from the catalog.
+/// The device with this id that the user is a member of, from the catalog.
 pub async fn device(
     state: &HubState,
     user: UserId,
@@ -81,15 +87,30 @@ pub async fn device(
         .device(&id)
         .await?
         .ok_or(AccessError::NotFound)?;
-    if !device.owners.iter().any(|o| o.id == user) {
+    if device.role_of(user).is_none() {
         return Err(AccessError::NotFound);
     }
     Ok(device)
 }
 
-/// Every device the user owns, from the catalog.
+/// The device with this id that the user owns: what sharing it, removing its members
+/// and deleting it need. A user of it is told they are not an owner; anyone else that
+/// there is no such device.
+pub async fn owned_device(
+    state: &HubState,
+    user: UserId,
+    raw_id: &str,
+) -> Result<DeviceRecord, AccessError> {
+    let device = device(state, user, raw_id).await?;
+    match device.role_of(user) {
+        Some(Role::Owner) => Ok(device),
+        _ => Err(AccessError::NotOwner),
+    }
+}
+
+/// Every device the user is a member of, from the catalog.
 pub async fn devices(state: &HubState, user: UserId) -> Result<Vec<DeviceRecord>, AccessError> {
-    Ok(state.catalog.devices_owned_by(user).await?)
+    Ok(state.catalog.devices_of(user).await?)
 }
 
 /// The user's device named by `given`: its 32-hex id, or a name that is unique among
@@ -103,7 +124,7 @@ pub async fn device_by_id_or_name(
 ) -> Result<Found, AccessError> {
     let mine = |owners: &[UserId]| owners.contains(&user);
     if let Ok(id) = given.parse::<DeviceId>() {
-        if let Some(live) = state.registry.access(&id).filter(|a| mine(&a.owners)) {
+        if let Some(live) = state.registry.access(&id).filter(|a| mine(&a.members)) {
             return Ok(Found::Live(id, live));
         }
         return device(state, user, given).await.map(Found::Stored);
@@ -114,7 +135,7 @@ pub async fn device_by_id_or_name(
         return Err(ambiguous(&name, live));
     }
     if let Some(id) = live.pop() {
-        if let Some(access) = state.registry.access(&id).filter(|a| mine(&a.owners)) {
+        if let Some(access) = state.registry.access(&id).filter(|a| mine(&a.members)) {
             return Ok(Found::Live(id, access));
         }
     }

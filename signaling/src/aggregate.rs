@@ -452,7 +452,7 @@ mod tests {
                     location: None,
                     hardware: None,
                     created_at: 0,
-                    owners: vec![],
+                    members: vec![],
                 },
                 Err(RpcError::Offline),
             ),

@@ -75,7 +75,9 @@ pub struct Auth {
     /// Sessions signed out before their expiry, by id, with that expiry: refused until
     /// then. Loaded from the catalog at start, which keeps them across restarts.
     revoked: dashmap::DashMap<String, u64>,
-    /// Bumped on every revocation, so that open sockets can look whether theirs ended.
+    /// Bumped on every revocation and every loss of access (a member removed, a
+    /// device deleted), so that open sockets and proxied streams can look whether
+    /// theirs ended.
     revisions: tokio::sync::watch::Sender<u64>,
 }
 
@@ -120,6 +122,12 @@ impl Auth {
         let now = unix_now();
         self.revoked.retain(|_, until| now < *until);
         self.revoked.insert(sid.to_owned(), exp);
+        self.announce_change();
+    }
+
+    /// Tells everything waiting on [`changes`](Auth::changes) to look again whether
+    /// what it serves is still allowed.
+    pub fn announce_change(&self) {
         self.revisions.send_modify(|n| *n = n.wrapping_add(1));
     }
 
@@ -128,9 +136,9 @@ impl Auth {
         self.revoked.contains_key(sid)
     }
 
-    /// Changes on every revocation: what a long-lived socket waits on to end when its
-    /// session is signed out.
-    pub fn revocations(&self) -> tokio::sync::watch::Receiver<u64> {
+    /// Changes on every revocation and loss of access: what a long-lived socket or
+    /// stream waits on to end when its session is signed out or its access removed.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.revisions.subscribe()
     }
 

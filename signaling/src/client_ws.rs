@@ -43,7 +43,7 @@ pub(crate) async fn serve(state: Arc<HubState>, mut socket: WebSocket) {
     let expiry = tokio::time::sleep(until_unix(expires_at));
     tokio::pin!(expiry);
     // ...and no longer than its session, if it is signed out first.
-    let mut revocations = state.auth.revocations();
+    let mut revocations = state.auth.changes();
     loop {
         let frame = tokio::select! {
             _ = shutdown.cancelled() => {
@@ -252,13 +252,13 @@ async fn authenticate(state: &HubState, socket: &mut WebSocket) -> Option<Signed
     };
     let result = match result {
         Ok(claims) => {
-            let caller = Caller {
-                id: claims.sub,
-                name: claims.name,
-            };
-            crate::rest::extract::live_user(state, caller)
+            let exp = claims.exp;
+            crate::rest::extract::live_user(state, Caller::from(claims))
                 .await
-                .map(|c| (c, claims.exp, claims.sid))
+                .map(|c| {
+                    let session = c.session.clone();
+                    (c, exp, session)
+                })
                 .map_err(|e| e.message().to_owned())
         }
         Err(e) => Err(e),

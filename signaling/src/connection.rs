@@ -40,12 +40,12 @@ use tokio::time::{timeout, Instant, Sleep};
 use tracing::{debug, info, warn};
 
 use crate::auth::unix_now_i64;
-use crate::catalog::{CatalogError, DeviceConfig, DeviceRecord, UserId};
+use crate::catalog::{CatalogError, DeviceConfig, DeviceRecord};
 use crate::link::command::{
     Answer, Call, Command, Ended, ProxyCall, ProxyOpened, ReplyTo, ResponseHead, RpcError,
 };
 use crate::link::{AskSlot, ConnHandle, Next, Stop, MAX_DEVICE_REQUESTS};
-use crate::registry::{Agent, ConnId};
+use crate::registry::{Agent, ConnId, Grants};
 use crate::routing::{self, Destination, Requester};
 use crate::tokens::{self, TokenError};
 use crate::HubState;
@@ -109,7 +109,7 @@ pub(crate) async fn serve(
         &accepted.config.name,
         conn_id,
         link.clone(),
-        &accepted.owners,
+        &accepted.grants,
         &accepted.config.capabilities,
         &accepted.config.services,
         Agent {
@@ -229,6 +229,7 @@ impl End {
                 "replaced by a newer connection of this device".into(),
             ),
             Stop::Silent => End::Send(close_code::AWAY, "no heartbeat for 3 intervals".into()),
+            Stop::Removed => End::Refuse(ErrorCode::DeviceRemoved, DEVICE_REMOVED.into()),
             Stop::Displaced(by) => End::Refuse(
                 ErrorCode::DuplicateAgent,
                 format!(
@@ -922,7 +923,7 @@ struct Accepted {
     load: Option<LoadReport>,
     peer_max: usize,
     instance: Option<u64>,
-    owners: Vec<UserId>,
+    grants: Grants,
     version: u32,
     enrolled: bool,
 }
@@ -989,19 +990,22 @@ async fn register_device(state: &HubState, reg: &Register) -> Result<Accepted, R
         if reported.is_none_or(|l| known.hardware.as_ref().is_some_and(|h| h.describes(l))) {
             config.hardware = known.hardware.clone();
         }
-        let owners = known.owners.iter().map(|o| o.id).collect();
+        let grants = Grants::of(&known.members);
         update_if_changed(state, &DeviceConfig::from(known), &config).await?;
         return Ok(Accepted {
             config,
             load: None,
             peer_max,
             instance,
-            owners,
+            grants,
             version,
             enrolled: false,
         });
     }
     let Some(token) = reg.setup_token.as_deref() else {
+        if removed(state, &config.id).await? {
+            return Err(Refusal::new(ErrorCode::DeviceRemoved, DEVICE_REMOVED));
+        }
         return Err(Refusal::new(
             ErrorCode::NotEnrolled,
             "this device is not enrolled on this hub; start it once with a setup token",
@@ -1013,25 +1017,29 @@ async fn register_device(state: &HubState, reg: &Register) -> Result<Accepted, R
             load: None,
             peer_max,
             instance,
-            owners: record.owners.iter().map(|o| o.id).collect(),
+            grants: Grants::of(&record.members),
             version,
             enrolled: true,
         }),
         // Enrolled concurrently by another connection with the same secret.
         Err(TokenError::Catalog(CatalogError::Conflict(_))) => {
-            let owners = existing(state, &config.id)
+            let grants = existing(state, &config.id)
                 .await?
-                .map(|d| d.owners.iter().map(|o| o.id).collect())
+                .map(|d| Grants::of(&d.members))
                 .unwrap_or_default();
             Ok(Accepted {
                 config,
                 load: None,
                 peer_max,
                 instance,
-                owners,
+                grants,
                 version,
                 enrolled: false,
             })
+        }
+        // A removed device's agent that still passes its old, spent token.
+        Err(TokenError::Used) if removed(state, &config.id).await? => {
+            Err(Refusal::new(ErrorCode::DeviceRemoved, DEVICE_REMOVED))
         }
         Err(e) => {
             if let TokenError::Catalog(inner) = &e {
@@ -1040,6 +1048,19 @@ async fn register_device(state: &HubState, reg: &Register) -> Result<Accepted, R
             Err(Refusal::new(e.code(), refusal_text(&e)))
         }
     }
+}
+
+/// What an agent of a device its owner removed is told, on its connection and when it
+/// comes back.
+const DEVICE_REMOVED: &str = "this device was removed by its owner; the agent stops. Its task \
+     store on this device is left as it was; to add the device again, start it with a new \
+     setup token";
+
+async fn removed(state: &HubState, id: &DeviceId) -> Result<bool, Refusal> {
+    state.catalog.is_removed(id).await.map_err(|e| {
+        warn!("catalog lookup failed: {e:#}");
+        catalog_refusal(&e)
+    })
 }
 
 async fn existing(state: &HubState, id: &DeviceId) -> Result<Option<DeviceRecord>, Refusal> {

@@ -3,9 +3,11 @@
 //! message, both bodies stream as binary frames with flow control, and the hub keeps at
 //! most a window of each body in memory, whatever its size.
 //!
-//! The hub checks ownership and that the service is one the device registered; the
+//! The hub checks membership and that the service is one the device registered; the
 //! device connects only to `127.0.0.1:<registered port>`. Hop-by-hop headers and the
-//! hub's own credentials never reach the service.
+//! hub's own credentials never reach the service. A streamed answer or an upgraded
+//! connection outlives nothing that allowed it: when its caller is removed from the
+//! device, the device is deleted or the session is signed out, it is cut at once.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,7 +15,7 @@ use std::time::Duration;
 
 use adi_mux::BodyReceiver;
 use adi_protocol::http::{check_target, is_hop_by_hop, requested_upgrade};
-use adi_protocol::{ErrorCode, ProxyRequest};
+use adi_protocol::{DeviceId, ErrorCode, ProxyRequest};
 use axum::body::{Body, HttpBody};
 use axum::extract::{ConnectInfo, Request};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -24,7 +26,7 @@ use tracing::{debug, Instrument};
 
 use crate::access::{self, Found};
 use crate::rest::error::ApiError;
-use crate::rest::extract::{proxy_caller, SESSION_COOKIE};
+use crate::rest::extract::{proxy_caller, Caller, SESSION_COOKIE};
 use crate::rpc::{self, RpcError};
 use crate::HubState;
 
@@ -146,12 +148,18 @@ async fn proxy(state: &AppState, mut req: Request) -> Result<Response, ApiError>
         upgrade: upgrade.clone(),
         empty_body,
     };
+    // Made only for answers that stream: most come whole with their head.
+    let guard = || Guard {
+        state: state.clone(),
+        device: device_id.clone(),
+        caller: caller.clone(),
+    };
     let opened = rpc::open_proxy(state, &device_id, head).await?;
     let (too_large_tx, too_large_rx) = oneshot::channel();
     if let Some(on_upgrade) = on_upgrade {
         // Boxed: the upgrade's wait would otherwise size every proxied request's future.
         let upgrade = upgrade.unwrap_or_default();
-        return Box::pin(finish_upgrade(opened, on_upgrade, deadline, upgrade)).await;
+        return Box::pin(finish_upgrade(opened, on_upgrade, deadline, upgrade, guard())).await;
     }
     let mut request_body = opened.request_body;
     let body = req.into_body();
@@ -198,10 +206,51 @@ async fn proxy(state: &AppState, mut req: Request) -> Result<Response, ApiError>
         Ok(()) = too_large_rx => return Err(too_large(max_body.unwrap_or(0))),
     };
     debug!(parent: &span, status = head.status, "proxied response");
-    let mut resp = Response::new(response_body(head.body, opened.response_body));
+    let mut resp = Response::new(response_body(head.body, opened.response_body, guard));
     *resp.status_mut() = StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);
     copy_response_headers(&head.headers, resp.headers_mut());
     Ok(resp)
+}
+
+/// What allowed a proxied exchange: who asked, for which device.
+struct Guard {
+    state: AppState,
+    device: DeviceId,
+    caller: Caller,
+}
+
+impl Guard {
+    /// Whether the caller may still use the device on this session.
+    fn allows(&self) -> bool {
+        let member = self
+            .state
+            .registry
+            .access(&self.device)
+            .is_some_and(|a| a.members.contains(&self.caller.id));
+        let signed_out = self
+            .caller
+            .session
+            .as_deref()
+            .is_some_and(|sid| self.state.auth.is_revoked(sid));
+        member && !signed_out
+    }
+
+    /// Resolves once the caller may no longer use the device; never while they may.
+    async fn lost(self) {
+        let mut changes = self.state.auth.changes();
+        // Checked after subscribing, so a change between the request's own check and
+        // now is not missed.
+        if !self.allows() {
+            return;
+        }
+        while changes.changed().await.is_ok() {
+            if !self.allows() {
+                debug!(device_id = %self.device, user = %self.caller.id, "proxied stream cut: access removed");
+                return;
+            }
+        }
+        std::future::pending().await
+    }
 }
 
 /// Waits for the service's answer to an upgrade request; on `101` the client's
@@ -212,6 +261,7 @@ async fn finish_upgrade(
     on_upgrade: hyper::upgrade::OnUpgrade,
     deadline: Duration,
     protocol: String,
+    guard: Guard,
 ) -> Result<Response, ApiError> {
     let head = match tokio::time::timeout(deadline, opened.head).await {
         Err(_) => return Err(RpcError::Timeout(deadline).into()),
@@ -225,7 +275,13 @@ async fn finish_upgrade(
         tokio::spawn(async move {
             match on_upgrade.await {
                 Ok(upgraded) => {
-                    adi_mux::splice(hyper_util::rt::TokioIo::new(upgraded), sender, receiver).await
+                    let io = hyper_util::rt::TokioIo::new(upgraded);
+                    // Dropping the splice closes both the client's connection and
+                    // the stream to the device.
+                    tokio::select! {
+                        () = adi_mux::splice(io, sender, receiver) => {}
+                        () = guard.lost() => {}
+                    }
                 }
                 Err(e) => debug!("client upgrade failed: {e}"),
             }
@@ -234,7 +290,7 @@ async fn finish_upgrade(
     } else {
         // The service declined to switch: an ordinary response with no request body.
         let _ = opened.request_body.finish().await;
-        Response::new(response_body(head.body, opened.response_body))
+        Response::new(response_body(head.body, opened.response_body, || guard))
     };
     *resp.status_mut() = StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);
     copy_response_headers(&head.headers, resp.headers_mut());
@@ -357,24 +413,39 @@ fn forward_headers(headers: &HeaderMap, peer: SocketAddr, prefix: String) -> Vec
 }
 
 /// The body that came whole with the head, or else the one on the stream.
-fn response_body(whole: Option<bytes::Bytes>, receiver: BodyReceiver) -> Body {
+fn response_body(
+    whole: Option<bytes::Bytes>,
+    receiver: BodyReceiver,
+    guard: impl FnOnce() -> Guard,
+) -> Body {
     match whole {
         Some(bytes) => {
             receiver.finish_implied();
             Body::from(bytes)
         }
-        None => body_from(receiver),
+        None => body_from(receiver, guard()),
     }
 }
 
 /// The response body as the client reads it; dropping it (the client went away)
-/// resets the stream, which cancels the request on the device.
-fn body_from(receiver: BodyReceiver) -> Body {
-    let stream = futures_util::stream::unfold(receiver, |mut rx| async move {
-        match rx.recv().await {
-            None => None,
-            Some(Ok(chunk)) => Some((Ok(chunk), rx)),
-            Some(Err(e)) => Some((Err(std::io::Error::other(e)), rx)),
+/// resets the stream, which cancels the request on the device. It fails, which cuts
+/// the client's connection rather than end the body as if complete, when the guard's
+/// access is lost.
+fn body_from(receiver: BodyReceiver, guard: Guard) -> Body {
+    type Lost = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+    let lost: Lost = Box::pin(guard.lost());
+    let stream = futures_util::stream::unfold(Some((receiver, lost)), |open| async move {
+        let (mut rx, mut lost) = open?;
+        tokio::select! {
+            () = &mut lost => Some((
+                Err(std::io::Error::other("access to the device was removed")),
+                None,
+            )),
+            next = rx.recv() => match next {
+                None => None,
+                Some(Ok(chunk)) => Some((Ok(chunk), Some((rx, lost)))),
+                Some(Err(e)) => Some((Err(std::io::Error::other(e)), Some((rx, lost)))),
+            },
         }
     });
     Body::from_stream(stream)

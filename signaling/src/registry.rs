@@ -29,7 +29,8 @@ use dashmap::DashMap;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::UserId;
+use crate::catalog::{Member, UserId};
+use adi_protocol::Role;
 pub use crate::link::{ConnHandle, Stop};
 
 /// Identifies one WebSocket connection, so a stale one can be told from its successor.
@@ -59,8 +60,12 @@ pub struct LiveDevice {
     /// Load from the latest heartbeat that carried it (boxed: most of the registry's
     /// entries are idle devices, and the entry should stay small).
     pub load: Option<Box<LoadReport>>,
-    /// Who may use the device, copied from the catalog at registration and on every
-    /// claim, so routing never reads the catalog. Shared with devices of the same owners.
+    /// Who may use the device (every member, owner or user), copied from the catalog
+    /// at registration and on every change of its members, so routing never reads the
+    /// catalog. Shared with devices of the same members.
+    pub members: Arc<[UserId]>,
+    /// Its members with the owner role: whom the device acts for when it asks for
+    /// another device's capability. Shared like `members`.
     pub owners: Arc<[UserId]>,
     /// What the device serves now; shared with devices that serve the same.
     pub capabilities: Arc<[CapabilityOffer]>,
@@ -100,11 +105,42 @@ pub struct Conflict {
     refused_until: Instant,
 }
 
+/// Who may use a device, and whom it acts for: its members and, of those, its owners.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Grants {
+    /// Every member.
+    pub members: Vec<UserId>,
+    /// The members with the owner role.
+    pub owners: Vec<UserId>,
+}
+
+impl Grants {
+    /// The grants of a device with these members.
+    pub fn of(members: &[Member]) -> Self {
+        Grants {
+            members: members.iter().map(|m| m.id).collect(),
+            owners: members
+                .iter()
+                .filter(|m| m.role == Role::Owner)
+                .map(|m| m.id)
+                .collect(),
+        }
+    }
+
+    /// A device whose members are all owners.
+    pub fn owned_by(owners: &[UserId]) -> Self {
+        Grants {
+            members: owners.to_vec(),
+            owners: owners.to_vec(),
+        }
+    }
+}
+
 /// What the proxy needs of a connected device, read from RAM.
 #[derive(Debug, Clone)]
 pub struct Access {
-    /// Who owns it.
-    pub owners: Arc<[UserId]>,
+    /// Who may use it.
+    pub members: Arc<[UserId]>,
     /// Its services.
     pub services: Arc<[ServiceInfo]>,
     /// Whether it is online by heartbeat age.
@@ -124,8 +160,8 @@ pub struct Candidate {
     pub offer: CapabilityOffer,
     /// Its load share in [0, 1) from its last report ([`load_share`]).
     pub load_share: f64,
-    /// Its owners.
-    pub owners: Arc<[UserId]>,
+    /// Who may use it.
+    pub members: Arc<[UserId]>,
 }
 
 /// What the registry says of a device at one instant.
@@ -292,7 +328,7 @@ impl Registry {
         name: &str,
         conn_id: ConnId,
         handle: ConnHandle,
-        owners: &[UserId],
+        grants: &Grants,
         capabilities: &[CapabilityOffer],
         services: &[ServiceInfo],
         agent: Agent,
@@ -305,7 +341,8 @@ impl Registry {
             last_heartbeat: Instant::now(),
             health: Vec::new(),
             load: None,
-            owners: self.owner_lists.get(owners),
+            members: self.owner_lists.get(&grants.members),
+            owners: self.owner_lists.get(&grants.owners),
             capabilities: self.capability_lists.get(capabilities),
             services: self.service_lists.get(services),
             draining: false,
@@ -400,7 +437,7 @@ impl Registry {
             .filter(|id| {
                 self.devices
                     .get(id)
-                    .is_some_and(|live| &*live.name == name && may_use(&live.owners))
+                    .is_some_and(|live| &*live.name == name && may_use(&live.members))
             })
             .collect()
     }
@@ -495,29 +532,33 @@ impl Registry {
         }
     }
 
-    /// Owners, services and presence of a connected device; `None` when it is not.
+    /// Members, services and presence of a connected device; `None` when it is not.
     pub fn access(&self, id: &DeviceId) -> Option<Access> {
         self.devices.get(id).map(|live| Access {
-            owners: live.owners.clone(),
+            members: live.members.clone(),
             services: live.services.clone(),
             online: live.last_heartbeat.elapsed() <= self.online_window(),
             draining: live.draining,
         })
     }
 
-    /// Adds a co-owner to a connected device, so a claim takes effect without a
-    /// reconnect.
-    pub fn add_owner(&self, id: &DeviceId, user: UserId) {
+    /// Replaces a connected device's members with what the catalog holds now, so a
+    /// claim or a removal takes effect at once, without a reconnect.
+    pub fn set_grants(&self, id: &DeviceId, grants: &Grants) {
         if let Some(mut live) = self.devices.get_mut(id) {
-            if !live.owners.contains(&user) {
-                let mut owners = live.owners.to_vec();
-                owners.push(user);
-                live.owners = self.owner_lists.get(&owners);
-            }
+            live.members = self.owner_lists.get(&grants.members);
+            live.owners = self.owner_lists.get(&grants.owners);
         }
     }
 
-    /// The owners of a connected device.
+    /// Stops a connected device's connection for `why`, whichever connection it is.
+    pub fn stop(&self, id: &DeviceId, why: Stop) {
+        if let Some(live) = self.devices.get(id) {
+            live.handle.stop(why);
+        }
+    }
+
+    /// The owners of a connected device: whom it acts for.
     pub fn owners(&self, id: &DeviceId) -> Option<Arc<[UserId]>> {
         self.devices.get(id).map(|live| live.owners.clone())
     }
@@ -550,7 +591,7 @@ impl Registry {
             .filter_map(|id| {
                 let e = self.devices.get(id)?;
                 self.candidate_of(id, &e, query, now)
-                    .filter(|c| may_use(&c.owners))
+                    .filter(|c| may_use(&c.members))
             })
             .collect()
     }
@@ -577,7 +618,7 @@ impl Registry {
             handle: e.handle.clone(),
             offer,
             load_share: load_share(e.load.as_deref()),
-            owners: e.owners.clone(),
+            members: e.members.clone(),
         })
     }
 
@@ -732,8 +773,8 @@ mod tests {
         let h2 = handle(&reg);
         let c1 = reg.next_conn_id();
         let c2 = reg.next_conn_id();
-        reg.insert(id(1), "d", c1, h1.clone(), &[], &[], &[], Agent::default());
-        reg.insert(id(1), "d", c2, h2.clone(), &[], &[], &[], Agent::default());
+        reg.insert(id(1), "d", c1, h1.clone(), &Grants::default(), &[], &[], Agent::default());
+        reg.insert(id(1), "d", c2, h2.clone(), &Grants::default(), &[], &[], Agent::default());
         assert_eq!(h1.stopped(), Some(Stop::Replaced));
         assert_eq!(h2.stopped(), None);
         assert!(!reg.remove(&id(1), c1), "stale connection must not evict");
@@ -751,7 +792,7 @@ mod tests {
     async fn presence_follows_heartbeat_age() {
         let reg = Registry::new(Duration::from_secs(5));
         let c = reg.next_conn_id();
-        reg.insert(id(2), "d", c, handle(&reg), &[], &[], &[], Agent::default());
+        reg.insert(id(2), "d", c, handle(&reg), &Grants::default(), &[], &[], Agent::default());
         assert!(reg.presence(&id(2)).online);
         tokio::time::advance(Duration::from_secs(9)).await;
         assert!(
@@ -776,7 +817,7 @@ mod tests {
             "d",
             reg.next_conn_id(),
             silent.clone(),
-            &[],
+            &Grants::default(),
             &[],
             &[],
             Agent::default(),
@@ -786,7 +827,7 @@ mod tests {
             "d",
             reg.next_conn_id(),
             talking.clone(),
-            &[],
+            &Grants::default(),
             &[],
             &[],
             Agent::default(),
@@ -837,7 +878,7 @@ mod tests {
             "d",
             conn,
             handle(reg),
-            &[],
+            &Grants::default(),
             &offers(protocols),
             &[],
             Agent::default(),
@@ -893,7 +934,7 @@ mod tests {
             "d",
             c2,
             handle(&reg),
-            &[],
+            &Grants::default(),
             &offers(&["embeddings"]),
             &[],
             Agent::default(),
@@ -922,7 +963,7 @@ mod tests {
                 name,
                 conn,
                 handle(&reg),
-                &[user(owner)],
+                &Grants::owned_by(&[user(owner)]),
                 &[],
                 &[],
                 Agent::default(),
@@ -965,7 +1006,7 @@ mod tests {
                 "d",
                 c,
                 handle(&reg),
-                &[user(1)],
+                &Grants::owned_by(&[user(1)]),
                 std::slice::from_ref(&tasks),
                 &[],
                 Agent::default(),
@@ -986,9 +1027,24 @@ mod tests {
             "one capability list for all three"
         );
 
-        reg.add_owner(&id(0), user(2));
-        assert_eq!(&*reg.owners(&id(0)).expect("online"), &[user(1), user(2)]);
-        assert_eq!(&*reg.owners(&id(1)).expect("online"), &[user(1)]);
+        reg.set_grants(
+            &id(0),
+            &Grants {
+                members: vec![user(1), user(2)],
+                owners: vec![user(1)],
+            },
+        );
+        let members = |n| reg.access(&id(n)).expect("online").members;
+        assert_eq!(&*members(0), &[user(1), user(2)]);
+        assert_eq!(&*reg.owners(&id(0)).expect("online"), &[user(1)]);
+        assert!(
+            Arc::ptr_eq(
+                &reg.owners(&id(0)).expect("online"),
+                &members(1)
+            ),
+            "the owners of one device and the members of another: one list"
+        );
+        assert_eq!(&*members(1), &[user(1)]);
         assert!(reg.set_capabilities(&id(1), reg_conn(&reg, &id(1)), &[]));
         assert!(reg.capabilities(&id(1)).expect("online").is_empty());
 

@@ -105,7 +105,7 @@ pub fn choose(
     let mut preferred = None;
     if let Some(p) = prefer {
         if let Some(c) = state.registry.candidate(p, query) {
-            if requester.may_use(&c.owners) {
+            if requester.may_use(&c.members) {
                 preferred = Some(c);
             } else if matches!(requester, Requester::Device { .. }) {
                 // Another owner's device: refused before anything reaches it. A user is
@@ -422,7 +422,7 @@ mod tests {
                 .parse::<CapabilityOffer>()
                 .expect("offer"),
             load_share: load_share(load.as_ref()),
-            owners: Arc::from(vec![]),
+            members: Arc::from(vec![]),
         }
     }
 

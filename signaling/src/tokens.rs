@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use adi_protocol::{DeviceId, ErrorCode};
+use adi_protocol::{DeviceId, ErrorCode, Role};
 
 use crate::catalog::{
     Catalog, CatalogError, DeviceConfig, DeviceRecord, TokenKind, TokenRecord, UserId,
@@ -49,13 +49,13 @@ pub enum TokenError {
     /// Lifetime out of range.
     #[error("token lifetime must be between 1 second and {} days", MAX_TTL.as_secs() / 86400)]
     BadTtl,
-    /// A share token claimed by someone who already owns its device: it is not spent,
+    /// A share token claimed by a member it would give nothing more: it is not spent,
     /// so it still works for whoever it was meant for.
     #[error(
-        "you already own this device; the share token was not used and still works for \
-         whoever you give it to"
+        "you are already a member of this device (as {0}); the share token was not used and \
+         still works for whoever you give it to"
     )]
-    AlreadyOwner,
+    AlreadyMember(Role),
     /// The catalog failed.
     #[error(transparent)]
     Catalog(#[from] CatalogError),
@@ -71,7 +71,7 @@ impl TokenError {
             TokenError::Used => ErrorCode::TokenUsed,
             TokenError::Revoked => ErrorCode::TokenRevoked,
             TokenError::WrongKind { .. } | TokenError::BadTtl => ErrorCode::BadRequest,
-            TokenError::AlreadyOwner => ErrorCode::Conflict,
+            TokenError::AlreadyMember(_) => ErrorCode::Conflict,
             TokenError::Catalog(e) => e.code(),
         }
     }
@@ -88,15 +88,32 @@ pub struct Issued {
     pub expires_at: i64,
 }
 
-/// Mints a token of `kind` for `creator`, valid for `ttl` from `now`.
+/// What a token is for: enrolling a new device, or sharing one with a role.
+#[derive(Debug, Clone)]
+pub enum Grant {
+    /// Enrols a new device owned by the token's creator.
+    Setup,
+    /// Makes whoever claims it a member of `device` with `role`.
+    Share {
+        /// The device shared.
+        device: DeviceId,
+        /// The role the claimant gets.
+        role: Role,
+    },
+}
+
+/// Mints a token granting `grant` for `creator`, valid for `ttl` from `now`.
 pub async fn issue(
     catalog: &dyn Catalog,
     creator: UserId,
-    kind: TokenKind,
-    device: Option<DeviceId>,
+    grant: Grant,
     ttl: Duration,
     now: i64,
 ) -> Result<Issued, TokenError> {
+    let (kind, device, role) = match grant {
+        Grant::Setup => (TokenKind::Setup, None, None),
+        Grant::Share { device, role } => (TokenKind::Share, Some(device), Some(role)),
+    };
     if ttl.is_zero() || ttl > MAX_TTL {
         return Err(TokenError::BadTtl);
     }
@@ -109,6 +126,7 @@ pub async fn issue(
             secret_hash: minted.secret_hash,
             created_by: creator,
             device_id: device,
+            role,
             created_at: now,
             expires_at,
             used_at: None,
@@ -172,7 +190,7 @@ pub async fn enrol(
     }
 }
 
-/// Makes `user` a co-owner of the device a share token names.
+/// Makes `user` a member of the device a share token names, with the token's role.
 pub async fn claim(
     catalog: &dyn Catalog,
     raw: &str,
@@ -181,12 +199,11 @@ pub async fn claim(
 ) -> Result<DeviceId, TokenError> {
     let record = check(catalog, raw, TokenKind::Share, now).await?;
     if let Some(device) = &record.device_id {
-        let owns = catalog
-            .device(device)
-            .await?
-            .is_some_and(|d| d.owners.iter().any(|o| o.id == user));
-        if owns {
-            return Err(TokenError::AlreadyOwner);
+        let grants = record.role.unwrap_or(Role::Owner);
+        if let Some(role) = catalog.role_of(device, user).await? {
+            if role >= grants {
+                return Err(TokenError::AlreadyMember(role));
+            }
         }
     }
     match catalog.claim_share(&record.id, now, user).await {

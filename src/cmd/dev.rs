@@ -11,7 +11,6 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use adi_cocoon::CocoonConfig;
-use adi_signaling::catalog::TokenKind;
 use adi_signaling::HubConfig;
 
 use crate::paths;
@@ -85,8 +84,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
         let token = adi_signaling::tokens::issue(
             catalog.as_ref(),
             user.id,
-            TokenKind::Setup,
-            None,
+            adi_signaling::tokens::Grant::Setup,
             Duration::from_secs(600),
             adi_signaling::auth::unix_now_i64(),
         )

@@ -8,13 +8,13 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use adi_protocol::{CapabilityOffer, DeviceId, GpuModel, Hardware, ServiceInfo};
+use adi_protocol::{CapabilityOffer, DeviceId, GpuModel, Hardware, Role, ServiceInfo};
 use adi_storage::conformance::run_then_close;
 use adi_storage::test_database::{with_postgres, TestSqlite};
 use sqlx::Connection;
 
 use super::{
-    ApiKeyRecord, Catalog, CatalogError, DeviceConfig, Owner, PgCatalog, SqliteCatalog, TokenKind,
+    ApiKeyRecord, Catalog, CatalogError, DeviceConfig, Member, PgCatalog, SqliteCatalog, TokenKind,
     TokenRecord, User, UserId,
 };
 
@@ -92,8 +92,11 @@ adi_storage::conformance_tests!(
     claim_share_with_setup_or_expired_token_is_refused,
     owner_claiming_own_share_adds_no_duplicate,
     concurrent_claims_with_one_token_one_wins,
-    devices_owned_by_is_ordered_and_isolated,
+    devices_of_is_ordered_and_isolated,
     is_owner_reports_ownership,
+    share_tokens_grant_their_role_and_raise_never_lower,
+    members_are_removed_but_never_the_last_owner,
+    deleted_devices_are_forgotten_and_remembered_as_removed,
     update_device_rewrites_config,
     update_unknown_device_is_not_found,
 );
@@ -140,6 +143,7 @@ fn token_record(id: &str, kind: TokenKind, by: UserId, device: Option<&DeviceId>
         secret_hash: format!("hash of {id}").into_bytes(),
         created_by: by,
         device_id: device.cloned(),
+        role: None,
         created_at: NOW - 60,
         expires_at: NOW + HOUR,
         used_at: None,
@@ -163,6 +167,15 @@ async fn share_token(c: &dyn Catalog, id: &str, by: UserId, device: &DeviceId) -
     id.to_owned()
 }
 
+/// Stores an unused share token for `device` made by `by`, granting `role`.
+async fn role_token(c: &dyn Catalog, by: UserId, device: &DeviceId, role: Role) -> String {
+    let id = format!("share-{}", uuid::Uuid::new_v4());
+    let mut record = token_record(&id, TokenKind::Share, by, Some(device));
+    record.role = Some(role);
+    c.insert_token(&record).await.expect("insert share token");
+    id
+}
+
 async fn user(c: &dyn Catalog, name: &str) -> User {
     c.create_user(name).await.expect("create user")
 }
@@ -177,11 +190,25 @@ async fn enrolled(c: &dyn Catalog, owner: &User, name: &str) -> DeviceId {
     id
 }
 
-fn owner(u: &User) -> Owner {
-    Owner {
+fn owner(u: &User) -> Member {
+    Member {
         id: u.id,
         name: u.name.clone(),
+        role: Role::Owner,
     }
+}
+
+fn plain_user(u: &User) -> Member {
+    Member {
+        id: u.id,
+        name: u.name.clone(),
+        role: Role::User,
+    }
+}
+
+/// Whether `user` is an owner of `device`.
+async fn owns(c: &dyn Catalog, device: &DeviceId, user: UserId) -> bool {
+    c.role_of(device, user).await.expect("role_of") == Some(Role::Owner)
 }
 
 fn unix_now() -> i64 {
@@ -424,7 +451,7 @@ async fn tokens_are_listed_by_creator_and_revoked_only_unused(c: Arc<dyn Catalog
         .await
         .expect_err("a revoked token is spent");
     assert!(matches!(err, CatalogError::TokenUnavailable), "got {err:?}");
-    assert!(!c.is_owner(&device, bob.id).await.expect("is_owner"));
+    assert!(!owns(c.as_ref(), &device, bob.id).await);
 
     // A used token cannot be revoked: the record says it was used.
     let used = c
@@ -467,16 +494,16 @@ async fn enrol_creates_device_owned_by_token_creator(c: Arc<dyn Catalog>) {
     assert_eq!(record.capabilities, cfg.capabilities);
     assert_eq!(record.location.as_deref(), Some("kitchen"));
     assert_eq!(record.created_at, NOW);
-    assert_eq!(record.owners, vec![owner(&alice)]);
+    assert_eq!(record.members, vec![owner(&alice)]);
 
     assert_eq!(c.device(&id).await.expect("device"), Some(record.clone()));
     assert_eq!(
-        c.devices_owned_by(alice.id)
+        c.devices_of(alice.id)
             .await
-            .expect("devices_owned_by"),
+            .expect("devices_of"),
         vec![record]
     );
-    assert!(c.is_owner(&id, alice.id).await.expect("is_owner"));
+    assert!(owns(c.as_ref(), &id, alice.id).await);
     let used = c.token(&token).await.expect("token").expect("token exists");
     assert_eq!(used.used_at, Some(NOW), "the token is marked used");
 }
@@ -529,9 +556,9 @@ async fn enrol_with_expired_or_unknown_token_is_refused(c: Arc<dyn Catalog>) {
         "nothing created"
     );
     assert!(c
-        .devices_owned_by(alice.id)
+        .devices_of(alice.id)
         .await
-        .expect("devices_owned_by")
+        .expect("devices_of")
         .is_empty());
     let token = c.token("st_old").await.expect("token").expect("exists");
     assert_eq!(token.used_at, None, "a refused token is not marked used");
@@ -578,11 +605,11 @@ async fn enrol_existing_device_conflicts_and_keeps_token(c: Arc<dyn Catalog>) {
     let device = c.device(&id).await.expect("device").expect("exists");
     assert_eq!(device.name, "original", "the device is untouched");
     assert_eq!(
-        device.owners,
+        device.members,
         vec![owner(&alice)],
         "bob did not become an owner"
     );
-    assert!(!c.is_owner(&id, bob.id).await.expect("is_owner"));
+    assert!(!owns(c.as_ref(), &id, bob.id).await);
 
     // The token is still good for another device.
     let other = new_device_id();
@@ -614,9 +641,9 @@ async fn concurrent_enrols_with_one_token_one_wins(c: Arc<dyn Catalog>) {
     }
     assert_eq!(wins, 1, "exactly one enrol succeeds");
     let devices = c
-        .devices_owned_by(alice.id)
+        .devices_of(alice.id)
         .await
-        .expect("devices_owned_by");
+        .expect("devices_of");
     assert_eq!(devices.len(), 1, "exactly one device exists: {devices:?}");
 }
 
@@ -627,23 +654,23 @@ async fn claim_share_adds_co_owner(c: Arc<dyn Catalog>) {
     let id = enrolled(&*c, &zoe, "nas").await;
     let token = share_token(&*c, "sh_nas", zoe.id, &id).await;
 
-    assert!(!c.is_owner(&id, bob.id).await.expect("is_owner"));
+    assert!(!owns(c.as_ref(), &id, bob.id).await);
     let claimed = c.claim_share(&token, NOW, bob.id).await.expect("claim");
     assert_eq!(claimed, id);
 
     let device = c.device(&id).await.expect("device").expect("exists");
     assert_eq!(
-        device.owners,
+        device.members,
         vec![owner(&bob), owner(&zoe)],
         "ordered by name"
     );
-    let bobs = c.devices_owned_by(bob.id).await.expect("devices_owned_by");
+    let bobs = c.devices_of(bob.id).await.expect("devices_of");
     assert_eq!(bobs, vec![device.clone()]);
     assert_eq!(
-        c.devices_owned_by(zoe.id).await.expect("devices_owned_by"),
+        c.devices_of(zoe.id).await.expect("devices_of"),
         vec![device]
     );
-    assert!(c.is_owner(&id, bob.id).await.expect("is_owner"));
+    assert!(owns(c.as_ref(), &id, bob.id).await);
     let used = c.token(&token).await.expect("token").expect("exists");
     assert_eq!(used.used_at, Some(NOW));
 }
@@ -662,7 +689,7 @@ async fn claim_share_twice_is_refused(c: Arc<dyn Catalog>) {
         .await
         .expect_err("token already used");
     assert!(matches!(err, CatalogError::TokenUnavailable), "got {err:?}");
-    assert!(!c.is_owner(&id, carol.id).await.expect("is_owner"));
+    assert!(!owns(c.as_ref(), &id, carol.id).await);
     let err = c
         .claim_share(&token, NOW + 2, bob.id)
         .await
@@ -698,11 +725,11 @@ async fn claim_share_with_setup_or_expired_token_is_refused(c: Arc<dyn Catalog>)
         .expect_err("unknown token");
     assert!(matches!(err, CatalogError::TokenUnavailable), "got {err:?}");
 
-    assert!(!c.is_owner(&id, bob.id).await.expect("is_owner"));
+    assert!(!owns(c.as_ref(), &id, bob.id).await);
     assert!(c
-        .devices_owned_by(bob.id)
+        .devices_of(bob.id)
         .await
-        .expect("devices_owned_by")
+        .expect("devices_of")
         .is_empty());
 }
 
@@ -716,11 +743,11 @@ async fn owner_claiming_own_share_adds_no_duplicate(c: Arc<dyn Catalog>) {
         .expect("claiming one's own share is allowed");
     assert_eq!(claimed, id);
     let device = c.device(&id).await.expect("device").expect("exists");
-    assert_eq!(device.owners, vec![owner(&alice)], "no duplicate owner");
+    assert_eq!(device.members, vec![owner(&alice)], "no duplicate owner");
     let devices = c
-        .devices_owned_by(alice.id)
+        .devices_of(alice.id)
         .await
-        .expect("devices_owned_by");
+        .expect("devices_of");
     assert_eq!(devices.len(), 1, "listed once: {devices:?}");
 }
 
@@ -754,10 +781,10 @@ async fn concurrent_claims_with_one_token_one_wins(c: Arc<dyn Catalog>) {
     }
     assert_eq!(wins, 1, "exactly one claim succeeds");
     let device = c.device(&id).await.expect("device").expect("exists");
-    assert_eq!(device.owners.len(), 2, "alice and one claimant: {device:?}");
+    assert_eq!(device.members.len(), 2, "alice and one claimant: {device:?}");
 }
 
-async fn devices_owned_by_is_ordered_and_isolated(c: Arc<dyn Catalog>) {
+async fn devices_of_is_ordered_and_isolated(c: Arc<dyn Catalog>) {
     let alice = user(&*c, "alice").await;
     let bob = user(&*c, "bob").await;
     let zeta = enrolled(&*c, &alice, "zeta").await;
@@ -770,42 +797,42 @@ async fn devices_owned_by_is_ordered_and_isolated(c: Arc<dyn Catalog>) {
     twins.sort();
     let expected = vec![alpha.clone(), twins[0].clone(), twins[1].clone(), zeta];
     let listed: Vec<DeviceId> = c
-        .devices_owned_by(alice.id)
+        .devices_of(alice.id)
         .await
-        .expect("devices_owned_by")
+        .expect("devices_of")
         .into_iter()
         .map(|d| {
-            assert_eq!(d.owners, vec![owner(&alice)]);
+            assert_eq!(d.members, vec![owner(&alice)]);
             d.id
         })
         .collect();
     assert_eq!(listed, expected, "ordered by name, then id");
 
-    let bob_list = c.devices_owned_by(bob.id).await.expect("devices_owned_by");
+    let bob_list = c.devices_of(bob.id).await.expect("devices_of");
     assert_eq!(bob_list.len(), 1);
     assert_eq!(bob_list[0].id, bobs);
-    assert_eq!(bob_list[0].owners, vec![owner(&bob)]);
+    assert_eq!(bob_list[0].members, vec![owner(&bob)]);
 
     // After sharing one device, each list carries the full owner list of that device.
     let token = share_token(&*c, "sh_alpha", alice.id, &alpha).await;
     c.claim_share(&token, NOW, bob.id).await.expect("claim");
-    let bob_list = c.devices_owned_by(bob.id).await.expect("devices_owned_by");
+    let bob_list = c.devices_of(bob.id).await.expect("devices_of");
     let names: Vec<&str> = bob_list.iter().map(|d| d.name.as_str()).collect();
     assert_eq!(names, ["alpha", "bobs-box"]);
-    assert_eq!(bob_list[0].owners, vec![owner(&alice), owner(&bob)]);
-    assert_eq!(bob_list[1].owners, vec![owner(&bob)]);
+    assert_eq!(bob_list[0].members, vec![owner(&alice), owner(&bob)]);
+    assert_eq!(bob_list[1].members, vec![owner(&bob)]);
     let alice_list = c
-        .devices_owned_by(alice.id)
+        .devices_of(alice.id)
         .await
-        .expect("devices_owned_by");
+        .expect("devices_of");
     assert_eq!(alice_list.len(), 4, "bob's own device is not alice's");
-    assert_eq!(alice_list[0].owners, vec![owner(&alice), owner(&bob)]);
+    assert_eq!(alice_list[0].members, vec![owner(&alice), owner(&bob)]);
 
     let nobody = UserId(uuid::Uuid::new_v4());
     assert!(c
-        .devices_owned_by(nobody)
+        .devices_of(nobody)
         .await
-        .expect("devices_owned_by")
+        .expect("devices_of")
         .is_empty());
 }
 
@@ -813,10 +840,10 @@ async fn is_owner_reports_ownership(c: Arc<dyn Catalog>) {
     let alice = user(&*c, "alice").await;
     let bob = user(&*c, "bob").await;
     let id = enrolled(&*c, &alice, "pi").await;
-    assert!(c.is_owner(&id, alice.id).await.expect("is_owner"));
-    assert!(!c.is_owner(&id, bob.id).await.expect("is_owner"));
+    assert!(owns(c.as_ref(), &id, alice.id).await);
+    assert!(!owns(c.as_ref(), &id, bob.id).await);
     let unknown = new_device_id();
-    assert!(!c.is_owner(&unknown, alice.id).await.expect("is_owner"));
+    assert!(!owns(c.as_ref(), &unknown, alice.id).await);
     assert_eq!(c.device(&unknown).await.expect("device"), None);
 }
 
@@ -859,7 +886,7 @@ async fn update_device_rewrites_config(c: Arc<dyn Catalog>) {
     assert_eq!(after.location, None, "location can be cleared");
     assert_eq!(after.hardware, new.hardware, "hardware round-trips");
     assert_eq!(after.created_at, before.created_at, "created_at is kept");
-    assert_eq!(after.owners, before.owners, "owners are kept");
+    assert_eq!(after.members, before.members, "owners are kept");
 
     let empty = DeviceConfig {
         id: id.clone(),
@@ -1071,4 +1098,107 @@ async fn postgres_reconnect_keeps_data() {
         b.close().await;
     })
     .await;
+}
+
+async fn share_tokens_grant_their_role_and_raise_never_lower(c: Arc<dyn Catalog>) {
+    let alice = user(&*c, "alice").await;
+    let bob = user(&*c, "bob").await;
+    let id = enrolled(&*c, &alice, "pi").await;
+    let as_user = role_token(&*c, alice.id, &id, Role::User).await;
+    assert_eq!(
+        c.token(&as_user).await.expect("token").expect("stored").role,
+        Some(Role::User)
+    );
+    c.claim_share(&as_user, NOW, bob.id).await.expect("claim");
+    let device = c.device(&id).await.expect("device").expect("exists");
+    assert_eq!(device.members, vec![owner(&alice), plain_user(&bob)]);
+    assert_eq!(device.role_of(bob.id), Some(Role::User));
+    assert_eq!(
+        c.role_of(&id, bob.id).await.expect("role_of"),
+        Some(Role::User)
+    );
+    assert_eq!(
+        c.devices_of(bob.id).await.expect("devices_of")[0].members,
+        vec![owner(&alice), plain_user(&bob)],
+        "a user sees the device and its members"
+    );
+
+    let as_owner = role_token(&*c, alice.id, &id, Role::Owner).await;
+    c.claim_share(&as_owner, NOW, bob.id).await.expect("claim");
+    assert!(owns(c.as_ref(), &id, bob.id).await, "raised to owner");
+
+    let again = role_token(&*c, alice.id, &id, Role::User).await;
+    c.claim_share(&again, NOW, bob.id).await.expect("claim");
+    assert!(owns(c.as_ref(), &id, bob.id).await, "never lowered");
+}
+
+async fn members_are_removed_but_never_the_last_owner(c: Arc<dyn Catalog>) {
+    let alice = user(&*c, "alice").await;
+    let bob = user(&*c, "bob").await;
+    let carol = user(&*c, "carol").await;
+    let id = enrolled(&*c, &alice, "pi").await;
+    let token = role_token(&*c, alice.id, &id, Role::User).await;
+    c.claim_share(&token, NOW, bob.id).await.expect("claim");
+
+    match c.remove_member(&id, alice.id, NOW).await {
+        Err(CatalogError::LastOwner(name)) => assert_eq!(name, "alice"),
+        other => panic!("the last owner cannot go: {other:?}"),
+    }
+    assert!(matches!(
+        c.remove_member(&id, carol.id, NOW).await,
+        Err(CatalogError::NotFound(_))
+    ));
+    let left = c.remove_member(&id, bob.id, NOW).await.expect("remove bob");
+    assert_eq!(left, vec![owner(&alice)]);
+    assert_eq!(c.role_of(&id, bob.id).await.expect("role_of"), None);
+    assert!(c.devices_of(bob.id).await.expect("devices_of").is_empty());
+
+    // An owner removed takes the share tokens they made, unused, with them.
+    let to_owner = role_token(&*c, alice.id, &id, Role::Owner).await;
+    c.claim_share(&to_owner, NOW, carol.id).await.expect("claim");
+    let carols = role_token(&*c, carol.id, &id, Role::User).await;
+    let alices = role_token(&*c, alice.id, &id, Role::User).await;
+    let left = c.remove_member(&id, alice.id, NOW + 5).await.expect("remove alice");
+    assert_eq!(left, vec![owner(&carol)], "another owner is left");
+    let revoked = c.token(&alices).await.expect("token").expect("kept");
+    assert_eq!(revoked.revoked_at, Some(NOW + 5));
+    let kept = c.token(&carols).await.expect("token").expect("kept");
+    assert_eq!(kept.revoked_at, None, "other owners' tokens stay");
+}
+
+async fn deleted_devices_are_forgotten_and_remembered_as_removed(c: Arc<dyn Catalog>) {
+    let alice = user(&*c, "alice").await;
+    let bob = user(&*c, "bob").await;
+    let id = enrolled(&*c, &alice, "pi").await;
+    let other = enrolled(&*c, &alice, "other").await;
+    let claimed = role_token(&*c, alice.id, &id, Role::User).await;
+    c.claim_share(&claimed, NOW, bob.id).await.expect("claim");
+    let outstanding = role_token(&*c, alice.id, &id, Role::User).await;
+    assert!(!c.is_removed(&id).await.expect("is_removed"));
+
+    assert!(c.delete_device(&id, NOW).await.expect("delete"));
+    assert_eq!(c.device(&id).await.expect("device"), None);
+    assert!(c.is_removed(&id).await.expect("is_removed"));
+    assert_eq!(c.token(&outstanding).await.expect("token"), None);
+    assert_eq!(c.role_of(&id, bob.id).await.expect("role_of"), None);
+    assert!(c.devices_of(bob.id).await.expect("devices_of").is_empty());
+    let alices: Vec<DeviceId> = c
+        .devices_of(alice.id)
+        .await
+        .expect("devices_of")
+        .into_iter()
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(alices, vec![other.clone()], "only that device went");
+    assert!(!c.is_removed(&other).await.expect("is_removed"));
+    assert!(!c.delete_device(&id, NOW).await.expect("delete again"));
+
+    // A new setup token enrols it again, as a new device of whoever made the token.
+    let token = setup_token(&*c, "setup-again", bob.id).await;
+    let record = c
+        .enrol_device(&token, NOW, &config(&id, "pi"))
+        .await
+        .expect("enrol again");
+    assert_eq!(record.members, vec![owner(&bob)]);
+    assert!(!c.is_removed(&id).await.expect("is_removed"));
 }

@@ -29,7 +29,7 @@ mod sqlite;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use adi_protocol::{CapabilityOffer, DeviceId, ErrorCode, Hardware, ServiceInfo};
+use adi_protocol::{CapabilityOffer, DeviceId, ErrorCode, Hardware, Role, ServiceInfo};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
@@ -69,7 +69,7 @@ pub struct ApiKeyRecord {
 pub enum TokenKind {
     /// Enrols a new device owned by the token's creator.
     Setup,
-    /// Makes whoever claims it a co-owner of an existing device.
+    /// Makes whoever claims it a member of an existing device, with the token's role.
     Share,
 }
 
@@ -105,6 +105,8 @@ pub struct TokenRecord {
     pub created_by: UserId,
     /// For share tokens: the device shared.
     pub device_id: Option<DeviceId>,
+    /// For share tokens: the role it grants (tokens made before roles grant owner).
+    pub role: Option<Role>,
     /// Unix seconds.
     pub created_at: i64,
     /// Unix seconds; the token is refused from this instant on.
@@ -132,17 +134,26 @@ pub struct DeviceRecord {
     pub hardware: Option<Hardware>,
     /// Unix seconds.
     pub created_at: i64,
-    /// Users who own it, ordered by name.
-    pub owners: Vec<Owner>,
+    /// Users who may use it: owners first, then users, each ordered by name.
+    pub members: Vec<Member>,
 }
 
-/// A user who owns a device.
+impl DeviceRecord {
+    /// The role `user` has on this device, if they are a member.
+    pub fn role_of(&self, user: UserId) -> Option<Role> {
+        self.members.iter().find(|m| m.id == user).map(|m| m.role)
+    }
+}
+
+/// A user who may use a device, and what else they may do with it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Owner {
+pub struct Member {
     /// The user's id.
     pub id: UserId,
     /// The user's name.
     pub name: String,
+    /// Owner or user.
+    pub role: Role,
 }
 
 /// A device's declared configuration, as the device reports it.
@@ -181,6 +192,10 @@ pub enum CatalogError {
     /// A unique name or id is already taken.
     #[error("{0} already exists")]
     Conflict(String),
+    /// The member is the device's last owner: removing them would leave a device
+    /// nobody can manage. Delete the device instead, or make another member an owner.
+    #[error("{0} is the device's last owner")]
+    LastOwner(String),
     /// A token was used or expired between our check and our update.
     #[error("the token was used or expired concurrently")]
     TokenUnavailable,
@@ -247,7 +262,7 @@ impl CatalogError {
     /// The protocol code a caller is answered with.
     pub fn code(&self) -> ErrorCode {
         match self {
-            CatalogError::Conflict(_) => ErrorCode::Conflict,
+            CatalogError::Conflict(_) | CatalogError::LastOwner(_) => ErrorCode::Conflict,
             CatalogError::Unavailable { .. } => ErrorCode::Unavailable,
             _ => ErrorCode::Internal,
         }
@@ -257,6 +272,10 @@ impl CatalogError {
     pub fn public_message(&self) -> String {
         match self {
             CatalogError::Conflict(what) => format!("{what} already exists"),
+            CatalogError::LastOwner(who) => format!(
+                "{who} is the device's last owner; share it with another owner first \
+                 (share --role owner), or delete the device"
+            ),
             CatalogError::Unavailable { outage, .. } => {
                 format!("the hub's catalog is unavailable: {outage}")
             }
@@ -341,7 +360,8 @@ pub trait Catalog: Send + Sync + 'static {
 
     /// In one transaction: marks setup token `token_id` used (only if it is still unused,
     /// unrevoked and `expires_at > now`, else `TokenUnavailable`), creates the device (`Conflict`
-    /// if it exists) and makes the token's creator its owner. Nothing is written on error.
+    /// if it exists), makes the token's creator its owner and forgets that a device of
+    /// this id was once removed. Nothing is written on error.
     async fn enrol_device(
         &self,
         token_id: &str,
@@ -350,16 +370,33 @@ pub trait Catalog: Send + Sync + 'static {
     ) -> Result<DeviceRecord>;
 
     /// In one transaction: marks share token `token_id` used (same conditions as
-    /// `enrol_device`) and adds `user` as co-owner of the token's device (a no-op if
-    /// they already own it). Returns the device id.
+    /// `enrol_device`) and makes `user` a member of the token's device with the token's
+    /// role; a member already is kept, raised to owner if the token grants it, never
+    /// lowered. Returns the device id.
     async fn claim_share(&self, token_id: &str, now: i64, user: UserId) -> Result<DeviceId>;
 
-    /// A device with its owners.
+    /// A device with its members.
     async fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>>;
-    /// Every device `user` owns, ordered by name then id.
-    async fn devices_owned_by(&self, user: UserId) -> Result<Vec<DeviceRecord>>;
-    /// Whether `user` owns `device`.
-    async fn is_owner(&self, device: &DeviceId, user: UserId) -> Result<bool>;
+    /// Every device `user` is a member of, ordered by name then id.
+    async fn devices_of(&self, user: UserId) -> Result<Vec<DeviceRecord>>;
+    /// The role `user` has on `device`, if they are a member.
+    async fn role_of(&self, device: &DeviceId, user: UserId) -> Result<Option<Role>>;
+    /// In one transaction: removes `user` from `device`'s members, unless they are its
+    /// last owner (`LastOwner`), and revokes (at `now`) the share tokens for it they
+    /// made that nobody used yet: what they handed out goes with them. Returns the
+    /// members left; `NotFound` if `user` was not a member.
+    async fn remove_member(
+        &self,
+        device: &DeviceId,
+        user: UserId,
+        now: i64,
+    ) -> Result<Vec<Member>>;
+    /// In one transaction: forgets the device, its members and its share tokens, and
+    /// remembers that it was removed (at `now`), so its secret is refused with that
+    /// reason. Returns whether there was such a device.
+    async fn delete_device(&self, device: &DeviceId, now: i64) -> Result<bool>;
+    /// Whether `device` was removed by its owners and not enrolled again since.
+    async fn is_removed(&self, device: &DeviceId) -> Result<bool>;
     /// Rewrites a device's declared configuration; `NotFound` if it is not enrolled.
     async fn update_device(&self, device: &DeviceConfig) -> Result<()>;
 

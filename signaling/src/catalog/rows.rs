@@ -10,10 +10,10 @@
 use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use adi_protocol::{CapabilityOffer, DeviceId, Hardware, ServiceInfo};
+use adi_protocol::{CapabilityOffer, DeviceId, Hardware, Role, ServiceInfo};
 
 use super::{
-    ApiKeyRecord, CatalogError, DeviceConfig, DeviceRecord, Owner, Result, TokenKind, TokenRecord,
+    ApiKeyRecord, CatalogError, DeviceConfig, DeviceRecord, Member, Result, TokenKind, TokenRecord,
     User, UserId,
 };
 
@@ -23,7 +23,12 @@ pub(super) const USER_COLUMNS: &str = "id, name, created_at";
 pub(super) const API_KEY_COLUMNS: &str = "key_id, user_id, secret_hash, created_at";
 /// The columns a [`TokenRow`] is read from.
 pub(super) const TOKEN_COLUMNS: &str =
-    "id, kind, secret_hash, created_by, device_id, created_at, expires_at, used_at, revoked_at";
+    "id, kind, secret_hash, created_by, device_id, role, created_at, expires_at, used_at, revoked_at";
+/// The columns a [`MemberRow`] is read from, with `o` the `device_owners` row and `u`
+/// the user's.
+pub(super) const MEMBER_COLUMNS: &str = "u.id, u.name, o.role";
+/// How members are listed: owners first ('owner' sorts before 'user'), then by name.
+pub(super) const MEMBER_ORDER: &str = "o.role, u.name, u.id";
 /// The columns a [`DeviceRow`] is read from.
 pub(super) const DEVICE_COLUMNS: &str =
     "id, name, services, capabilities, location, hardware, created_at";
@@ -87,6 +92,7 @@ pub(super) struct TokenRow {
     secret_hash: Vec<u8>,
     created_by: String,
     device_id: Option<String>,
+    role: Option<String>,
     created_at: i64,
     expires_at: i64,
     used_at: Option<i64>,
@@ -104,6 +110,7 @@ impl TryFrom<TokenRow> for TokenRecord {
             secret_hash: row.secret_hash,
             created_by: parse_user_id(&row.created_by)?,
             device_id: row.device_id.as_deref().map(parse_device_id).transpose()?,
+            role: row.role.as_deref().map(parse_role).transpose()?,
             created_at: row.created_at,
             expires_at: row.expires_at,
             used_at: row.used_at,
@@ -112,7 +119,7 @@ impl TryFrom<TokenRow> for TokenRecord {
     }
 }
 
-/// One row of `devices`; its owners come from `device_owners`.
+/// One row of `devices`; its members come from `device_owners`.
 #[derive(Debug, sqlx::FromRow)]
 pub(super) struct DeviceRow {
     id: String,
@@ -125,8 +132,8 @@ pub(super) struct DeviceRow {
 }
 
 impl DeviceRow {
-    /// The device this row holds, owned by `owners`.
-    pub(super) fn into_record(self, owners: Vec<Owner>) -> Result<DeviceRecord> {
+    /// The device this row holds, used by `members`.
+    pub(super) fn into_record(self, members: Vec<Member>) -> Result<DeviceRecord> {
         Ok(DeviceRecord {
             id: parse_device_id(&self.id)?,
             name: self.name,
@@ -141,7 +148,7 @@ impl DeviceRow {
                 .map(|h| decode_json::<Hardware>(&h, "device hardware"))
                 .transpose()?,
             created_at: self.created_at,
-            owners,
+            members,
         })
     }
 }
@@ -168,57 +175,80 @@ impl DeviceColumns {
     }
 }
 
-/// A user who owns a device: `u.id, u.name` from `users` joined to `device_owners`.
+/// A member of a device: [`MEMBER_COLUMNS`] from `users` joined to `device_owners`.
 #[derive(Debug, sqlx::FromRow)]
-pub(super) struct OwnerRow {
+pub(super) struct MemberRow {
     id: String,
     name: String,
+    role: String,
 }
 
-impl TryFrom<OwnerRow> for Owner {
+impl TryFrom<MemberRow> for Member {
     type Error = CatalogError;
 
-    fn try_from(row: OwnerRow) -> Result<Owner> {
-        Ok(Owner {
+    fn try_from(row: MemberRow) -> Result<Member> {
+        Ok(Member {
             id: parse_user_id(&row.id)?,
             name: row.name,
+            role: parse_role(&row.role)?,
         })
     }
 }
 
-/// An owner of one of several devices: `o.device_id, u.id, u.name`.
+/// A member of one of several devices: `o.device_id` and [`MEMBER_COLUMNS`].
 #[derive(Debug, sqlx::FromRow)]
-pub(super) struct DeviceOwnerRow {
+pub(super) struct DeviceMemberRow {
     device_id: String,
     #[sqlx(flatten)]
-    owner: OwnerRow,
+    member: MemberRow,
 }
 
-/// The records of `devices`, each with its owners from `owners` (in the order read);
-/// both read in one snapshot, so every device finds its owners.
-pub(super) fn devices_with_owners(
+/// The records of `devices`, each with its members from `members` (in the order read);
+/// both read in one snapshot, so every device finds its members.
+pub(super) fn devices_with_members(
     devices: Vec<DeviceRow>,
-    owners: Vec<DeviceOwnerRow>,
+    members: Vec<DeviceMemberRow>,
 ) -> Result<Vec<DeviceRecord>> {
-    let mut by_device: HashMap<String, Vec<Owner>> = HashMap::new();
-    for row in owners {
+    let mut by_device: HashMap<String, Vec<Member>> = HashMap::new();
+    for row in members {
         by_device
             .entry(row.device_id)
             .or_default()
-            .push(row.owner.try_into()?);
+            .push(row.member.try_into()?);
     }
     devices
         .into_iter()
         .map(|device| {
-            let owners = by_device.remove(&device.id).unwrap_or_default();
-            device.into_record(owners)
+            let members = by_device.remove(&device.id).unwrap_or_default();
+            device.into_record(members)
         })
         .collect()
 }
 
-/// Owners as read, in the order read.
-pub(super) fn owners(rows: Vec<OwnerRow>) -> Result<Vec<Owner>> {
-    rows.into_iter().map(Owner::try_from).collect()
+/// Members as read, in the order read.
+pub(super) fn members(rows: Vec<MemberRow>) -> Result<Vec<Member>> {
+    rows.into_iter().map(Member::try_from).collect()
+}
+
+/// Refuses to remove `user` from a device with `members`: `NotFound` if they are not
+/// one, `LastOwner` if no other owner would be left.
+pub(super) fn check_removable(members: &[Member], user: UserId) -> Result<()> {
+    let member = members
+        .iter()
+        .find(|m| m.id == user)
+        .ok_or_else(|| CatalogError::NotFound(format!("member {user}")))?;
+    let other_owner = members
+        .iter()
+        .any(|m| m.id != user && m.role == Role::Owner);
+    if member.role == Role::Owner && !other_owner {
+        return Err(CatalogError::LastOwner(member.name.clone()));
+    }
+    Ok(())
+}
+
+/// A stored role.
+pub(super) fn parse_role(s: &str) -> Result<Role> {
+    Role::parse(s).ok_or_else(|| CatalogError::Corrupt(format!("role {s:?}")))
 }
 
 /// A stored device id.

@@ -26,12 +26,14 @@ use sqlx::sqlite::{
 };
 use sqlx::{ConnectOptions, Connection, SqliteConnection};
 
+use adi_protocol::Role;
+
 use super::rows::{
-    self, ApiKeyRow, DeviceColumns, DeviceOwnerRow, DeviceRow, OwnerRow, TokenRow, UserRow,
-    API_KEY_COLUMNS, DEVICE_COLUMNS, TOKEN_COLUMNS, USER_COLUMNS,
+    self, ApiKeyRow, DeviceColumns, DeviceMemberRow, DeviceRow, MemberRow, TokenRow, UserRow,
+    API_KEY_COLUMNS, DEVICE_COLUMNS, MEMBER_COLUMNS, MEMBER_ORDER, TOKEN_COLUMNS, USER_COLUMNS,
 };
 use super::{
-    ApiKeyRecord, Catalog, CatalogError, DeviceConfig, DeviceRecord, Owner, Result, TokenRecord,
+    ApiKeyRecord, Catalog, CatalogError, DeviceConfig, DeviceRecord, Member, Result, TokenRecord,
     User, UserId,
 };
 use crate::owner_only;
@@ -384,14 +386,15 @@ impl Catalog for SqliteCatalog {
     async fn insert_token(&self, token: &TokenRecord) -> Result<()> {
         sqlx::query(
             "INSERT INTO tokens \
-             (id, kind, secret_hash, created_by, device_id, created_at, expires_at, used_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+             (id, kind, secret_hash, created_by, device_id, role, created_at, expires_at, used_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&token.id)
         .bind(token.kind.as_str())
         .bind(&token.secret_hash)
         .bind(token.created_by.to_string())
         .bind(token.device_id.as_ref().map(DeviceId::as_str))
+        .bind(token.role.map(Role::as_str))
         .bind(token.created_at)
         .bind(token.expires_at)
         .bind(token.used_at)
@@ -485,13 +488,20 @@ impl Catalog for SqliteCatalog {
         .execute(&mut *tx)
         .await
         .map_err(|e| CatalogError::from_insert(e, || format!("device {}", device.id)))?;
-        sqlx::query("INSERT INTO device_owners (device_id, user_id, added_at) VALUES (?, ?, ?)")
+        sqlx::query(
+            "INSERT INTO device_owners (device_id, user_id, added_at, role) \
+             VALUES (?, ?, ?, 'owner')",
+        )
+        .bind(device.id.as_str())
+        .bind(&owner)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM removed_devices WHERE id = ?")
             .bind(device.id.as_str())
-            .bind(&owner)
-            .bind(now)
             .execute(&mut *tx)
             .await?;
-        let owners = owners_of(&mut tx, &device.id).await?;
+        let members = members_of(&mut tx, &device.id).await?;
         tx.commit().await?;
         Ok(DeviceRecord {
             id: device.id.clone(),
@@ -501,18 +511,18 @@ impl Catalog for SqliteCatalog {
             location: device.location.clone(),
             hardware: device.hardware.clone(),
             created_at: now,
-            owners,
+            members,
         })
     }
 
     async fn claim_share(&self, token_id: &str, now: i64, user: UserId) -> Result<DeviceId> {
         let user = user.to_string();
         let mut tx = Tx::begin(&self.pool, "BEGIN IMMEDIATE").await?;
-        let device: Option<Option<String>> = sqlx::query_scalar(
+        let claimed: Option<(Option<String>, Option<String>)> = sqlx::query_as(
             "UPDATE tokens SET used_at = ?, used_by = ? \
              WHERE id = ? AND kind = 'share' AND used_at IS NULL AND revoked_at IS NULL \
              AND expires_at > ? \
-             RETURNING device_id",
+             RETURNING device_id, role",
         )
         .bind(now)
         .bind(&user)
@@ -520,20 +530,24 @@ impl Catalog for SqliteCatalog {
         .bind(now)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some(device) = device else {
+        let Some((device, role)) = claimed else {
             return Err(CatalogError::TokenUnavailable);
         };
         let device = device.ok_or_else(|| {
             CatalogError::Corrupt(format!("share token {token_id:?} has no device"))
         })?;
         let device_id = rows::parse_device_id(&device)?;
+        let role = role.as_deref().map(rows::parse_role).transpose()?;
+        // Raised to owner by an owner's token; never lowered by a user's.
         sqlx::query(
-            "INSERT INTO device_owners (device_id, user_id, added_at) VALUES (?, ?, ?) \
-             ON CONFLICT (device_id, user_id) DO NOTHING",
+            "INSERT INTO device_owners (device_id, user_id, added_at, role) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (device_id, user_id) DO UPDATE SET role = 'owner' \
+             WHERE excluded.role = 'owner'",
         )
         .bind(&device)
         .bind(&user)
         .bind(now)
+        .bind(role.unwrap_or(Role::Owner).as_str())
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -552,14 +566,14 @@ impl Catalog for SqliteCatalog {
         else {
             return Ok(None);
         };
-        let owners = owners_of(&mut tx, id).await?;
+        let members = members_of(&mut tx, id).await?;
         tx.commit().await?;
-        row.into_record(owners).map(Some)
+        row.into_record(members).map(Some)
     }
 
-    async fn devices_owned_by(&self, user: UserId) -> Result<Vec<DeviceRecord>> {
+    async fn devices_of(&self, user: UserId) -> Result<Vec<DeviceRecord>> {
         let user = user.to_string();
-        // Both reads in one transaction so the owner lists match the device list.
+        // Both reads in one transaction so the member lists match the device list.
         let mut tx = Tx::begin(&self.pool, "BEGIN").await?;
         let devices = sqlx::query_as::<_, DeviceRow>(
             "SELECT d.id, d.name, d.services, d.capabilities, d.location, d.hardware, d.created_at \
@@ -569,28 +583,94 @@ impl Catalog for SqliteCatalog {
         .bind(&user)
         .fetch_all(&mut *tx)
         .await?;
-        let owners = sqlx::query_as::<_, DeviceOwnerRow>(
-            "SELECT o.device_id, u.id, u.name \
+        let members = sqlx::query_as::<_, DeviceMemberRow>(&format!(
+            "SELECT o.device_id, {MEMBER_COLUMNS} \
              FROM device_owners o JOIN users u ON u.id = o.user_id \
              WHERE o.device_id IN (SELECT device_id FROM device_owners WHERE user_id = ?) \
-             ORDER BY u.name, u.id",
-        )
+             ORDER BY {MEMBER_ORDER}"
+        ))
         .bind(&user)
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
-        rows::devices_with_owners(devices, owners)
+        rows::devices_with_members(devices, members)
     }
 
-    async fn is_owner(&self, device: &DeviceId, user: UserId) -> Result<bool> {
-        let owns: i64 = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM device_owners WHERE device_id = ? AND user_id = ?)",
+    async fn role_of(&self, device: &DeviceId, user: UserId) -> Result<Option<Role>> {
+        let role: Option<String> =
+            sqlx::query_scalar("SELECT role FROM device_owners WHERE device_id = ? AND user_id = ?")
+                .bind(device.as_str())
+                .bind(user.to_string())
+                .fetch_optional(&self.pool)
+                .await?;
+        role.as_deref().map(rows::parse_role).transpose()
+    }
+
+    async fn remove_member(
+        &self,
+        device: &DeviceId,
+        user: UserId,
+        now: i64,
+    ) -> Result<Vec<Member>> {
+        let mut tx = Tx::begin(&self.pool, "BEGIN IMMEDIATE").await?;
+        let members = members_of(&mut tx, device).await?;
+        rows::check_removable(&members, user)?;
+        sqlx::query("DELETE FROM device_owners WHERE device_id = ? AND user_id = ?")
+            .bind(device.as_str())
+            .bind(user.to_string())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "UPDATE tokens SET revoked_at = ? WHERE device_id = ? AND created_by = ? \
+             AND used_at IS NULL AND revoked_at IS NULL",
         )
+        .bind(now)
         .bind(device.as_str())
         .bind(user.to_string())
-        .fetch_one(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        Ok(owns != 0)
+        tx.commit().await?;
+        Ok(members.into_iter().filter(|m| m.id != user).collect())
+    }
+
+    async fn delete_device(&self, device: &DeviceId, now: i64) -> Result<bool> {
+        let mut tx = Tx::begin(&self.pool, "BEGIN IMMEDIATE").await?;
+        for statement in [
+            "DELETE FROM device_owners WHERE device_id = ?",
+            "DELETE FROM tokens WHERE device_id = ?",
+        ] {
+            sqlx::query(statement)
+                .bind(device.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
+        let gone = sqlx::query("DELETE FROM devices WHERE id = ?")
+            .bind(device.as_str())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            > 0;
+        if gone {
+            sqlx::query(
+                "INSERT INTO removed_devices (id, removed_at) VALUES (?, ?) \
+                 ON CONFLICT (id) DO UPDATE SET removed_at = excluded.removed_at",
+            )
+            .bind(device.as_str())
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(gone)
+    }
+
+    async fn is_removed(&self, device: &DeviceId) -> Result<bool> {
+        let removed: i64 =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM removed_devices WHERE id = ?)")
+                .bind(device.as_str())
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(removed != 0)
     }
 
     async fn update_device(&self, device: &DeviceConfig) -> Result<()> {
@@ -640,14 +720,14 @@ impl Catalog for SqliteCatalog {
     }
 }
 
-/// The owners of `device`, ordered by name.
-async fn owners_of(conn: &mut SqliteConnection, device: &DeviceId) -> Result<Vec<Owner>> {
-    let owners = sqlx::query_as::<_, OwnerRow>(
-        "SELECT u.id, u.name FROM device_owners o JOIN users u ON u.id = o.user_id \
-         WHERE o.device_id = ? ORDER BY u.name, u.id",
-    )
+/// The members of `device`, owners first, each by name.
+async fn members_of(conn: &mut SqliteConnection, device: &DeviceId) -> Result<Vec<Member>> {
+    let members = sqlx::query_as::<_, MemberRow>(&format!(
+        "SELECT {MEMBER_COLUMNS} FROM device_owners o JOIN users u ON u.id = o.user_id \
+         WHERE o.device_id = ? ORDER BY {MEMBER_ORDER}"
+    ))
     .bind(device.as_str())
     .fetch_all(&mut *conn)
     .await?;
-    rows::owners(owners)
+    rows::members(members)
 }

@@ -45,6 +45,8 @@ pub enum Stop {
     Silent,
     /// The hub is shutting down.
     Shutdown,
+    /// An owner removed the device: its agent must stop for good.
+    Removed,
 }
 
 /// Why a command was not queued.

@@ -110,7 +110,7 @@ async fn by_capability(
         .filter(|p| !p.is_empty())
         .ok_or_else(|| ApiError::new(ErrorCode::BadRequest, "protocol is required"))?;
     let query = query(protocol, params.version.as_deref())?;
-    let devices = state.catalog.devices_owned_by(caller.id).await?;
+    let devices = crate::access::devices(&state, caller.id).await?;
     let mut cocoons: Vec<Offering> = devices
         .into_iter()
         .filter_map(|d| {

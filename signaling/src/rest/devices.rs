@@ -1,19 +1,27 @@
-//! The caller's devices as the API shows them: configuration from the catalog, live
-//! presence, load and health from the registry.
+//! The caller's devices as the API shows them (configuration from the catalog, live
+//! presence, load and health from the registry), and what their owners do with them:
+//! list and remove members, leave, delete. A removal takes effect at once: the
+//! registry's copy of the members changes with the catalog, and every open proxied
+//! stream and socket is told to look again whether it may go on.
 
 use std::sync::Arc;
 
-use adi_protocol::views::{CocoonView, ConflictView, OwnerView, ServiceView};
-use adi_protocol::{DeviceId, HealthStatus, ServiceInfo};
+use adi_protocol::views::{
+    CocoonView, ConflictView, MemberList, MemberView, OwnerView, ServiceView,
+};
+use adi_protocol::{DeviceId, ErrorCode, HealthStatus, Role, ServiceInfo};
 use axum::extract::{Path, State};
-use axum::routing::get;
+use axum::http::StatusCode;
+use axum::routing::{delete, get};
 use axum::Router;
 use serde::Serialize;
 
 use super::error::ApiError;
 use super::extract::{Caller, Json};
-use crate::access;
-use crate::catalog::{DeviceRecord, Owner};
+use crate::access::{self, AccessError};
+use crate::auth::unix_now_i64;
+use crate::catalog::{CatalogError, DeviceRecord, Member, UserId};
+use crate::registry::{Grants, Stop};
 use crate::HubState;
 
 type AppState = Arc<HubState>;
@@ -22,8 +30,10 @@ type AppState = Arc<HubState>;
 pub(crate) fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/cocoons", get(list_cocoons))
-        .route("/api/cocoons/{id}", get(get_cocoon))
+        .route("/api/cocoons/{id}", get(get_cocoon).delete(delete_cocoon))
         .route("/api/cocoons/{id}/services", get(get_services))
+        .route("/api/cocoons/{id}/members", get(list_members))
+        .route("/api/cocoons/{id}/members/{user}", delete(remove_member))
 }
 
 fn service_views(
@@ -52,12 +62,11 @@ fn service_views(
         .collect()
 }
 
-impl From<Owner> for OwnerView {
-    fn from(o: Owner) -> Self {
-        OwnerView {
-            id: o.id,
-            name: o.name,
-        }
+fn member_view(m: &Member) -> MemberView {
+    MemberView {
+        id: m.id,
+        name: m.name.clone(),
+        role: m.role,
     }
 }
 
@@ -91,7 +100,16 @@ pub(crate) fn view(state: &HubState, d: DeviceRecord) -> CocoonView {
         name: d.name,
         location: d.location,
         hardware: d.hardware,
-        owners: d.owners.into_iter().map(Into::into).collect(),
+        owners: d
+            .members
+            .iter()
+            .filter(|m| m.role == Role::Owner)
+            .map(|m| OwnerView {
+                id: m.id,
+                name: m.name.clone(),
+            })
+            .collect(),
+        members: d.members.iter().map(member_view).collect(),
         created_at: d.created_at,
     }
 }
@@ -105,7 +123,7 @@ async fn list_cocoons(
     State(state): State<AppState>,
     caller: Caller,
 ) -> Result<Json<CocoonList>, ApiError> {
-    let devices = state.catalog.devices_owned_by(caller.id).await?;
+    let devices = access::devices(&state, caller.id).await?;
     Ok(Json(CocoonList {
         cocoons: devices.into_iter().map(|d| view(&state, d)).collect(),
     }))
@@ -139,4 +157,91 @@ async fn get_services(
         device_id: device.id,
         online,
     }))
+}
+
+async fn list_members(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<MemberList>, ApiError> {
+    let device = access::device(&state, caller.id, &id).await?;
+    Ok(Json(MemberList {
+        members: device.members.iter().map(member_view).collect(),
+        device_id: device.id,
+    }))
+}
+
+/// Removes a member: any member may remove themselves (leave); only an owner may remove
+/// someone else. `{user}` is a user name, a user id, or `me`. The last owner cannot
+/// go: the device would be left with nobody to manage it.
+async fn remove_member(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((id, who)): Path<(String, String)>,
+) -> Result<Json<MemberList>, ApiError> {
+    let device = access::device(&state, caller.id, &id).await?;
+    let member = named_member(&device, &who, caller.id).ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::NotFound,
+            format!("{who:?} is not a member of this device"),
+        )
+    })?;
+    if member != caller.id && device.role_of(caller.id) != Some(Role::Owner) {
+        return Err(AccessError::NotOwner.into());
+    }
+    let left = match state
+        .catalog
+        .remove_member(&device.id, member, unix_now_i64())
+        .await
+    {
+        Ok(left) => left,
+        Err(CatalogError::NotFound(_)) => {
+            return Err(ApiError::new(
+                ErrorCode::NotFound,
+                format!("{who:?} is not a member of this device"),
+            ))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    state.registry.set_grants(&device.id, &Grants::of(&left));
+    state.auth.announce_change();
+    tracing::info!(device_id = %device.id, user = %member, by = %caller.id, "member removed");
+    Ok(Json(MemberList {
+        members: left.iter().map(member_view).collect(),
+        device_id: device.id,
+    }))
+}
+
+/// The member `who` names: `me`, a user id, or a user name.
+fn named_member(device: &DeviceRecord, who: &str, caller: UserId) -> Option<UserId> {
+    if who == "me" {
+        return device.role_of(caller).map(|_| caller);
+    }
+    device
+        .members
+        .iter()
+        .find(|m| m.id.to_string() == who || m.name == who)
+        .map(|m| m.id)
+}
+
+/// Deletes a device its caller owns: the catalog forgets it, its members lose it at
+/// once, and its agent, if connected, is told it was removed and stops.
+async fn delete_cocoon(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let device = access::owned_device(&state, caller.id, &id).await?;
+    if !state
+        .catalog
+        .delete_device(&device.id, unix_now_i64())
+        .await?
+    {
+        return Err(ApiError::not_found_device());
+    }
+    state.registry.set_grants(&device.id, &Grants::default());
+    state.registry.stop(&device.id, Stop::Removed);
+    state.auth.announce_change();
+    tracing::info!(device_id = %device.id, by = %caller.id, "device deleted");
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -36,6 +36,18 @@ pub struct Caller {
     pub id: UserId,
     /// The user's name.
     pub name: String,
+    /// The session's id, if its JWT has one: what signing out revokes.
+    pub session: Option<String>,
+}
+
+impl From<crate::auth::Claims> for Caller {
+    fn from(claims: crate::auth::Claims) -> Self {
+        Caller {
+            id: claims.sub,
+            name: claims.name,
+            session: claims.sid,
+        }
+    }
 }
 
 /// Name of the web UI's session cookie (HttpOnly, SameSite=Strict, `Path=/proxy/`): it
@@ -72,11 +84,7 @@ pub(crate) fn bearer_token(header: &header::HeaderValue) -> Option<&str> {
 fn bearer_caller(header: &header::HeaderValue, state: &AppState) -> Result<Caller, ApiError> {
     let token = bearer_token(header)
         .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "malformed Authorization header"))?;
-    let claims = state.auth.verify(token)?;
-    Ok(Caller {
-        id: claims.sub,
-        name: claims.name,
-    })
+    Ok(state.auth.verify(token)?.into())
 }
 
 impl FromRequestParts<AppState> for Caller {
@@ -120,9 +128,5 @@ pub(crate) fn proxy_caller(
         .then(|| session_cookie(headers))
         .flatten()
         .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "missing bearer token"))?;
-    let claims = state.auth.verify(&token)?;
-    Ok(Caller {
-        id: claims.sub,
-        name: claims.name,
-    })
+    Ok(state.auth.verify(&token)?.into())
 }

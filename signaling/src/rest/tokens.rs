@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use adi_protocol::views::{CocoonView, TokenList, TokenState, TokenView};
-use adi_protocol::{DeviceId, ErrorCode};
+use adi_protocol::{DeviceId, ErrorCode, Role};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{delete, post};
@@ -20,7 +20,8 @@ use super::view;
 use crate::access;
 use crate::auth::unix_now_i64;
 use crate::catalog::{TokenKind, TokenRecord};
-use crate::tokens;
+use crate::registry::Grants;
+use crate::tokens::{self, Grant};
 use crate::HubState;
 
 type AppState = Arc<HubState>;
@@ -38,6 +39,9 @@ struct TokenRequest {
     kind: TokenKind,
     #[serde(default)]
     device_id: Option<String>,
+    /// For a share token: the role it grants; `user` unless said.
+    #[serde(default)]
+    role: Option<Role>,
     #[serde(default = "default_token_ttl")]
     expires_in_secs: u64,
 }
@@ -53,6 +57,8 @@ struct TokenResponse {
     expires_at: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
     device_id: Option<DeviceId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<Role>,
 }
 
 async fn create_token(
@@ -60,12 +66,12 @@ async fn create_token(
     caller: Caller,
     Json(req): Json<TokenRequest>,
 ) -> Result<(StatusCode, Json<TokenResponse>), ApiError> {
-    let device = match (req.kind, req.device_id.as_deref()) {
-        (TokenKind::Setup, None) => None,
-        (TokenKind::Setup, Some(_)) => {
+    let grant = match (req.kind, req.device_id.as_deref()) {
+        (TokenKind::Setup, None) if req.role.is_none() => Grant::Setup,
+        (TokenKind::Setup, _) => {
             return Err(ApiError::new(
                 ErrorCode::BadRequest,
-                "a setup token enrols a new device; it takes no device_id",
+                "a setup token enrols a new device owned by you; it takes no device_id or role",
             ))
         }
         (TokenKind::Share, None) => {
@@ -74,13 +80,19 @@ async fn create_token(
                 "a share token needs the device_id of a device you own",
             ))
         }
-        (TokenKind::Share, Some(id)) => Some(access::device(&state, caller.id, id).await?.id),
+        (TokenKind::Share, Some(id)) => Grant::Share {
+            device: access::owned_device(&state, caller.id, id).await?.id,
+            role: req.role.unwrap_or(Role::User),
+        },
+    };
+    let (device, role) = match &grant {
+        Grant::Setup => (None, None),
+        Grant::Share { device, role } => (Some(device.clone()), Some(*role)),
     };
     let issued = tokens::issue(
         state.catalog.as_ref(),
         caller.id,
-        req.kind,
-        device.clone(),
+        grant,
         Duration::from_secs(req.expires_in_secs),
         unix_now_i64(),
     )
@@ -93,6 +105,7 @@ async fn create_token(
             kind: req.kind,
             expires_at: issued.expires_at,
             device_id: device,
+            role,
         }),
     ))
 }
@@ -116,12 +129,14 @@ async fn claim_token(
     .await
     .inspect_err(|e| warn!(user = %caller.id, "share token refused: {e}"))?;
     tracing::info!(device_id = %device_id, user = %caller.id, "device shared");
-    state.registry.add_owner(&device_id, caller.id);
     let device = state
         .catalog
         .device(&device_id)
         .await?
         .ok_or_else(ApiError::not_found_device)?;
+    state
+        .registry
+        .set_grants(&device_id, &Grants::of(&device.members));
     Ok(Json(view(&state, device)))
 }
 
@@ -143,6 +158,10 @@ fn token_view(t: TokenRecord, now: i64) -> TokenView {
         id: t.id,
         kind: t.kind.as_str().to_owned(),
         device_id: t.device_id,
+        role: match t.kind {
+            TokenKind::Share => Some(t.role.unwrap_or(Role::Owner)),
+            TokenKind::Setup => None,
+        },
         state,
         created_at: t.created_at,
         expires_at: t.expires_at,
