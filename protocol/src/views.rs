@@ -43,6 +43,9 @@ pub struct CocoonView {
     /// Everyone who may use it, owners and users, with their role.
     #[serde(default)]
     pub members: Vec<MemberView>,
+    /// The caller's own role on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
     /// Unix seconds of enrolment.
     pub created_at: i64,
     /// The last time two agents connected with this device's secret at once (a copied
@@ -111,6 +114,17 @@ pub struct MemberList {
     pub device_id: DeviceId,
     /// Owners first, then users, each by name.
     pub members: Vec<MemberView>,
+}
+
+/// `DELETE /api/cocoons/{id}`: the device removed.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct DeviceDeleted {
+    /// Its id, now refused as removed.
+    pub device_id: DeviceId,
+    /// Its name.
+    pub name: String,
+    /// Whether its agent was connected, and so was told at once to stop.
+    pub agent_told: bool,
 }
 
 /// A device's answer to whether it would run a task.

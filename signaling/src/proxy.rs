@@ -159,7 +159,14 @@ async fn proxy(state: &AppState, mut req: Request) -> Result<Response, ApiError>
     if let Some(on_upgrade) = on_upgrade {
         // Boxed: the upgrade's wait would otherwise size every proxied request's future.
         let upgrade = upgrade.unwrap_or_default();
-        return Box::pin(finish_upgrade(opened, on_upgrade, deadline, upgrade, guard())).await;
+        return Box::pin(finish_upgrade(
+            opened,
+            on_upgrade,
+            deadline,
+            upgrade,
+            guard(),
+        ))
+        .await;
     }
     let mut request_body = opened.request_body;
     let body = req.into_body();

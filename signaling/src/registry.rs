@@ -30,8 +30,8 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{Member, UserId};
-use adi_protocol::Role;
 pub use crate::link::{ConnHandle, Stop};
+use adi_protocol::Role;
 
 /// Identifies one WebSocket connection, so a stale one can be told from its successor.
 pub type ConnId = u64;
@@ -551,11 +551,13 @@ impl Registry {
         }
     }
 
-    /// Stops a connected device's connection for `why`, whichever connection it is.
-    pub fn stop(&self, id: &DeviceId, why: Stop) {
-        if let Some(live) = self.devices.get(id) {
-            live.handle.stop(why);
-        }
+    /// Stops a connected device's connection for `why`, whichever connection it is;
+    /// returns whether one was connected.
+    pub fn stop(&self, id: &DeviceId, why: Stop) -> bool {
+        self.devices
+            .get(id)
+            .map(|live| live.handle.stop(why))
+            .is_some()
     }
 
     /// The owners of a connected device: whom it acts for.
@@ -773,8 +775,26 @@ mod tests {
         let h2 = handle(&reg);
         let c1 = reg.next_conn_id();
         let c2 = reg.next_conn_id();
-        reg.insert(id(1), "d", c1, h1.clone(), &Grants::default(), &[], &[], Agent::default());
-        reg.insert(id(1), "d", c2, h2.clone(), &Grants::default(), &[], &[], Agent::default());
+        reg.insert(
+            id(1),
+            "d",
+            c1,
+            h1.clone(),
+            &Grants::default(),
+            &[],
+            &[],
+            Agent::default(),
+        );
+        reg.insert(
+            id(1),
+            "d",
+            c2,
+            h2.clone(),
+            &Grants::default(),
+            &[],
+            &[],
+            Agent::default(),
+        );
         assert_eq!(h1.stopped(), Some(Stop::Replaced));
         assert_eq!(h2.stopped(), None);
         assert!(!reg.remove(&id(1), c1), "stale connection must not evict");
@@ -792,7 +812,16 @@ mod tests {
     async fn presence_follows_heartbeat_age() {
         let reg = Registry::new(Duration::from_secs(5));
         let c = reg.next_conn_id();
-        reg.insert(id(2), "d", c, handle(&reg), &Grants::default(), &[], &[], Agent::default());
+        reg.insert(
+            id(2),
+            "d",
+            c,
+            handle(&reg),
+            &Grants::default(),
+            &[],
+            &[],
+            Agent::default(),
+        );
         assert!(reg.presence(&id(2)).online);
         tokio::time::advance(Duration::from_secs(9)).await;
         assert!(
@@ -1038,10 +1067,7 @@ mod tests {
         assert_eq!(&*members(0), &[user(1), user(2)]);
         assert_eq!(&*reg.owners(&id(0)).expect("online"), &[user(1)]);
         assert!(
-            Arc::ptr_eq(
-                &reg.owners(&id(0)).expect("online"),
-                &members(1)
-            ),
+            Arc::ptr_eq(&reg.owners(&id(0)).expect("online"), &members(1)),
             "the owners of one device and the members of another: one list"
         );
         assert_eq!(&*members(1), &[user(1)]);

@@ -9,7 +9,10 @@ use clap::{Args, Subcommand};
 use serde::Deserialize;
 
 use adi_cocoon::CocoonConfig;
-use adi_protocol::views::{CocoonView, TokenList, TokenView};
+use adi_protocol::views::{
+    CocoonView, DeviceDeleted, MemberList, MemberView, TokenList, TokenView,
+};
+use adi_protocol::Role;
 
 use crate::client::{HubArgs, HubClient};
 use crate::cmd::agent::{data_dir_and_file, disabled_set, PluginArgs};
@@ -20,10 +23,21 @@ pub enum CocoonCmd {
     /// Run this device's agent: connect to the hub and stay connected.
     Run(Box<crate::cmd::agent::RunArgs>),
     /// Print a one-time token: a setup token enrols a new device, a share token
-    /// (--share DEVICE) makes whoever claims it a co-owner.
+    /// (--share DEVICE) makes whoever claims it a member (--role user, the default,
+    /// or --role owner).
     GenerateToken(TokenArgs),
-    /// Become a co-owner of a device with a share token someone gave you.
+    /// Become a member of a device with a share token someone gave you.
     Claim(ClaimArgs),
+    /// List who may use a device, and their role.
+    Members(DeviceArgs),
+    /// Remove a member from a device you own (a user name or id); they lose it at once.
+    RemoveMember(RemoveMemberArgs),
+    /// Stop being a member of a device someone shared with you.
+    Leave(DeviceArgs),
+    /// Remove a device you own from the hub: every member loses it, its agent is
+    /// told and stops, and its secret is refused from then on. Its task store on the
+    /// device is left alone.
+    Delete(DeleteArgs),
     /// List the setup and share tokens you made, newest first, and where each stands
     /// (never their secrets, which the hub does not keep).
     Tokens(ListArgs),
@@ -86,6 +100,10 @@ pub struct TokenArgs {
     /// Make a share token for this device (id or name) instead of a setup token.
     #[arg(long, value_name = "DEVICE")]
     share: Option<String>,
+    /// With --share: the role whoever claims it gets: `user` (uses the device) or
+    /// `owner` (also shares it, removes members and deletes it).
+    #[arg(long, requires = "share", value_parser = parse_role)]
+    role: Option<Role>,
     /// How long the token stays valid (e.g. 10m, 1h, 7d).
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     expires: Duration,
@@ -122,6 +140,42 @@ pub struct ListArgs {
 }
 
 #[derive(Args)]
+pub struct DeviceArgs {
+    /// Device id or name.
+    device: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    hub: HubArgs,
+}
+
+#[derive(Args)]
+pub struct RemoveMemberArgs {
+    /// Device id or name.
+    device: String,
+    /// The member's user name or id.
+    user: String,
+    #[command(flatten)]
+    hub: HubArgs,
+}
+
+#[derive(Args)]
+pub struct DeleteArgs {
+    /// Device id or name.
+    device: String,
+    /// Delete without asking.
+    #[arg(long, short = 'y')]
+    yes: bool,
+    #[command(flatten)]
+    hub: HubArgs,
+}
+
+fn parse_role(s: &str) -> Result<Role, String> {
+    Role::parse(s).ok_or_else(|| format!("{s:?} is not a role: use `user` or `owner`"))
+}
+
+#[derive(Args)]
 pub struct ServicesArgs {
     /// Device id or name.
     device: String,
@@ -137,6 +191,10 @@ pub async fn run(cmd: CocoonCmd) -> Result<()> {
         CocoonCmd::Run(a) => crate::cmd::agent::run(*a).await,
         CocoonCmd::GenerateToken(a) => generate_token(a).await,
         CocoonCmd::Claim(a) => claim(a).await,
+        CocoonCmd::Members(a) => members(a).await,
+        CocoonCmd::RemoveMember(a) => remove_member(a).await,
+        CocoonCmd::Leave(a) => leave(a).await,
+        CocoonCmd::Delete(a) => delete(a).await,
         CocoonCmd::Tokens(a) => tokens(a).await,
         CocoonCmd::RevokeToken(a) => revoke_token(a).await,
         CocoonCmd::List(a) => list(a).await,
@@ -155,6 +213,8 @@ struct TokenAnswer {
     expires_at: i64,
     #[serde(default)]
     device_id: Option<String>,
+    #[serde(default)]
+    role: Option<Role>,
 }
 
 async fn generate_token(args: TokenArgs) -> Result<()> {
@@ -163,6 +223,7 @@ async fn generate_token(args: TokenArgs) -> Result<()> {
         Some(device) => serde_json::json!({
             "kind": "share",
             "device_id": crate::client::resolve_device(&client, device).await?,
+            "role": args.role.unwrap_or(Role::User),
             "expires_in_secs": args.expires.as_secs()
         }),
         None => serde_json::json!({ "kind": "setup", "expires_in_secs": args.expires.as_secs() }),
@@ -176,7 +237,8 @@ async fn generate_token(args: TokenArgs) -> Result<()> {
     let expires = humantime::format_duration(args.expires);
     if args.share.is_some() {
         eprintln!(
-            "one-time share token, valid {expires}; the recipient runs: adi cocoon claim TOKEN"
+            "one-time share token ({} role), valid {expires}; the recipient runs: adi cocoon claim TOKEN",
+            answer.role.unwrap_or(Role::User)
         );
     } else {
         eprintln!(
@@ -195,7 +257,98 @@ async fn claim(args: ClaimArgs) -> Result<()> {
             &serde_json::json!({ "token": args.token.trim() }),
         )
         .await?;
-    println!("you now co-own {} ({})", device.name, device.id);
+    let role = match device.role {
+        Some(Role::Owner) => "an owner",
+        Some(Role::User) => "a user",
+        None => "a member",
+    };
+    println!("you are now {role} of {} ({})", device.name, device.id);
+    Ok(())
+}
+
+fn print_members(members: &[MemberView]) {
+    let rows: Vec<[String; 3]> = members
+        .iter()
+        .map(|m| [m.name.clone(), m.role.as_str().to_owned(), m.id.to_string()])
+        .collect();
+    crate::table::print_table(["USER", "ROLE", "ID"], &rows);
+}
+
+async fn members(args: DeviceArgs) -> Result<()> {
+    let client = HubClient::connect(&args.hub).await?;
+    let device = crate::client::resolve_device(&client, &args.device).await?;
+    let list: MemberList = client
+        .get(&format!("/api/cocoons/{device}/members"))
+        .await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&list.members)?);
+        return Ok(());
+    }
+    print_members(&list.members);
+    Ok(())
+}
+
+async fn remove_member(args: RemoveMemberArgs) -> Result<()> {
+    let client = HubClient::connect(&args.hub).await?;
+    let device = crate::client::resolve_device(&client, &args.device).await?;
+    let user =
+        percent_encoding::utf8_percent_encode(args.user.trim(), percent_encoding::NON_ALPHANUMERIC);
+    let list: MemberList = client
+        .delete(&format!("/api/cocoons/{device}/members/{user}"))
+        .await?;
+    println!(
+        "removed {} from {}; they lost it at once. Members now:",
+        args.user.trim(),
+        args.device
+    );
+    print_members(&list.members);
+    Ok(())
+}
+
+async fn leave(args: DeviceArgs) -> Result<()> {
+    let client = HubClient::connect(&args.hub).await?;
+    let device = crate::client::resolve_device(&client, &args.device).await?;
+    let _: MemberList = client
+        .delete(&format!("/api/cocoons/{device}/members/me"))
+        .await?;
+    println!("you left {}; it is no longer in your devices", args.device);
+    Ok(())
+}
+
+async fn delete(args: DeleteArgs) -> Result<()> {
+    let client = HubClient::connect(&args.hub).await?;
+    let device = crate::client::resolve_device(&client, &args.device).await?;
+    if !args.yes {
+        use std::io::IsTerminal;
+        if !std::io::stdin().is_terminal() {
+            bail!(
+                "deleting a device cannot be undone: pass --yes to delete {}",
+                args.device
+            );
+        }
+        eprint!(
+            "Delete {} ({device})? Every member loses it, its agent stops, and it can only \
+             come back with a new setup token. Type the device's name or id to confirm: ",
+            args.device
+        );
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        let answer = answer.trim();
+        if answer != args.device && answer != device {
+            bail!("not deleted");
+        }
+    }
+    let deleted: DeviceDeleted = client.delete(&format!("/api/cocoons/{device}")).await?;
+    println!(
+        "deleted {} ({}){}",
+        deleted.name,
+        deleted.device_id,
+        if deleted.agent_told {
+            "; its agent was told and stops"
+        } else {
+            "; its agent is offline and will be refused when it comes back"
+        }
+    );
     Ok(())
 }
 

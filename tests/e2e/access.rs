@@ -1,5 +1,5 @@
 //! Two users, three cocoons: each sees exactly their own devices, a share token makes a
-//! co-owner, and nothing of another user's device leaks through any route.
+//! member, and nothing of another user's device leaks through any route.
 
 use std::time::Duration;
 
@@ -117,7 +117,7 @@ async fn two_users_three_cocoons_isolation_share_and_claim() -> Result<()> {
         &[("ADI_HUB", &hub.url), ("ADI_API_KEY", &bob_key)],
     )?;
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("gpu-box"), "{out}");
+    assert!(out.contains("you are now a user of gpu-box"), "{out}");
 
     let mut bob_expected = vec![gpu_id.clone(), server_id.clone()];
     bob_expected.sort();
@@ -127,7 +127,21 @@ async fn two_users_three_cocoons_isolation_share_and_claim() -> Result<()> {
         .as_array()
         .map(|o| o.iter().filter_map(|u| u["name"].as_str()).collect())
         .unwrap_or_default();
-    assert_eq!(owners, vec!["alice", "bob"]);
+    assert_eq!(
+        owners,
+        vec!["alice"],
+        "a share makes a user unless it says owner"
+    );
+    assert_eq!(shared["role"], "user", "{shared}");
+    let members: Vec<(&str, &str)> = shared["members"]
+        .as_array()
+        .map(|m| {
+            m.iter()
+                .filter_map(|u| Some((u["name"].as_str()?, u["role"].as_str()?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(members, vec![("alice", "owner"), ("bob", "user")]);
     // Sharing is not transitive to other devices: Bob still cannot see the laptop.
     assert_eq!(bob.cocoon(&laptop_id).await?.0, 404);
     assert_eq!(ids(&alice.cocoons().await?), expected);
@@ -270,7 +284,8 @@ async fn an_owner_claiming_their_own_share_token_is_told_so_and_the_token_still_
     assert!(
         answer["error"]["message"]
             .as_str()
-            .is_some_and(|m| m.contains("already own") && m.contains("still works")),
+            .is_some_and(|m| m.contains("already a member of this device (as owner)")
+                && m.contains("still works")),
         "{answer}"
     );
     // Not spent: the teammate it was meant for claims it.

@@ -580,16 +580,14 @@ async fn access_setup_token_enrols_a_device_and_a_teammate_claims_a_share() -> R
     b.click("nav a[href='#access']").await?;
     b.type_into("#claim-token", &format!("{share}{}", Key::Enter))
         .await?;
-    b.wait_text("#claim-out", "You now co-own new-box").await?;
+    b.wait_text("#claim-out", "You are now a user of new-box")
+        .await?;
     b.type_into("#claim-token", &format!("{share}{}", Key::Enter))
         .await?;
     b.wait_text("#access-error", "already used").await?;
     b.click("nav a[href='#devices']").await?;
     let card = wait_card(&b, &new_id, "online").await?;
-    assert!(
-        card.contains("alice, bob") || card.contains("bob, alice"),
-        "{card}"
-    );
+    assert!(card.contains("alice (owner), bob (user)"), "{card}");
     let ids = b
         .js(
             "return [...document.querySelectorAll('article.device')].map(c => c.dataset.id)",

@@ -10,6 +10,7 @@ mod connections;
 mod enrolment;
 mod harness;
 mod install;
+mod members;
 mod metrics;
 mod operator;
 mod presence;

@@ -498,9 +498,7 @@ async fn enrol_creates_device_owned_by_token_creator(c: Arc<dyn Catalog>) {
 
     assert_eq!(c.device(&id).await.expect("device"), Some(record.clone()));
     assert_eq!(
-        c.devices_of(alice.id)
-            .await
-            .expect("devices_of"),
+        c.devices_of(alice.id).await.expect("devices_of"),
         vec![record]
     );
     assert!(owns(c.as_ref(), &id, alice.id).await);
@@ -555,11 +553,7 @@ async fn enrol_with_expired_or_unknown_token_is_refused(c: Arc<dyn Catalog>) {
         None,
         "nothing created"
     );
-    assert!(c
-        .devices_of(alice.id)
-        .await
-        .expect("devices_of")
-        .is_empty());
+    assert!(c.devices_of(alice.id).await.expect("devices_of").is_empty());
     let token = c.token("st_old").await.expect("token").expect("exists");
     assert_eq!(token.used_at, None, "a refused token is not marked used");
 
@@ -640,10 +634,7 @@ async fn concurrent_enrols_with_one_token_one_wins(c: Arc<dyn Catalog>) {
         }
     }
     assert_eq!(wins, 1, "exactly one enrol succeeds");
-    let devices = c
-        .devices_of(alice.id)
-        .await
-        .expect("devices_of");
+    let devices = c.devices_of(alice.id).await.expect("devices_of");
     assert_eq!(devices.len(), 1, "exactly one device exists: {devices:?}");
 }
 
@@ -726,11 +717,7 @@ async fn claim_share_with_setup_or_expired_token_is_refused(c: Arc<dyn Catalog>)
     assert!(matches!(err, CatalogError::TokenUnavailable), "got {err:?}");
 
     assert!(!owns(c.as_ref(), &id, bob.id).await);
-    assert!(c
-        .devices_of(bob.id)
-        .await
-        .expect("devices_of")
-        .is_empty());
+    assert!(c.devices_of(bob.id).await.expect("devices_of").is_empty());
 }
 
 async fn owner_claiming_own_share_adds_no_duplicate(c: Arc<dyn Catalog>) {
@@ -744,10 +731,7 @@ async fn owner_claiming_own_share_adds_no_duplicate(c: Arc<dyn Catalog>) {
     assert_eq!(claimed, id);
     let device = c.device(&id).await.expect("device").expect("exists");
     assert_eq!(device.members, vec![owner(&alice)], "no duplicate owner");
-    let devices = c
-        .devices_of(alice.id)
-        .await
-        .expect("devices_of");
+    let devices = c.devices_of(alice.id).await.expect("devices_of");
     assert_eq!(devices.len(), 1, "listed once: {devices:?}");
 }
 
@@ -781,7 +765,11 @@ async fn concurrent_claims_with_one_token_one_wins(c: Arc<dyn Catalog>) {
     }
     assert_eq!(wins, 1, "exactly one claim succeeds");
     let device = c.device(&id).await.expect("device").expect("exists");
-    assert_eq!(device.members.len(), 2, "alice and one claimant: {device:?}");
+    assert_eq!(
+        device.members.len(),
+        2,
+        "alice and one claimant: {device:?}"
+    );
 }
 
 async fn devices_of_is_ordered_and_isolated(c: Arc<dyn Catalog>) {
@@ -821,19 +809,12 @@ async fn devices_of_is_ordered_and_isolated(c: Arc<dyn Catalog>) {
     assert_eq!(names, ["alpha", "bobs-box"]);
     assert_eq!(bob_list[0].members, vec![owner(&alice), owner(&bob)]);
     assert_eq!(bob_list[1].members, vec![owner(&bob)]);
-    let alice_list = c
-        .devices_of(alice.id)
-        .await
-        .expect("devices_of");
+    let alice_list = c.devices_of(alice.id).await.expect("devices_of");
     assert_eq!(alice_list.len(), 4, "bob's own device is not alice's");
     assert_eq!(alice_list[0].members, vec![owner(&alice), owner(&bob)]);
 
     let nobody = UserId(uuid::Uuid::new_v4());
-    assert!(c
-        .devices_of(nobody)
-        .await
-        .expect("devices_of")
-        .is_empty());
+    assert!(c.devices_of(nobody).await.expect("devices_of").is_empty());
 }
 
 async fn is_owner_reports_ownership(c: Arc<dyn Catalog>) {
@@ -1106,7 +1087,11 @@ async fn share_tokens_grant_their_role_and_raise_never_lower(c: Arc<dyn Catalog>
     let id = enrolled(&*c, &alice, "pi").await;
     let as_user = role_token(&*c, alice.id, &id, Role::User).await;
     assert_eq!(
-        c.token(&as_user).await.expect("token").expect("stored").role,
+        c.token(&as_user)
+            .await
+            .expect("token")
+            .expect("stored")
+            .role,
         Some(Role::User)
     );
     c.claim_share(&as_user, NOW, bob.id).await.expect("claim");
@@ -1155,10 +1140,15 @@ async fn members_are_removed_but_never_the_last_owner(c: Arc<dyn Catalog>) {
 
     // An owner removed takes the share tokens they made, unused, with them.
     let to_owner = role_token(&*c, alice.id, &id, Role::Owner).await;
-    c.claim_share(&to_owner, NOW, carol.id).await.expect("claim");
+    c.claim_share(&to_owner, NOW, carol.id)
+        .await
+        .expect("claim");
     let carols = role_token(&*c, carol.id, &id, Role::User).await;
     let alices = role_token(&*c, alice.id, &id, Role::User).await;
-    let left = c.remove_member(&id, alice.id, NOW + 5).await.expect("remove alice");
+    let left = c
+        .remove_member(&id, alice.id, NOW + 5)
+        .await
+        .expect("remove alice");
     assert_eq!(left, vec![owner(&carol)], "another owner is left");
     let revoked = c.token(&alices).await.expect("token").expect("kept");
     assert_eq!(revoked.revoked_at, Some(NOW + 5));

@@ -385,12 +385,8 @@ pub trait Catalog: Send + Sync + 'static {
     /// last owner (`LastOwner`), and revokes (at `now`) the share tokens for it they
     /// made that nobody used yet: what they handed out goes with them. Returns the
     /// members left; `NotFound` if `user` was not a member.
-    async fn remove_member(
-        &self,
-        device: &DeviceId,
-        user: UserId,
-        now: i64,
-    ) -> Result<Vec<Member>>;
+    async fn remove_member(&self, device: &DeviceId, user: UserId, now: i64)
+        -> Result<Vec<Member>>;
     /// In one transaction: forgets the device, its members and its share tokens, and
     /// remembers that it was removed (at `now`), so its secret is refused with that
     /// reason. Returns whether there was such a device.

@@ -597,12 +597,13 @@ impl Catalog for SqliteCatalog {
     }
 
     async fn role_of(&self, device: &DeviceId, user: UserId) -> Result<Option<Role>> {
-        let role: Option<String> =
-            sqlx::query_scalar("SELECT role FROM device_owners WHERE device_id = ? AND user_id = ?")
-                .bind(device.as_str())
-                .bind(user.to_string())
-                .fetch_optional(&self.pool)
-                .await?;
+        let role: Option<String> = sqlx::query_scalar(
+            "SELECT role FROM device_owners WHERE device_id = ? AND user_id = ?",
+        )
+        .bind(device.as_str())
+        .bind(user.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
         role.as_deref().map(rows::parse_role).transpose()
     }
 

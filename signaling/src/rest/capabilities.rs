@@ -122,7 +122,7 @@ async fn by_capability(
             Some(Offering {
                 score: live.as_ref().map(routing::score),
                 offer,
-                device: view(&state, d),
+                device: view(&state, d, caller.id),
             })
         })
         .collect();

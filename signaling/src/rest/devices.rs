@@ -7,11 +7,10 @@
 use std::sync::Arc;
 
 use adi_protocol::views::{
-    CocoonView, ConflictView, MemberList, MemberView, OwnerView, ServiceView,
+    CocoonView, ConflictView, DeviceDeleted, MemberList, MemberView, OwnerView, ServiceView,
 };
 use adi_protocol::{DeviceId, ErrorCode, HealthStatus, Role, ServiceInfo};
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
 use axum::routing::{delete, get};
 use axum::Router;
 use serde::Serialize;
@@ -70,7 +69,9 @@ fn member_view(m: &Member) -> MemberView {
     }
 }
 
-pub(crate) fn view(state: &HubState, d: DeviceRecord) -> CocoonView {
+/// The device as `caller` sees it.
+pub(crate) fn view(state: &HubState, d: DeviceRecord, caller: UserId) -> CocoonView {
+    let role = d.role_of(caller);
     let presence = state.registry.presence(&d.id);
     CocoonView {
         status: match (presence.online, presence.draining) {
@@ -110,6 +111,7 @@ pub(crate) fn view(state: &HubState, d: DeviceRecord) -> CocoonView {
             })
             .collect(),
         members: d.members.iter().map(member_view).collect(),
+        role,
         created_at: d.created_at,
     }
 }
@@ -125,7 +127,10 @@ async fn list_cocoons(
 ) -> Result<Json<CocoonList>, ApiError> {
     let devices = access::devices(&state, caller.id).await?;
     Ok(Json(CocoonList {
-        cocoons: devices.into_iter().map(|d| view(&state, d)).collect(),
+        cocoons: devices
+            .into_iter()
+            .map(|d| view(&state, d, caller.id))
+            .collect(),
     }))
 }
 
@@ -135,7 +140,7 @@ async fn get_cocoon(
     Path(id): Path<String>,
 ) -> Result<Json<CocoonView>, ApiError> {
     let device = access::device(&state, caller.id, &id).await?;
-    Ok(Json(view(&state, device)))
+    Ok(Json(view(&state, device, caller.id)))
 }
 
 #[derive(Serialize)]
@@ -230,7 +235,7 @@ async fn delete_cocoon(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<Json<DeviceDeleted>, ApiError> {
     let device = access::owned_device(&state, caller.id, &id).await?;
     if !state
         .catalog
@@ -240,8 +245,12 @@ async fn delete_cocoon(
         return Err(ApiError::not_found_device());
     }
     state.registry.set_grants(&device.id, &Grants::default());
-    state.registry.stop(&device.id, Stop::Removed);
+    let agent_told = state.registry.stop(&device.id, Stop::Removed);
     state.auth.announce_change();
-    tracing::info!(device_id = %device.id, by = %caller.id, "device deleted");
-    Ok(StatusCode::NO_CONTENT)
+    tracing::info!(device_id = %device.id, by = %caller.id, agent_told, "device deleted");
+    Ok(Json(DeviceDeleted {
+        device_id: device.id,
+        name: device.name,
+        agent_told,
+    }))
 }

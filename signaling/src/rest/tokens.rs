@@ -137,7 +137,7 @@ async fn claim_token(
     state
         .registry
         .set_grants(&device_id, &Grants::of(&device.members));
-    Ok(Json(view(&state, device)))
+    Ok(Json(view(&state, device, caller.id)))
 }
 
 /// Most tokens one listing shows, newest first.
