@@ -67,7 +67,7 @@ mod payload;
 pub mod tasks;
 pub mod views;
 
-pub use access::Role;
+pub use access::{Role, Scope};
 pub use capability::{CapabilityOffer, CapabilityQuery};
 pub use codec::{decode, encode, DecodeError, DEFAULT_MAX_FRAME_BYTES};
 pub use error::ErrorCode;

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::client::DeviceStatus;
 use crate::tasks::Task;
-use crate::{CapabilityOffer, DeviceId, Hardware, HealthStatus, LoadReport, Role, UserId};
+use crate::{CapabilityOffer, DeviceId, Hardware, HealthStatus, LoadReport, Role, Scope, UserId};
 
 /// A device as the API shows it: catalog configuration plus live presence.
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -231,4 +231,47 @@ mod tests {
             assert_eq!(json, format!("\"{}\"", state.as_str()));
         }
     }
+}
+
+/// An API key as its user sees it: never its secret.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct KeyView {
+    /// Public id: the 16 hex characters after `adi_key_`.
+    pub id: String,
+    /// The name its user gave it; keys made before names have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// What it may do; every scope when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<Vec<Scope>>,
+    /// The devices it is limited to; every device its user may use when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub devices: Option<Vec<DeviceId>>,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds; it is refused from then on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
+    /// Unix seconds, once revoked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<i64>,
+    /// `active`, `expired` or `revoked`.
+    pub state: String,
+}
+
+/// `GET /api/keys`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct KeyList {
+    /// Newest first.
+    pub keys: Vec<KeyView>,
+}
+
+/// `POST /api/keys`: the new key, whose secret is shown this once.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct KeyCreated {
+    /// The whole key; the hub keeps only a hash of it.
+    pub key: String,
+    /// What was stored.
+    #[serde(flatten)]
+    pub view: KeyView,
 }

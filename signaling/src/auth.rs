@@ -189,12 +189,12 @@ pub async fn add_user(catalog: &dyn Catalog, name: &str) -> Result<(User, String
 pub async fn add_api_key(catalog: &dyn Catalog, user: UserId) -> Result<String, CatalogError> {
     let minted = credential::mint(API_KEY_PREFIX);
     catalog
-        .insert_api_key(&ApiKeyRecord {
-            key_id: minted.id,
-            user_id: user,
-            secret_hash: minted.secret_hash,
-            created_at: unix_now_i64(),
-        })
+        .insert_api_key(&ApiKeyRecord::unlimited(
+            minted.id,
+            user,
+            minted.secret_hash,
+            unix_now_i64(),
+        ))
         .await?;
     Ok(minted.full)
 }
@@ -241,6 +241,7 @@ mod tests {
             id: UserId(uuid::Uuid::new_v4()),
             name: "alice".into(),
             created_at: 0,
+            disabled_at: None,
         }
     }
 

@@ -8,14 +8,14 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use adi_protocol::{CapabilityOffer, DeviceId, GpuModel, Hardware, Role, ServiceInfo};
+use adi_protocol::{CapabilityOffer, DeviceId, GpuModel, Hardware, Role, Scope, ServiceInfo};
 use adi_storage::conformance::run_then_close;
 use adi_storage::test_database::{with_postgres, TestSqlite};
 use sqlx::Connection;
 
 use super::{
-    ApiKeyRecord, Catalog, CatalogError, DeviceConfig, Member, PgCatalog, SqliteCatalog, TokenKind,
-    TokenRecord, User, UserId,
+    ApiKeyRecord, Catalog, CatalogError, ChangeKind, DeviceConfig, Member, Orphans, PgCatalog,
+    SqliteCatalog, TokenKind, TokenRecord, User, UserId,
 };
 
 /// The suite's name in the line that says a PostgreSQL test was skipped.
@@ -97,6 +97,9 @@ adi_storage::conformance_tests!(
     share_tokens_grant_their_role_and_raise_never_lower,
     members_are_removed_but_never_the_last_owner,
     deleted_devices_are_forgotten_and_remembered_as_removed,
+    api_keys_are_named_scoped_listed_and_revoked,
+    users_are_disabled_enabled_and_removed_without_orphaning_devices,
+    every_access_change_is_in_the_feed_in_order,
     update_device_rewrites_config,
     update_unknown_device_is_not_found,
 );
@@ -335,12 +338,7 @@ async fn duplicate_user_name_conflicts(c: Arc<dyn Catalog>) {
 
 async fn api_keys_round_trip(c: Arc<dyn Catalog>) {
     let alice = user(&*c, "alice").await;
-    let key = ApiKeyRecord {
-        key_id: "ak_0123456789".into(),
-        user_id: alice.id,
-        secret_hash: (0u8..=255).collect(),
-        created_at: NOW,
-    };
+    let key = ApiKeyRecord::unlimited("ak_0123456789".into(), alice.id, (0u8..=255).collect(), NOW);
     c.insert_api_key(&key).await.expect("insert api key");
     assert_eq!(
         c.api_key("ak_0123456789").await.expect("api_key"),
@@ -1191,4 +1189,257 @@ async fn deleted_devices_are_forgotten_and_remembered_as_removed(c: Arc<dyn Cata
         .expect("enrol again");
     assert_eq!(record.members, vec![owner(&bob)]);
     assert!(!c.is_removed(&id).await.expect("is_removed"));
+}
+
+fn named_key(id: &str, user: UserId, name: &str, created_at: i64) -> ApiKeyRecord {
+    let mut key = ApiKeyRecord::unlimited(id.into(), user, vec![1, 2, 3], created_at);
+    key.name = Some(name.into());
+    key
+}
+
+async fn api_keys_are_named_scoped_listed_and_revoked(c: Arc<dyn Catalog>) {
+    let alice = user(&*c, "alice").await;
+    let bob = user(&*c, "bob").await;
+    let device = enrolled(&*c, &alice, "pi").await;
+    let mut narrow = named_key("k_narrow", alice.id, "ci", NOW);
+    narrow.scopes = Some(vec![Scope::DevicesRead, Scope::Proxy]);
+    narrow.devices = Some(vec![device.clone()]);
+    narrow.expires_at = Some(NOW + HOUR);
+    c.insert_api_key(&narrow).await.expect("insert");
+    assert_eq!(
+        c.api_key("k_narrow").await.expect("api_key"),
+        Some(narrow.clone())
+    );
+    let wide = named_key("k_wide", alice.id, "laptop", NOW + 1);
+    c.insert_api_key(&wide).await.expect("insert");
+    match c
+        .insert_api_key(&named_key("k_again", alice.id, "ci", NOW + 2))
+        .await
+    {
+        Err(CatalogError::Conflict(what)) => assert!(what.contains("\"ci\""), "{what}"),
+        other => panic!("a live name is taken: {other:?}"),
+    }
+    c.insert_api_key(&named_key("k_bobs", bob.id, "ci", NOW))
+        .await
+        .expect("names are per user");
+    let ids = |keys: Vec<ApiKeyRecord>| keys.into_iter().map(|k| k.key_id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(c.api_keys_of(alice.id).await.expect("list")),
+        vec!["k_wide", "k_narrow"],
+        "newest first, only hers"
+    );
+
+    assert_eq!(
+        c.revoke_api_key(bob.id, "k_narrow", NOW + 5)
+            .await
+            .expect("revoke"),
+        None,
+        "nobody revokes another user's key"
+    );
+    let revoked = c
+        .revoke_api_key(alice.id, "k_narrow", NOW + 5)
+        .await
+        .expect("revoke")
+        .expect("hers");
+    assert_eq!(revoked.revoked_at, Some(NOW + 5));
+    let again = c
+        .revoke_api_key(alice.id, "k_narrow", NOW + 9)
+        .await
+        .expect("revoke")
+        .expect("hers");
+    assert_eq!(again.revoked_at, Some(NOW + 5), "revoked once");
+    assert_eq!(
+        c.revoked_api_keys().await.expect("revoked"),
+        vec!["k_narrow"]
+    );
+    c.insert_api_key(&named_key("k_ci2", alice.id, "ci", NOW + 10))
+        .await
+        .expect("a revoked key's name is free again");
+    let keys: Vec<ChangeKind> = c
+        .changes_since(0, 100)
+        .await
+        .expect("changes")
+        .into_iter()
+        .filter(|ch| ch.subject == "k_narrow")
+        .map(|ch| ch.kind)
+        .collect();
+    assert_eq!(
+        keys,
+        vec![ChangeKind::Key],
+        "one change, for the one revocation"
+    );
+}
+
+async fn users_are_disabled_enabled_and_removed_without_orphaning_devices(c: Arc<dyn Catalog>) {
+    let alice = user(&*c, "alice").await;
+    let bob = user(&*c, "bob").await;
+    let carol = user(&*c, "carol").await;
+    let names: Vec<String> = c
+        .users()
+        .await
+        .expect("users")
+        .into_iter()
+        .map(|u| u.name)
+        .collect();
+    assert_eq!(names, vec!["alice", "bob", "carol"]);
+
+    assert!(c
+        .set_user_disabled(bob.id, Some(NOW), NOW)
+        .await
+        .expect("disable"));
+    let found = c.user(bob.id).await.expect("user").expect("exists");
+    assert_eq!(found.disabled_at, Some(NOW));
+    assert!(c
+        .set_user_disabled(bob.id, None, NOW)
+        .await
+        .expect("enable"));
+    assert_eq!(
+        c.user(bob.id)
+            .await
+            .expect("user")
+            .expect("exists")
+            .disabled_at,
+        None
+    );
+    let nobody = UserId(uuid::Uuid::new_v4());
+    assert!(!c
+        .set_user_disabled(nobody, Some(NOW), NOW)
+        .await
+        .expect("disable nobody"));
+
+    // Bob alone owns "solo"; alice and bob own "shared"; bob uses alice's "hers".
+    let solo = enrolled(&*c, &bob, "solo").await;
+    let shared = enrolled(&*c, &alice, "shared").await;
+    let t = role_token(&*c, alice.id, &shared, Role::Owner).await;
+    c.claim_share(&t, NOW, bob.id).await.expect("claim");
+    let hers = enrolled(&*c, &alice, "hers").await;
+    let t = role_token(&*c, alice.id, &hers, Role::User).await;
+    c.claim_share(&t, NOW, bob.id).await.expect("claim");
+    c.insert_api_key(&named_key("k_bob", bob.id, "main", NOW))
+        .await
+        .expect("key");
+    setup_token(&*c, "bobs-setup", bob.id).await;
+
+    match c.remove_user(bob.id, Orphans::Refuse, NOW).await {
+        Err(CatalogError::WouldOrphan(devices)) => {
+            assert_eq!(devices, vec![(solo.clone(), "solo".to_owned())])
+        }
+        other => panic!("bob is solo's last owner: {other:?}"),
+    }
+    assert!(
+        c.user(bob.id).await.expect("user").is_some(),
+        "nothing removed"
+    );
+    assert!(matches!(
+        c.remove_user(bob.id, Orphans::TransferTo(bob.id), NOW)
+            .await,
+        Err(CatalogError::NotFound(_))
+    ));
+
+    let seq = c.last_change().await.expect("last");
+    let orphaned = c
+        .remove_user(bob.id, Orphans::TransferTo(carol.id), NOW)
+        .await
+        .expect("remove bob");
+    assert_eq!(orphaned, vec![(solo.clone(), "solo".to_owned())]);
+    assert_eq!(c.user(bob.id).await.expect("user"), None);
+    assert_eq!(c.api_key("k_bob").await.expect("key"), None);
+    assert_eq!(c.token("bobs-setup").await.expect("token"), None);
+    let solo_now = c.device(&solo).await.expect("device").expect("kept");
+    assert_eq!(solo_now.members, vec![owner(&carol)]);
+    assert_eq!(
+        c.device(&shared)
+            .await
+            .expect("device")
+            .expect("kept")
+            .members,
+        vec![owner(&alice)]
+    );
+    assert_eq!(
+        c.device(&hers)
+            .await
+            .expect("device")
+            .expect("kept")
+            .members,
+        vec![owner(&alice)]
+    );
+    let mut changed: Vec<(ChangeKind, String)> = c
+        .changes_since(seq, 100)
+        .await
+        .expect("changes")
+        .into_iter()
+        .map(|ch| (ch.kind, ch.subject))
+        .collect();
+    changed.sort_by(|a, b| a.1.cmp(&b.1));
+    let mut expected = vec![
+        (ChangeKind::Device, solo.to_string()),
+        (ChangeKind::Device, shared.to_string()),
+        (ChangeKind::Device, hers.to_string()),
+        (ChangeKind::User, bob.id.to_string()),
+    ];
+    expected.sort_by(|a, b| a.1.cmp(&b.1));
+    assert_eq!(changed, expected);
+
+    // Carol, removed with her devices deleted: "solo" goes and is remembered as removed.
+    let gone = c
+        .remove_user(carol.id, Orphans::Delete, NOW)
+        .await
+        .expect("remove carol");
+    assert_eq!(gone, vec![(solo.clone(), "solo".to_owned())]);
+    assert_eq!(c.device(&solo).await.expect("device"), None);
+    assert!(c.is_removed(&solo).await.expect("is_removed"));
+    assert!(matches!(
+        c.remove_user(carol.id, Orphans::Delete, NOW).await,
+        Err(CatalogError::NotFound(_))
+    ));
+}
+
+async fn every_access_change_is_in_the_feed_in_order(c: Arc<dyn Catalog>) {
+    assert_eq!(
+        c.last_change().await.expect("last"),
+        0,
+        "a new catalog has none"
+    );
+    let alice = user(&*c, "alice").await;
+    let bob = user(&*c, "bob").await;
+    let device = enrolled(&*c, &alice, "pi").await;
+    c.revoke_session("s1", NOW + HOUR, NOW)
+        .await
+        .expect("revoke");
+    let first = c.last_change().await.expect("last");
+    let t = role_token(&*c, alice.id, &device, Role::User).await;
+    c.claim_share(&t, NOW, bob.id).await.expect("claim");
+    c.remove_member(&device, bob.id, NOW).await.expect("remove");
+    c.set_user_disabled(bob.id, Some(NOW), NOW)
+        .await
+        .expect("disable");
+    c.delete_device(&device, NOW).await.expect("delete");
+
+    let all = c.changes_since(0, 100).await.expect("changes");
+    let seen: Vec<(ChangeKind, String)> =
+        all.iter().map(|ch| (ch.kind, ch.subject.clone())).collect();
+    let d = device.to_string();
+    assert_eq!(
+        seen,
+        vec![
+            (ChangeKind::Session, "s1".to_owned()),
+            (ChangeKind::Device, d.clone()),
+            (ChangeKind::Device, d.clone()),
+            (ChangeKind::User, bob.id.to_string()),
+            (ChangeKind::Device, d),
+        ]
+    );
+    assert!(all.windows(2).all(|w| w[0].seq < w[1].seq), "in order");
+    assert_eq!(all[0].seq, first);
+    let later = c.changes_since(first, 2).await.expect("changes");
+    assert_eq!(later.len(), 2, "limited");
+    assert_eq!(later[0].seq, all[1].seq, "only what came after");
+    assert_eq!(c.last_change().await.expect("last"), all[4].seq);
+    // Entries older than the feed keeps are pruned when the next is written.
+    c.revoke_session("s2", NOW + 2 * 86_400 + HOUR, NOW + 2 * 86_400)
+        .await
+        .expect("revoke");
+    let kept = c.changes_since(0, 100).await.expect("changes");
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(kept[0].subject, "s2");
 }

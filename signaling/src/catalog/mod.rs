@@ -29,7 +29,7 @@ mod sqlite;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use adi_protocol::{CapabilityOffer, DeviceId, ErrorCode, Hardware, Role, ServiceInfo};
+use adi_protocol::{CapabilityOffer, DeviceId, ErrorCode, Hardware, Role, Scope, ServiceInfo};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
@@ -48,6 +48,8 @@ pub struct User {
     pub name: String,
     /// Unix seconds.
     pub created_at: i64,
+    /// Unix seconds; a disabled user signs in nowhere.
+    pub disabled_at: Option<i64>,
 }
 
 /// One API key of a user, as stored: the public key id and a hash of the secret part.
@@ -61,7 +63,97 @@ pub struct ApiKeyRecord {
     pub secret_hash: Vec<u8>,
     /// Unix seconds.
     pub created_at: i64,
+    /// The name its user gave it, unique among their keys not revoked.
+    pub name: Option<String>,
+    /// What it may do; `None`: everything.
+    pub scopes: Option<Vec<Scope>>,
+    /// The devices it may reach; `None`: every device its user may use.
+    pub devices: Option<Vec<DeviceId>>,
+    /// Unix seconds; refused from then on.
+    pub expires_at: Option<i64>,
+    /// Unix seconds; set once, when revoked.
+    pub revoked_at: Option<i64>,
 }
+
+impl ApiKeyRecord {
+    /// A key of `user` with every scope, no device limit, no expiry and no name: what
+    /// a user's first key is.
+    pub fn unlimited(key_id: String, user_id: UserId, secret_hash: Vec<u8>, now: i64) -> Self {
+        ApiKeyRecord {
+            key_id,
+            user_id,
+            secret_hash,
+            created_at: now,
+            name: None,
+            scopes: None,
+            devices: None,
+            expires_at: None,
+            revoked_at: None,
+        }
+    }
+}
+
+/// What changed in who may do what; hubs replay these every second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// A session was signed out; the subject is its id.
+    Session,
+    /// An API key was revoked; the subject is its id.
+    Key,
+    /// A user was disabled, enabled or removed; the subject is their id.
+    User,
+    /// A device's members changed or it was deleted; the subject is its id.
+    Device,
+}
+
+impl ChangeKind {
+    /// The name stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeKind::Session => "session",
+            ChangeKind::Key => "key",
+            ChangeKind::User => "user",
+            ChangeKind::Device => "device",
+        }
+    }
+
+    /// Parses the stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            ChangeKind::Session,
+            ChangeKind::Key,
+            ChangeKind::User,
+            ChangeKind::Device,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+    }
+}
+
+/// One entry of the change feed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// Its place in the feed; later changes have larger ones.
+    pub seq: i64,
+    /// What changed.
+    pub kind: ChangeKind,
+    /// Whose: a session, key, user or device id.
+    pub subject: String,
+}
+
+/// What to do with the devices a removed user is the last owner of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Orphans {
+    /// Refuse to remove the user (`WouldOrphan`).
+    Refuse,
+    /// Make this user their owner.
+    TransferTo(UserId),
+    /// Delete them, as their owner would.
+    Delete,
+}
+
+/// How long the change feed keeps an entry: far longer than a hub takes to read it.
+pub const CHANGES_KEPT_SECS: i64 = 24 * 3600;
 
 /// What a token grants when it is used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -192,6 +284,12 @@ pub enum CatalogError {
     /// A unique name or id is already taken.
     #[error("{0} already exists")]
     Conflict(String),
+    /// Removing the user would leave these devices with no owner.
+    #[error(
+        "the user is the last owner of {}; pass --transfer-to USER or --delete-devices",
+        .0.iter().map(|(id, name)| format!("{name} ({id})")).collect::<Vec<_>>().join(", ")
+    )]
+    WouldOrphan(Vec<(DeviceId, String)>),
     /// The member is the device's last owner: removing them would leave a device
     /// nobody can manage. Delete the device instead, or make another member an owner.
     #[error("{0} is the device's last owner")]
@@ -336,10 +434,42 @@ pub trait Catalog: Send + Sync + 'static {
     /// Looks a user up by id.
     async fn user(&self, id: UserId) -> Result<Option<User>>;
 
-    /// Stores an API key record.
+    /// Every user, by name.
+    async fn users(&self) -> Result<Vec<User>>;
+    /// Disables (`Some(at)`) or enables (`None`) a user, recording the change; returns
+    /// whether the user exists.
+    async fn set_user_disabled(&self, user: UserId, at: Option<i64>, now: i64) -> Result<bool>;
+    /// In one transaction: removes a user with their keys, memberships and tokens,
+    /// first dealing with the devices they are the last owner of as `orphans` says
+    /// (`WouldOrphan` if it says refuse and there are some). Returns those devices.
+    async fn remove_user(
+        &self,
+        user: UserId,
+        orphans: Orphans,
+        now: i64,
+    ) -> Result<Vec<(DeviceId, String)>>;
+
+    /// Stores an API key record; `Conflict` if the user has a live key of that name.
     async fn insert_api_key(&self, key: &ApiKeyRecord) -> Result<()>;
     /// Finds an API key record by its public id.
     async fn api_key(&self, key_id: &str) -> Result<Option<ApiKeyRecord>>;
+    /// The user's keys, revoked ones too, newest first.
+    async fn api_keys_of(&self, user: UserId) -> Result<Vec<ApiKeyRecord>>;
+    /// Revokes the user's key `key_id` (if not yet), recording the change; returns it
+    /// as it stands afterwards, `None` if the user has no such key.
+    async fn revoke_api_key(
+        &self,
+        user: UserId,
+        key_id: &str,
+        now: i64,
+    ) -> Result<Option<ApiKeyRecord>>;
+    /// The ids of every revoked key.
+    async fn revoked_api_keys(&self) -> Result<Vec<String>>;
+
+    /// The changes after `seq`, oldest first, at most `limit`.
+    async fn changes_since(&self, seq: i64, limit: u32) -> Result<Vec<Change>>;
+    /// The newest change's seq (0 when there is none): where a starting hub begins.
+    async fn last_change(&self) -> Result<i64>;
 
     /// Records that session `id` was signed out; its JWT is refused until
     /// `expires_at`. Sessions already past their expiry are forgotten on the way.

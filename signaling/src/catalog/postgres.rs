@@ -13,12 +13,13 @@ use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool};
 
 use super::rows::{
-    self, ApiKeyRow, DeviceColumns, DeviceMemberRow, DeviceRow, MemberRow, TokenRow, UserRow,
-    API_KEY_COLUMNS, DEVICE_COLUMNS, MEMBER_COLUMNS, MEMBER_ORDER, TOKEN_COLUMNS, USER_COLUMNS,
+    self, ApiKeyRow, ChangeRow, DeviceColumns, DeviceMemberRow, DeviceRow, KeyColumns, MemberRow,
+    TokenRow, UserRow, API_KEY_COLUMNS, DEVICE_COLUMNS, MEMBER_COLUMNS, MEMBER_ORDER,
+    TOKEN_COLUMNS, USER_COLUMNS,
 };
 use super::{
-    ApiKeyRecord, Catalog, CatalogError, DeviceConfig, DeviceRecord, Member, Result, TokenRecord,
-    User, UserId,
+    ApiKeyRecord, Catalog, CatalogError, Change, ChangeKind, DeviceConfig, DeviceRecord, Member,
+    Orphans, Result, TokenRecord, User, UserId, CHANGES_KEPT_SECS,
 };
 
 /// The catalog in a PostgreSQL database.
@@ -124,19 +125,217 @@ impl Catalog for PgCatalog {
             .transpose()
     }
 
+    async fn users(&self) -> Result<Vec<User>> {
+        sqlx::query_as::<_, UserRow>(&format!("SELECT {USER_COLUMNS} FROM users ORDER BY name"))
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(User::try_from)
+            .collect()
+    }
+
+    async fn set_user_disabled(&self, user: UserId, at: Option<i64>, now: i64) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let found = sqlx::query("UPDATE users SET disabled_at = $1 WHERE id = $2")
+            .bind(at)
+            .bind(user.to_string())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            > 0;
+        if found {
+            record_change(&mut tx, ChangeKind::User, &user.to_string(), now).await?;
+        }
+        tx.commit().await?;
+        Ok(found)
+    }
+
+    async fn remove_user(
+        &self,
+        user: UserId,
+        orphans: Orphans,
+        now: i64,
+    ) -> Result<Vec<(DeviceId, String)>> {
+        let id = user.to_string();
+        let mut tx = self.pool.begin().await?;
+        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM users WHERE id = $1)")
+            .bind(&id)
+            .fetch_one(&mut *tx)
+            .await?;
+        if !exists {
+            return Err(CatalogError::NotFound(format!("user {user}")));
+        }
+        let orphaned: Vec<(String, String)> = sqlx::query_as(
+            "SELECT d.id, d.name FROM devices d JOIN device_owners o ON o.device_id = d.id \
+             WHERE o.user_id = $1 AND o.role = 'owner' AND NOT EXISTS (SELECT 1 FROM \
+             device_owners x WHERE x.device_id = d.id AND x.user_id <> $2 AND x.role = 'owner') \
+             ORDER BY d.name, d.id",
+        )
+        .bind(&id)
+        .bind(&id)
+        .fetch_all(&mut *tx)
+        .await?;
+        let orphaned = orphaned
+            .into_iter()
+            .map(|(d, name)| Ok((rows::parse_device_id(&d)?, name)))
+            .collect::<Result<Vec<_>>>()?;
+        match orphans {
+            Orphans::Refuse if !orphaned.is_empty() => {
+                return Err(CatalogError::WouldOrphan(orphaned))
+            }
+            Orphans::Refuse => {}
+            Orphans::TransferTo(heir) => {
+                let heir_exists: bool = sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM users WHERE id = $1 AND id <> $2)",
+                )
+                .bind(heir.to_string())
+                .bind(&id)
+                .fetch_one(&mut *tx)
+                .await?;
+                if !heir_exists {
+                    return Err(CatalogError::NotFound(format!("user {heir}")));
+                }
+                for (device, _) in &orphaned {
+                    sqlx::query(
+                        "INSERT INTO device_owners (device_id, user_id, added_at, role) \
+                         VALUES ($1, $2, $3, 'owner') \
+                         ON CONFLICT (device_id, user_id) DO UPDATE SET role = 'owner'",
+                    )
+                    .bind(device.as_str())
+                    .bind(heir.to_string())
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+            Orphans::Delete => {
+                for (device, _) in &orphaned {
+                    forget_device(&mut tx, device, now).await?;
+                }
+            }
+        }
+        let member_of: Vec<String> =
+            sqlx::query_scalar("SELECT device_id FROM device_owners WHERE user_id = $1")
+                .bind(&id)
+                .fetch_all(&mut *tx)
+                .await?;
+        for device in &member_of {
+            record_change(&mut tx, ChangeKind::Device, device, now).await?;
+        }
+        for statement in [
+            "DELETE FROM device_owners WHERE user_id = $1",
+            "DELETE FROM tokens WHERE created_by = $1",
+            "UPDATE tokens SET used_by = NULL WHERE used_by = $1",
+            "DELETE FROM api_keys WHERE user_id = $1",
+            "DELETE FROM users WHERE id = $1",
+        ] {
+            sqlx::query(statement).bind(&id).execute(&mut *tx).await?;
+        }
+        record_change(&mut tx, ChangeKind::User, &id, now).await?;
+        tx.commit().await?;
+        Ok(orphaned)
+    }
+
     async fn insert_api_key(&self, key: &ApiKeyRecord) -> Result<()> {
+        let columns = KeyColumns::of(key)?;
         sqlx::query(
-            "INSERT INTO api_keys (key_id, user_id, secret_hash, created_at) \
-             VALUES ($1, $2, $3, $4)",
+            "INSERT INTO api_keys (key_id, user_id, secret_hash, created_at, name, scopes, \
+             devices, expires_at, revoked_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(&key.key_id)
         .bind(key.user_id.to_string())
         .bind(&key.secret_hash)
         .bind(key.created_at)
+        .bind(key.name.as_deref())
+        .bind(&columns.scopes)
+        .bind(&columns.devices)
+        .bind(key.expires_at)
+        .bind(key.revoked_at)
         .execute(&self.pool)
         .await
-        .map_err(|e| CatalogError::from_insert(e, || format!("api key {:?}", key.key_id)))?;
+        .map_err(|e| {
+            CatalogError::from_insert(e, || match &key.name {
+                Some(name) => format!("a key named {name:?}"),
+                None => format!("api key {:?}", key.key_id),
+            })
+        })?;
         Ok(())
+    }
+
+    async fn api_keys_of(&self, user: UserId) -> Result<Vec<ApiKeyRecord>> {
+        sqlx::query_as::<_, ApiKeyRow>(&format!(
+            "SELECT {API_KEY_COLUMNS} FROM api_keys WHERE user_id = $1 \
+             ORDER BY created_at DESC, key_id"
+        ))
+        .bind(user.to_string())
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(ApiKeyRecord::try_from)
+        .collect()
+    }
+
+    async fn revoke_api_key(
+        &self,
+        user: UserId,
+        key_id: &str,
+        now: i64,
+    ) -> Result<Option<ApiKeyRecord>> {
+        let mut tx = self.pool.begin().await?;
+        let revoked = sqlx::query(
+            "UPDATE api_keys SET revoked_at = $1 \
+             WHERE key_id = $2 AND user_id = $3 AND revoked_at IS NULL",
+        )
+        .bind(now)
+        .bind(key_id)
+        .bind(user.to_string())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            > 0;
+        if revoked {
+            record_change(&mut tx, ChangeKind::Key, key_id, now).await?;
+        }
+        let record = sqlx::query_as::<_, ApiKeyRow>(&format!(
+            "SELECT {API_KEY_COLUMNS} FROM api_keys WHERE key_id = $1 AND user_id = $2"
+        ))
+        .bind(key_id)
+        .bind(user.to_string())
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(ApiKeyRecord::try_from)
+        .transpose()?;
+        tx.commit().await?;
+        Ok(record)
+    }
+
+    async fn revoked_api_keys(&self) -> Result<Vec<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT key_id FROM api_keys WHERE revoked_at IS NOT NULL")
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn changes_since(&self, seq: i64, limit: u32) -> Result<Vec<Change>> {
+        sqlx::query_as::<_, ChangeRow>(
+            "SELECT seq, kind, subject FROM access_changes WHERE seq > $1 ORDER BY seq LIMIT $2",
+        )
+        .bind(seq)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(Change::try_from)
+        .collect()
+    }
+
+    async fn last_change(&self) -> Result<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM access_changes")
+                .fetch_one(&self.pool)
+                .await?,
+        )
     }
 
     async fn api_key(&self, key_id: &str) -> Result<Option<ApiKeyRecord>> {
@@ -163,6 +362,7 @@ impl Catalog for PgCatalog {
         .bind(expires_at)
         .execute(&mut *tx)
         .await?;
+        record_change(&mut tx, ChangeKind::Session, id, now).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -341,6 +541,7 @@ impl Catalog for PgCatalog {
         .bind(role.unwrap_or(Role::Owner).as_str())
         .execute(&mut *tx)
         .await?;
+        record_change(&mut tx, ChangeKind::Device, &device, now).await?;
         tx.commit().await?;
         Ok(device_id)
     }
@@ -433,6 +634,7 @@ impl Catalog for PgCatalog {
         .bind(user.to_string())
         .execute(&mut *tx)
         .await?;
+        record_change(&mut tx, ChangeKind::Device, device.as_str(), now).await?;
         tx.commit().await?;
         Ok(members.into_iter().filter(|m| m.id != user).collect())
     }
@@ -443,31 +645,7 @@ impl Catalog for PgCatalog {
             .bind(device.as_str())
             .execute(&mut *tx)
             .await?;
-        for statement in [
-            "DELETE FROM device_owners WHERE device_id = $1",
-            "DELETE FROM tokens WHERE device_id = $1",
-        ] {
-            sqlx::query(statement)
-                .bind(device.as_str())
-                .execute(&mut *tx)
-                .await?;
-        }
-        let gone = sqlx::query("DELETE FROM devices WHERE id = $1")
-            .bind(device.as_str())
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-            > 0;
-        if gone {
-            sqlx::query(
-                "INSERT INTO removed_devices (id, removed_at) VALUES ($1, $2) \
-                 ON CONFLICT (id) DO UPDATE SET removed_at = excluded.removed_at",
-            )
-            .bind(device.as_str())
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        }
+        let gone = forget_device(&mut tx, device, now).await?;
         tx.commit().await?;
         Ok(gone)
     }
@@ -524,6 +702,58 @@ impl Catalog for PgCatalog {
     fn is_shared(&self) -> bool {
         true
     }
+}
+
+/// Forgets a device, its members and its share tokens, remembers that it was removed
+/// and records the change; returns whether there was such a device.
+async fn forget_device(conn: &mut PgConnection, device: &DeviceId, now: i64) -> Result<bool> {
+    for statement in [
+        "DELETE FROM device_owners WHERE device_id = $1",
+        "DELETE FROM tokens WHERE device_id = $1",
+    ] {
+        sqlx::query(statement)
+            .bind(device.as_str())
+            .execute(&mut *conn)
+            .await?;
+    }
+    let gone = sqlx::query("DELETE FROM devices WHERE id = $1")
+        .bind(device.as_str())
+        .execute(&mut *conn)
+        .await?
+        .rows_affected()
+        > 0;
+    if gone {
+        sqlx::query(
+            "INSERT INTO removed_devices (id, removed_at) VALUES ($1, $2) \
+             ON CONFLICT (id) DO UPDATE SET removed_at = excluded.removed_at",
+        )
+        .bind(device.as_str())
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+        record_change(conn, ChangeKind::Device, device.as_str(), now).await?;
+    }
+    Ok(gone)
+}
+
+/// Appends to the change feed, pruning what every hub has long read.
+async fn record_change(
+    conn: &mut PgConnection,
+    kind: ChangeKind,
+    subject: &str,
+    now: i64,
+) -> Result<()> {
+    sqlx::query("DELETE FROM access_changes WHERE at < $1")
+        .bind(now.saturating_sub(CHANGES_KEPT_SECS))
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("INSERT INTO access_changes (kind, subject, at) VALUES ($1, $2, $3)")
+        .bind(kind.as_str())
+        .bind(subject)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
 }
 
 /// The members of `device`, owners first, each by name.

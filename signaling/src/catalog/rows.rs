@@ -10,17 +10,18 @@
 use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use adi_protocol::{CapabilityOffer, DeviceId, Hardware, Role, ServiceInfo};
+use adi_protocol::{CapabilityOffer, DeviceId, Hardware, Role, Scope, ServiceInfo};
 
 use super::{
-    ApiKeyRecord, CatalogError, DeviceConfig, DeviceRecord, Member, Result, TokenKind, TokenRecord,
-    User, UserId,
+    ApiKeyRecord, CatalogError, Change, ChangeKind, DeviceConfig, DeviceRecord, Member, Result,
+    TokenKind, TokenRecord, User, UserId,
 };
 
 /// The columns a [`UserRow`] is read from.
-pub(super) const USER_COLUMNS: &str = "id, name, created_at";
+pub(super) const USER_COLUMNS: &str = "id, name, created_at, disabled_at";
 /// The columns an [`ApiKeyRow`] is read from.
-pub(super) const API_KEY_COLUMNS: &str = "key_id, user_id, secret_hash, created_at";
+pub(super) const API_KEY_COLUMNS: &str =
+    "key_id, user_id, secret_hash, created_at, name, scopes, devices, expires_at, revoked_at";
 /// The columns a [`TokenRow`] is read from.
 pub(super) const TOKEN_COLUMNS: &str =
     "id, kind, secret_hash, created_by, device_id, role, created_at, expires_at, used_at, revoked_at";
@@ -39,6 +40,7 @@ pub(super) struct UserRow {
     id: String,
     name: String,
     created_at: i64,
+    disabled_at: Option<i64>,
 }
 
 impl TryFrom<UserRow> for User {
@@ -49,6 +51,7 @@ impl TryFrom<UserRow> for User {
             id: parse_user_id(&row.id)?,
             name: row.name,
             created_at: row.created_at,
+            disabled_at: row.disabled_at,
         })
     }
 }
@@ -59,6 +62,7 @@ pub(super) fn new_user(name: &str) -> User {
         id: UserId(uuid::Uuid::new_v4()),
         name: name.to_owned(),
         created_at: unix_now(),
+        disabled_at: None,
     }
 }
 
@@ -69,6 +73,11 @@ pub(super) struct ApiKeyRow {
     user_id: String,
     secret_hash: Vec<u8>,
     created_at: i64,
+    name: Option<String>,
+    scopes: Option<String>,
+    devices: Option<String>,
+    expires_at: Option<i64>,
+    revoked_at: Option<i64>,
 }
 
 impl TryFrom<ApiKeyRow> for ApiKeyRecord {
@@ -80,6 +89,56 @@ impl TryFrom<ApiKeyRow> for ApiKeyRecord {
             user_id: parse_user_id(&row.user_id)?,
             secret_hash: row.secret_hash,
             created_at: row.created_at,
+            name: row.name,
+            scopes: row
+                .scopes
+                .map(|s| decode_json::<Vec<Scope>>(&s, "key scopes"))
+                .transpose()?,
+            devices: row
+                .devices
+                .map(|d| decode_json::<Vec<DeviceId>>(&d, "key devices"))
+                .transpose()?,
+            expires_at: row.expires_at,
+            revoked_at: row.revoked_at,
+        })
+    }
+}
+
+/// The JSON columns of an API key, encoded for `api_keys`.
+pub(super) struct KeyColumns {
+    /// The `scopes` column; `NULL` for every scope.
+    pub(super) scopes: Option<String>,
+    /// The `devices` column; `NULL` for every device.
+    pub(super) devices: Option<String>,
+}
+
+impl KeyColumns {
+    /// Encodes what `key` is limited to.
+    pub(super) fn of(key: &ApiKeyRecord) -> Result<Self> {
+        Ok(KeyColumns {
+            scopes: key.scopes.as_ref().map(encode_json).transpose()?,
+            devices: key.devices.as_ref().map(encode_json).transpose()?,
+        })
+    }
+}
+
+/// One row of `access_changes`.
+#[derive(Debug, sqlx::FromRow)]
+pub(super) struct ChangeRow {
+    seq: i64,
+    kind: String,
+    subject: String,
+}
+
+impl TryFrom<ChangeRow> for Change {
+    type Error = CatalogError;
+
+    fn try_from(row: ChangeRow) -> Result<Change> {
+        Ok(Change {
+            seq: row.seq,
+            kind: ChangeKind::parse(&row.kind)
+                .ok_or_else(|| CatalogError::Corrupt(format!("change kind {:?}", row.kind)))?,
+            subject: row.subject,
         })
     }
 }
@@ -257,7 +316,7 @@ pub(super) fn parse_device_id(s: &str) -> Result<DeviceId> {
         .map_err(|_| CatalogError::Corrupt(format!("device id {s:?}")))
 }
 
-fn parse_user_id(s: &str) -> Result<UserId> {
+pub(super) fn parse_user_id(s: &str) -> Result<UserId> {
     uuid::Uuid::parse_str(s)
         .map(UserId)
         .map_err(|_| CatalogError::Corrupt(format!("user id {s:?}")))

@@ -29,12 +29,13 @@ use sqlx::{ConnectOptions, Connection, SqliteConnection};
 use adi_protocol::Role;
 
 use super::rows::{
-    self, ApiKeyRow, DeviceColumns, DeviceMemberRow, DeviceRow, MemberRow, TokenRow, UserRow,
-    API_KEY_COLUMNS, DEVICE_COLUMNS, MEMBER_COLUMNS, MEMBER_ORDER, TOKEN_COLUMNS, USER_COLUMNS,
+    self, ApiKeyRow, ChangeRow, DeviceColumns, DeviceMemberRow, DeviceRow, KeyColumns, MemberRow,
+    TokenRow, UserRow, API_KEY_COLUMNS, DEVICE_COLUMNS, MEMBER_COLUMNS, MEMBER_ORDER,
+    TOKEN_COLUMNS, USER_COLUMNS,
 };
 use super::{
-    ApiKeyRecord, Catalog, CatalogError, DeviceConfig, DeviceRecord, Member, Result, TokenRecord,
-    User, UserId,
+    ApiKeyRecord, Catalog, CatalogError, Change, ChangeKind, DeviceConfig, DeviceRecord, Member,
+    Orphans, Result, TokenRecord, User, UserId, CHANGES_KEPT_SECS,
 };
 use crate::owner_only;
 
@@ -332,18 +333,217 @@ impl Catalog for SqliteCatalog {
             .transpose()
     }
 
+    async fn users(&self) -> Result<Vec<User>> {
+        sqlx::query_as::<_, UserRow>(&format!("SELECT {USER_COLUMNS} FROM users ORDER BY name"))
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(User::try_from)
+            .collect()
+    }
+
+    async fn set_user_disabled(&self, user: UserId, at: Option<i64>, now: i64) -> Result<bool> {
+        let mut tx = Tx::begin(&self.pool, "BEGIN IMMEDIATE").await?;
+        let found = sqlx::query("UPDATE users SET disabled_at = ? WHERE id = ?")
+            .bind(at)
+            .bind(user.to_string())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            > 0;
+        if found {
+            record_change(&mut tx, ChangeKind::User, &user.to_string(), now).await?;
+        }
+        tx.commit().await?;
+        Ok(found)
+    }
+
+    async fn remove_user(
+        &self,
+        user: UserId,
+        orphans: Orphans,
+        now: i64,
+    ) -> Result<Vec<(DeviceId, String)>> {
+        let id = user.to_string();
+        let mut tx = Tx::begin(&self.pool, "BEGIN IMMEDIATE").await?;
+        let exists: i64 = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM users WHERE id = ?)")
+            .bind(&id)
+            .fetch_one(&mut *tx)
+            .await?;
+        if exists == 0 {
+            return Err(CatalogError::NotFound(format!("user {user}")));
+        }
+        let orphaned: Vec<(String, String)> = sqlx::query_as(
+            "SELECT d.id, d.name FROM devices d JOIN device_owners o ON o.device_id = d.id \
+             WHERE o.user_id = ? AND o.role = 'owner' AND NOT EXISTS (SELECT 1 FROM \
+             device_owners x WHERE x.device_id = d.id AND x.user_id <> ? AND x.role = 'owner') \
+             ORDER BY d.name, d.id",
+        )
+        .bind(&id)
+        .bind(&id)
+        .fetch_all(&mut *tx)
+        .await?;
+        let orphaned = orphaned
+            .into_iter()
+            .map(|(d, name)| Ok((rows::parse_device_id(&d)?, name)))
+            .collect::<Result<Vec<_>>>()?;
+        match orphans {
+            Orphans::Refuse if !orphaned.is_empty() => {
+                return Err(CatalogError::WouldOrphan(orphaned))
+            }
+            Orphans::Refuse => {}
+            Orphans::TransferTo(heir) => {
+                let heir_exists: i64 = sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM users WHERE id = ? AND id <> ?)",
+                )
+                .bind(heir.to_string())
+                .bind(&id)
+                .fetch_one(&mut *tx)
+                .await?;
+                if heir_exists == 0 {
+                    return Err(CatalogError::NotFound(format!("user {heir}")));
+                }
+                for (device, _) in &orphaned {
+                    sqlx::query(
+                        "INSERT INTO device_owners (device_id, user_id, added_at, role) \
+                         VALUES (?, ?, ?, 'owner') \
+                         ON CONFLICT (device_id, user_id) DO UPDATE SET role = 'owner'",
+                    )
+                    .bind(device.as_str())
+                    .bind(heir.to_string())
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+            Orphans::Delete => {
+                for (device, _) in &orphaned {
+                    forget_device(&mut tx, device, now).await?;
+                }
+            }
+        }
+        let member_of: Vec<String> =
+            sqlx::query_scalar("SELECT device_id FROM device_owners WHERE user_id = ?")
+                .bind(&id)
+                .fetch_all(&mut *tx)
+                .await?;
+        for device in &member_of {
+            record_change(&mut tx, ChangeKind::Device, device, now).await?;
+        }
+        for statement in [
+            "DELETE FROM device_owners WHERE user_id = ?",
+            "DELETE FROM tokens WHERE created_by = ?",
+            "UPDATE tokens SET used_by = NULL WHERE used_by = ?",
+            "DELETE FROM api_keys WHERE user_id = ?",
+            "DELETE FROM users WHERE id = ?",
+        ] {
+            sqlx::query(statement).bind(&id).execute(&mut *tx).await?;
+        }
+        record_change(&mut tx, ChangeKind::User, &id, now).await?;
+        tx.commit().await?;
+        Ok(orphaned)
+    }
+
     async fn insert_api_key(&self, key: &ApiKeyRecord) -> Result<()> {
+        let columns = KeyColumns::of(key)?;
         sqlx::query(
-            "INSERT INTO api_keys (key_id, user_id, secret_hash, created_at) VALUES (?, ?, ?, ?)",
+            "INSERT INTO api_keys (key_id, user_id, secret_hash, created_at, name, scopes, \
+             devices, expires_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&key.key_id)
         .bind(key.user_id.to_string())
         .bind(&key.secret_hash)
         .bind(key.created_at)
+        .bind(key.name.as_deref())
+        .bind(&columns.scopes)
+        .bind(&columns.devices)
+        .bind(key.expires_at)
+        .bind(key.revoked_at)
         .execute(&self.pool)
         .await
-        .map_err(|e| CatalogError::from_insert(e, || format!("api key {:?}", key.key_id)))?;
+        .map_err(|e| {
+            CatalogError::from_insert(e, || match &key.name {
+                Some(name) => format!("a key named {name:?}"),
+                None => format!("api key {:?}", key.key_id),
+            })
+        })?;
         Ok(())
+    }
+
+    async fn api_keys_of(&self, user: UserId) -> Result<Vec<ApiKeyRecord>> {
+        sqlx::query_as::<_, ApiKeyRow>(&format!(
+            "SELECT {API_KEY_COLUMNS} FROM api_keys WHERE user_id = ? \
+             ORDER BY created_at DESC, key_id"
+        ))
+        .bind(user.to_string())
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(ApiKeyRecord::try_from)
+        .collect()
+    }
+
+    async fn revoke_api_key(
+        &self,
+        user: UserId,
+        key_id: &str,
+        now: i64,
+    ) -> Result<Option<ApiKeyRecord>> {
+        let mut tx = Tx::begin(&self.pool, "BEGIN IMMEDIATE").await?;
+        let revoked = sqlx::query(
+            "UPDATE api_keys SET revoked_at = ? \
+             WHERE key_id = ? AND user_id = ? AND revoked_at IS NULL",
+        )
+        .bind(now)
+        .bind(key_id)
+        .bind(user.to_string())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            > 0;
+        if revoked {
+            record_change(&mut tx, ChangeKind::Key, key_id, now).await?;
+        }
+        let record = sqlx::query_as::<_, ApiKeyRow>(&format!(
+            "SELECT {API_KEY_COLUMNS} FROM api_keys WHERE key_id = ? AND user_id = ?"
+        ))
+        .bind(key_id)
+        .bind(user.to_string())
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(ApiKeyRecord::try_from)
+        .transpose()?;
+        tx.commit().await?;
+        Ok(record)
+    }
+
+    async fn revoked_api_keys(&self) -> Result<Vec<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT key_id FROM api_keys WHERE revoked_at IS NOT NULL")
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn changes_since(&self, seq: i64, limit: u32) -> Result<Vec<Change>> {
+        sqlx::query_as::<_, ChangeRow>(
+            "SELECT seq, kind, subject FROM access_changes WHERE seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(seq)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(Change::try_from)
+        .collect()
+    }
+
+    async fn last_change(&self) -> Result<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM access_changes")
+                .fetch_one(&self.pool)
+                .await?,
+        )
     }
 
     async fn api_key(&self, key_id: &str) -> Result<Option<ApiKeyRecord>> {
@@ -370,6 +570,7 @@ impl Catalog for SqliteCatalog {
         .bind(expires_at)
         .execute(&mut *tx)
         .await?;
+        record_change(&mut tx, ChangeKind::Session, id, now).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -550,6 +751,7 @@ impl Catalog for SqliteCatalog {
         .bind(role.unwrap_or(Role::Owner).as_str())
         .execute(&mut *tx)
         .await?;
+        record_change(&mut tx, ChangeKind::Device, &device, now).await?;
         tx.commit().await?;
         Ok(device_id)
     }
@@ -630,37 +832,14 @@ impl Catalog for SqliteCatalog {
         .bind(user.to_string())
         .execute(&mut *tx)
         .await?;
+        record_change(&mut tx, ChangeKind::Device, device.as_str(), now).await?;
         tx.commit().await?;
         Ok(members.into_iter().filter(|m| m.id != user).collect())
     }
 
     async fn delete_device(&self, device: &DeviceId, now: i64) -> Result<bool> {
         let mut tx = Tx::begin(&self.pool, "BEGIN IMMEDIATE").await?;
-        for statement in [
-            "DELETE FROM device_owners WHERE device_id = ?",
-            "DELETE FROM tokens WHERE device_id = ?",
-        ] {
-            sqlx::query(statement)
-                .bind(device.as_str())
-                .execute(&mut *tx)
-                .await?;
-        }
-        let gone = sqlx::query("DELETE FROM devices WHERE id = ?")
-            .bind(device.as_str())
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-            > 0;
-        if gone {
-            sqlx::query(
-                "INSERT INTO removed_devices (id, removed_at) VALUES (?, ?) \
-                 ON CONFLICT (id) DO UPDATE SET removed_at = excluded.removed_at",
-            )
-            .bind(device.as_str())
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        }
+        let gone = forget_device(&mut tx, device, now).await?;
         tx.commit().await?;
         Ok(gone)
     }
@@ -719,6 +898,58 @@ impl Catalog for SqliteCatalog {
     fn is_shared(&self) -> bool {
         false
     }
+}
+
+/// Forgets a device, its members and its share tokens, remembers that it was removed
+/// and records the change; returns whether there was such a device.
+async fn forget_device(conn: &mut SqliteConnection, device: &DeviceId, now: i64) -> Result<bool> {
+    for statement in [
+        "DELETE FROM device_owners WHERE device_id = ?",
+        "DELETE FROM tokens WHERE device_id = ?",
+    ] {
+        sqlx::query(statement)
+            .bind(device.as_str())
+            .execute(&mut *conn)
+            .await?;
+    }
+    let gone = sqlx::query("DELETE FROM devices WHERE id = ?")
+        .bind(device.as_str())
+        .execute(&mut *conn)
+        .await?
+        .rows_affected()
+        > 0;
+    if gone {
+        sqlx::query(
+            "INSERT INTO removed_devices (id, removed_at) VALUES (?, ?) \
+             ON CONFLICT (id) DO UPDATE SET removed_at = excluded.removed_at",
+        )
+        .bind(device.as_str())
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+        record_change(conn, ChangeKind::Device, device.as_str(), now).await?;
+    }
+    Ok(gone)
+}
+
+/// Appends to the change feed, pruning what every hub has long read.
+async fn record_change(
+    conn: &mut SqliteConnection,
+    kind: ChangeKind,
+    subject: &str,
+    now: i64,
+) -> Result<()> {
+    sqlx::query("DELETE FROM access_changes WHERE at < ?")
+        .bind(now.saturating_sub(CHANGES_KEPT_SECS))
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("INSERT INTO access_changes (kind, subject, at) VALUES (?, ?, ?)")
+        .bind(kind.as_str())
+        .bind(subject)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
 }
 
 /// The members of `device`, owners first, each by name.
