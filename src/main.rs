@@ -41,6 +41,9 @@ enum Command {
     Logout(cmd::login::LogoutArgs),
     /// Print the session's bearer token (JWT) for curl and scripts.
     Token(cmd::token::TokenArgs),
+    /// Your API keys: make named ones narrowed to scopes and devices, list, revoke.
+    #[command(subcommand)]
+    Keys(cmd::keys::KeysCmd),
     /// Run a device agent, or manage devices.
     #[command(subcommand)]
     Cocoon(cmd::cocoon::CocoonCmd),
@@ -87,6 +90,7 @@ fn main() -> ExitCode {
             Command::Login(a) => cmd::login::run(a).await,
             Command::Logout(a) => cmd::login::logout(a).await,
             Command::Token(a) => cmd::token::run(a).await,
+            Command::Keys(c) => cmd::keys::run(c).await,
             Command::Cocoon(c) => cmd::cocoon::run(c).await,
             Command::Dev(a) => cmd::dev::run(a).await,
             Command::Tasks(c) => cmd::tasks::run(c).await,

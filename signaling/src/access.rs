@@ -11,17 +11,92 @@
 
 use std::sync::Arc;
 
-use adi_protocol::{DeviceId, Role};
+use adi_protocol::{DeviceId, Role, Scope};
 
 use crate::catalog::{CatalogError, DeviceRecord, UserId};
 use crate::registry::Access as Live;
 use crate::HubState;
 
+/// A signed-in person, as their session says: who they are, and what the API key the
+/// session was opened with allows (its scopes, and the devices it is limited to).
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The user's id.
+    pub id: UserId,
+    /// The user's name.
+    pub name: String,
+    /// The session's id, if its JWT has one: what signing out revokes.
+    pub session: Option<String>,
+    /// The API key the session was opened with, if its JWT names it.
+    pub key: Option<String>,
+    /// The scopes it allows; every scope when `None`.
+    scopes: Option<Arc<[Scope]>>,
+    /// The devices it is limited to; none when `None`.
+    devices: Option<Arc<[DeviceId]>>,
+}
+
+impl From<crate::auth::Claims> for Caller {
+    fn from(claims: crate::auth::Claims) -> Self {
+        Caller {
+            id: claims.sub,
+            name: claims.name,
+            session: claims.sid,
+            key: claims.kid,
+            scopes: claims.scp.map(Arc::from),
+            devices: claims.dev.map(Arc::from),
+        }
+    }
+}
+
+impl Caller {
+    /// Refuses, naming the scope, unless the caller's key allows `scope`.
+    pub fn require(&self, scope: Scope) -> Result<(), AccessError> {
+        match &self.scopes {
+            Some(scopes) if !scopes.contains(&scope) => Err(AccessError::InsufficientScope(scope)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether the caller's key reaches `device` (it may still not be theirs).
+    pub fn reaches(&self, device: &DeviceId) -> bool {
+        self.devices.as_ref().is_none_or(|d| d.contains(device))
+    }
+
+    /// The scopes the caller's key allows; `None`: every scope.
+    pub fn scopes(&self) -> Option<&[Scope]> {
+        self.scopes.as_deref()
+    }
+
+    /// The devices the caller's key is limited to; `None`: no limit.
+    pub fn device_limit(&self) -> Option<&[DeviceId]> {
+        self.devices.as_deref()
+    }
+
+    /// Why the caller's session is no longer good, if it is not (signed out, its key
+    /// revoked, its user disabled or removed), as `auth` knows now.
+    pub fn ended(&self, auth: &crate::auth::Auth) -> Option<crate::auth::AuthError> {
+        auth.ended_for(self.session.as_deref(), self.key.as_deref(), self.id)
+    }
+
+    /// As whom this caller asks routing for a capability.
+    pub fn requester(&self) -> Requester {
+        Requester::User {
+            id: self.id,
+            devices: self.devices.clone(),
+        }
+    }
+}
+
 /// Who is asking.
 #[derive(Debug, Clone)]
 pub enum Requester {
-    /// A signed-in user: the devices they own.
-    User(UserId),
+    /// A signed-in user: the devices they are a member of, within their key's limit.
+    User {
+        /// The user.
+        id: UserId,
+        /// The devices their key is limited to, if it is.
+        devices: Option<Arc<[DeviceId]>>,
+    },
     /// A device: it acts for its owners (not for its users, who could otherwise
     /// reach their own devices through someone else's), so it may use the devices
     /// any of them may use.
@@ -32,10 +107,12 @@ pub enum Requester {
 }
 
 impl Requester {
-    /// Whether a device with `members` may be used by this requester.
-    pub fn may_use(&self, members: &[UserId]) -> bool {
+    /// Whether device `id`, with `members`, may be used by this requester.
+    pub fn may_use(&self, id: &DeviceId, members: &[UserId]) -> bool {
         match self {
-            Requester::User(u) => members.contains(u),
+            Requester::User { id: user, devices } => {
+                members.contains(user) && devices.as_ref().is_none_or(|d| d.contains(id))
+            }
             Requester::Device { owners, .. } => members.iter().any(|m| owners.contains(m)),
         }
     }
@@ -47,6 +124,13 @@ pub enum AccessError {
     /// No such device, or one the caller may not use: the same to the caller.
     #[error("no such device")]
     NotFound,
+    /// The caller's key does not allow this.
+    #[error("this API key lacks the {0} scope")]
+    InsufficientScope(Scope),
+    /// The caller's key is limited to some devices, and this needs all of them (a setup
+    /// token enrols a device the key could not reach).
+    #[error("this API key is limited to some devices; use a key without a device limit")]
+    DeviceLimited,
     /// The caller uses the device but is not one of its owners.
     #[error("only an owner of this device can do that; you are one of its users")]
     NotOwner,
@@ -75,42 +159,56 @@ pub enum Found {
     Stored(DeviceRecord),
 }
 
-/// The device with this id that the user is a member of, from the catalog.
+/// The device with this id that the caller is a member of, from the catalog, for what
+/// `scope` allows.
 pub async fn device(
     state: &HubState,
-    user: UserId,
+    caller: &Caller,
     raw_id: &str,
+    scope: Scope,
 ) -> Result<DeviceRecord, AccessError> {
+    caller.require(scope)?;
     let id: DeviceId = raw_id.parse().map_err(|_| AccessError::NotFound)?;
+    if !caller.reaches(&id) {
+        return Err(AccessError::NotFound);
+    }
     let device = state
         .catalog
         .device(&id)
         .await?
         .ok_or(AccessError::NotFound)?;
-    if device.role_of(user).is_none() {
+    if device.role_of(caller.id).is_none() {
         return Err(AccessError::NotFound);
     }
     Ok(device)
 }
 
-/// The device with this id that the user owns: what sharing it, removing its members
-/// and deleting it need. A user of it is told they are not an owner; anyone else that
-/// there is no such device.
+/// The device with this id that the caller owns: what sharing it, removing its members
+/// and deleting it need (the `members:write` scope). A user of it is told they are not
+/// an owner; anyone else that there is no such device.
 pub async fn owned_device(
     state: &HubState,
-    user: UserId,
+    caller: &Caller,
     raw_id: &str,
 ) -> Result<DeviceRecord, AccessError> {
-    let device = device(state, user, raw_id).await?;
-    match device.role_of(user) {
+    let device = device(state, caller, raw_id, Scope::MembersWrite).await?;
+    match device.role_of(caller.id) {
         Some(Role::Owner) => Ok(device),
         _ => Err(AccessError::NotOwner),
     }
 }
 
-/// Every device the user is a member of, from the catalog.
-pub async fn devices(state: &HubState, user: UserId) -> Result<Vec<DeviceRecord>, AccessError> {
-    Ok(state.catalog.devices_of(user).await?)
+/// Every device the caller is a member of and their key reaches, from the catalog, for
+/// what `scope` allows.
+pub async fn devices(
+    state: &HubState,
+    caller: &Caller,
+    scope: Scope,
+) -> Result<Vec<DeviceRecord>, AccessError> {
+    caller.require(scope)?;
+    let mut devices = state.catalog.devices_of(caller.id).await?;
+    devices.retain(|d| caller.reaches(&d.id));
+    Ok(devices)
 }
 
 /// The user's device named by `given`: its 32-hex id, or a name that is unique among
@@ -119,15 +217,18 @@ pub async fn devices(state: &HubState, user: UserId) -> Result<Vec<DeviceRecord>
 /// catalog read per request by name); otherwise the catalog decides.
 pub async fn device_by_id_or_name(
     state: &HubState,
-    user: UserId,
+    caller: &Caller,
     given: &str,
+    scope: Scope,
 ) -> Result<Found, AccessError> {
-    let mine = |owners: &[UserId]| owners.contains(&user);
+    caller.require(scope)?;
+    let mine =
+        |id: &DeviceId, members: &[UserId]| members.contains(&caller.id) && caller.reaches(id);
     if let Ok(id) = given.parse::<DeviceId>() {
-        if let Some(live) = state.registry.access(&id).filter(|a| mine(&a.members)) {
+        if let Some(live) = state.registry.access(&id).filter(|a| mine(&id, &a.members)) {
             return Ok(Found::Live(id, live));
         }
-        return device(state, user, given).await.map(Found::Stored);
+        return device(state, caller, given, scope).await.map(Found::Stored);
     }
     let name = decoded_name(given).ok_or(AccessError::NotFound)?;
     let mut live = state.registry.named(&name, mine);
@@ -135,11 +236,11 @@ pub async fn device_by_id_or_name(
         return Err(ambiguous(&name, live));
     }
     if let Some(id) = live.pop() {
-        if let Some(access) = state.registry.access(&id).filter(|a| mine(&a.members)) {
+        if let Some(access) = state.registry.access(&id).filter(|a| mine(&id, &a.members)) {
             return Ok(Found::Live(id, access));
         }
     }
-    let mut stored: Vec<DeviceRecord> = devices(state, user)
+    let mut stored: Vec<DeviceRecord> = devices(state, caller, scope)
         .await?
         .into_iter()
         .filter(|d| d.name == name)
@@ -178,15 +279,28 @@ mod tests {
             UserId(uuid::Uuid::from_u128(2)),
             UserId(uuid::Uuid::from_u128(3)),
         );
-        let user = Requester::User(alice);
-        assert!(user.may_use(&[bob, alice]));
-        assert!(!user.may_use(&[bob]));
+        let (one, two) = (DeviceId::from_mac(&[1; 16]), DeviceId::from_mac(&[2; 16]));
+        let user = Requester::User {
+            id: alice,
+            devices: None,
+        };
+        assert!(user.may_use(&one, &[bob, alice]));
+        assert!(!user.may_use(&one, &[bob]));
+        let limited = Requester::User {
+            id: alice,
+            devices: Some(Arc::from(vec![two.clone()])),
+        };
+        assert!(limited.may_use(&two, &[alice]));
+        assert!(
+            !limited.may_use(&one, &[alice]),
+            "outside the key's devices"
+        );
         let device = Requester::Device {
             owners: Arc::from(vec![alice, bob]),
         };
-        assert!(device.may_use(&[carol, bob]));
-        assert!(!device.may_use(&[carol]));
-        assert!(!device.may_use(&[]));
+        assert!(device.may_use(&one, &[carol, bob]));
+        assert!(!device.may_use(&one, &[carol]));
+        assert!(!device.may_use(&one, &[]));
     }
 
     #[test]

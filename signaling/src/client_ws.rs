@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use adi_protocol::client::{ClientToHub, HubToClient};
-use adi_protocol::{decode, encode, ErrorCode};
+use adi_protocol::{decode, encode, ErrorCode, Scope};
 use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket};
 use futures_util::StreamExt;
 use tracing::debug;
@@ -25,7 +25,7 @@ const CLOSE_WAIT: Duration = Duration::from_secs(2);
 const SEND_WAIT: Duration = Duration::from_secs(30);
 
 pub(crate) async fn serve(state: Arc<HubState>, mut socket: WebSocket) {
-    let (caller, expires_at, session) = match authenticate(&state, &mut socket).await {
+    let (caller, expires_at) = match authenticate(&state, &mut socket).await {
         Some(c) => c,
         None => return,
     };
@@ -42,7 +42,8 @@ pub(crate) async fn serve(state: Arc<HubState>, mut socket: WebSocket) {
     // The socket lives no longer than the credential it was opened with.
     let expiry = tokio::time::sleep(until_unix(expires_at));
     tokio::pin!(expiry);
-    // ...and no longer than its session, if it is signed out first.
+    // ...and no longer than its session, if it is signed out, its key revoked or its
+    // user disabled first.
     let mut revocations = state.auth.changes();
     loop {
         let frame = tokio::select! {
@@ -56,9 +57,14 @@ pub(crate) async fn serve(state: Arc<HubState>, mut socket: WebSocket) {
                 return;
             }
             Ok(()) = revocations.changed() => {
-                if session.as_deref().is_some_and(|sid| state.auth.is_revoked(sid)) {
-                    debug!(user = %caller.id, "client socket's session was signed out");
-                    close(&mut socket, close_code::POLICY, "session signed out").await;
+                if let Some(why) = caller.ended(&state.auth) {
+                    let reason = match why {
+                        crate::auth::AuthError::Revoked => "session signed out",
+                        crate::auth::AuthError::SessionKeyRevoked => "api key revoked",
+                        _ => "user disabled or removed",
+                    };
+                    debug!(user = %caller.id, "client socket closed: {why}");
+                    close(&mut socket, close_code::POLICY, reason).await;
                     return;
                 }
                 continue;
@@ -167,7 +173,7 @@ async fn aggregate_query(
             })
         })
         .transpose()?;
-    let (online, offline) = task_devices(state, caller.id).await?;
+    let (online, offline) = task_devices(state, caller).await?;
     for device in &offline {
         let part = HubToClient::AggregateQueryPart {
             query_id: query_id.to_owned(),
@@ -210,11 +216,12 @@ async fn aggregate_query(
     send(socket, &done).await.map_err(|_| QueryEnd::Gone)
 }
 
-/// Reads the first frame, which must sign the socket in; answers the caller and when
-/// its credential ends, or closes the socket with the reason and `None`.
-/// The signed-in caller, the expiry of their credential and its session id.
-type SignedIn = (Caller, u64, Option<String>);
+/// The signed-in caller and the expiry of their credential.
+type SignedIn = (Caller, u64);
 
+/// Reads the first frame, which must sign the socket in (with a session whose key has
+/// the `devices:read` scope); answers the caller and when its credential ends, or
+/// closes the socket with the reason and `None`.
 async fn authenticate(state: &HubState, socket: &mut WebSocket) -> Option<SignedIn> {
     let wait = state.config.handshake_timeout;
     let deadline = tokio::time::Instant::now() + wait;
@@ -243,31 +250,34 @@ async fn authenticate(state: &HubState, socket: &mut WebSocket) -> Option<Signed
             "the first frame must be auth".into(),
         )),
     };
+    let unauthorized = |message: String| (ErrorCode::Unauthorized, message);
     let result = match decoded {
-        Ok(ClientToHub::Auth { token }) => {
-            state.auth.verify(token.trim()).map_err(|e| e.to_string())
-        }
-        Ok(_) => Err("the first frame must be auth".to_owned()),
-        Err(e) => Err(e.to_string()),
+        Ok(ClientToHub::Auth { token }) => state
+            .auth
+            .verify(token.trim())
+            .map_err(|e| unauthorized(e.to_string())),
+        Ok(_) => Err(unauthorized("the first frame must be auth".to_owned())),
+        Err(e) => Err(unauthorized(e.to_string())),
     };
     let result = match result {
         Ok(claims) => {
             let exp = claims.exp;
-            crate::rest::extract::live_user(state, Caller::from(claims))
-                .await
-                .map(|c| {
-                    let session = c.session.clone();
-                    (c, exp, session)
-                })
-                .map_err(|e| e.message().to_owned())
+            let caller = Caller::from(claims);
+            match caller.require(Scope::DevicesRead) {
+                Err(e) => Err((ErrorCode::InsufficientScope, e.to_string())),
+                Ok(()) => crate::rest::extract::live_user(state, caller)
+                    .await
+                    .map(|c| (c, exp))
+                    .map_err(|e| unauthorized(e.message().to_owned())),
+            }
         }
         Err(e) => Err(e),
     };
     match result {
         Ok(signed_in) => Some(signed_in),
-        Err(message) => {
+        Err((code, message)) => {
             debug!("client authentication refused: {message}");
-            refuse(socket, ErrorCode::Unauthorized, message, close_code::POLICY).await;
+            refuse(socket, code, message, close_code::POLICY).await;
             None
         }
     }

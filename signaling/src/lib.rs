@@ -22,6 +22,7 @@
 //! - `link`: the hub's end of one device connection and what it carries.
 //! - `registry`: which devices are connected now (RAM only, never the catalog).
 //! - `access`: who may see and use which device, decided in one place.
+//! - `changes`: the catalog's access-change feed, applied to RAM every second.
 //! - `rpc`: asking a device something and waiting for its one answer.
 //! - `routing`: picking the device that serves a capability.
 //! - `aggregate`: fanning a query out to a user's devices and merging the parts.
@@ -40,6 +41,7 @@ mod access;
 pub mod aggregate;
 pub mod auth;
 pub mod catalog;
+mod changes;
 mod client_ws;
 mod close;
 pub mod config;
@@ -196,6 +198,7 @@ pub async fn spawn(config: HubConfig) -> Result<HubHandle, HubError> {
     for (sid, expires_at) in catalog.revoked_sessions(auth::unix_now_i64()).await? {
         auth.revoke(&sid, u64::try_from(expires_at).unwrap_or(0));
     }
+    changes::load(catalog.as_ref(), &auth).await?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| HubError::Bind {
@@ -228,6 +231,13 @@ pub async fn spawn(config: HubConfig) -> Result<HubHandle, HubError> {
         let state = state.clone();
         let drained = drained.clone();
         async move { state.registry.run_sweeper(&drained).await }
+    });
+    tokio::spawn({
+        let state = state.clone();
+        let drained = drained.clone();
+        async move {
+            changes::follow(state.catalog.clone(), &state.auth, &state.registry, drained).await
+        }
     });
     rest::install::warn_without_public_url(&state);
     let app = router::app(state.clone());

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use adi_mux::BodyReceiver;
 use adi_protocol::http::{check_target, is_hop_by_hop, requested_upgrade};
-use adi_protocol::{DeviceId, ErrorCode, ProxyRequest};
+use adi_protocol::{DeviceId, ErrorCode, ProxyRequest, Scope};
 use axum::body::{Body, HttpBody};
 use axum::extract::{ConnectInfo, Request};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -96,33 +96,34 @@ async fn proxy(state: &AppState, mut req: Request) -> Result<Response, ApiError>
         || check_target(target).map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()));
     // Whose device it is, and whether it is connected, is decided by `access`: a
     // stranger's device is "no such device", whatever else is wrong with the request.
-    let (device_id, target) = match access::device_by_id_or_name(state, caller.id, given).await? {
-        Found::Live(id, live) => {
-            if !live.services.iter().any(|s| s.name == service) {
-                return Err(no_service());
+    let (device_id, target) =
+        match access::device_by_id_or_name(state, &caller, given, Scope::Proxy).await? {
+            Found::Live(id, live) => {
+                if !live.services.iter().any(|s| s.name == service) {
+                    return Err(no_service());
+                }
+                let target = check()?;
+                // A device whose socket is still open but that stopped heartbeating would
+                // never answer: say so now rather than after the whole deadline.
+                if !live.online {
+                    return Err(offline());
+                }
+                if live.draining {
+                    return Err(ApiError::new(
+                        ErrorCode::DeviceOffline,
+                        "the device is stopping and takes no new requests",
+                    ));
+                }
+                (id, target)
             }
-            let target = check()?;
-            // A device whose socket is still open but that stopped heartbeating would
-            // never answer: say so now rather than after the whole deadline.
-            if !live.online {
+            Found::Stored(device) => {
+                if !device.services.iter().any(|s| s.name == service) {
+                    return Err(no_service());
+                }
+                check()?;
                 return Err(offline());
             }
-            if live.draining {
-                return Err(ApiError::new(
-                    ErrorCode::DeviceOffline,
-                    "the device is stopping and takes no new requests",
-                ));
-            }
-            (id, target)
-        }
-        Found::Stored(device) => {
-            if !device.services.iter().any(|s| s.name == service) {
-                return Err(no_service());
-            }
-            check()?;
-            return Err(offline());
-        }
-    };
+        };
     let span =
         tracing::debug_span!("proxy", device_id = %device_id, service, method = %req.method());
     let max_body = state.config.proxy_max_body_bytes;
@@ -234,12 +235,7 @@ impl Guard {
             .registry
             .access(&self.device)
             .is_some_and(|a| a.members.contains(&self.caller.id));
-        let signed_out = self
-            .caller
-            .session
-            .as_deref()
-            .is_some_and(|sid| self.state.auth.is_revoked(sid));
-        member && !signed_out
+        member && self.caller.ended(&self.state.auth).is_none()
     }
 
     /// Resolves once the caller may no longer use the device; never while they may.

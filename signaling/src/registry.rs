@@ -429,7 +429,11 @@ impl Registry {
 
     /// The connected devices called `name` whose owners pass `may_use`. Reads RAM only;
     /// no guard outlives the call.
-    pub fn named(&self, name: &str, may_use: impl Fn(&[UserId]) -> bool) -> Vec<DeviceId> {
+    pub fn named(
+        &self,
+        name: &str,
+        may_use: impl Fn(&DeviceId, &[UserId]) -> bool,
+    ) -> Vec<DeviceId> {
         let Some(ids) = self.by_name.get(name).map(|ids| ids.clone()) else {
             return Vec::new();
         };
@@ -437,7 +441,7 @@ impl Registry {
             .filter(|id| {
                 self.devices
                     .get(id)
-                    .is_some_and(|live| &*live.name == name && may_use(&live.members))
+                    .is_some_and(|live| &*live.name == name && may_use(id, &live.members))
             })
             .collect()
     }
@@ -581,7 +585,7 @@ impl Registry {
     pub fn candidates(
         &self,
         query: &CapabilityQuery,
-        may_use: impl Fn(&[UserId]) -> bool,
+        may_use: impl Fn(&DeviceId, &[UserId]) -> bool,
     ) -> Vec<Candidate> {
         let Some(ids) = self.by_protocol.get(&query.protocol) else {
             return Vec::new();
@@ -593,7 +597,7 @@ impl Registry {
             .filter_map(|id| {
                 let e = self.devices.get(id)?;
                 self.candidate_of(id, &e, query, now)
-                    .filter(|c| may_use(&c.members))
+                    .filter(|c| may_use(id, &c.members))
             })
             .collect()
     }
@@ -917,7 +921,7 @@ mod tests {
     fn found(reg: &Registry, protocol: &str) -> Vec<DeviceId> {
         let q = CapabilityQuery::new(protocol, None).expect("query");
         let mut ids: Vec<DeviceId> = reg
-            .candidates(&q, |_| true)
+            .candidates(&q, |_, _| true)
             .into_iter()
             .map(|c| c.id)
             .collect();
@@ -998,7 +1002,7 @@ mod tests {
                 Agent::default(),
             );
         };
-        let mine = |owners: &[UserId]| owners.contains(&user(1));
+        let mine = |_: &DeviceId, owners: &[UserId]| owners.contains(&user(1));
         let (c1, c2) = (reg.next_conn_id(), reg.next_conn_id());
         named(1, "gpu-box", c1, 1);
         named(2, "gpu-box", reg.next_conn_id(), 2);

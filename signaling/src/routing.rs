@@ -105,7 +105,7 @@ pub fn choose(
     let mut preferred = None;
     if let Some(p) = prefer {
         if let Some(c) = state.registry.candidate(p, query) {
-            if requester.may_use(&c.members) {
+            if requester.may_use(&c.id, &c.members) {
                 preferred = Some(c);
             } else if matches!(requester, Requester::Device { .. }) {
                 // Another owner's device: refused before anything reaches it. A user is
@@ -116,7 +116,7 @@ pub fn choose(
     }
     let others = state
         .registry
-        .candidates(query, |owners| requester.may_use(owners))
+        .candidates(query, |id, members| requester.may_use(id, members))
         .into_iter()
         .filter(|c| Some(&c.id) != preferred.as_ref().map(|p| &p.id))
         .collect();

@@ -4,9 +4,11 @@
 pub mod agent;
 pub mod cocoon;
 pub mod dev;
+pub mod keys;
 pub mod login;
 pub mod proxy;
 pub mod service;
 pub mod signaling;
 pub mod tasks;
 pub mod token;
+pub mod users;

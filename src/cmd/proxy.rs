@@ -602,6 +602,9 @@ mod tests {
             exp: unix_now() - 3600,
             iss: "adi-hub".into(),
             sid: None,
+            kid: None,
+            scp: None,
+            dev: None,
         };
         let expired = jsonwebtoken::encode(
             &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),

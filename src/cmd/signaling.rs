@@ -1,4 +1,5 @@
-//! `adi signaling serve` and `adi signaling user add`: run a hub, administer its users.
+//! `adi signaling serve` and `adi signaling user ...`: run a hub, administer its users
+//! (in `users`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,7 +8,6 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 
-use adi_signaling::catalog::{self, CatalogError};
 use adi_signaling::HubConfig;
 
 use crate::paths;
@@ -16,15 +16,10 @@ use crate::paths;
 pub enum SignalingCmd {
     /// Run the hub until Ctrl-C or SIGTERM.
     Serve(Box<ServeArgs>),
-    /// Manage users (run on the hub host, against its catalog).
+    /// Manage users (run on the hub host, against its catalog; a running hub applies
+    /// every change within a second).
     #[command(subcommand)]
-    User(UserCmd),
-}
-
-#[derive(Subcommand)]
-pub enum UserCmd {
-    /// Create a user and print their API key (only the key, on one line).
-    Add(UserAddArgs),
+    User(crate::cmd::users::UserCmd),
 }
 
 /// Where a hub's catalog is.
@@ -39,7 +34,7 @@ pub struct CatalogArgs {
 }
 
 impl CatalogArgs {
-    fn data_dir(&self) -> PathBuf {
+    pub fn data_dir(&self) -> PathBuf {
         self.data_dir.clone()
     }
 }
@@ -111,22 +106,10 @@ pub struct ServeArgs {
     max_connections_per_source: usize,
 }
 
-#[derive(Args)]
-pub struct UserAddArgs {
-    /// Login name.
-    name: String,
-    #[command(flatten)]
-    catalog: CatalogArgs,
-    /// Start a new catalog if there is none yet (otherwise a missing one is an error,
-    /// so a mistyped --data-dir does not make a catalog no hub uses).
-    #[arg(long)]
-    create: bool,
-}
-
 pub async fn run(cmd: SignalingCmd) -> Result<()> {
     match cmd {
         SignalingCmd::Serve(args) => serve(*args).await,
-        SignalingCmd::User(UserCmd::Add(args)) => user_add(args).await,
+        SignalingCmd::User(cmd) => crate::cmd::users::run(cmd).await,
     }
 }
 
@@ -174,39 +157,6 @@ async fn serve(args: ServeArgs) -> Result<()> {
             tracing::warn!("stopping now: requests still in flight are cut off");
             Ok(())
         }
-    }
-}
-
-async fn user_add(args: UserAddArgs) -> Result<()> {
-    let name = args.name.trim();
-    anyhow::ensure!(
-        !name.is_empty()
-            && name.len() <= 64
-            && name
-                .chars()
-                .all(|c| c.is_alphanumeric() || "._-@".contains(c)),
-        "user name must be 1-64 letters, digits or . _ - @"
-    );
-    let data_dir = args.catalog.data_dir();
-    let url = args.catalog.database_url.as_deref();
-    if let Some(file) = catalog::sqlite_path(url, &data_dir).filter(|f| !f.exists()) {
-        anyhow::ensure!(
-            args.create,
-            "no hub catalog at {}: is --data-dir the hub's? (`adi signaling serve` makes \
-             one on its first start; --create makes a new one here)",
-            file.display()
-        );
-    }
-    let catalog = catalog::open(url, &data_dir)
-        .await
-        .context("opening the catalog")?;
-    match adi_signaling::auth::add_user(catalog.as_ref(), name).await {
-        Ok((_, key)) => {
-            println!("{key}");
-            Ok(())
-        }
-        Err(CatalogError::Conflict(_)) => anyhow::bail!("user {name:?} already exists"),
-        Err(e) => Err(e).context("creating the user"),
     }
 }
 

@@ -10,6 +10,8 @@ mod connections;
 mod enrolment;
 mod harness;
 mod install;
+mod keys;
+mod matrix;
 mod members;
 mod metrics;
 mod operator;

@@ -1436,7 +1436,8 @@ async fn every_access_change_is_in_the_feed_in_order(c: Arc<dyn Catalog>) {
     assert_eq!(later[0].seq, all[1].seq, "only what came after");
     assert_eq!(c.last_change().await.expect("last"), all[4].seq);
     // Entries older than the feed keeps are pruned when the next is written.
-    c.revoke_session("s2", NOW + 2 * 86_400 + HOUR, NOW + 2 * 86_400)
+    let later = NOW + super::CHANGES_KEPT_SECS + 1;
+    c.revoke_session("s2", later + HOUR, later)
         .await
         .expect("revoke");
     let kept = c.changes_since(0, 100).await.expect("changes");

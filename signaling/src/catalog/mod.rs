@@ -152,8 +152,10 @@ pub enum Orphans {
     Delete,
 }
 
-/// How long the change feed keeps an entry: far longer than a hub takes to read it.
-pub const CHANGES_KEPT_SECS: i64 = 24 * 3600;
+/// How long the change feed keeps an entry: longer than the longest session a hub may
+/// issue (30 days), so a hub that starts replays every change that can still matter (a
+/// removed user's sessions, say) as well as reading new ones within a second.
+pub const CHANGES_KEPT_SECS: i64 = 31 * 24 * 3600;
 
 /// What a token grants when it is used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use adi_protocol::capability::{best_offer, RequestBody};
-use adi_protocol::{CapabilityAnswer, CapabilityOffer, CapabilityQuery, ErrorCode};
+use adi_protocol::{CapabilityAnswer, CapabilityOffer, CapabilityQuery, ErrorCode, Scope};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::routing::{get, post};
 use axum::Router;
@@ -20,7 +20,7 @@ use adi_protocol::views::CocoonView;
 use super::error::ApiError;
 use super::extract::{Caller, Json};
 use super::view;
-use crate::routing::{self, Requester, RouteError};
+use crate::routing::{self, RouteError};
 use crate::HubState;
 
 /// Longest deadline a caller may ask for.
@@ -48,6 +48,7 @@ async fn request_capability(
     Path(protocol): Path<String>,
     Json(body): Json<RequestBody>,
 ) -> Result<Json<CapabilityAnswer>, ApiError> {
+    caller.require(Scope::Capabilities)?;
     let query = body
         .query(&protocol)
         .map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()))?;
@@ -57,7 +58,7 @@ async fn request_capability(
     let timeout = body.deadline(state.config.capability_timeout, MAX_TIMEOUT);
     let answer = routing::request(
         &state,
-        &Requester::User(caller.id),
+        &caller.requester(),
         &query,
         body.payload,
         prefer.as_ref(),
@@ -110,7 +111,7 @@ async fn by_capability(
         .filter(|p| !p.is_empty())
         .ok_or_else(|| ApiError::new(ErrorCode::BadRequest, "protocol is required"))?;
     let query = query(protocol, params.version.as_deref())?;
-    let devices = crate::access::devices(&state, caller.id).await?;
+    let devices = crate::access::devices(&state, &caller, Scope::DevicesRead).await?;
     let mut cocoons: Vec<Offering> = devices
         .into_iter()
         .filter_map(|d| {

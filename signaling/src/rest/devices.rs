@@ -9,7 +9,7 @@ use std::sync::Arc;
 use adi_protocol::views::{
     CocoonView, ConflictView, DeviceDeleted, MemberList, MemberView, OwnerView, ServiceView,
 };
-use adi_protocol::{DeviceId, ErrorCode, HealthStatus, Role, ServiceInfo};
+use adi_protocol::{DeviceId, ErrorCode, HealthStatus, Role, Scope, ServiceInfo};
 use axum::extract::{Path, State};
 use axum::routing::{delete, get};
 use axum::Router;
@@ -125,7 +125,7 @@ async fn list_cocoons(
     State(state): State<AppState>,
     caller: Caller,
 ) -> Result<Json<CocoonList>, ApiError> {
-    let devices = access::devices(&state, caller.id).await?;
+    let devices = access::devices(&state, &caller, Scope::DevicesRead).await?;
     Ok(Json(CocoonList {
         cocoons: devices
             .into_iter()
@@ -139,7 +139,7 @@ async fn get_cocoon(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<CocoonView>, ApiError> {
-    let device = access::device(&state, caller.id, &id).await?;
+    let device = access::device(&state, &caller, &id, Scope::DevicesRead).await?;
     Ok(Json(view(&state, device, caller.id)))
 }
 
@@ -155,7 +155,7 @@ async fn get_services(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<ServiceList>, ApiError> {
-    let device = access::device(&state, caller.id, &id).await?;
+    let device = access::device(&state, &caller, &id, Scope::DevicesRead).await?;
     let online = state.registry.presence(&device.id).online;
     Ok(Json(ServiceList {
         services: service_views(&state, &device.id, device.services, online),
@@ -169,7 +169,7 @@ async fn list_members(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<MemberList>, ApiError> {
-    let device = access::device(&state, caller.id, &id).await?;
+    let device = access::device(&state, &caller, &id, Scope::DevicesRead).await?;
     Ok(Json(MemberList {
         members: device.members.iter().map(member_view).collect(),
         device_id: device.id,
@@ -184,7 +184,7 @@ async fn remove_member(
     caller: Caller,
     Path((id, who)): Path<(String, String)>,
 ) -> Result<Json<MemberList>, ApiError> {
-    let device = access::device(&state, caller.id, &id).await?;
+    let device = access::device(&state, &caller, &id, Scope::MembersWrite).await?;
     let member = named_member(&device, &who, caller.id).ok_or_else(|| {
         ApiError::new(
             ErrorCode::NotFound,
@@ -236,7 +236,7 @@ async fn delete_cocoon(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<DeviceDeleted>, ApiError> {
-    let device = access::owned_device(&state, caller.id, &id).await?;
+    let device = access::owned_device(&state, &caller, &id).await?;
     if !state
         .catalog
         .delete_device(&device.id, unix_now_i64())

@@ -150,7 +150,12 @@ impl From<AccessError> for ApiError {
     fn from(e: AccessError) -> Self {
         match e {
             AccessError::NotFound => ApiError::not_found_device(),
-            AccessError::NotOwner => ApiError::new(ErrorCode::Forbidden, e.to_string()),
+            AccessError::NotOwner | AccessError::DeviceLimited => {
+                ApiError::new(ErrorCode::Forbidden, e.to_string())
+            }
+            AccessError::InsufficientScope(_) => {
+                ApiError::new(ErrorCode::InsufficientScope, e.to_string())
+            }
             AccessError::Ambiguous { .. } => ApiError::new(ErrorCode::Conflict, e.to_string()),
             AccessError::Catalog(inner) => inner.into(),
         }

@@ -13,7 +13,6 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use super::error::ApiError;
-use crate::catalog::UserId;
 use crate::HubState;
 
 type AppState = Arc<HubState>;
@@ -29,26 +28,7 @@ impl<T: Serialize> IntoResponse for Json<T> {
     }
 }
 
-/// The authenticated caller, from `Authorization: Bearer <jwt>`.
-#[derive(Debug, Clone)]
-pub struct Caller {
-    /// The user's id.
-    pub id: UserId,
-    /// The user's name.
-    pub name: String,
-    /// The session's id, if its JWT has one: what signing out revokes.
-    pub session: Option<String>,
-}
-
-impl From<crate::auth::Claims> for Caller {
-    fn from(claims: crate::auth::Claims) -> Self {
-        Caller {
-            id: claims.sub,
-            name: claims.name,
-            session: claims.sid,
-        }
-    }
-}
+pub use crate::access::Caller;
 
 /// Name of the web UI's session cookie (HttpOnly, SameSite=Strict, `Path=/proxy/`): it
 /// carries the same JWT as the bearer header, so a browser tab can open proxied pages.

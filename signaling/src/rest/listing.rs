@@ -6,13 +6,14 @@ use std::time::Duration;
 
 use adi_protocol::client::{DeviceStatus, PartStatus};
 use adi_protocol::tasks::{TaskFilter, TaskStatus};
-use adi_protocol::ErrorCode;
+use adi_protocol::{ErrorCode, Scope};
 use serde::Deserialize;
 
 use super::error::ApiError;
 use crate::access;
+use crate::access::Caller;
 use crate::aggregate;
-use crate::catalog::{DeviceRecord, UserId};
+use crate::catalog::DeviceRecord;
 use crate::HubState;
 
 /// How long a merged listing waits for each device, unless the query says otherwise.
@@ -119,9 +120,9 @@ impl ListParams {
 /// statuses of offline ones (reported without asking).
 pub(crate) async fn task_devices(
     state: &HubState,
-    user: UserId,
+    caller: &Caller,
 ) -> Result<(Vec<DeviceRecord>, Vec<DeviceStatus>), ApiError> {
-    let devices = access::devices(state, user).await?;
+    let devices = access::devices(state, caller, Scope::DevicesRead).await?;
     let (online, offline): (Vec<_>, Vec<_>) = devices
         .into_iter()
         .filter(aggregate::keeps_tasks)

@@ -9,6 +9,7 @@
 //!   JSON bodies
 //! - `devices`: the caller's devices, with live presence
 //! - `tokens`: setup and share tokens, minted and claimed
+//! - `keys`: a user's named, scoped API keys
 //! - `session`: signing in with an API key, and the web UI's sign-in and sign-out
 //! - `tasks`: a device's tasks and the merged list across devices
 //! - `capabilities`: capability requests, served by the best device
@@ -22,6 +23,7 @@ pub mod error;
 pub mod extract;
 pub(crate) mod health;
 pub(crate) mod install;
+pub(crate) mod keys;
 pub(crate) mod listing;
 pub(crate) mod session;
 pub(crate) mod tasks;

@@ -71,8 +71,8 @@ async fn auth_token(
     body: Result<axum::Json<AuthRequest>, JsonRejection>,
 ) -> Result<Json<AuthResponse>, ApiError> {
     let req = auth_request(body)?;
-    let user = auth::user_for_api_key(&state.catalog, &req.api_key).await?;
-    let (token, expires_at) = state.auth.issue(&user);
+    let (user, key) = auth::user_for_api_key(&state.catalog, &req.api_key).await?;
+    let (token, expires_at) = state.auth.issue(&user, &key);
     Ok(Json(AuthResponse {
         token,
         expires_at,
@@ -90,8 +90,8 @@ async fn open_session(
     body: Result<axum::Json<AuthRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let req = auth_request(body)?;
-    let user = auth::user_for_api_key(&state.catalog, &req.api_key).await?;
-    let (token, expires_at) = state.auth.issue(&user);
+    let (user, key) = auth::user_for_api_key(&state.catalog, &req.api_key).await?;
+    let (token, expires_at) = state.auth.issue(&user, &key);
     let secure = state
         .config
         .public_url
@@ -102,7 +102,7 @@ async fn open_session(
             .is_some_and(|v| v == "https");
     let cookie = format!(
         "{SESSION_COOKIE}={token}; Path={SESSION_COOKIE_PATH}; HttpOnly; SameSite=Strict; Max-Age={}{}",
-        state.config.jwt_ttl.as_secs(),
+        expires_at.saturating_sub(auth::unix_now()),
         if secure { "; Secure" } else { "" }
     );
     let mut resp = Json(AuthResponse {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use adi_protocol::tasks::{NewTask, Position, Task, TaskId, TaskStats, TaskStatus};
-use adi_protocol::{encode, DeviceReply, DeviceRequest, ErrorCode, HubToDevice};
+use adi_protocol::{encode, DeviceReply, DeviceRequest, ErrorCode, HubToDevice, Scope};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -147,7 +147,7 @@ async fn create_task(
     Path(id): Path<String>,
     Json(new): Json<NewTask>,
 ) -> Result<(StatusCode, Json<Task>), ApiError> {
-    let device = access::device(&state, caller.id, &id).await?;
+    let device = access::device(&state, &caller, &id, Scope::TasksWrite).await?;
     let title = new.title.trim();
     if title.is_empty() || title.chars().count() > 200 {
         return Err(bad("title must be 1 to 200 characters"));
@@ -181,7 +181,7 @@ async fn can_run(
     Path(id): Path<String>,
     Json(check): Json<RunCheck>,
 ) -> Result<Json<CanRun>, ApiError> {
-    let device = access::device(&state, caller.id, &id).await?;
+    let device = access::device(&state, &caller, &id, Scope::DevicesRead).await?;
     let task = NewTask {
         command: check.command,
         requirements: check.requirements,
@@ -210,7 +210,7 @@ async fn get_task(
     caller: Caller,
     Path((id, task)): Path<(String, String)>,
 ) -> Result<Json<Task>, ApiError> {
-    let device = access::device(&state, caller.id, &id).await?;
+    let device = access::device(&state, &caller, &id, Scope::DevicesRead).await?;
     let task = parse_task_id(&task)?;
     let reply = ask(&state, &device, DeviceRequest::GetTask { id: task }).await?;
     Ok(Json(expect_task(&device, reply)?))
@@ -221,7 +221,7 @@ async fn cancel_task(
     caller: Caller,
     Path((id, task)): Path<(String, String)>,
 ) -> Result<Json<Task>, ApiError> {
-    let device = access::device(&state, caller.id, &id).await?;
+    let device = access::device(&state, &caller, &id, Scope::TasksWrite).await?;
     let task = parse_task_id(&task)?;
     let reply = ask(&state, &device, DeviceRequest::CancelTask { id: task }).await?;
     Ok(Json(expect_task(&device, reply)?))
@@ -239,7 +239,7 @@ async fn list_device_tasks(
     Path(id): Path<String>,
     Query(params): Query<ListParams>,
 ) -> Result<Json<DeviceTaskPage>, ApiError> {
-    let device = access::device(&state, caller.id, &id).await?;
+    let device = access::device(&state, &caller, &id, Scope::DevicesRead).await?;
     let filter = params.filter()?;
     let limit = params.limit()?;
     let after = params
@@ -290,7 +290,7 @@ async fn aggregate_tasks(
         .as_deref()
         .map(|c| Cursor::decode(c).ok_or_else(|| bad("cursor is not one this hub handed out")))
         .transpose()?;
-    let (online, mut statuses) = task_devices(&state, caller.id).await?;
+    let (online, mut statuses) = task_devices(&state, &caller).await?;
     let parts: Vec<_> =
         aggregate::list_parts(&state, &online, &filter, cursor.as_ref(), limit, deadline)
             .collect()
@@ -325,7 +325,7 @@ async fn aggregate_stats(
     Query(params): Query<ListParams>,
 ) -> Result<Json<AggregateStats>, ApiError> {
     let deadline = params.deadline()?;
-    let (online, offline) = task_devices(&state, caller.id).await?;
+    let (online, offline) = task_devices(&state, &caller).await?;
     let parts = aggregate::stats_parts(&state, &online, deadline).await;
     let mut total = TaskStats::default();
     for s in TaskStatus::ALL {
@@ -411,7 +411,7 @@ async fn task_logs(
     Path((id, task)): Path<(String, String)>,
     Query(params): Query<LogParams>,
 ) -> Result<Response, ApiError> {
-    let device = access::device(&state, caller.id, &id).await?;
+    let device = access::device(&state, &caller, &id, Scope::DevicesRead).await?;
     let task = parse_task_id(&task)?;
     let after = params.after.unwrap_or(0);
     let limit = params.limit.unwrap_or(500).clamp(1, 1000);

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use adi_protocol::views::{CocoonView, TokenList, TokenState, TokenView};
-use adi_protocol::{DeviceId, ErrorCode, Role};
+use adi_protocol::{DeviceId, ErrorCode, Role, Scope};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{delete, post};
@@ -17,7 +17,7 @@ use tracing::warn;
 use super::error::ApiError;
 use super::extract::{Caller, Json};
 use super::view;
-use crate::access;
+use crate::access::{self, AccessError};
 use crate::auth::unix_now_i64;
 use crate::catalog::{TokenKind, TokenRecord};
 use crate::registry::Grants;
@@ -66,8 +66,15 @@ async fn create_token(
     caller: Caller,
     Json(req): Json<TokenRequest>,
 ) -> Result<(StatusCode, Json<TokenResponse>), ApiError> {
+    caller.require(Scope::MembersWrite)?;
     let grant = match (req.kind, req.device_id.as_deref()) {
-        (TokenKind::Setup, None) if req.role.is_none() => Grant::Setup,
+        (TokenKind::Setup, None) if req.role.is_none() => {
+            // The device it enrols would lie outside the key's devices.
+            if caller.device_limit().is_some() {
+                return Err(AccessError::DeviceLimited.into());
+            }
+            Grant::Setup
+        }
         (TokenKind::Setup, _) => {
             return Err(ApiError::new(
                 ErrorCode::BadRequest,
@@ -81,7 +88,7 @@ async fn create_token(
             ))
         }
         (TokenKind::Share, Some(id)) => Grant::Share {
-            device: access::owned_device(&state, caller.id, id).await?.id,
+            device: access::owned_device(&state, &caller, id).await?.id,
             role: req.role.unwrap_or(Role::User),
         },
     };
@@ -120,6 +127,10 @@ async fn claim_token(
     caller: Caller,
     Json(req): Json<ClaimRequest>,
 ) -> Result<Json<CocoonView>, ApiError> {
+    caller.require(Scope::MembersWrite)?;
+    if caller.device_limit().is_some() {
+        return Err(AccessError::DeviceLimited.into());
+    }
     let device_id = tokens::claim(
         state.catalog.as_ref(),
         &req.token,
@@ -174,6 +185,7 @@ async fn list_tokens(
     State(state): State<AppState>,
     caller: Caller,
 ) -> Result<Json<TokenList>, ApiError> {
+    caller.require(Scope::MembersWrite)?;
     let now = unix_now_i64();
     let tokens = state.catalog.tokens_created_by(caller.id, LISTED).await?;
     Ok(Json(TokenList {
@@ -188,6 +200,7 @@ async fn revoke_token(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<TokenView>, ApiError> {
+    caller.require(Scope::MembersWrite)?;
     let now = unix_now_i64();
     let token = state
         .catalog
