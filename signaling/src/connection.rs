@@ -83,7 +83,7 @@ pub(crate) async fn serve(
     slot: Option<crate::server::ConnSlot>,
 ) {
     let conn_id = state.registry.next_conn_id();
-    let Some(accepted) = admit(&state, &mut socket, conn_id).await else {
+    let Some(accepted) = admit(&state, &mut socket, conn_id, peer).await else {
         return;
     };
     let link = ConnHandle::new(state.registry.now_ms());
@@ -157,7 +157,12 @@ pub(crate) async fn serve(
 
 /// Reads the registration and accepts or refuses it; `None` when the connection ends
 /// here. It writes only refusals: see [`serve`].
-async fn admit(state: &HubState, socket: &mut WebSocket, conn_id: ConnId) -> Option<Accepted> {
+async fn admit(
+    state: &HubState,
+    socket: &mut WebSocket,
+    conn_id: ConnId,
+    peer: std::net::SocketAddr,
+) -> Option<Accepted> {
     let max = state.config.max_frame_bytes;
     let wait = state.config.handshake_timeout;
     let deadline = Instant::now() + wait;
@@ -198,7 +203,7 @@ async fn admit(state: &HubState, socket: &mut WebSocket, conn_id: ConnId) -> Opt
             return None;
         }
     };
-    let mut accepted = match register_device(state, &register).await {
+    let mut accepted = match register_device(state, &register, peer).await {
         Ok(a) => a,
         Err(refusal) => {
             warn!(conn_id, code = %refusal.code, "registration refused: {}", refusal.message);
@@ -929,7 +934,11 @@ struct Accepted {
 }
 
 /// Negotiates the version, checks the secret, and finds or enrols the device.
-async fn register_device(state: &HubState, reg: &Register) -> Result<Accepted, Refusal> {
+async fn register_device(
+    state: &HubState,
+    reg: &Register,
+    peer: std::net::SocketAddr,
+) -> Result<Accepted, Refusal> {
     let version = negotiate_version(&reg.versions).ok_or_else(|| {
         Refusal::new(
             ErrorCode::UnsupportedVersion,
@@ -1011,7 +1020,24 @@ async fn register_device(state: &HubState, reg: &Register) -> Result<Accepted, R
             "this device is not enrolled on this hub; start it once with a setup token",
         ));
     };
-    match tokens::enrol(state.catalog.as_ref(), token, &config, unix_now_i64()).await {
+    // Enrolment attempts (never a known device's reconnect) count against the source.
+    let account = crate::credential::parse(token).map(|p| p.account());
+    if let Err(wait) = state.throttle.admit(peer.ip(), account.as_deref()) {
+        return Err(Refusal::new(
+            ErrorCode::TooManyRequests,
+            format!(
+                "too many enrolment attempts from this address or with this token; retry in {} s",
+                crate::throttle::retry_after_secs(wait)
+            ),
+        ));
+    }
+    let enrolled = tokens::enrol(state.catalog.as_ref(), token, &config, unix_now_i64()).await;
+    if let Err(e) = &enrolled {
+        if !matches!(e, TokenError::Catalog(_)) {
+            state.throttle.failed(peer.ip(), account.as_deref());
+        }
+    }
+    match enrolled {
         Ok(record) => Ok(Accepted {
             config,
             load: None,

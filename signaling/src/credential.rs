@@ -45,6 +45,12 @@ pub struct Parsed<'a> {
 }
 
 impl Parsed<'_> {
+    /// What the credential is known as without its secret (`PREFIX` + id): the account
+    /// failed attempts are counted against.
+    pub fn account(&self) -> String {
+        format!("{}{}", self.prefix, self.id)
+    }
+
     /// Whether the secret part matches a stored hash, compared in constant time.
     pub fn verify(&self, stored_hash: &[u8]) -> bool {
         hash(self.secret).ct_eq(stored_hash).into()

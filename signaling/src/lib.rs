@@ -21,6 +21,7 @@
 //! - `readiness`: whether the catalog can write right now.
 //! - `link`: the hub's end of one device connection and what it carries.
 //! - `registry`: which devices are connected now (RAM only, never the catalog).
+//! - `throttle`: limits on sign-in, claim and enrolment attempts.
 //! - `access`: who may see and use which device, decided in one place.
 //! - `changes`: the catalog's access-change feed, applied to RAM every second.
 //! - `rpc`: asking a device something and waiting for its one answer.
@@ -60,6 +61,7 @@ mod routing;
 mod rpc;
 mod server;
 mod sockets;
+mod throttle;
 pub mod tokens;
 
 /// Owner-only files and directories, re-exported for the CLI, which keeps its session
@@ -129,6 +131,8 @@ pub struct HubState {
     pub shutdown: CancellationToken,
     /// The connections held, under the hub's caps.
     pub(crate) admission: Arc<server::Admission>,
+    /// Limits on sign-in, claim and enrolment attempts.
+    pub(crate) throttle: throttle::Throttle,
     /// Whose turn it is among devices tied for best in capability routing.
     pub(crate) routing_turn: std::sync::atomic::AtomicUsize,
     /// The executable `/download/adi` serves.
@@ -220,6 +224,7 @@ pub async fn spawn(config: HubConfig) -> Result<HubHandle, HubError> {
         shutdown: CancellationToken::new(),
         admission: admission.clone(),
         routing_turn: std::sync::atomic::AtomicUsize::new(0),
+        throttle: throttle::Throttle::default(),
         download: rest::install::Download::new(&config.data_dir),
         catalog,
         config,

@@ -21,4 +21,5 @@ mod service;
 mod setup;
 mod storage;
 mod tasks;
+mod throttle;
 mod wire;

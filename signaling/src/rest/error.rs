@@ -23,6 +23,8 @@ use crate::tokens::TokenError;
 pub struct ApiError {
     code: ErrorCode,
     message: String,
+    /// Seconds for `Retry-After`, on a refusal that passes with time.
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -31,6 +33,19 @@ impl ApiError {
         ApiError {
             code,
             message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// `429` for one more `what` than its limit allows, to be tried again after `wait`.
+    pub(crate) fn throttled(what: &str, wait: std::time::Duration) -> Self {
+        let secs = crate::throttle::retry_after_secs(wait);
+        ApiError {
+            code: ErrorCode::TooManyRequests,
+            message: format!(
+                "too many {what} from this address or on this account; retry in {secs} s"
+            ),
+            retry_after: Some(secs),
         }
     }
 
@@ -82,6 +97,10 @@ impl IntoResponse for ApiError {
                 header::WWW_AUTHENTICATE,
                 header::HeaderValue::from_static("Bearer"),
             );
+        }
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
         }
         resp
     }

@@ -1,11 +1,12 @@
 //! Signing in: an API key exchanged for a session (`POST /api/auth/token`), and the
 //! web UI's sign-in and sign-out, which also set and clear the session cookie.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use adi_protocol::ErrorCode;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -15,7 +16,8 @@ use serde::{Deserialize, Serialize};
 use super::error::ApiError;
 use super::extract::{bearer_token, Json, SESSION_COOKIE, SESSION_COOKIE_PATH};
 use crate::auth;
-use crate::catalog::UserId;
+use crate::catalog::{ApiKeyRecord, User, UserId};
+use crate::credential;
 use crate::HubState;
 
 type AppState = Arc<HubState>;
@@ -66,12 +68,36 @@ struct UserView {
     name: String,
 }
 
+/// The user and key an API key names, checked under the sign-in limits: a source that
+/// tries too often, or that keeps failing on one key, is told to wait.
+async fn signed_in(
+    state: &HubState,
+    peer: SocketAddr,
+    api_key: &str,
+) -> Result<(User, ApiKeyRecord), ApiError> {
+    let account = credential::parse(api_key).map(|p| p.account());
+    state
+        .throttle
+        .admit(peer.ip(), account.as_deref())
+        .map_err(|wait| ApiError::throttled("sign-ins", wait))?;
+    match auth::user_for_api_key(&state.catalog, api_key).await {
+        Ok(found) => Ok(found),
+        Err(e) => {
+            if !matches!(e, auth::AuthError::Catalog(_)) {
+                state.throttle.failed(peer.ip(), account.as_deref());
+            }
+            Err(e.into())
+        }
+    }
+}
+
 async fn auth_token(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     body: Result<axum::Json<AuthRequest>, JsonRejection>,
 ) -> Result<Json<AuthResponse>, ApiError> {
     let req = auth_request(body)?;
-    let (user, key) = auth::user_for_api_key(&state.catalog, &req.api_key).await?;
+    let (user, key) = signed_in(&state, peer, &req.api_key).await?;
     let (token, expires_at) = state.auth.issue(&user, &key);
     Ok(Json(AuthResponse {
         token,
@@ -86,11 +112,12 @@ async fn auth_token(
 /// Signs a browser in: the same answer as the token exchange, plus the session cookie.
 async fn open_session(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: axum::http::HeaderMap,
     body: Result<axum::Json<AuthRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let req = auth_request(body)?;
-    let (user, key) = auth::user_for_api_key(&state.catalog, &req.api_key).await?;
+    let (user, key) = signed_in(&state, peer, &req.api_key).await?;
     let (token, expires_at) = state.auth.issue(&user, &key);
     let secure = state
         .config

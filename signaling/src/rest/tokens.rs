@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use adi_protocol::views::{CocoonView, TokenList, TokenState, TokenView};
 use adi_protocol::{DeviceId, ErrorCode, Role, Scope};
-use axum::extract::{Path, State};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::StatusCode;
 use axum::routing::{delete, post};
 use axum::Router;
@@ -124,6 +126,7 @@ struct ClaimRequest {
 
 async fn claim_token(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     caller: Caller,
     Json(req): Json<ClaimRequest>,
 ) -> Result<Json<CocoonView>, ApiError> {
@@ -131,6 +134,11 @@ async fn claim_token(
     if caller.device_limit().is_some() {
         return Err(AccessError::DeviceLimited.into());
     }
+    let account = crate::credential::parse(&req.token).map(|p| p.account());
+    state
+        .throttle
+        .admit(peer.ip(), account.as_deref())
+        .map_err(|wait| ApiError::throttled("share claims", wait))?;
     let device_id = tokens::claim(
         state.catalog.as_ref(),
         &req.token,
@@ -138,7 +146,15 @@ async fn claim_token(
         unix_now_i64(),
     )
     .await
-    .inspect_err(|e| warn!(user = %caller.id, "share token refused: {e}"))?;
+    .inspect_err(|e| {
+        warn!(user = %caller.id, "share token refused: {e}");
+        if !matches!(
+            e,
+            tokens::TokenError::Catalog(_) | tokens::TokenError::AlreadyMember(_)
+        ) {
+            state.throttle.failed(peer.ip(), account.as_deref());
+        }
+    })?;
     tracing::info!(device_id = %device_id, user = %caller.id, "device shared");
     let device = state
         .catalog
