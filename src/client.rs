@@ -21,12 +21,58 @@ pub struct HubArgs {
     /// API key to use instead of the stored session.
     #[arg(long, env = "ADI_API_KEY", global = true, hide_env_values = true)]
     pub api_key: Option<String>,
+    /// A private CA (PEM) to trust besides the public roots, for a hub served over
+    /// TLS with a certificate of its own CA; defaults to the one `adi login` stored.
+    #[arg(long, env = "ADI_CA_CERT", global = true)]
+    pub ca_cert: Option<PathBuf>,
+}
+
+/// The CA this process trusts besides the public roots: set once, by whichever command
+/// first says which hub it talks to, and used by every request to it after.
+static CA_CERT: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+
+/// Trusts `ca` (besides the public roots) for the rest of this process; checked now,
+/// so a bad file is named before anything is sent.
+pub fn trust_ca(ca: Option<&std::path::Path>) -> Result<()> {
+    adi_cocoon::trust::Trust::new(ca)?;
+    let _ = CA_CERT.set(ca.map(std::path::Path::to_owned));
+    Ok(())
+}
+
+fn trust() -> Result<adi_cocoon::trust::Trust> {
+    let ca = CA_CERT.get().and_then(Option::as_deref);
+    Ok(adi_cocoon::trust::Trust::new(ca)?)
+}
+
+/// An HTTP client builder that trusts the public roots and the CA given, if any.
+pub fn trusting_builder() -> Result<reqwest::ClientBuilder> {
+    Ok(trust()?.http())
+}
+
+/// [`trusting_builder`], saying it is adi.
+pub fn http_builder() -> Result<reqwest::ClientBuilder> {
+    Ok(trusting_builder()?.user_agent(concat!("adi/", env!("CARGO_PKG_VERSION"))))
+}
+
+/// Why the hub at `hub` could not be reached: a certificate that does not verify is
+/// said with the name and the CAs tried.
+pub fn unreachable(hub: &str, e: reqwest::Error) -> anyhow::Error {
+    let why = trust()
+        .ok()
+        .and_then(|t| t.explain(hub, &adi_cocoon::trust::chain(&e)));
+    match why {
+        Some(why) => anyhow!("cannot reach the hub at {hub}: {why}"),
+        None => anyhow::Error::new(e).context(format!("cannot reach the hub at {hub}")),
+    }
 }
 
 /// What `adi login` keeps in the config dir.
 #[derive(Serialize, Deserialize)]
 pub struct Session {
     pub hub: String,
+    /// The private CA the hub's certificate is checked against, if one was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<PathBuf>,
     pub token: String,
     pub expires_at: u64,
     pub user: String,
@@ -91,9 +137,7 @@ pub struct UserAnswer {
 }
 
 pub fn http() -> Result<reqwest::Client> {
-    Ok(reqwest::Client::builder()
-        .user_agent(concat!("adi/", env!("CARGO_PKG_VERSION")))
-        .build()?)
+    Ok(http_builder()?.build()?)
 }
 
 /// Trims a trailing slash so paths join cleanly.
@@ -116,7 +160,7 @@ pub async fn exchange_key(hub: &str, api_key: &str) -> Result<TokenAnswer> {
         .json(&serde_json::json!({ "api_key": api_key }))
         .send()
         .await
-        .with_context(|| format!("cannot reach the hub at {hub}"))?;
+        .map_err(|e| unreachable(hub, e))?;
     let status = resp.status();
     let bytes = resp.bytes().await.context("reading the hub's answer")?;
     let not_a_hub = || {
@@ -157,6 +201,11 @@ impl HubClient {
             (None, Some(s)) => s.hub.clone(),
             (None, None) => bail!("no hub given: pass --hub or set ADI_HUB, or run `adi login`"),
         };
+        let stored_ca = stored
+            .as_ref()
+            .filter(|s| s.hub == hub)
+            .and_then(|s| s.ca_cert.clone());
+        trust_ca(args.ca_cert.as_deref().or(stored_ca.as_deref()))?;
         let (token, expires_at) = if let Some(key) = &args.api_key {
             let answer = exchange_key(&hub, key).await?;
             (answer.token, answer.expires_at)
@@ -190,7 +239,7 @@ impl HubClient {
             .bearer_auth(&self.token)
             .send()
             .await
-            .with_context(|| format!("cannot reach the hub at {}", self.base))?;
+            .map_err(|e| unreachable(&self.base, e))?;
         parse(resp).await
     }
 
@@ -203,7 +252,7 @@ impl HubClient {
             .header("accept", "text/event-stream")
             .send()
             .await
-            .with_context(|| format!("cannot reach the hub at {}", self.base))?;
+            .map_err(|e| unreachable(&self.base, e))?;
         if resp.status().is_success() {
             return Ok(resp);
         }

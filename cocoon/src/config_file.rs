@@ -53,6 +53,8 @@ pub struct CocoonFile {
     pub disable_capabilities: Vec<String>,
     /// Loopback address of the local API, or `"off"`.
     pub local_api: Option<String>,
+    /// A private CA (PEM) to trust for the hub's TLS certificate.
+    pub ca_cert: Option<PathBuf>,
 }
 
 /// One service in the file.

@@ -34,6 +34,7 @@ mod requests;
 pub mod runner;
 pub mod services;
 mod session;
+pub mod trust;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -102,6 +103,8 @@ pub struct CocoonConfig {
     /// requests it has in flight (the hub sends it nothing new meanwhile) before it
     /// closes its connection; zero closes at once.
     pub shutdown_grace: Duration,
+    /// A private CA to trust, besides the public roots, for a hub served over TLS.
+    pub ca_cert: Option<PathBuf>,
 }
 
 impl CocoonConfig {
@@ -130,6 +133,7 @@ impl CocoonConfig {
             local_api: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             location: None,
             shutdown_grace: Duration::from_secs(30),
+            ca_cert: None,
         }
     }
 
@@ -226,6 +230,9 @@ pub enum CocoonError {
     /// The task store could not be opened.
     #[error("task store: {0}")]
     TaskStore(#[from] adi_task_store::StoreError),
+    /// The CA file given with `--ca-cert` cannot be used.
+    #[error(transparent)]
+    Trust(#[from] trust::TrustError),
     /// The local API could not start.
     #[error("local API: {0}")]
     LocalApi(String),
@@ -427,6 +434,7 @@ pub async fn start(config: CocoonConfig) -> Result<CocoonHandle, CocoonError> {
     let ws_url = config.ws_url()?;
     // Before anything in the data dir is read or written.
     let lock = lock::acquire(&config.data_dir, &config.hub_url)?;
+    let trust = trust::Trust::new(config.ca_cert.as_deref())?;
     let secret = identity::load_or_create(&config.data_dir)?;
     // Sampled while the task store opens: the registration carries it.
     let sampling = tokio::task::spawn_blocking(probe::open_sampled);
@@ -482,6 +490,7 @@ pub async fn start(config: CocoonConfig) -> Result<CocoonHandle, CocoonError> {
         }
     };
     let shared = session::Shared {
+        trust,
         instance: hex::encode(rand::random::<[u8; 16]>()),
         runner: runner.clone(),
         http: pool::Pool::default(),

@@ -61,8 +61,17 @@ fn transient(status: tokio_tungstenite::tungstenite::http::StatusCode) -> bool {
 
 /// Why a connection attempt failed: something that is not an adi hub answered (by the
 /// HTTP status or the malformed answer), or the hub could not be reached for now.
-fn connect_failed(ws_url: &str, e: tokio_tungstenite::tungstenite::Error) -> SessionEnd {
+fn connect_failed(
+    ws_url: &str,
+    trust: &crate::trust::Trust,
+    e: tokio_tungstenite::tungstenite::Error,
+) -> SessionEnd {
     use tokio_tungstenite::tungstenite::error::{Error, ProtocolError};
+    // A certificate that does not verify: said with the name and the CAs tried, and
+    // retried, as a renewed certificate or a fixed --ca-cert may cure it.
+    if let Some(why) = trust.explain(ws_url, &crate::trust::chain(&e)) {
+        return lost(false, why);
+    }
     match e {
         Error::Http(response) if !transient(response.status()) => {
             let body = response
@@ -102,6 +111,8 @@ fn connect_failed(ws_url: &str, e: tokio_tungstenite::tungstenite::Error) -> Ses
 
 /// What the sessions of one cocoon share with the rest of it.
 pub(crate) struct Shared {
+    /// Whom the hub's TLS certificate must be issued by.
+    pub(crate) trust: crate::trust::Trust,
     /// This agent process's own id, sent at every registration: the hub tells a
     /// reconnect of this agent from a second agent holding a copy of the secret.
     pub(crate) instance: String,
@@ -130,6 +141,7 @@ pub(crate) async fn run(
     loop {
         state.send_replace(ConnState::Connecting);
         let agent = Agent {
+            trust: &shared.trust,
             instance: &shared.instance,
             config: &config,
             ws_url: &ws_url,
@@ -209,6 +221,7 @@ pub(crate) async fn run(
 
 /// What every session of one cocoon shares.
 struct Agent<'a> {
+    trust: &'a crate::trust::Trust,
     instance: &'a str,
     config: &'a CocoonConfig,
     ws_url: &'a str,
@@ -229,6 +242,7 @@ async fn session(
     cancel: &CancellationToken,
 ) -> SessionEnd {
     let Agent {
+        trust,
         instance,
         config,
         ws_url,
@@ -245,12 +259,17 @@ async fn session(
         .read_buffer_size(16 * 1024)
         .max_message_size(Some(socket_max))
         .max_frame_size(Some(socket_max));
-    let connect = tokio_tungstenite::connect_async_with_config(ws_url, Some(ws_config), true);
+    let connect = tokio_tungstenite::connect_async_tls_with_config(
+        ws_url,
+        Some(ws_config),
+        true,
+        Some(tokio_tungstenite::Connector::Rustls(trust.client_config())),
+    );
     let mut ws = tokio::select! {
         _ = cancel.cancelled() => return SessionEnd::Cancelled,
         r = timeout(REGISTER_TIMEOUT, connect) => match r {
             Err(_) => return lost(false, "connecting timed out"),
-            Ok(Err(e)) => return connect_failed(ws_url, e),
+            Ok(Err(e)) => return connect_failed(ws_url, trust, e),
             Ok(Ok((ws, _))) => ws,
         },
     };

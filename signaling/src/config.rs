@@ -68,6 +68,17 @@ pub struct HubConfig {
     /// Connections one source address may hold at once; 0 for no cap (a hub behind a
     /// reverse proxy sees every client as the proxy's address).
     pub max_connections_per_source: usize,
+    /// Serve HTTPS and WSS with these files instead of plain HTTP.
+    pub tls: Option<TlsFiles>,
+}
+
+/// The certificate and key files the hub serves TLS with, re-read when they change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM certificate chain, the hub's own certificate first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
 }
 
 impl Default for HubConfig {
@@ -92,6 +103,7 @@ impl Default for HubConfig {
             handshake_timeout: Duration::from_secs(10),
             max_connections: 16_384,
             max_connections_per_source: 512,
+            tls: None,
         }
     }
 }

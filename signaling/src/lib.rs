@@ -30,6 +30,7 @@
 //! - `close`: the close frame a served WebSocket ends with, by the error's type.
 //! - `rest`: the REST routes, the one error shape, the caller.
 //! - `client_ws`: a signed-in person's live WebSocket.
+//! - `tls`: the certificate served for HTTPS and WSS, reloaded when its files change.
 //! - `server`: the accept loop; admission, caps and deadlines of every TCP connection.
 //! - `connection`: one actor per cocoon WebSocket, from registration to close.
 //! - `proxy`: `/proxy/...`, a device's loopback service reached through the hub.
@@ -62,6 +63,7 @@ mod rpc;
 mod server;
 mod sockets;
 mod throttle;
+pub mod tls;
 pub mod tokens;
 
 /// Owner-only files and directories, re-exported for the CLI, which keeps its session
@@ -95,6 +97,9 @@ pub enum HubError {
     /// The hub's keys could not be loaded.
     #[error(transparent)]
     Keys(#[from] KeyError),
+    /// The TLS certificate or key could not be used.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     /// The metrics could not be set up.
     #[error("setting up metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -139,6 +144,17 @@ pub struct HubState {
     pub(crate) download: rest::install::Download,
 }
 
+impl HubState {
+    /// `https` when the hub serves TLS itself, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+}
+
 /// A running hub.
 pub struct HubHandle {
     addr: SocketAddr,
@@ -152,9 +168,10 @@ impl HubHandle {
         self.addr
     }
 
-    /// `http://ADDR`, the base URL clients and cocoons use.
+    /// `http://ADDR` (`https://` when it serves TLS), the base URL clients and cocoons
+    /// use.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.state.scheme(), self.addr)
     }
 
     /// The hub's catalog, for administrative commands run in the same process.
@@ -213,6 +230,15 @@ pub async fn spawn(config: HubConfig) -> Result<HubHandle, HubError> {
         addr: config.listen,
         source,
     })?;
+    let certificates = config
+        .tls
+        .clone()
+        .map(tls::Certificates::open)
+        .transpose()?;
+    let acceptor = certificates
+        .as_ref()
+        .map(tls::Certificates::acceptor)
+        .transpose()?;
     let metrics = Arc::new(metrics::Metrics::new()?);
     let admission = server::Admission::new(&config, metrics.connections_refused());
     let state = Arc::new(HubState {
@@ -244,6 +270,9 @@ pub async fn spawn(config: HubConfig) -> Result<HubHandle, HubError> {
             changes::follow(state.catalog.clone(), &state.auth, &state.registry, drained).await
         }
     });
+    if let Some(certificates) = certificates {
+        tokio::spawn(certificates.watch(drained.clone()));
+    }
     rest::install::warn_without_public_url(&state);
     let app = router::app(state.clone());
     let shutdown = state.shutdown.clone();
@@ -251,7 +280,14 @@ pub async fn spawn(config: HubConfig) -> Result<HubHandle, HubError> {
     let task = tokio::spawn({
         let state = state.clone();
         async move {
-            let serve = server::serve(listener, app, &state.config, admission, shutdown.clone());
+            let serve = server::serve(
+                listener,
+                app,
+                &state.config,
+                acceptor,
+                admission,
+                shutdown.clone(),
+            );
             tokio::select! {
                 () = serve => {}
                 () = async {

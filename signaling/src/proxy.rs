@@ -144,7 +144,7 @@ async fn proxy(state: &AppState, mut req: Request) -> Result<Response, ApiError>
         service: service.to_owned(),
         method: req.method().as_str().to_owned(),
         target,
-        headers: forward_headers(req.headers(), peer, prefix),
+        headers: forward_headers(req.headers(), peer, prefix, state.scheme()),
         deadline_ms: u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX),
         upgrade: upgrade.clone(),
         empty_body,
@@ -363,7 +363,12 @@ fn header_value(headers: &[(String, String)], name: &str) -> Option<String> {
 
 /// The request headers the service sees: hop-by-hop ones, the hub's credentials and
 /// the hub's own control headers removed; `X-Forwarded-*` added.
-fn forward_headers(headers: &HeaderMap, peer: SocketAddr, prefix: String) -> Vec<(String, String)> {
+fn forward_headers(
+    headers: &HeaderMap,
+    peer: SocketAddr,
+    prefix: String,
+    proto: &str,
+) -> Vec<(String, String)> {
     let connection = headers
         .get(header::CONNECTION)
         .and_then(|v| v.to_str().ok())
@@ -410,7 +415,7 @@ fn forward_headers(headers: &HeaderMap, peer: SocketAddr, prefix: String) -> Vec
         },
     ));
     out.push(("x-forwarded-host".to_owned(), host.to_owned()));
-    out.push(("x-forwarded-proto".to_owned(), "http".to_owned()));
+    out.push(("x-forwarded-proto".to_owned(), proto.to_owned()));
     out.push(("x-forwarded-prefix".to_owned(), prefix));
     out
 }
@@ -503,6 +508,7 @@ mod tests {
             &h,
             SocketAddr::from(([10, 0, 0, 9], 5555)),
             "/proxy/d/s".to_owned(),
+            "https",
         );
         let get = |n: &str| out.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
         assert_eq!(get("authorization"), None);
@@ -516,5 +522,6 @@ mod tests {
         assert_eq!(get("x-forwarded-for"), Some("10.0.0.9"));
         assert_eq!(get("x-forwarded-host"), Some("hub:8080"));
         assert_eq!(get("x-forwarded-prefix"), Some("/proxy/d/s"));
+        assert_eq!(get("x-forwarded-proto"), Some("https"));
     }
 }

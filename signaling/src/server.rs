@@ -164,6 +164,7 @@ pub(crate) async fn serve<S>(
     listener: TcpListener,
     app: S,
     config: &HubConfig,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     admission: Arc<Admission>,
     shutdown: CancellationToken,
 ) where
@@ -202,37 +203,76 @@ pub(crate) async fn serve<S>(
             // Small frames would wait for the peer's delayed ACK, up to 40 ms each.
             debug!("cannot set TCP_NODELAY: {e}");
         }
-        let service = ConnService {
+        let service = hyper_util::service::TowerToHyperService::new(ConnService {
             app: app.clone(),
             peer,
             slot,
             priority,
-        };
-        let conn = http
-            .serve_connection(
-                TokioIo::new(tcp),
-                hyper_util::service::TowerToHyperService::new(service),
-            )
-            .with_upgrades();
-        let stop = shutdown.clone();
-        connections.spawn(async move {
-            let mut conn = std::pin::pin!(conn);
-            let ended = tokio::select! {
-                ended = conn.as_mut() => ended,
-                () = stop.cancelled() => {
-                    // Finish the request in flight, take no other.
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if let Err(e) = ended {
-                debug!(%peer, "connection ended: {e}");
-            }
         });
+        let stop = shutdown.clone();
+        match &tls {
+            None => {
+                let conn = http.serve_connection(TokioIo::new(tcp), service);
+                connections.spawn(run(conn.with_upgrades(), stop, peer));
+            }
+            Some(acceptor) => {
+                // The handshake is part of the head's deadline, so a client that
+                // stalls in it holds its slot no longer than one that stalls in HTTP.
+                let handshake = tokio::time::timeout(config.header_timeout, acceptor.accept(tcp));
+                let http = http.clone();
+                connections.spawn(async move {
+                    let tls = match handshake.await {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => return debug!(%peer, "TLS handshake failed: {e}"),
+                        Err(_) => return debug!(%peer, "TLS handshake timed out"),
+                    };
+                    let conn = http.serve_connection(TokioIo::new(tls), service);
+                    run(conn.with_upgrades(), stop, peer).await;
+                });
+            }
+        }
     }
     drop(listener);
     connections.close();
     connections.wait().await;
+}
+
+/// Serves one connection until it ends, or until `stop`, when it finishes the request
+/// in flight and takes no other.
+async fn run<C, E>(conn: C, stop: CancellationToken, peer: SocketAddr)
+where
+    C: std::future::Future<Output = Result<(), E>> + GracefulConnection,
+    E: std::fmt::Display,
+{
+    let mut conn = std::pin::pin!(conn);
+    let ended = tokio::select! {
+        ended = conn.as_mut() => ended,
+        () = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = ended {
+        debug!(%peer, "connection ended: {e}");
+    }
+}
+
+/// A hyper connection that can be told to finish its request in flight and stop.
+trait GracefulConnection {
+    fn graceful_shutdown(self: std::pin::Pin<&mut Self>);
+}
+
+impl<I, S> GracefulConnection for hyper::server::conn::http1::UpgradeableConnection<I, S>
+where
+    S: hyper::service::HttpService<Incoming>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S::ResBody: 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn graceful_shutdown(self: std::pin::Pin<&mut Self>) {
+        hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(self);
+    }
 }
 
 /// Writes a refusal to a connection that was not admitted, without waiting: a fresh

@@ -86,6 +86,10 @@ pub struct RunArgs {
     /// Where this device is, in your words (shown to its owners).
     #[arg(long, env = "ADI_COCOON_LOCATION")]
     location: Option<String>,
+    /// A private CA (PEM) to trust besides the public roots, for a hub served over TLS
+    /// with a certificate of its own CA.
+    #[arg(long, env = "ADI_CA_CERT")]
+    ca_cert: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -208,6 +212,7 @@ pub async fn run(mut args: RunArgs) -> Result<()> {
         .unwrap_or(4);
     config.health_interval = args.health_interval;
     config.shutdown_grace = args.shutdown_grace;
+    config.ca_cert = args.ca_cert.or(file.ca_cert);
     config.plugins_dir = args.plugins.plugins_dir.or(file.plugins_dir);
     let mut disabled = args.plugins.disable_capabilities;
     disabled.extend(file.disable_capabilities);

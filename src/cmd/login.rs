@@ -13,15 +13,27 @@ pub struct LoginArgs {
     /// Hub URL, e.g. http://127.0.0.1:8080.
     #[arg(long, env = "ADI_HUB")]
     hub: String,
-    /// Your API key (from `adi signaling user add`).
+    /// Your API key (from `adi signaling user add` or `adi keys create`).
     #[arg(long, env = "ADI_API_KEY", hide_env_values = true)]
     api_key: String,
+    /// A private CA (PEM) to trust besides the public roots, for a hub whose
+    /// certificate it issued; remembered with the session.
+    #[arg(long, env = "ADI_CA_CERT")]
+    ca_cert: Option<std::path::PathBuf>,
 }
 
 pub async fn run(args: LoginArgs) -> Result<()> {
     let hub = normalize_hub(&args.hub)?;
+    let ca_cert = args
+        .ca_cert
+        .as_deref()
+        .map(std::path::absolute)
+        .transpose()
+        .context("--ca-cert")?;
+    crate::client::trust_ca(ca_cert.as_deref())?;
     let answer = exchange_key(&hub, &args.api_key).await?;
     let path = save_session(&Session {
+        ca_cert,
         hub: hub.clone(),
         token: answer.token,
         expires_at: answer.expires_at,
@@ -51,6 +63,7 @@ pub async fn logout(_args: LogoutArgs) -> Result<()> {
         println!("not logged in");
         return Ok(());
     };
+    crate::client::trust_ca(session.ca_cert.as_deref())?;
     let revoked = crate::client::http()?
         .delete(format!("{}/api/auth/session", session.hub))
         .bearer_auth(&session.token)

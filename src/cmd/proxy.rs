@@ -118,7 +118,7 @@ fn app(forward: Forward) -> axum::Router {
 }
 
 fn forward_client() -> Result<reqwest::Client> {
-    Ok(reqwest::Client::builder()
+    Ok(crate::client::trusting_builder()?
         .redirect(reqwest::redirect::Policy::none())
         .build()?)
 }
@@ -706,6 +706,7 @@ mod tests {
             std::fs::write(
                 &path,
                 serde_json::to_vec(&crate::client::Session {
+                    ca_cert: None,
                     hub: t.hub.url(),
                     token: token.to_owned(),
                     expires_at,
@@ -738,6 +739,7 @@ mod tests {
         std::fs::write(
             &path,
             serde_json::to_vec(&crate::client::Session {
+                ca_cert: None,
                 hub: t.hub.url(),
                 token: t.expired.clone(),
                 expires_at: unix_now() + 3600,

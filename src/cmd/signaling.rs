@@ -64,6 +64,13 @@ pub struct ServeArgs {
     /// Lifetime of sessions handed out for API keys.
     #[arg(long, env = "ADI_JWT_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
     jwt_ttl: Duration,
+    /// Serve HTTPS and WSS with this PEM certificate chain (with --tls-key); the files
+    /// are re-read when they change, so a renewal needs no restart.
+    #[arg(long, env = "ADI_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "ADI_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// URL users reach this hub at, for the install script (default: the request's Host).
     #[arg(long, env = "ADI_PUBLIC_URL")]
     public_url: Option<String>,
@@ -133,6 +140,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
         handshake_timeout: args.handshake_timeout,
         max_connections,
         max_connections_per_source: args.max_connections_per_source.min(max_connections),
+        tls: match (args.tls_cert, args.tls_key) {
+            (Some(cert), Some(key)) => Some(adi_signaling::config::TlsFiles { cert, key }),
+            _ => None,
+        },
         ..HubConfig::default()
     };
     let hub = adi_signaling::spawn(config)

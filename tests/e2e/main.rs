@@ -22,4 +22,5 @@ mod setup;
 mod storage;
 mod tasks;
 mod throttle;
+mod tls;
 mod wire;

@@ -61,7 +61,7 @@ fn hub_url(state: &HubState, headers: &HeaderMap) -> String {
         .and_then(|h| h.to_str().ok())
     {
         Some("https") => "https",
-        _ => "http",
+        _ => state.scheme(),
     };
     format!("{scheme}://{host}")
 }
@@ -261,7 +261,9 @@ const INSTALL_SH: &str = r#"#!/bin/sh
 # Installs adi from @HUB@ and enrols this device with a setup token.
 # Usage: curl -fsSL @HUB@/install.sh | sh -s -- SETUP_TOKEN
 # Environment: ADI_PREFIX (default $HOME/.local), ADI_NO_START=1 to only install,
-#              ADI_COCOON_NAME (default: hostname), ADI_COCOON_DATA_DIR.
+#              ADI_COCOON_NAME (default: hostname), ADI_COCOON_DATA_DIR,
+#              ADI_CA_CERT: a private CA (PEM) that issued the hub's certificate, used
+#              for the download and by the cocoon after it.
 set -eu
 HUB="@HUB@"
 TOKEN="${1:-}"
@@ -280,9 +282,17 @@ mkdir -p "$BIN"
 tmp="$(mktemp "$BIN/.adi.XXXXXX")"
 trap 'rm -f "$tmp"' EXIT
 if command -v curl >/dev/null 2>&1; then
-  curl -fsSL "$HUB/download/adi" -o "$tmp"
+  if [ -n "${ADI_CA_CERT:-}" ]; then
+    curl -fsSL --cacert "$ADI_CA_CERT" "$HUB/download/adi" -o "$tmp"
+  else
+    curl -fsSL "$HUB/download/adi" -o "$tmp"
+  fi
 elif command -v wget >/dev/null 2>&1; then
-  wget -qO "$tmp" "$HUB/download/adi"
+  if [ -n "${ADI_CA_CERT:-}" ]; then
+    wget -qO "$tmp" --ca-certificate="$ADI_CA_CERT" "$HUB/download/adi"
+  else
+    wget -qO "$tmp" "$HUB/download/adi"
+  fi
 else
   echo "adi install: need curl or wget" >&2
   exit 1

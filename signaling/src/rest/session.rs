@@ -119,11 +119,12 @@ async fn open_session(
     let req = auth_request(body)?;
     let (user, key) = signed_in(&state, peer, &req.api_key).await?;
     let (token, expires_at) = state.auth.issue(&user, &key);
-    let secure = state
-        .config
-        .public_url
-        .as_deref()
-        .is_some_and(|u| u.starts_with("https://"))
+    let secure = state.config.tls.is_some()
+        || state
+            .config
+            .public_url
+            .as_deref()
+            .is_some_and(|u| u.starts_with("https://"))
         || headers
             .get("x-forwarded-proto")
             .is_some_and(|v| v == "https");
