@@ -41,6 +41,8 @@ enum Command {
     Logout(cmd::login::LogoutArgs),
     /// Print the session's bearer token (JWT) for curl and scripts.
     Token(cmd::token::TokenArgs),
+    /// The security events you may read: your actions, and your devices' events.
+    Audit(cmd::audit::AuditArgs),
     /// Your API keys: make named ones narrowed to scopes and devices, list, revoke.
     #[command(subcommand)]
     Keys(cmd::keys::KeysCmd),
@@ -91,6 +93,7 @@ fn main() -> ExitCode {
             Command::Logout(a) => cmd::login::logout(a).await,
             Command::Token(a) => cmd::token::run(a).await,
             Command::Keys(c) => cmd::keys::run(c).await,
+            Command::Audit(a) => cmd::audit::run(a).await,
             Command::Cocoon(c) => cmd::cocoon::run(c).await,
             Command::Dev(a) => cmd::dev::run(a).await,
             Command::Tasks(c) => cmd::tasks::run(c).await,

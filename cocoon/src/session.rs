@@ -868,6 +868,10 @@ impl Drop for EndStreams {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn roots() -> crate::trust::Trust {
+        crate::trust::Trust::new(None).expect("the public roots")
+    }
     use tokio_tungstenite::tungstenite::error::{Error, ProtocolError};
     use tokio_tungstenite::tungstenite::http::Response;
 
@@ -876,7 +880,7 @@ mod tests {
             .status(status)
             .body(Some(b"<html>\n  Not here\n</html>".to_vec()))
             .expect("response");
-        connect_failed("ws://hub/ws/cocoon", Error::Http(response))
+        connect_failed("ws://hub/ws/cocoon", &roots(), Error::Http(response))
     }
 
     /// Stopping for good on a hub that is only busy or restarting would strand a
@@ -906,12 +910,12 @@ mod tests {
         }
         let cut_short = Error::Protocol(ProtocolError::HandshakeIncomplete);
         assert!(matches!(
-            connect_failed("ws://hub/ws/cocoon", cut_short),
+            connect_failed("ws://hub/ws/cocoon", &roots(), cut_short),
             SessionEnd::Lost { .. }
         ));
         let garbage = Error::Protocol(ProtocolError::WrongHttpVersion);
         assert!(matches!(
-            connect_failed("ws://hub/ws/cocoon", garbage),
+            connect_failed("ws://hub/ws/cocoon", &roots(), garbage),
             SessionEnd::NotAHub(_)
         ));
     }

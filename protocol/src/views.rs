@@ -275,3 +275,46 @@ pub struct KeyCreated {
     #[serde(flatten)]
     pub view: KeyView,
 }
+
+/// One event of the audit log, as `GET /api/audit` shows it: never a secret.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct AuditView {
+    /// Its place in the log; later events have larger ones.
+    pub seq: i64,
+    /// Unix seconds.
+    pub at: i64,
+    /// What happened: `device_enrolled`, `token_created`, `token_revoked`,
+    /// `share_claimed`, `member_removed`, `member_left`, `device_deleted`, `key_created`,
+    /// `key_revoked`, `session_revoked`, `sign_in_failed`, `user_disabled`,
+    /// `user_enabled`, `user_removed`, `user_key_rotated`, `task_created`,
+    /// `task_cancelled` or `device_conflict`.
+    pub kind: String,
+    /// The user who acted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor_user: Option<String>,
+    /// The id of the key of the session they acted with, or of the key tried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor_key: Option<String>,
+    /// The device that acted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor_device: Option<DeviceId>,
+    /// The device it concerns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<DeviceId>,
+    /// The user it concerns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_user: Option<String>,
+    /// The address it came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// What else identifies it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// `GET /api/audit`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct AuditList {
+    /// Newest first.
+    pub events: Vec<AuditView>,
+}

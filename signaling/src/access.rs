@@ -29,6 +29,8 @@ pub struct Caller {
     pub session: Option<String>,
     /// The API key the session was opened with, if its JWT names it.
     pub key: Option<String>,
+    /// The address the request came from, when known (for the audit log).
+    pub source: Option<std::net::IpAddr>,
     /// The scopes it allows; every scope when `None`.
     scopes: Option<Arc<[Scope]>>,
     /// The devices it is limited to; none when `None`.
@@ -42,6 +44,7 @@ impl From<crate::auth::Claims> for Caller {
             name: claims.name,
             session: claims.sid,
             key: claims.kid,
+            source: None,
             scopes: claims.scp.map(Arc::from),
             devices: claims.dev.map(Arc::from),
         }

@@ -70,6 +70,8 @@ pub struct HubConfig {
     pub max_connections_per_source: usize,
     /// Serve HTTPS and WSS with these files instead of plain HTTP.
     pub tls: Option<TlsFiles>,
+    /// How long the audit log keeps an event.
+    pub audit_retention: Duration,
 }
 
 /// The certificate and key files the hub serves TLS with, re-read when they change.
@@ -104,6 +106,7 @@ impl Default for HubConfig {
             max_connections: 16_384,
             max_connections_per_source: 512,
             tls: None,
+            audit_retention: Duration::from_secs(90 * 86_400),
         }
     }
 }

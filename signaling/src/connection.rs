@@ -39,6 +39,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{timeout, Instant, Sleep};
 use tracing::{debug, info, warn};
 
+use crate::audit::{self, Describe};
 use crate::auth::unix_now_i64;
 use crate::catalog::{CatalogError, DeviceConfig, DeviceRecord};
 use crate::link::command::{
@@ -104,7 +105,7 @@ pub(crate) async fn serve(
         msg: registered,
         slot: None,
     })));
-    state.registry.insert(
+    let displaced = state.registry.insert(
         accepted.config.id.clone(),
         &accepted.config.name,
         conn_id,
@@ -117,6 +118,23 @@ pub(crate) async fn serve(
             peer: Some(peer),
         },
     );
+    // Only enrolments and conflicts are audited: a reconnect costs no write.
+    if accepted.enrolled || displaced.is_some() {
+        let id = &accepted.config.id;
+        let mut event = if accepted.enrolled {
+            audit::event(audit::Kind::DeviceEnrolled).detail(accepted.config.name.clone())
+        } else {
+            audit::event(audit::Kind::DeviceConflict).detail(format!(
+                "another agent with this device's secret connected; the one from {} was stopped",
+                displaced
+                    .and_then(|c| c.displaced)
+                    .map_or_else(|| "an unknown address".to_owned(), |a| a.to_string())
+            ))
+        };
+        event.actor_device = Some(id.clone());
+        event.actor_user = accepted.grants.owners.first().copied();
+        audit::record(&state, event.on(id).seen_from(peer.ip())).await;
+    }
     // The load sampled for the registration counts as the first heartbeat's, so the
     // device shows its figures from its first moment online.
     if accepted.load.is_some() {

@@ -23,6 +23,7 @@
 //! - `registry`: which devices are connected now (RAM only, never the catalog).
 //! - `throttle`: limits on sign-in, claim and enrolment attempts.
 //! - `access`: who may see and use which device, decided in one place.
+//! - `audit`: the security events the catalog keeps, and who may read them.
 //! - `changes`: the catalog's access-change feed, applied to RAM every second.
 //! - `rpc`: asking a device something and waiting for its one answer.
 //! - `routing`: picking the device that serves a capability.
@@ -41,6 +42,7 @@
 
 mod access;
 pub mod aggregate;
+pub mod audit;
 pub mod auth;
 pub mod catalog;
 mod changes;

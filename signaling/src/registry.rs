@@ -320,7 +320,8 @@ impl Registry {
     /// (a copied data dir): the older one is told it was displaced, which stops it for
     /// good, and the conflict is kept for the owners to see. Otherwise (the same agent
     /// back on a new connection, or an agent restarted while its old socket lingered)
-    /// the old connection is simply replaced.
+    /// the old connection is simply replaced. Returns the conflict when another agent
+    /// was displaced.
     #[allow(clippy::too_many_arguments)]
     pub fn insert(
         &self,
@@ -332,7 +333,7 @@ impl Registry {
         capabilities: &[CapabilityOffer],
         services: &[ServiceInfo],
         agent: Agent,
-    ) {
+    ) -> Option<Conflict> {
         let name: Arc<str> = Arc::from(name);
         let live = LiveDevice {
             conn_id,
@@ -350,6 +351,7 @@ impl Registry {
         };
         self.index(&id, capabilities);
         self.index_name(&id, name);
+        let mut displaced = None;
         if let Some(old) = self.devices.insert(id.clone(), live) {
             let second_agent = match (old.agent.instance, agent.instance) {
                 (Some(a), Some(b)) => {
@@ -360,22 +362,22 @@ impl Registry {
             match (second_agent, old.agent.instance) {
                 (true, Some(displaced_instance)) => {
                     old.handle.stop(Stop::Displaced(agent.peer));
-                    self.conflicts.insert(
-                        id.clone(),
-                        Conflict {
-                            at: crate::auth::unix_now_i64(),
-                            displaced: old.agent.peer,
-                            by: agent.peer,
-                            displaced_instance,
-                            refused_until: Instant::now() + DISPLACED_REFUSED_FOR,
-                        },
-                    );
+                    let conflict = Conflict {
+                        at: crate::auth::unix_now_i64(),
+                        displaced: old.agent.peer,
+                        by: agent.peer,
+                        displaced_instance,
+                        refused_until: Instant::now() + DISPLACED_REFUSED_FOR,
+                    };
+                    self.conflicts.insert(id.clone(), conflict);
+                    displaced = Some(conflict);
                 }
                 _ => old.handle.stop(Stop::Replaced),
             }
             self.unindex_gone(&id, &old.capabilities);
             self.unindex_name(&id, &old.name);
         }
+        displaced
     }
 
     /// The conflict that displaced this agent, if `instance` is an agent this hub told

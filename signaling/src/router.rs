@@ -13,7 +13,7 @@ use axum::Router;
 use futures_util::future::{Either, FutureExt as _};
 
 use crate::rest::error::ApiError;
-use crate::rest::{capabilities, devices, health, install, keys, session, tasks, tokens};
+use crate::rest::{audit, capabilities, devices, health, install, keys, session, tasks, tokens};
 use crate::sockets;
 use crate::HubState;
 
@@ -52,6 +52,7 @@ fn router(state: AppState) -> Router {
         .merge(devices::routes())
         .merge(tokens::routes())
         .merge(keys::routes())
+        .merge(audit::routes())
         .merge(capabilities::routes())
         .merge(tasks::routes())
         .route("/api/{*rest}", axum::routing::any(api_not_found))

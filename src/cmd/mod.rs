@@ -2,6 +2,7 @@
 //! unit's arguments), `cocoon` the device commands, `service` the systemd unit.
 
 pub mod agent;
+pub mod audit;
 pub mod cocoon;
 pub mod dev;
 pub mod keys;

@@ -71,6 +71,9 @@ pub struct ServeArgs {
     /// The PEM private key of --tls-cert.
     #[arg(long, env = "ADI_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// How long the audit log keeps an event (e.g. 90d, 1y).
+    #[arg(long, env = "ADI_AUDIT_RETENTION", default_value = "90d", value_parser = humantime::parse_duration)]
+    audit_retention: Duration,
     /// URL users reach this hub at, for the install script (default: the request's Host).
     #[arg(long, env = "ADI_PUBLIC_URL")]
     public_url: Option<String>,
@@ -140,6 +143,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         handshake_timeout: args.handshake_timeout,
         max_connections,
         max_connections_per_source: args.max_connections_per_source.min(max_connections),
+        audit_retention: args.audit_retention,
         tls: match (args.tls_cert, args.tls_key) {
             (Some(cert), Some(key)) => Some(adi_signaling::config::TlsFiles { cert, key }),
             _ => None,

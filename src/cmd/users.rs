@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use std::sync::Arc;
 
+use adi_signaling::audit::{self, Describe, Kind};
 use adi_signaling::catalog::{self, Catalog, CatalogError, Orphans, User};
 
 use crate::cmd::signaling::CatalogArgs;
@@ -100,6 +101,15 @@ async fn open(args: &CatalogArgs, create: bool) -> Result<Arc<dyn Catalog>> {
         .context("opening the catalog")
 }
 
+/// Records what an admin did on the hub host to `user`, under the default retention
+/// (the hub prunes to its own when it next writes).
+async fn admin_event(catalog: &dyn Catalog, kind: Kind, user: adi_signaling::catalog::UserId) {
+    let event = audit::event(kind)
+        .to(user)
+        .detail("by an admin on the hub host");
+    audit::record_in(catalog, event, audit::DEFAULT_RETENTION).await;
+}
+
 async fn named(catalog: &dyn Catalog, name: &str) -> Result<User> {
     catalog
         .user_by_name(name.trim())
@@ -191,6 +201,12 @@ async fn set_disabled(args: UserArgs, disabled: bool) -> Result<()> {
     catalog
         .set_user_disabled(user.id, disabled.then_some(now), now)
         .await?;
+    let kind = if disabled {
+        Kind::UserDisabled
+    } else {
+        Kind::UserEnabled
+    };
+    admin_event(catalog.as_ref(), kind, user.id).await;
     if disabled {
         println!(
             "disabled {}: every session ends within a second on every hub",
@@ -225,6 +241,7 @@ async fn remove(args: UserRemoveArgs) -> Result<()> {
             CatalogError::WouldOrphan(_) => anyhow::anyhow!("cannot remove {}: {e}", user.name),
             other => anyhow::Error::new(other).context("removing the user"),
         })?;
+    admin_event(catalog.as_ref(), Kind::UserRemoved, user.id).await;
     println!("removed {}", user.name);
     for (id, name) in orphaned {
         match (&args.transfer_to, orphans) {
@@ -247,6 +264,7 @@ async fn rotate_key(args: UserArgs) -> Result<()> {
         }
     }
     let key = adi_signaling::auth::add_api_key(catalog.as_ref(), user.id).await?;
+    admin_event(catalog.as_ref(), Kind::UserKeyRotated, user.id).await;
     println!("{key}");
     eprintln!(
         "revoked {revoked} key(s) of {}; their sessions end within a second",

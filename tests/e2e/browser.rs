@@ -587,7 +587,20 @@ async fn access_setup_token_enrols_a_device_and_a_teammate_claims_a_share() -> R
     b.wait_text("#access-error", "already used").await?;
     b.click("nav a[href='#devices']").await?;
     let card = wait_card(&b, &new_id, "online").await?;
-    assert!(card.contains("alice (owner), bob (user)"), "{card}");
+    let roles = b
+        .js(
+            "return [...arguments[0] ? document.querySelectorAll(`article.device[data-id='${arguments[0]}'] .members li`) : []].map(li => li.innerText.replace(/\\s+/g, ' ').trim())",
+            vec![json!(new_id)],
+        )
+        .await?;
+    assert_eq!(roles, json!(["alice owner", "bob user"]), "{card}");
+    let leave = b
+        .js(
+            "return !!document.querySelector(`article.device[data-id='${arguments[0]}'] button.leave-device`)",
+            vec![json!(new_id)],
+        )
+        .await?;
+    assert_eq!(leave, json!(true), "a user may leave, not delete");
     let ids = b
         .js(
             "return [...document.querySelectorAll('article.device')].map(c => c.dataset.id)",
@@ -699,5 +712,131 @@ async fn hardware_reads_in_plain_words_and_an_online_device_without_load_is_not_
     let card = wait_card(&b, &silent.id, "online").await?;
     assert!(card.contains("not reported yet"), "{card}");
     assert!(!card.contains("offline"), "{card}");
+    b.close().await
+}
+
+#[tokio::test]
+async fn an_owner_removes_a_member_revokes_a_key_and_a_token_and_deletes_a_device_in_the_ui(
+) -> Result<()> {
+    let Some(b) = Browser::start(1280, 1000).await? else {
+        return Ok(());
+    };
+    let hub = Hub::start().await?;
+    let alice_key = hub.add_user("alice")?;
+    let bob_key = hub.add_user("bob")?;
+    let alice = Api::login(&hub.url, &alice_key).await?;
+    let bob = Api::login(&hub.url, &bob_key).await?;
+    let mut shared = Cocoon::start(
+        &hub.url,
+        "shared-box",
+        Some(&alice.setup_token(60).await?),
+        &[],
+    )?;
+    let id = shared.device_id().await?;
+    let (_, share) = alice
+        .post("/api/tokens", json!({"kind": "share", "device_id": id}))
+        .await?;
+    let (status, _) = bob
+        .post("/api/tokens/claim", json!({"token": share["token"]}))
+        .await?;
+    assert_eq!(status, 200);
+
+    b.sign_in(&hub.url, &alice_key).await?;
+    let card = wait_card(&b, &id, "online").await?;
+    assert!(card.contains("bob") && card.contains("user"), "{card}");
+    // Every destructive action asks first; the test says yes, and records the question.
+    b.js(
+        "window.asked = []; window.confirm = (q) => { window.asked.push(q); return true; }; return true",
+        vec![],
+    )
+    .await?;
+
+    // Remove bob: he loses the device in the API.
+    b.click(&format!(
+        "article.device[data-id='{id}'] li[data-member='bob'] button.remove-member"
+    ))
+    .await?;
+    wait_for("bob to lose the device", BROWSER_WAIT, || async {
+        Ok((bob.cocoon(&id).await?.0 == 404).then_some(()))
+    })
+    .await?;
+    let asked = b.js("return window.asked.join(' | ')", vec![]).await?;
+    assert!(
+        asked
+            .as_str()
+            .is_some_and(|q| q.contains("Remove bob from shared-box")),
+        "{asked}"
+    );
+
+    // A key made in the page is shown once and works; revoked in the page, it stops.
+    b.click("nav a[href='#access']").await?;
+    b.type_into("#key-name", "ui-key").await?;
+    b.click("#key-scopes input[value='devices:read']").await?;
+    b.click("#key-form button[type=submit]").await?;
+    let key = b.wait_text("#key-secret", "adi_key_").await?;
+    let key = key.trim().to_owned();
+    let ui = Api::login(&hub.url, &key).await?;
+    assert_eq!(ui.cocoons().await?.len(), 1);
+    let (status, _) = ui.get("/api/keys").await?;
+    assert_eq!(status, 403, "devices:read only");
+    let key_id = &key[8..24];
+    b.wait_text(
+        &format!("#key-rows tr[data-key='{key_id}']"),
+        "devices:read",
+    )
+    .await?;
+    b.click(&format!(
+        "#key-rows tr[data-key='{key_id}'] button.revoke-key"
+    ))
+    .await?;
+    wait_for("the key's session to end", BROWSER_WAIT, || async {
+        Ok((ui.get("/api/cocoons").await?.0 == 401).then_some(()))
+    })
+    .await?;
+    b.wait_text(&format!("#key-rows tr[data-key='{key_id}']"), "revoked")
+        .await?;
+
+    // A setup token made here is listed, and revoked here it enrols nothing.
+    b.click("#setup-form button[type=submit]").await?;
+    let token = b.wait_text("#setup-token", "adi_setup_").await?;
+    let token_id = token.trim()[10..26].to_owned();
+    b.click(&format!(
+        "#token-rows tr[data-token='{token_id}'] button.revoke-token"
+    ))
+    .await?;
+    b.wait_text(
+        &format!("#token-rows tr[data-token='{token_id}']"),
+        "revoked",
+    )
+    .await?;
+
+    // The audit log shows what was done.
+    b.click("nav a[href='#devices']").await?;
+    b.click("nav a[href='#access']").await?;
+    for kind in [
+        "member_removed",
+        "key_created",
+        "key_revoked",
+        "token_revoked",
+    ] {
+        b.wait_text("#audit-rows", kind).await?;
+    }
+    b.screenshot("access-management").await?;
+
+    // Delete the device: its agent is told and stops, and its card goes.
+    b.click("nav a[href='#devices']").await?;
+    b.click(&format!(
+        "article.device[data-id='{id}'] button.delete-device"
+    ))
+    .await?;
+    assert_ne!(shared.proc.wait_exit(BROWSER_WAIT).await?, 0);
+    assert!(shared.proc.output().contains("removed by its owner"));
+    b.wait_js(
+        "the deleted device's card gone",
+        "return document.querySelectorAll('article.device').length === 0",
+        vec![],
+    )
+    .await?;
+    assert_eq!(alice.cocoon(&id).await?.0, 404);
     b.close().await
 }

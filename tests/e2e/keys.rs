@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Result;
 use serde_json::{json, Value};
 
-use crate::harness::{cli, wait_for, Api, Cocoon, Hub};
+use crate::harness::{cli, fresh_postgres, wait_for, Api, Cocoon, Hub};
 
 /// A service on loopback that answers `hello`. Returns its port.
 async fn hello_service() -> Result<u16> {
@@ -352,4 +352,69 @@ async fn an_admin_disables_enables_rotates_and_removes_users_while_the_hub_runs(
     assert!(err.contains("no user \"nobody\""), "{err}");
     drop(solo);
     Ok(())
+}
+
+#[tokio::test]
+async fn hubs_on_one_postgres_catalog_apply_each_others_revocations_and_removals() -> Result<()> {
+    let Some(db) = fresh_postgres().await else {
+        return Ok(());
+    };
+    let result = async {
+        let port = hello_service().await?;
+        let (a, b) = (
+            Hub::start_postgres(&db.url()).await?,
+            Hub::start_postgres(&db.url()).await?,
+        );
+        let alice_key = a.add_user("alice")?;
+        let bob_key = a.add_user("bob")?;
+        let alice = Api::login(&a.url, &alice_key).await?;
+        // The device is connected to hub b; bob uses it through hub b.
+        let web = format!("web:{port}");
+        let device = Cocoon::start(
+            &b.url,
+            "box",
+            Some(&alice.setup_token(60).await?),
+            &["--service", &web],
+        )?;
+        let id = device.device_id().await?;
+        let (_, share) = alice
+            .post("/api/tokens", json!({"kind": "share", "device_id": id}))
+            .await?;
+        let bob_on_b = Api::login(&b.url, &bob_key).await?;
+        let (status, _) = bob_on_b
+            .post("/api/tokens/claim", json!({"token": share["token"]}))
+            .await?;
+        anyhow::ensure!(status == 200);
+        anyhow::ensure!(proxied(&bob_on_b, &id).await? == 200);
+
+        // Removed through hub a: hub b, which holds the device, stops proxying for him.
+        let (status, _) = alice
+            .delete(&format!("/api/cocoons/{id}/members/bob"))
+            .await?;
+        anyhow::ensure!(status == 200);
+        wait_for(
+            "hub b to learn of the removal",
+            Duration::from_secs(5),
+            || async { Ok((proxied(&bob_on_b, &id).await? == 404).then_some(())) },
+        )
+        .await?;
+
+        // A key revoked through hub a: its session is refused by hub b too.
+        let (_, made) = alice.post("/api/keys", json!({"name": "roaming"})).await?;
+        let roaming = Api::login(&b.url, made["key"].as_str().unwrap_or_default()).await?;
+        anyhow::ensure!(roaming.get("/api/cocoons").await?.0 == 200);
+        let (status, _) = alice.delete("/api/keys/roaming").await?;
+        anyhow::ensure!(status == 200);
+        wait_for(
+            "hub b to refuse the revoked key",
+            Duration::from_secs(5),
+            || async { Ok((proxied(&roaming, &id).await? == 401).then_some(())) },
+        )
+        .await?;
+        drop(device);
+        Ok(())
+    }
+    .await;
+    db.drop_database().await;
+    result
 }

@@ -3,6 +3,7 @@
 //! wire-level refusals, and the web UI in a real headless Chromium.
 
 mod access;
+mod audit;
 mod auth;
 mod browser;
 mod capabilities;

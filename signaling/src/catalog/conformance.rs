@@ -14,8 +14,8 @@ use adi_storage::test_database::{with_postgres, TestSqlite};
 use sqlx::Connection;
 
 use super::{
-    ApiKeyRecord, Catalog, CatalogError, ChangeKind, DeviceConfig, Member, Orphans, PgCatalog,
-    SqliteCatalog, TokenKind, TokenRecord, User, UserId,
+    ApiKeyRecord, AuditEvent, AuditQuery, Catalog, CatalogError, ChangeKind, DeviceConfig, Member,
+    Orphans, PgCatalog, SqliteCatalog, TokenKind, TokenRecord, User, UserId,
 };
 
 /// The suite's name in the line that says a PostgreSQL test was skipped.
@@ -100,6 +100,7 @@ adi_storage::conformance_tests!(
     api_keys_are_named_scoped_listed_and_revoked,
     users_are_disabled_enabled_and_removed_without_orphaning_devices,
     every_access_change_is_in_the_feed_in_order,
+    audit_events_are_read_by_actor_target_and_owner_only,
     update_device_rewrites_config,
     update_unknown_device_is_not_found,
 );
@@ -1443,4 +1444,104 @@ async fn every_access_change_is_in_the_feed_in_order(c: Arc<dyn Catalog>) {
     let kept = c.changes_since(0, 100).await.expect("changes");
     assert_eq!(kept.len(), 1, "{kept:?}");
     assert_eq!(kept[0].subject, "s2");
+}
+
+async fn audit_events_are_read_by_actor_target_and_owner_only(c: Arc<dyn Catalog>) {
+    let alice = user(&*c, "alice").await;
+    let bob = user(&*c, "bob").await;
+    let carol = user(&*c, "carol").await;
+    let hers = enrolled(&*c, &alice, "hers").await;
+    let t = role_token(&*c, alice.id, &hers, Role::User).await;
+    c.claim_share(&t, NOW, bob.id).await.expect("claim");
+    let keep = 30 * 86_400;
+    let event = |at: i64, kind: &str| AuditEvent {
+        at,
+        kind: kind.to_owned(),
+        ..AuditEvent::default()
+    };
+    let mut made = event(NOW, "token_created");
+    made.actor_user = Some(alice.id);
+    made.actor_key = Some("k_alice".into());
+    made.device = Some(hers.clone());
+    made.source = Some("10.0.0.1".into());
+    made.detail = Some("share token abc, role user".into());
+    c.record_audit(&made, keep).await.expect("record");
+    let mut task = event(NOW + 1, "task_created");
+    task.actor_user = Some(bob.id);
+    task.device = Some(hers.clone());
+    c.record_audit(&task, keep).await.expect("record");
+    let mut failed = event(NOW + 2, "sign_in_failed");
+    failed.target_user = Some(carol.id);
+    failed.actor_key = Some("adi_key_0123".into());
+    c.record_audit(&failed, keep).await.expect("record");
+    let mut elsewhere = event(NOW + 3, "key_created");
+    elsewhere.actor_user = Some(carol.id);
+    c.record_audit(&elsewhere, keep).await.expect("record");
+
+    let read = |viewer: UserId, device: Option<DeviceId>, since: i64, limit: u32| {
+        let c = c.clone();
+        async move {
+            c.audit_events(&AuditQuery {
+                viewer,
+                device,
+                since,
+                limit,
+            })
+            .await
+            .expect("audit")
+            .into_iter()
+            .map(|e| e.kind)
+            .collect::<Vec<_>>()
+        }
+    };
+    // Alice owns the device: its events, whoever acted; not carol's.
+    assert_eq!(
+        read(alice.id, None, 0, 100).await,
+        vec!["task_created", "token_created"]
+    );
+    // Bob only uses it: his own actions only.
+    assert_eq!(read(bob.id, None, 0, 100).await, vec!["task_created"]);
+    // Carol: what she did and what was done to her.
+    assert_eq!(
+        read(carol.id, None, 0, 100).await,
+        vec!["key_created", "sign_in_failed"]
+    );
+    assert_eq!(
+        read(alice.id, None, NOW + 1, 100).await,
+        vec!["task_created"]
+    );
+    assert_eq!(read(alice.id, None, 0, 1).await, vec!["task_created"]);
+    let other = new_device_id();
+    assert!(read(alice.id, Some(other), 0, 100).await.is_empty());
+    let full = c
+        .audit_events(&AuditQuery {
+            viewer: alice.id,
+            device: Some(hers.clone()),
+            since: 0,
+            limit: 100,
+        })
+        .await
+        .expect("audit");
+    let first = full.last().expect("the token event");
+    assert_eq!(first.actor_name.as_deref(), Some("alice"));
+    assert_eq!(first.actor_key.as_deref(), Some("k_alice"));
+    assert_eq!(first.source.as_deref(), Some("10.0.0.1"));
+    assert_eq!(first.device.as_ref(), Some(&hers));
+    assert!(full[0].seq > first.seq);
+    let carols = c
+        .audit_events(&AuditQuery {
+            viewer: carol.id,
+            device: None,
+            since: 0,
+            limit: 100,
+        })
+        .await
+        .expect("audit");
+    assert_eq!(carols[1].target_name.as_deref(), Some("carol"));
+
+    // Retention: a later event prunes what is older than it keeps.
+    c.record_audit(&event(NOW + keep + 3, "user_disabled"), keep)
+        .await
+        .expect("record");
+    assert_eq!(read(carol.id, None, 0, 100).await, vec!["key_created"]);
 }

@@ -141,6 +141,49 @@ pub struct Change {
     pub subject: String,
 }
 
+/// A security-relevant event, as the audit log keeps it: never a secret.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AuditEvent {
+    /// Its place in the log (set by the catalog).
+    pub seq: i64,
+    /// Unix seconds.
+    pub at: i64,
+    /// What happened, e.g. `member_removed` (see `crate::audit::Kind`).
+    pub kind: String,
+    /// The user who acted, if a user did.
+    pub actor_user: Option<UserId>,
+    /// Their name, when read back.
+    pub actor_name: Option<String>,
+    /// The API key of the session they acted with, or the key tried.
+    pub actor_key: Option<String>,
+    /// The device that acted, if a device did.
+    pub actor_device: Option<DeviceId>,
+    /// The device it concerns.
+    pub device: Option<DeviceId>,
+    /// The user it concerns (removed, disabled, whose key was tried).
+    pub target_user: Option<UserId>,
+    /// Their name, when read back.
+    pub target_name: Option<String>,
+    /// The address it came from.
+    pub source: Option<String>,
+    /// What else identifies it (a token or key id, a role, a task id).
+    pub detail: Option<String>,
+}
+
+/// Which audit events a user may read: their own actions, what was done to them, and
+/// the events of the devices they own.
+#[derive(Debug, Clone)]
+pub struct AuditQuery {
+    /// Who reads.
+    pub viewer: UserId,
+    /// Only this device's events.
+    pub device: Option<DeviceId>,
+    /// Only events at or after this instant (unix seconds).
+    pub since: i64,
+    /// At most this many, newest first.
+    pub limit: u32,
+}
+
 /// What to do with the devices a removed user is the last owner of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Orphans {
@@ -467,6 +510,11 @@ pub trait Catalog: Send + Sync + 'static {
     ) -> Result<Option<ApiKeyRecord>>;
     /// The ids of every revoked key.
     async fn revoked_api_keys(&self) -> Result<Vec<String>>;
+
+    /// Appends an event to the audit log, first pruning events older than `keep_secs`.
+    async fn record_audit(&self, event: &AuditEvent, keep_secs: i64) -> Result<()>;
+    /// The events `query` lets its viewer read, newest first.
+    async fn audit_events(&self, query: &AuditQuery) -> Result<Vec<AuditEvent>>;
 
     /// The changes after `seq`, oldest first, at most `limit`.
     async fn changes_since(&self, seq: i64, limit: u32) -> Result<Vec<Change>>;

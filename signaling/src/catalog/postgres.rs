@@ -13,13 +13,13 @@ use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool};
 
 use super::rows::{
-    self, ApiKeyRow, ChangeRow, DeviceColumns, DeviceMemberRow, DeviceRow, KeyColumns, MemberRow,
-    TokenRow, UserRow, API_KEY_COLUMNS, DEVICE_COLUMNS, MEMBER_COLUMNS, MEMBER_ORDER,
-    TOKEN_COLUMNS, USER_COLUMNS,
+    self, ApiKeyRow, AuditRow, ChangeRow, DeviceColumns, DeviceMemberRow, DeviceRow, KeyColumns,
+    MemberRow, TokenRow, UserRow, API_KEY_COLUMNS, AUDIT_COLUMNS, DEVICE_COLUMNS, MEMBER_COLUMNS,
+    MEMBER_ORDER, TOKEN_COLUMNS, USER_COLUMNS,
 };
 use super::{
-    ApiKeyRecord, Catalog, CatalogError, Change, ChangeKind, DeviceConfig, DeviceRecord, Member,
-    Orphans, Result, TokenRecord, User, UserId, CHANGES_KEPT_SECS,
+    ApiKeyRecord, AuditEvent, AuditQuery, Catalog, CatalogError, Change, ChangeKind, DeviceConfig,
+    DeviceRecord, Member, Orphans, Result, TokenRecord, User, UserId, CHANGES_KEPT_SECS,
 };
 
 /// The catalog in a PostgreSQL database.
@@ -315,6 +315,55 @@ impl Catalog for PgCatalog {
                 .fetch_all(&self.pool)
                 .await?,
         )
+    }
+
+    async fn record_audit(&self, event: &AuditEvent, keep_secs: i64) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM audit_events WHERE at < $1")
+            .bind(event.at.saturating_sub(keep_secs))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO audit_events (at, kind, actor_user, actor_key, actor_device, device, \
+             target_user, source, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(event.at)
+        .bind(&event.kind)
+        .bind(event.actor_user.map(|u| u.to_string()))
+        .bind(event.actor_key.as_deref())
+        .bind(event.actor_device.as_ref().map(DeviceId::as_str))
+        .bind(event.device.as_ref().map(DeviceId::as_str))
+        .bind(event.target_user.map(|u| u.to_string()))
+        .bind(event.source.as_deref())
+        .bind(event.detail.as_deref())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn audit_events(&self, q: &AuditQuery) -> Result<Vec<AuditEvent>> {
+        let viewer = q.viewer.to_string();
+        let sql = format!(
+            "SELECT {AUDIT_COLUMNS} FROM audit_events e \
+             LEFT JOIN users a ON a.id = e.actor_user LEFT JOIN users t ON t.id = e.target_user \
+             WHERE (e.actor_user = $1 OR e.target_user = $1 OR e.device IN (SELECT device_id FROM device_owners WHERE user_id = $1 AND role = 'owner')) AND e.at >= $2{} ORDER BY e.seq DESC LIMIT $3",
+            if q.device.is_some() { " AND e.device = $4" } else { "" }
+        );
+        let query = sqlx::query_as::<_, AuditRow>(&sql)
+            .bind(&viewer)
+            .bind(q.since)
+            .bind(i64::from(q.limit));
+        let query = match &q.device {
+            Some(device) => query.bind(device.as_str()),
+            None => query,
+        };
+        query
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(AuditEvent::try_from)
+            .collect()
     }
 
     async fn changes_since(&self, seq: i64, limit: u32) -> Result<Vec<Change>> {

@@ -13,8 +13,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use adi_protocol::{CapabilityOffer, DeviceId, Hardware, Role, Scope, ServiceInfo};
 
 use super::{
-    ApiKeyRecord, CatalogError, Change, ChangeKind, DeviceConfig, DeviceRecord, Member, Result,
-    TokenKind, TokenRecord, User, UserId,
+    ApiKeyRecord, AuditEvent, CatalogError, Change, ChangeKind, DeviceConfig, DeviceRecord, Member,
+    Result, TokenKind, TokenRecord, User, UserId,
 };
 
 /// The columns a [`UserRow`] is read from.
@@ -118,6 +118,53 @@ impl KeyColumns {
         Ok(KeyColumns {
             scopes: key.scopes.as_ref().map(encode_json).transpose()?,
             devices: key.devices.as_ref().map(encode_json).transpose()?,
+        })
+    }
+}
+
+/// The columns an [`AuditRow`] is read from, with `e` the event and `a`, `t` the actor's
+/// and target's rows of `users`.
+pub(super) const AUDIT_COLUMNS: &str = "e.seq, e.at, e.kind, e.actor_user, a.name AS actor_name, \
+     e.actor_key, e.actor_device, e.device, e.target_user, t.name AS target_name, e.source, e.detail";
+
+/// One row of `audit_events`, with the names of the users it names.
+#[derive(Debug, sqlx::FromRow)]
+pub(super) struct AuditRow {
+    seq: i64,
+    at: i64,
+    kind: String,
+    actor_user: Option<String>,
+    actor_name: Option<String>,
+    actor_key: Option<String>,
+    actor_device: Option<String>,
+    device: Option<String>,
+    target_user: Option<String>,
+    target_name: Option<String>,
+    source: Option<String>,
+    detail: Option<String>,
+}
+
+impl TryFrom<AuditRow> for AuditEvent {
+    type Error = CatalogError;
+
+    fn try_from(row: AuditRow) -> Result<AuditEvent> {
+        Ok(AuditEvent {
+            seq: row.seq,
+            at: row.at,
+            kind: row.kind,
+            actor_user: row.actor_user.as_deref().map(parse_user_id).transpose()?,
+            actor_name: row.actor_name,
+            actor_key: row.actor_key,
+            actor_device: row
+                .actor_device
+                .as_deref()
+                .map(parse_device_id)
+                .transpose()?,
+            device: row.device.as_deref().map(parse_device_id).transpose()?,
+            target_user: row.target_user.as_deref().map(parse_user_id).transpose()?,
+            target_name: row.target_name,
+            source: row.source,
+            detail: row.detail,
         })
     }
 }

@@ -18,6 +18,7 @@ use serde::Serialize;
 use super::error::ApiError;
 use super::extract::{Caller, Json};
 use crate::access::{self, AccessError};
+use crate::audit::{self, Describe};
 use crate::auth::unix_now_i64;
 use crate::catalog::{CatalogError, DeviceRecord, Member, UserId};
 use crate::registry::{Grants, Stop};
@@ -211,6 +212,12 @@ async fn remove_member(
     state.registry.set_grants(&device.id, &Grants::of(&left));
     state.auth.announce_change();
     tracing::info!(device_id = %device.id, user = %member, by = %caller.id, "member removed");
+    let kind = if member == caller.id {
+        audit::Kind::MemberLeft
+    } else {
+        audit::Kind::MemberRemoved
+    };
+    audit::record(&state, audit::by(&caller, kind).on(&device.id).to(member)).await;
     Ok(Json(MemberList {
         members: left.iter().map(member_view).collect(),
         device_id: device.id,
@@ -248,6 +255,13 @@ async fn delete_cocoon(
     let agent_told = state.registry.stop(&device.id, Stop::Removed);
     state.auth.announce_change();
     tracing::info!(device_id = %device.id, by = %caller.id, agent_told, "device deleted");
+    audit::record(
+        &state,
+        audit::by(&caller, audit::Kind::DeviceDeleted)
+            .on(&device.id)
+            .detail(device.name.clone()),
+    )
+    .await;
     Ok(Json(DeviceDeleted {
         device_id: device.id,
         name: device.name,

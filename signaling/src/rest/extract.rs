@@ -77,7 +77,11 @@ impl FromRequestParts<AppState> for Caller {
             .headers
             .get(header::AUTHORIZATION)
             .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "missing bearer token"))?;
-        let caller = bearer_caller(header, state)?;
+        let mut caller = bearer_caller(header, state)?;
+        caller.source = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.ip());
         live_user(state, caller).await
     }
 }

@@ -18,6 +18,7 @@ use serde::Deserialize;
 use super::error::ApiError;
 use super::extract::{Caller, Json};
 use crate::access::{self, AccessError};
+use crate::audit::{self, Describe};
 use crate::auth::unix_now_i64;
 use crate::catalog::{ApiKeyRecord, CatalogError};
 use crate::credential::{self, API_KEY_PREFIX};
@@ -185,6 +186,12 @@ async fn create_key(
         Err(e) => return Err(e.into()),
     }
     tracing::info!(key_id = %record.key_id, user = %caller.id, "api key created");
+    audit::record(
+        &state,
+        audit::by(&caller, audit::Kind::KeyCreated)
+            .detail(format!("key {} ({name})", record.key_id)),
+    )
+    .await;
     Ok((
         StatusCode::CREATED,
         Json(KeyCreated {
@@ -238,6 +245,15 @@ async fn revoke_key(
         .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "you have no such key"))?;
     state.auth.revoke_key(&record.key_id);
     tracing::info!(key_id = %record.key_id, user = %caller.id, "api key revoked");
+    audit::record(
+        &state,
+        audit::by(&caller, audit::Kind::KeyRevoked).detail(format!(
+            "key {} ({})",
+            record.key_id,
+            record.name.as_deref().unwrap_or("unnamed")
+        )),
+    )
+    .await;
     Ok(Json(key_view(&record, now)))
 }
 

@@ -10,6 +10,7 @@
 //! - `devices`: the caller's devices, with live presence
 //! - `tokens`: setup and share tokens, minted and claimed
 //! - `keys`: a user's named, scoped API keys
+//! - `audit`: the audit events a user may read
 //! - `session`: signing in with an API key, and the web UI's sign-in and sign-out
 //! - `tasks`: a device's tasks and the merged list across devices
 //! - `capabilities`: capability requests, served by the best device
@@ -17,6 +18,7 @@
 //! - `health`: liveness and readiness
 //! - `install`: the install script, the hub's own executable and the web UI's page
 
+pub(crate) mod audit;
 pub(crate) mod capabilities;
 pub(crate) mod devices;
 pub mod error;

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
 use super::extract::{bearer_token, Json, SESSION_COOKIE, SESSION_COOKIE_PATH};
+use crate::audit::{self, Describe};
 use crate::auth;
 use crate::catalog::{ApiKeyRecord, User, UserId};
 use crate::credential;
@@ -85,6 +86,17 @@ async fn signed_in(
         Err(e) => {
             if !matches!(e, auth::AuthError::Catalog(_)) {
                 state.throttle.failed(peer.ip(), account.as_deref());
+                let mut event = audit::event(audit::Kind::SignInFailed)
+                    .seen_from(peer.ip())
+                    .detail(e.to_string());
+                if let Some(parsed) = credential::parse(api_key) {
+                    event.actor_key = Some(parsed.id.to_owned());
+                    // Whose key was tried, so they see it in their log.
+                    if let Ok(Some(key)) = state.catalog.api_key(parsed.id).await {
+                        event.target_user = Some(key.user_id);
+                    }
+                }
+                audit::record(state, event).await;
             }
             Err(e.into())
         }
@@ -166,6 +178,10 @@ async fn close_session(
                 .await?;
             state.auth.revoke(sid, claims.exp);
             tracing::info!(user = %claims.sub, "session signed out");
+            let mut event = audit::event(audit::Kind::SessionRevoked);
+            event.actor_user = Some(claims.sub);
+            event.actor_key = claims.kid.clone();
+            audit::record(&state, event).await;
         }
     }
     let mut resp = StatusCode::NO_CONTENT.into_response();

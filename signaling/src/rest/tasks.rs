@@ -30,6 +30,7 @@ use super::error::ApiError;
 use super::extract::{Caller, Json};
 use super::listing::{task_devices, ListParams};
 use crate::access;
+use crate::audit::{self, Describe};
 use crate::catalog::DeviceRecord;
 use crate::rpc::{self, RpcError};
 use crate::HubState;
@@ -161,7 +162,15 @@ async fn create_task(
     }
     check_task_size(&new, state.config.max_frame_bytes)?;
     let reply = ask(&state, &device, DeviceRequest::CreateTask { task: new }).await?;
-    Ok((StatusCode::CREATED, Json(expect_task(&device, reply)?)))
+    let task = expect_task(&device, reply)?;
+    audit::record(
+        &state,
+        audit::by(&caller, audit::Kind::TaskCreated)
+            .on(&device.id)
+            .detail(format!("task {}", task.id)),
+    )
+    .await;
+    Ok((StatusCode::CREATED, Json(task)))
 }
 
 /// What `POST /api/cocoons/{id}/tasks/can-run` asks about: the parts of a task that
@@ -224,7 +233,15 @@ async fn cancel_task(
     let device = access::device(&state, &caller, &id, Scope::TasksWrite).await?;
     let task = parse_task_id(&task)?;
     let reply = ask(&state, &device, DeviceRequest::CancelTask { id: task }).await?;
-    Ok(Json(expect_task(&device, reply)?))
+    let task = expect_task(&device, reply)?;
+    audit::record(
+        &state,
+        audit::by(&caller, audit::Kind::TaskCancelled)
+            .on(&device.id)
+            .detail(format!("task {}", task.id)),
+    )
+    .await;
+    Ok(Json(task))
 }
 
 #[derive(Serialize)]

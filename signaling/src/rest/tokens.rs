@@ -20,6 +20,7 @@ use super::error::ApiError;
 use super::extract::{Caller, Json};
 use super::view;
 use crate::access::{self, AccessError};
+use crate::audit::{self, Describe};
 use crate::auth::unix_now_i64;
 use crate::catalog::{TokenKind, TokenRecord};
 use crate::registry::Grants;
@@ -107,6 +108,12 @@ async fn create_token(
     )
     .await?;
     tracing::info!(token_id = %issued.id, kind = req.kind.as_str(), user = %caller.id, "token issued");
+    let mut event = audit::by(&caller, audit::Kind::TokenCreated).detail(match role {
+        Some(role) => format!("share token {}, role {role}", issued.id),
+        None => format!("setup token {}", issued.id),
+    });
+    event.device = device.clone();
+    audit::record(&state, event).await;
     Ok((
         StatusCode::CREATED,
         Json(TokenResponse {
@@ -156,6 +163,12 @@ async fn claim_token(
         }
     })?;
     tracing::info!(device_id = %device_id, user = %caller.id, "device shared");
+    let claimed = audit::by(&caller, audit::Kind::ShareClaimed).on(&device_id);
+    let claimed = match &account {
+        Some(token) => claimed.detail(token.clone()),
+        None => claimed,
+    };
+    audit::record(&state, claimed).await;
     let device = state
         .catalog
         .device(&device_id)
@@ -230,5 +243,12 @@ async fn revoke_token(
         ));
     }
     tracing::info!(token_id = %token.id, user = %caller.id, "token revoked");
+    let mut event = audit::by(&caller, audit::Kind::TokenRevoked).detail(format!(
+        "{} token {}",
+        token.kind.as_str(),
+        token.id
+    ));
+    event.device = token.device_id.clone();
+    audit::record(&state, event).await;
     Ok(Json(token_view(token, now)))
 }
