@@ -184,6 +184,22 @@ async fn narrow_keys_allow_only_what_they_say_and_a_revoked_key_ends_its_session
         json!(["devices:read", "keys:write"]),
         "{inherited}"
     );
+    assert!(inherited["expires_at"].is_null(), "{inherited}");
+
+    // Nor outlive it: a key made by an expiring key expires with it at the latest.
+    let (status, brief) = alice
+        .post(
+            "/api/keys",
+            json!({"name": "brief", "scopes": ["keys:write"], "expires_in_secs": 600}),
+        )
+        .await?;
+    assert_eq!(status, 201, "{brief}");
+    let brief_api = Api::login(&hub.url, brief["key"].as_str().unwrap_or_default()).await?;
+    let (status, child) = brief_api
+        .post("/api/keys", json!({"name": "forever"}))
+        .await?;
+    assert_eq!(status, 201, "{child}");
+    assert_eq!(child["expires_at"], brief["expires_at"], "{child}");
 
     // Listed without secrets.
     let (status, out, err) = cli(cfg.path(), &["keys", "list", "--json"], &env)?;

@@ -2,7 +2,7 @@
 //! expiry (`POST /api/keys`, its secret shown once), listing them (`GET /api/keys`,
 //! never a secret) and revoking one (`DELETE /api/keys/{id or name}`), which ends every
 //! session opened with it at once. All need the `keys:write` scope, and a key can only
-//! make keys that allow no more than it does.
+//! make keys that allow no more than it does and expire no later than it does.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -166,6 +166,16 @@ async fn create_key(
             )))
         }
         Some(secs) => Some(now.saturating_add(i64::try_from(secs).unwrap_or(i64::MAX))),
+    };
+    // Nor may it outlive the key of the session that makes it.
+    let ceiling = match caller.key.as_deref() {
+        Some(kid) => state.catalog.api_key(kid).await?.and_then(|k| k.expires_at),
+        None => None,
+    };
+    let expires_at = match (expires_at, ceiling) {
+        (Some(asked), Some(ceiling)) => Some(asked.min(ceiling)),
+        (None, ceiling) => ceiling,
+        (asked, None) => asked,
     };
     let scopes = new_scopes(&caller, req.scopes)?;
     let devices = new_devices(&state, &caller, req.devices).await?;
