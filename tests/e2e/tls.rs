@@ -139,6 +139,26 @@ async fn cocoons_and_clients_reach_a_tls_hub_and_a_renewed_certificate_needs_no_
         (200, "hello over tls".to_owned())
     );
 
+    // The web UI and the install one-liner are served over https, and the script
+    // enrols devices at the https address.
+    let page = http
+        .get(format!("{}/", hub.url))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(page.contains("<script>"), "the web UI");
+    let script = http
+        .get(format!("{}/install.sh", hub.url))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(
+        script.contains(&format!("HUB=\"{}\"", hub.url)) && script.contains("ADI_CA_CERT"),
+        "{script}"
+    );
+
     // One that does not trust it is refused, saying which name and which CAs, and
     // retries rather than give up; so is the CLI, with the CA it was given named.
     let untrusting = Cocoon::start(
