@@ -1,19 +1,21 @@
-//! Limits on guessing: how often one source may try to sign in, claim a share token or
-//! enrol a device, and how many failures one account (an API key, a token) may take.
+//! Limits on guessing: how many failed sign-ins, share claims and enrolments one source
+//! may make, and how many failures one account (an API key, a token) may take.
 //!
-//! - Every attempt from a source costs one cell of that source's budget
-//!   ([`PER_SOURCE`]); past it the source is answered `429` with `Retry-After` before
-//!   anything is checked. A source is an IPv4 address or an IPv6 /64.
+//! - Every failed attempt from a source costs one cell of that source's budget
+//!   ([`PER_SOURCE`]); once spent, the source is answered `429` with `Retry-After`
+//!   before anything is checked, until the budget refills. A source is an IPv4 address
+//!   or an IPv6 /64.
 //! - Every failed attempt on an account costs one cell of the account's budget
 //!   ([`FAILURES_PER_ACCOUNT`]). Once spent, the account is locked for the sources that
 //!   failed on it (they get `429` before anything is checked) but not for others: a
 //!   correct sign-in from another source is never locked out by someone else's failures.
 //!
-//! The secrets are 256-bit, so the limits are not what keeps them from being guessed;
-//! they keep floods of attempts from costing the catalog reads and hashing that checking
-//! needs, and make a key or token under attack stand out in the log. Device reconnects
-//! (a known secret, no token) are never counted: a hub restart brings every device back
-//! at once, often from behind one address.
+//! Only failures count: an office behind one address signing in all morning, or a fleet
+//! enrolled by script from one host, is never held back, while a guesser is. The
+//! secrets are 256-bit, so the limits are not what keeps them from being guessed; they
+//! keep floods of wrong attempts from costing the catalog reads and hashing that
+//! checking needs, and make a key or token under attack stand out in the log. Device
+//! reconnects (a known secret, no token) are never counted.
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
@@ -23,7 +25,7 @@ use dashmap::DashMap;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
 
-/// Attempts one source may make, per minute, with as many at once.
+/// Failed attempts one source may make, per minute, with as many at once.
 pub const PER_SOURCE: u32 = 60;
 /// Failures one account may take, per minute, with as many at once.
 pub const FAILURES_PER_ACCOUNT: u32 = 10;
@@ -57,6 +59,8 @@ pub struct Throttle {
     clock: DefaultClock,
     sources: DefaultKeyedRateLimiter<Source>,
     accounts: DefaultKeyedRateLimiter<String>,
+    /// Sources whose failure budget is spent, until when.
+    sources_locked: DashMap<Source, Instant>,
     /// Accounts whose failure budget is spent, until when.
     locked: DashMap<String, Instant>,
     /// When each source last failed on each account.
@@ -70,7 +74,8 @@ impl Default for Throttle {
 }
 
 impl Throttle {
-    /// Limits of `per_source` attempts and `failures_per_account` failures a minute.
+    /// Limits of `per_source` failures from a source and `failures_per_account` failures
+    /// on an account, a minute.
     pub fn new(per_source: u32, failures_per_account: u32) -> Self {
         let per_minute =
             |n: u32| Quota::per_minute(NonZeroU32::new(n.max(1)).unwrap_or(NonZeroU32::MIN));
@@ -78,16 +83,23 @@ impl Throttle {
             clock: DefaultClock::default(),
             sources: DefaultKeyedRateLimiter::dashmap(per_minute(per_source)),
             accounts: DefaultKeyedRateLimiter::dashmap(per_minute(failures_per_account)),
+            sources_locked: DashMap::new(),
             locked: DashMap::new(),
             failed: DashMap::new(),
         }
     }
 
     /// Whether an attempt from `source` on `account` may be checked; `Err` says how
-    /// long to wait. Costs the source one attempt.
+    /// long to wait.
     pub fn admit(&self, source: impl Into<Source>, account: Option<&str>) -> Result<(), Duration> {
         let source = source.into();
         let now = Instant::now();
+        self.sweep(now);
+        if let Some(until) = self.sources_locked.get(&source).map(|u| *u) {
+            if until > now {
+                return Err(until - now);
+            }
+        }
         if let Some(account) = account {
             let until = self.locked.get(account).map(|u| *u).filter(|u| *u > now);
             if let Some(until) = until {
@@ -100,17 +112,19 @@ impl Throttle {
                 }
             }
         }
-        self.sweep(now);
-        self.sources
-            .check_key(&source)
-            .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
+        Ok(())
     }
 
     /// Records a failed attempt from `source` on `account`.
     pub fn failed(&self, source: impl Into<Source>, account: Option<&str>) {
-        let Some(account) = account else { return };
         let source = source.into();
         let now = Instant::now();
+        if let Err(not_until) = self.sources.check_key(&source) {
+            let wait = not_until.wait_time_from(self.clock.now());
+            self.sources_locked.insert(source, now + wait);
+            tracing::warn!(source = ?source.0, "failed attempts from this address are being limited");
+        }
+        let Some(account) = account else { return };
         self.failed.insert((account.to_owned(), source), now);
         if let Err(not_until) = self.accounts.check_key(&account.to_owned()) {
             let wait = not_until.wait_time_from(self.clock.now());
@@ -126,6 +140,9 @@ impl Throttle {
         }
         if self.accounts.len() > SWEEP_AT {
             self.accounts.retain_recent();
+        }
+        if self.sources_locked.len() > SWEEP_AT {
+            self.sources_locked.retain(|_, until| *until > now);
         }
         if self.locked.len() > SWEEP_AT {
             self.locked.retain(|_, until| *until > now);
@@ -151,10 +168,17 @@ mod tests {
     }
 
     #[test]
-    fn a_source_is_refused_past_its_budget_and_others_are_not() {
+    fn a_source_is_refused_once_its_failures_are_spent_and_others_are_not() {
         let t = Throttle::new(3, 100);
-        for _ in 0..3 {
+        for _ in 0..100 {
+            assert!(
+                t.admit(ip("10.0.0.1"), None).is_ok(),
+                "successes cost nothing"
+            );
+        }
+        for _ in 0..4 {
             assert!(t.admit(ip("10.0.0.1"), None).is_ok());
+            t.failed(ip("10.0.0.1"), None);
         }
         let wait = t.admit(ip("10.0.0.1"), None).expect_err("over budget");
         assert!(
