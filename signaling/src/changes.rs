@@ -71,7 +71,9 @@ pub async fn follow(
     }
 }
 
-/// Applies every change after `seen`, moving `seen` on.
+/// Applies every change after `seen`, moving `seen` on. A batch is applied once per
+/// subject, not once per change: a replay at start of a month of sign-outs reads the
+/// signed-out sessions once, not once per sign-out.
 async fn read(
     catalog: &dyn Catalog,
     auth: &Auth,
@@ -81,11 +83,19 @@ async fn read(
     loop {
         let changes = catalog.changes_since(*seen, BATCH).await?;
         let full = changes.len() == BATCH as usize;
+        let mut applied = std::collections::HashSet::new();
         for change in &changes {
-            apply(catalog, auth, registry, change).await?;
-            *seen = change.seq;
+            // Sessions are reloaded whole, so one session change stands for all.
+            let key = match change.kind {
+                ChangeKind::Session => (change.kind.as_str(), ""),
+                kind => (kind.as_str(), change.subject.as_str()),
+            };
+            if applied.insert(key) {
+                apply(catalog, auth, registry, change).await?;
+            }
         }
-        if !changes.is_empty() {
+        if let Some(last) = changes.last() {
+            *seen = last.seq;
             auth.announce_change();
         }
         if !full {
@@ -135,4 +145,85 @@ async fn apply(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Claims;
+    use crate::catalog::{ApiKeyRecord, SqliteCatalog};
+    use std::time::Duration;
+
+    fn claims(user: UserId, sid: &str, kid: &str) -> Claims {
+        Claims {
+            sub: user,
+            name: "alice".into(),
+            iat: 0,
+            exp: u64::MAX,
+            iss: "adi-hub".into(),
+            sid: Some(sid.into()),
+            kid: Some(kid.into()),
+            scp: None,
+            dev: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_replayed_feed_refuses_everything_it_names_once_applied() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let catalog = SqliteCatalog::open(&dir.path().join("catalog.db"))
+            .await
+            .expect("catalog");
+        let now = crate::auth::unix_now_i64();
+        let alice = catalog.create_user("alice").await.expect("user");
+        let bob = catalog.create_user("bob").await.expect("user");
+        for sid in ["s1", "s2", "s3"] {
+            catalog
+                .revoke_session(sid, now + 3600, now)
+                .await
+                .expect("revoke");
+        }
+        let key = ApiKeyRecord::unlimited("k1".into(), alice.id, vec![1], now);
+        catalog.insert_api_key(&key).await.expect("key");
+        catalog
+            .revoke_api_key(alice.id, "k1", now)
+            .await
+            .expect("revoke key");
+        catalog
+            .set_user_disabled(bob.id, Some(now), now)
+            .await
+            .expect("disable");
+
+        // A hub that starts after all of it, reading the feed from its start.
+        let auth = Auth::new(b"k", Duration::from_secs(60));
+        let registry = Registry::new(Duration::from_secs(5));
+        let mut seen = 0;
+        read(&catalog, &auth, &registry, &mut seen)
+            .await
+            .expect("read");
+        assert_eq!(seen, catalog.last_change().await.expect("last"));
+        for sid in ["s1", "s2", "s3"] {
+            assert!(
+                auth.ended(&claims(alice.id, sid, "k0")).is_some(),
+                "session {sid} refused"
+            );
+        }
+        assert!(
+            auth.ended(&claims(alice.id, "s9", "k1")).is_some(),
+            "key k1 refused"
+        );
+        assert!(
+            auth.ended(&claims(bob.id, "s9", "k0")).is_some(),
+            "bob refused"
+        );
+        assert!(
+            auth.ended(&claims(alice.id, "s9", "k0")).is_none(),
+            "alice's other sessions go on"
+        );
+        // Nothing new: reading again changes nothing and moves nowhere.
+        read(&catalog, &auth, &registry, &mut seen)
+            .await
+            .expect("read");
+        assert_eq!(seen, catalog.last_change().await.expect("last"));
+    }
 }
