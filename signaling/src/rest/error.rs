@@ -159,8 +159,8 @@ impl IntoResponse for RpcError {
 
 impl From<RouteError> for ApiError {
     fn from(e: RouteError) -> Self {
-        // Routing treats a user's preferred device of another owner as unknown, so no
-        // answer here names a device the caller does not own.
+        // Routing treats a user's preferred device they may not use as unknown, so no
+        // answer here names a device the caller is not a member of.
         ApiError::new(e.code(), e.to_string())
     }
 }

@@ -1,6 +1,7 @@
 //! REST routes for tasks: per-device operations forwarded to the device that owns the
-//! task, and the merged views across all of a caller's devices. Owners only; a device
-//! the caller does not own is the same 404 as one that does not exist.
+//! task, and the merged views across all of a caller's devices. Members only (reading
+//! needs the `devices:read` scope, creating and cancelling `tasks:write`); a device the
+//! caller is not a member of is the same 404 as one that does not exist.
 //!
 //! A task travels to its device and back in single frames, so a task is refused here
 //! (413) when its fields are larger than one frame can carry, before it is sent: an
