@@ -27,21 +27,34 @@ pub struct HubArgs {
     pub ca_cert: Option<PathBuf>,
 }
 
-/// The CA this process trusts besides the public roots: set once, by whichever command
-/// first says which hub it talks to, and used by every request to it after.
-static CA_CERT: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+/// A listing command's arguments: the hub, and whether to print JSON.
+#[derive(Args)]
+pub struct ListArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub hub: HubArgs,
+}
+
+/// What this process trusts besides the public roots: set once, by whichever command
+/// first says which hub it talks to, and used by every request to it after; built once.
+static TRUST: std::sync::OnceLock<adi_cocoon::trust::Trust> = std::sync::OnceLock::new();
 
 /// Trusts `ca` (besides the public roots) for the rest of this process; checked now,
 /// so a bad file is named before anything is sent.
 pub fn trust_ca(ca: Option<&std::path::Path>) -> Result<()> {
-    adi_cocoon::trust::Trust::new(ca)?;
-    let _ = CA_CERT.set(ca.map(std::path::Path::to_owned));
+    let _ = TRUST.set(adi_cocoon::trust::Trust::new(ca)?);
     Ok(())
 }
 
+/// The trust set by [`trust_ca`], or the public roots alone when none was (left unset,
+/// so a later [`trust_ca`] still takes effect).
 fn trust() -> Result<adi_cocoon::trust::Trust> {
-    let ca = CA_CERT.get().and_then(Option::as_deref);
-    Ok(adi_cocoon::trust::Trust::new(ca)?)
+    match TRUST.get() {
+        Some(t) => Ok(t.clone()),
+        None => Ok(adi_cocoon::trust::Trust::new(None)?),
+    }
 }
 
 /// An HTTP client builder that trusts the public roots and the CA given, if any.

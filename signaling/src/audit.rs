@@ -104,35 +104,29 @@ pub fn by(caller: &Caller, kind: Kind) -> AuditEvent {
     }
 }
 
-/// Builder steps for the fields most events set.
-pub trait Describe {
+/// Builder steps for the fields most events set, so each place that records an event
+/// says what it concerns in one expression.
+impl AuditEvent {
     /// The device it concerns.
-    fn on(self, device: &DeviceId) -> Self;
-    /// The user it concerns.
-    fn to(self, user: UserId) -> Self;
-    /// What else identifies it.
-    fn detail(self, detail: impl Into<String>) -> Self;
-    /// Where it came from.
-    fn seen_from(self, ip: IpAddr) -> Self;
-}
-
-impl Describe for AuditEvent {
-    fn on(mut self, device: &DeviceId) -> Self {
+    pub fn on(mut self, device: &DeviceId) -> Self {
         self.device = Some(device.clone());
         self
     }
 
-    fn to(mut self, user: UserId) -> Self {
+    /// The user it concerns.
+    pub fn to(mut self, user: UserId) -> Self {
         self.target_user = Some(user);
         self
     }
 
-    fn detail(mut self, detail: impl Into<String>) -> Self {
+    /// What else identifies it.
+    pub fn detail(mut self, detail: impl Into<String>) -> Self {
         self.detail = Some(detail.into());
         self
     }
 
-    fn seen_from(mut self, ip: IpAddr) -> Self {
+    /// Where it came from.
+    pub fn seen_from(mut self, ip: IpAddr) -> Self {
         self.source = Some(ip.to_string());
         self
     }

@@ -39,7 +39,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{timeout, Instant, Sleep};
 use tracing::{debug, info, warn};
 
-use crate::audit::{self, Describe};
+use crate::audit;
 use crate::auth::unix_now_i64;
 use crate::catalog::{CatalogError, DeviceConfig, DeviceRecord};
 use crate::link::command::{

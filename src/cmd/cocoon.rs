@@ -14,7 +14,7 @@ use adi_protocol::views::{
 };
 use adi_protocol::Role;
 
-use crate::client::{HubArgs, HubClient};
+use crate::client::{HubArgs, HubClient, ListArgs};
 use crate::cmd::agent::{data_dir_and_file, disabled_set, PluginArgs};
 use crate::paths;
 
@@ -126,15 +126,6 @@ pub struct ClaimArgs {
 pub struct RevokeTokenArgs {
     /// The token's id (from `adi cocoon tokens`) or the whole token.
     token: String,
-    #[command(flatten)]
-    hub: HubArgs,
-}
-
-#[derive(Args)]
-pub struct ListArgs {
-    /// Print JSON instead of a table.
-    #[arg(long)]
-    json: bool,
     #[command(flatten)]
     hub: HubArgs,
 }

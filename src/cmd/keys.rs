@@ -10,7 +10,7 @@ use clap::{Args, Subcommand};
 use adi_protocol::views::{KeyCreated, KeyList, KeyView};
 use adi_protocol::Scope;
 
-use crate::client::{HubArgs, HubClient};
+use crate::client::{HubArgs, HubClient, ListArgs};
 
 #[derive(Subcommand)]
 pub enum KeysCmd {
@@ -37,15 +37,6 @@ pub struct CreateArgs {
     #[arg(long, value_parser = humantime::parse_duration)]
     expires: Option<Duration>,
     /// Print the hub's full answer as JSON.
-    #[arg(long)]
-    json: bool,
-    #[command(flatten)]
-    hub: HubArgs,
-}
-
-#[derive(Args)]
-pub struct ListArgs {
-    /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
     #[command(flatten)]

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use std::sync::Arc;
 
-use adi_signaling::audit::{self, Describe, Kind};
+use adi_signaling::audit::{self, Kind};
 use adi_signaling::catalog::{self, Catalog, CatalogError, Orphans, User};
 
 use crate::cmd::signaling::CatalogArgs;

@@ -10,25 +10,26 @@ use serde_json::{json, Value};
 
 use crate::harness::{cli, wait_for, Api, Cocoon, Hub};
 
-/// The kinds of the events `api` may read, oldest first.
-async fn kinds(api: &Api, query: &str) -> Result<Vec<String>> {
-    let (status, body) = api.get(&format!("/api/audit{query}")).await?;
+/// The events `api` may read with `query` (after `limit=1000&`), newest first.
+async fn events_where(api: &Api, query: &str) -> Result<Vec<Value>> {
+    let (status, body) = api.get(&format!("/api/audit?limit=1000{query}")).await?;
     anyhow::ensure!(status == 200, "audit: {status} {body}");
-    let mut kinds: Vec<String> = body["events"]
-        .as_array()
-        .map(|e| {
-            e.iter()
-                .filter_map(|e| e["kind"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
-    kinds.reverse();
-    Ok(kinds)
+    Ok(body["events"].as_array().cloned().unwrap_or_default())
 }
 
 async fn events(api: &Api) -> Result<Vec<Value>> {
-    let (_, body) = api.get("/api/audit?limit=1000").await?;
-    Ok(body["events"].as_array().cloned().unwrap_or_default())
+    events_where(api, "").await
+}
+
+/// The kinds of the events `api` may read with `query`, oldest first.
+async fn kinds(api: &Api, query: &str) -> Result<Vec<String>> {
+    let mut kinds: Vec<String> = events_where(api, query)
+        .await?
+        .iter()
+        .filter_map(|e| e["kind"].as_str().map(str::to_owned))
+        .collect();
+    kinds.reverse();
+    Ok(kinds)
 }
 
 fn find<'a>(events: &'a [Value], kind: &str) -> Option<&'a Value> {
@@ -162,7 +163,7 @@ async fn every_security_event_is_recorded_once_and_read_by_whom_it_concerns() ->
         ]
     );
     assert_eq!(
-        kinds(&alice, &format!("?device={id}")).await?,
+        kinds(&alice, &format!("&device={id}")).await?,
         [
             "device_enrolled",
             "token_created",

@@ -177,47 +177,27 @@ async fn cocoons_and_clients_reach_a_tls_hub_and_a_renewed_certificate_needs_no_
         "{said}"
     );
     let cfg = tempfile::tempdir()?;
-    let (code, _, err) = cli(
-        cfg.path(),
-        &["login", "--hub", &hub.url, "--api-key", &key_alice],
-        &[],
-    )?;
+    let login = |ca: Option<&Path>| {
+        let mut args = vec!["login", "--hub", &hub.url, "--api-key", &key_alice];
+        let ca = ca.map(path);
+        if let Some(ca) = &ca {
+            args.extend(["--ca-cert", ca.as_str()]);
+        }
+        cli(cfg.path(), &args, &[])
+    };
+    let (code, _, err) = login(None)?;
     assert_ne!(code, 0);
     assert!(
         err.contains("for 127.0.0.1 was not issued by a CA"),
         "{err}"
     );
-    let (code, _, err) = cli(
-        cfg.path(),
-        &[
-            "login",
-            "--hub",
-            &hub.url,
-            "--api-key",
-            &key_alice,
-            "--ca-cert",
-            &path(&other_ca),
-        ],
-        &[],
-    )?;
+    let (code, _, err) = login(Some(&other_ca))?;
     assert_ne!(code, 0);
     assert!(
         err.contains("other-ca.pem"),
         "names the CA file tried: {err}"
     );
-    let (code, out, err) = cli(
-        cfg.path(),
-        &[
-            "login",
-            "--hub",
-            &hub.url,
-            "--api-key",
-            &key_alice,
-            "--ca-cert",
-            &path(&ca_file),
-        ],
-        &[],
-    )?;
+    let (code, out, err) = login(Some(&ca_file))?;
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("logged in"), "{out}");
     // The CA is remembered with the session.

@@ -18,7 +18,7 @@ use serde::Serialize;
 use super::error::ApiError;
 use super::extract::{Caller, Json};
 use crate::access::{self, AccessError};
-use crate::audit::{self, Describe};
+use crate::audit;
 use crate::auth::unix_now_i64;
 use crate::catalog::{CatalogError, DeviceRecord, Member, UserId};
 use crate::registry::{Grants, Stop};

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
 use super::extract::{bearer_token, Json, SESSION_COOKIE, SESSION_COOKIE_PATH};
-use crate::audit::{self, Describe};
+use crate::audit;
 use crate::auth;
 use crate::catalog::{ApiKeyRecord, User, UserId};
 use crate::credential;

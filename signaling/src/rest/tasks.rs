@@ -31,7 +31,7 @@ use super::error::ApiError;
 use super::extract::{Caller, Json};
 use super::listing::{task_devices, ListParams};
 use crate::access;
-use crate::audit::{self, Describe};
+use crate::audit;
 use crate::catalog::DeviceRecord;
 use crate::rpc::{self, RpcError};
 use crate::HubState;

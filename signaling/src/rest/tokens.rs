@@ -20,7 +20,7 @@ use super::error::ApiError;
 use super::extract::{Caller, Json};
 use super::view;
 use crate::access::{self, AccessError};
-use crate::audit::{self, Describe};
+use crate::audit;
 use crate::auth::unix_now_i64;
 use crate::catalog::{TokenKind, TokenRecord};
 use crate::registry::Grants;
