@@ -4,6 +4,7 @@
 //!
 //! ```toml
 //! hub = "https://hub.example:8080"
+//! hubs = ["https://hub-b.example:8080"]  # more hubs of its cluster, tried after `hub`
 //! name = "gpu-box"
 //! database_url = "postgres://tasks@127.0.0.1/tasks"
 //! no_exec = false
@@ -30,8 +31,12 @@ pub const DEFAULT_FILE: &str = "cocoon.toml";
 #[derive(Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct CocoonFile {
-    /// Hub URL.
+    /// Hub URL: the primary.
     pub hub: Option<String>,
+    /// Hubs to fall back on, after `hub`; the first is the primary when `hub` is not
+    /// given.
+    #[serde(default)]
+    pub hubs: Vec<String>,
     /// Device name.
     pub name: Option<String>,
     /// Task store URL.
@@ -55,6 +60,13 @@ pub struct CocoonFile {
     pub local_api: Option<String>,
     /// A private CA (PEM) to trust for the hub's TLS certificate.
     pub ca_cert: Option<PathBuf>,
+}
+
+impl CocoonFile {
+    /// Every hub the file names, the primary first.
+    pub fn hub_urls(&self) -> Vec<String> {
+        self.hub.iter().chain(&self.hubs).cloned().collect()
+    }
 }
 
 /// One service in the file.
@@ -130,11 +142,20 @@ mod tests {
         )
         .expect("write");
         let f = load(&path, true).expect("ok").expect("present");
-        assert_eq!(f.hub.as_deref(), Some("http://h:1"));
+        assert_eq!(f.hub_urls(), ["http://h:1"]);
         assert!(f.no_exec);
         let s = f.services.into_iter().next().expect("one");
         let s = crate::services::check(&s.name, s.port, s.health.as_deref()).expect("valid");
         assert_eq!(s.health_path.as_deref(), Some("/healthz"));
+    }
+
+    #[test]
+    fn several_hubs_are_listed_the_primary_first() {
+        let f = parse("hubs = [\"http://a:1\", \"http://b:1\"]\n").expect("ok");
+        assert_eq!(f.hub_urls(), ["http://a:1", "http://b:1"]);
+        let f = parse("hub = \"http://a:1\"\nhubs = [\"http://b:1\"]\n").expect("ok");
+        assert_eq!(f.hub_urls(), ["http://a:1", "http://b:1"]);
+        assert!(parse("").expect("ok").hub_urls().is_empty());
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //!
 //! Layout, one job each:
 //! - [`lock`]: one live agent per data dir.
+//! - `hubs`: the hubs it may connect to, and which one it tries next.
 //! - [`identity`]: the device secret, owner-only in the data dir.
 //! - `session`: the connection loop, and a session actor per connection.
 //! - [`proxy`] and `pool`: the hub's proxied requests, served against the device's own
@@ -23,6 +24,7 @@
 mod capabilities;
 pub mod config_file;
 mod health;
+mod hubs;
 pub mod identity;
 pub mod local_api;
 pub mod lock;
@@ -63,8 +65,12 @@ const CALL_QUEUE: usize = 256;
 /// Everything a cocoon needs to run.
 #[derive(Debug, Clone)]
 pub struct CocoonConfig {
-    /// Base URL of the hub, `http(s)://host:port`.
+    /// Base URL of the hub, `http(s)://host:port`: the primary, tried first.
     pub hub_url: String,
+    /// More hubs of the same cluster, tried in turn when the one the device is on is
+    /// lost or cannot be reached. The hubs a hub names as its cluster join them while
+    /// the agent runs.
+    pub fallback_hubs: Vec<String>,
     /// Where the device secret (and later the task store) lives.
     pub data_dir: PathBuf,
     /// Human name of the device.
@@ -116,6 +122,7 @@ impl CocoonConfig {
     ) -> Self {
         CocoonConfig {
             hub_url: hub_url.into(),
+            fallback_hubs: Vec::new(),
             data_dir: data_dir.into(),
             name: name.into(),
             setup_token: None,
@@ -149,31 +156,10 @@ impl CocoonConfig {
         }
     }
 
-    /// The hub's WebSocket endpoint for cocoons.
-    fn ws_url(&self) -> Result<String, CocoonError> {
-        let base = self.hub_url.trim_end_matches('/');
-        let rest = if let Some(r) = base.strip_prefix("http://") {
-            format!("ws://{r}")
-        } else if let Some(r) = base.strip_prefix("https://") {
-            format!("wss://{r}")
-        } else if base.starts_with("ws://") || base.starts_with("wss://") {
-            base.to_owned()
-        } else {
-            return Err(CocoonError::HubUrl(self.hub_url.clone()));
-        };
-        // A device with services will carry proxied bodies: the hub gives its socket a
-        // reader that handles large frames well. Hubs that predate the hint ignore it.
-        let hint = if self.services.is_empty() {
-            ""
-        } else {
-            "?bodies=1"
-        };
-        Ok(format!("{rest}/ws/cocoon{hint}"))
-    }
-
-    /// The delay before reconnect attempt `attempt` (0-based): doubling from
+    /// The delay at step `attempt` (0-based) of the backoff: doubling from
     /// `backoff_initial`, capped at `backoff_max`, then jittered to 50–100 % so a fleet
-    /// that lost its hub at once does not come back at once.
+    /// that lost its hub at once does not come back at once. With several hubs a step
+    /// is a whole round of them.
     pub fn backoff(&self, attempt: u32) -> Duration {
         let base = self
             .backoff_initial
@@ -186,12 +172,17 @@ impl CocoonConfig {
 /// Where a cocoon's connection stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConnState {
-    /// Dialling the hub.
-    Connecting,
+    /// Dialling a hub.
+    Connecting {
+        /// The hub dialled.
+        hub: String,
+    },
     /// Registered and heartbeating.
     Online {
         /// The id the hub knows this device by.
         device_id: DeviceId,
+        /// The hub it is on, which with several hubs need not be the primary.
+        hub: String,
     },
     /// Waiting before the next attempt.
     Reconnecting {
@@ -199,6 +190,8 @@ pub enum ConnState {
         attempt: u32,
         /// Why the last attempt or connection ended.
         reason: String,
+        /// The hub the next attempt goes to.
+        hub: String,
     },
     /// Refused for good; the cocoon stopped.
     Failed {
@@ -209,7 +202,7 @@ pub enum ConnState {
     },
     /// What answered at the hub's address is not an adi hub; the cocoon stopped.
     NotAHub {
-        /// The hub URL as configured.
+        /// The hub URL that answered.
         hub: String,
         /// What it answered.
         answered: String,
@@ -224,9 +217,14 @@ pub enum CocoonError {
     /// The device secret could not be loaded or created.
     #[error(transparent)]
     Identity(#[from] IdentityError),
-    /// The hub URL is not http(s):// or ws(s)://.
-    #[error("hub URL must start with http:// or https://: {0}")]
-    HubUrl(String),
+    /// A configured hub URL cannot be dialled.
+    #[error("hub URL {url:?} {why}")]
+    HubUrl {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        why: String,
+    },
     /// The task store could not be opened.
     #[error("task store: {0}")]
     TaskStore(#[from] adi_task_store::StoreError),
@@ -326,7 +324,7 @@ impl CapabilityClient {
     /// The device id, once the cocoon is online.
     pub fn device_id(&self) -> Option<DeviceId> {
         match &*self.state.borrow() {
-            ConnState::Online { device_id } => Some(device_id.clone()),
+            ConnState::Online { device_id, .. } => Some(device_id.clone()),
             _ => None,
         }
     }
@@ -376,7 +374,7 @@ impl CocoonHandle {
         let mut rx = self.state.clone();
         loop {
             match &*rx.borrow_and_update() {
-                ConnState::Online { device_id } => return Ok(device_id.clone()),
+                ConnState::Online { device_id, .. } => return Ok(device_id.clone()),
                 ConnState::Failed { code, message } => {
                     return Err(CocoonError::Refused {
                         code: *code,
@@ -431,8 +429,9 @@ impl CocoonHandle {
 /// Loads (or creates) the device identity, opens the task store, starts the task
 /// runner and the connection loop.
 pub async fn start(config: CocoonConfig) -> Result<CocoonHandle, CocoonError> {
-    let ws_url = config.ws_url()?;
-    // Before anything in the data dir is read or written.
+    let hubs = hubs::Hubs::new(&config.hub_url, &config.fallback_hubs)?;
+    // Before anything in the data dir is read or written. The note names the primary:
+    // the device's identity is the data dir's, whichever hub it is on.
     let lock = lock::acquire(&config.data_dir, &config.hub_url)?;
     let trust = trust::Trust::new(config.ca_cert.as_deref())?;
     let secret = identity::load_or_create(&config.data_dir)?;
@@ -452,7 +451,9 @@ pub async fn start(config: CocoonConfig) -> Result<CocoonHandle, CocoonError> {
         },
     )
     .await?;
-    let (tx, rx) = watch::channel(ConnState::Connecting);
+    let (tx, rx) = watch::channel(ConnState::Connecting {
+        hub: hubs.current().url().to_owned(),
+    });
     let cancel = CancellationToken::new();
     let http = proxy::client();
     let health = health::spawn(
@@ -501,7 +502,7 @@ pub async fn start(config: CocoonConfig) -> Result<CocoonHandle, CocoonError> {
     };
     let task = tokio::spawn(session::run(
         config,
-        ws_url,
+        hubs,
         secret,
         shared,
         calls,
@@ -539,26 +540,5 @@ mod tests {
             );
         }
         assert!(c.backoff(50) <= c.backoff_max);
-    }
-
-    #[test]
-    fn hub_urls_map_to_the_cocoon_endpoint() {
-        let mut c = CocoonConfig::new("http://127.0.0.1:8080/", "/tmp", "n");
-        assert_eq!(c.ws_url().expect("ok"), "ws://127.0.0.1:8080/ws/cocoon");
-        c.hub_url = "https://hub.example".into();
-        assert_eq!(c.ws_url().expect("ok"), "wss://hub.example/ws/cocoon");
-        c.hub_url = "ftp://nope".into();
-        assert!(c.ws_url().is_err());
-        // A device with services says it will carry bodies.
-        c.hub_url = "http://127.0.0.1:8080".into();
-        c.services = vec![ServiceInfo {
-            name: "web".into(),
-            port: 3000,
-            health_path: None,
-        }];
-        assert_eq!(
-            c.ws_url().expect("ok"),
-            "ws://127.0.0.1:8080/ws/cocoon?bodies=1"
-        );
     }
 }

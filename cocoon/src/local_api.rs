@@ -243,7 +243,7 @@ async fn status(
 ) -> Result<Json<Status>, ApiError> {
     authorize(&shared, &headers)?;
     let state = match &*shared.client.state.borrow() {
-        ConnState::Connecting => "connecting",
+        ConnState::Connecting { .. } => "connecting",
         ConnState::Online { .. } => "online",
         ConnState::Reconnecting { .. } => "reconnecting",
         ConnState::Failed { .. } | ConnState::NotAHub { .. } => "failed",

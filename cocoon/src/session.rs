@@ -1,4 +1,5 @@
-//! The connection loop: one session per WebSocket, and the backoff between sessions.
+//! The connection loop: one session per WebSocket, the backoff between sessions, and the
+//! hub each one dials (`hubs` says which, and learns the hub's cluster from its answer).
 //! A session connects and registers; once registered, a [`Session`] actor owns the
 //! socket and everything that lives only as long as the connection, with one handler
 //! per thing that can happen (a frame from the hub, an answer or body frame to send,
@@ -27,6 +28,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::capabilities::CapabilityServer;
+use crate::hubs::{Hubs, Retry};
 use crate::plugins::CapabilitySet;
 use crate::runner::Runner;
 use crate::{CapabilityCall, CocoonConfig, CocoonError, ConnState};
@@ -126,7 +128,7 @@ pub(crate) struct Shared {
 
 pub(crate) async fn run(
     config: CocoonConfig,
-    ws_url: String,
+    mut hubs: Hubs,
     secret: DeviceSecret,
     shared: Shared,
     mut calls: mpsc::Receiver<CapabilityCall>,
@@ -134,16 +136,23 @@ pub(crate) async fn run(
     cancel: CancellationToken,
 ) -> Result<(), CocoonError> {
     let mut token = config.setup_token.clone();
-    let mut attempt: u32 = 0;
     // Once this agent has been online, an address that answers like something else is
     // taken for a hub's reverse proxy having a bad moment, and retried.
     let mut ever_online = false;
+    // A device with services will carry proxied bodies: the hub gives its socket a
+    // reader that handles large frames well.
+    let bodies = !config.services.is_empty();
     loop {
-        state.send_replace(ConnState::Connecting);
+        let hub = hubs.current().clone();
+        let ws_url = hub.ws_url(bodies);
+        state.send_replace(ConnState::Connecting {
+            hub: hub.url().to_owned(),
+        });
         let agent = Agent {
             trust: &shared.trust,
             instance: &shared.instance,
             config: &config,
+            hub: hub.url(),
             ws_url: &ws_url,
             secret: &secret,
             runner: &shared.runner,
@@ -153,7 +162,7 @@ pub(crate) async fn run(
             capabilities: &shared.capabilities,
             server: &shared.server,
         };
-        let outcome = session(&agent, &mut token, &mut calls, &state, &cancel).await;
+        let outcome = session(&agent, &mut hubs, &mut token, &mut calls, &state, &cancel).await;
         let (was_online, reason) = match outcome {
             SessionEnd::Cancelled => {
                 state.send_replace(ConnState::Stopped);
@@ -166,15 +175,19 @@ pub(crate) async fn run(
                 });
                 return Err(CocoonError::Refused { code, message });
             }
-            SessionEnd::NotAHub(answered) if !ever_online => {
+            // With other hubs to try, one mistyped address does not stop the device.
+            SessionEnd::NotAHub(answered) if !ever_online && hubs.len() == 1 => {
                 state.send_replace(ConnState::NotAHub {
-                    hub: config.hub_url.clone(),
+                    hub: hub.url().to_owned(),
                     answered: answered.clone(),
                 });
                 return Err(CocoonError::NotAHub {
-                    hub: config.hub_url.clone(),
+                    hub: hub.url().to_owned(),
                     answered,
                 });
+            }
+            SessionEnd::NotAHub(answered) if !ever_online => {
+                (false, format!("it is not an adi hub: {answered}"))
             }
             SessionEnd::NotAHub(answered) => (
                 false,
@@ -184,31 +197,41 @@ pub(crate) async fn run(
                 (false, format!("hub refused ({code}): {message}"))
             }
             SessionEnd::Lost { registered, reason } => {
-                if registered {
-                    attempt = 0;
-                    ever_online = true;
-                }
+                ever_online |= registered;
                 (registered, reason)
             }
         };
-        let delay = config.backoff(attempt);
-        let hub = &config.hub_url;
+        let Retry { attempt, step } = hubs.advance(was_online);
+        let delay = config.backoff(step);
+        let tried = hub.url();
+        let next = hubs.current().url().to_owned();
         let secs = delay.as_secs_f64();
         let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
-        // One line per retry: what failed, and when the next try is.
-        if was_online {
-            warn!(
+        // One line per retry: what failed, and when the next try is, where.
+        match (was_online, hubs.len() > 1) {
+            (true, false) => warn!(
                 attempt,
-                delay_ms, "hub connection lost: {reason}; reconnecting to {hub} in {secs:.1}s"
-            );
-        } else {
-            warn!(
+                delay_ms, "hub connection lost: {reason}; reconnecting to {next} in {secs:.1}s"
+            ),
+            (false, false) => warn!(
                 attempt,
-                delay_ms, "cannot connect to the hub at {hub}: {reason}; retrying in {secs:.1}s"
-            );
+                delay_ms, "cannot connect to the hub at {next}: {reason}; retrying in {secs:.1}s"
+            ),
+            (true, true) => warn!(
+                attempt,
+                delay_ms,
+                "connection to the hub at {tried} lost: {reason}; reconnecting to {next} in {secs:.1}s"
+            ),
+            (false, true) => warn!(
+                attempt,
+                delay_ms, "cannot connect to the hub at {tried}: {reason}; trying {next} in {secs:.1}s"
+            ),
         }
-        state.send_replace(ConnState::Reconnecting { attempt, reason });
-        attempt = attempt.saturating_add(1);
+        state.send_replace(ConnState::Reconnecting {
+            attempt,
+            reason,
+            hub: next,
+        });
         tokio::select! {
             _ = cancel.cancelled() => {
                 state.send_replace(ConnState::Stopped);
@@ -224,6 +247,8 @@ struct Agent<'a> {
     trust: &'a crate::trust::Trust,
     instance: &'a str,
     config: &'a CocoonConfig,
+    /// The hub this session dials, as named in logs and the state.
+    hub: &'a str,
     ws_url: &'a str,
     secret: &'a DeviceSecret,
     runner: &'a Arc<Runner>,
@@ -236,6 +261,7 @@ struct Agent<'a> {
 
 async fn session(
     agent: &Agent<'_>,
+    hubs: &mut Hubs,
     token: &mut Option<String>,
     calls: &mut mpsc::Receiver<CapabilityCall>,
     state: &watch::Sender<ConnState>,
@@ -245,6 +271,7 @@ async fn session(
         trust,
         instance,
         config,
+        hub,
         ws_url,
         secret,
         load,
@@ -344,9 +371,11 @@ async fn session(
     // The token is spent; later reconnects prove identity with the secret alone.
     *token = None;
     let heartbeat_every = Duration::from_millis(registered.heartbeat_interval_ms.max(100));
-    info!(device_id = %registered.device_id, heartbeat_ms = registered.heartbeat_interval_ms, "connected to hub");
+    info!(device_id = %registered.device_id, heartbeat_ms = registered.heartbeat_interval_ms, hub, "connected to hub");
+    hubs.learn(&registered.hubs);
     state.send_replace(ConnState::Online {
         device_id: registered.device_id.clone(),
+        hub: hub.to_owned(),
     });
 
     // Answers stay within the smaller of our limit and the hub's: the hub closes a link

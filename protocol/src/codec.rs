@@ -245,15 +245,17 @@ mod tests {
                 any::<u32>(),
                 any::<u64>(),
                 any::<bool>(),
-                proptest::option::of(any::<u64>())
+                proptest::option::of(any::<u64>()),
+                proptest::collection::vec("\\PC{0,40}", 0..3)
             )
-                .prop_map(|(mac, v, hb, enrolled, max)| HubToDevice::Registered(
+                .prop_map(|(mac, v, hb, enrolled, max, hubs)| HubToDevice::Registered(
                     Registered {
                         device_id: DeviceId::from_mac(&mac),
                         protocol_version: v,
                         heartbeat_interval_ms: hb,
                         enrolled,
                         max_frame_bytes: max,
+                        hubs,
                     }
                 )),
             (

@@ -10,8 +10,9 @@
 //!    a one-time setup token.
 //! 2. The hub picks the highest version both sides speak, derives the device id from the
 //!    secret (HMAC-SHA256 under a hub key), enrols the device if a token was given, and
-//!    answers [`HubToDevice::Registered`] with the device id, the chosen version and the
-//!    heartbeat interval. Any failure is answered with [`HubToDevice::Error`] and a close
+//!    answers [`HubToDevice::Registered`] with the device id, the chosen version, the
+//!    heartbeat interval and the other hubs of its cluster, where the device goes when it
+//!    loses this one. Any failure is answered with [`HubToDevice::Error`] and a close
 //!    frame whose reason names the error code.
 //! 3. The cocoon sends [`DeviceToHub::Heartbeat`] every interval. The hub keeps heartbeat
 //!    state in RAM only and closes a connection that stays silent for three intervals.

@@ -230,6 +230,10 @@ pub struct Registered {
     /// within it. Absent from hubs that predate it: the default limit then applies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_frame_bytes: Option<u64>,
+    /// The other hubs of this hub's cluster (their base URLs), so a device that loses its hub
+    /// reconnects to another. Empty from a hub that runs alone or predates clusters.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hubs: Vec<String>,
 }
 
 /// Messages a cocoon sends to the hub.
@@ -567,5 +571,27 @@ mod tests {
             ..load
         };
         assert!(!hw.describes(&more_ram));
+    }
+
+    /// A hub that runs alone (or predates clusters) and an agent that predates them
+    /// still understand each other's registration answer.
+    #[test]
+    fn the_cluster_list_is_optional_on_the_wire() {
+        let alone: Registered = serde_json::from_str(
+            r#"{"device_id":"00112233445566778899aabbccddeeff","protocol_version":1,"heartbeat_interval_ms":500}"#,
+        )
+        .expect("an answer without hubs");
+        assert!(alone.hubs.is_empty());
+        let text = serde_json::to_string(&alone).expect("encodes");
+        assert!(!text.contains("hubs"), "{text}");
+        let clustered = Registered {
+            hubs: vec!["https://hub-b.example".into()],
+            ..alone
+        };
+        let text = serde_json::to_string(&clustered).expect("encodes");
+        assert!(
+            text.contains(r#""hubs":["https://hub-b.example"]"#),
+            "{text}"
+        );
     }
 }

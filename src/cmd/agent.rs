@@ -37,9 +37,11 @@ pub struct RunArgs {
     /// threads); one thread carries about a gigabyte a second of proxied bodies.
     #[arg(long, env = "ADI_COCOON_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     pub threads: u16,
-    /// Hub URL (or `hub` in the config file).
-    #[arg(long, env = "ADI_HUB")]
-    hub: Option<String>,
+    /// Hub URL (or `hub` in the config file). Repeat it, or separate URLs with commas,
+    /// for several hubs of one cluster: the first is the primary, the others are tried
+    /// in turn when the device's hub is lost or cannot be reached.
+    #[arg(long, env = "ADI_HUB", value_delimiter = ',')]
+    hub: Vec<String>,
     /// TOML config file (default: cocoon.toml in the data dir, if present); flags and
     /// environment variables override it.
     #[arg(long, env = "ADI_COCOON_CONFIG")]
@@ -103,9 +105,9 @@ impl RunArgs {
         self.config.as_deref()
     }
 
-    /// The hub given, if any (the config file may name one too).
+    /// The primary hub given, if any (the config file may name one too).
     pub(crate) fn hub(&self) -> Option<&str> {
-        self.hub.as_deref()
+        self.hub.first().map(String::as_str)
     }
 
     /// The setup token given, if any.
@@ -184,12 +186,23 @@ pub(crate) fn data_dir_and_file(
 /// Runs the agent until a stop signal (then it drains) or a final refusal.
 pub async fn run(mut args: RunArgs) -> Result<()> {
     let (data_dir, file) = data_dir_and_file(args.data_dir.clone(), args.config.as_deref())?;
-    let hub = args.hub.clone().or(file.hub).ok_or_else(|| {
+    let given = if args.hub.is_empty() {
+        file.hub_urls()
+    } else {
+        std::mem::take(&mut args.hub)
+    };
+    let mut hubs = given
+        .iter()
+        .map(|h| h.trim())
+        .filter(|h| !h.is_empty())
+        .map(normalize_hub)
+        .collect::<Result<Vec<String>>>()?
+        .into_iter();
+    let hub = hubs.next().ok_or_else(|| {
         anyhow::anyhow!(
             "no hub given: pass --hub, set ADI_HUB, or put hub = \"...\" in the config file"
         )
     })?;
-    let hub = normalize_hub(&hub)?;
     args.services.extend(file_services(file.services)?);
     let mut names: Vec<&str> = args.services.iter().map(|s| s.name.as_str()).collect();
     names.sort_unstable();
@@ -197,10 +210,11 @@ pub async fn run(mut args: RunArgs) -> Result<()> {
         bail!("service {:?} is given twice", w[0]);
     }
     let mut config = CocoonConfig::new(
-        hub.clone(),
+        hub,
         data_dir,
         args.name.or(file.name).unwrap_or_else(paths::hostname),
     );
+    config.fallback_hubs = hubs.collect();
     config.setup_token = args.token;
     config.services = args.services;
     config.backoff_max = args.backoff_max;
@@ -228,7 +242,7 @@ pub async fn run(mut args: RunArgs) -> Result<()> {
     let watcher = tokio::spawn(async move {
         while state.changed().await.is_ok() {
             let now = state.borrow_and_update().clone();
-            if let ConnState::Online { device_id } = now {
+            if let ConnState::Online { device_id, hub } = now {
                 eprintln!("cocoon online as device {device_id} at {hub}");
             }
         }

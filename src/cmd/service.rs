@@ -173,7 +173,7 @@ fn install(args: InstallArgs) -> Result<()> {
     )?;
     let data_dir = std::path::absolute(&data_dir)
         .with_context(|| format!("resolving {}", data_dir.display()))?;
-    if parsed.run.hub().is_none() && file.hub.is_none() {
+    if parsed.run.hub().is_none() && file.hub_urls().is_empty() {
         bail!(
             "the service must know its hub: pass it after --, as in \
              `adi cocoon service install -- --hub https://hub.example`"

@@ -9,6 +9,7 @@ mod browser;
 mod capabilities;
 mod connections;
 mod enrolment;
+mod failover;
 mod harness;
 mod install;
 mod keys;
