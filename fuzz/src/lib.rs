@@ -36,6 +36,7 @@ pub const CHECKS: &[(&str, Check)] = &[
     ("request_target", request_target),
     ("plugin_manifest", plugin_manifest),
     ("cocoon_toml", cocoon_toml),
+    ("cluster_message", cluster_message),
 ];
 
 /// A frame a device sent, as the hub reads it: the direct reader of the hot frames must
@@ -82,6 +83,29 @@ where
 pub fn client_message(data: &[u8]) {
     round_trip::<ClientToHub>(data);
     round_trip::<HubToClient>(data);
+}
+
+/// What one hub of a cluster reads from another: beats and presence changes from NATS,
+/// device requests and their answers over HTTP. Decoding arbitrary bytes never panics,
+/// and every message decoded survives its own encoding unchanged.
+pub fn cluster_message(data: &[u8]) {
+    use adi_protocol::cluster::{Beat, Presence, Rpc, RpcAnswer};
+    json_round_trip::<Beat>(data);
+    json_round_trip::<Presence>(data);
+    json_round_trip::<Rpc>(data);
+    json_round_trip::<RpcAnswer>(data);
+}
+
+/// A JSON document that decodes as `T` survives its own encoding unchanged.
+fn json_round_trip<T>(data: &[u8])
+where
+    T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug,
+{
+    if let Ok(message) = serde_json::from_slice::<T>(data) {
+        let bytes = serde_json::to_vec(&message).expect("a decoded message encodes");
+        let again: T = serde_json::from_slice(&bytes).expect("own encoding decodes");
+        assert_eq!(again, message, "a message changed through its own encoding");
+    }
 }
 
 /// A run of binary frames from a peer, as the stream multiplexer meets them: each is

@@ -55,6 +55,7 @@
 pub mod access;
 pub mod capability;
 pub mod client;
+pub mod cluster;
 mod codec;
 mod error;
 pub mod exchange;

@@ -158,6 +158,8 @@ pub enum AccessError {
 pub enum Found {
     /// Connected: what the registry knows of it now.
     Live(DeviceId, Live),
+    /// Connected to another hub of the cluster: what that hub last said of it.
+    Remote(DeviceId, Live, crate::cluster::HubId),
     /// Not connected: what the catalog holds.
     Stored(DeviceRecord),
 }
@@ -231,16 +233,29 @@ pub async fn device_by_id_or_name(
         if let Some(live) = state.registry.access(&id).filter(|a| mine(&id, &a.members)) {
             return Ok(Found::Live(id, live));
         }
+        if let Some(found) = remote(state, &id, &mine) {
+            return Ok(found);
+        }
         return device(state, caller, given, scope).await.map(Found::Stored);
     }
     let name = decoded_name(given).ok_or(AccessError::NotFound)?;
     let mut live = state.registry.named(&name, mine);
+    if let Some(cluster) = &state.cluster {
+        for id in cluster.named(&name, mine) {
+            if !live.contains(&id) {
+                live.push(id);
+            }
+        }
+    }
     if live.len() > 1 {
         return Err(ambiguous(&name, live));
     }
     if let Some(id) = live.pop() {
         if let Some(access) = state.registry.access(&id).filter(|a| mine(&id, &a.members)) {
             return Ok(Found::Live(id, access));
+        }
+        if let Some(found) = remote(state, &id, &mine) {
+            return Ok(found);
         }
     }
     let mut stored: Vec<DeviceRecord> = devices(state, caller, scope)
@@ -253,6 +268,17 @@ pub async fn device_by_id_or_name(
         1 => stored.pop().map(Found::Stored).ok_or(AccessError::NotFound),
         _ => Err(ambiguous(&name, stored.into_iter().map(|d| d.id).collect())),
     }
+}
+
+/// The device, if it is connected to another hub of the cluster and `mine` lets the
+/// caller use it.
+fn remote(
+    state: &HubState,
+    id: &DeviceId,
+    mine: &impl Fn(&DeviceId, &[UserId]) -> bool,
+) -> Option<Found> {
+    let (live, hub) = state.cluster.as_ref()?.access(id)?;
+    mine(id, &live.members).then(|| Found::Remote(id.clone(), live, hub))
 }
 
 /// A device name as it appears in a path, decoded; `None` if it cannot be a name.

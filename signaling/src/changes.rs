@@ -21,8 +21,11 @@ use crate::auth::Auth;
 use crate::catalog::{Catalog, CatalogError, Change, ChangeKind, UserId};
 use crate::registry::{Grants, Registry, Stop};
 
-/// How often the feed is read.
+/// How often the feed is read by a hub that runs alone.
 pub const POLL: Duration = Duration::from_secs(1);
+/// How often a hub of several reads it: a change made through another hub must be
+/// seen by every hub within a second, reading and applying it included.
+pub const CLUSTER_POLL: Duration = Duration::from_millis(250);
 
 /// Most changes read at once.
 const BATCH: u32 = 1000;
@@ -40,11 +43,12 @@ pub async fn load(catalog: &dyn Catalog, auth: &Auth) -> Result<(), CatalogError
     Ok(())
 }
 
-/// Reads the feed from its start, then every [`POLL`], until `stop`.
+/// Reads the feed from its start, then every `poll`, until `stop`.
 pub async fn follow(
     catalog: Arc<dyn Catalog>,
     auth: &Auth,
     registry: &Registry,
+    poll: Duration,
     stop: CancellationToken,
 ) {
     let mut seen = 0;
@@ -66,7 +70,7 @@ pub async fn follow(
         }
         tokio::select! {
             () = stop.cancelled() => return,
-            () = tokio::time::sleep(POLL) => {}
+            () = tokio::time::sleep(poll) => {}
         }
     }
 }

@@ -72,6 +72,14 @@ pub struct HubConfig {
     pub tls: Option<TlsFiles>,
     /// How long the audit log keeps an event.
     pub audit_retention: Duration,
+    /// The NATS server hubs sharing this catalog talk through (`nats://host:port`):
+    /// set, the hub joins them as one cluster; unset, it runs alone.
+    pub nats_url: Option<String>,
+    /// The base URL other hubs and devices reach this hub at (default: the public URL,
+    /// else `http://` and the listen address).
+    pub hub_url: Option<String>,
+    /// A PEM CA to trust, besides the public roots, for other hubs served over TLS.
+    pub hub_ca_cert: Option<PathBuf>,
 }
 
 /// The certificate and key files the hub serves TLS with, re-read when they change.
@@ -107,6 +115,9 @@ impl Default for HubConfig {
             max_connections_per_source: 512,
             tls: None,
             audit_retention: Duration::from_secs(90 * 86_400),
+            nats_url: None,
+            hub_url: None,
+            hub_ca_cert: None,
         }
     }
 }
@@ -141,6 +152,12 @@ pub enum ConfigError {
     /// Connection caps out of range.
     #[error("max connections must be at least 64, and the cap per source at most that")]
     MaxConnections,
+    /// Several hubs need a catalog they can share.
+    #[error("--nats joins hubs that share a catalog: give --database-url postgres://... too")]
+    ClusterWithoutSharedCatalog,
+    /// The hub URL is not an http(s) URL.
+    #[error("hub URL must start with http:// or https://")]
+    HubUrl,
 }
 
 impl HubConfig {
@@ -186,6 +203,19 @@ impl HubConfig {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 return Err(ConfigError::PublicUrl);
             }
+        }
+        if let Some(url) = &self.hub_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(ConfigError::HubUrl);
+            }
+        }
+        if self.nats_url.is_some()
+            && !self
+                .database_url
+                .as_deref()
+                .is_some_and(|u| u.starts_with("postgres://") || u.starts_with("postgresql://"))
+        {
+            return Err(ConfigError::ClusterWithoutSharedCatalog);
         }
         Ok(())
     }

@@ -100,7 +100,11 @@ pub(crate) async fn serve(
         heartbeat_interval_ms: interval_ms,
         enrolled: accepted.enrolled,
         max_frame_bytes: u64::try_from(state.config.max_frame_bytes).ok(),
-        hubs: Vec::new(),
+        hubs: state
+            .cluster
+            .as_ref()
+            .map(|c| c.peer_urls())
+            .unwrap_or_default(),
     });
     let _ = link.try_send(Command::Send(Box::new(Answer {
         msg: registered,

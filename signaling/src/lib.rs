@@ -25,6 +25,7 @@
 //! - `access`: who may see and use which device, decided in one place.
 //! - `audit`: the security events the catalog keeps, and who may read them.
 //! - `changes`: the catalog's access-change feed, applied to RAM every second.
+//! - `cluster`: the other hubs sharing the catalog, their devices, and the way to them.
 //! - `rpc`: asking a device something and waiting for its one answer.
 //! - `routing`: picking the device that serves a capability.
 //! - `aggregate`: fanning a query out to a user's devices and merging the parts.
@@ -48,6 +49,7 @@ pub mod catalog;
 mod changes;
 mod client_ws;
 mod close;
+pub mod cluster;
 pub mod config;
 mod connection;
 mod credential;
@@ -102,6 +104,9 @@ pub enum HubError {
     /// The TLS certificate or key could not be used.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// The cluster could not be joined.
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
     /// The metrics could not be set up.
     #[error("setting up metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -144,9 +149,55 @@ pub struct HubState {
     pub(crate) routing_turn: std::sync::atomic::AtomicUsize,
     /// The executable `/download/adi` serves.
     pub(crate) download: rest::install::Download,
+    /// The other hubs sharing the catalog, when the hub runs as one of several.
+    pub cluster: Option<Arc<cluster::Cluster>>,
 }
 
 impl HubState {
+    /// The device's presence, wherever in the cluster it is connected.
+    pub fn presence(&self, id: &adi_protocol::DeviceId) -> registry::Presence {
+        let local = self.registry.presence(id);
+        if local.last_heartbeat_age.is_some() {
+            return local;
+        }
+        self.cluster
+            .as_ref()
+            .and_then(|c| c.presence(id))
+            .unwrap_or(local)
+    }
+
+    /// The device's load as last reported, wherever in the cluster it is connected.
+    pub fn load(&self, id: &adi_protocol::DeviceId) -> Option<adi_protocol::LoadReport> {
+        if self.registry.connected_at(id).is_some() {
+            return self.registry.load(id);
+        }
+        self.cluster.as_ref()?.device(id)?.load.map(|l| *l)
+    }
+
+    /// The device's service health as last reported, wherever it is connected.
+    pub fn service_health(&self, id: &adi_protocol::DeviceId) -> Vec<adi_protocol::ServiceHealth> {
+        if self.registry.connected_at(id).is_some() {
+            return self.registry.service_health(id);
+        }
+        self.cluster
+            .as_ref()
+            .and_then(|c| c.device(id))
+            .map(|r| r.health)
+            .unwrap_or_default()
+    }
+
+    /// Capability requests this hub has in flight to the device.
+    pub fn in_flight(&self, id: &adi_protocol::DeviceId) -> u32 {
+        self.registry.in_flight(id).unwrap_or_else(|| {
+            self.cluster
+                .as_ref()
+                .and_then(|c| c.device(id))
+                .map_or(0, |r| {
+                    r.in_flight.load(std::sync::atomic::Ordering::Relaxed)
+                })
+        })
+    }
+
     /// `https` when the hub serves TLS itself, else `http`.
     pub fn scheme(&self) -> &'static str {
         if self.config.tls.is_some() {
@@ -241,6 +292,25 @@ pub async fn spawn(config: HubConfig) -> Result<HubHandle, HubError> {
         .as_ref()
         .map(tls::Certificates::acceptor)
         .transpose()?;
+    let cluster = match &config.nats_url {
+        Some(nats) => {
+            let url = config
+                .hub_url
+                .clone()
+                .or_else(|| config.public_url.clone())
+                .unwrap_or_else(|| {
+                    let scheme = if config.tls.is_some() {
+                        "https"
+                    } else {
+                        "http"
+                    };
+                    format!("{scheme}://{addr}")
+                });
+            let url = url.trim_end_matches('/').to_owned();
+            Some(cluster::Cluster::join(nats, url, &keys.jwt, config.hub_ca_cert.as_deref()).await?)
+        }
+        None => None,
+    };
     let metrics = Arc::new(metrics::Metrics::new()?);
     let admission = server::Admission::new(&config, metrics.connections_refused());
     let state = Arc::new(HubState {
@@ -254,6 +324,7 @@ pub async fn spawn(config: HubConfig) -> Result<HubHandle, HubError> {
         routing_turn: std::sync::atomic::AtomicUsize::new(0),
         throttle: throttle::Throttle::default(),
         download: rest::install::Download::new(&config.data_dir),
+        cluster,
         catalog,
         config,
     });
@@ -269,11 +340,27 @@ pub async fn spawn(config: HubConfig) -> Result<HubHandle, HubError> {
         let state = state.clone();
         let drained = drained.clone();
         async move {
-            changes::follow(state.catalog.clone(), &state.auth, &state.registry, drained).await
+            let poll = if state.cluster.is_some() {
+                changes::CLUSTER_POLL
+            } else {
+                changes::POLL
+            };
+            changes::follow(
+                state.catalog.clone(),
+                &state.auth,
+                &state.registry,
+                poll,
+                drained,
+            )
+            .await
         }
     });
     if let Some(certificates) = certificates {
         tokio::spawn(certificates.watch(drained.clone()));
+    }
+    if let Some(cluster) = &state.cluster {
+        cluster.start(Arc::downgrade(&state), drained.clone())?;
+        tracing::info!(hub = %cluster.id, url = cluster.url, "joined the cluster");
     }
     rest::install::warn_without_public_url(&state);
     let app = router::app(state.clone());
@@ -294,6 +381,9 @@ pub async fn spawn(config: HubConfig) -> Result<HubHandle, HubError> {
                 () = serve => {}
                 () = async {
                     shutdown.cancelled().await;
+                    if let Some(cluster) = &state.cluster {
+                        cluster.drain();
+                    }
                     tracing::info!(?grace, "shutting down: no new connections; waiting for the requests in flight");
                     tokio::time::sleep(grace).await;
                 } => {

@@ -43,6 +43,7 @@ pub(crate) const PREFIX: &str = "/proxy/";
 /// target from the path, the caller from its credentials, the peer from the connection),
 /// so no routing, extractors or boxing stand between a request and its device.
 pub(crate) async fn handle(state: AppState, req: Request) -> Response {
+    let _serving = state.cluster.as_ref().map(|c| c.serving());
     let response = match proxy(&state, req).await {
         Ok(response) => response,
         Err(e) => e.into_response(),
@@ -83,6 +84,13 @@ async fn proxy(state: &AppState, mut req: Request) -> Result<Response, ApiError>
             &"the connection's peer address is unknown",
         ));
     };
+    // Sent on by another hub of the cluster: the client is who that hub says.
+    let from_hub = crate::cluster::sent_by_hub(state.cluster.as_deref(), req.headers());
+    let peer = if from_hub {
+        crate::cluster::client_addr(req.headers()).unwrap_or(peer)
+    } else {
+        peer
+    };
     let path_and_query = req
         .uri()
         .path_and_query()
@@ -96,26 +104,10 @@ async fn proxy(state: &AppState, mut req: Request) -> Result<Response, ApiError>
         || check_target(target).map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()));
     // Whose device it is, and whether it is connected, is decided by `access`: a
     // stranger's device is "no such device", whatever else is wrong with the request.
-    let (device_id, target) =
+    let (device_id, live, elsewhere) =
         match access::device_by_id_or_name(state, &caller, given, Scope::Proxy).await? {
-            Found::Live(id, live) => {
-                if !live.services.iter().any(|s| s.name == service) {
-                    return Err(no_service());
-                }
-                let target = check()?;
-                // A device whose socket is still open but that stopped heartbeating would
-                // never answer: say so now rather than after the whole deadline.
-                if !live.online {
-                    return Err(offline());
-                }
-                if live.draining {
-                    return Err(ApiError::new(
-                        ErrorCode::DeviceOffline,
-                        "the device is stopping and takes no new requests",
-                    ));
-                }
-                (id, target)
-            }
+            Found::Live(id, live) => (id, live, None),
+            Found::Remote(id, live, hub) => (id, live, Some(hub)),
             Found::Stored(device) => {
                 if !device.services.iter().any(|s| s.name == service) {
                     return Err(no_service());
@@ -124,6 +116,32 @@ async fn proxy(state: &AppState, mut req: Request) -> Result<Response, ApiError>
                 return Err(offline());
             }
         };
+    if !live.services.iter().any(|s| s.name == service) {
+        return Err(no_service());
+    }
+    let target = check()?;
+    // A device whose socket is still open but that stopped heartbeating would never
+    // answer: say so now rather than after the whole deadline.
+    if !live.online {
+        return Err(offline());
+    }
+    if live.draining {
+        return Err(ApiError::new(
+            ErrorCode::DeviceOffline,
+            "the device is stopping and takes no new requests",
+        ));
+    }
+    if let Some(hub) = elsewhere {
+        // Connected to another hub: that hub serves the request, as it was sent. A
+        // request another hub sent here is never sent on again.
+        let url = state
+            .cluster
+            .as_ref()
+            .filter(|_| !from_hub)
+            .and_then(|c| c.peer_url(hub))
+            .ok_or_else(offline)?;
+        return Box::pin(forward(state, &url, req, peer)).await;
+    }
     let span =
         tracing::debug_span!("proxy", device_id = %device_id, service, method = %req.method());
     let max_body = state.config.proxy_max_body_bytes;
@@ -218,6 +236,73 @@ async fn proxy(state: &AppState, mut req: Request) -> Result<Response, ApiError>
     *resp.status_mut() = StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);
     copy_response_headers(&head.headers, resp.headers_mut());
     Ok(resp)
+}
+
+/// Serves a proxied request through the hub the device is connected to: the request
+/// goes on whole (its body streamed), and that hub's answer comes back the same way, so
+/// each hop holds at most its socket buffers of a body. An upgrade is spliced through.
+/// That hub checks the caller again, as for a request of its own.
+async fn forward(
+    state: &AppState,
+    url: &str,
+    mut req: Request,
+    peer: SocketAddr,
+) -> Result<Response, ApiError> {
+    let Some(cluster) = state.cluster.as_ref() else {
+        return Err(offline());
+    };
+    let upgrade = upgrade_protocol(req.headers());
+    let on_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+    strip_hop_by_hop(req.headers_mut(), upgrade.as_deref());
+    let mut resp = cluster
+        .client()
+        .forward(url, cluster.key(), req, peer)
+        .await
+        .map_err(|e| {
+            debug!(hub = url, "forwarding to another hub failed: {e}");
+            ApiError::new(
+                ErrorCode::DeviceOffline,
+                "the hub the device is connected to cannot be reached",
+            )
+        })?;
+    if let (Some(client), StatusCode::SWITCHING_PROTOCOLS) = (on_upgrade, resp.status()) {
+        let hub = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            match tokio::join!(client, hub) {
+                (Ok(client), Ok(hub)) => {
+                    let mut client = hyper_util::rt::TokioIo::new(client);
+                    let mut hub = hyper_util::rt::TokioIo::new(hub);
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut hub).await;
+                }
+                (Err(e), _) | (_, Err(e)) => debug!("upgrade through another hub failed: {e}"),
+            }
+        });
+        let (parts, _) = resp.into_parts();
+        return Ok(Response::from_parts(parts, Body::empty()));
+    }
+    strip_hop_by_hop(resp.headers_mut(), None);
+    Ok(resp.map(Body::new))
+}
+
+/// Removes the headers that belong to one connection, not to the message; an upgrade
+/// keeps the two that ask for it.
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: Option<&str>) {
+    let connection = headers
+        .get(header::CONNECTION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let hop: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_hop_by_hop(n.as_str(), connection.as_deref()))
+        .cloned()
+        .collect();
+    for name in hop {
+        headers.remove(name);
+    }
+    if let Some(protocol) = upgrade.and_then(|p| HeaderValue::from_str(p).ok()) {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, protocol);
+    }
 }
 
 /// What allowed a proxied exchange: who asked, for which device.
@@ -381,6 +466,8 @@ fn forward_headers(
             || n == "authorization"
             || n == "host"
             || n == TIMEOUT_HEADER
+            || n == crate::cluster::HUB_KEY_HEADER
+            || n == crate::cluster::CLIENT_ADDR_HEADER
             || n.starts_with("x-forwarded-")
         {
             if n == "x-forwarded-for" {

@@ -77,6 +77,9 @@ pub struct LiveDevice {
     pub draining: bool,
     /// Which agent process holds the connection, and from where.
     pub agent: Agent,
+    /// When it registered, in Unix milliseconds: of two connections of one device on
+    /// different hubs, the newer wins.
+    pub connected_at: i64,
 }
 
 /// The agent process behind a connection: its own random id (from its registration;
@@ -154,14 +157,44 @@ pub struct Access {
 pub struct Candidate {
     /// The device.
     pub id: DeviceId,
-    /// Its connection, which also counts the capability requests in flight to it.
-    pub handle: ConnHandle,
+    /// How to reach it, which also counts the capability requests in flight to it.
+    pub via: Via,
     /// Its offer that matches the query (the newest, if it has several).
     pub offer: CapabilityOffer,
     /// Its load share in [0, 1) from its last report ([`load_share`]).
     pub load_share: f64,
     /// Who may use it.
     pub members: Arc<[UserId]>,
+}
+
+/// How a candidate is reached: through its connection to this hub, or through the hub
+/// it is connected to.
+#[derive(Debug, Clone)]
+pub enum Via {
+    /// Connected here.
+    Local(ConnHandle),
+    /// Connected to another hub of the cluster.
+    Remote {
+        /// That hub.
+        hub: uuid::Uuid,
+        /// Capability requests this hub has in flight to the device through it.
+        in_flight: Arc<std::sync::atomic::AtomicU32>,
+    },
+}
+
+impl Via {
+    /// The counter of capability requests in flight to the device from this hub.
+    pub fn in_flight_counter(&self) -> &std::sync::atomic::AtomicU32 {
+        match self {
+            Via::Local(handle) => handle.in_flight_counter(),
+            Via::Remote { in_flight, .. } => in_flight,
+        }
+    }
+
+    /// Capability requests in flight to the device from this hub.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight_counter().load(Ordering::Relaxed)
+    }
 }
 
 /// What the registry says of a device at one instant.
@@ -348,6 +381,7 @@ impl Registry {
             services: self.service_lists.get(services),
             draining: false,
             agent,
+            connected_at: crate::auth::unix_now_ms(),
         };
         self.index(&id, capabilities);
         self.index_name(&id, name);
@@ -623,11 +657,29 @@ impl Registry {
         let offer = best_offer(e.capabilities.iter(), query)?.clone();
         Some(Candidate {
             id: id.clone(),
-            handle: e.handle.clone(),
+            via: Via::Local(e.handle.clone()),
             offer,
             load_share: load_share(e.load.as_deref()),
             members: e.members.clone(),
         })
+    }
+
+    /// The agent process behind the device's connection, if it is connected.
+    pub fn agent(&self, id: &DeviceId) -> Option<Agent> {
+        self.devices.get(id).map(|live| live.agent)
+    }
+
+    /// When the device's current connection registered (Unix ms), if it is connected.
+    pub fn connected_at(&self, id: &DeviceId) -> Option<i64> {
+        self.devices.get(id).map(|live| live.connected_at)
+    }
+
+    /// Calls `f` with every connected device; holds one entry's guard at a time, so
+    /// `f` must not touch the registry.
+    pub fn each(&self, mut f: impl FnMut(&DeviceId, &LiveDevice)) {
+        for live in self.devices.iter() {
+            f(live.key(), live.value());
+        }
     }
 
     /// The device's load as last reported, if it is connected and reported any.

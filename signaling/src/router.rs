@@ -13,7 +13,9 @@ use axum::Router;
 use futures_util::future::{Either, FutureExt as _};
 
 use crate::rest::error::ApiError;
-use crate::rest::{audit, capabilities, devices, health, install, keys, session, tasks, tokens};
+use crate::rest::{
+    audit, capabilities, devices, health, hubs, install, keys, session, tasks, tokens,
+};
 use crate::sockets;
 use crate::HubState;
 
@@ -46,6 +48,7 @@ pub fn app(
 fn router(state: AppState) -> Router {
     Router::new()
         .merge(health::routes())
+        .merge(hubs::routes())
         .route("/metrics", get(crate::metrics::serve))
         .merge(sockets::routes())
         .merge(session::routes())

@@ -28,7 +28,7 @@ use tracing::debug;
 
 pub use crate::access::Requester;
 use crate::link::command::{Call, Command, Ended, Ending, ReplyTo, Routed, RpcError};
-use crate::registry::{Candidate, ConnHandle};
+use crate::registry::{Candidate, ConnHandle, Via};
 use crate::rpc;
 use crate::HubState;
 
@@ -75,7 +75,7 @@ impl RouteError {
 
 /// A candidate's score: lower is better.
 pub fn score(c: &Candidate) -> f64 {
-    f64::from(c.handle.in_flight()) + c.load_share
+    f64::from(c.via.in_flight()) + c.load_share
 }
 
 /// Orders candidates best first; the devices tied for best take turns at the front,
@@ -104,7 +104,13 @@ pub fn choose(
 ) -> Result<Vec<Candidate>, RouteError> {
     let mut preferred = None;
     if let Some(p) = prefer {
-        if let Some(c) = state.registry.candidate(p, query) {
+        let found = state.registry.candidate(p, query).or_else(|| {
+            state
+                .cluster
+                .as_ref()
+                .and_then(|cluster| cluster.candidate(p, query))
+        });
+        if let Some(c) = found {
             if requester.may_use(&c.id, &c.members) {
                 preferred = Some(c);
             } else if matches!(requester, Requester::Device { .. }) {
@@ -114,12 +120,23 @@ pub fn choose(
             }
         }
     }
-    let others = state
+    let mut others: Vec<Candidate> = state
         .registry
         .candidates(query, |id, members| requester.may_use(id, members))
         .into_iter()
         .filter(|c| Some(&c.id) != preferred.as_ref().map(|p| &p.id))
         .collect();
+    if let Some(cluster) = &state.cluster {
+        others.extend(
+            cluster
+                .candidates(query, |id, members| requester.may_use(id, members))
+                .into_iter()
+                .filter(|c| {
+                    Some(&c.id) != preferred.as_ref().map(|p| &p.id)
+                        && state.registry.connected_at(&c.id).is_none()
+                }),
+        );
+    }
     let mut order = rank(others, &state.routing_turn);
     if let Some(p) = preferred {
         order.insert(0, p);
@@ -131,12 +148,12 @@ pub fn choose(
 }
 
 /// Counts a request as in flight to a device for as long as it lives.
-struct InFlight(ConnHandle);
+struct InFlight(Via);
 
 impl InFlight {
     fn new(c: &Candidate) -> Self {
-        c.handle.in_flight_counter().fetch_add(1, Ordering::Relaxed);
-        InFlight(c.handle.clone())
+        c.via.in_flight_counter().fetch_add(1, Ordering::Relaxed);
+        InFlight(c.via.clone())
     }
 }
 
@@ -243,7 +260,7 @@ pub(crate) fn dispatch(
         query: query.clone(),
         payload: payload.clone(),
     });
-    send(first, query, payload, deadline, to, retry);
+    send(state, first, query, payload, deadline, to, retry);
 }
 
 /// Where a routed request's one ending goes.
@@ -347,7 +364,7 @@ impl Ending for Route {
                     .filter(|_| worth_retrying(&e) && Instant::now() < deadline)
                     .and_then(|r| Some((r.next_device(&device)?, r)));
                 if let Some((next, r)) = next {
-                    send(&next, r.query, r.payload, deadline, to, None);
+                    send(&r.state, &next, r.query, r.payload, deadline, to, None);
                     return;
                 }
                 Err(failed(e, &device))
@@ -373,6 +390,7 @@ impl Retry {
 
 /// Hands one attempt to `candidate`'s connection; a refusal ends it at once.
 fn send(
+    state: &Arc<HubState>,
     candidate: &Candidate,
     query: CapabilityQuery,
     payload: adi_protocol::Payload,
@@ -396,11 +414,28 @@ fn send(
         deadline: left,
         reply: ReplyTo::Routed(routed),
     };
-    if let Err((why, Command::Request(call))) = candidate
-        .handle
-        .try_send_or_return(Command::Request(Box::new(call)))
-    {
-        call.reply.end(Err(rpc::refused(why)));
+    match &candidate.via {
+        Via::Local(handle) => {
+            if let Err((why, Command::Request(call))) =
+                handle.try_send_or_return(Command::Request(Box::new(call)))
+            {
+                call.reply.end(Err(rpc::refused(why)));
+            }
+        }
+        Via::Remote { hub, .. } => {
+            let Some(cluster) = state.cluster.clone() else {
+                call.reply.end(Err(RpcError::Offline));
+                return;
+            };
+            let (hub, device) = (*hub, candidate.id.clone());
+            // The hub it is on asks it; the ending comes back here as the one answer.
+            tokio::spawn(async move {
+                let answer = cluster
+                    .request(hub, &device, call.request, call.deadline)
+                    .await;
+                call.reply.end(answer);
+            });
+        }
     }
 }
 
@@ -417,7 +452,7 @@ mod tests {
             .store(in_flight, Ordering::Relaxed);
         Candidate {
             id: DeviceId::from_mac(&[b; 16]),
-            handle,
+            via: Via::Local(handle),
             offer: "embeddings:1.0.0"
                 .parse::<CapabilityOffer>()
                 .expect("offer"),

@@ -13,8 +13,24 @@ pub use crate::link::command::{ProxyOpened, RpcError};
 use crate::link::{ConnHandle, Refused};
 use crate::HubState;
 
-/// Sends `request` to `device` and waits up to `deadline` for its answer.
+/// Sends `request` to `device` and waits up to `deadline` for its answer; a device
+/// connected to another hub of the cluster is asked through that hub.
 pub async fn request(
+    state: &HubState,
+    device: &DeviceId,
+    request: DeviceRequest,
+    deadline: Duration,
+) -> Result<DeviceReply, RpcError> {
+    match (state.registry.handle(device), &state.cluster) {
+        (Some(handle), _) => call(&handle, request, deadline).await,
+        (None, Some(cluster)) => cluster.request_device(device, request, deadline).await,
+        (None, None) => Err(RpcError::Offline),
+    }
+}
+
+/// Sends `request` to `device` only if it is connected to this hub: what another hub
+/// of the cluster asks, so a request never travels between hubs twice.
+pub async fn local_request(
     state: &HubState,
     device: &DeviceId,
     request: DeviceRequest,

@@ -16,6 +16,8 @@ use crate::paths;
 pub enum SignalingCmd {
     /// Run the hub until Ctrl-C or SIGTERM.
     Serve(Box<ServeArgs>),
+    /// The hubs serving now: one, or every hub of a cluster, with its devices and load.
+    Hubs(HubsArgs),
     /// Manage users (run on the hub host, against its catalog; a running hub applies
     /// every change within a second).
     #[command(subcommand)]
@@ -114,12 +116,73 @@ pub struct ServeArgs {
     /// high behind a reverse proxy, which every client's connection comes from).
     #[arg(long, env = "ADI_MAX_CONNECTIONS_PER_SOURCE", default_value_t = 512)]
     max_connections_per_source: usize,
+    /// Join the other hubs that share this PostgreSQL catalog through this NATS server
+    /// (nats://host:4222): devices and users may then use any of them.
+    #[arg(long, env = "ADI_NATS")]
+    nats: Option<String>,
+    /// The URL other hubs and devices reach this hub at (default: --public-url, else
+    /// http:// and the listen address).
+    #[arg(long, env = "ADI_HUB_URL")]
+    hub_url: Option<String>,
+    /// A private CA (PEM) to trust, besides the public roots, for other hubs of the
+    /// cluster served over TLS.
+    #[arg(long, env = "ADI_HUB_CA_CERT")]
+    hub_ca_cert: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct HubsArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    hub: crate::client::HubArgs,
+}
+
+async fn hubs(args: HubsArgs) -> Result<()> {
+    let client = crate::client::HubClient::connect(&args.hub).await?;
+    let list: adi_signaling::rest::hubs::HubList = client.get("/api/hubs").await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&list.hubs)?);
+        return Ok(());
+    }
+    let now = adi_signaling::auth::unix_now_i64();
+    let rows: Vec<[String; 5]> = list
+        .hubs
+        .into_iter()
+        .map(|h| {
+            let state = match (h.this, h.draining) {
+                (_, true) => "draining",
+                (true, false) => "serving (this one)",
+                (false, false) => "serving",
+            };
+            let up = h.started_at.map_or_else(
+                || "-".into(),
+                |t| {
+                    humantime::format_duration(Duration::from_secs(
+                        u64::try_from(now.saturating_sub(t)).unwrap_or(0),
+                    ))
+                    .to_string()
+                },
+            );
+            [
+                h.url,
+                state.into(),
+                h.devices.to_string(),
+                h.in_flight.to_string(),
+                up,
+            ]
+        })
+        .collect();
+    crate::table::print_table(["HUB", "STATE", "DEVICES", "IN FLIGHT", "UP"], &rows);
+    Ok(())
 }
 
 pub async fn run(cmd: SignalingCmd) -> Result<()> {
     match cmd {
         SignalingCmd::Serve(args) => serve(*args).await,
         SignalingCmd::User(cmd) => crate::cmd::users::run(cmd).await,
+        SignalingCmd::Hubs(args) => hubs(args).await,
     }
 }
 
@@ -148,6 +211,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
             (Some(cert), Some(key)) => Some(adi_signaling::config::TlsFiles { cert, key }),
             _ => None,
         },
+        nats_url: args.nats,
+        hub_url: args.hub_url,
+        hub_ca_cert: args.hub_ca_cert,
         ..HubConfig::default()
     };
     let hub = adi_signaling::spawn(config)

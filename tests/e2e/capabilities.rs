@@ -24,12 +24,12 @@ use crate::harness::{cli, wait_for, Api, Cocoon, Hub};
 /// NAME, after telling the test it arrived, so the test can kill the device mid-request;
 /// one that says `"gate": NAME` is told the same way and answered once the test
 /// releases it.
-struct Plugin {
+pub(crate) struct Plugin {
     name: &'static str,
     embeds: AtomicU64,
     chats: AtomicU64,
     arrived: mpsc::UnboundedSender<&'static str>,
-    release: tokio::sync::Notify,
+    pub(crate) release: tokio::sync::Notify,
 }
 
 async fn answer(plugin: &Plugin, kind: &'static str, payload: Value) -> Json<Value> {
@@ -63,7 +63,7 @@ async fn chat(State(p): State<Arc<Plugin>>, Json(payload): Json<Value>) -> Json<
 }
 
 /// Starts a plugin service on a free loopback port.
-async fn plugin(
+pub(crate) async fn plugin(
     name: &'static str,
     arrived: mpsc::UnboundedSender<&'static str>,
 ) -> Result<(Arc<Plugin>, u16)> {
@@ -88,7 +88,7 @@ async fn plugin(
 
 /// Writes a manifest offering `embeddings:1.2.0` (idempotent) and `llm.chat:1.0.0`
 /// (not) from the service on `port`.
-fn manifest(dir: &Path, port: u16) -> Result<()> {
+pub(crate) fn manifest(dir: &Path, port: u16) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     std::fs::write(
         dir.join("models.toml"),
@@ -101,17 +101,17 @@ fn manifest(dir: &Path, port: u16) -> Result<()> {
     Ok(())
 }
 
-fn served_by(body: &Value) -> String {
+pub(crate) fn served_by(body: &Value) -> String {
     body["from_device"].as_str().unwrap_or_default().to_owned()
 }
 
-async fn ask(api: &Api, protocol: &str, body: Value) -> Result<(u16, Value)> {
+pub(crate) async fn ask(api: &Api, protocol: &str, body: Value) -> Result<(u16, Value)> {
     api.post(&format!("/api/capabilities/{protocol}/request"), body)
         .await
 }
 
 /// The same request, sent in its own task, for a test that acts while it is in flight.
-fn ask_later(
+pub(crate) fn ask_later(
     api: &Api,
     protocol: &'static str,
     body: Value,
@@ -121,7 +121,7 @@ fn ask_later(
 }
 
 /// `adi cocoon request` from the device whose data dir is `dir`.
-fn request_cli(dir: &Path, args: &[&str]) -> Result<(i32, String, String)> {
+pub(crate) fn request_cli(dir: &Path, args: &[&str]) -> Result<(i32, String, String)> {
     let data_dir = dir.to_string_lossy().to_string();
     let mut all = vec!["cocoon", "request"];
     all.extend_from_slice(args);

@@ -17,6 +17,11 @@ pub const ADI: &str = env!("CARGO_BIN_EXE_adi");
 /// Heartbeat interval the test hubs use, so offline detection is quick.
 pub const HEARTBEAT: Duration = Duration::from_millis(500);
 
+/// The NATS server cluster tests join.
+pub fn nats_url() -> String {
+    std::env::var("ADI_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
 /// Polls `f` until it returns `Some`, or fails after `deadline`.
 pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut f: F) -> Result<T>
 where
@@ -181,6 +186,20 @@ impl Hub {
     /// A hub on the SQLite catalog in `data_dir`, which the caller keeps.
     pub async fn start_in(data_dir: &Path) -> Result<Self> {
         Self::launch(data_dir, None, 0).await
+    }
+
+    /// One hub of a cluster: its catalog the given PostgreSQL database, joined to the
+    /// others through the machine's NATS (`ADI_TEST_NATS`, default the loopback one).
+    pub async fn start_cluster(database_url: &str, extra: &[&str]) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let data_dir = dir.path().join("hub");
+        let nats = nats_url();
+        let mut flags = vec!["--nats", nats.as_str()];
+        flags.extend_from_slice(extra);
+        let mut hub =
+            Self::launch_with(&data_dir, Some(database_url.to_owned()), 0, &flags).await?;
+        hub._dir = Some(dir);
+        Ok(hub)
     }
 
     /// A hub whose catalog is the given PostgreSQL database.

@@ -7,6 +7,7 @@ mod audit;
 mod auth;
 mod browser;
 mod capabilities;
+mod cluster;
 mod connections;
 mod enrolment;
 mod failover;

@@ -22,10 +22,10 @@ use crate::harness::{wait_for, Api, Cocoon, Hub};
 
 /// What the test services observe, shared with the test body.
 #[derive(Default)]
-struct Seen {
-    uploaded: AtomicU64,
+pub(crate) struct Seen {
+    pub(crate) uploaded: AtomicU64,
     aborted: AtomicBool,
-    release_sse: Notify,
+    pub(crate) release_sse: Notify,
     /// Lets `/gated` send the rest of its body.
     release_gated: Notify,
     /// A `/hang` request reached the service / was dropped by it (its connection closed).
@@ -81,7 +81,7 @@ async fn echo(req: Request) -> Response {
         .into_response()
 }
 
-fn service(seen: Arc<Seen>) -> Router {
+pub(crate) fn service(seen: Arc<Seen>) -> Router {
     let s1 = seen.clone();
     let s2 = seen.clone();
     let s3 = seen.clone();
@@ -265,7 +265,7 @@ fn service(seen: Arc<Seen>) -> Router {
         .fallback(echo)
 }
 
-async fn serve(router: Router) -> Result<u16> {
+pub(crate) async fn serve(router: Router) -> Result<u16> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
     tokio::spawn(async move {
@@ -335,7 +335,7 @@ impl Setup {
     }
 }
 
-fn vm_kib(pid: u32, field: &str) -> u64 {
+pub(crate) fn vm_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()

@@ -115,7 +115,12 @@ async fn by_capability(
     let mut cocoons: Vec<Offering> = devices
         .into_iter()
         .filter_map(|d| {
-            let live = state.registry.candidate(&d.id, &query);
+            let live = state.registry.candidate(&d.id, &query).or_else(|| {
+                state
+                    .cluster
+                    .as_ref()
+                    .and_then(|c| c.candidate(&d.id, &query))
+            });
             let offer = match &live {
                 Some(c) => c.offer.clone(),
                 None => best_offer(&d.capabilities, &query)?.clone(),

@@ -43,7 +43,7 @@ fn service_views(
     online: bool,
 ) -> Vec<ServiceView> {
     let health = if online {
-        state.registry.service_health(id)
+        state.service_health(id)
     } else {
         Vec::new()
     };
@@ -73,7 +73,7 @@ fn member_view(m: &Member) -> MemberView {
 /// The device as `caller` sees it.
 pub(crate) fn view(state: &HubState, d: DeviceRecord, caller: UserId) -> CocoonView {
     let role = d.role_of(caller);
-    let presence = state.registry.presence(&d.id);
+    let presence = state.presence(&d.id);
     CocoonView {
         status: match (presence.online, presence.draining) {
             (true, true) => "stopping",
@@ -87,12 +87,12 @@ pub(crate) fn view(state: &HubState, d: DeviceRecord, caller: UserId) -> CocoonV
             .map(|a| (a.as_secs_f64() * 10.0).round() / 10.0),
         services: service_views(state, &d.id, d.services, presence.online),
         load: if presence.online {
-            state.registry.load(&d.id)
+            state.load(&d.id)
         } else {
             None
         },
         capabilities: d.capabilities,
-        in_flight: state.registry.in_flight(&d.id).unwrap_or(0),
+        in_flight: state.in_flight(&d.id),
         conflict: state.registry.conflict(&d.id).map(|c| ConflictView {
             at: c.at,
             displaced_from: c.displaced.map(|a| a.to_string()),
@@ -157,7 +157,7 @@ async fn get_services(
     Path(id): Path<String>,
 ) -> Result<Json<ServiceList>, ApiError> {
     let device = access::device(&state, &caller, &id, Scope::DevicesRead).await?;
-    let online = state.registry.presence(&device.id).online;
+    let online = state.presence(&device.id).online;
     Ok(Json(ServiceList {
         services: service_views(&state, &device.id, device.services, online),
         device_id: device.id,

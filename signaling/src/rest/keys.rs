@@ -131,7 +131,7 @@ async fn new_devices(
     let mut ids = Vec::with_capacity(asked.len());
     for given in &asked {
         let id = match access::device_by_id_or_name(state, caller, given, Scope::KeysWrite).await {
-            Ok(access::Found::Live(id, _)) => id,
+            Ok(access::Found::Live(id, _) | access::Found::Remote(id, ..)) => id,
             Ok(access::Found::Stored(device)) => device.id,
             Err(AccessError::NotFound) => {
                 return Err(ApiError::new(

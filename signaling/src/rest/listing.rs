@@ -126,7 +126,7 @@ pub(crate) async fn task_devices(
     let (online, offline): (Vec<_>, Vec<_>) = devices
         .into_iter()
         .filter(aggregate::keeps_tasks)
-        .partition(|d| state.registry.presence(&d.id).online);
+        .partition(|d| state.presence(&d.id).online);
     let offline = offline
         .into_iter()
         .map(|d| DeviceStatus {

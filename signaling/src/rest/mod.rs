@@ -16,6 +16,7 @@
 //! - `capabilities`: capability requests, served by the best device
 //! - `listing`: the query of a merged task listing, shared with the client socket
 //! - `health`: liveness and readiness
+//! - `hubs`: the hubs of a cluster, and device requests from one to another
 //! - `install`: the install script, the hub's own executable and the web UI's page
 
 pub(crate) mod audit;
@@ -24,6 +25,7 @@ pub(crate) mod devices;
 pub mod error;
 pub mod extract;
 pub(crate) mod health;
+pub mod hubs;
 pub(crate) mod install;
 pub(crate) mod keys;
 pub(crate) mod listing;

@@ -1,0 +1,169 @@
+//! Requests from this hub to another of its cluster, over HTTP (HTTPS for a hub that
+//! serves TLS), on pooled connections. Each carries the cluster's hub key, which the
+//! other hub checks before it trusts anything the request says about its caller.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use adi_protocol::{DeviceId, DeviceReply, DeviceRequest};
+use axum::body::Body;
+use axum::http::{header, HeaderValue, Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+
+use super::{CLIENT_ADDR_HEADER, HUB_KEY_HEADER};
+use crate::link::command::RpcError;
+use adi_protocol::cluster::{Rpc, RpcAnswer};
+
+/// Where another hub answers device requests for this one.
+pub const RPC_PATH: &str = "/internal/hub/rpc";
+/// Largest answer to a device request accepted from another hub.
+const MAX_ANSWER_BYTES: usize = 256 * 1024 * 1024;
+/// How long connecting to another hub may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Beyond the request's own deadline, how long the other hub has to send its answer.
+const ANSWER_SLACK: Duration = Duration::from_secs(2);
+
+type Https = hyper_rustls::HttpsConnector<HttpConnector>;
+
+/// Pooled connections to the other hubs.
+#[derive(Clone)]
+pub struct Client {
+    http: hyper_util::client::legacy::Client<Https, Body>,
+}
+
+impl Client {
+    /// A client trusting the public roots and, if given, the CA in the PEM file `ca`.
+    pub fn new(ca: Option<&Path>) -> Result<Self, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        if let Some(path) = ca {
+            let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            for cert in CertificateDer::pem_slice_iter(&pem) {
+                let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        http.set_nodelay(true);
+        http.enforce_http(false);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let http = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(256)
+            .build(https);
+        Ok(Client { http })
+    }
+
+    /// Asks hub `url` to carry `request` to `device`, connected there; waits up to
+    /// `deadline` (and a little more for the answer to arrive).
+    pub async fn rpc(
+        &self,
+        url: &str,
+        key: &str,
+        device: &DeviceId,
+        request: DeviceRequest,
+        deadline: Duration,
+    ) -> Result<DeviceReply, RpcError> {
+        let body = Rpc {
+            device: device.clone(),
+            deadline_ms: u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX),
+            request,
+        };
+        let lost = |why: String| {
+            tracing::debug!(device_id = %device, hub = url, "request through another hub failed: {why}");
+            RpcError::Disconnected
+        };
+        let body = serde_json::to_vec(&body).map_err(|e| lost(e.to_string()))?;
+        let uri: Uri = format!("{}{RPC_PATH}", url.trim_end_matches('/'))
+            .parse()
+            .map_err(|e: axum::http::uri::InvalidUri| lost(e.to_string()))?;
+        let req = Request::post(uri)
+            .header(HUB_KEY_HEADER, key)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body))
+            .map_err(|e| lost(e.to_string()))?;
+        let exchange = async {
+            let response = self
+                .http
+                .request(req)
+                .await
+                .map_err(|e| lost(e.to_string()))?;
+            let status = response.status();
+            let bytes = axum::body::to_bytes(Body::new(response.into_body()), MAX_ANSWER_BYTES)
+                .await
+                .map_err(|e| lost(e.to_string()))?;
+            if !status.is_success() {
+                return Err(lost(format!("answered {status}")));
+            }
+            serde_json::from_slice::<RpcAnswer>(&bytes).map_err(|e| lost(e.to_string()))
+        };
+        match tokio::time::timeout(deadline + ANSWER_SLACK, exchange).await {
+            Err(_) => Err(RpcError::Timeout(deadline)),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(answer)) => match answer {
+                RpcAnswer::Ok(reply) => Ok(reply),
+                RpcAnswer::Offline => Err(RpcError::Offline),
+                RpcAnswer::Busy => Err(RpcError::Busy),
+                RpcAnswer::Timeout(ms) => Err(RpcError::Timeout(Duration::from_millis(ms))),
+                RpcAnswer::Disconnected => Err(RpcError::Disconnected),
+                RpcAnswer::Remote(e) => Err(RpcError::Remote(e)),
+            },
+        }
+    }
+
+    /// Sends `req` on to hub `url` as it is (its path, headers and streamed body), with
+    /// the hub key and the address it came from; answers with that hub's response,
+    /// whose body streams as it arrives.
+    pub async fn forward(
+        &self,
+        url: &str,
+        key: &str,
+        mut req: Request<Body>,
+        from: SocketAddr,
+    ) -> Result<Response<Incoming>, String> {
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_else(|| "/".into());
+        *req.uri_mut() = format!("{}{path}", url.trim_end_matches('/'))
+            .parse()
+            .map_err(|e: axum::http::uri::InvalidUri| e.to_string())?;
+        // The Host header stays as the client sent it: the service builds its links on it.
+        let headers = req.headers_mut();
+        headers.insert(
+            HUB_KEY_HEADER,
+            HeaderValue::from_str(key).map_err(|e| e.to_string())?,
+        );
+        headers.insert(
+            CLIENT_ADDR_HEADER,
+            HeaderValue::from_str(&from.to_string()).map_err(|e| e.to_string())?,
+        );
+        self.http.request(req).await.map_err(|e| {
+            use std::error::Error as _;
+            match e.source() {
+                Some(s) => format!("{e}: {s}"),
+                None => e.to_string(),
+            }
+        })
+    }
+}
