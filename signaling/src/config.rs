@@ -220,3 +220,30 @@ impl HubConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn several_hubs_need_a_shared_catalog_and_an_http_url() {
+        let alone = HubConfig {
+            nats_url: Some("nats://127.0.0.1:4222".into()),
+            ..HubConfig::default()
+        };
+        assert!(matches!(
+            alone.validate(),
+            Err(ConfigError::ClusterWithoutSharedCatalog)
+        ));
+        let shared = HubConfig {
+            database_url: Some("postgres://127.0.0.1/adi".into()),
+            ..alone
+        };
+        assert!(shared.validate().is_ok());
+        let bad_url = HubConfig {
+            hub_url: Some("hub.example:8080".into()),
+            ..shared
+        };
+        assert!(matches!(bad_url.validate(), Err(ConfigError::HubUrl)));
+    }
+}

@@ -17,7 +17,7 @@ pub enum SignalingCmd {
     /// Run the hub until Ctrl-C or SIGTERM.
     Serve(Box<ServeArgs>),
     /// The hubs serving now: one, or every hub of a cluster, with its devices and load.
-    Hubs(HubsArgs),
+    Hubs(crate::client::ListArgs),
     /// Manage users (run on the hub host, against its catalog; a running hub applies
     /// every change within a second).
     #[command(subcommand)]
@@ -130,16 +130,7 @@ pub struct ServeArgs {
     hub_ca_cert: Option<PathBuf>,
 }
 
-#[derive(Args)]
-pub struct HubsArgs {
-    /// Print JSON instead of a table.
-    #[arg(long)]
-    json: bool,
-    #[command(flatten)]
-    hub: crate::client::HubArgs,
-}
-
-async fn hubs(args: HubsArgs) -> Result<()> {
+async fn hubs(args: crate::client::ListArgs) -> Result<()> {
     let client = crate::client::HubClient::connect(&args.hub).await?;
     let list: adi_signaling::rest::hubs::HubList = client.get("/api/hubs").await?;
     if args.json {

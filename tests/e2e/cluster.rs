@@ -125,6 +125,26 @@ async fn a_device_on_one_hub_is_listed_proxied_and_asked_through_the_others() ->
         )
         .await?;
 
+        // `adi signaling hubs` through any hub lists all three.
+        let cfg = tempfile::tempdir()?;
+        let (code, out, err) = crate::harness::cli(
+            cfg.path(),
+            &[
+                "signaling",
+                "hubs",
+                "--hub",
+                &on_c.base,
+                "--api-key",
+                &c.alice_key,
+            ],
+            &[],
+        )?;
+        ensure!(code == 0, "{out}{err}");
+        ensure!(
+            c.hubs.iter().all(|h| out.contains(&h.url)) && out.contains("serving (this one)"),
+            "{out}"
+        );
+
         let client = http()?;
         let url = |hub: &Api, rest: &str| format!("{}/proxy/{id}/web{rest}", hub.base);
         // By id and by name, through both other hubs.
@@ -315,7 +335,7 @@ async fn capabilities_are_routed_by_load_across_devices_on_different_hubs() -> R
         return Ok(());
     };
     let result = async {
-        let c = cluster(&db.url(), &[]).await?;
+        let mut c = cluster(&db.url(), &[]).await?;
         let (on_a, on_c) = (c.alice(0).await?, c.alice(2).await?);
         let (arrived_tx, mut arrived) = tokio::sync::mpsc::unbounded_channel();
         let (svc_x, port_x) = plugin("X", arrived_tx.clone()).await?;
@@ -411,6 +431,25 @@ async fn capabilities_are_routed_by_load_across_devices_on_different_hubs() -> R
         let printed: Value = serde_json::from_str(&out)?;
         ensure!(printed["vector"][0] == 3.0, "{out}");
         ensure!(err.contains(&format!("served by device {x_id}")), "{err}");
+
+        // A request in flight through a hub that dies ends once, at once, with an error
+        // (llm.chat is not idempotent, so it is not sent again).
+        let held = ask_later(
+            &on_c,
+            "llm.chat",
+            json!({"payload": {"hold": "X"}, "prefer_device": x_id, "timeout_ms": 20000}),
+        );
+        let kind = tokio::time::timeout(Duration::from_secs(10), arrived.recv()).await?;
+        ensure!(kind == Some("chat"));
+        let killed = Instant::now();
+        c.hubs[0].proc.kill();
+        let (status, body) = tokio::time::timeout(Duration::from_secs(10), held).await???;
+        ensure!(status == 502 || status == 503, "{status} {body}");
+        ensure!(body["error"]["code"] == "device_offline", "{body}");
+        eprintln!(
+            "request through the killed hub ended {:.2} s after the kill: {body}",
+            killed.elapsed().as_secs_f64()
+        );
         drop((x, y));
         Ok(())
     }
