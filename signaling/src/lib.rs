@@ -171,7 +171,7 @@ impl HubState {
         if self.registry.connected_at(id).is_some() {
             return self.registry.load(id);
         }
-        self.cluster.as_ref()?.device(id)?.load.map(|l| *l)
+        self.cluster.as_ref()?.load(id)
     }
 
     /// The device's service health as last reported, wherever it is connected.
@@ -181,8 +181,7 @@ impl HubState {
         }
         self.cluster
             .as_ref()
-            .and_then(|c| c.device(id))
-            .map(|r| r.health)
+            .map(|c| c.health(id))
             .unwrap_or_default()
     }
 
@@ -191,10 +190,8 @@ impl HubState {
         self.registry.in_flight(id).unwrap_or_else(|| {
             self.cluster
                 .as_ref()
-                .and_then(|c| c.device(id))
-                .map_or(0, |r| {
-                    r.in_flight.load(std::sync::atomic::Ordering::Relaxed)
-                })
+                .and_then(|c| c.in_flight_to(id))
+                .unwrap_or(0)
         })
     }
 

@@ -298,36 +298,57 @@ impl Cluster {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// The device, if it is connected to another hub alive now.
-    pub fn device(&self, id: &DeviceId) -> Option<Remote> {
-        let remote = self.remote.get(id)?.clone();
-        self.peer_url(remote.hub)?;
-        Some(remote)
+    /// `f` of the device, if it is connected to another hub alive now; reads it in
+    /// place (no copy), holding its entry only for `f`.
+    fn with_device<T>(&self, id: &DeviceId, f: impl FnOnce(&Remote) -> T) -> Option<T> {
+        let remote = self.remote.get(id)?;
+        let alive = self
+            .peers
+            .get(&remote.hub)
+            .is_some_and(|p| p.last_seen.elapsed() <= PEER_SILENCE);
+        alive.then(|| f(&remote))
     }
 
     /// Members, services and presence of a device connected to another hub, with the
     /// hub, as the proxy needs them.
     pub fn access(&self, id: &DeviceId) -> Option<(Access, HubId)> {
-        let r = self.device(id)?;
-        Some((
-            Access {
-                members: r.members,
-                services: r.services,
-                online: r.online,
-                draining: r.draining,
-            },
-            r.hub,
-        ))
+        self.with_device(id, |r| {
+            (
+                Access {
+                    members: r.members.clone(),
+                    services: r.services.clone(),
+                    online: r.online,
+                    draining: r.draining,
+                },
+                r.hub,
+            )
+        })
     }
 
     /// Presence of a device connected to another hub.
     pub fn presence(&self, id: &DeviceId) -> Option<Presence> {
-        let r = self.device(id)?;
-        Some(Presence {
+        self.with_device(id, |r| Presence {
             online: r.online,
             last_heartbeat_age: None,
             draining: r.draining,
         })
+    }
+
+    /// The device's load as its hub last reported it.
+    pub fn load(&self, id: &DeviceId) -> Option<LoadReport> {
+        self.with_device(id, |r| r.load.as_deref().cloned())
+            .flatten()
+    }
+
+    /// Its services' health as its hub last reported it.
+    pub fn health(&self, id: &DeviceId) -> Vec<ServiceHealth> {
+        self.with_device(id, |r| r.health.clone())
+            .unwrap_or_default()
+    }
+
+    /// Capability requests this hub has in flight to the device.
+    pub fn in_flight_to(&self, id: &DeviceId) -> Option<u32> {
+        self.with_device(id, |r| r.in_flight.load(Ordering::Relaxed))
     }
 
     /// The devices of other hubs called `name` that pass `may_use`.
@@ -341,8 +362,8 @@ impl Cluster {
         };
         ids.into_iter()
             .filter(|id| {
-                self.device(id)
-                    .is_some_and(|r| &*r.name == name && may_use(id, &r.members))
+                self.with_device(id, |r| &*r.name == name && may_use(id, &r.members))
+                    .unwrap_or(false)
             })
             .collect()
     }
@@ -364,21 +385,23 @@ impl Cluster {
 
     /// The candidate view of one online device of another hub, if it serves `query`.
     pub fn candidate(&self, id: &DeviceId, query: &CapabilityQuery) -> Option<Candidate> {
-        let r = self.device(id)?;
-        if !r.online || r.draining {
-            return None;
-        }
-        let offer = best_offer(r.capabilities.iter(), query)?.clone();
-        Some(Candidate {
-            id: id.clone(),
-            via: Via::Remote {
-                hub: r.hub,
-                in_flight: r.in_flight.clone(),
-            },
-            offer,
-            load_share: load_share(r.load.as_deref()),
-            members: r.members,
+        self.with_device(id, |r| {
+            if !r.online || r.draining {
+                return None;
+            }
+            let offer = best_offer(r.capabilities.iter(), query)?.clone();
+            Some(Candidate {
+                id: id.clone(),
+                via: Via::Remote {
+                    hub: r.hub,
+                    in_flight: r.in_flight.clone(),
+                },
+                offer,
+                load_share: load_share(r.load.as_deref()),
+                members: r.members.clone(),
+            })
         })
+        .flatten()
     }
 
     /// Asks device `device`, connected to hub `hub`, through that hub.
@@ -402,7 +425,9 @@ impl Cluster {
         request: DeviceRequest,
         deadline: Duration,
     ) -> Result<DeviceReply, RpcError> {
-        let hub = self.device(device).ok_or(RpcError::Offline)?.hub;
+        let hub = self
+            .with_device(device, |r| r.hub)
+            .ok_or(RpcError::Offline)?;
         self.request(hub, device, request, deadline).await
     }
 
@@ -413,9 +438,10 @@ impl Cluster {
 
     /// Devices known on other hubs alive now.
     pub fn remote_count(&self) -> usize {
+        let alive: Vec<HubId> = self.peers().into_iter().map(|(id, _)| id).collect();
         self.remote
             .iter()
-            .filter(|r| self.peer_url(r.hub).is_some())
+            .filter(|r| alive.contains(&r.hub))
             .count()
     }
 
