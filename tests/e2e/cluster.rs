@@ -33,6 +33,20 @@ async fn catalog_and_nats() -> Option<adi_storage::test_database::TestPostgres> 
     fresh_postgres().await
 }
 
+/// Runs `test` with three fresh hubs on a fresh catalog, dropped after it.
+async fn in_cluster<F, Fut>(extra: &[&str], test: F) -> Result<()>
+where
+    F: FnOnce(Cluster) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let Some(db) = catalog_and_nats().await else {
+        return Ok(());
+    };
+    let result = async { test(cluster(&db.url(), extra).await?).await }.await;
+    db.drop_database().await;
+    result
+}
+
 /// Three hubs on one catalog, and the user who owns the devices.
 struct Cluster {
     hubs: Vec<Hub>,
@@ -81,11 +95,7 @@ fn http() -> Result<reqwest::Client> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_on_one_hub_is_listed_proxied_and_asked_through_the_others() -> Result<()> {
-    let Some(db) = catalog_and_nats().await else {
-        return Ok(());
-    };
-    let result = async {
-        let c = cluster(&db.url(), &[]).await?;
+    in_cluster(&[], |c| async move {
         let seen = Arc::new(Seen::default());
         let port = serve(service(seen.clone())).await?;
         let (on_a, on_b, on_c) = (c.alice(0).await?, c.alice(1).await?, c.alice(2).await?);
@@ -278,10 +288,8 @@ async fn a_device_on_one_hub_is_listed_proxied_and_asked_through_the_others() ->
         }
         drop(device);
         Ok(())
-    }
-    .await;
-    db.drop_database().await;
-    result
+    })
+    .await
 }
 
 async fn websocket_echo(url: &str, jwt: &str) -> Result<()> {
@@ -331,11 +339,7 @@ async fn held(api: &Api) -> Result<Vec<(String, u64)>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn capabilities_are_routed_by_load_across_devices_on_different_hubs() -> Result<()> {
     use crate::capabilities::{ask, ask_later, manifest, plugin, request_cli, served_by};
-    let Some(db) = catalog_and_nats().await else {
-        return Ok(());
-    };
-    let result = async {
-        let mut c = cluster(&db.url(), &[]).await?;
+    in_cluster(&[], |mut c| async move {
         let (on_a, on_c) = (c.alice(0).await?, c.alice(2).await?);
         let (arrived_tx, mut arrived) = tokio::sync::mpsc::unbounded_channel();
         let (svc_x, port_x) = plugin("X", arrived_tx.clone()).await?;
@@ -452,20 +456,14 @@ async fn capabilities_are_routed_by_load_across_devices_on_different_hubs() -> R
         );
         drop((x, y));
         Ok(())
-    }
-    .await;
-    db.drop_database().await;
-    result
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_hub_s_device_is_back_on_another_within_seconds_and_its_streams_end_at_once(
 ) -> Result<()> {
-    let Some(db) = catalog_and_nats().await else {
-        return Ok(());
-    };
-    let result = async {
-        let mut c = cluster(&db.url(), &[]).await?;
+    in_cluster(&[], |mut c| async move {
         let seen = Arc::new(Seen::default());
         let port = serve(service(seen.clone())).await?;
         let on_b = c.alice(1).await?;
@@ -539,19 +537,13 @@ async fn a_killed_hub_s_device_is_back_on_another_within_seconds_and_its_streams
         .await?;
         drop(device);
         Ok(())
-    }
-    .await;
-    db.drop_database().await;
-    result
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_hub_moves_its_devices_before_it_stops() -> Result<()> {
-    let Some(db) = catalog_and_nats().await else {
-        return Ok(());
-    };
-    let result = async {
-        let mut c = cluster(&db.url(), &["--shutdown-grace", "5s"]).await?;
+    in_cluster(&["--shutdown-grace", "5s"], |mut c| async move {
         let on_c = c.alice(2).await?;
         let token = c.alice(0).await?.setup_token(60).await?;
         let hubs = format!("{},{}", c.hubs[0].url, c.hubs[1].url);
@@ -577,19 +569,13 @@ async fn a_draining_hub_moves_its_devices_before_it_stops() -> Result<()> {
         online_on(&on_c, &id, Duration::from_secs(5)).await?;
         drop(device);
         Ok(())
-    }
-    .await;
-    db.drop_database().await;
-    result
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_on_two_hubs_is_kept_by_the_newer_connection_everywhere() -> Result<()> {
-    let Some(db) = catalog_and_nats().await else {
-        return Ok(());
-    };
-    let result = async {
-        let c = cluster(&db.url(), &[]).await?;
+    in_cluster(&[], |c| async move {
         let on_c = c.alice(2).await?;
         let token = c.alice(0).await?.setup_token(60).await?;
         let mut first = Cocoon::start(&c.hubs[0].url, "box-a", Some(&token), &[])?;
@@ -619,19 +605,13 @@ async fn an_agent_on_two_hubs_is_kept_by_the_newer_connection_everywhere() -> Re
         ensure!(view["online"] == true, "{view}");
         drop(second);
         Ok(())
-    }
-    .await;
-    db.drop_database().await;
-    result
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nobody_without_the_catalog_s_keys_passes_for_a_hub() -> Result<()> {
-    let Some(db) = catalog_and_nats().await else {
-        return Ok(());
-    };
-    let result = async {
-        let c = cluster(&db.url(), &[]).await?;
+    in_cluster(&[], |c| async move {
         let on_b = c.alice(1).await?;
         let client = http()?;
         // The route between hubs is unknown to a request without the hub key, or with
@@ -681,8 +661,6 @@ async fn nobody_without_the_catalog_s_keys_passes_for_a_hub() -> Result<()> {
             "{listed:?}"
         );
         Ok(())
-    }
-    .await;
-    db.drop_database().await;
-    result
+    })
+    .await
 }
