@@ -1304,6 +1304,8 @@ async fn session(
                 name: "web".into(),
                 port: 8080,
                 health_path: None,
+                kind: adi_protocol::ServiceKind::Http,
+                models: Vec::new(),
             }]
         } else {
             Vec::new()

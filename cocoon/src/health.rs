@@ -138,6 +138,8 @@ mod tests {
             name: name.into(),
             port,
             health_path: path.map(str::to_owned),
+            kind: adi_protocol::ServiceKind::Http,
+            models: Vec::new(),
         };
         let ok = probe(&client, &svc("ok", up_port, Some("/ok"))).await;
         assert_eq!(ok.status, HealthStatus::Up);

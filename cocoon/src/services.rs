@@ -61,6 +61,8 @@ pub fn check(name: &str, port: u16, health: Option<&str>) -> Result<ServiceInfo,
                 format!("/{h}")
             }
         }),
+        kind: adi_protocol::ServiceKind::Http,
+        models: Vec::new(),
     })
 }
 

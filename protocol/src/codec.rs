@@ -74,11 +74,18 @@ mod tests {
             "[a-z][a-z0-9-]{0,20}",
             any::<u16>(),
             proptest::option::of("/[a-z/]{0,20}"),
+            proptest::collection::vec("[a-zA-Z0-9:._/-]{1,30}", 0..3),
         )
-            .prop_map(|(name, port, health_path)| ServiceInfo {
+            .prop_map(|(name, port, health_path, models)| ServiceInfo {
                 name,
                 port,
                 health_path,
+                kind: if models.is_empty() {
+                    crate::ServiceKind::Http
+                } else {
+                    crate::ServiceKind::OpenAi
+                },
+                models,
             })
     }
 

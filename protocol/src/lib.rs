@@ -79,6 +79,6 @@ pub use messages::{
     negotiate_version, CapabilityAnswer, CapabilityOutcome, DeviceReply, DeviceRequest,
     DeviceToHub, GpuModel, GpuReport, Hardware, HealthStatus, Heartbeat, HubToDevice, LoadReport,
     Outcome, ProxyHead, ProxyRequest, Register, Registered, RemoteError, ServiceHealth,
-    ServiceInfo, PROTOCOL_VERSION, SUPPORTED_VERSIONS,
+    ServiceInfo, ServiceKind, MAX_MODELS, MAX_MODEL_NAME, PROTOCOL_VERSION, SUPPORTED_VERSIONS,
 };
 pub use payload::Payload;

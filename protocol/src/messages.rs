@@ -34,6 +34,38 @@ pub struct ServiceInfo {
     /// Path the cocoon probes for health, if the service has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_path: Option<String>,
+    /// What it speaks; plain HTTP unless said.
+    #[serde(default, skip_serializing_if = "ServiceKind::is_http")]
+    pub kind: ServiceKind,
+    /// For an OpenAI-compatible server, the models it serves, as its `GET /v1/models`
+    /// listed them (at most [`MAX_MODELS`], each at most [`MAX_MODEL_NAME`] bytes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<String>,
+}
+
+/// Most models one OpenAI-compatible service may offer.
+pub const MAX_MODELS: usize = 256;
+/// Longest model name, in bytes.
+pub const MAX_MODEL_NAME: usize = 256;
+
+/// What a device's service speaks, which decides how the hub offers it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceKind {
+    /// Any HTTP service, reached through `/proxy/`.
+    #[default]
+    Http,
+    /// An OpenAI-compatible server (llama.cpp, vLLM, Ollama, ...): reached through
+    /// `/proxy/` too, and its models through the hub's `/v1/` endpoints.
+    #[serde(rename = "openai")]
+    OpenAi,
+}
+
+impl ServiceKind {
+    /// Whether it is plain HTTP (the default, left out of messages).
+    pub fn is_http(&self) -> bool {
+        matches!(self, ServiceKind::Http)
+    }
 }
 
 /// First frame on a cocoon connection.

@@ -77,6 +77,8 @@ pub async fn run(args: DevArgs) -> Result<()> {
             name: DEMO_SERVICE.to_owned(),
             port,
             health_path: Some("/".to_owned()),
+            kind: adi_protocol::ServiceKind::Http,
+            models: Vec::new(),
         });
         Some(server)
     };

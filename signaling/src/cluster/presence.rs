@@ -562,6 +562,8 @@ mod tests {
                     name: format!("service-{i:04}-{}", "x".repeat(200)),
                     port: 1000,
                     health_path: None,
+                    kind: adi_protocol::ServiceKind::Http,
+                    models: Vec::new(),
                 })
                 .collect(),
             health: Vec::new(),
