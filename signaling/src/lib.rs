@@ -36,6 +36,7 @@
 //! - `server`: the accept loop; admission, caps and deadlines of every TCP connection.
 //! - `connection`: one actor per cocoon WebSocket, from registration to close.
 //! - `proxy`: `/proxy/...`, a device's loopback service reached through the hub.
+//! - `openai`: `/v1/...`, one OpenAI-compatible endpoint for every device's models.
 //! - `metrics`: `/metrics` in Prometheus' text format.
 //! - `sockets`: the cocoon and client WebSocket upgrades.
 //! - `router`: the route table joining all of the above.
@@ -57,6 +58,7 @@ mod identity;
 mod keys;
 mod link;
 mod metrics;
+mod openai;
 mod proxy;
 mod readiness;
 mod registry;
@@ -151,6 +153,8 @@ pub struct HubState {
     pub(crate) download: rest::install::Download,
     /// The other hubs sharing the catalog, when the hub runs as one of several.
     pub cluster: Option<Arc<cluster::Cluster>>,
+    /// API keys the OpenAI-compatible endpoint has checked lately.
+    pub(crate) openai_keys: openai::Keys,
 }
 
 impl HubState {
@@ -322,6 +326,7 @@ pub async fn spawn(config: HubConfig) -> Result<HubHandle, HubError> {
         throttle: throttle::Throttle::default(),
         download: rest::install::Download::new(&config.data_dir),
         cluster,
+        openai_keys: openai::Keys::default(),
         catalog,
         config,
     });

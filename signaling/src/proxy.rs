@@ -238,11 +238,67 @@ async fn proxy(state: &AppState, mut req: Request) -> Result<Response, ApiError>
     Ok(resp)
 }
 
+/// A request whose body is already in hand, sent to `service` on `device` (connected
+/// here) for `caller`: what the OpenAI-compatible endpoint sends a model's server. It
+/// fails, so another device may be tried, only if nothing came back yet (the device or
+/// its server could not be reached, or did not answer in time); once the head is in,
+/// the answer streams back as a proxied one does, cut if the caller loses the device,
+/// and a client that leaves cancels it on the device.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn send_whole(
+    state: &AppState,
+    caller: &Caller,
+    device: &DeviceId,
+    service: &str,
+    target: String,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+    body: bytes::Bytes,
+) -> Result<Response, ApiError> {
+    let deadline = deadline(state, headers)?;
+    let head = ProxyRequest {
+        stream_id: 0,
+        service: service.to_owned(),
+        method: "POST".to_owned(),
+        target,
+        headers: forward_headers(headers, peer, String::new(), state.scheme()),
+        deadline_ms: u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX),
+        upgrade: None,
+        empty_body: body.is_empty(),
+    };
+    let opened = rpc::open_proxy(state, device, head).await?;
+    let mut request_body = opened.request_body;
+    if body.is_empty() {
+        request_body.finish_implied();
+    } else {
+        tokio::spawn(async move {
+            if request_body.send(body).await.is_ok() {
+                let _ = request_body.finish().await;
+            }
+        });
+    }
+    let head = match tokio::time::timeout(deadline, opened.head).await {
+        Err(_) => return Err(RpcError::Timeout(deadline).into()),
+        Ok(Err(_)) => return Err(RpcError::Disconnected.into()),
+        Ok(Ok(Err(e))) => return Err(e.into()),
+        Ok(Ok(Ok(head))) => head,
+    };
+    let guard = || Guard {
+        state: state.clone(),
+        device: device.clone(),
+        caller: caller.clone(),
+    };
+    let mut resp = Response::new(response_body(head.body, opened.response_body, guard));
+    *resp.status_mut() = StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    copy_response_headers(&head.headers, resp.headers_mut());
+    Ok(resp)
+}
+
 /// Serves a proxied request through the hub the device is connected to: the request
 /// goes on whole (its body streamed), and that hub's answer comes back the same way, so
 /// each hop holds at most its socket buffers of a body. An upgrade is spliced through.
 /// That hub checks the caller again, as for a request of its own.
-async fn forward(
+pub(crate) async fn forward(
     state: &AppState,
     url: &str,
     mut req: Request,

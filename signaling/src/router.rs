@@ -49,6 +49,7 @@ fn router(state: AppState) -> Router {
     Router::new()
         .merge(health::routes())
         .merge(hubs::routes())
+        .merge(crate::openai::routes())
         .route("/metrics", get(crate::metrics::serve))
         .merge(sockets::routes())
         .merge(session::routes())

@@ -309,6 +309,17 @@ impl Cluster {
         alive.then(|| f(&remote))
     }
 
+    /// Calls `f` with every device connected to another hub alive now; holds one entry
+    /// at a time, so `f` must not touch the cluster's maps.
+    pub fn each(&self, mut f: impl FnMut(&DeviceId, &Remote)) {
+        let alive: Vec<HubId> = self.peers().into_iter().map(|(id, _)| id).collect();
+        for r in self.remote.iter() {
+            if alive.contains(&r.hub) {
+                f(r.key(), r.value());
+            }
+        }
+    }
+
     /// Members, services and presence of a device connected to another hub, with the
     /// hub, as the proxy needs them.
     pub fn access(&self, id: &DeviceId) -> Option<(Access, HubId)> {

@@ -71,7 +71,7 @@ struct UserView {
 
 /// The user and key an API key names, checked under the sign-in limits: a source that
 /// tries too often, or that keeps failing on one key, is told to wait.
-async fn signed_in(
+pub(crate) async fn signed_in(
     state: &HubState,
     peer: SocketAddr,
     api_key: &str,
