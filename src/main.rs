@@ -43,6 +43,9 @@ enum Command {
     Token(cmd::token::TokenArgs),
     /// The security events you may read: your actions, and your devices' events.
     Audit(cmd::audit::AuditArgs),
+    /// The models your devices' OpenAI-compatible servers serve, and which devices
+    /// serve each, as the hub's OpenAI-compatible endpoint offers them.
+    Models(client::ListArgs),
     /// Your API keys: make named ones narrowed to scopes and devices, list, revoke.
     #[command(subcommand)]
     Keys(cmd::keys::KeysCmd),
@@ -94,6 +97,7 @@ fn main() -> ExitCode {
             Command::Token(a) => cmd::token::run(a).await,
             Command::Keys(c) => cmd::keys::run(c).await,
             Command::Audit(a) => cmd::audit::run(a).await,
+            Command::Models(a) => cmd::models::run(a).await,
             Command::Cocoon(c) => cmd::cocoon::run(c).await,
             Command::Dev(a) => cmd::dev::run(a).await,
             Command::Tasks(c) => cmd::tasks::run(c).await,

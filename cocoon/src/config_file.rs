@@ -13,6 +13,7 @@
 //! plugins_dir = "/etc/adi/plugins"
 //! disable_capabilities = ["llm.chat"]
 //! local_api = "127.0.0.1:7424"            # or "off"
+//! openai = ["llm:8080"]                   # OpenAI-compatible servers, NAME:PORT
 //!
 //! [[services]]
 //! name = "grafana"
@@ -49,6 +50,9 @@ pub struct CocoonFile {
     /// Services on this device's loopback.
     #[serde(default)]
     pub services: Vec<FileService>,
+    /// OpenAI-compatible servers on this device's loopback, `NAME:PORT` each.
+    #[serde(default)]
+    pub openai: Vec<String>,
     /// Where the device is, in its owner's words.
     pub location: Option<String>,
     /// Directory of plugin manifests.
@@ -147,6 +151,25 @@ mod tests {
         let s = f.services.into_iter().next().expect("one");
         let s = crate::services::check(&s.name, s.port, s.health.as_deref()).expect("valid");
         assert_eq!(s.health_path.as_deref(), Some("/healthz"));
+    }
+
+    #[test]
+    fn openai_servers_are_listed_as_name_port() {
+        let f = parse("openai = [\"llm:8080\", \"embed:8081\"]\n").expect("ok");
+        let parsed: Vec<_> = f
+            .openai
+            .iter()
+            .map(|s| crate::services::parse_openai(s).expect("valid"))
+            .collect();
+        assert_eq!(parsed[1].name, "embed");
+        assert!(parsed
+            .iter()
+            .all(|s| s.kind == adi_protocol::ServiceKind::OpenAi));
+        assert!(
+            parse("openai = \"llm:8080\"\n").is_err(),
+            "a list, not a string"
+        );
+        assert!(parse("").expect("ok").openai.is_empty());
     }
 
     #[test]

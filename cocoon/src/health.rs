@@ -1,8 +1,10 @@
 //! Probes this device's services so owners see which are up before they open one.
 //! A service with a health path is up when that path answers 2xx or 3xx; one without is
 //! up when its port accepts a connection. Results live in a `watch` channel that every
-//! heartbeat reads; probing never touches the hub's catalog.
+//! heartbeat reads; probing never touches the hub's catalog. The services probed are
+//! the device's live list, which plugin manifests can change while it runs.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use adi_protocol::{HealthStatus, ServiceHealth, ServiceInfo};
@@ -13,15 +15,16 @@ use tokio_util::sync::CancellationToken;
 /// How long one probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Starts probing every `every`; the channel holds the latest results, all `Unknown`
-/// until the first round ends.
+/// Starts probing every `every` the services `services` holds then; the channel holds
+/// the latest results, all `Unknown` until the first round ends.
 pub(crate) fn spawn(
-    services: Vec<ServiceInfo>,
+    services: watch::Receiver<Arc<[ServiceInfo]>>,
     client: reqwest::Client,
     every: Duration,
     cancel: CancellationToken,
 ) -> watch::Receiver<Vec<ServiceHealth>> {
     let initial = services
+        .borrow()
         .iter()
         .map(|s| ServiceHealth {
             name: s.name.clone(),
@@ -30,9 +33,6 @@ pub(crate) fn spawn(
         })
         .collect();
     let (tx, rx) = watch::channel(initial);
-    if services.is_empty() {
-        return rx;
-    }
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -41,7 +41,9 @@ pub(crate) fn spawn(
                 _ = cancel.cancelled() => return,
                 _ = ticker.tick() => {}
             }
-            let round = join_all(services.iter().map(|s| probe(&client, s))).await;
+            // Cloned out, so the channel is not held across the probes.
+            let now = services.borrow().clone();
+            let round = join_all(now.iter().map(|s| probe(&client, s))).await;
             tx.send_if_modified(|current| {
                 if *current == round {
                     false

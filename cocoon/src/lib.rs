@@ -18,6 +18,8 @@
 //! - [`plugins`] and `capabilities`: what the device offers, and serving it.
 //! - [`local_api`]: the loopback API programs on this device use.
 //! - [`services`]: what a service declaration must be, however it is given.
+//! - [`models`]: the models of its OpenAI-compatible servers, and with them the live
+//!   service list the hub is told.
 //! - `health` and [`probe`]: service health, and CPU, RAM and GPU figures.
 //! - [`config_file`]: the agent's `cocoon.toml`.
 
@@ -28,6 +30,7 @@ mod hubs;
 pub mod identity;
 pub mod local_api;
 pub mod lock;
+pub mod models;
 pub mod plugins;
 mod pool;
 mod probe;
@@ -77,8 +80,13 @@ pub struct CocoonConfig {
     pub name: String,
     /// One-time setup token; needed only until the device is enrolled.
     pub setup_token: Option<String>,
-    /// Services on this device's loopback to offer through the hub.
+    /// Services on this device's loopback to offer through the hub, OpenAI-compatible
+    /// servers (kind [`adi_protocol::ServiceKind::OpenAi`]) among them; plugin
+    /// manifests may declare more servers.
     pub services: Vec<ServiceInfo>,
+    /// How often OpenAI-compatible servers are asked for their models (sooner while
+    /// one cannot be asked).
+    pub openai_refresh: Duration,
     /// First reconnect delay.
     pub backoff_initial: Duration,
     /// Reconnect delays never exceed this.
@@ -127,6 +135,7 @@ impl CocoonConfig {
             name: name.into(),
             setup_token: None,
             services: Vec::new(),
+            openai_refresh: Duration::from_secs(30),
             backoff_initial: Duration::from_millis(200),
             backoff_max: Duration::from_secs(10),
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
@@ -153,6 +162,7 @@ impl CocoonConfig {
                     .unwrap_or_else(|| self.data_dir.join(DEFAULT_PLUGINS_DIR)),
             ),
             disabled: self.disabled_capabilities.clone(),
+            services: self.services.iter().map(|s| s.name.clone()).collect(),
         }
     }
 
@@ -456,16 +466,25 @@ pub async fn start(config: CocoonConfig) -> Result<CocoonHandle, CocoonError> {
     });
     let cancel = CancellationToken::new();
     let http = proxy::client();
-    let health = health::spawn(
-        config.services.clone(),
-        http.clone(),
-        config.health_interval,
-        cancel.child_token(),
-    );
     let load = probe::spawn(sampled, config.health_interval, cancel.child_token());
     let capabilities = plugins::watch(
         config.plugin_config(),
         config.plugins_poll,
+        cancel.child_token(),
+    );
+    // Registration carries the models the servers list now, asked briefly.
+    let services = models::spawn(
+        config.services.clone(),
+        capabilities.clone(),
+        http.clone(),
+        config.openai_refresh,
+        cancel.child_token(),
+    )
+    .await;
+    let health = health::spawn(
+        services.clone(),
+        http.clone(),
+        config.health_interval,
         cancel.child_token(),
     );
     let server = Arc::new(capabilities::CapabilityServer::new(
@@ -497,6 +516,7 @@ pub async fn start(config: CocoonConfig) -> Result<CocoonHandle, CocoonError> {
         http: pool::Pool::default(),
         health,
         load,
+        services,
         capabilities: capabilities.clone(),
         server,
     };

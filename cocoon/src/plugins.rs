@@ -13,6 +13,10 @@
 //! protocol = "summarize"
 //! version = "0.3.0"
 //! command = ["python3", "summarize.py"] # payload on stdin, answer on stdout
+//!
+//! [[openai]]                            # an OpenAI-compatible server (llama.cpp, vLLM,
+//! name = "llm"                          # Ollama) at 127.0.0.1:PORT: a service like
+//! port = 8080                           # --openai llm:8080, its models offered to the hub
 //! ```
 //!
 //! A manifest with any error is reported with its file and line and skipped whole; the
@@ -26,7 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use adi_protocol::capability::{parse_version, validate_protocol};
-use adi_protocol::CapabilityOffer;
+use adi_protocol::{CapabilityOffer, ServiceInfo};
 use serde::Deserialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -65,12 +69,34 @@ pub struct Served {
     pub plugin: Option<String>,
 }
 
+/// An OpenAI-compatible server a manifest declares, and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginService {
+    /// The service, of kind `openai`, with no models: the cocoon asks the server.
+    pub service: ServiceInfo,
+    /// The manifest's path.
+    pub source: String,
+    /// The manifest's `name`, if it gives one.
+    pub plugin: Option<String>,
+}
+
+/// What one manifest declares.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Declared {
+    /// Its capabilities.
+    pub served: Vec<Served>,
+    /// Its OpenAI-compatible servers.
+    pub services: Vec<PluginService>,
+}
+
 /// Everything this device offers now, and the manifests that were skipped.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CapabilitySet {
     /// In the order they were found: built-ins, then manifests by file name.
     pub served: Vec<Served>,
-    /// One line per skipped manifest or capability: file, line, reason.
+    /// OpenAI-compatible servers the manifests declare, by file name.
+    pub services: Vec<PluginService>,
+    /// One line per skipped manifest, capability or server: file, line, reason.
     pub errors: Vec<String>,
 }
 
@@ -78,6 +104,11 @@ impl CapabilitySet {
     /// The offers, as sent to the hub.
     pub fn offers(&self) -> Vec<CapabilityOffer> {
         self.served.iter().map(|s| s.offer.clone()).collect()
+    }
+
+    /// The services the manifests declare, without models.
+    pub fn services(&self) -> Vec<ServiceInfo> {
+        self.services.iter().map(|s| s.service.clone()).collect()
     }
 }
 
@@ -88,6 +119,9 @@ pub struct PluginConfig {
     pub dir: Option<PathBuf>,
     /// Protocol names not to offer, built-ins included.
     pub disabled: BTreeSet<String>,
+    /// Service names the flags and the config file already give: a manifest's server
+    /// of one of these names is skipped, as the proxy could reach only one of them.
+    pub services: BTreeSet<String>,
 }
 
 #[derive(Deserialize)]
@@ -100,6 +134,15 @@ struct Manifest {
     _description: Option<String>,
     #[serde(default)]
     capabilities: Vec<toml::Spanned<ManifestCapability>>,
+    #[serde(default)]
+    openai: Vec<toml::Spanned<ManifestOpenAi>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ManifestOpenAi {
+    name: String,
+    port: u16,
 }
 
 #[derive(Deserialize)]
@@ -138,7 +181,29 @@ pub fn load(config: &PluginConfig) -> CapabilitySet {
         match read_manifest(&path) {
             Err(e) => set.errors.push(e),
             Ok(found) => {
-                for served in found {
+                for declared in found.services {
+                    let name = &declared.service.name;
+                    let first = set
+                        .services
+                        .iter()
+                        .find(|s| s.service.name == *name)
+                        .map(|s| s.source.as_str())
+                        .or_else(|| {
+                            config
+                                .services
+                                .contains(name)
+                                .then_some("the cocoon's flags or config file")
+                        });
+                    if let Some(first) = first {
+                        set.errors.push(format!(
+                            "{}: service {name:?} is already declared by {first}; skipped",
+                            path.display(),
+                        ));
+                        continue;
+                    }
+                    set.services.push(declared);
+                }
+                for served in found.served {
                     if config.disabled.contains(&served.offer.protocol) {
                         continue;
                     }
@@ -183,16 +248,16 @@ fn line_of(text: &str, offset: usize) -> usize {
     })
 }
 
-/// One manifest's capabilities, or one line saying why the file is skipped.
-fn read_manifest(path: &Path) -> Result<Vec<Served>, String> {
+/// What one manifest declares, or one line saying why the file is skipped.
+fn read_manifest(path: &Path) -> Result<Declared, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     parse_manifest(&text, path)
 }
 
-/// One manifest's capabilities from its text (`path` names it in errors and sources, and
+/// What one manifest declares, from its text (`path` names it in errors and sources, and
 /// its directory is a command's working directory), or one line saying why it is
 /// skipped. Apart from reading the file so that its decoder can be fuzzed without a disk.
-pub fn parse_manifest(text: &str, path: &Path) -> Result<Vec<Served>, String> {
+pub fn parse_manifest(text: &str, path: &Path) -> Result<Declared, String> {
     let shown = path.display();
     let manifest: Manifest = toml::from_str(text).map_err(|e| {
         let line = e.span().map(|s| line_of(text, s.start));
@@ -202,14 +267,34 @@ pub fn parse_manifest(text: &str, path: &Path) -> Result<Vec<Served>, String> {
             None => format!("{shown}: {message}"),
         }
     })?;
-    if manifest.capabilities.is_empty() {
-        return Err(format!("{shown}: declares no [[capabilities]]"));
+    if manifest.capabilities.is_empty() && manifest.openai.is_empty() {
+        return Err(format!(
+            "{shown}: declares no [[capabilities]] or [[openai]]"
+        ));
     }
     let cwd = path
         .parent()
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
     let plugin = manifest.name;
-    manifest
+    let mut services: Vec<PluginService> = Vec::with_capacity(manifest.openai.len());
+    for spanned in manifest.openai {
+        let line = line_of(text, spanned.span().start);
+        let o = spanned.into_inner();
+        let service =
+            crate::services::openai(&o.name, o.port).map_err(|e| format!("{shown}:{line}: {e}"))?;
+        if services.iter().any(|s| s.service.name == service.name) {
+            return Err(format!(
+                "{shown}:{line}: service {:?} is declared twice",
+                service.name
+            ));
+        }
+        services.push(PluginService {
+            service,
+            source: path.display().to_string(),
+            plugin: plugin.clone(),
+        });
+    }
+    let served = manifest
         .capabilities
         .into_iter()
         .map(|spanned| {
@@ -246,7 +331,8 @@ pub fn parse_manifest(text: &str, path: &Path) -> Result<Vec<Served>, String> {
                 plugin: plugin.clone(),
             })
         })
-        .collect()
+        .collect::<Result<Vec<Served>, String>>()?;
+    Ok(Declared { served, services })
 }
 
 /// Plugins are reached on this device's loopback only, like proxied services.
@@ -294,6 +380,14 @@ fn report(set: &CapabilitySet) {
     }
     let offers: Vec<String> = set.served.iter().map(|s| s.offer.to_string()).collect();
     info!(capabilities = %offers.join(","), "capabilities loaded");
+    if !set.services.is_empty() {
+        let servers: Vec<String> = set
+            .services
+            .iter()
+            .map(|s| format!("{}:{}", s.service.name, s.service.port))
+            .collect();
+        info!(openai = %servers.join(","), "plugin manifests declare OpenAI-compatible servers");
+    }
 }
 
 /// Loads the set now, then reads the directory again every `every` and publishes a new
@@ -380,6 +474,7 @@ mod tests {
         let set = load(&PluginConfig {
             dir: Some(dir.path().to_owned()),
             disabled: BTreeSet::new(),
+            services: BTreeSet::new(),
         });
         assert_eq!(
             protocols(&set),
@@ -430,6 +525,7 @@ mod tests {
         let mut config = PluginConfig {
             dir: Some(dir.path().to_owned()),
             disabled: ["proxy.http".to_owned()].into(),
+            services: BTreeSet::new(),
         };
         let set = load(&config);
         assert_eq!(protocols(&set), vec!["tasks:1.0.0", "embeddings:1.0.0"]);
@@ -441,10 +537,100 @@ mod tests {
     }
 
     #[test]
+    fn openai_servers_are_declared_checked_and_never_named_twice() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(
+            dir.path(),
+            "a-llm.toml",
+            "name = \"llama\"\n[[openai]]\nname = \"llm\"\nport = 8080\n",
+        );
+        // A second manifest reusing the name, and one reusing a flag's name.
+        write(
+            dir.path(),
+            "b-again.toml",
+            "[[openai]]\nname = \"llm\"\nport = 8081\n",
+        );
+        write(
+            dir.path(),
+            "c-web.toml",
+            "[[openai]]\nname = \"web\"\nport = 8082\n[[capabilities]]\nprotocol = \"x\"\nversion = \"1.0.0\"\ncommand = [\"x\"]\n",
+        );
+        write(
+            dir.path(),
+            "d-bad.toml",
+            "[[openai]]\nname = \"ok\"\nport = 1\n\n[[openai]]\nname = \"a b\"\nport = 2\n",
+        );
+        write(
+            dir.path(),
+            "e-typo.toml",
+            "[[openai]]\nname = \"x\"\nprot = 1\n",
+        );
+        write(
+            dir.path(),
+            "f-twice.toml",
+            "[[openai]]\nname = \"y\"\nport = 1\n[[openai]]\nname = \"y\"\nport = 2\n",
+        );
+        write(
+            dir.path(),
+            "g-port.toml",
+            "[[openai]]\nname = \"z\"\nport = 0\n",
+        );
+        let set = load(&PluginConfig {
+            dir: Some(dir.path().to_owned()),
+            disabled: BTreeSet::new(),
+            services: ["web".to_owned()].into(),
+        });
+        let names: Vec<(&str, u16)> = set
+            .services
+            .iter()
+            .map(|s| (s.service.name.as_str(), s.service.port))
+            .collect();
+        assert_eq!(names, [("llm", 8080)]);
+        let llm = &set.services[0];
+        assert_eq!(llm.service.kind, adi_protocol::ServiceKind::OpenAi);
+        assert_eq!(llm.plugin.as_deref(), Some("llama"));
+        assert!(llm.source.ends_with("a-llm.toml"));
+        // The manifest whose server clashes still offers its capability.
+        assert!(protocols(&set).contains(&"x:1.0.0".to_owned()));
+        let errors = set.errors.join("\n");
+        assert_eq!(set.errors.len(), 6, "{errors}");
+        assert!(
+            set.errors[0].contains("b-again.toml") && set.errors[0].contains("a-llm.toml"),
+            "{errors}"
+        );
+        assert!(
+            set.errors[1].contains("c-web.toml") && set.errors[1].contains("flags"),
+            "{errors}"
+        );
+        assert!(set.errors[2].contains("d-bad.toml:5:"), "{errors}");
+        assert!(
+            set.errors[3].contains("e-typo.toml:3:") && set.errors[3].contains("prot"),
+            "{errors}"
+        );
+        assert!(set.errors[4].contains("f-twice.toml:4:"), "{errors}");
+        assert!(set.errors[5].contains("g-port.toml:1:"), "{errors}");
+        assert_eq!(set.services(), vec![llm.service.clone()]);
+    }
+
+    #[test]
+    fn a_manifest_declaring_nothing_is_skipped() {
+        let err = parse_manifest("name = \"empty\"\n", Path::new("/p/empty.toml"))
+            .expect_err("nothing declared");
+        assert!(err.contains("[[openai]]"), "{err}");
+        let only = parse_manifest(
+            "[[openai]]\nname = \"llm\"\nport = 9\n",
+            Path::new("/p/o.toml"),
+        )
+        .expect("a server alone is enough");
+        assert!(only.served.is_empty() && only.services.len() == 1);
+    }
+
+    #[test]
     fn a_missing_directory_means_builtins_only() {
         let set = load(&PluginConfig {
             dir: Some(PathBuf::from("/nonexistent/adi-plugins")),
             disabled: BTreeSet::new(),
+            services: BTreeSet::new(),
         });
         assert_eq!(protocols(&set), vec!["tasks:1.0.0", "proxy.http:1.0.0"]);
         assert!(set.errors.is_empty());
@@ -458,6 +644,7 @@ mod tests {
             PluginConfig {
                 dir: Some(dir.path().to_owned()),
                 disabled: BTreeSet::new(),
+                services: BTreeSet::new(),
             },
             Duration::from_millis(20),
             cancel.clone(),

@@ -1,9 +1,10 @@
-//! What a service declaration must be, however it is given: a `--service` flag,
-//! `COCOON_SERVICES`, or a `[[services]]` table in `cocoon.toml`. One check for all of
-//! them, so a name the proxy could not route or a port that cannot be listened on is
-//! refused wherever it was written.
+//! What a service declaration must be, however it is given: a `--service` or
+//! `--openai` flag, `COCOON_SERVICES` or `COCOON_OPENAI`, a `[[services]]` table or an
+//! `openai` list in `cocoon.toml`, or an `[[openai]]` table in a plugin manifest. One
+//! check for all of them, so a name the proxy could not route, a port that cannot be
+//! listened on or a name given twice is refused wherever it was written.
 
-use adi_protocol::ServiceInfo;
+use adi_protocol::{ServiceInfo, ServiceKind};
 
 /// Why a service declaration is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -17,6 +18,9 @@ pub enum ServiceError {
     /// Not a port a service can listen on.
     #[error("service port {0:?} is not 1-65535")]
     Port(String),
+    /// Two services of one device with one name: the proxy could reach only one.
+    #[error("service {0:?} is given twice")]
+    Duplicate(String),
 }
 
 /// Parses `NAME:PORT[/HEALTH]` and checks it.
@@ -33,6 +37,37 @@ pub fn parse(s: &str) -> Result<ServiceInfo, ServiceError> {
         .parse()
         .map_err(|_| ServiceError::Port(port.to_owned()))?;
     check(name, port, health)
+}
+
+/// Parses an OpenAI-compatible server's `NAME:PORT` (it is probed through its
+/// `/v1/models`, so it takes no health path) and checks it.
+pub fn parse_openai(s: &str) -> Result<ServiceInfo, ServiceError> {
+    let (name, port) = s
+        .trim()
+        .split_once(':')
+        .ok_or_else(|| ServiceError::Form(s.to_owned()))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| ServiceError::Port(port.to_owned()))?;
+    openai(name, port)
+}
+
+/// Checks a declared OpenAI-compatible server: a service like any other, of kind
+/// [`ServiceKind::OpenAi`], with no models until its `/v1/models` answers.
+pub fn openai(name: &str, port: u16) -> Result<ServiceInfo, ServiceError> {
+    let mut service = check(name, port, None)?;
+    service.kind = ServiceKind::OpenAi;
+    Ok(service)
+}
+
+/// Refuses a list that gives one name twice, whatever the kinds.
+pub fn unique(services: &[ServiceInfo]) -> Result<(), ServiceError> {
+    let mut names: Vec<&str> = services.iter().map(|s| s.name.as_str()).collect();
+    names.sort_unstable();
+    match names.windows(2).find(|w| w[0] == w[1]) {
+        Some(w) => Err(ServiceError::Duplicate(w[0].to_owned())),
+        None => Ok(()),
+    }
 }
 
 /// Checks a declared service: its name, its port, and its health path (made to start
@@ -61,7 +96,7 @@ pub fn check(name: &str, port: u16, health: Option<&str>) -> Result<ServiceInfo,
                 format!("/{h}")
             }
         }),
-        kind: adi_protocol::ServiceKind::Http,
+        kind: ServiceKind::Http,
         models: Vec::new(),
     })
 }
@@ -91,6 +126,28 @@ mod tests {
                 .health_path
                 .as_deref(),
             Some("/health")
+        );
+    }
+
+    #[test]
+    fn openai_servers_are_name_port_and_clash_with_any_other_service() {
+        let s = parse_openai(" llm:8080 ").expect("ok");
+        assert_eq!((s.name.as_str(), s.port), ("llm", 8080));
+        assert_eq!(s.kind, ServiceKind::OpenAi);
+        assert!(s.models.is_empty() && s.health_path.is_none());
+        assert!(matches!(
+            parse_openai("llm:8080/health"),
+            Err(ServiceError::Port(_))
+        ));
+        assert!(matches!(parse_openai("llm"), Err(ServiceError::Form(_))));
+        assert!(matches!(parse_openai("llm:0"), Err(ServiceError::Port(_))));
+        assert!(matches!(parse_openai("l/m:80"), Err(ServiceError::Name(_))));
+        let web = parse("web:80").expect("ok");
+        assert_eq!(unique(&[web.clone(), s.clone()]), Ok(()));
+        let clash = parse_openai("web:81").expect("ok");
+        assert_eq!(
+            unique(&[web, s, clash]),
+            Err(ServiceError::Duplicate("web".into()))
         );
     }
 }

@@ -3,8 +3,8 @@
 //! A session connects and registers; once registered, a [`Session`] actor owns the
 //! socket and everything that lives only as long as the connection, with one handler
 //! per thing that can happen (a frame from the hub, an answer or body frame to send,
-//! the heartbeat, a capability request from a program on this device, a stop), until
-//! the connection ends.
+//! the heartbeat, a capability request from a program on this device, a change of the
+//! device's services or capabilities, a stop), until the connection ends.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use adi_mux::batch::WriteBatch;
 use adi_protocol::{
-    decode, encode, CapabilityOutcome, DeviceId, DeviceRequest, DeviceSecret, DeviceToHub,
-    ErrorCode, Heartbeat, HubToDevice, Outcome, ProxyRequest, Register, RemoteError, ServiceInfo,
-    SUPPORTED_VERSIONS,
+    decode, encode, CapabilityOffer, CapabilityOutcome, DeviceId, DeviceRequest, DeviceSecret,
+    DeviceToHub, ErrorCode, Heartbeat, HubToDevice, Outcome, ProxyRequest, Register, RemoteError,
+    ServiceInfo, SUPPORTED_VERSIONS,
 };
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -122,6 +122,8 @@ pub(crate) struct Shared {
     pub(crate) http: crate::pool::Pool,
     pub(crate) health: watch::Receiver<Vec<adi_protocol::ServiceHealth>>,
     pub(crate) load: watch::Receiver<Option<adi_protocol::LoadReport>>,
+    /// The device's services, OpenAI-compatible servers with their models among them.
+    pub(crate) services: watch::Receiver<Arc<[ServiceInfo]>>,
     pub(crate) capabilities: watch::Receiver<Arc<CapabilitySet>>,
     pub(crate) server: Arc<CapabilityServer>,
 }
@@ -139,10 +141,10 @@ pub(crate) async fn run(
     // Once this agent has been online, an address that answers like something else is
     // taken for a hub's reverse proxy having a bad moment, and retried.
     let mut ever_online = false;
-    // A device with services will carry proxied bodies: the hub gives its socket a
-    // reader that handles large frames well.
-    let bodies = !config.services.is_empty();
     loop {
+        // A device with services will carry proxied bodies: the hub gives its socket a
+        // reader that handles large frames well.
+        let bodies = !shared.services.borrow().is_empty();
         let hub = hubs.current().clone();
         let ws_url = hub.ws_url(bodies);
         state.send_replace(ConnState::Connecting {
@@ -159,6 +161,7 @@ pub(crate) async fn run(
             http: &shared.http,
             health: &shared.health,
             load: &shared.load,
+            services: &shared.services,
             capabilities: &shared.capabilities,
             server: &shared.server,
         };
@@ -255,6 +258,7 @@ struct Agent<'a> {
     http: &'a crate::pool::Pool,
     health: &'a watch::Receiver<Vec<adi_protocol::ServiceHealth>>,
     load: &'a watch::Receiver<Option<adi_protocol::LoadReport>>,
+    services: &'a watch::Receiver<Arc<[ServiceInfo]>>,
     capabilities: &'a watch::Receiver<Arc<CapabilitySet>>,
     server: &'a Arc<CapabilityServer>,
 }
@@ -277,8 +281,9 @@ async fn session(
         load,
         ..
     } = *agent;
-    // This session's own view, so a change made while it runs is sent exactly once.
+    // This session's own views, so a change made while it runs is sent exactly once.
     let mut capabilities = agent.capabilities.clone();
+    let mut services = agent.services.clone();
     // Control frames are held to `max_frame_bytes` by the decoder; the socket must also
     // let whole body frames through.
     let socket_max = config.max_frame_bytes.max(adi_protocol::frame::MAX_FRAME);
@@ -300,13 +305,14 @@ async fn session(
             Ok(Ok((ws, _))) => ws,
         },
     };
+    let offered = capabilities.borrow_and_update().offers();
     let register = DeviceToHub::Register(Register {
         versions: SUPPORTED_VERSIONS.to_vec(),
         secret: secret.clone(),
         setup_token: token.clone(),
         name: config.name.clone(),
-        services: config.services.clone(),
-        capabilities: capabilities.borrow_and_update().offers(),
+        services: services.borrow_and_update().to_vec(),
+        capabilities: offered.clone(),
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         location: config.location.clone(),
         max_frame_bytes: u64::try_from(config.max_frame_bytes).ok(),
@@ -319,7 +325,16 @@ async fn session(
         // than the figures, which the first heartbeat brings anyway.
         if let DeviceToHub::Register(mut bare) = register {
             bare.load = None;
-            frame = encode(&DeviceToHub::Register(bare));
+            frame = encode(&DeviceToHub::Register(bare.clone()));
+            if frame.len() > adi_protocol::DEFAULT_MAX_FRAME_BYTES {
+                // Nor the models of its OpenAI-compatible servers: they follow in a
+                // service update, once the hub's limit is known.
+                for s in &mut bare.services {
+                    s.models.clear();
+                }
+                services.mark_changed();
+                frame = encode(&DeviceToHub::Register(bare));
+            }
         }
     }
     if let Err(e) = ws.send(Message::text(frame)).await {
@@ -388,7 +403,11 @@ async fn session(
         registered.device_id,
         heartbeat_every,
         max_answer,
-        capabilities,
+        Views {
+            capabilities,
+            offered,
+            services,
+        },
     )
     .run(calls, cancel)
     .await
@@ -432,8 +451,19 @@ struct Session<'a> {
     next_ask: u64,
     /// The services, shared (not copied) by every proxied request.
     services: Arc<[ServiceInfo]>,
-    /// This session's own view, so a change made while it runs is sent exactly once.
+    /// What the device offers and serves, as this session told the hub.
+    views: Views,
+}
+
+/// A session's own views of what the device offers and serves, so that a change made
+/// while it runs is sent exactly once.
+struct Views {
     capabilities: watch::Receiver<Arc<CapabilitySet>>,
+    /// The offers the hub was last sent: plugin manifests also declare servers, so a
+    /// change of the set need not change them.
+    offered: Vec<CapabilityOffer>,
+    /// Marked changed at the start when the registration left the models out.
+    services: watch::Receiver<Arc<[ServiceInfo]>>,
 }
 
 impl<'a> Session<'a> {
@@ -443,7 +473,7 @@ impl<'a> Session<'a> {
         device_id: DeviceId,
         heartbeat_every: Duration,
         max_answer: usize,
-        capabilities: watch::Receiver<Arc<CapabilitySet>>,
+        views: Views,
     ) -> Self {
         let mut ticker = interval(heartbeat_every);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -451,6 +481,7 @@ impl<'a> Session<'a> {
         let (answer_tx, answers) = mpsc::channel(ANSWER_QUEUE);
         let (frame_tx, frames) = mpsc::channel(FRAME_QUEUE);
         let streams = adi_mux::Streams::new(frame_tx);
+        let services = views.services.borrow().clone();
         Session {
             agent,
             ws,
@@ -470,8 +501,8 @@ impl<'a> Session<'a> {
             draining: None,
             asked: HashMap::new(),
             next_ask: 1,
-            services: agent.config.services.as_slice().into(),
-            capabilities,
+            services,
+            views,
         }
     }
 
@@ -497,7 +528,8 @@ impl<'a> Session<'a> {
                 _ = self.ticker.tick() => self.on_tick().await,
                 Some(frame) = self.frames.recv() => self.on_body_frame(frame).await,
                 Some(answer) = self.answers.recv() => self.on_answer(answer).await,
-                Ok(()) = self.capabilities.changed() => self.on_capabilities().await,
+                Ok(()) = self.views.capabilities.changed() => self.on_capabilities().await,
+                Ok(()) = self.views.services.changed() => self.on_services().await,
                 Some(call) = calls.recv() => self.on_call(call).await,
                 frame = self.ws.next() => self.on_frame(frame),
             };
@@ -633,7 +665,11 @@ impl<'a> Session<'a> {
     /// The device's plugins changed what it offers: the hub hears the new list, unless
     /// it is too large for one frame (then the hub keeps the last one it got).
     async fn on_capabilities(&mut self) -> Option<SessionEnd> {
-        let offers = self.capabilities.borrow_and_update().offers();
+        let offers = self.views.capabilities.borrow_and_update().offers();
+        if offers == self.views.offered {
+            return None;
+        }
+        self.views.offered.clone_from(&offers);
         let update = encode(&DeviceToHub::CapabilitiesUpdate {
             capabilities: offers,
         });
@@ -646,6 +682,26 @@ impl<'a> Session<'a> {
             .await
             .err()
             .map(|e| lost(true, format!("sending capabilities failed: {e}")))
+    }
+
+    /// The device's services changed (a server's models, a manifest's servers): proxied
+    /// requests see the new list at once, and the hub hears it whole, unless it is too
+    /// large for one frame (then the hub keeps the last one it got).
+    async fn on_services(&mut self) -> Option<SessionEnd> {
+        let services = self.views.services.borrow_and_update().clone();
+        self.services = services.clone();
+        let update = encode(&DeviceToHub::ServiceRegister {
+            services: services.to_vec(),
+        });
+        if update.len() > self.max_answer {
+            warn!(bytes = update.len(), max = self.max_answer, "the services and their models do not fit in one frame to the hub; the hub keeps the last list it got until they do");
+            return None;
+        }
+        self.ws
+            .send(Message::text(update))
+            .await
+            .err()
+            .map(|e| lost(true, format!("sending services failed: {e}")))
     }
 
     /// A program on this device asks for a capability through the hub.

@@ -9,6 +9,7 @@
 
 use std::path::Path;
 
+use adi_cocoon::models::{parse_models, MAX_ANSWER_BYTES};
 use adi_cocoon::plugins::{parse_manifest, Serve};
 use adi_cocoon::{config_file, services};
 use adi_mux::Streams;
@@ -37,6 +38,7 @@ pub const CHECKS: &[(&str, Check)] = &[
     ("plugin_manifest", plugin_manifest),
     ("cocoon_toml", cocoon_toml),
     ("cluster_message", cluster_message),
+    ("openai_models", openai_models),
 ];
 
 /// A frame a device sent, as the hub reads it: the direct reader of the hot frames must
@@ -193,20 +195,42 @@ pub fn request_target(data: &[u8]) {
     }
 }
 
-/// A plugin manifest's text as the cocoon reads it: never a panic, and every capability
-/// it accepts names a valid protocol and is served by a loopback URL or a program.
+/// A plugin manifest's text as the cocoon reads it: never a panic, every capability it
+/// accepts names a valid protocol and is served by a loopback URL or a program, and
+/// every OpenAI-compatible server it accepts is a service the proxy can reach.
 pub fn plugin_manifest(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let Ok(served) = parse_manifest(text, Path::new("/plugins/fuzz.toml")) else {
+    let Ok(declared) = parse_manifest(text, Path::new("/plugins/fuzz.toml")) else {
         return;
     };
     assert!(
-        !served.is_empty(),
-        "a manifest that serves nothing was accepted"
+        !(declared.served.is_empty() && declared.services.is_empty()),
+        "a manifest that declares nothing was accepted"
     );
-    for s in served {
+    for s in &declared.services {
+        let info = &s.service;
+        assert_eq!(info.kind, adi_protocol::ServiceKind::OpenAi);
+        assert!(info.port != 0 && info.models.is_empty());
+        assert_eq!(
+            services::openai(&info.name, info.port).as_ref(),
+            Ok(info),
+            "the one service check"
+        );
+    }
+    assert!(
+        services::unique(
+            &declared
+                .services
+                .iter()
+                .map(|s| s.service.clone())
+                .collect::<Vec<_>>()
+        )
+        .is_ok(),
+        "a manifest naming one server twice was accepted"
+    );
+    for s in declared.served {
         adi_protocol::capability::validate_protocol(&s.offer.protocol).expect("valid protocol");
         match s.serve {
             Serve::Http(url) => assert!(url.starts_with("http"), "{url}"),
@@ -230,5 +254,30 @@ pub fn cocoon_toml(data: &[u8]) {
             assert!(info.port != 0);
             assert!(info.health_path.is_none_or(|p| p.starts_with('/')));
         }
+    }
+    for s in &file.openai {
+        if let Ok(info) = services::parse_openai(s) {
+            assert!(info.port != 0 && info.health_path.is_none());
+        }
+    }
+}
+
+/// An OpenAI-compatible server's `GET /v1/models` answer as the cocoon reads it: never a
+/// panic, and what it offers the hub is within the protocol's limits: at most
+/// `MAX_MODELS` distinct names, sorted, each non-empty, at most `MAX_MODEL_NAME` bytes,
+/// without control characters.
+pub fn openai_models(data: &[u8]) {
+    let Ok(list) = parse_models(data) else {
+        return;
+    };
+    assert!(data.len() <= MAX_ANSWER_BYTES);
+    assert!(list.models.len() <= adi_protocol::MAX_MODELS);
+    assert!(
+        list.models.windows(2).all(|w| w[0] < w[1]),
+        "sorted, distinct"
+    );
+    for m in &list.models {
+        assert!(!m.trim().is_empty() && m.len() <= adi_protocol::MAX_MODEL_NAME);
+        assert!(!m.chars().any(char::is_control), "{m:?}");
     }
 }

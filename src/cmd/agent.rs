@@ -58,6 +58,14 @@ pub struct RunArgs {
     /// A service on this device's loopback, NAME:PORT[/HEALTH_PATH]; repeatable.
     #[arg(long = "service", env = "COCOON_SERVICES", value_delimiter = ',', value_parser = parse_service)]
     services: Vec<ServiceInfo>,
+    /// An OpenAI-compatible server (llama.cpp, vLLM, Ollama, ...) on this device's
+    /// loopback, NAME:PORT; repeatable. A service like --service's, whose models (as its
+    /// /v1/models lists them) the hub's OpenAI-compatible endpoint offers.
+    #[arg(long = "openai", env = "COCOON_OPENAI", value_delimiter = ',', value_parser = parse_openai)]
+    openai: Vec<ServiceInfo>,
+    /// How often OpenAI-compatible servers are asked for their models.
+    #[arg(long, env = "ADI_OPENAI_REFRESH", default_value = "30s", value_parser = humantime::parse_duration)]
+    openai_refresh: Duration,
     /// Longest delay between reconnect attempts.
     #[arg(long, env = "ADI_COCOON_BACKOFF_MAX", default_value = "10s", value_parser = humantime::parse_duration)]
     backoff_max: Duration,
@@ -149,15 +157,42 @@ pub(crate) fn disabled_set(names: &[String]) -> Result<BTreeSet<String>> {
         .collect()
 }
 
+/// Every service the flags and the config file give, the flags' first, OpenAI-compatible
+/// servers after plain ones; no name twice, whatever the kinds.
+pub(crate) fn declared_services(
+    mut services: Vec<ServiceInfo>,
+    mut openai: Vec<ServiceInfo>,
+    file: &adi_cocoon::config_file::CocoonFile,
+) -> Result<Vec<ServiceInfo>> {
+    services.extend(file_services(&file.services)?);
+    services.append(&mut openai);
+    services.extend(file_openai(&file.openai)?);
+    adi_cocoon::services::unique(&services)?;
+    Ok(services)
+}
+
 /// The config file's services, checked as the flags' are.
-fn file_services(services: Vec<adi_cocoon::config_file::FileService>) -> Result<Vec<ServiceInfo>> {
+fn file_services(services: &[adi_cocoon::config_file::FileService]) -> Result<Vec<ServiceInfo>> {
     services
-        .into_iter()
+        .iter()
         .map(|s| {
             adi_cocoon::services::check(&s.name, s.port, s.health.as_deref())
                 .context("in the config file's [[services]]")
         })
         .collect()
+}
+
+/// The config file's OpenAI-compatible servers, checked as the flags' are.
+fn file_openai(servers: &[String]) -> Result<Vec<ServiceInfo>> {
+    servers
+        .iter()
+        .map(|s| adi_cocoon::services::parse_openai(s).context("in the config file's openai list"))
+        .collect()
+}
+
+/// `NAME:PORT` of an OpenAI-compatible server, checked as every service declaration is.
+pub fn parse_openai(s: &str) -> Result<ServiceInfo, String> {
+    adi_cocoon::services::parse_openai(s).map_err(|e| e.to_string())
 }
 
 /// `NAME:PORT[/HEALTH]`, checked as every service declaration is.
@@ -203,12 +238,11 @@ pub async fn run(mut args: RunArgs) -> Result<()> {
             "no hub given: pass --hub, set ADI_HUB, or put hub = \"...\" in the config file"
         )
     })?;
-    args.services.extend(file_services(file.services)?);
-    let mut names: Vec<&str> = args.services.iter().map(|s| s.name.as_str()).collect();
-    names.sort_unstable();
-    if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
-        bail!("service {:?} is given twice", w[0]);
-    }
+    let services = declared_services(
+        std::mem::take(&mut args.services),
+        std::mem::take(&mut args.openai),
+        &file,
+    )?;
     let mut config = CocoonConfig::new(
         hub,
         data_dir,
@@ -216,7 +250,8 @@ pub async fn run(mut args: RunArgs) -> Result<()> {
     );
     config.fallback_hubs = hubs.collect();
     config.setup_token = args.token;
-    config.services = args.services;
+    config.services = services;
+    config.openai_refresh = args.openai_refresh;
     config.backoff_max = args.backoff_max;
     config.task_database_url = args.database_url.or(file.database_url);
     config.exec_allowed = !(args.no_exec || file.no_exec);
@@ -314,5 +349,75 @@ async fn wait_end(handle: &adi_cocoon::CocoonHandle) -> Result<()> {
         if state.changed().await.is_err() {
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn declared(args: &[&str], file: &str) -> Result<Vec<ServiceInfo>> {
+        let cli = Cli::try_parse_from(std::iter::once("adi").chain(args.iter().copied()))?;
+        let file = adi_cocoon::config_file::parse(file).map_err(anyhow::Error::msg)?;
+        declared_services(cli.run.services, cli.run.openai, &file)
+    }
+
+    #[test]
+    fn openai_servers_come_from_flags_and_the_file_and_share_the_service_names() -> Result<()> {
+        let all = declared(
+            &[
+                "--service",
+                "web:80",
+                "--openai",
+                "llm:8080",
+                "--openai",
+                "emb:8081",
+            ],
+            "openai = [\"file-llm:9000\"]\n",
+        )?;
+        let shown: Vec<(&str, u16, adi_protocol::ServiceKind)> = all
+            .iter()
+            .map(|s| (s.name.as_str(), s.port, s.kind))
+            .collect();
+        use adi_protocol::ServiceKind::{Http, OpenAi};
+        assert_eq!(
+            shown,
+            [
+                ("web", 80, Http),
+                ("llm", 8080, OpenAi),
+                ("emb", 8081, OpenAi),
+                ("file-llm", 9000, OpenAi)
+            ]
+        );
+        let clash = declared(&["--service", "llm:80", "--openai", "llm:8080"], "")
+            .expect_err("one name twice");
+        assert!(
+            clash.to_string().contains("\"llm\" is given twice"),
+            "{clash}"
+        );
+        let clash = declared(&["--openai", "llm:8080"], "openai = [\"llm:1\"]\n")
+            .expect_err("one name twice");
+        assert!(clash.to_string().contains("twice"), "{clash}");
+        let bad = declared(&[], "openai = [\"llm\"]\n").expect_err("not NAME:PORT");
+        assert!(format!("{bad:#}").contains("openai list"), "{bad:#}");
+        assert!(declared(&["--openai", "llm:8080/health"], "").is_err());
+        assert!(declared(&["--openai", "x y:1"], "").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn the_openai_refresh_is_a_duration() -> Result<()> {
+        let cli = Cli::try_parse_from(["adi", "--openai-refresh", "500ms"])?;
+        assert_eq!(cli.run.openai_refresh, Duration::from_millis(500));
+        let cli = Cli::try_parse_from(["adi"])?;
+        assert_eq!(cli.run.openai_refresh, Duration::from_secs(30));
+        Ok(())
     }
 }

@@ -45,7 +45,8 @@ pub enum CocoonCmd {
     RevokeToken(RevokeTokenArgs),
     /// List your devices.
     List(ListArgs),
-    /// List a device's services.
+    /// List a device's services: their kind, health and, for OpenAI-compatible
+    /// servers, the models they serve.
     Services(ServicesArgs),
     /// List what this device would offer (built-ins and plugin manifests), and where
     /// each capability comes from. Exits 1 if a manifest is invalid.
@@ -523,7 +524,53 @@ async fn list(args: ListArgs) -> Result<()> {
 
 #[derive(Deserialize)]
 struct ServiceList {
-    services: Vec<adi_protocol::views::ServiceView>,
+    services: Vec<ServiceRow>,
+}
+
+/// A service as the hub lists it: `ServiceView`'s fields, with the kind and models of
+/// OpenAI-compatible servers read when the hub gives them (a hub that predates them
+/// leaves them out, and the table shows `-`). Printed back with `--json`.
+#[derive(Deserialize, serde::Serialize)]
+struct ServiceRow {
+    name: String,
+    port: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    health_path: Option<String>,
+    #[serde(default = "unknown_health")]
+    health: adi_protocol::HealthStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    health_detail: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    kind: Option<adi_protocol::ServiceKind>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    models: Vec<String>,
+}
+
+fn unknown_health() -> adi_protocol::HealthStatus {
+    adi_protocol::HealthStatus::Unknown
+}
+
+/// Model names shown in a table cell; `--json` lists them all.
+const SHOWN_MODELS: usize = 5;
+
+/// A service's models for a table: the first few, then how many more.
+fn models_cell(kind: Option<adi_protocol::ServiceKind>, models: &[String]) -> String {
+    if kind.is_none_or(|k| k.is_http()) {
+        return "-".into();
+    }
+    if models.is_empty() {
+        return "none listed".into();
+    }
+    let mut shown = models
+        .iter()
+        .take(SHOWN_MODELS)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if models.len() > SHOWN_MODELS {
+        shown.push_str(&format!(" (+{} more)", models.len() - SHOWN_MODELS));
+    }
+    shown
 }
 
 async fn services(args: ServicesArgs) -> Result<()> {
@@ -536,7 +583,7 @@ async fn services(args: ServicesArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&list.services)?);
         return Ok(());
     }
-    let rows: Vec<[String; 4]> = list
+    let rows: Vec<[String; 6]> = list
         .services
         .iter()
         .map(|s| {
@@ -544,28 +591,40 @@ async fn services(args: ServicesArgs) -> Result<()> {
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_owned))
                 .unwrap_or_default();
+            let kind = s
+                .kind
+                .and_then(|k| serde_json::to_value(k).ok())
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_else(|| "-".into());
             [
                 s.name.clone(),
+                kind,
                 s.port.to_string(),
                 match &s.health_detail {
                     Some(d) => format!("{health} ({d})"),
                     None => health,
                 },
                 s.health_path.clone().unwrap_or_else(|| "-".into()),
+                models_cell(s.kind, &s.models),
             ]
         })
         .collect();
-    crate::table::print_table(["NAME", "PORT", "HEALTH", "HEALTH PATH"], &rows);
+    crate::table::print_table(
+        ["NAME", "KIND", "PORT", "HEALTH", "HEALTH PATH", "MODELS"],
+        &rows,
+    );
     Ok(())
 }
 
 fn capabilities(args: CapabilitiesArgs) -> Result<()> {
     let (data_dir, file) = data_dir_and_file(args.data_dir.clone(), args.config.as_deref())?;
     let mut disabled = args.plugins.disable_capabilities;
-    disabled.extend(file.disable_capabilities);
+    disabled.extend(file.disable_capabilities.iter().cloned());
     let mut config = CocoonConfig::new("http://unused", data_dir, "unused");
-    config.plugins_dir = args.plugins.plugins_dir.or(file.plugins_dir);
+    config.plugins_dir = args.plugins.plugins_dir.or(file.plugins_dir.clone());
     config.disabled_capabilities = disabled_set(&disabled)?;
+    // The file's services, so that a manifest's server reusing a name is reported.
+    config.services = crate::cmd::agent::declared_services(Vec::new(), Vec::new(), &file)?;
     let set = adi_cocoon::plugins::load(&config.plugin_config());
     for e in &set.errors {
         eprintln!("skipped: {e}");
@@ -585,11 +644,25 @@ fn capabilities(args: CapabilitiesArgs) -> Result<()> {
                 })
             })
             .collect();
+        let servers: Vec<serde_json::Value> = set
+            .services
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "name": s.service.name,
+                    "port": s.service.port,
+                    "source": s.source,
+                    "plugin": s.plugin,
+                })
+            })
+            .collect();
         println!(
             "{}",
-            serde_json::to_string_pretty(
-                &serde_json::json!({"capabilities": rows, "errors": set.errors})
-            )?
+            serde_json::to_string_pretty(&serde_json::json!({
+                "capabilities": rows,
+                "openai": servers,
+                "errors": set.errors
+            }))?
         );
     } else {
         let rows: Vec<[String; 5]> = set
@@ -612,6 +685,24 @@ fn capabilities(args: CapabilitiesArgs) -> Result<()> {
             ["PROTOCOL", "VERSION", "IDEMPOTENT", "SOURCE", "SERVES"],
             &rows,
         );
+        if !set.services.is_empty() {
+            println!();
+            let rows: Vec<[String; 3]> = set
+                .services
+                .iter()
+                .map(|s| {
+                    [
+                        s.service.name.clone(),
+                        format!("127.0.0.1:{}", s.service.port),
+                        match &s.plugin {
+                            Some(name) => format!("{} ({name})", s.source),
+                            None => s.source.clone(),
+                        },
+                    ]
+                })
+                .collect();
+            crate::table::print_table(["OPENAI SERVER", "AT", "SOURCE"], &rows);
+        }
     }
     if !set.errors.is_empty() {
         bail!(

@@ -7,6 +7,7 @@ pub mod cocoon;
 pub mod dev;
 pub mod keys;
 pub mod login;
+pub mod models;
 pub mod proxy;
 pub mod service;
 pub mod signaling;
