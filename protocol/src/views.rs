@@ -81,6 +81,12 @@ pub struct ServiceView {
     /// Why it is down.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_detail: Option<String>,
+    /// What it speaks: `http`, or `openai` for an OpenAI-compatible server.
+    #[serde(default)]
+    pub kind: crate::ServiceKind,
+    /// The models an OpenAI-compatible server serves.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<String>,
 }
 
 pub(crate) fn unknown_health() -> HealthStatus {

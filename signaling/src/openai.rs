@@ -192,11 +192,7 @@ async fn caller(
     Ok(caller)
 }
 
-async fn key_caller(
-    state: &AppState,
-    key: &str,
-    peer: SocketAddr,
-) -> Result<Caller, OpenAiError> {
+async fn key_caller(state: &AppState, key: &str, peer: SocketAddr) -> Result<Caller, OpenAiError> {
     let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
     let now = tokio::time::Instant::now();
     if let Some(known) = state.openai_keys.known.get(&digest) {
@@ -408,7 +404,10 @@ async fn serve(state: &AppState, req: Request) -> Result<Response, OpenAiError> 
     let caller = caller(state, req.headers(), peer).await?;
     let path = req.uri().path().to_owned();
     let (parts, body) = req.into_parts();
-    let max = state.config.proxy_max_body_bytes.unwrap_or(DEFAULT_MAX_BODY);
+    let max = state
+        .config
+        .proxy_max_body_bytes
+        .unwrap_or(DEFAULT_MAX_BODY);
     let too_large = || {
         OpenAiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -444,9 +443,14 @@ async fn serve(state: &AppState, req: Request) -> Result<Response, OpenAiError> 
         order.retain(|s| preferred.as_deref() == Some(s.id.as_str()));
     }
     if order.is_empty() {
-        let known = servers(state, &caller, None)
-            .into_iter()
-            .any(|(_, models)| models.contains(&asked.model));
+        // Served by one of the caller's devices that is offline now? Only this answer
+        // reads the catalog.
+        let known = crate::access::devices(state, &caller, Scope::Capabilities)
+            .await
+            .map_err(ApiError::from)?
+            .iter()
+            .flat_map(|d| d.services.iter())
+            .any(|s| s.kind == ServiceKind::OpenAi && s.models.contains(&asked.model));
         return Err(if known {
             OpenAiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -468,7 +472,10 @@ async fn serve(state: &AppState, req: Request) -> Result<Response, OpenAiError> 
     }
     rank(&mut order, &state.routing_turn);
     if let Some(p) = &preferred {
-        if let Some(i) = order.iter().position(|s| s.id.as_str() == p || s.name == *p) {
+        if let Some(i) = order
+            .iter()
+            .position(|s| s.id.as_str() == p || s.name == *p)
+        {
             let first = order.remove(i);
             order.insert(0, first);
         }
@@ -479,7 +486,16 @@ async fn serve(state: &AppState, req: Request) -> Result<Response, OpenAiError> 
         .map_or(path.clone(), |p| p.as_str().to_owned());
     let mut last = None;
     for server in order.into_iter().take(ATTEMPTS) {
-        match attempt(state, &caller, &server, &target, &parts.headers, peer, body.clone()).await
+        match attempt(
+            state,
+            &caller,
+            &server,
+            &target,
+            &parts.headers,
+            peer,
+            body.clone(),
+        )
+        .await
         {
             Ok(resp) => return Ok(resp),
             Err(e) => {

@@ -664,3 +664,65 @@ async fn nobody_without_the_catalog_s_keys_passes_for_a_hub() -> Result<()> {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_on_a_device_of_another_hub_answers_through_any_hub() -> Result<()> {
+    use crate::openai::{capabilities_key, stub};
+    in_cluster(&[], |c| async move {
+        let on_a = c.alice(0).await?;
+        let (_server, port, _stop) = stub("A", vec!["llama-8b"]).await?;
+        let device = Cocoon::start(
+            &c.hubs[0].url,
+            "gpu",
+            Some(&on_a.setup_token(60).await?),
+            &["--openai", &format!("llm:{port}")],
+        )?;
+        let id = device.device_id().await?;
+        let key = capabilities_key(&on_a).await?;
+        let http = http()?;
+        // Through hub c: listed, answered whole and streamed, by the device on hub a.
+        let base = &c.hubs[2].url;
+        wait_for(
+            "hub c to list the model",
+            Duration::from_secs(10),
+            || async {
+                let body: Value = http
+                    .get(format!("{base}/v1/models"))
+                    .bearer_auth(&key)
+                    .send()
+                    .await?
+                    .json()
+                    .await?;
+                Ok((body["data"][0]["id"] == "llama-8b").then_some(()))
+            },
+        )
+        .await?;
+        let resp = http
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(&key)
+            .json(&json!({"model": "llama-8b", "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await?;
+        ensure!(resp.status() == 200, "{}", resp.status());
+        ensure!(resp.headers()["x-adi-device"] == id.as_str());
+        let body: Value = resp.json().await?;
+        ensure!(
+            body["choices"][0]["message"]["content"] == "hello from A",
+            "{body}"
+        );
+        let resp = http
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(&key)
+            .json(&json!({"model": "llama-8b", "stream": true,
+                "messages": [{"role": "user", "content": "count"}]}))
+            .send()
+            .await?;
+        ensure!(resp.status() == 200, "{}", resp.status());
+        let text = resp.text().await?;
+        ensure!(text.matches("data: ").count() == 6, "{text}");
+        ensure!(text.ends_with("data: [DONE]\n\n"), "{text}");
+        drop(device);
+        Ok(())
+    })
+    .await
+}

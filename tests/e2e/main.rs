@@ -17,6 +17,7 @@ mod keys;
 mod matrix;
 mod members;
 mod metrics;
+mod openai;
 mod openai_device;
 mod operator;
 mod presence;

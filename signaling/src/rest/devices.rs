@@ -57,6 +57,8 @@ fn service_views(
                 name: s.name,
                 port: s.port,
                 health_path: s.health_path,
+                kind: s.kind,
+                models: s.models,
             }
         })
         .collect()
