@@ -380,38 +380,74 @@ impl Drop for BodySender {
     }
 }
 
-/// Joins a byte stream (an upgraded connection, say a WebSocket) to a stream of this
-/// table: what `io` reads goes out on `sender`, what `receiver` gets is written to
-/// `io`. Ends when both directions have ended.
+/// Joins a byte stream (an upgraded connection: a WebSocket, a raw TCP stream) to a
+/// stream of this table: what `io` reads goes out on `sender`, what `receiver` gets is
+/// written to `io`. Ends when both directions have ended.
+///
+/// A half-close passes through: `io` reaching its end finishes `sender`, and the peer
+/// finishing its body shuts down `io`'s writing side, while the other direction goes on.
+/// A broken stream ends both directions at once instead: the peer reset its body (or
+/// the connection carrying it closed), writing to `io` failed, or the peer stopped
+/// reading what this side sends. Then `io` is dropped (closed) and the peer's reader
+/// sees its body reset, so neither end waits on a stream that can carry nothing more.
 pub async fn splice<IO>(io: IO, mut sender: BodySender, mut receiver: BodyReceiver)
 where
     IO: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (mut read, mut write) = tokio::io::split(io);
+    // Each direction says whether it ended cleanly (an end of stream passed on), after
+    // which the other may still go on.
     let outbound = async move {
         let mut buf = BytesMut::with_capacity(16 * 1024);
         loop {
             buf.reserve(16 * 1024);
-            match read.read_buf(&mut buf).await {
-                Ok(0) | Err(_) => break,
+            let read = tokio::select! {
+                // Nobody reads what would be sent: stop reading, and drop the sender,
+                // which tells the peer this body is abandoned.
+                () = sender.stopped() => return false,
+                read = read.read_buf(&mut buf) => read,
+            };
+            match read {
+                Ok(0) => break,
+                Err(_) => return false,
                 Ok(_) => {
                     if sender.send(buf.split().freeze()).await.is_err() {
-                        return;
+                        return false;
                     }
                 }
             }
         }
-        let _ = sender.finish().await;
+        sender.finish().await.is_ok()
     };
     let inbound = async move {
-        while let Some(Ok(chunk)) = receiver.recv().await {
-            if write.write_all(&chunk).await.is_err() {
-                return;
+        loop {
+            match receiver.recv().await {
+                Some(Ok(chunk)) => {
+                    if write.write_all(&chunk).await.is_err() {
+                        return false;
+                    }
+                }
+                Some(Err(_)) => return false,
+                None => {
+                    let _ = write.shutdown().await;
+                    return true;
+                }
             }
         }
-        let _ = write.shutdown().await;
     };
-    tokio::join!(outbound, inbound);
+    tokio::pin!(outbound, inbound);
+    tokio::select! {
+        ended = &mut outbound => {
+            if ended {
+                inbound.await;
+            }
+        }
+        ended = &mut inbound => {
+            if ended {
+                outbound.await;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -616,6 +652,80 @@ mod tests {
         assert_eq!(b_rx.recv().await, None);
         drop(_a_rx);
         assert!(b.is_empty(), "both directions of b's stream are done");
+    }
+
+    /// A splice on `a`'s stream `id`, its io the far end of a duplex pipe; returns the
+    /// near end (the client, as it were), `b`'s ends of the stream, and the splice.
+    fn spliced(
+        a: &Streams,
+        b: &Streams,
+        id: u32,
+    ) -> (
+        tokio::io::DuplexStream,
+        BodyReceiver,
+        BodySender,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let (client, io) = tokio::io::duplex(64 * 1024);
+        let (a_rx, a_tx) = a.open(id);
+        let (b_rx, b_tx) = b.open(id);
+        let splice = tokio::spawn(splice(io, a_tx, a_rx));
+        (client, b_rx, b_tx, splice)
+    }
+
+    #[tokio::test]
+    async fn a_splice_passes_a_half_close_and_the_answer_still_comes_back() {
+        let (a, b, _wire) = pair();
+        let (mut client, mut b_rx, mut b_tx, splice) = spliced(&a, &b, 20);
+        client.write_all(b"question").await.expect("write");
+        client.shutdown().await.expect("half-close");
+        assert_eq!(b_rx.recv().await, Some(Ok(Bytes::from_static(b"question"))));
+        assert_eq!(b_rx.recv().await, None, "the half-close arrives as the end");
+        b_tx.send(Bytes::from_static(b"answer"))
+            .await
+            .expect("send");
+        b_tx.finish().await.expect("finish");
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.expect("read");
+        assert_eq!(got, b"answer");
+        tokio::time::timeout(Duration::from_secs(5), splice)
+            .await
+            .expect("both directions ended")
+            .expect("splice");
+    }
+
+    #[tokio::test]
+    async fn a_broken_stream_ends_both_directions_of_a_splice() {
+        let (a, b, _wire) = pair();
+        // The peer resets its body: the client's connection closes though it is idle,
+        // and the peer's reader hears the other direction is abandoned.
+        let (mut client, mut b_rx, b_tx, splice) = spliced(&a, &b, 21);
+        b_tx.reset("service connection reset").await;
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.expect("read");
+        assert!(got.is_empty());
+        tokio::time::timeout(Duration::from_secs(5), splice)
+            .await
+            .expect("the splice ended")
+            .expect("splice");
+        assert!(matches!(b_rx.recv().await, Some(Err(_))));
+
+        // The peer stops reading: the splice ends too, without waiting for the idle
+        // client to send or close.
+        let (_client, b_rx, _b_tx, splice) = spliced(&a, &b, 22);
+        drop(b_rx);
+        tokio::time::timeout(Duration::from_secs(5), splice)
+            .await
+            .expect("the splice ended")
+            .expect("splice");
+
+        // The connection closes.
+        let (_client, _b_rx, _b_tx, splice) = spliced(&a, &b, 23);
+        a.close_all();
+        tokio::time::timeout(Duration::from_secs(5), splice)
+            .await
+            .expect("the splice ended")
+            .expect("splice");
     }
 
     #[tokio::test]
