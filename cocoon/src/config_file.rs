@@ -14,6 +14,7 @@
 //! disable_capabilities = ["llm.chat"]
 //! local_api = "127.0.0.1:7424"            # or "off"
 //! openai = ["llm:8080"]                   # OpenAI-compatible servers, NAME:PORT
+//! tcp = ["ssh:22", "pg:5432"]             # raw TCP services, NAME:PORT
 //!
 //! [[services]]
 //! name = "grafana"
@@ -53,6 +54,9 @@ pub struct CocoonFile {
     /// OpenAI-compatible servers on this device's loopback, `NAME:PORT` each.
     #[serde(default)]
     pub openai: Vec<String>,
+    /// Raw TCP services (SSH, databases) on this device's loopback, `NAME:PORT` each.
+    #[serde(default)]
+    pub tcp: Vec<String>,
     /// Where the device is, in its owner's words.
     pub location: Option<String>,
     /// Directory of plugin manifests.
@@ -170,6 +174,22 @@ mod tests {
             "a list, not a string"
         );
         assert!(parse("").expect("ok").openai.is_empty());
+    }
+
+    #[test]
+    fn tcp_services_are_listed_as_name_port() {
+        let f = parse("tcp = [\"ssh:22\", \"pg:5432\"]\n").expect("ok");
+        let parsed: Vec<_> = f
+            .tcp
+            .iter()
+            .map(|s| crate::services::parse_tcp(s).expect("valid"))
+            .collect();
+        assert_eq!((parsed[1].name.as_str(), parsed[1].port), ("pg", 5432));
+        assert!(parsed
+            .iter()
+            .all(|s| s.kind == adi_protocol::ServiceKind::Tcp));
+        assert!(parse("tcp = \"ssh:22\"\n").is_err(), "a list, not a string");
+        assert!(parse("").expect("ok").tcp.is_empty());
     }
 
     #[test]

@@ -17,6 +17,10 @@
 //! [[openai]]                            # an OpenAI-compatible server (llama.cpp, vLLM,
 //! name = "llm"                          # Ollama) at 127.0.0.1:PORT: a service like
 //! port = 8080                           # --openai llm:8080, its models offered to the hub
+//!
+//! [[tcp]]                               # a raw TCP service (SSH, a database) at
+//! name = "pg"                           # 127.0.0.1:PORT, like --tcp pg:5432: reached with
+//! port = 5432                           # `adi connect` or `adi proxy`
 //! ```
 //!
 //! A manifest with any error is reported with its file and line and skipped whole; the
@@ -30,7 +34,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use adi_protocol::capability::{parse_version, validate_protocol};
-use adi_protocol::{CapabilityOffer, ServiceInfo};
+use adi_protocol::{CapabilityOffer, ServiceInfo, ServiceKind};
 use serde::Deserialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -69,10 +73,12 @@ pub struct Served {
     pub plugin: Option<String>,
 }
 
-/// An OpenAI-compatible server a manifest declares, and where it came from.
+/// A service a manifest declares (an OpenAI-compatible server or a raw TCP service),
+/// and where it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PluginService {
-    /// The service, of kind `openai`, with no models: the cocoon asks the server.
+    /// The service: of kind `openai`, with no models (the cocoon asks the server), or
+    /// of kind `tcp`.
     pub service: ServiceInfo,
     /// The manifest's path.
     pub source: String,
@@ -85,7 +91,7 @@ pub struct PluginService {
 pub struct Declared {
     /// Its capabilities.
     pub served: Vec<Served>,
-    /// Its OpenAI-compatible servers.
+    /// Its OpenAI-compatible servers and raw TCP services.
     pub services: Vec<PluginService>,
 }
 
@@ -94,7 +100,8 @@ pub struct Declared {
 pub struct CapabilitySet {
     /// In the order they were found: built-ins, then manifests by file name.
     pub served: Vec<Served>,
-    /// OpenAI-compatible servers the manifests declare, by file name.
+    /// OpenAI-compatible servers and raw TCP services the manifests declare, by file
+    /// name.
     pub services: Vec<PluginService>,
     /// One line per skipped manifest, capability or server: file, line, reason.
     pub errors: Vec<String>,
@@ -119,7 +126,7 @@ pub struct PluginConfig {
     pub dir: Option<PathBuf>,
     /// Protocol names not to offer, built-ins included.
     pub disabled: BTreeSet<String>,
-    /// Service names the flags and the config file already give: a manifest's server
+    /// Service names the flags and the config file already give: a manifest's service
     /// of one of these names is skipped, as the proxy could reach only one of them.
     pub services: BTreeSet<String>,
 }
@@ -135,12 +142,15 @@ struct Manifest {
     #[serde(default)]
     capabilities: Vec<toml::Spanned<ManifestCapability>>,
     #[serde(default)]
-    openai: Vec<toml::Spanned<ManifestOpenAi>>,
+    openai: Vec<toml::Spanned<ManifestService>>,
+    #[serde(default)]
+    tcp: Vec<toml::Spanned<ManifestService>>,
 }
 
+/// An `[[openai]]` or `[[tcp]]` table: a service at `127.0.0.1:port`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ManifestOpenAi {
+struct ManifestService {
     name: String,
     port: u16,
 }
@@ -267,21 +277,30 @@ pub fn parse_manifest(text: &str, path: &Path) -> Result<Declared, String> {
             None => format!("{shown}: {message}"),
         }
     })?;
-    if manifest.capabilities.is_empty() && manifest.openai.is_empty() {
+    if manifest.capabilities.is_empty() && manifest.openai.is_empty() && manifest.tcp.is_empty() {
         return Err(format!(
-            "{shown}: declares no [[capabilities]] or [[openai]]"
+            "{shown}: declares no [[capabilities]], [[openai]] or [[tcp]]"
         ));
     }
     let cwd = path
         .parent()
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
     let plugin = manifest.name;
-    let mut services: Vec<PluginService> = Vec::with_capacity(manifest.openai.len());
-    for spanned in manifest.openai {
+    let mut services: Vec<PluginService> =
+        Vec::with_capacity(manifest.openai.len() + manifest.tcp.len());
+    let openai = manifest
+        .openai
+        .into_iter()
+        .map(|o| (o, ServiceKind::OpenAi));
+    let tcp = manifest.tcp.into_iter().map(|t| (t, ServiceKind::Tcp));
+    for (spanned, kind) in openai.chain(tcp) {
         let line = line_of(text, spanned.span().start);
         let o = spanned.into_inner();
-        let service =
-            crate::services::openai(&o.name, o.port).map_err(|e| format!("{shown}:{line}: {e}"))?;
+        let declared = match kind {
+            ServiceKind::Tcp => crate::services::tcp(&o.name, o.port),
+            _ => crate::services::openai(&o.name, o.port),
+        };
+        let service = declared.map_err(|e| format!("{shown}:{line}: {e}"))?;
         if services.iter().any(|s| s.service.name == service.name) {
             return Err(format!(
                 "{shown}:{line}: service {:?} is declared twice",
@@ -380,13 +399,20 @@ fn report(set: &CapabilitySet) {
     }
     let offers: Vec<String> = set.served.iter().map(|s| s.offer.to_string()).collect();
     info!(capabilities = %offers.join(","), "capabilities loaded");
-    if !set.services.is_empty() {
-        let servers: Vec<String> = set
-            .services
+    let listed = |kind: ServiceKind| {
+        set.services
             .iter()
+            .filter(|s| s.service.kind == kind)
             .map(|s| format!("{}:{}", s.service.name, s.service.port))
-            .collect();
+            .collect::<Vec<String>>()
+    };
+    let servers = listed(ServiceKind::OpenAi);
+    if !servers.is_empty() {
         info!(openai = %servers.join(","), "plugin manifests declare OpenAI-compatible servers");
+    }
+    let tcp = listed(ServiceKind::Tcp);
+    if !tcp.is_empty() {
+        info!(tcp = %tcp.join(","), "plugin manifests declare raw TCP services");
     }
 }
 
@@ -610,6 +636,64 @@ mod tests {
         assert!(set.errors[4].contains("f-twice.toml:4:"), "{errors}");
         assert!(set.errors[5].contains("g-port.toml:1:"), "{errors}");
         assert_eq!(set.services(), vec![llm.service.clone()]);
+    }
+
+    #[test]
+    fn tcp_services_are_declared_checked_and_share_names_with_every_other_service() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(
+            dir.path(),
+            "a-db.toml",
+            "name = \"db\"\n[[tcp]]\nname = \"pg\"\nport = 5432\n[[openai]]\nname = \"llm\"\nport = 8080\n",
+        );
+        // Reusing a name across kinds, in one manifest and across manifests.
+        write(
+            dir.path(),
+            "b-clash.toml",
+            "[[tcp]]\nname = \"llm\"\nport = 1\n",
+        );
+        write(
+            dir.path(),
+            "c-twice.toml",
+            "[[openai]]\nname = \"x\"\nport = 1\n[[tcp]]\nname = \"x\"\nport = 2\n",
+        );
+        write(
+            dir.path(),
+            "d-health.toml",
+            "[[tcp]]\nname = \"ssh\"\nport = 22\nhealth = \"/\"\n",
+        );
+        let set = load(&PluginConfig {
+            dir: Some(dir.path().to_owned()),
+            disabled: BTreeSet::new(),
+            services: BTreeSet::new(),
+        });
+        let shown: Vec<(&str, u16, ServiceKind)> = set
+            .services
+            .iter()
+            .map(|s| (s.service.name.as_str(), s.service.port, s.service.kind))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                ("llm", 8080, ServiceKind::OpenAi),
+                ("pg", 5432, ServiceKind::Tcp)
+            ]
+        );
+        assert_eq!(set.services[1].plugin.as_deref(), Some("db"));
+        let errors = set.errors.join("\n");
+        assert_eq!(set.errors.len(), 3, "{errors}");
+        assert!(
+            set.errors[0].contains("b-clash.toml") && set.errors[0].contains("a-db.toml"),
+            "{errors}"
+        );
+        assert!(set.errors[1].contains("c-twice.toml:4:"), "{errors}");
+        assert!(set.errors[2].contains("d-health.toml"), "{errors}");
+        let only = parse_manifest(
+            "[[tcp]]\nname = \"ssh\"\nport = 22\n",
+            Path::new("/p/t.toml"),
+        )
+        .expect("a tcp service alone is enough");
+        assert!(only.served.is_empty() && only.services.len() == 1);
     }
 
     #[test]

@@ -1,4 +1,7 @@
-//! Serves the hub's proxied HTTP requests against this device's own loopback services.
+//! Serves the hub's proxied HTTP requests against this device's own loopback services,
+//! and the raw TCP streams of its `tcp` services (an `adi-tcp` upgrade: the cocoon
+//! connects to the service, answers `101` and passes bytes both ways, speaking no HTTP
+//! to it). A TCP service is reached only that way, and only a TCP service is.
 //!
 //! Only services this cocoon registered can be reached, and only at
 //! `127.0.0.1:<their port>`: the connection is opened to the registered port (see
@@ -16,7 +19,7 @@ use std::time::Duration;
 use adi_mux::{BodyReceiver, BodySender};
 use adi_protocol::exchange;
 use adi_protocol::http::{check_target, is_hop_by_hop};
-use adi_protocol::{DeviceToHub, ErrorCode, ProxyHead, ProxyRequest, ServiceInfo};
+use adi_protocol::{DeviceToHub, ErrorCode, ProxyHead, ProxyRequest, ServiceInfo, TCP_UPGRADE};
 use futures_util::StreamExt;
 use http_body_util::{BodyExt, Empty, StreamBody};
 use hyper::body::{Body as _, Frame};
@@ -53,6 +56,41 @@ pub(crate) async fn serve(
     answers: mpsc::Sender<DeviceToHub>,
 ) {
     let stream_id = request.stream_id;
+    // A raw TCP service is reached only as a byte stream, and only it is.
+    let tcp = request
+        .upgrade
+        .as_deref()
+        .is_some_and(|p| p.eq_ignore_ascii_case(TCP_UPGRADE));
+    match services.iter().find(|s| s.name == request.service) {
+        Some(service) if service.kind.is_tcp() && tcp => {
+            let deadline = Duration::from_millis(request.deadline_ms.max(1));
+            let opened = Box::pin(serve_tcp(
+                service,
+                stream_id,
+                deadline,
+                request_body,
+                response_body,
+                &answers,
+            ));
+            if let Err((refusal, response_body)) = opened.await {
+                Box::pin(refusal.send(stream_id, &answers, response_body)).await;
+            }
+            return;
+        }
+        Some(service) if service.kind.is_tcp() || tcp => {
+            let why = if tcp {
+                format!("service {} is not a TCP service", service.name)
+            } else {
+                format!(
+                    "service {} is a raw TCP service: it is reached only as a byte stream",
+                    service.name
+                )
+            };
+            let refusal = Refusal::bad_request(why, "wrong kind of service");
+            return Box::pin(refusal.send(stream_id, &answers, response_body)).await;
+        }
+        _ => {}
+    }
     // Every way to fail ends in one place, so the future holds one refusal's state, not
     // one per reason; and the exchange and the answer are boxed: the task's own future
     // stays small, so spawning and polling it copies little.
@@ -131,6 +169,71 @@ pub(crate) async fn serve(
         return;
     };
     Box::pin(refusal.send(stream_id, &answers, response_body)).await;
+}
+
+/// Opens a raw TCP stream to `service`: connects to `127.0.0.1:<its port>` (no HTTP is
+/// spoken to it), answers the hub `101`, and splices the connection with the stream
+/// until both directions have ended, half-closes passed on either way. A client that
+/// goes away while the connection is being made leaves nothing behind.
+async fn serve_tcp(
+    service: &ServiceInfo,
+    stream_id: u32,
+    deadline: Duration,
+    request_body: BodyReceiver,
+    response_body: BodySender,
+    answers: &mpsc::Sender<DeviceToHub>,
+) -> Result<(), (Refusal, BodySender)> {
+    let connect = tokio::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, service.port));
+    let connected = tokio::select! {
+        () = response_body.stopped() => {
+            debug!(stream_id, "client went away before the TCP connection was made");
+            return Ok(());
+        }
+        connected = tokio::time::timeout(deadline, connect) => connected,
+    };
+    let tcp = match connected {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) => {
+            let why = format!(
+                "service {} is not reachable on 127.0.0.1:{} ({e})",
+                service.name, service.port
+            );
+            return Err((Refusal::upstream(why), response_body));
+        }
+        Err(_) => {
+            let refusal = Refusal {
+                code: ErrorCode::Timeout,
+                message: format!(
+                    "service {} did not accept a connection within {deadline:?}",
+                    service.name
+                ),
+                reset: "timeout",
+            };
+            return Err((refusal, response_body));
+        }
+    };
+    // Interactive protocols (SSH keystrokes) must not wait for a fuller segment.
+    let _ = tcp.set_nodelay(true);
+    let head = ProxyHead {
+        status: 101,
+        headers: vec![
+            ("connection".into(), "upgrade".into()),
+            ("upgrade".into(), TCP_UPGRADE.into()),
+        ],
+    };
+    let exchange::ResponseHead::Message { head, .. } =
+        exchange::response_head(stream_id, head, None)
+    else {
+        // A head without a body never goes whole.
+        return Ok(());
+    };
+    if answers.send(*head).await.is_err() {
+        return Ok(());
+    }
+    debug!(stream_id, service = %service.name, "raw TCP stream open");
+    adi_mux::splice(tcp, response_body, request_body).await;
+    debug!(stream_id, service = %service.name, "raw TCP stream closed");
+    Ok(())
 }
 
 /// A request ready for its service.
@@ -513,6 +616,101 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    /// What `serve` tells the hub of `request` to `services`: its first control message.
+    async fn answer_to(services: &[ServiceInfo], request: ProxyRequest) -> Option<DeviceToHub> {
+        let (tx, mut rx) = mpsc::channel(8);
+        let (frames, _wire) = mpsc::channel(64);
+        let (body_in, body_out) = adi_mux::Streams::new(frames).open(request.stream_id);
+        serve(Pool::default(), services, request, body_in, body_out, tx).await;
+        rx.recv().await
+    }
+
+    #[tokio::test]
+    async fn a_tcp_service_is_reached_only_by_an_adi_tcp_upgrade_and_only_it_is() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = closed.local_addr().expect("addr").port();
+        drop(closed);
+        let services: Vec<ServiceInfo> = serde_json::from_value(serde_json::json!([
+            {"name": "web", "port": 8080},
+            {"name": "ssh", "port": port, "kind": "tcp"},
+        ]))
+        .expect("services");
+        for (service, upgrade, code, why) in [
+            ("ssh", None, ErrorCode::BadRequest, "raw TCP service"),
+            (
+                "ssh",
+                Some("websocket"),
+                ErrorCode::BadRequest,
+                "raw TCP service",
+            ),
+            (
+                "web",
+                Some("adi-tcp"),
+                ErrorCode::BadRequest,
+                "not a TCP service",
+            ),
+            (
+                "ssh",
+                Some("ADI-TCP"),
+                ErrorCode::UpstreamError,
+                "not reachable",
+            ),
+        ] {
+            let sent = ProxyRequest {
+                service: service.into(),
+                upgrade: upgrade.map(str::to_owned),
+                empty_body: upgrade.is_none(),
+                ..request(&[])
+            };
+            match answer_to(&services, sent).await {
+                Some(DeviceToHub::ProxyError {
+                    code: got, message, ..
+                }) => {
+                    assert_eq!(got, code, "{service} {upgrade:?}: {message}");
+                    assert!(message.contains(why), "{service} {upgrade:?}: {message}");
+                }
+                other => panic!("{service} {upgrade:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tcp_stream_is_answered_101_once_the_service_accepts_it() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let services: Vec<ServiceInfo> = serde_json::from_value(serde_json::json!([
+            {"name": "ssh", "port": port, "kind": "tcp"},
+        ]))
+        .expect("services");
+        let sent = ProxyRequest {
+            service: "ssh".into(),
+            upgrade: Some(TCP_UPGRADE.into()),
+            empty_body: false,
+            ..request(&[])
+        };
+        let (tx, mut rx) = mpsc::channel(8);
+        let (frames, _wire) = mpsc::channel(64);
+        let (body_in, body_out) = adi_mux::Streams::new(frames).open(sent.stream_id);
+        let serving = tokio::spawn(async move {
+            serve(Pool::default(), &services, sent, body_in, body_out, tx).await;
+        });
+        let (_accepted, _) = listener.accept().await.expect("the cocoon connects");
+        match rx.recv().await {
+            Some(DeviceToHub::ProxyResponse {
+                status, headers, ..
+            }) => {
+                assert_eq!(status, 101);
+                assert!(headers
+                    .iter()
+                    .any(|(n, v)| n == "upgrade" && v == TCP_UPGRADE));
+            }
+            other => panic!("{other:?}"),
+        }
+        serving.abort();
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! What a service declaration must be, however it is given: a `--service` or
-//! `--openai` flag, `COCOON_SERVICES` or `COCOON_OPENAI`, a `[[services]]` table or an
-//! `openai` list in `cocoon.toml`, or an `[[openai]]` table in a plugin manifest. One
+//! What a service declaration must be, however it is given: a `--service`, `--openai`
+//! or `--tcp` flag, `COCOON_SERVICES`, `COCOON_OPENAI` or `COCOON_TCP`, a `[[services]]`
+//! table or an `openai` or `tcp` list in `cocoon.toml`, or an `[[openai]]` or `[[tcp]]`
+//! table in a plugin manifest. One
 //! check for all of them, so a name the proxy could not route, a port that cannot be
 //! listened on or a name given twice is refused wherever it was written.
 
@@ -42,13 +43,7 @@ pub fn parse(s: &str) -> Result<ServiceInfo, ServiceError> {
 /// Parses an OpenAI-compatible server's `NAME:PORT` (it is probed through its
 /// `/v1/models`, so it takes no health path) and checks it.
 pub fn parse_openai(s: &str) -> Result<ServiceInfo, ServiceError> {
-    let (name, port) = s
-        .trim()
-        .split_once(':')
-        .ok_or_else(|| ServiceError::Form(s.to_owned()))?;
-    let port: u16 = port
-        .parse()
-        .map_err(|_| ServiceError::Port(port.to_owned()))?;
+    let (name, port) = name_port(s)?;
     openai(name, port)
 }
 
@@ -58,6 +53,33 @@ pub fn openai(name: &str, port: u16) -> Result<ServiceInfo, ServiceError> {
     let mut service = check(name, port, None)?;
     service.kind = ServiceKind::OpenAi;
     Ok(service)
+}
+
+/// Parses a raw TCP service's `NAME:PORT` (it speaks no HTTP, so it takes no health
+/// path: it is up while its port accepts a connection) and checks it.
+pub fn parse_tcp(s: &str) -> Result<ServiceInfo, ServiceError> {
+    let (name, port) = name_port(s)?;
+    tcp(name, port)
+}
+
+/// Checks a declared raw TCP service (SSH, a database): of kind [`ServiceKind::Tcp`],
+/// reached only as a byte stream, never with an HTTP request.
+pub fn tcp(name: &str, port: u16) -> Result<ServiceInfo, ServiceError> {
+    let mut service = check(name, port, None)?;
+    service.kind = ServiceKind::Tcp;
+    Ok(service)
+}
+
+/// `NAME:PORT`, the port a number (range checked by [`check`]).
+fn name_port(s: &str) -> Result<(&str, u16), ServiceError> {
+    let (name, port) = s
+        .trim()
+        .split_once(':')
+        .ok_or_else(|| ServiceError::Form(s.to_owned()))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| ServiceError::Port(port.to_owned()))?;
+    Ok((name, port))
 }
 
 /// Refuses a list that gives one name twice, whatever the kinds.
@@ -148,6 +170,23 @@ mod tests {
         assert_eq!(
             unique(&[web, s, clash]),
             Err(ServiceError::Duplicate("web".into()))
+        );
+    }
+
+    #[test]
+    fn tcp_services_are_name_port_of_kind_tcp_and_clash_with_any_other_service() {
+        let ssh = parse_tcp(" ssh:22 ").expect("ok");
+        assert_eq!((ssh.name.as_str(), ssh.port), ("ssh", 22));
+        assert_eq!(ssh.kind, ServiceKind::Tcp);
+        assert!(ssh.health_path.is_none() && ssh.models.is_empty());
+        assert!(matches!(parse_tcp("ssh:22/x"), Err(ServiceError::Port(_))));
+        assert!(matches!(parse_tcp("ssh"), Err(ServiceError::Form(_))));
+        assert!(matches!(parse_tcp("ssh:0"), Err(ServiceError::Port(_))));
+        assert!(matches!(parse_tcp("s h:22"), Err(ServiceError::Name(_))));
+        let web = parse("ssh:80").expect("ok");
+        assert_eq!(
+            unique(&[web, ssh]),
+            Err(ServiceError::Duplicate("ssh".into()))
         );
     }
 }

@@ -75,15 +75,16 @@ mod tests {
             any::<u16>(),
             proptest::option::of("/[a-z/]{0,20}"),
             proptest::collection::vec("[a-zA-Z0-9:._/-]{1,30}", 0..3),
+            any::<bool>(),
         )
-            .prop_map(|(name, port, health_path, models)| ServiceInfo {
+            .prop_map(|(name, port, health_path, models, tcp)| ServiceInfo {
                 name,
                 port,
                 health_path,
-                kind: if models.is_empty() {
-                    crate::ServiceKind::Http
-                } else {
-                    crate::ServiceKind::OpenAi
+                kind: match (models.is_empty(), tcp) {
+                    (false, _) => crate::ServiceKind::OpenAi,
+                    (true, true) => crate::ServiceKind::Tcp,
+                    (true, false) => crate::ServiceKind::Http,
                 },
                 models,
             })

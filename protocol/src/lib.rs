@@ -80,5 +80,6 @@ pub use messages::{
     DeviceToHub, GpuModel, GpuReport, Hardware, HealthStatus, Heartbeat, HubToDevice, LoadReport,
     Outcome, ProxyHead, ProxyRequest, Register, Registered, RemoteError, ServiceHealth,
     ServiceInfo, ServiceKind, MAX_MODELS, MAX_MODEL_NAME, PROTOCOL_VERSION, SUPPORTED_VERSIONS,
+    TCP_UPGRADE,
 };
 pub use payload::Payload;

@@ -59,12 +59,24 @@ pub enum ServiceKind {
     /// `/proxy/` too, and its models through the hub's `/v1/` endpoints.
     #[serde(rename = "openai")]
     OpenAi,
+    /// Raw TCP (SSH, a database): reached only by a [`TCP_UPGRADE`] upgrade of
+    /// `/proxy/`, after which the stream carries the connection's bytes both ways.
+    Tcp,
 }
+
+/// The `Upgrade` protocol that opens a raw TCP stream to a [`ServiceKind::Tcp`] service:
+/// the hub answers `101` and the connection then carries the service's bytes.
+pub const TCP_UPGRADE: &str = "adi-tcp";
 
 impl ServiceKind {
     /// Whether it is plain HTTP (the default, left out of messages).
     pub fn is_http(&self) -> bool {
         matches!(self, ServiceKind::Http)
+    }
+
+    /// Whether it is raw TCP, reached only by a [`TCP_UPGRADE`] upgrade.
+    pub fn is_tcp(&self) -> bool {
+        matches!(self, ServiceKind::Tcp)
     }
 }
 
@@ -603,6 +615,23 @@ mod tests {
             ..load
         };
         assert!(!hw.describes(&more_ram));
+    }
+
+    /// A TCP service says so on the wire; an HTTP one says nothing, as before kinds.
+    #[test]
+    fn a_tcp_service_is_of_kind_tcp_on_the_wire() {
+        let ssh: ServiceInfo =
+            serde_json::from_str(r#"{"name":"ssh","port":22,"kind":"tcp"}"#).expect("decodes");
+        assert_eq!(ssh.kind, ServiceKind::Tcp);
+        assert!(ssh.kind.is_tcp() && !ssh.kind.is_http());
+        let text = serde_json::to_string(&ssh).expect("encodes");
+        assert!(text.contains(r#""kind":"tcp""#), "{text}");
+        let web = ServiceInfo {
+            kind: ServiceKind::Http,
+            ..ssh
+        };
+        let text = serde_json::to_string(&web).expect("encodes");
+        assert!(!text.contains("kind"), "{text}");
     }
 
     /// A hub that runs alone (or predates clusters) and an agent that predates them

@@ -35,6 +35,10 @@ pub struct CocoonView {
     /// Capability requests this hub has in flight to it.
     #[serde(default)]
     pub in_flight: u32,
+    /// Raw TCP streams (`adi connect`, `adi proxy` to a tcp service) open to it through
+    /// the hub it is connected to; 0 as another hub of a cluster sees it.
+    #[serde(default)]
+    pub tcp_streams: u32,
     /// CPU, RAM and GPU use from the latest heartbeat; absent while offline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load: Option<LoadReport>,
@@ -81,7 +85,8 @@ pub struct ServiceView {
     /// Why it is down.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_detail: Option<String>,
-    /// What it speaks: `http`, or `openai` for an OpenAI-compatible server.
+    /// What it speaks: `http`, `openai` for an OpenAI-compatible server, or `tcp` for
+    /// a raw TCP service (reached with `adi connect` or `adi proxy`).
     #[serde(default)]
     pub kind: crate::ServiceKind,
     /// The models an OpenAI-compatible server serves.

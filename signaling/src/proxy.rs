@@ -5,9 +5,13 @@
 //!
 //! The hub checks membership and that the service is one the device registered; the
 //! device connects only to `127.0.0.1:<registered port>`. Hop-by-hop headers and the
-//! hub's own credentials never reach the service. A streamed answer or an upgraded
-//! connection outlives nothing that allowed it: when its caller is removed from the
-//! device, the device is deleted or the session is signed out, it is cut at once.
+//! hub's own credentials never reach the service. A raw TCP service (kind `tcp`) is
+//! reached only by an `Upgrade: adi-tcp` request, which the device answers `101` once
+//! it has connected to the service; the connection then carries its bytes both ways,
+//! half-closes included, and is counted on the device's connection while open. A
+//! streamed answer or an upgraded connection outlives nothing that allowed it: when its
+//! caller is removed from the device, the device is deleted or the session is signed
+//! out, it is cut at once.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,7 +19,7 @@ use std::time::Duration;
 
 use adi_mux::BodyReceiver;
 use adi_protocol::http::{check_target, is_hop_by_hop, requested_upgrade};
-use adi_protocol::{DeviceId, ErrorCode, ProxyRequest, Scope};
+use adi_protocol::{DeviceId, ErrorCode, ProxyRequest, Scope, ServiceInfo, TCP_UPGRADE};
 use axum::body::{Body, HttpBody};
 use axum::extract::{ConnectInfo, Request};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -98,6 +102,10 @@ async fn proxy(state: &AppState, mut req: Request) -> Result<Response, ApiError>
         .unwrap_or_default();
     let (given, service, target) = split_uri(&path_and_query)
         .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no such service"))?;
+    let upgrade = upgrade_protocol(req.headers());
+    let tcp = upgrade
+        .as_deref()
+        .is_some_and(|p| p.eq_ignore_ascii_case(TCP_UPGRADE));
     let no_service = || ApiError::new(ErrorCode::NotFound, "no such service on this device");
     // Checked once the device is known to be the caller's, so a stranger learns nothing.
     let check =
@@ -109,16 +117,14 @@ async fn proxy(state: &AppState, mut req: Request) -> Result<Response, ApiError>
             Found::Live(id, live) => (id, live, None),
             Found::Remote(id, live, hub) => (id, live, Some(hub)),
             Found::Stored(device) => {
-                if !device.services.iter().any(|s| s.name == service) {
-                    return Err(no_service());
-                }
+                let found = device.services.iter().find(|s| s.name == service);
+                reached_as_declared(found.ok_or_else(no_service)?, given, tcp)?;
                 check()?;
                 return Err(offline());
             }
         };
-    if !live.services.iter().any(|s| s.name == service) {
-        return Err(no_service());
-    }
+    let found = live.services.iter().find(|s| s.name == service);
+    reached_as_declared(found.ok_or_else(no_service)?, given, tcp)?;
     let target = check()?;
     // A device whose socket is still open but that stopped heartbeating would never
     // answer: say so now rather than after the whole deadline.
@@ -153,7 +159,6 @@ async fn proxy(state: &AppState, mut req: Request) -> Result<Response, ApiError>
     let deadline = deadline(state, req.headers())?;
     // As the client addressed it, by id or by name: the service builds its links on it.
     let prefix = format!("/proxy/{given}/{service}");
-    let upgrade = upgrade_protocol(req.headers());
     let on_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     // Most requests (GETs) carry no body: the head says so, and no frame follows it.
     let empty_body = upgrade.is_none() && req.body().is_end_stream();
@@ -178,12 +183,15 @@ async fn proxy(state: &AppState, mut req: Request) -> Result<Response, ApiError>
     if let Some(on_upgrade) = on_upgrade {
         // Boxed: the upgrade's wait would otherwise size every proxied request's future.
         let upgrade = upgrade.unwrap_or_default();
+        // A raw TCP stream is counted on the device's connection while it is open.
+        let counted = tcp.then(|| state.registry.handle(&device_id)).flatten();
         return Box::pin(finish_upgrade(
             opened,
             on_upgrade,
             deadline,
             upgrade,
             guard(),
+            counted,
         ))
         .await;
     }
@@ -236,6 +244,30 @@ async fn proxy(state: &AppState, mut req: Request) -> Result<Response, ApiError>
     *resp.status_mut() = StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);
     copy_response_headers(&head.headers, resp.headers_mut());
     Ok(resp)
+}
+
+/// Refuses a request that does not reach `service` the way its kind is reached: a raw
+/// TCP service only by an [`TCP_UPGRADE`] upgrade, and such an upgrade only to one.
+/// `device` is as the client named it, to show the command that would work.
+fn reached_as_declared(service: &ServiceInfo, device: &str, tcp: bool) -> Result<(), ApiError> {
+    let name = &service.name;
+    match (service.kind.is_tcp(), tcp) {
+        (true, false) => Err(ApiError::new(
+            ErrorCode::BadRequest,
+            format!(
+                "service {name} is a raw TCP service, not HTTP: reach it with \
+                 `adi connect {device} {name}` (stdin and stdout) or \
+                 `adi proxy {device} {name} --listen 127.0.0.1:PORT` (a local port)"
+            ),
+        )),
+        (false, true) => Err(ApiError::new(
+            ErrorCode::BadRequest,
+            format!(
+                "service {name} is not a TCP service: it speaks HTTP, at /proxy/{device}/{name}/"
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// A request whose body is already in hand, sent to `service` on `device` (connected
@@ -406,6 +438,7 @@ async fn finish_upgrade(
     deadline: Duration,
     protocol: String,
     guard: Guard,
+    counted: Option<crate::registry::ConnHandle>,
 ) -> Result<Response, ApiError> {
     let head = match tokio::time::timeout(deadline, opened.head).await {
         Err(_) => return Err(RpcError::Timeout(deadline).into()),
@@ -416,7 +449,10 @@ async fn finish_upgrade(
     let switching = head.status == 101;
     let mut resp = if switching {
         let (sender, receiver) = (opened.request_body, opened.response_body);
+        let slot = counted.map(|handle| handle.tcp_stream());
         tokio::spawn(async move {
+            // Counted until both directions have ended.
+            let _slot = slot;
             match on_upgrade.await {
                 Ok(upgraded) => {
                     let io = hyper_util::rt::TokioIo::new(upgraded);
@@ -625,6 +661,30 @@ mod tests {
             Some(("dev", "grafana", "/../../other/secret"))
         );
         assert_eq!(split_uri("/proxy/dev"), None);
+    }
+
+    #[test]
+    fn a_tcp_service_is_reached_only_by_a_tcp_upgrade_and_only_it_is() {
+        let service = |kind| ServiceInfo {
+            name: "ssh".into(),
+            port: 22,
+            health_path: None,
+            kind,
+            models: Vec::new(),
+        };
+        let tcp = service(adi_protocol::ServiceKind::Tcp);
+        let web = service(adi_protocol::ServiceKind::Http);
+        assert!(reached_as_declared(&tcp, "box", true).is_ok());
+        assert!(reached_as_declared(&web, "box", false).is_ok());
+        let refused = reached_as_declared(&tcp, "box", false).expect_err("plain HTTP");
+        assert_eq!(refused.code(), ErrorCode::BadRequest);
+        assert!(
+            refused.message().contains("adi connect box ssh"),
+            "{}",
+            refused.message()
+        );
+        let refused = reached_as_declared(&web, "box", true).expect_err("not tcp");
+        assert_eq!(refused.code(), ErrorCode::BadRequest);
     }
 
     #[test]

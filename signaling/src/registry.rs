@@ -610,6 +610,11 @@ impl Registry {
         self.devices.get(id).map(|live| live.handle.in_flight())
     }
 
+    /// Raw TCP streams open to a connected device through this hub.
+    pub fn tcp_streams(&self, id: &DeviceId) -> Option<u32> {
+        self.devices.get(id).map(|live| live.handle.tcp_streams())
+    }
+
     /// What a connected device serves now.
     pub fn capabilities(&self, id: &DeviceId) -> Option<Arc<[CapabilityOffer]>> {
         self.devices.get(id).map(|live| live.capabilities.clone())

@@ -63,6 +63,10 @@ pub struct RunArgs {
     /// /v1/models lists them) the hub's OpenAI-compatible endpoint offers.
     #[arg(long = "openai", env = "COCOON_OPENAI", value_delimiter = ',', value_parser = parse_openai)]
     openai: Vec<ServiceInfo>,
+    /// A raw TCP service (SSH, a database) on this device's loopback, NAME:PORT;
+    /// repeatable. Reached with `adi connect` or `adi proxy`, never as HTTP.
+    #[arg(long = "tcp", env = "COCOON_TCP", value_delimiter = ',', value_parser = parse_tcp)]
+    tcp: Vec<ServiceInfo>,
     /// How often OpenAI-compatible servers are asked for their models.
     #[arg(long, env = "ADI_OPENAI_REFRESH", default_value = "30s", value_parser = humantime::parse_duration)]
     openai_refresh: Duration,
@@ -158,15 +162,18 @@ pub(crate) fn disabled_set(names: &[String]) -> Result<BTreeSet<String>> {
 }
 
 /// Every service the flags and the config file give, the flags' first, OpenAI-compatible
-/// servers after plain ones; no name twice, whatever the kinds.
+/// servers after plain ones, raw TCP services last; no name twice, whatever the kinds.
 pub(crate) fn declared_services(
     mut services: Vec<ServiceInfo>,
     mut openai: Vec<ServiceInfo>,
+    mut tcp: Vec<ServiceInfo>,
     file: &adi_cocoon::config_file::CocoonFile,
 ) -> Result<Vec<ServiceInfo>> {
     services.extend(file_services(&file.services)?);
     services.append(&mut openai);
     services.extend(file_openai(&file.openai)?);
+    services.append(&mut tcp);
+    services.extend(file_tcp(&file.tcp)?);
     adi_cocoon::services::unique(&services)?;
     Ok(services)
 }
@@ -188,6 +195,19 @@ fn file_openai(servers: &[String]) -> Result<Vec<ServiceInfo>> {
         .iter()
         .map(|s| adi_cocoon::services::parse_openai(s).context("in the config file's openai list"))
         .collect()
+}
+
+/// The config file's raw TCP services, checked as the flags' are.
+fn file_tcp(services: &[String]) -> Result<Vec<ServiceInfo>> {
+    services
+        .iter()
+        .map(|s| adi_cocoon::services::parse_tcp(s).context("in the config file's tcp list"))
+        .collect()
+}
+
+/// `NAME:PORT` of a raw TCP service, checked as every service declaration is.
+pub fn parse_tcp(s: &str) -> Result<ServiceInfo, String> {
+    adi_cocoon::services::parse_tcp(s).map_err(|e| e.to_string())
 }
 
 /// `NAME:PORT` of an OpenAI-compatible server, checked as every service declaration is.
@@ -241,6 +261,7 @@ pub async fn run(mut args: RunArgs) -> Result<()> {
     let services = declared_services(
         std::mem::take(&mut args.services),
         std::mem::take(&mut args.openai),
+        std::mem::take(&mut args.tcp),
         &file,
     )?;
     let mut config = CocoonConfig::new(
@@ -366,7 +387,7 @@ mod tests {
     fn declared(args: &[&str], file: &str) -> Result<Vec<ServiceInfo>> {
         let cli = Cli::try_parse_from(std::iter::once("adi").chain(args.iter().copied()))?;
         let file = adi_cocoon::config_file::parse(file).map_err(anyhow::Error::msg)?;
-        declared_services(cli.run.services, cli.run.openai, &file)
+        declared_services(cli.run.services, cli.run.openai, cli.run.tcp, &file)
     }
 
     #[test]
@@ -409,6 +430,47 @@ mod tests {
         assert!(format!("{bad:#}").contains("openai list"), "{bad:#}");
         assert!(declared(&["--openai", "llm:8080/health"], "").is_err());
         assert!(declared(&["--openai", "x y:1"], "").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn tcp_services_come_from_flags_and_the_file_and_share_the_service_names() -> Result<()> {
+        let all = declared(
+            &["--service", "web:80", "--tcp", "ssh:22", "--tcp", "pg:5432"],
+            "tcp = [\"redis:6379\"]\n",
+        )?;
+        let shown: Vec<(&str, u16, adi_protocol::ServiceKind)> = all
+            .iter()
+            .map(|s| (s.name.as_str(), s.port, s.kind))
+            .collect();
+        use adi_protocol::ServiceKind::{Http, Tcp};
+        assert_eq!(
+            shown,
+            [
+                ("web", 80, Http),
+                ("ssh", 22, Tcp),
+                ("pg", 5432, Tcp),
+                ("redis", 6379, Tcp)
+            ]
+        );
+        let clash =
+            declared(&["--service", "ssh:80", "--tcp", "ssh:22"], "").expect_err("one name twice");
+        assert!(
+            clash.to_string().contains("\"ssh\" is given twice"),
+            "{clash}"
+        );
+        let bad = declared(&[], "tcp = [\"ssh\"]\n").expect_err("not NAME:PORT");
+        assert!(format!("{bad:#}").contains("tcp list"), "{bad:#}");
+        assert!(declared(&["--tcp", "ssh:22/health"], "").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn tcp_services_come_from_the_environment_comma_separated() -> Result<()> {
+        // Parsed as clap parses COCOON_TCP: the same delimiter as the flag's.
+        let cli = Cli::try_parse_from(["adi", "--tcp", "ssh:22,pg:5432"])?;
+        let names: Vec<&str> = cli.run.tcp.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["ssh", "pg"]);
         Ok(())
     }
 

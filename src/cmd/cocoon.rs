@@ -555,7 +555,7 @@ const SHOWN_MODELS: usize = 5;
 
 /// A service's models for a table: the first few, then how many more.
 fn models_cell(kind: Option<adi_protocol::ServiceKind>, models: &[String]) -> String {
-    if kind.is_none_or(|k| k.is_http()) {
+    if kind != Some(adi_protocol::ServiceKind::OpenAi) {
         return "-".into();
     }
     if models.is_empty() {
@@ -624,7 +624,8 @@ fn capabilities(args: CapabilitiesArgs) -> Result<()> {
     config.plugins_dir = args.plugins.plugins_dir.or(file.plugins_dir.clone());
     config.disabled_capabilities = disabled_set(&disabled)?;
     // The file's services, so that a manifest's server reusing a name is reported.
-    config.services = crate::cmd::agent::declared_services(Vec::new(), Vec::new(), &file)?;
+    config.services =
+        crate::cmd::agent::declared_services(Vec::new(), Vec::new(), Vec::new(), &file)?;
     let set = adi_cocoon::plugins::load(&config.plugin_config());
     for e in &set.errors {
         eprintln!("skipped: {e}");
@@ -644,23 +645,26 @@ fn capabilities(args: CapabilitiesArgs) -> Result<()> {
                 })
             })
             .collect();
-        let servers: Vec<serde_json::Value> = set
-            .services
-            .iter()
-            .map(|s| {
-                serde_json::json!({
-                    "name": s.service.name,
-                    "port": s.service.port,
-                    "source": s.source,
-                    "plugin": s.plugin,
+        let of_kind = |kind: adi_protocol::ServiceKind| -> Vec<serde_json::Value> {
+            set.services
+                .iter()
+                .filter(|s| s.service.kind == kind)
+                .map(|s| {
+                    serde_json::json!({
+                        "name": s.service.name,
+                        "port": s.service.port,
+                        "source": s.source,
+                        "plugin": s.plugin,
+                    })
                 })
-            })
-            .collect();
+                .collect()
+        };
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "capabilities": rows,
-                "openai": servers,
+                "openai": of_kind(adi_protocol::ServiceKind::OpenAi),
+                "tcp": of_kind(adi_protocol::ServiceKind::Tcp),
                 "errors": set.errors
             }))?
         );
@@ -687,12 +691,16 @@ fn capabilities(args: CapabilitiesArgs) -> Result<()> {
         );
         if !set.services.is_empty() {
             println!();
-            let rows: Vec<[String; 3]> = set
+            let rows: Vec<[String; 4]> = set
                 .services
                 .iter()
                 .map(|s| {
                     [
                         s.service.name.clone(),
+                        serde_json::to_value(s.service.kind)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_owned))
+                            .unwrap_or_default(),
                         format!("127.0.0.1:{}", s.service.port),
                         match &s.plugin {
                             Some(name) => format!("{} ({name})", s.source),
@@ -701,7 +709,7 @@ fn capabilities(args: CapabilitiesArgs) -> Result<()> {
                     ]
                 })
                 .collect();
-            crate::table::print_table(["OPENAI SERVER", "AT", "SOURCE"], &rows);
+            crate::table::print_table(["MANIFEST SERVICE", "KIND", "AT", "SOURCE"], &rows);
         }
     }
     if !set.errors.is_empty() {

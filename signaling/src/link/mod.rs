@@ -1,6 +1,6 @@
 //! The hub's end of one device connection, as everyone but its actor sees it: a
 //! bounded queue of commands for the actor, the reason it must stop, when the device
-//! was last heard from, and two request counters. [`ConnHandle`] is the cheap, clonable
+//! was last heard from, two request counters and the raw TCP streams open to it. [`ConnHandle`] is the cheap, clonable
 //! handle to it; the registry holds one per connected device.
 //!
 //! It is one small allocation per device and stays so while the device is idle: the
@@ -81,6 +81,8 @@ struct Link {
     in_flight: AtomicU32,
     /// Capability requests the device has open (see [`AskSlot`]).
     asking: AtomicU32,
+    /// Raw TCP streams open to the device through this connection (see [`TcpSlot`]).
+    tcp_streams: AtomicU32,
 }
 
 #[derive(Default)]
@@ -110,6 +112,7 @@ impl ConnHandle {
                 last_heard_ms: AtomicU64::new(now_ms),
                 in_flight: AtomicU32::new(0),
                 asking: AtomicU32::new(0),
+                tcp_streams: AtomicU32::new(0),
             }),
         }
     }
@@ -254,6 +257,19 @@ impl ConnHandle {
         &self.link.in_flight
     }
 
+    /// Raw TCP streams open to the device through this connection.
+    pub fn tcp_streams(&self) -> u32 {
+        self.link.tcp_streams.load(Ordering::Relaxed)
+    }
+
+    /// Counts one more raw TCP stream, for as long as the slot lives.
+    pub fn tcp_stream(&self) -> TcpSlot {
+        self.link.tcp_streams.fetch_add(1, Ordering::Relaxed);
+        TcpSlot {
+            handle: self.clone(),
+        }
+    }
+
     /// A slot for one more capability request of the device's own, if it has fewer
     /// than [`MAX_DEVICE_REQUESTS`] open.
     pub fn try_ask(&self) -> Option<AskSlot> {
@@ -294,6 +310,18 @@ impl Drop for AskSlot {
     }
 }
 
+/// One raw TCP stream open to the device; counted in
+/// [`ConnHandle::tcp_streams`] until dropped.
+pub struct TcpSlot {
+    handle: ConnHandle,
+}
+
+impl Drop for TcpSlot {
+    fn drop(&mut self) {
+        self.handle.link.tcp_streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl fmt::Debug for AskSlot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("AskSlot")
@@ -316,6 +344,18 @@ mod tests {
             reply: ReplyTo::Waiter(tx),
         };
         (Command::Request(Box::new(call)), rx)
+    }
+
+    #[test]
+    fn tcp_streams_are_counted_while_their_slots_live() {
+        let handle = ConnHandle::new(0);
+        let first = handle.tcp_stream();
+        let second = handle.clone().tcp_stream();
+        assert_eq!(handle.tcp_streams(), 2);
+        drop(first);
+        assert_eq!(handle.tcp_streams(), 1);
+        drop(second);
+        assert_eq!(handle.tcp_streams(), 0);
     }
 
     fn answer(slot: AskSlot) -> Command {

@@ -95,6 +95,7 @@ pub(crate) fn view(state: &HubState, d: DeviceRecord, caller: UserId) -> CocoonV
         },
         capabilities: d.capabilities,
         in_flight: state.in_flight(&d.id),
+        tcp_streams: state.registry.tcp_streams(&d.id).unwrap_or(0),
         conflict: state.registry.conflict(&d.id).map(|c| ConflictView {
             at: c.at,
             displaced_from: c.displaced.map(|a| a.to_string()),
