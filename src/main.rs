@@ -54,6 +54,9 @@ enum Command {
     Cocoon(cmd::cocoon::CocoonCmd),
     /// Open a local port that forwards to a device's service through the hub.
     Proxy(cmd::proxy::ProxyArgs),
+    /// Join stdin and stdout to a device's raw TCP service through the hub
+    /// (`ssh -o ProxyCommand='adi connect %h ssh' user@DEVICE`).
+    Connect(cmd::connect::ConnectArgs),
     /// Tasks across your devices.
     #[command(subcommand)]
     Tasks(cmd::tasks::TasksCmd),
@@ -102,6 +105,7 @@ fn main() -> ExitCode {
             Command::Dev(a) => cmd::dev::run(a).await,
             Command::Tasks(c) => cmd::tasks::run(c).await,
             Command::Proxy(a) => cmd::proxy::run(a).await,
+            Command::Connect(a) => cmd::connect::run(a).await,
         }
     });
     match result {

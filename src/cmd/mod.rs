@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod audit;
 pub mod cocoon;
+pub mod connect;
 pub mod dev;
 pub mod keys;
 pub mod login;

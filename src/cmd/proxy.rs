@@ -9,6 +9,10 @@
 //! terminal is picked up without a restart. When no valid session is left, requests
 //! are answered 401 with what to do. HTTP upgrades (WebSocket) are carried through:
 //! both upgraded connections are spliced together, as the hub does for `/proxy`.
+//!
+//! For a raw TCP service (kind `tcp`: SSH, a database) the port forwards bytes, not
+//! HTTP: each accepted connection gets a stream of its own (an `adi-tcp` upgrade, see
+//! [`crate::cmd::connect`]), half-closes passed on both ways.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -58,6 +62,9 @@ struct Services {
 #[derive(serde::Deserialize)]
 struct Named {
     name: String,
+    /// A hub that predates kinds offers HTTP services only.
+    #[serde(default)]
+    kind: adi_protocol::ServiceKind,
 }
 
 pub async fn run(args: ProxyArgs) -> Result<()> {
@@ -68,7 +75,12 @@ pub async fn run(args: ProxyArgs) -> Result<()> {
     let offered: Services = client
         .get(&format!("/api/cocoons/{device}/services"))
         .await?;
-    if !offered.services.iter().any(|s| s.name == args.service) {
+    let Some(kind) = offered
+        .services
+        .iter()
+        .find(|s| s.name == args.service)
+        .map(|s| s.kind)
+    else {
         let names: Vec<&str> = offered.services.iter().map(|s| s.name.as_str()).collect();
         anyhow::bail!(
             "{} has no service {:?}; {}",
@@ -80,7 +92,7 @@ pub async fn run(args: ProxyArgs) -> Result<()> {
                 format!("its services: {}", names.join(", "))
             }
         );
-    }
+    };
     let renewal = match &args.hub.api_key {
         Some(key) => Renewal::ApiKey(key.clone()),
         None => Renewal::Stored(session_path()),
@@ -98,6 +110,13 @@ pub async fn run(args: ProxyArgs) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let local = listener.local_addr()?;
+    if kind.is_tcp() {
+        eprintln!(
+            "forwarding tcp://{local} -> {} on {} (Ctrl-C stops)",
+            args.service, args.device
+        );
+        return forward_tcp(listener, forward).await;
+    }
     eprintln!(
         "forwarding http://{local} -> {} on {} (Ctrl-C stops)",
         args.service, args.device
@@ -509,6 +528,70 @@ fn splice_upgrade(resp: reqwest::Response, on_upgrade: hyper::upgrade::OnUpgrade
         }
     });
     out
+}
+
+// ---------------------------------------------------------------------------------
+// Raw TCP.
+
+/// Local connections forwarded at once; past it, new ones wait to be accepted.
+const MAX_TCP_CONNECTIONS: usize = 1024;
+
+/// Forwards each accepted connection to the tcp service through a stream of its own,
+/// until a stop signal. The hub's refusals are said on stderr and close the local
+/// connection, which has no other way to hear them.
+async fn forward_tcp(listener: tokio::net::TcpListener, forward: Forward) -> Result<()> {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_TCP_CONNECTIONS));
+    let stop = crate::signals::shutdown();
+    tokio::pin!(stop);
+    loop {
+        let slot = tokio::select! {
+            () = &mut stop => return Ok(()),
+            slot = slots.clone().acquire_owned() => slot?,
+        };
+        let (socket, peer) = tokio::select! {
+            () = &mut stop => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors, say: wait rather than spin.
+                    eprintln!("adi proxy: accepting a connection failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = socket.set_nodelay(true);
+        let forward = forward.clone();
+        tokio::spawn(async move {
+            if let Err(e) = forward_connection(&forward, socket).await {
+                eprintln!("adi proxy: connection from {peer}: {e:#}");
+            }
+            drop(slot);
+        });
+    }
+}
+
+/// Opens a stream for one local connection (with a renewed session if the hub refused
+/// the one held) and passes bytes both ways, half-closes included, until both ends
+/// have closed.
+async fn forward_connection(f: &Forward, mut socket: tokio::net::TcpStream) -> Result<()> {
+    use crate::cmd::connect::{open, Opened};
+    let token = f.session.token().await.map_err(anyhow::Error::msg)?;
+    let mut opened = open(&f.http, &f.target, &token).await?;
+    if matches!(&opened, Opened::Refused(r) if r.unauthorized) {
+        let token = f
+            .session
+            .renewed(Some(token))
+            .await
+            .map_err(anyhow::Error::msg)?;
+        opened = open(&f.http, &f.target, &token).await?;
+    }
+    let mut stream = match opened {
+        Opened::Stream(stream) => stream,
+        Opened::Refused(refusal) => anyhow::bail!("{refusal}"),
+    };
+    tokio::io::copy_bidirectional(&mut socket, &mut stream).await?;
+    Ok(())
 }
 
 /// Answer to the local client when no valid session is left.

@@ -26,6 +26,7 @@ mod service;
 mod setup;
 mod storage;
 mod tasks;
+mod tcp;
 mod throttle;
 mod tls;
 mod wire;
