@@ -197,7 +197,8 @@ pub fn request_target(data: &[u8]) {
 
 /// A plugin manifest's text as the cocoon reads it: never a panic, every capability it
 /// accepts names a valid protocol and is served by a loopback URL or a program, and
-/// every OpenAI-compatible server it accepts is a service the proxy can reach.
+/// every OpenAI-compatible server or raw TCP service it accepts is a service the proxy
+/// can reach.
 pub fn plugin_manifest(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
@@ -211,13 +212,13 @@ pub fn plugin_manifest(data: &[u8]) {
     );
     for s in &declared.services {
         let info = &s.service;
-        assert_eq!(info.kind, adi_protocol::ServiceKind::OpenAi);
         assert!(info.port != 0 && info.models.is_empty());
-        assert_eq!(
-            services::openai(&info.name, info.port).as_ref(),
-            Ok(info),
-            "the one service check"
-        );
+        let checked = match info.kind {
+            adi_protocol::ServiceKind::OpenAi => services::openai(&info.name, info.port),
+            adi_protocol::ServiceKind::Tcp => services::tcp(&info.name, info.port),
+            adi_protocol::ServiceKind::Http => panic!("a manifest declared an HTTP service"),
+        };
+        assert_eq!(checked.as_ref(), Ok(info), "the one service check");
     }
     assert!(
         services::unique(
@@ -228,7 +229,7 @@ pub fn plugin_manifest(data: &[u8]) {
                 .collect::<Vec<_>>()
         )
         .is_ok(),
-        "a manifest naming one server twice was accepted"
+        "a manifest naming one service twice was accepted"
     );
     for s in declared.served {
         adi_protocol::capability::validate_protocol(&s.offer.protocol).expect("valid protocol");
@@ -258,6 +259,12 @@ pub fn cocoon_toml(data: &[u8]) {
     for s in &file.openai {
         if let Ok(info) = services::parse_openai(s) {
             assert!(info.port != 0 && info.health_path.is_none());
+        }
+    }
+    for s in &file.tcp {
+        if let Ok(info) = services::parse_tcp(s) {
+            assert!(info.port != 0 && info.health_path.is_none());
+            assert_eq!(info.kind, adi_protocol::ServiceKind::Tcp);
         }
     }
 }
