@@ -432,6 +432,83 @@ async fn either_side_closing_ends_the_stream_on_the_other() -> Result<()> {
 }
 
 #[tokio::test]
+async fn a_stream_ends_at_once_when_its_device_or_its_hub_goes_away() -> Result<()> {
+    let mut s = setup(&[]).await?;
+    // The device's agent dies: the client's connection closes, though it is idle.
+    let mut stream = s.open("watch").await?;
+    stream.write_all(b"before the agent dies").await?;
+    stream.flush().await?;
+    assert!(matches!(s.next_watched().await?, Watched::Data(_)));
+    s.cocoon.proc.kill();
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(WAIT, stream.read_to_end(&mut rest))
+        .await
+        .context("the client's stream outlived its device's connection")?;
+    assert!(rest.is_empty(), "{ended:?}");
+    // (Its own connection to the service died with the agent.)
+    assert!(matches!(s.next_watched().await?, Watched::Closed(_)));
+
+    // The hub dies: the device closes its connection to the service.
+    let mut s = setup(&[]).await?;
+    let mut stream = s.open("watch").await?;
+    stream.write_all(b"before the hub dies").await?;
+    stream.flush().await?;
+    assert!(matches!(s.next_watched().await?, Watched::Data(_)));
+    s.hub.proc.kill();
+    assert_eq!(
+        s.next_watched().await?,
+        Watched::Closed(b"before the hub dies".to_vec())
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_member_removed_loses_the_streams_they_hold_at_once() -> Result<()> {
+    let mut s = setup(&[]).await?;
+    let bob_key = s.hub.add_user("bob")?;
+    let bob_cfg = tempfile::tempdir()?;
+    let (hub, alice_key) = (s.hub.url.clone(), s.alice_key.clone());
+    let alice_env = [
+        ("ADI_HUB", hub.as_str()),
+        ("ADI_API_KEY", alice_key.as_str()),
+    ];
+    let bob_env = [("ADI_HUB", hub.as_str()), ("ADI_API_KEY", bob_key.as_str())];
+    let (code, share, err) = cli(
+        s.cfg.path(),
+        &["cocoon", "generate-token", "--share", "box"],
+        &alice_env,
+    )?;
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = cli(bob_cfg.path(), &["cocoon", "claim", share.trim()], &bob_env)?;
+    assert_eq!(code, 0, "{err}");
+    let bob = Api::login(&s.hub.url, &bob_key).await?;
+    // A user of the device opens streams as an owner does.
+    let mut stream = s.open_as(&bob.jwt, "watch").await?;
+    stream.write_all(b"bob was here").await?;
+    stream.flush().await?;
+    assert!(matches!(s.next_watched().await?, Watched::Data(_)));
+    let (code, _, err) = cli(
+        s.cfg.path(),
+        &["cocoon", "remove-member", "box", "bob"],
+        &alice_env,
+    )?;
+    assert_eq!(code, 0, "{err}");
+    // Cut on the hub: the service sees the end, and so does bob, though both are idle.
+    assert_eq!(
+        s.next_watched().await?,
+        Watched::Closed(b"bob was here".to_vec())
+    );
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut rest))
+        .await
+        .context("the removed member's stream went on")?;
+    s.wait_streams(0).await?;
+    let refused = s.open_as(&bob.jwt, "watch").await.expect_err("removed");
+    assert!(refused.to_string().starts_with("404"), "{refused}");
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_tcp_service_is_reached_only_as_a_stream_by_those_who_may_proxy() -> Result<()> {
     let s = setup(&[]).await?;
     // Listed with its kind, by the API and the CLI.
@@ -797,6 +874,66 @@ async fn psql_reaches_postgres_through_adi_proxy() -> Result<()> {
         psql("create table t as select generate_series(1, 100000) as x").await?;
         assert_eq!(psql("select sum(x) from t").await?, "5000050000\n");
         s.wait_streams(0).await
+    }
+    .await;
+    db.drop_database().await;
+    outcome
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_reaches_a_device_connected_to_another_hub_of_the_cluster() -> Result<()> {
+    let nats = crate::harness::nats_url();
+    let reachable = TcpStream::connect(nats.trim_start_matches("nats://")).await;
+    if let Err(e) = reachable {
+        if std::env::var("CI").is_ok_and(|v| !v.is_empty()) {
+            bail!("NATS at {nats} is unreachable ({e}) and CI is set; scripts/test starts it");
+        }
+        eprintln!("*** SKIPPED: the cluster TCP test needs NATS at {nats}: {e} ***");
+        return Ok(());
+    }
+    let Some(db) = crate::harness::fresh_postgres().await else {
+        return Ok(());
+    };
+    let outcome = async {
+        let a = Hub::start_cluster(&db.url(), &[]).await?;
+        let b = Hub::start_cluster(&db.url(), &[]).await?;
+        let key = a.add_user("alice")?;
+        let (on_a, on_b) = (
+            Api::login(&a.url, &key).await?,
+            Api::login(&b.url, &key).await?,
+        );
+        let port = tcp_service(count).await?;
+        let cocoon = Cocoon::start(
+            &a.url,
+            "box",
+            Some(&on_a.setup_token(60).await?),
+            &["--tcp", &format!("count:{port}")],
+        )?;
+        let id = cocoon.device_id().await?;
+        on_b.wait_online(&id, true, WAIT).await?;
+        // adi connect through hub b, whose device is on hub a: the half-close crosses
+        // both hubs and the answer comes back.
+        let cfg = tempfile::tempdir()?;
+        let mut child = tokio::process::Command::new(ADI)
+            .args(["connect", "box", "count"])
+            .env("ADI_CONFIG_DIR", cfg.path())
+            .env("ADI_HUB", &b.url)
+            .env("ADI_API_KEY", &key)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdin = child.stdin.take().context("stdin")?;
+        let sent = send_pattern(stdin, 9, 5 * MIB).await?;
+        let out = tokio::time::timeout(WAIT, child.wait_with_output()).await??;
+        anyhow::ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        anyhow::ensure!(String::from_utf8(out.stdout)? == format!("{} {sent}\n", 5 * MIB));
+        Ok(())
     }
     .await;
     db.drop_database().await;
