@@ -939,3 +939,80 @@ async fn a_stream_reaches_a_device_connected_to_another_hub_of_the_cluster() -> 
     db.drop_database().await;
     outcome
 }
+
+#[tokio::test]
+async fn a_half_close_crosses_a_tls_hub() -> Result<()> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    // A CA of the test's own, and the hub's certificate for 127.0.0.1 from it.
+    let dir = tempfile::tempdir()?;
+    let d = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "adi tcp test CA");
+    let ca_key = KeyPair::generate()?;
+    let ca = ca.self_signed(&ca_key)?;
+    let mut hub_cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])?;
+    hub_cert.distinguished_name.push(DnType::CommonName, "hub");
+    let hub_key = KeyPair::generate()?;
+    let hub_cert = hub_cert.signed_by(&hub_key, &ca, &ca_key)?;
+    std::fs::write(d("ca.pem"), ca.pem())?;
+    std::fs::write(d("cert.pem"), hub_cert.pem())?;
+    std::fs::write(d("key.pem"), hub_key.serialize_pem())?;
+    let hub = Hub::start_with(&["--tls-cert", &d("cert.pem"), "--tls-key", &d("key.pem")]).await?;
+    let key = hub.add_user("alice")?;
+    let http = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.pem().as_bytes())?)
+        .build()?;
+    let signed: Value = http
+        .post(format!("{}/api/auth/token", hub.url))
+        .json(&serde_json::json!({ "api_key": key }))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let made: Value = http
+        .post(format!("{}/api/tokens", hub.url))
+        .bearer_auth(signed["token"].as_str().unwrap_or_default())
+        .json(&serde_json::json!({"kind": "setup"}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let port = tcp_service(count).await?;
+    let cocoon = Cocoon::start(
+        &hub.url,
+        "box",
+        made["token"].as_str(),
+        &["--tcp", &format!("count:{port}"), "--ca-cert", &d("ca.pem")],
+    )?;
+    cocoon.device_id().await?;
+    // The end of stdin is TLS's close_notify and a TCP half-close; the answer still
+    // comes back over the same connection.
+    let cfg = tempfile::tempdir()?;
+    let mut child = tokio::process::Command::new(ADI)
+        .args(["connect", "box", "count"])
+        .env("ADI_CONFIG_DIR", cfg.path())
+        .env("ADI_HUB", &hub.url)
+        .env("ADI_API_KEY", &key)
+        .env("ADI_CA_CERT", d("ca.pem"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdin = child.stdin.take().context("stdin")?;
+    let sent = send_pattern(stdin, 11, 2 * MIB).await?;
+    let out = tokio::time::timeout(WAIT, child.wait_with_output()).await??;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(out.stdout)?,
+        format!("{} {sent}\n", 2 * MIB)
+    );
+    Ok(())
+}
