@@ -17,6 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{watch, Semaphore};
 use tracing::debug;
 
+use crate::model_offers;
 use crate::plugins::{CapabilitySet, Serve, Served};
 use crate::runner::Runner;
 
@@ -77,6 +78,10 @@ impl CapabilityServer {
                 Serve::Builtin => self.builtin(device, &served, payload).await,
                 Serve::Http(url) => self.http(url, &payload).await,
                 Serve::Command { argv, cwd } => self.command(argv, cwd, &payload).await,
+                Serve::Models { path, servers } => {
+                    let (url, body) = model_offers::prepare(path, servers, query, payload)?;
+                    self.http(&url, &body).await
+                }
             }
         })
         .await

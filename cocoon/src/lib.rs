@@ -30,6 +30,7 @@ mod hubs;
 pub mod identity;
 pub mod local_api;
 pub mod lock;
+mod model_offers;
 pub mod models;
 pub mod plugins;
 mod pool;
@@ -481,6 +482,12 @@ pub async fn start(config: CocoonConfig) -> Result<CocoonHandle, CocoonError> {
         cancel.child_token(),
     )
     .await;
+    let capabilities = model_offers::watch(
+        capabilities,
+        services.clone(),
+        config.disabled_capabilities.clone(),
+        cancel.child_token(),
+    );
     let health = health::spawn(
         services.clone(),
         http.clone(),

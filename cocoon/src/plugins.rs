@@ -58,6 +58,14 @@ pub enum Serve {
         /// Working directory.
         cwd: PathBuf,
     },
+    /// By this device's OpenAI-compatible servers: the payload is POSTed to `path` on
+    /// the first server that lists the model asked for.
+    Models {
+        /// `/v1/chat/completions` or `/v1/embeddings`.
+        path: &'static str,
+        /// The servers that list models now, in the order they are declared.
+        servers: Vec<ModelServer>,
+    },
 }
 
 /// One capability this device offers, and where it came from.
@@ -71,6 +79,17 @@ pub struct Served {
     pub source: String,
     /// The manifest's `name`, if it gives one.
     pub plugin: Option<String>,
+}
+
+/// One OpenAI-compatible server behind a model offer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelServer {
+    /// The service's name.
+    pub name: String,
+    /// Its loopback port.
+    pub port: u16,
+    /// The models it listed last.
+    pub models: Vec<String>,
 }
 
 /// A service a manifest declares (an OpenAI-compatible server or a raw TCP service),
@@ -344,6 +363,7 @@ pub fn parse_manifest(text: &str, path: &Path) -> Result<Declared, String> {
                     protocol: c.protocol,
                     version,
                     idempotent: c.idempotent,
+                    models: Vec::new(),
                 },
                 serve,
                 source: path.display().to_string(),

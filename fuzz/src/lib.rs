@@ -237,6 +237,7 @@ pub fn plugin_manifest(data: &[u8]) {
             Serve::Http(url) => assert!(url.starts_with("http"), "{url}"),
             Serve::Command { argv, .. } => assert!(!argv[0].trim().is_empty()),
             Serve::Builtin => panic!("a manifest cannot declare a built-in"),
+            Serve::Models { .. } => panic!("a manifest cannot declare a model offer"),
         }
     }
 }

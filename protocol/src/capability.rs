@@ -26,6 +26,9 @@ pub enum CapabilityError {
     /// Not `PROTOCOL:VERSION`.
     #[error("capability {0:?} is not PROTOCOL:VERSION")]
     Shape(String),
+    /// A model name or list that cannot be routed by.
+    #[error("{0}")]
+    Models(String),
 }
 
 /// Checks a protocol name; returns it unchanged when it is valid.
@@ -71,6 +74,22 @@ pub struct CapabilityOffer {
     /// on the next device when the first one fails before answering.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub idempotent: bool,
+    /// The models behind an offer backed by model servers (`llm.chat`, `embeddings`),
+    /// so a request naming a model reaches only devices that have it. Empty makes no
+    /// claim: such an offer serves a request for any model.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<String>,
+}
+
+/// Most model names one offer may list (a device may run several model servers).
+pub const MAX_OFFER_MODELS: usize = 1024;
+
+/// Whether `name` may be a model name: 1 to [`crate::MAX_MODEL_NAME`] bytes, not blank,
+/// without control characters, so it is safe to show and to route by.
+pub fn valid_model_name(name: &str) -> bool {
+    !name.trim().is_empty()
+        && name.len() <= crate::MAX_MODEL_NAME
+        && !name.chars().any(char::is_control)
 }
 
 impl CapabilityOffer {
@@ -80,7 +99,28 @@ impl CapabilityOffer {
             protocol: validate_protocol(protocol)?.to_owned(),
             version: parse_version(version)?,
             idempotent: false,
+            models: Vec::new(),
         })
+    }
+
+    /// The same offer listing `models`, which must be valid names, at most
+    /// [`MAX_OFFER_MODELS`] of them.
+    pub fn with_models(mut self, models: Vec<String>) -> Result<Self, CapabilityError> {
+        if models.len() > MAX_OFFER_MODELS {
+            return Err(CapabilityError::Models(format!(
+                "{} models, more than {MAX_OFFER_MODELS}",
+                models.len()
+            )));
+        }
+        if let Some(bad) = models.iter().find(|m| !valid_model_name(m)) {
+            return Err(CapabilityError::Models(format!(
+                "model name {:?} is blank, longer than {} bytes or holds control characters",
+                bad.chars().take(40).collect::<String>(),
+                crate::MAX_MODEL_NAME
+            )));
+        }
+        self.models = models;
+        Ok(self)
     }
 
     /// Whether this offer can serve `query`.
@@ -90,11 +130,24 @@ impl CapabilityOffer {
                 .version
                 .as_ref()
                 .is_none_or(|want| compatible(&self.version, want))
+            && query
+                .model
+                .as_ref()
+                .is_none_or(|m| self.models.is_empty() || self.models.iter().any(|have| have == m))
+    }
+
+    /// Whether this offer names the model `query` asks for, which makes it a better
+    /// match than an offer that makes no claim.
+    fn lists_model(&self, query: &CapabilityQuery) -> bool {
+        query
+            .model
+            .as_ref()
+            .is_some_and(|m| self.models.iter().any(|have| have == m))
     }
 }
 
-/// The newest of `offers` that serves `query`: what a device answers with, and what
-/// the hub shows and routes by.
+/// The newest of `offers` that serves `query` (among equals, one that lists the
+/// model asked for): what a device answers with, and what the hub shows and routes by.
 pub fn best_offer<'a>(
     offers: impl IntoIterator<Item = &'a CapabilityOffer>,
     query: &CapabilityQuery,
@@ -102,7 +155,11 @@ pub fn best_offer<'a>(
     offers
         .into_iter()
         .filter(|o| o.serves(query))
-        .max_by(|a, b| a.version.cmp(&b.version))
+        .max_by(|a, b| {
+            a.version
+                .cmp(&b.version)
+                .then_with(|| a.lists_model(query).cmp(&b.lists_model(query)))
+        })
 }
 
 /// Whether a device offering `offered` may serve a request for `wanted`: same major,
@@ -144,6 +201,8 @@ impl<'de> Deserialize<'de> for CapabilityOffer {
                 version: String,
                 #[serde(default)]
                 idempotent: bool,
+                #[serde(default)]
+                models: Vec<String>,
             },
         }
         match Wire::deserialize(d)? {
@@ -152,9 +211,11 @@ impl<'de> Deserialize<'de> for CapabilityOffer {
                 protocol,
                 version,
                 idempotent,
+                models,
             } => {
-                let mut offer =
-                    CapabilityOffer::new(&protocol, &version).map_err(serde::de::Error::custom)?;
+                let mut offer = CapabilityOffer::new(&protocol, &version)
+                    .and_then(|o| o.with_models(models))
+                    .map_err(serde::de::Error::custom)?;
                 offer.idempotent = idempotent;
                 Ok(offer)
             }
@@ -162,7 +223,8 @@ impl<'de> Deserialize<'de> for CapabilityOffer {
     }
 }
 
-/// What a caller asks for: a protocol and, optionally, the least version it needs.
+/// What a caller asks for: a protocol and, optionally, the least version it needs and
+/// the model that must serve it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct CapabilityQuery {
     /// Protocol name.
@@ -174,6 +236,13 @@ pub struct CapabilityQuery {
         skip_serializing_if = "Option::is_none"
     )]
     pub version: Option<semver::Version>,
+    /// The model that must serve it; only offers listing it, or listing none, match.
+    #[serde(
+        default,
+        deserialize_with = "checked_model",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub model: Option<String>,
 }
 
 impl CapabilityQuery {
@@ -185,15 +254,57 @@ impl CapabilityQuery {
                 .filter(|v| !v.trim().is_empty())
                 .map(parse_version)
                 .transpose()?,
+            model: None,
         })
+    }
+
+    /// The same query, served only by `model` (none when blank or absent).
+    pub fn for_model(mut self, model: Option<&str>) -> Result<Self, CapabilityError> {
+        self.model = match model.map(str::trim) {
+            None | Some("") => None,
+            Some(m) if valid_model_name(m) => Some(m.to_owned()),
+            Some(m) => {
+                return Err(CapabilityError::Models(format!(
+                    "model name {:?} is longer than {} bytes or holds control characters",
+                    m.chars().take(40).collect::<String>(),
+                    crate::MAX_MODEL_NAME
+                )))
+            }
+        };
+        Ok(self)
+    }
+}
+
+/// The `model` string of a payload that is a JSON object, as OpenAI-shaped requests
+/// name their model; `None` for any other payload.
+pub fn payload_model(payload: &crate::Payload) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Named {
+        model: Option<String>,
+    }
+    serde_json::from_str::<Named>(payload.get())
+        .ok()
+        .and_then(|n| n.model)
+}
+
+fn checked_model<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    match Option::<String>::deserialize(d)? {
+        Some(m) if !valid_model_name(&m) => Err(serde::de::Error::custom(
+            "model name is blank, too long or holds control characters",
+        )),
+        other => Ok(other),
     }
 }
 
 impl fmt::Display for CapabilityQuery {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.version {
-            Some(v) => write!(f, "{}:{v}", self.protocol),
-            None => f.write_str(&self.protocol),
+            Some(v) => write!(f, "{}:{v}", self.protocol)?,
+            None => f.write_str(&self.protocol)?,
+        }
+        match &self.model {
+            Some(m) => write!(f, " with model {m:?}"),
+            None => Ok(()),
         }
     }
 }
@@ -249,6 +360,10 @@ pub struct RequestBody {
     /// A device id to try first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefer_device: Option<String>,
+    /// The model that must serve it; when absent, the payload's own `model` field, if
+    /// it has one, is routed by (as OpenAI-shaped payloads carry it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
     /// How long to wait for the answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
@@ -257,7 +372,11 @@ pub struct RequestBody {
 impl RequestBody {
     /// The query for `protocol` at the body's version.
     pub fn query(&self, protocol: &str) -> Result<CapabilityQuery, CapabilityError> {
-        CapabilityQuery::new(protocol, self.version.as_deref())
+        let query = CapabilityQuery::new(protocol, self.version.as_deref())?;
+        match &self.model {
+            Some(m) => query.for_model(Some(m)),
+            None => query.for_model(payload_model(&self.payload).as_deref()),
+        }
     }
 
     /// The preferred device, if one is named.
@@ -314,6 +433,63 @@ mod tests {
         assert_eq!(best_offer(&offers, &q("embeddings:1.1")), Some(&offers[1]));
         assert_eq!(best_offer(&offers, &q("embeddings")), Some(&offers[2]));
         assert_eq!(best_offer(&offers, &q("embeddings:3")), None);
+    }
+
+    #[test]
+    fn a_model_is_served_only_by_offers_listing_it_or_listing_none() {
+        let listing = offer("llm.chat:1.0.0")
+            .with_models(vec!["qwen".into(), "llama".into()])
+            .expect("models");
+        let any = offer("llm.chat:1.0.0");
+        let for_model = |m: &str| q("llm.chat").for_model(Some(m)).expect("model");
+        assert!(listing.serves(&for_model("qwen")));
+        assert!(!listing.serves(&for_model("mistral")));
+        assert!(listing.serves(&q("llm.chat")), "no model asked: any offer");
+        assert!(any.serves(&for_model("mistral")), "an offer without a list");
+        let offers = [any.clone(), listing.clone()];
+        assert_eq!(best_offer(&offers, &for_model("qwen")), Some(&listing));
+        assert_eq!(best_offer(&offers, &for_model("x")), Some(&any));
+        assert_eq!(
+            q("llm.chat").for_model(Some("  ")).expect("blank").model,
+            None
+        );
+        assert!(q("llm.chat").for_model(Some("a\nb")).is_err());
+        assert!(q("llm.chat").for_model(Some(&"m".repeat(257))).is_err());
+        assert!(offer("x:1")
+            .with_models(vec!["m".into(); MAX_OFFER_MODELS + 1])
+            .is_err());
+        assert!(offer("x:1").with_models(vec!["bell\u{7}".into()]).is_err());
+        let wire: CapabilityOffer = serde_json::from_str(
+            r#"{"protocol":"embeddings","version":"1.0.0","models":["bge-m3"]}"#,
+        )
+        .expect("object with models");
+        assert_eq!(wire.models, ["bge-m3"]);
+        assert!(serde_json::from_str::<CapabilityOffer>(
+            r#"{"protocol":"e","version":"1","models":[""]}"#
+        )
+        .is_err());
+        assert!(
+            serde_json::from_str::<CapabilityQuery>(r#"{"protocol":"e","model":"a\u0000"}"#)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn a_request_names_its_model_or_its_payload_does() {
+        let body = |json: &str| -> RequestBody { serde_json::from_str(json).expect("body") };
+        let model = |b: RequestBody| b.query("llm.chat").expect("query").model;
+        assert_eq!(
+            model(body(r#"{"payload":{"model":"qwen","messages":[]}}"#)),
+            Some("qwen".into())
+        );
+        assert_eq!(
+            model(body(r#"{"model":"llama","payload":{"model":"qwen"}}"#)),
+            Some("llama".into()),
+            "the request's own field first"
+        );
+        assert_eq!(model(body(r#"{"payload":{"model":7}}"#)), None);
+        assert_eq!(model(body(r#"{"payload":[1]}"#)), None);
+        assert_eq!(model(body(r#"{}"#)), None);
     }
 
     #[test]

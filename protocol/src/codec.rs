@@ -203,24 +203,28 @@ mod tests {
             0u64..20,
             0u64..20,
             any::<bool>(),
+            proptest::collection::vec("[a-zA-Z0-9:/._-]{1,12}", 0..3),
         )
-            .prop_map(
-                |(protocol, major, minor, patch, idempotent)| CapabilityOffer {
+            .prop_map(|(protocol, major, minor, patch, idempotent, models)| {
+                CapabilityOffer {
                     protocol,
                     version: semver::Version::new(major, minor, patch),
                     idempotent,
-                },
-            )
+                    models,
+                }
+            })
     }
 
     fn query() -> impl Strategy<Value = CapabilityQuery> {
         (
             "[a-z][a-z0-9._-]{0,15}",
             proptest::option::of((0u64..5, 0u64..20, 0u64..20)),
+            proptest::option::of("[a-zA-Z0-9:/._-]{1,12}"),
         )
-            .prop_map(|(protocol, v)| CapabilityQuery {
+            .prop_map(|(protocol, v, model)| CapabilityQuery {
                 protocol,
                 version: v.map(|(a, b, c)| semver::Version::new(a, b, c)),
+                model,
             })
     }
 

@@ -85,6 +85,10 @@ pub struct RequestArgs {
     /// Try this device first (a device id).
     #[arg(long, value_name = "DEVICE")]
     prefer: Option<String>,
+    /// Only devices serving this model (`llm.chat`, `embeddings`); by default the
+    /// payload's own `model` field, if it has one.
+    #[arg(long)]
+    model: Option<String>,
     /// How long to wait for the answer.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     timeout: Duration,
@@ -726,6 +730,11 @@ fn serves_text(serve: &adi_cocoon::plugins::Serve) -> String {
         adi_cocoon::plugins::Serve::Builtin => "the cocoon itself".into(),
         adi_cocoon::plugins::Serve::Http(url) => format!("POST {url}"),
         adi_cocoon::plugins::Serve::Command { argv, .. } => argv.join(" "),
+        adi_cocoon::plugins::Serve::Models { path, servers } => servers
+            .iter()
+            .map(|s| format!("POST 127.0.0.1:{}{path} ({})", s.port, s.name))
+            .collect::<Vec<_>>()
+            .join(", "),
     }
 }
 
@@ -772,6 +781,7 @@ async fn request(args: RequestArgs) -> Result<()> {
         version,
         payload,
         prefer_device: args.prefer,
+        model: args.model,
         timeout_ms: u64::try_from(args.timeout.as_millis()).ok(),
     };
     let resp = reqwest::Client::builder()

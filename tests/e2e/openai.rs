@@ -476,3 +476,172 @@ async fn requests_go_to_the_less_loaded_device_fail_over_and_cancel_on_disconnec
     drop((one, two, three));
     Ok(())
 }
+
+/// Asks for `protocol` as `api`'s caller.
+async fn ask(api: &Api, protocol: &str, body: Value) -> Result<(u16, Value)> {
+    api.post(&format!("/api/capabilities/{protocol}/request"), body)
+        .await
+}
+
+/// The devices `by-capability` lists online for `protocol` and `model`.
+async fn offering(api: &Api, protocol: &str, model: &str) -> Result<Vec<(String, Value)>> {
+    let (status, body) = api
+        .get(&format!(
+            "/api/cocoons/by-capability?protocol={protocol}&model={model}"
+        ))
+        .await?;
+    ensure!(status == 200, "by-capability: {status} {body}");
+    Ok(body["cocoons"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|c| c["online"] == true)
+        .map(|c| {
+            (
+                c["id"].as_str().unwrap_or_default().to_owned(),
+                c["offer"].clone(),
+            )
+        })
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_are_offered_as_capabilities_and_routed_by_model_name() -> Result<()> {
+    let hub = Hub::start().await?;
+    let alice = Api::login(&hub.url, &hub.add_user("alice")?).await?;
+    let (a, port_a, stop_a) = stub("A", vec!["qwen", "shared"]).await?;
+    let (b, port_b, _stop_b) = stub("B", vec!["llama", "shared"]).await?;
+    let mut devices = Vec::new();
+    for (name, port) in [("one", port_a), ("two", port_b)] {
+        let token = alice.setup_token(60).await?;
+        devices.push(Cocoon::start(
+            &hub.url,
+            name,
+            Some(&token),
+            &["--openai", &format!("llm:{port}"), "--openai-refresh", "1s"],
+        )?);
+    }
+    let (one, two) = (devices[0].device_id().await?, devices[1].device_id().await?);
+
+    // Each device offers llm.chat and embeddings with its server's models.
+    let listed = wait_for("qwen offered", Duration::from_secs(15), || async {
+        let found = offering(&alice, "llm.chat", "qwen").await?;
+        Ok((!found.is_empty()).then_some(found))
+    })
+    .await?;
+    ensure!(listed.len() == 1 && listed[0].0 == one, "{listed:?}");
+    ensure!(
+        listed[0].1["models"] == json!(["qwen", "shared"]),
+        "{listed:?}"
+    );
+    let shared = offering(&alice, "embeddings", "shared").await?;
+    ensure!(shared.len() == 2, "both serve the shared model: {shared:?}");
+    ensure!(offering(&alice, "llm.chat", "mistral").await?.is_empty());
+
+    // A key with only the capabilities scope asks by model name, in the payload or
+    // beside it; the device with that model answers, with its server's JSON.
+    let key = Api::login(&hub.url, &capabilities_key(&alice).await?).await?;
+    let chat =
+        |model: &str| json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
+    for _ in 0..3 {
+        let (status, body) = ask(&key, "llm.chat", json!({"payload": chat("llama")})).await?;
+        ensure!(status == 200, "{status} {body}");
+        ensure!(body["from_device"] == two.as_str(), "{body}");
+        ensure!(
+            body["payload"]["choices"][0]["message"]["content"] == "hello from B",
+            "{body}"
+        );
+    }
+    let (status, body) = ask(
+        &key,
+        "llm.chat",
+        json!({"model": "qwen", "payload": {"messages": [{"role": "user", "content": "hi"}]}}),
+    )
+    .await?;
+    ensure!(
+        status == 200 && body["from_device"] == one.as_str(),
+        "{status} {body}"
+    );
+    ensure!(
+        body["payload"]["model"] == "qwen",
+        "the device names the model to its server: {body}"
+    );
+    let (status, body) = ask(
+        &key,
+        "embeddings",
+        json!({"payload": {"model": "shared", "input": "four"}}),
+    )
+    .await?;
+    ensure!(status == 200, "{status} {body}");
+    ensure!(body["payload"]["data"][0]["embedding"][0] == 4.0, "{body}");
+
+    // What cannot be served is refused, naming why, before any server sees it.
+    let before = a.requests.load(Ordering::SeqCst) + b.requests.load(Ordering::SeqCst);
+    let (status, body) = ask(&key, "llm.chat", json!({"payload": chat("mistral")})).await?;
+    ensure!(
+        status == 503 && body["error"]["code"] == "no_capable_device",
+        "{status} {body}"
+    );
+    ensure!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("mistral")),
+        "{body}"
+    );
+    let mut streamed = chat("qwen");
+    streamed["stream"] = json!(true);
+    let (status, body) = ask(&key, "llm.chat", json!({"payload": streamed})).await?;
+    ensure!(
+        status == 400 && body["error"]["code"] == "bad_request",
+        "{status} {body}"
+    );
+    let (status, body) = ask(
+        &key,
+        "llm.chat",
+        json!({"model": "qwen", "payload": chat("llama")}),
+    )
+    .await?;
+    ensure!(
+        status == 400,
+        "a payload naming another model: {status} {body}"
+    );
+    let (status, _) = ask(&key, "llm.chat", json!({"model": "a\nb", "payload": {}})).await?;
+    ensure!(status == 400, "a model name with a line break");
+    ensure!(
+        a.requests.load(Ordering::SeqCst) + b.requests.load(Ordering::SeqCst) == before,
+        "no server saw a refused request"
+    );
+
+    // A device asks too, through its own cocoon.
+    let (code, out, err) = crate::capabilities::request_cli(
+        &devices[1].data_dir,
+        &["llm.chat", "--payload", &chat("qwen").to_string(), "--json"],
+    )?;
+    ensure!(code == 0, "{out} {err}");
+    let answer: Value = serde_json::from_str(&out)?;
+    ensure!(answer["from_device"] == one.as_str(), "{answer}");
+
+    // A server that stops answering drops out of the offers; its models are gone.
+    let _ = stop_a.send(());
+    wait_for(
+        "qwen no longer offered",
+        Duration::from_secs(15),
+        || async {
+            Ok(offering(&alice, "llm.chat", "qwen")
+                .await?
+                .is_empty()
+                .then_some(()))
+        },
+    )
+    .await?;
+    let (status, body) = ask(&key, "llm.chat", json!({"payload": chat("qwen")})).await?;
+    ensure!(status == 503, "{status} {body}");
+    let (status, body) = ask(&key, "llm.chat", json!({"payload": chat("shared")})).await?;
+    ensure!(
+        status == 200 && body["from_device"] == two.as_str(),
+        "{status} {body}"
+    );
+    drop(devices);
+    Ok(())
+}

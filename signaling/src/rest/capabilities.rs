@@ -78,6 +78,8 @@ async fn request_capability(
 struct ByCapabilityParams {
     protocol: Option<String>,
     version: Option<String>,
+    /// Only devices serving this model.
+    model: Option<String>,
 }
 
 /// One device that offers the capability, with what routing would weigh.
@@ -96,6 +98,8 @@ struct Offerings {
     protocol: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model: Option<String>,
     cocoons: Vec<Offering>,
 }
 
@@ -110,7 +114,9 @@ async fn by_capability(
         .map(str::trim)
         .filter(|p| !p.is_empty())
         .ok_or_else(|| ApiError::new(ErrorCode::BadRequest, "protocol is required"))?;
-    let query = query(protocol, params.version.as_deref())?;
+    let query = query(protocol, params.version.as_deref())?
+        .for_model(params.model.as_deref())
+        .map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()))?;
     let devices = crate::access::devices(&state, &caller, Scope::DevicesRead).await?;
     let mut cocoons: Vec<Offering> = devices
         .into_iter()
@@ -142,6 +148,7 @@ async fn by_capability(
     Ok(Json(Offerings {
         protocol: query.protocol,
         version: query.version.map(|v| v.to_string()),
+        model: query.model,
         cocoons,
     }))
 }
