@@ -10,7 +10,10 @@
 //!   `content-length`;
 //! - the hub, `adi signaling serve` on SQLite in a temp dir, a user (`adi signaling user
 //!   add`), a session (`POST /api/auth/token`) and a setup token (`POST /api/tokens`);
-//! - a cocoon, `adi cocoon run --service web:PORT`, enrolled with that token;
+//! - a cocoon, `adi cocoon run --service web:PORT --tcp webtcp:PORT`, enrolled with that
+//!   token: the same service as HTTP (reached at `/proxy/DEVICE/web/...`) and as raw TCP;
+//! - `adi proxy DEVICE webtcp --listen 127.0.0.1:PORT`, the raw TCP forward a user runs
+//!   on their own machine, with the user's API key;
 //! - a rathole server and client on loopback (TCP transport, defaults otherwise) that
 //!   forward a port to the same service. The rathole binary is taken from `--rathole
 //!   PATH`, else `$ADI_BENCH_RATHOLE`, else the cache `<target dir>/bench-tools/rathole/
@@ -35,10 +38,13 @@
 //! of that no measured process accounts for (other work on the machine makes a run
 //! unreliable; the report warns), and the
 //! RSS of the proxy's two sides before, at the peak (sampled every 100 ms) and one
-//! second after the run. The summary gives adi/rathole ratios, on medians over rounds,
-//! against the targets: at least 1.5x rathole's req/s for 1 KiB, at least rathole's for
-//! 1 MiB, p99 no worse than rathole's; and each proxy process's RSS when idle, at the
-//! end and at its peak, to judge whether memory stays flat. Last, the ceiling: from the
+//! second after the run. The summary gives, for adi's HTTP path and its raw TCP path,
+//! ratios to rathole on medians over rounds against the targets: req/s at least
+//! rathole's, p99 and CPU per request (all of the path's processes) at most rathole's,
+//! and the p50 the path adds over the direct one at most what rathole adds (run it with
+//! `--connections 1 --threads 1` for what one user feels); and each proxy process's RSS
+//! when idle, at the end and at its peak, to judge whether memory stays flat. Last, the
+//! ceiling: from the
 //! direct run's kernel time (the socket work of one HTTP exchange, which a proxy that
 //! terminates HTTP does once more per request) and the rathole run's figures, the most
 //! req/s, as a multiple of rathole's, that such a proxy could reach on this machine with
@@ -53,7 +59,7 @@
 //! `--warmup D` (default 2s), `--connections N` (default 64), `--threads N` (wrk
 //! threads, default: one per CPU, at most one per connection), `--rounds N` (repeat
 //! every run, in alternating order; medians in the summary),
-//! `--load auto|wrk|builtin`, `--only direct,adi,rathole`, `--sizes 1k,1m`,
+//! `--load auto|wrk|builtin`, `--only direct,adi,adi-tcp,rathole`, `--sizes 1k,1m`,
 //! `--rathole PATH`, `--rust-log FILTER` (`RUST_LOG` for hub, cocoon and rathole;
 //! default: each one's own default, `info`). Unknown flags (such as the `--bench` cargo
 //! adds) are ignored.
@@ -147,7 +153,11 @@ impl Size {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Route {
     Direct,
+    /// HTTP through the hub's `/proxy/` and the cocoon.
     Adi,
+    /// Raw TCP through `adi proxy DEVICE SERVICE --listen`, the hub and the cocoon, to
+    /// the same service declared with `--tcp`.
+    AdiTcp,
     Rathole,
 }
 
@@ -156,6 +166,7 @@ impl Route {
         match self {
             Route::Direct => "direct",
             Route::Adi => "adi hub",
+            Route::AdiTcp => "adi tcp",
             Route::Rathole => "rathole",
         }
     }
@@ -193,7 +204,7 @@ impl Options {
             threads: 0,
             rounds: 1,
             load: Load::Auto,
-            routes: vec![Route::Direct, Route::Adi, Route::Rathole],
+            routes: vec![Route::Direct, Route::Adi, Route::AdiTcp, Route::Rathole],
             sizes: vec![Size::Small, Size::Large],
             rathole: std::env::var_os("ADI_BENCH_RATHOLE").map(PathBuf::from),
             rust_log: None,
@@ -254,6 +265,7 @@ impl Options {
                         .map(|r| match r.trim() {
                             "direct" => Ok(Route::Direct),
                             "adi" => Ok(Route::Adi),
+                            "adi-tcp" => Ok(Route::AdiTcp),
                             "rathole" => Ok(Route::Rathole),
                             _ => Err(anyhow!("{}", bad())),
                         })
@@ -366,6 +378,9 @@ struct Run {
     /// is what a relay cannot avoid, so it bounds what userland work can win.
     sys_server: Option<f64>,
     sys_device: Option<f64>,
+    /// The client side's CPU where a path has one: `adi proxy` for raw TCP.
+    cpu_client: Option<f64>,
+    sys_client: Option<f64>,
     /// The whole machine's busy CPU over the window, in cores.
     machine_busy_cores: f64,
     /// Busy CPU not accounted to the processes above or to this one, in cores:
@@ -434,6 +449,8 @@ struct AdiSetup {
     cocoon: Proc,
     url_base: String,
     jwt: String,
+    /// `adi proxy` forwarding a loopback port to the service as raw TCP, and that port.
+    forward: Option<(Proc, u16)>,
 }
 
 /// The rathole side: server and client, and the port the service is exposed at.
@@ -488,7 +505,7 @@ async fn bench(opts: Options) -> Result<()> {
     let mut service = service.0;
     eprintln!("service: pid {} on 127.0.0.1:{service_port}", service.pid());
 
-    let want_adi = opts.routes.contains(&Route::Adi);
+    let want_adi = opts.routes.contains(&Route::Adi) || opts.routes.contains(&Route::AdiTcp);
     let want_rathole = opts.routes.contains(&Route::Rathole);
     let mut adi = if want_adi {
         Some(start_adi(&opts, dir, service_port).await?)
@@ -510,6 +527,11 @@ async fn bench(opts: Options) -> Result<()> {
     let jwt = adi.as_ref().map(|a| a.jwt.clone()).unwrap_or_default();
     let idle_hub = adi.as_ref().map(|a| rss_kib(a.hub.pid())).transpose()?;
     let idle_cocoon = adi.as_ref().map(|a| rss_kib(a.cocoon.pid())).transpose()?;
+    let idle_forward = adi
+        .as_ref()
+        .and_then(|a| a.forward.as_ref())
+        .map(|(f, _)| rss_kib(f.pid()))
+        .transpose()?;
     let idle_rathole = rathole
         .as_ref()
         .map(|r| Ok::<_, anyhow::Error>((rss_kib(r.server.pid())?, rss_kib(r.client.pid())?)))
@@ -528,9 +550,10 @@ async fn bench(opts: Options) -> Result<()> {
         }
         for &size in &opts.sizes {
             for &route in &routes {
-                let (url, server_pid, device_pid) = match route {
+                let (url, server_pid, device_pid, client_pid) = match route {
                     Route::Direct => (
                         format!("http://127.0.0.1:{service_port}{}", size.path()),
+                        None,
                         None,
                         None,
                     ),
@@ -542,6 +565,23 @@ async fn bench(opts: Options) -> Result<()> {
                             format!("{}{}", a.url_base, size.path()),
                             Some(a.hub.pid()),
                             Some(a.cocoon.pid()),
+                            None,
+                        )
+                    }
+                    Route::AdiTcp => {
+                        let Some(a) = adi.as_mut() else { continue };
+                        let Some((forward, port)) = a.forward.as_mut() else {
+                            continue;
+                        };
+                        forward.check_alive()?;
+                        let (port, client) = (*port, forward.pid());
+                        a.hub.check_alive()?;
+                        a.cocoon.check_alive()?;
+                        (
+                            format!("http://127.0.0.1:{port}{}", size.path()),
+                            Some(a.hub.pid()),
+                            Some(a.cocoon.pid()),
+                            Some(client),
                         )
                     }
                     Route::Rathole => {
@@ -552,6 +592,7 @@ async fn bench(opts: Options) -> Result<()> {
                             format!("http://127.0.0.1:{}{}", r.port, size.path()),
                             Some(r.server.pid()),
                             Some(r.client.pid()),
+                            None,
                         )
                     }
                 };
@@ -573,6 +614,7 @@ async fn bench(opts: Options) -> Result<()> {
                 let pids = Pids {
                     server: server_pid,
                     device: device_pid,
+                    client: client_pid,
                     service: service.pid(),
                 };
                 let load = Loader {
@@ -597,6 +639,13 @@ async fn bench(opts: Options) -> Result<()> {
             "adi cocoon",
             idle_cocoon.unwrap_or(0),
             final_mem(a.cocoon.pid())?,
+        ));
+    }
+    if let Some((forward, _)) = adi.as_ref().and_then(|a| a.forward.as_ref()) {
+        memory.push((
+            "adi proxy",
+            idle_forward.unwrap_or(0),
+            final_mem(forward.pid())?,
         ));
     }
     if let (Some(r), Some((idle_s, idle_c))) = (&rathole, idle_rathole) {
@@ -624,6 +673,7 @@ async fn bench(opts: Options) -> Result<()> {
 struct Pids {
     server: Option<u32>,
     device: Option<u32>,
+    client: Option<u32>,
     service: u32,
 }
 
@@ -813,6 +863,8 @@ async fn measure(
     let cpu_device = side(ticks_before.device, ticks_after.device, all);
     let sys_server = side(ticks_before.server, ticks_after.server, kernel);
     let sys_device = side(ticks_before.device, ticks_after.device, kernel);
+    let cpu_client = side(ticks_before.client, ticks_after.client, all);
+    let sys_client = side(ticks_before.client, ticks_after.client, kernel);
     let cpu_service = delta(ticks_before.service, ticks_after.service, all);
     let sys_service = delta(ticks_before.service, ticks_after.service, kernel);
     // With wrk this process only waits, but count it too.
@@ -822,6 +874,7 @@ async fn measure(
     };
     let ours = cpu_server.unwrap_or(0.0)
         + cpu_device.unwrap_or(0.0)
+        + cpu_client.unwrap_or(0.0)
         + cpu_service
         + cpu_load.unwrap_or(0.0)
         + own;
@@ -838,6 +891,8 @@ async fn measure(
         sys_load,
         sys_server,
         sys_device,
+        cpu_client,
+        sys_client,
         machine_busy_cores,
         other_cores: (machine_busy_cores - ours / 100.0).max(0.0),
         rss_server: pids.server.map(|_| rss(0)),
@@ -849,6 +904,7 @@ async fn measure(
 struct Ticks {
     server: Option<CpuTicks>,
     device: Option<CpuTicks>,
+    client: Option<CpuTicks>,
     service: CpuTicks,
 }
 
@@ -857,6 +913,7 @@ impl Ticks {
         Ok(Ticks {
             server: p.server.map(cpu_split).transpose()?,
             device: p.device.map(cpu_split).transpose()?,
+            client: p.client.map(cpu_split).transpose()?,
             service: cpu_split(p.service)?,
         })
     }
@@ -1037,7 +1094,9 @@ async fn start_adi(opts: &Options, dir: &Path, service_port: u16) -> Result<AdiS
     .arg("--data-dir")
     .arg(&cocoon_dir)
     .arg("--service")
-    .arg(format!("web:{service_port}"));
+    .arg(format!("web:{service_port}"))
+    .arg("--tcp")
+    .arg(format!("webtcp:{service_port}"));
     if let Some(filter) = &opts.rust_log {
         cmd.env("RUST_LOG", filter);
     }
@@ -1073,11 +1132,44 @@ async fn start_adi(opts: &Options, dir: &Path, service_port: u16) -> Result<AdiS
         hub.pid(),
         cocoon.pid()
     );
+    let forward = if opts.routes.contains(&Route::AdiTcp) {
+        let port = free_port()?;
+        let mut cmd = Command::new(ADI);
+        cmd.args(["proxy", &device_id, "webtcp", "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .env("ADI_HUB", &hub_url)
+            .env("ADI_API_KEY", &api_key)
+            .env("ADI_CONFIG_DIR", dir.join("cli"));
+        if let Some(filter) = &opts.rust_log {
+            cmd.env("RUST_LOG", filter);
+        }
+        let mut forward = Proc::spawn("adi proxy", &mut cmd, dir)?;
+        wait_until(
+            "adi proxy to listen",
+            Duration::from_secs(20),
+            &mut [&mut hub, &mut cocoon, &mut forward],
+            || async move {
+                Ok(tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+                    .then_some(()))
+            },
+        )
+        .await?;
+        eprintln!(
+            "adi proxy: pid {} forwarding 127.0.0.1:{port}",
+            forward.pid()
+        );
+        Some((forward, port))
+    } else {
+        None
+    };
     Ok(AdiSetup {
         url_base: format!("{hub_url}/proxy/{device_id}/web"),
         hub,
         cocoon,
         jwt,
+        forward,
     })
 }
 
@@ -1305,6 +1397,14 @@ fn cpu_us_per_request(pct: Option<f64>, r: &LoadResult) -> String {
     }
 }
 
+/// A device side's figure, with ` + ` the client side's where the path has one.
+fn with_client(device: String, client: Option<f64>, r: &LoadResult) -> String {
+    match client {
+        Some(_) => format!("{device} + {}", cpu_us_per_request(client, r)),
+        None => device,
+    }
+}
+
 fn write_report(
     out: &mut String,
     opts: &Options,
@@ -1352,9 +1452,9 @@ fn write_report(
             r.machine_busy_cores,
             r.other_cores,
             cpu_us_per_request(r.cpu_server, &r.load),
-            cpu_us_per_request(r.cpu_device, &r.load),
+            with_client(cpu_us_per_request(r.cpu_device, &r.load), r.cpu_client, &r.load),
             cpu_us_per_request(r.sys_server, &r.load),
-            cpu_us_per_request(r.sys_device, &r.load),
+            with_client(cpu_us_per_request(r.sys_device, &r.load), r.sys_client, &r.load),
         )?;
     }
     let noisy: Vec<String> = runs
@@ -1427,48 +1527,85 @@ fn write_report(
     let med = |size: Size, route: Route, f: fn(&LoadResult) -> f64| {
         median(pick(runs, size, route).iter().map(|r| f(&r.load)).collect())
     };
+    // CPU µs per request of all of a path's own processes, median over its runs.
+    let cpu_per_request = |size: Size, route: Route| {
+        median(
+            pick(runs, size, route)
+                .iter()
+                .filter(|r| r.load.rps() > 0.0)
+                .filter_map(|r| {
+                    let all = r.cpu_server? + r.cpu_device? + r.cpu_client.unwrap_or(0.0);
+                    Some(all / 100.0 * 1e6 / r.load.rps())
+                })
+                .collect(),
+        )
+    };
+    let verdict = |met: bool| if met { "met" } else { "**missed**" };
     writeln!(out)?;
     writeln!(
         out,
-        "| size | adi req/s | rathole req/s | direct req/s | adi / rathole req/s | target | adi p99 | rathole p99 | target |"
+        "Targets, on medians over rounds: req/s at least rathole's; p99, CPU per request \
+         (every process of the path: hub + cocoon, + adi proxy for raw TCP; rathole server + \
+         client) and the p50 added over the direct path at most rathole's."
     )?;
-    writeln!(out, "|---|---|---|---|---|---|---|---|---|")?;
+    writeln!(out)?;
+    writeln!(
+        out,
+        "| size | path | req/s | × rathole (≥ 1) | p99 | × rathole (≤ 1) | CPU µs/req | × rathole (≤ 1) | p50 added over direct | rathole's (≥ it) |"
+    )?;
+    writeln!(out, "|---|---|---|---|---|---|---|---|---|---|")?;
     for &size in &opts.sizes {
         let rps = |route| med(size, route, LoadResult::rps);
+        let p50 = |route| med(size, route, |l| l.p50_us);
         let p99 = |route| med(size, route, |l| l.p99_us);
-        let want = match size {
-            Size::Small => 1.5,
-            Size::Large => 1.0,
-        };
         let show = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.0}"));
-        let (ratio, rps_verdict) = match (rps(Route::Adi), rps(Route::Rathole)) {
-            (Some(a), Some(r)) if r > 0.0 => (
-                format!("{:.2}", a / r),
-                format!(
-                    "≥ {want}: **{}**",
-                    if a / r >= want { "met" } else { "missed" }
+        for route in [Route::Adi, Route::AdiTcp] {
+            let Some(own) = rps(route) else { continue };
+            let ratio = |a: Option<f64>, r: Option<f64>, higher_is_better: bool| match (a, r) {
+                (Some(a), Some(r)) if r > 0.0 => {
+                    let x = a / r;
+                    format!(
+                        "{x:.2} {}",
+                        verdict(if higher_is_better { x >= 1.0 } else { x <= 1.0 })
+                    )
+                }
+                _ => "-".to_owned(),
+            };
+            let added = |route| Some(p50(route)? - p50(Route::Direct)?);
+            let added_verdict = match (added(route), added(Route::Rathole)) {
+                (Some(a), Some(r)) => format!("{} {}", fmt_us(r.max(0.0)), verdict(a <= r)),
+                _ => "-".to_owned(),
+            };
+            writeln!(
+                out,
+                "| {} | {} | {own:.0} | {} | {} | {} | {} | {} | {} | {added_verdict} |",
+                size.label(),
+                route.label(),
+                ratio(Some(own), rps(Route::Rathole), true),
+                p99(route).map_or_else(|| "-".to_owned(), fmt_us),
+                ratio(p99(route), p99(Route::Rathole), false),
+                show(cpu_per_request(size, route)),
+                ratio(
+                    cpu_per_request(size, route),
+                    cpu_per_request(size, Route::Rathole),
+                    false
                 ),
-            ),
-            _ => ("-".to_owned(), format!("≥ {want}: not measured")),
-        };
-        let p99_verdict = match (p99(Route::Adi), p99(Route::Rathole)) {
-            (Some(a), Some(r)) => format!(
-                "≤ rathole: **{}** ({:.2}x)",
-                if a <= r { "met" } else { "missed" },
-                a / r.max(1.0)
-            ),
-            _ => "not measured".to_owned(),
-        };
-        writeln!(
-            out,
-            "| {} | {} | {} | {} | {ratio} | {rps_verdict} | {} | {} | {p99_verdict} |",
-            size.label(),
-            show(rps(Route::Adi)),
-            show(rps(Route::Rathole)),
-            show(rps(Route::Direct)),
-            p99(Route::Adi).map_or_else(|| "-".to_owned(), fmt_us),
-            p99(Route::Rathole).map_or_else(|| "-".to_owned(), fmt_us),
-        )?;
+                added(route).map_or_else(|| "-".to_owned(), |a| fmt_us(a.max(0.0))),
+            )?;
+        }
+        if let (Some(r), Some(d)) = (rps(Route::Rathole), rps(Route::Direct)) {
+            writeln!(
+                out,
+                "| {} | rathole (direct) | {r:.0} ({d:.0}) | | {} | | {} | | {} | |",
+                size.label(),
+                p99(Route::Rathole).map_or_else(|| "-".to_owned(), fmt_us),
+                show(cpu_per_request(size, Route::Rathole)),
+                match (p50(Route::Rathole), p50(Route::Direct)) {
+                    (Some(r), Some(d)) => fmt_us((r - d).max(0.0)),
+                    _ => "-".to_owned(),
+                }
+            )?;
+        }
     }
     write_ceiling(out, opts, runs)
 }
