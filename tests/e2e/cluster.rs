@@ -524,6 +524,22 @@ async fn a_killed_hub_s_device_is_back_on_another_within_seconds_and_its_streams
             "device usable again {:.2} s after its hub was killed",
             killed.elapsed().as_secs_f64()
         );
+        // Each surviving hub counts the moved device once, also while the dead hub
+        // is not yet forgotten and still lists it.
+        let (b, c_api) = (c.alice(1).await?, c.alice(2).await?);
+        for api in [&b, &c_api] {
+            let (status, list) = api.get("/api/hubs").await?;
+            ensure!(status == 200, "{status} {list}");
+            let sees = list["hubs"]
+                .as_array()
+                .and_then(|hubs| hubs.iter().find(|h| h["this"] == true))
+                .and_then(|h| h["sees"].as_u64());
+            ensure!(
+                sees == Some(1),
+                "{} sees the moved device {sees:?} times: {list}",
+                api.base
+            );
+        }
         // The silent hub is dropped from the list within a few seconds.
         let dead = c.hubs[0].url.clone();
         wait_for(

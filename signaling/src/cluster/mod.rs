@@ -447,12 +447,14 @@ impl Cluster {
         &self.client
     }
 
-    /// Devices known on other hubs alive now.
-    pub fn remote_count(&self) -> usize {
+    /// Devices known on other hubs alive now, leaving out those `here` says are
+    /// connected to this hub: a device that moved here from a hub that died is still
+    /// listed as that hub's until the hub is forgotten, and must count once.
+    pub fn remote_count(&self, here: impl Fn(&DeviceId) -> bool) -> usize {
         let alive: Vec<HubId> = self.peers().into_iter().map(|(id, _)| id).collect();
         self.remote
             .iter()
-            .filter(|r| alive.contains(&r.hub))
+            .filter(|r| alive.contains(&r.hub) && !here(r.key()))
             .count()
     }
 

@@ -94,7 +94,10 @@ async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<HubL
         started_at: Some(cluster.started_at()),
         draining: cluster.is_draining(),
         this: true,
-        sees: Some(u64::from(devices) + cluster.remote_count() as u64),
+        sees: Some(
+            u64::from(devices)
+                + cluster.remote_count(|id| state.registry.connected_at(id).is_some()) as u64,
+        ),
     }];
     let mut peers: Vec<HubView> = cluster
         .peers()
