@@ -19,7 +19,8 @@
 //! - [`local_api`]: the loopback API programs on this device use.
 //! - [`services`]: what a service declaration must be, however it is given.
 //! - [`models`]: the models of its OpenAI-compatible servers, and with them the live
-//!   service list the hub is told.
+//!   service list the hub is told; [`model_offers`]: those models offered as the
+//!   `llm.chat` and `embeddings` capabilities.
 //! - `health` and [`probe`]: service health, and CPU, RAM and GPU figures.
 //! - [`config_file`]: the agent's `cocoon.toml`.
 
@@ -30,7 +31,7 @@ mod hubs;
 pub mod identity;
 pub mod local_api;
 pub mod lock;
-mod model_offers;
+pub mod model_offers;
 pub mod models;
 pub mod plugins;
 mod pool;

@@ -10,7 +10,7 @@
 use std::path::Path;
 
 use adi_cocoon::models::{parse_models, MAX_ANSWER_BYTES};
-use adi_cocoon::plugins::{parse_manifest, Serve};
+use adi_cocoon::plugins::{parse_manifest, ModelServer, Serve};
 use adi_cocoon::{config_file, services};
 use adi_mux::Streams;
 use adi_protocol::client::{ClientToHub, HubToClient};
@@ -39,6 +39,7 @@ pub const CHECKS: &[(&str, Check)] = &[
     ("cocoon_toml", cocoon_toml),
     ("cluster_message", cluster_message),
     ("openai_models", openai_models),
+    ("model_request", model_request),
 ];
 
 /// A frame a device sent, as the hub reads it: the direct reader of the hot frames must
@@ -288,4 +289,70 @@ pub fn openai_models(data: &[u8]) {
         assert!(!m.trim().is_empty() && m.len() <= adi_protocol::MAX_MODEL_NAME);
         assert!(!m.chars().any(char::is_control), "{m:?}");
     }
+}
+
+/// A capability request for a model, as the cocoon prepares it for its model servers
+/// (the first byte picks the model the query names, the rest is the payload): never a
+/// panic, and what goes out is a JSON object for a server that lists its model, with
+/// that model named in it, never asking for a stream.
+pub fn model_request(data: &[u8]) {
+    let Some((&pick, rest)) = data.split_first() else {
+        return;
+    };
+    let Ok(text) = std::str::from_utf8(rest) else {
+        return;
+    };
+    let Ok(payload) = adi_protocol::Payload::from_json(text.to_owned()) else {
+        return;
+    };
+    let servers = [
+        ModelServer {
+            name: "a".into(),
+            port: 1001,
+            models: vec!["x".into()],
+        },
+        ModelServer {
+            name: "b".into(),
+            port: 1002,
+            models: vec!["x".into(), "y".into()],
+        },
+    ];
+    let asked = match pick % 4 {
+        0 => None,
+        1 => Some("x"),
+        2 => Some("y"),
+        _ => Some("z"),
+    };
+    let Ok(query) =
+        adi_protocol::CapabilityQuery::new("llm.chat", None).and_then(|q| q.for_model(asked))
+    else {
+        return;
+    };
+    let Ok((url, sent)) =
+        adi_cocoon::model_offers::prepare("/v1/chat/completions", &servers, &query, payload)
+    else {
+        return;
+    };
+    let body: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(sent.get()).expect("a JSON object goes out");
+    assert!(
+        body.get("stream")
+            .is_none_or(|s| s == &serde_json::Value::Bool(false)),
+        "{body:?}"
+    );
+    let model = body.get("model").and_then(|m| m.as_str());
+    if let Some(asked) = asked {
+        assert_eq!(model, Some(asked), "the asked model is named");
+    }
+    let port = match model {
+        Some(m) => servers
+            .iter()
+            .find(|s| s.models.iter().any(|have| have == m))
+            .map(|s| s.port),
+        None => Some(servers[0].port),
+    };
+    assert_eq!(
+        Some(url),
+        port.map(|p| format!("http://127.0.0.1:{p}/v1/chat/completions"))
+    );
 }
