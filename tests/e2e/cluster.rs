@@ -737,6 +737,30 @@ async fn a_model_on_a_device_of_another_hub_answers_through_any_hub() -> Result<
         let text = resp.text().await?;
         ensure!(text.matches("data: ").count() == 6, "{text}");
         ensure!(text.ends_with("data: [DONE]\n\n"), "{text}");
+        // The same model as a capability, asked at hub c by name.
+        let on_c = c.alice(2).await?;
+        let (status, body) = on_c
+            .post(
+                "/api/capabilities/llm.chat/request",
+                json!({"payload": {"model": "llama-8b",
+                    "messages": [{"role": "user", "content": "hi"}]}}),
+            )
+            .await?;
+        ensure!(
+            status == 200 && body["from_device"] == id.as_str(),
+            "{status} {body}"
+        );
+        ensure!(
+            body["payload"]["choices"][0]["message"]["content"] == "hello from A",
+            "{body}"
+        );
+        let (status, body) = on_c
+            .post(
+                "/api/capabilities/llm.chat/request",
+                json!({"model": "other", "payload": {}}),
+            )
+            .await?;
+        ensure!(status == 503, "a model no device lists: {status} {body}");
         drop(device);
         Ok(())
     })
