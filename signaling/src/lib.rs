@@ -54,6 +54,7 @@ pub mod cluster;
 pub mod config;
 mod connection;
 mod credential;
+pub mod history;
 mod identity;
 mod keys;
 mod link;

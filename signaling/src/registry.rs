@@ -30,6 +30,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{Member, UserId};
+use crate::history::LoadHistory;
 pub use crate::link::{ConnHandle, Stop};
 use adi_protocol::Role;
 
@@ -306,6 +307,8 @@ pub struct Registry {
     by_name: DashMap<Arc<str>, Vec<DeviceId>>,
     /// The last time two agents held one device's secret at once, by device.
     conflicts: DashMap<DeviceId, Conflict>,
+    /// Each device's load over the last hour, from its heartbeats.
+    history: LoadHistory,
 }
 
 impl Registry {
@@ -322,7 +325,13 @@ impl Registry {
             by_protocol: DashMap::new(),
             by_name: DashMap::new(),
             conflicts: DashMap::new(),
+            history: LoadHistory::new(heartbeat_interval),
         }
+    }
+
+    /// Each device's load over the last hour.
+    pub fn history(&self) -> &LoadHistory {
+        &self.history
     }
 
     /// Milliseconds since this registry was made: the clock of
@@ -525,6 +534,9 @@ impl Registry {
                     live.health = health;
                 }
                 if let Some(load) = load {
+                    // Guard order: a device's entry, then its history ring; the
+                    // history never reaches back into `devices`.
+                    self.history.record(id, &load, crate::history::now_ms());
                     live.load = Some(Box::new(load));
                 }
                 true
@@ -788,6 +800,7 @@ impl Registry {
         self.owner_lists.prune();
         self.capability_lists.prune();
         self.service_lists.prune();
+        self.history.prune(crate::history::now_ms());
         stopped
     }
 
