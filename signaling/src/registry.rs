@@ -884,6 +884,42 @@ mod tests {
         assert!(!reg.presence(&id(1)).online);
     }
 
+    #[test]
+    fn a_current_connection_s_load_goes_to_the_history_and_a_stale_one_s_does_not() {
+        let reg = Registry::new(Duration::from_secs(5));
+        let (c1, c2) = (reg.next_conn_id(), reg.next_conn_id());
+        for c in [c1, c2] {
+            reg.insert(
+                id(1),
+                "d",
+                c,
+                handle(&reg),
+                &Grants::default(),
+                &[],
+                &[],
+                Agent::default(),
+            );
+        }
+        let load = |cpu: f32| LoadReport {
+            cpu_count: 4,
+            cpu_percent: cpu,
+            ram_total_bytes: 1 << 30,
+            ram_used_bytes: 1 << 29,
+            gpus: Vec::new(),
+        };
+        assert!(!reg.heartbeat(&id(1), c1, vec![], Some(load(90.0))));
+        assert!(
+            reg.history().is_empty(),
+            "a replaced connection's load is dropped"
+        );
+        assert!(reg.heartbeat(&id(1), c2, vec![], Some(load(40.0))));
+        let seen = reg
+            .history()
+            .view(&id(1), crate::history::now_ms())
+            .expect("a point");
+        assert_eq!(seen.cpu_percent, [40.0]);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn presence_follows_heartbeat_age() {
         let reg = Registry::new(Duration::from_secs(5));
