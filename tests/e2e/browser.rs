@@ -1031,6 +1031,18 @@ async fn the_fleet_map_follows_devices_live_and_a_device_page_charts_its_load() 
         "the page reloaded"
     );
 
+    // A device that says it is stopping is drawn as an amber diamond.
+    let _ = evil.answers.send(json!({"type": "draining"}));
+    wait_node(&b, &evil.id, "stopping").await?;
+    let shape = b
+        .js(
+            "return document.querySelector('svg.map a.node[data-id=\"' + arguments[0] + '\"] .shape').tagName",
+            vec![json!(evil.id)],
+        )
+        .await?;
+    assert_eq!(shape, "path", "stopping is drawn as a diamond");
+    wait_card(&b, &evil.id, "stopping").await?;
+
     // The GPU box opens from the map, from the keyboard.
     let node = format!("svg.map a.node[data-id=\"{}\"]", gpu.id);
     b.find(&node)
