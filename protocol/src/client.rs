@@ -72,6 +72,9 @@ pub struct DeviceLive {
     /// Its latest load report, while online.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load: Option<crate::LoadReport>,
+    /// The hub it is connected to, by the URL `GET /api/hubs` lists it under.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub: Option<String>,
     /// Its services' health as it last probed them, while online.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<crate::ServiceHealth>,
@@ -86,6 +89,7 @@ impl DeviceLive {
             && self.status == other.status
             && self.load == other.load
             && self.services == other.services
+            && self.hub == other.hub
     }
 }
 

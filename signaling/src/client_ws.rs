@@ -292,6 +292,7 @@ fn live(state: &HubState, id: &DeviceId, name: &str) -> DeviceLive {
         } else {
             Vec::new()
         },
+        hub: state.hub_of(id),
     }
 }
 

@@ -1302,3 +1302,75 @@ async fn first_view_with_500_devices() -> Result<()> {
     drop(fleet);
     b.close().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_map_draws_every_hub_and_each_device_beside_its_own() -> Result<()> {
+    let Some(db) = crate::cluster::catalog_and_nats().await else {
+        return Ok(());
+    };
+    let result = async {
+        let Some(b) = Browser::start(1280, 1000).await? else {
+            return Ok(());
+        };
+        let (east_hub, west_hub) = (
+            Hub::start_cluster(&db.url(), &[]).await?,
+            Hub::start_cluster(&db.url(), &[]).await?,
+        );
+        let key = east_hub.add_user("alice")?;
+        let (on_east, on_west) = (
+            Api::login(&east_hub.url, &key).await?,
+            Api::login(&west_hub.url, &key).await?,
+        );
+        wait_for("the hubs to see each other", BROWSER_WAIT, || async {
+            let (_, body) = on_west.get("/api/hubs").await?;
+            Ok((body["hubs"].as_array().map_or(0, Vec::len) == 2).then_some(()))
+        })
+        .await?;
+        let east = Cocoon::start(
+            &east_hub.url,
+            "east-box",
+            Some(&on_east.setup_token(60).await?),
+            &["--location", "East"],
+        )?;
+        let west = Cocoon::start(
+            &west_hub.url,
+            "west-box",
+            Some(&on_west.setup_token(60).await?),
+            &["--location", "West"],
+        )?;
+        let (east_id, west_id) = (east.device_id().await?, west.device_id().await?);
+        b.sign_in(&west_hub.url, &key).await?;
+        for id in [&east_id, &west_id] {
+            wait_node(&b, id, "online").await?;
+        }
+        let host = |url: &str| url.trim_start_matches("http://").to_owned();
+        let drawn = b
+            .wait_js(
+                "both hubs, each device beside its own",
+                "const hubs = [...document.querySelectorAll('svg.map g.hub')].map(h => h.getAttribute('aria-label'));
+                 const label = (id) => document.querySelector('svg.map a.node[data-id=\"' + id + '\"]').getAttribute('aria-label');
+                 const lines = document.querySelectorAll('svg.map line').length;
+                 return hubs.length === 2 && label(arguments[0]).includes('on hub ' + arguments[2])
+                     && label(arguments[1]).includes('on hub ' + arguments[3]) && lines === 2
+                     ? hubs : null;",
+                vec![
+                    json!(east_id),
+                    json!(west_id),
+                    json!(host(&east_hub.url)),
+                    json!(host(&west_hub.url)),
+                ],
+            )
+            .await?;
+        assert_eq!(
+            drawn.as_array().map(Vec::len),
+            Some(2),
+            "{drawn}"
+        );
+        b.screenshot("fleet-two-hubs").await?;
+        drop((east, west));
+        b.close().await
+    }
+    .await;
+    db.drop_database().await;
+    result
+}

@@ -19,7 +19,7 @@ use crate::proxy::{serve, service, vm_kib, Seen};
 
 /// A fresh PostgreSQL catalog, once NATS is known to be reachable; `None` (after saying
 /// SKIPPED) when either is missing, a failure when `CI` is set.
-async fn catalog_and_nats() -> Option<adi_storage::test_database::TestPostgres> {
+pub(crate) async fn catalog_and_nats() -> Option<adi_storage::test_database::TestPostgres> {
     let url = nats_url();
     let addr = url.trim_start_matches("nats://").to_owned();
     if let Err(e) = tokio::net::TcpStream::connect(&addr).await {

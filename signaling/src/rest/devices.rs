@@ -98,6 +98,7 @@ pub(crate) fn view(state: &HubState, d: DeviceRecord, caller: UserId) -> CocoonV
         capabilities: d.capabilities,
         in_flight: state.in_flight(&d.id),
         tcp_streams: state.registry.tcp_streams(&d.id).unwrap_or(0),
+        hub: state.hub_of(&d.id),
         conflict: state.registry.conflict(&d.id).map(|c| ConflictView {
             at: c.at,
             displaced_from: c.displaced.map(|a| a.to_string()),
