@@ -1219,6 +1219,10 @@ async fn every_page_passes_axe_in_light_and_dark_at_desktop_and_phone_width() ->
                 b.js("location.hash = arguments[0]", vec![json!(hash)])
                     .await?;
                 b.find(shown).await?;
+                if *name == "device" {
+                    // Its page lists its recent tasks, each opening the task.
+                    b.wait_text("#device-tasks", "say hello").await?;
+                }
                 let what = format!("the {name} page ({scheme}, {size})");
                 assert_fits(&b, &what).await?;
                 b.assert_accessible(&what).await?;
