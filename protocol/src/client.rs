@@ -3,10 +3,16 @@
 //! 1. The client sends [`ClientToHub::Auth`] with its JWT as the first frame; the hub
 //!    answers [`HubToClient::Authenticated`] or an error and a close.
 //! 2. [`ClientToHub::AggregateQuery`] fans a task query out to the client's devices; the
-//!    hub streams one [`HubToClient::AggregateQueryPart`] per device as each answers (or
+//!    hub first names every device it asks ([`HubToClient::AggregateQueryStarted`]), then
+//!    streams one [`HubToClient::AggregateQueryPart`] per device as each answers (or
 //!    times out, or is offline), then one [`HubToClient::AggregateQueryDone`] with the
 //!    merged order's next cursor. A UI can show the first device's tasks before the
-//!    slowest one replies.
+//!    slowest one replies, and name the devices it still waits for.
+//! 3. [`ClientToHub::WatchDevices`] asks for the state of the client's devices as it
+//!    changes: the hub answers [`HubToClient::Devices`] with all of them (`full`), then,
+//!    about once a second, with those whose state or load changed, and with all of them
+//!    again whenever the list itself changes (a device added, deleted or renamed, or
+//!    its members changed).
 
 use serde::{Deserialize, Serialize};
 
@@ -41,6 +47,52 @@ pub struct DeviceStatus {
     pub error: Option<String>,
 }
 
+/// A device named in a message: its id and its name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRef {
+    /// The device.
+    pub device_id: DeviceId,
+    /// Its name.
+    pub name: String,
+}
+
+/// What a watching client is told of a device: enough to draw it on a map and see
+/// whether it is busy, without its configuration (which `GET /api/cocoons` has).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceLive {
+    /// The device.
+    pub device_id: DeviceId,
+    /// Its name.
+    pub name: String,
+    /// `online`, `offline`, or `stopping` while it finishes its requests.
+    pub status: String,
+    /// Seconds since its last heartbeat, while connected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat_age_secs: Option<f64>,
+    /// Its latest load report, while online.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<crate::LoadReport>,
+    /// The hub it is connected to, by the URL `GET /api/hubs` lists it under.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub: Option<String>,
+    /// Its services' health as it last probed them, while online.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<crate::ServiceHealth>,
+}
+
+impl DeviceLive {
+    /// Whether `other` tells a client anything new: the age of the last heartbeat
+    /// alone is not news, or every device would change every second.
+    pub fn same_as(&self, other: &DeviceLive) -> bool {
+        self.device_id == other.device_id
+            && self.name == other.name
+            && self.status == other.status
+            && self.load == other.load
+            && self.services == other.services
+            && self.hub == other.hub
+    }
+}
+
 /// Messages a client sends to the hub.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -67,6 +119,8 @@ pub enum ClientToHub {
         #[serde(default)]
         timeout_ms: Option<u64>,
     },
+    /// Send the state of every device of the caller, then its changes as they happen.
+    WatchDevices,
 }
 
 /// Messages the hub sends to a client.
@@ -77,6 +131,15 @@ pub enum HubToClient {
     Authenticated {
         /// The user's name.
         user: String,
+    },
+    /// The query went out: the devices it waits for, before any has answered.
+    AggregateQueryStarted {
+        /// The query.
+        query_id: String,
+        /// Every device asked (online, keeping tasks), none answered yet.
+        waiting: Vec<DeviceRef>,
+        /// How long each may take, in milliseconds, before it counts as timed out.
+        timeout_ms: u64,
     },
     /// One device's part of an aggregate query, as soon as it is known.
     AggregateQueryPart {
@@ -97,6 +160,14 @@ pub enum HubToClient {
         tasks: Vec<Task>,
         /// Cursor for the next page of the merged order.
         next_cursor: Option<String>,
+    },
+    /// Devices' live state, for a client that watches them.
+    Devices {
+        /// Every device of the caller (what is not listed is gone); otherwise only
+        /// those that changed since the last frame.
+        full: bool,
+        /// The devices.
+        devices: Vec<DeviceLive>,
     },
     /// A request was refused.
     Error {

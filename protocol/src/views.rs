@@ -50,6 +50,10 @@ pub struct CocoonView {
     /// The caller's own role on it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<Role>,
+    /// The hub it is connected to, by the URL `GET /api/hubs` lists it under, so a map
+    /// of several hubs can draw it beside its own; absent while it is not connected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub: Option<String>,
     /// Unix seconds of enrolment.
     pub created_at: i64,
     /// The last time two agents connected with this device's secret at once (a copied

@@ -1,16 +1,20 @@
-//! The client WebSocket (`/ws/client`): a signed-in person's live channel. Today it
-//! streams aggregate queries part by part, so a UI shows the first device's tasks
-//! before the slowest device replies. One actor per socket; queries run one at a time.
+//! The client WebSocket (`/ws/client`): a signed-in person's live channel. It streams
+//! aggregate queries part by part, so a UI shows the first device's tasks before the
+//! slowest device replies, and, once asked, the live state of the person's devices as
+//! it changes. One actor per socket; queries run one at a time. Which devices a socket
+//! hears of is decided by [`crate::access`], read again on every change of access.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use adi_protocol::client::{ClientToHub, HubToClient};
-use adi_protocol::{decode, encode, ErrorCode, Scope};
+use adi_protocol::client::{ClientToHub, DeviceLive, DeviceRef, HubToClient};
+use adi_protocol::{decode, encode, DeviceId, ErrorCode, Scope};
 use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket};
 use futures_util::StreamExt;
 use tracing::debug;
 
+use crate::access;
 use crate::aggregate::{self, Cursor};
 use crate::rest::error::ApiError;
 use crate::rest::extract::Caller;
@@ -45,6 +49,9 @@ pub(crate) async fn serve(state: Arc<HubState>, mut socket: WebSocket) {
     // ...and no longer than its session, if it is signed out, its key revoked or its
     // user disabled first.
     let mut revocations = state.auth.changes();
+    let mut watch: Option<Watch> = None;
+    let mut tick = tokio::time::interval(WATCH_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let frame = tokio::select! {
             _ = shutdown.cancelled() => {
@@ -66,6 +73,29 @@ pub(crate) async fn serve(state: Arc<HubState>, mut socket: WebSocket) {
                     debug!(user = %caller.id, "client socket closed: {why}");
                     close(&mut socket, close_code::POLICY, reason).await;
                     return;
+                }
+                // A member removed or a device deleted: the list is read again now.
+                if let Some(w) = watch.as_mut() {
+                    w.listed_at = None;
+                }
+                continue;
+            }
+            _ = tick.tick(), if watch.is_some() => {
+                if let Some(w) = watch.as_mut() {
+                    match w.frame(&state, &caller).await {
+                        Ok(Some(frame)) => {
+                            if send(&mut socket, &frame).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            let err = HubToClient::Error { query_id: None, code: e.code(), message: e.message().to_owned() };
+                            if send(&mut socket, &err).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
                 }
                 continue;
             }
@@ -102,6 +132,29 @@ pub(crate) async fn serve(state: Arc<HubState>, mut socket: WebSocket) {
                 };
                 if send(&mut socket, &err).await.is_err() {
                     return;
+                }
+            }
+            Ok(ClientToHub::WatchDevices) => {
+                // Answered at once; the tick sends the changes from then on.
+                let w = watch.insert(Watch::default());
+                match w.frame(&state, &caller).await {
+                    Ok(Some(frame)) => {
+                        if send(&mut socket, &frame).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        watch = None;
+                        let err = HubToClient::Error {
+                            query_id: None,
+                            code: e.code(),
+                            message: e.message().to_owned(),
+                        };
+                        if send(&mut socket, &err).await.is_err() {
+                            return;
+                        }
+                    }
                 }
             }
             Ok(ClientToHub::AggregateQuery {
@@ -141,6 +194,108 @@ pub(crate) async fn serve(state: Arc<HubState>, mut socket: WebSocket) {
     }
 }
 
+/// How often a watching client hears of its devices' changes.
+const WATCH_TICK: Duration = Duration::from_secs(1);
+/// How often a watch reads the caller's device list again when nothing announced a
+/// change (a device enrolled or claimed announces none).
+const WATCH_RELIST: Duration = Duration::from_secs(10);
+
+/// A client's watch of its devices: the list (from the catalog, through
+/// [`crate::access`]) and what it was last told of each.
+#[derive(Default)]
+struct Watch {
+    devices: Vec<Listed>,
+    listed_at: Option<tokio::time::Instant>,
+    told: HashMap<DeviceId, DeviceLive>,
+}
+
+impl Watch {
+    /// The next frame: every device when the list changed (a device added or gone,
+    /// renamed, or its members changed) or was never sent, else those whose state
+    /// changed; `None` when nothing did.
+    async fn frame(
+        &mut self,
+        state: &HubState,
+        caller: &Caller,
+    ) -> Result<Option<HubToClient>, ApiError> {
+        let mut full = self.listed_at.is_none();
+        if self.listed_at.is_none_or(|at| at.elapsed() >= WATCH_RELIST) {
+            let listed: Vec<Listed> = access::devices(state, caller, Scope::DevicesRead)
+                .await?
+                .into_iter()
+                .map(|d| Listed {
+                    members: d.members.iter().map(|m| (m.id, m.role)).collect(),
+                    id: d.id,
+                    name: d.name,
+                })
+                .collect();
+            self.listed_at = Some(tokio::time::Instant::now());
+            if listed != self.devices {
+                self.devices = listed;
+                full = true;
+            }
+        }
+        if full {
+            self.told.clear();
+        }
+        let mut changed = Vec::new();
+        for Listed { id, name, .. } in &self.devices {
+            let now = live(state, id, name);
+            if !self.told.get(id).is_some_and(|t| t.same_as(&now)) {
+                self.told.insert(id.clone(), now.clone());
+                changed.push(now);
+            }
+        }
+        if full {
+            self.told
+                .retain(|id, _| self.devices.iter().any(|d| d.id == *id));
+        }
+        Ok(
+            (full || !changed.is_empty()).then_some(HubToClient::Devices {
+                full,
+                devices: changed,
+            }),
+        )
+    }
+}
+
+/// A device of a watch's list, with what makes the list change: its name and members.
+#[derive(PartialEq)]
+struct Listed {
+    id: DeviceId,
+    name: String,
+    members: Vec<(crate::catalog::UserId, adi_protocol::Role)>,
+}
+
+/// A device's live state, wherever in the cluster it is connected.
+fn live(state: &HubState, id: &DeviceId, name: &str) -> DeviceLive {
+    let presence = state.presence(id);
+    DeviceLive {
+        device_id: id.clone(),
+        name: name.to_owned(),
+        status: match (presence.online, presence.draining) {
+            (true, true) => "stopping",
+            (true, false) => "online",
+            (false, _) => "offline",
+        }
+        .to_owned(),
+        last_heartbeat_age_secs: presence
+            .last_heartbeat_age
+            .map(|a| (a.as_secs_f64() * 10.0).round() / 10.0),
+        load: if presence.online {
+            state.load(id)
+        } else {
+            None
+        },
+        services: if presence.online {
+            state.service_health(id)
+        } else {
+            Vec::new()
+        },
+        hub: state.hub_of(id),
+    }
+}
+
 enum QueryEnd {
     Refused(ApiError),
     Gone,
@@ -174,6 +329,18 @@ async fn aggregate_query(
         })
         .transpose()?;
     let (online, offline) = task_devices(state, caller).await?;
+    let started = HubToClient::AggregateQueryStarted {
+        query_id: query_id.to_owned(),
+        waiting: online
+            .iter()
+            .map(|d| DeviceRef {
+                device_id: d.id.clone(),
+                name: d.name.clone(),
+            })
+            .collect(),
+        timeout_ms: u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX),
+    };
+    send(socket, &started).await.map_err(|_| QueryEnd::Gone)?;
     for device in &offline {
         let part = HubToClient::AggregateQueryPart {
             query_id: query_id.to_owned(),

@@ -54,6 +54,7 @@ pub mod cluster;
 pub mod config;
 mod connection;
 mod credential;
+pub mod history;
 mod identity;
 mod keys;
 mod link;
@@ -187,6 +188,31 @@ impl HubState {
             .as_ref()
             .map(|c| c.health(id))
             .unwrap_or_default()
+    }
+
+    /// The URL of the hub the device is connected to, as `GET /api/hubs` names it;
+    /// `None` while it is connected to none.
+    pub fn hub_of(&self, id: &adi_protocol::DeviceId) -> Option<String> {
+        if self.registry.connected_at(id).is_some() {
+            return Some(self.listed_url());
+        }
+        let cluster = self.cluster.as_ref()?;
+        let (_, hub) = cluster.access(id)?;
+        cluster.peer_url(hub).map(|u| u.to_string())
+    }
+
+    /// This hub's URL, as `GET /api/hubs` names it (empty for a hub that runs alone and
+    /// was told none).
+    pub fn listed_url(&self) -> String {
+        match &self.cluster {
+            Some(c) => c.url.clone(),
+            None => self
+                .config
+                .hub_url
+                .clone()
+                .or_else(|| self.config.public_url.clone())
+                .unwrap_or_default(),
+        }
     }
 
     /// Capability requests this hub has in flight to the device.

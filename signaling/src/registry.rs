@@ -30,6 +30,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{Member, UserId};
+use crate::history::LoadHistory;
 pub use crate::link::{ConnHandle, Stop};
 use adi_protocol::Role;
 
@@ -306,6 +307,8 @@ pub struct Registry {
     by_name: DashMap<Arc<str>, Vec<DeviceId>>,
     /// The last time two agents held one device's secret at once, by device.
     conflicts: DashMap<DeviceId, Conflict>,
+    /// Each device's load over the last hour, from its heartbeats.
+    history: LoadHistory,
 }
 
 impl Registry {
@@ -322,7 +325,13 @@ impl Registry {
             by_protocol: DashMap::new(),
             by_name: DashMap::new(),
             conflicts: DashMap::new(),
+            history: LoadHistory::new(heartbeat_interval),
         }
+    }
+
+    /// Each device's load over the last hour.
+    pub fn history(&self) -> &LoadHistory {
+        &self.history
     }
 
     /// Milliseconds since this registry was made: the clock of
@@ -525,6 +534,9 @@ impl Registry {
                     live.health = health;
                 }
                 if let Some(load) = load {
+                    // Guard order: a device's entry, then its history ring; the
+                    // history never reaches back into `devices`.
+                    self.history.record(id, &load, crate::history::now_ms());
                     live.load = Some(Box::new(load));
                 }
                 true
@@ -788,6 +800,7 @@ impl Registry {
         self.owner_lists.prune();
         self.capability_lists.prune();
         self.service_lists.prune();
+        self.history.prune(crate::history::now_ms());
         stopped
     }
 
@@ -869,6 +882,42 @@ mod tests {
         assert!(reg.heartbeat(&id(1), c2, vec![], None));
         assert!(reg.remove(&id(1), c2));
         assert!(!reg.presence(&id(1)).online);
+    }
+
+    #[test]
+    fn a_current_connection_s_load_goes_to_the_history_and_a_stale_one_s_does_not() {
+        let reg = Registry::new(Duration::from_secs(5));
+        let (c1, c2) = (reg.next_conn_id(), reg.next_conn_id());
+        for c in [c1, c2] {
+            reg.insert(
+                id(1),
+                "d",
+                c,
+                handle(&reg),
+                &Grants::default(),
+                &[],
+                &[],
+                Agent::default(),
+            );
+        }
+        let load = |cpu: f32| LoadReport {
+            cpu_count: 4,
+            cpu_percent: cpu,
+            ram_total_bytes: 1 << 30,
+            ram_used_bytes: 1 << 29,
+            gpus: Vec::new(),
+        };
+        assert!(!reg.heartbeat(&id(1), c1, vec![], Some(load(90.0))));
+        assert!(
+            reg.history().is_empty(),
+            "a replaced connection's load is dropped"
+        );
+        assert!(reg.heartbeat(&id(1), c2, vec![], Some(load(40.0))));
+        let seen = reg
+            .history()
+            .view(&id(1), crate::history::now_ms())
+            .expect("a point");
+        assert_eq!(seen.cpu_percent, [40.0]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -27,9 +27,25 @@ struct RawDevice {
 
 impl RawDevice {
     async fn start(hub: &Hub, api: &Api, name: &str, load: Value) -> Result<Self> {
+        Self::start_with(hub, api, name, load, json!({}), Duration::from_millis(200)).await
+    }
+
+    /// A device whose registration also says what `more` holds (services, location),
+    /// heartbeating every `beat`.
+    async fn start_with(
+        hub: &Hub,
+        api: &Api,
+        name: &str,
+        load: Value,
+        more: Value,
+        beat: Duration,
+    ) -> Result<Self> {
         let mut ws = crate::wire::connect(hub).await?;
-        let frame = json!({"type": "register", "versions": [1], "secret": crate::wire::secret(),
+        let mut frame = json!({"type": "register", "versions": [1], "secret": crate::wire::secret(),
             "name": name, "setup_token": api.setup_token(60).await?, "capabilities": ["tasks:1.0.0"]});
+        if let (Some(frame), Some(more)) = (frame.as_object_mut(), more.as_object()) {
+            frame.extend(more.clone());
+        }
         ws.send(Message::text(frame.to_string())).await?;
         let reply = crate::wire::next(&mut ws).await?;
         let id = reply["device_id"]
@@ -39,7 +55,7 @@ impl RawDevice {
         let (req_tx, req_rx) = mpsc::unbounded_channel();
         let (ans_tx, mut ans_rx) = mpsc::unbounded_channel::<Value>();
         let actor = tokio::spawn(async move {
-            let mut beat = tokio::time::interval(Duration::from_millis(200));
+            let mut beat = tokio::time::interval(beat);
             let mut seq = 0u64;
             loop {
                 tokio::select! {
@@ -373,6 +389,15 @@ async fn tasks_fill_in_as_devices_answer_stream_logs_and_filter() -> Result<()> 
     // gpu-box holds the hub's request; the laptop's part shows already.
     let held = gpu.next_request().await?;
     assert_eq!(held["op"], "list_tasks", "{held}");
+    // The device the list waits for is named, with the time waited, before it answers.
+    let waiting = b.wait_text("#waiting", "gpu-box").await?;
+    assert!(waiting.contains(" s"), "no time waited: {waiting}");
+    b.wait_js(
+        "the laptop no longer awaited",
+        "return !document.getElementById('waiting').innerText.includes('laptop')",
+        vec![],
+    )
+    .await?;
     b.wait_js(
         "the laptop's tasks before gpu-box answers",
         "const rows = [...document.querySelectorAll('#task-rows tr')];
@@ -389,6 +414,13 @@ async fn tasks_fill_in_as_devices_answer_stream_logs_and_filter() -> Result<()> 
     gpu.serve_tasks(vec![rendered_sky]);
     b.wait_text("#tasks-progress", "2 of 2 devices answered")
         .await?;
+    let waiting = b
+        .js(
+            "return document.getElementById('waiting').innerText",
+            vec![],
+        )
+        .await?;
+    assert_eq!(waiting, "", "nothing awaited once all answered");
     let titles = task_titles(&b).await?;
     assert_eq!(titles.len(), 50, "one page: {titles:?}");
     assert_eq!(titles[0], "render the sky", "newest first: {titles:?}");
@@ -772,6 +804,8 @@ async fn an_owner_removes_a_member_revokes_a_key_and_a_token_and_deletes_a_devic
     b.click("nav a[href='#access']").await?;
     b.type_into("#key-name", "ui-key").await?;
     b.click("#key-scopes input[value='devices:read']").await?;
+    b.click(&format!("#key-devices input[value='{id}']"))
+        .await?;
     b.click("#key-form button[type=submit]").await?;
     let key = b.wait_text("#key-secret", "adi_key_").await?;
     let key = key.trim().to_owned();
@@ -782,9 +816,15 @@ async fn an_owner_removes_a_member_revokes_a_key_and_a_token_and_deletes_a_devic
     let key_id = &key[8..24];
     b.wait_text(
         &format!("#key-rows tr[data-key='{key_id}']"),
-        "devices:read",
+        "devices:read on shared-box",
     )
     .await?;
+    let (_, keys) = alice.get("/api/keys").await?;
+    let made = keys["keys"]
+        .as_array()
+        .and_then(|k| k.iter().find(|k| k["id"] == key_id).cloned())
+        .unwrap_or_default();
+    assert_eq!(made["devices"], json!([id]), "{keys}");
     b.click(&format!(
         "#key-rows tr[data-key='{key_id}'] button.revoke-key"
     ))
@@ -839,4 +879,502 @@ async fn an_owner_removes_a_member_revokes_a_key_and_a_token_and_deletes_a_devic
     .await?;
     assert_eq!(alice.cocoon(&id).await?.0, 404);
     b.close().await
+}
+
+/// The fleet map's node of device `id`, once it shows `status`.
+async fn wait_node(b: &Browser, id: &str, status: &str) -> Result<()> {
+    b.wait_js(
+        &format!("map node {id} {status}"),
+        "const n = document.querySelector('svg.map a.node[data-id=\"' + arguments[0] + '\"]');
+         return !!n && n.getAttribute('data-status') === arguments[1];",
+        vec![id.into(), status.into()],
+    )
+    .await?;
+    Ok(())
+}
+
+/// How many points the chart `id` on a device's page draws.
+async fn chart_points(b: &Browser, id: &str) -> Result<u64> {
+    let v = b
+        .wait_js(
+            &format!("chart {id}"),
+            "const c = document.getElementById(arguments[0]); return c ? c.dataset.points : null;",
+            vec![id.into()],
+        )
+        .await?;
+    Ok(v.as_str().and_then(|p| p.parse().ok()).unwrap_or(0))
+}
+
+#[tokio::test]
+async fn the_fleet_map_follows_devices_live_and_a_device_page_charts_its_load() -> Result<()> {
+    let Some(b) = Browser::start(1280, 1000).await? else {
+        return Ok(());
+    };
+    let hub = Hub::start().await?;
+    let alice_key = hub.add_user("alice")?;
+    let bob_key = hub.add_user("bob")?;
+    let alice = Api::login(&hub.url, &alice_key).await?;
+    let bob = Api::login(&hub.url, &bob_key).await?;
+    let laptop = Cocoon::start(
+        &hub.url,
+        "laptop",
+        Some(&alice.setup_token(60).await?),
+        &["--location", "Lisbon"],
+    )?;
+    let laptop_id = laptop.device_id().await?;
+    let gib = 1u64 << 30;
+    let gpu = RawDevice::start_with(
+        &hub,
+        &alice,
+        "gpu-box",
+        json!({"cpu_count": 32, "cpu_percent": 25.0, "ram_total_bytes": 256 * gib, "ram_used_bytes": 64 * gib,
+            "gpus": [{"index": 0, "name": "NVIDIA H100", "uuid": "GPU-0", "memory_total_bytes": 80 * gib,
+                      "memory_used_bytes": 20 * gib, "utilization_percent": 62, "temperature_c": 50}]}),
+        json!({"location": "Berlin, rack 2", "services": [
+            {"name": "ssh", "port": 22, "kind": "tcp"},
+            {"name": "llm", "port": 8000, "kind": "openai", "models": ["llama-3.1-8b"]}]}),
+        Duration::from_millis(200),
+    )
+    .await?;
+    // Whatever a device calls itself is shown as text, never run as markup.
+    let hostile = "<img src=x onerror=\"window.pwned=1\">";
+    let evil = RawDevice::start_with(
+        &hub,
+        &alice,
+        hostile,
+        Value::Null,
+        json!({"location": "<b>Berlin</b>"}),
+        Duration::from_millis(200),
+    )
+    .await?;
+
+    b.sign_in(&hub.url, &alice_key).await?;
+    for id in [&laptop_id, &gpu.id, &evil.id] {
+        wait_node(&b, id, "online").await?;
+    }
+    let label = b
+        .js(
+            "return document.querySelector('svg.map a.node[data-id=\"' + arguments[0] + '\"]').getAttribute('aria-label')",
+            vec![json!(evil.id)],
+        )
+        .await?;
+    assert!(
+        label.as_str().is_some_and(|l| l.starts_with(hostile)),
+        "{label}"
+    );
+    let heading = b
+        .js(
+            "return document.querySelector('article.device[data-id=\"' + arguments[0] + '\"] h3').textContent",
+            vec![json!(evil.id)],
+        )
+        .await?;
+    assert_eq!(heading, hostile);
+    assert_eq!(
+        b.js(
+            "return window.pwned === undefined && !document.querySelector('main img')",
+            vec![]
+        )
+        .await?,
+        true
+    );
+    // Grouped by location; a search by place narrows the map and the cards.
+    b.wait_text("#topology", "Lisbon").await?;
+    b.wait_text("#topology", "Berlin, rack 2").await?;
+    b.type_into("#fleet-q", "lisbon").await?;
+    b.wait_text("#fleet-shown", "1 of 3 match").await?;
+    let shown = b
+        .js(
+            "return [...document.querySelectorAll('svg.map a.node')].map(n => n.dataset.id)",
+            vec![],
+        )
+        .await?;
+    assert_eq!(shown, json!([laptop_id]));
+    b.type_into("#fleet-q", "GPU").await?;
+    b.wait_text("#fleet-shown", "1 of 3 match").await?;
+    b.find("#fleet-q").await?.clear().await?;
+    b.find("#fleet-q").await?.send_keys(" ").await?;
+    b.wait_js(
+        "every device on the map again",
+        "return document.querySelectorAll('svg.map a.node').length === 3",
+        vec![],
+    )
+    .await?;
+    b.screenshot("fleet").await?;
+    b.assert_accessible("the fleet map").await?;
+
+    // A device that stops shows offline on the map, and online again when it is back,
+    // without a reload.
+    b.js("window.stayedOnPage = true", vec![]).await?;
+    let data_dir = laptop.data_dir.clone();
+    let mut laptop = laptop;
+    laptop.proc.terminate().await?;
+    wait_node(&b, &laptop_id, "offline").await?;
+    let shape = b
+        .js(
+            "return document.querySelector('svg.map a.node[data-id=\"' + arguments[0] + '\"] .shape').tagName",
+            vec![json!(laptop_id)],
+        )
+        .await?;
+    assert_eq!(shape, "rect", "offline is drawn as a hollow square");
+    let back = Cocoon::start_in(
+        &hub.url,
+        "laptop",
+        None,
+        &data_dir,
+        &["--location", "Lisbon"],
+    )?;
+    assert_eq!(back.device_id().await?, laptop_id);
+    wait_node(&b, &laptop_id, "online").await?;
+    assert_eq!(
+        b.js("return window.stayedOnPage === true", vec![]).await?,
+        true,
+        "the page reloaded"
+    );
+
+    // A device that says it is stopping is drawn as an amber diamond.
+    let _ = evil.answers.send(json!({"type": "draining"}));
+    wait_node(&b, &evil.id, "stopping").await?;
+    let shape = b
+        .js(
+            "return document.querySelector('svg.map a.node[data-id=\"' + arguments[0] + '\"] .shape').tagName",
+            vec![json!(evil.id)],
+        )
+        .await?;
+    assert_eq!(shape, "path", "stopping is drawn as a diamond");
+    wait_card(&b, &evil.id, "stopping").await?;
+
+    // The GPU box opens from the map, from the keyboard.
+    let node = format!("svg.map a.node[data-id=\"{}\"]", gpu.id);
+    b.find(&node)
+        .await?
+        .send_keys(&Key::Enter.to_string())
+        .await?;
+    b.wait_text("#device-title", "gpu-box").await?;
+    let services = b
+        .wait_text("#device-services", "adi connect gpu-box ssh")
+        .await?;
+    for shown in [
+        "adi proxy gpu-box ssh --listen 127.0.0.1:PORT",
+        "llama-3.1-8b",
+        &format!("{}/v1", hub.url),
+    ] {
+        assert!(services.contains(shown), "lacks {shown:?}:\n{services}");
+    }
+    b.wait_text("#device-facts", "Berlin, rack 2").await?;
+    b.wait_text("#chart-gpu-0", "62 % busy").await?;
+    b.wait_text("#chart-ram", "64.0 / 256.0 GiB").await?;
+    // The charts gain points as heartbeats arrive.
+    let first = chart_points(&b, "chart-cpu").await?;
+    b.wait_js(
+        "a chart point more",
+        "return Number(document.getElementById('chart-cpu').dataset.points) > arguments[0]
+            && Number(document.getElementById('chart-gpu-0').dataset.points) > arguments[0]",
+        vec![json!(first)],
+    )
+    .await?;
+    let (status, history) = alice.get(&format!("/api/cocoons/{}/load", gpu.id)).await?;
+    assert_eq!(status, 200, "{history}");
+    assert_eq!(history["gpus"][0]["utilization_percent"][0], 62);
+    assert_eq!(
+        bob.get(&format!("/api/cocoons/{}/load", gpu.id)).await?.0,
+        404
+    );
+    b.screenshot("device").await?;
+    b.assert_accessible("a device's page").await?;
+
+    // A member added by a share link made on the page; removed there, bob loses it.
+    b.js(
+        "window.asked = []; window.confirm = (q) => { window.asked.push(q); return true; }; return true",
+        vec![],
+    )
+    .await?;
+    b.click("#invite-form button[type=submit]").await?;
+    let cmd = b
+        .wait_text("#invite-cmd", "adi cocoon claim adi_share_")
+        .await?;
+    let token = cmd
+        .trim()
+        .trim_start_matches("adi cocoon claim ")
+        .to_owned();
+    let (status, body) = bob
+        .post("/api/tokens/claim", json!({"token": token}))
+        .await?;
+    assert_eq!(status, 200, "{body}");
+    b.click("#device-members li[data-member='bob'] button.remove-member")
+        .await?;
+    wait_for("bob to lose gpu-box", BROWSER_WAIT, || async {
+        Ok((bob.cocoon(&gpu.id).await?.0 == 404).then_some(()))
+    })
+    .await?;
+    let asked = b.js("return window.asked.join(' | ')", vec![]).await?;
+    assert!(
+        asked
+            .as_str()
+            .is_some_and(|q| q.contains("Remove bob from gpu-box")),
+        "{asked}"
+    );
+
+    // On a phone-wide window the page still fits and reads.
+    narrow(&b).await?;
+    b.find("#chart-cpu").await?;
+    assert_fits(&b, "a device's page").await?;
+    b.screenshot("narrow-device").await?;
+    b.assert_accessible("a device's page, phone-wide").await?;
+    b.click("#device a[href='#devices']").await?;
+    b.find(&node).await?;
+    assert_fits(&b, "the fleet map").await?;
+    b.screenshot("narrow-fleet").await?;
+    b.assert_accessible("the fleet map, phone-wide").await?;
+    let errors = b.console_errors().await?;
+    assert!(errors.is_empty(), "console errors: {errors:?}");
+    drop((back, gpu, evil));
+    b.close().await
+}
+
+/// Every page of the UI, light and dark, desktop and phone width: axe finds nothing
+/// serious, nothing sticks out, the console stays clean; a screenshot of each.
+#[tokio::test]
+async fn every_page_passes_axe_in_light_and_dark_at_desktop_and_phone_width() -> Result<()> {
+    let hub = Hub::start().await?;
+    let key = hub.add_user("alice")?;
+    let alice = Api::login(&hub.url, &key).await?;
+    let lab_port = lab_service().await?;
+    let lab = Cocoon::start(
+        &hub.url,
+        "lab-box",
+        Some(&alice.setup_token(60).await?),
+        &[
+            "--service",
+            &format!("lab:{lab_port}"),
+            "--location",
+            "Rack 3, Berlin",
+        ],
+    )?;
+    let lab_id = lab.device_id().await?;
+    let (status, task) = alice
+        .post(
+            &format!("/api/cocoons/{lab_id}/tasks"),
+            json!({"title": "say hello", "command": ["sh", "-c", "echo hello"]}),
+        )
+        .await?;
+    assert_eq!(status, 201, "{task}");
+    let task_id = task["id"].as_str().unwrap_or_default().to_owned();
+    let gib = 1u64 << 30;
+    let _gpu = RawDevice::start(
+        &hub,
+        &alice,
+        "gpu-box",
+        json!({"cpu_count": 64, "cpu_percent": 12.0, "ram_total_bytes": 512 * gib, "ram_used_bytes": 128 * gib,
+            "gpus": [{"index": 0, "name": "NVIDIA H200", "uuid": "GPU-0", "memory_total_bytes": 140 * gib,
+                      "memory_used_bytes": 35 * gib, "utilization_percent": 62, "temperature_c": 48}]}),
+    )
+    .await?;
+
+    for scheme in ["light", "dark"] {
+        let switches: &[&str] = if scheme == "dark" {
+            &["--force-dark-mode"]
+        } else {
+            &[]
+        };
+        let Some(b) = Browser::start_with(1280, 1000, switches).await? else {
+            return Ok(());
+        };
+        b.client.goto(&hub.url).await?;
+        let dark = b
+            .js(
+                "return matchMedia('(prefers-color-scheme: dark)').matches",
+                vec![],
+            )
+            .await?;
+        assert_eq!(dark, scheme == "dark", "the page follows the system");
+        b.find("#api-key").await?;
+        b.assert_accessible(&format!("sign-in ({scheme})")).await?;
+        b.screenshot(&format!("{scheme}-signin")).await?;
+        b.sign_in(&hub.url, &key).await?;
+        wait_card(&b, &lab_id, "online").await?;
+        let pages = [
+            ("fleet", "#devices".to_owned(), "svg.map a.node".to_owned()),
+            (
+                "device",
+                format!("#devices/{lab_id}"),
+                "#chart-cpu".to_owned(),
+            ),
+            ("tasks", "#tasks".to_owned(), "#task-rows tr".to_owned()),
+            (
+                "task",
+                format!("#tasks/{lab_id}/{task_id}"),
+                "#detail-logs span".to_owned(),
+            ),
+            ("access", "#access".to_owned(), "#audit-rows tr".to_owned()),
+        ];
+        for (width, height, size) in [(1280, 1000, "desktop"), (390, 844, "phone")] {
+            b.client.set_window_size(width, height).await?;
+            b.wait_js(
+                "the window's size",
+                "return Math.abs(window.innerWidth - arguments[0]) < 20",
+                vec![json!(width)],
+            )
+            .await?;
+            for (name, hash, shown) in &pages {
+                b.js("location.hash = arguments[0]", vec![json!(hash)])
+                    .await?;
+                b.find(shown).await?;
+                if *name == "device" {
+                    // Its page lists its recent tasks, each opening the task.
+                    b.wait_text("#device-tasks", "say hello").await?;
+                }
+                let what = format!("the {name} page ({scheme}, {size})");
+                assert_fits(&b, &what).await?;
+                b.assert_accessible(&what).await?;
+                b.screenshot(&format!("{scheme}-{name}-{size}")).await?;
+            }
+        }
+        let errors = b.console_errors().await?;
+        assert!(errors.is_empty(), "console errors ({scheme}): {errors:?}");
+        b.close().await?;
+    }
+    drop(lab);
+    Ok(())
+}
+
+/// Not a test but a measure (run with `--run-ignored only`): how long the page takes,
+/// with 500 devices, from navigation to the devices listed (map and cards drawn), over
+/// five loads; prints the median. See BENCHMARKS.md.
+#[tokio::test]
+#[ignore]
+async fn first_view_with_500_devices() -> Result<()> {
+    const DEVICES: usize = 500;
+    let Some(b) = Browser::start(1280, 1000).await? else {
+        return Ok(());
+    };
+    // Heartbeats at the default interval, so 500 devices cost what they would.
+    let hub = Hub::start_with(&["--heartbeat-interval", "5s"]).await?;
+    let key = hub.add_user("alice")?;
+    let alice = Api::login(&hub.url, &key).await?;
+    let gib = 1u64 << 30;
+    let places = [
+        "Berlin", "Lisbon", "Oslo", "Austin", "Tokyo", "Nairobi", "Lima", "Pune",
+    ];
+    let mut fleet = Vec::with_capacity(DEVICES);
+    for i in 0..DEVICES {
+        let load = if i % 4 == 0 {
+            json!({"cpu_count": 64, "cpu_percent": 30.0, "ram_total_bytes": 512 * gib, "ram_used_bytes": 100 * gib,
+                "gpus": [{"index": 0, "name": "NVIDIA H100", "uuid": format!("GPU-{i}"), "memory_total_bytes": 80 * gib,
+                          "memory_used_bytes": 20 * gib, "utilization_percent": 50, "temperature_c": 40}]})
+        } else {
+            json!({"cpu_count": 8, "cpu_percent": 5.0, "ram_total_bytes": 32 * gib, "ram_used_bytes": 4 * gib, "gpus": []})
+        };
+        let more = json!({"location": places[i % places.len()]});
+        let beat = Duration::from_secs(4);
+        fleet.push(
+            RawDevice::start_with(&hub, &alice, &format!("node-{i:03}"), load, more, beat).await?,
+        );
+    }
+    wait_for("every device online", Duration::from_secs(60), || async {
+        let list = alice.cocoons().await?;
+        let online = list.iter().filter(|d| d["online"] == true).count();
+        Ok((online == DEVICES).then_some(()))
+    })
+    .await?;
+    b.sign_in(&hub.url, &key).await?;
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        b.client.refresh().await?;
+        let ms = b
+            .wait_js(
+                "500 devices listed",
+                "const m = performance.getEntriesByName('adi-devices-listed')[0];
+                 return m && document.querySelectorAll('svg.map a.node').length === 500
+                     && document.getElementById('device-count').innerText.includes('500 of 500')
+                     ? m.startTime : null;",
+                vec![],
+            )
+            .await?;
+        times.push(ms.as_f64().unwrap_or_default());
+    }
+    times.sort_by(f64::total_cmp);
+    println!(
+        "first view, {DEVICES} devices: median {:.0} ms (runs: {})",
+        times[times.len() / 2],
+        times
+            .iter()
+            .map(|t| format!("{t:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    b.screenshot("fleet-500").await?;
+    drop(fleet);
+    b.close().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_map_draws_every_hub_and_each_device_beside_its_own() -> Result<()> {
+    let Some(db) = crate::cluster::catalog_and_nats().await else {
+        return Ok(());
+    };
+    let result = async {
+        let Some(b) = Browser::start(1280, 1000).await? else {
+            return Ok(());
+        };
+        let (east_hub, west_hub) = (
+            Hub::start_cluster(&db.url(), &[]).await?,
+            Hub::start_cluster(&db.url(), &[]).await?,
+        );
+        let key = east_hub.add_user("alice")?;
+        let (on_east, on_west) = (
+            Api::login(&east_hub.url, &key).await?,
+            Api::login(&west_hub.url, &key).await?,
+        );
+        wait_for("the hubs to see each other", BROWSER_WAIT, || async {
+            let (_, body) = on_west.get("/api/hubs").await?;
+            Ok((body["hubs"].as_array().map_or(0, Vec::len) == 2).then_some(()))
+        })
+        .await?;
+        let east = Cocoon::start(
+            &east_hub.url,
+            "east-box",
+            Some(&on_east.setup_token(60).await?),
+            &["--location", "East"],
+        )?;
+        let west = Cocoon::start(
+            &west_hub.url,
+            "west-box",
+            Some(&on_west.setup_token(60).await?),
+            &["--location", "West"],
+        )?;
+        let (east_id, west_id) = (east.device_id().await?, west.device_id().await?);
+        b.sign_in(&west_hub.url, &key).await?;
+        for id in [&east_id, &west_id] {
+            wait_node(&b, id, "online").await?;
+        }
+        let host = |url: &str| url.trim_start_matches("http://").to_owned();
+        let drawn = b
+            .wait_js(
+                "both hubs, each device beside its own",
+                "const hubs = [...document.querySelectorAll('svg.map g.hub')].map(h => h.getAttribute('aria-label'));
+                 const label = (id) => document.querySelector('svg.map a.node[data-id=\"' + id + '\"]').getAttribute('aria-label');
+                 const lines = document.querySelectorAll('svg.map line').length;
+                 return hubs.length === 2 && label(arguments[0]).includes('on hub ' + arguments[2])
+                     && label(arguments[1]).includes('on hub ' + arguments[3]) && lines === 2
+                     ? hubs : null;",
+                vec![
+                    json!(east_id),
+                    json!(west_id),
+                    json!(host(&east_hub.url)),
+                    json!(host(&west_hub.url)),
+                ],
+            )
+            .await?;
+        assert_eq!(
+            drawn.as_array().map(Vec::len),
+            Some(2),
+            "{drawn}"
+        );
+        b.screenshot("fleet-two-hubs").await?;
+        drop((east, west));
+        b.close().await
+    }
+    .await;
+    db.drop_database().await;
+    result
 }

@@ -19,7 +19,7 @@ use crate::proxy::{serve, service, vm_kib, Seen};
 
 /// A fresh PostgreSQL catalog, once NATS is known to be reachable; `None` (after saying
 /// SKIPPED) when either is missing, a failure when `CI` is set.
-async fn catalog_and_nats() -> Option<adi_storage::test_database::TestPostgres> {
+pub(crate) async fn catalog_and_nats() -> Option<adi_storage::test_database::TestPostgres> {
     let url = nats_url();
     let addr = url.trim_start_matches("nats://").to_owned();
     if let Err(e) = tokio::net::TcpStream::connect(&addr).await {
@@ -109,6 +109,19 @@ async fn a_device_on_one_hub_is_listed_proxied_and_asked_through_the_others() ->
         // Listed, with its live state, by the hubs it is not connected to.
         online_on(&on_b, &id, Duration::from_secs(5)).await?;
         online_on(&on_c, &id, Duration::from_secs(5)).await?;
+        // Its load is charted by a hub it is not connected to, too.
+        wait_for(
+            "hub b to chart the device's load",
+            Duration::from_secs(5),
+            || async {
+                let (status, h) = on_b.get(&format!("/api/cocoons/{id}/load")).await?;
+                Ok(
+                    (status == 200 && h["at"].as_array().is_some_and(|a| !a.is_empty()))
+                        .then_some(()),
+                )
+            },
+        )
+        .await?;
         // Each hub's beat says how many devices it holds.
         wait_for(
             "hub a's beat to count the device",

@@ -582,6 +582,11 @@ impl Browser {
     /// A browser whose window is `width` x `height`. Without Chromium or chromedriver
     /// this fails when `CI` is set, and otherwise says SKIPPED and returns `None`.
     pub async fn start(width: u32, height: u32) -> Result<Option<Self>> {
+        Self::start_with(width, height, &[]).await
+    }
+
+    /// [`start`](Self::start) with more Chromium switches (`--force-dark-mode`, say).
+    pub async fn start_with(width: u32, height: u32, switches: &[&str]) -> Result<Option<Self>> {
         use std::os::unix::process::CommandExt;
         let chromium =
             std::env::var("ADI_TEST_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
@@ -615,18 +620,29 @@ impl Browser {
             .map(|p| p.trim_end_matches('.'))
             .and_then(|p| p.parse().ok())
             .ok_or_else(|| anyhow!("no port in {line:?}"))?;
+        let mut args: Vec<String> = [
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--no-default-browser-check",
+            "--disable-extensions",
+            "--disable-background-networking",
+            "--disable-sync",
+            "--lang=en-US",
+        ]
+        .into_iter()
+        .chain(switches.iter().copied())
+        .map(String::from)
+        .collect();
+        args.push(format!("--window-size={width},{height}"));
+        args.push(format!("--user-data-dir={}", profile.path().display()));
         let caps = serde_json::json!({
             "browserName": "chrome",
-            "goog:chromeOptions": {
-                "binary": chromium,
-                "args": [
-                    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                    format!("--window-size={width},{height}"),
-                    format!("--user-data-dir={}", profile.path().display()),
-                    "--no-first-run", "--no-default-browser-check", "--disable-extensions",
-                    "--disable-background-networking", "--disable-sync", "--lang=en-US",
-                ],
-            },
+            "goog:chromeOptions": { "binary": chromium, "args": args },
+            // What the page logs, so a test can say it logged no error.
+            "goog:loggingPrefs": { "browser": "ALL" },
         });
         let mut builder = fantoccini::ClientBuilder::new(
             hyper_util::client::legacy::connect::HttpConnector::new(),
@@ -750,6 +766,79 @@ impl Browser {
         let path = dir.join(format!("{name}.png"));
         std::fs::write(&path, self.client.screenshot().await?)?;
         Ok(path)
+    }
+}
+
+/// Chromium's log of what pages wrote to the console (a WebDriver command fantoccini
+/// has no method for; each call returns the entries since the previous one).
+#[derive(Debug)]
+struct ConsoleLog;
+
+impl fantoccini::wd::WebDriverCompatibleCommand for ConsoleLog {
+    fn endpoint(
+        &self,
+        base_url: &url::Url,
+        session_id: Option<&str>,
+    ) -> Result<url::Url, url::ParseError> {
+        base_url.join(&format!(
+            "session/{}/se/log",
+            session_id.unwrap_or_default()
+        ))
+    }
+
+    fn method_and_body(&self, _: &url::Url) -> (http::Method, Option<String>) {
+        (http::Method::POST, Some(r#"{"type":"browser"}"#.into()))
+    }
+}
+
+/// axe-core, injected into pages by [`Browser::assert_accessible`]; test-only.
+const AXE: &str = include_str!("axe/axe.min.js");
+
+impl Browser {
+    /// The errors pages logged to the console since the last call.
+    pub async fn console_errors(&self) -> Result<Vec<String>> {
+        let log = self.client.issue_cmd(ConsoleLog).await?;
+        Ok(log
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["level"] == "SEVERE")
+            .map(|e| e["message"].as_str().unwrap_or_default().to_owned())
+            .collect())
+    }
+
+    /// Runs axe-core on the page as it is shown and fails, listing each, on any
+    /// violation whose impact is serious or critical.
+    pub async fn assert_accessible(&self, what: &str) -> Result<()> {
+        let loaded = self
+            .js("return typeof window.axe === 'object'", vec![])
+            .await?;
+        if loaded != Value::Bool(true) {
+            self.js(
+                "const s = document.createElement('script'); s.textContent = arguments[0]; document.head.append(s); s.remove(); return true",
+                vec![AXE.into()],
+            )
+            .await?;
+        }
+        let found = self
+            .client
+            .execute_async(
+                "const done = arguments[arguments.length - 1];
+                 axe.run(document, { resultTypes: ['violations'] }).then((r) => done(
+                   r.violations.filter((v) => v.impact === 'serious' || v.impact === 'critical')
+                     .map((v) => v.impact + ' ' + v.id + ': ' + v.help + '\\n    ' +
+                       v.nodes.slice(0, 5).map((n) => n.target.join(' ') + ' — ' + n.failureSummary.replace(/\\n/g, ' ')).join('\\n    '))
+                 )).catch((e) => done(['axe failed: ' + e]));",
+                vec![],
+            )
+            .await?;
+        let found: Vec<String> = serde_json::from_value(found)?;
+        anyhow::ensure!(
+            found.is_empty(),
+            "axe finds on {what}:\n{}",
+            found.join("\n")
+        );
+        Ok(())
     }
 }
 

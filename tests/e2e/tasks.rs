@@ -611,6 +611,16 @@ async fn client_websocket_streams_parts_as_devices_answer() -> Result<()> {
         ))
         .await?;
 
+    // Before anyone answers, the hub names every device it waits for.
+    let started = crate::wire::next(&mut client).await?;
+    assert_eq!(started["type"], "aggregate_query_started", "{started}");
+    let mut waiting: Vec<&str> = started["waiting"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|d| d["name"].as_str()).collect())
+        .unwrap_or_default();
+    waiting.sort_unstable();
+    assert_eq!(waiting, ["fast", "slow"], "{started}");
+    assert_eq!(started["timeout_ms"], 20000);
     // The slow device has the request in hand and has not answered...
     let request = crate::wire::next(&mut slow).await?;
     assert_eq!(request["op"], "list_tasks", "{request}");
@@ -649,6 +659,9 @@ async fn client_websocket_streams_parts_as_devices_answer() -> Result<()> {
         let m = crate::wire::next(&mut client).await?;
         if m["type"] == "aggregate_query_done" {
             break;
+        }
+        if m["type"] == "aggregate_query_started" {
+            continue;
         }
         statuses.insert(
             m["device"]["name"].as_str().unwrap_or_default().to_owned(),

@@ -457,6 +457,13 @@ async fn on_presence(cluster: &Cluster, state: &HubState, p: Presence) {
     for l in p.load {
         if let Some(mut r) = cluster.remote.get_mut(&l.id) {
             if r.hub == p.hub {
+                // Guard order as the registry's: a device's entry, then its history
+                // ring. Only noticeable changes arrive here, so a remote device's chart
+                // is coarser than a local one's.
+                state
+                    .registry
+                    .history()
+                    .record(&l.id, &l.load, crate::history::now_ms());
                 r.load = Some(Box::new(l.load));
             }
         }
@@ -493,6 +500,12 @@ fn take_up(cluster: &Cluster, state: &HubState, hub: HubId, d: wire::Device) {
         Some(r) if r.hub == hub => r.in_flight.clone(),
         _ => Arc::new(AtomicU32::new(0)),
     };
+    if let Some(load) = &d.load {
+        state
+            .registry
+            .history()
+            .record(&d.id, load, crate::history::now_ms());
+    }
     cluster.put(
         d.id,
         Remote {

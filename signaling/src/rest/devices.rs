@@ -21,6 +21,7 @@ use crate::access::{self, AccessError};
 use crate::audit;
 use crate::auth::unix_now_i64;
 use crate::catalog::{CatalogError, DeviceRecord, Member, UserId};
+use crate::history::HistoryView;
 use crate::registry::{Grants, Stop};
 use crate::HubState;
 
@@ -32,6 +33,7 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/api/cocoons", get(list_cocoons))
         .route("/api/cocoons/{id}", get(get_cocoon).delete(delete_cocoon))
         .route("/api/cocoons/{id}/services", get(get_services))
+        .route("/api/cocoons/{id}/load", get(get_load))
         .route("/api/cocoons/{id}/members", get(list_members))
         .route("/api/cocoons/{id}/members/{user}", delete(remove_member))
 }
@@ -96,6 +98,7 @@ pub(crate) fn view(state: &HubState, d: DeviceRecord, caller: UserId) -> CocoonV
         capabilities: d.capabilities,
         in_flight: state.in_flight(&d.id),
         tcp_streams: state.registry.tcp_streams(&d.id).unwrap_or(0),
+        hub: state.hub_of(&d.id),
         conflict: state.registry.conflict(&d.id).map(|c| ConflictView {
             at: c.at,
             displaced_from: c.displaced.map(|a| a.to_string()),
@@ -166,6 +169,32 @@ async fn get_services(
         device_id: device.id,
         online,
     }))
+}
+
+/// The device's CPU, RAM and GPU load over the last hour, from the heartbeats this hub
+/// kept in RAM: empty columns for a device that reported nothing to this hub lately.
+async fn get_load(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<HistoryView>, ApiError> {
+    let device = access::device(&state, &caller, &id, Scope::DevicesRead).await?;
+    let history = state.registry.history();
+    Ok(Json(
+        history
+            .view(&device.id, crate::history::now_ms())
+            .unwrap_or_else(|| HistoryView {
+                device_id: device.id.clone(),
+                step_secs: u32::try_from(history.step().as_secs()).unwrap_or(u32::MAX),
+                window_secs: crate::history::WINDOW.as_secs(),
+                cpu_count: 0,
+                ram_total_bytes: 0,
+                at: Vec::new(),
+                cpu_percent: Vec::new(),
+                ram_used_bytes: Vec::new(),
+                gpus: Vec::new(),
+            }),
+    ))
 }
 
 async fn list_members(
@@ -255,6 +284,7 @@ async fn delete_cocoon(
         return Err(ApiError::not_found_device());
     }
     state.registry.set_grants(&device.id, &Grants::default());
+    state.registry.history().forget(&device.id);
     let agent_told = state.registry.stop(&device.id, Stop::Removed);
     state.auth.announce_change();
     tracing::info!(device_id = %device.id, by = %caller.id, agent_told, "device deleted");

@@ -67,16 +67,10 @@ async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<HubL
     caller.require(Scope::DevicesRead)?;
     let devices = u32::try_from(state.registry.len()).unwrap_or(u32::MAX);
     let Some(cluster) = &state.cluster else {
-        let url = state
-            .config
-            .hub_url
-            .clone()
-            .or_else(|| state.config.public_url.clone())
-            .unwrap_or_default();
         return Ok(Json(HubList {
             hubs: vec![HubView {
                 id: None,
-                url,
+                url: state.listed_url(),
                 devices,
                 in_flight: 0,
                 started_at: None,
@@ -88,7 +82,7 @@ async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<HubL
     };
     let mut hubs = vec![HubView {
         id: Some(cluster.id),
-        url: cluster.url.clone(),
+        url: state.listed_url(),
         devices,
         in_flight: cluster.in_flight(),
         started_at: Some(cluster.started_at()),
