@@ -160,7 +160,7 @@ pub fn prepare(
             path.trim_start_matches("/v1")
         )));
     }
-    let named = payload_model(&payload);
+    let named = payload_model(&payload).map_err(|e| bad(e.to_string()))?;
     let model = match (&query.model, &named) {
         (Some(asked), Some(named)) if asked != named => {
             return Err(bad(format!(
@@ -312,6 +312,11 @@ mod tests {
         assert_eq!(
             code(query(Some("x")), r#"{"model":"z"}"#),
             ErrorCode::BadRequest
+        );
+        assert_eq!(
+            code(query(None), r#"{"model":"z","model":"x"}"#),
+            ErrorCode::BadRequest,
+            "a model named twice"
         );
         assert_eq!(
             code(query(Some("z")), r#"{"n":1}"#),

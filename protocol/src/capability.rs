@@ -276,15 +276,89 @@ impl CapabilityQuery {
 }
 
 /// The `model` string of a payload that is a JSON object, as OpenAI-shaped requests
-/// name their model; `None` for any other payload.
-pub fn payload_model(payload: &crate::Payload) -> Option<String> {
-    #[derive(Deserialize)]
-    struct Named {
-        model: Option<String>,
+/// name their model; `None` for any other payload. A payload naming `model` twice is
+/// refused: JSON readers disagree on which one counts, so the hub could route by one
+/// and the model server read the other.
+pub fn payload_model(payload: &crate::Payload) -> Result<Option<String>, CapabilityError> {
+    match serde_json::from_str::<ModelField>(payload.get()) {
+        Ok(ModelField::Twice) => Err(CapabilityError::Models(
+            "the payload names \"model\" more than once".into(),
+        )),
+        Ok(ModelField::Once(model)) => Ok(model),
+        Err(_) => Ok(None),
     }
-    serde_json::from_str::<Named>(payload.get())
-        .ok()
-        .and_then(|n| n.model)
+}
+
+/// What a payload says of its model, read without building the rest of it.
+enum ModelField {
+    /// Named at most once: its string, if it is one.
+    Once(Option<String>),
+    /// Named more than once.
+    Twice,
+}
+
+impl<'de> Deserialize<'de> for ModelField {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ModelVisitor)
+    }
+}
+
+struct ModelVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ModelVisitor {
+    type Value = ModelField;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<ModelField, A::Error> {
+        let mut model: Option<Option<String>> = None;
+        let mut twice = false;
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if key == "model" {
+                let value: serde_json::Value = map.next_value()?;
+                twice |= model.is_some();
+                model = Some(value.as_str().map(str::to_owned));
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(if twice {
+            ModelField::Twice
+        } else {
+            ModelField::Once(model.flatten())
+        })
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<ModelField, A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(ModelField::Once(None))
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<ModelField, E> {
+        Ok(ModelField::Once(None))
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<ModelField, E> {
+        Ok(ModelField::Once(None))
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<ModelField, E> {
+        Ok(ModelField::Once(None))
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<ModelField, E> {
+        Ok(ModelField::Once(None))
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<ModelField, E> {
+        Ok(ModelField::Once(None))
+    }
+
+    fn visit_unit<E>(self) -> Result<ModelField, E> {
+        Ok(ModelField::Once(None))
+    }
 }
 
 fn checked_model<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
@@ -375,7 +449,7 @@ impl RequestBody {
         let query = CapabilityQuery::new(protocol, self.version.as_deref())?;
         match &self.model {
             Some(m) => query.for_model(Some(m)),
-            None => query.for_model(payload_model(&self.payload).as_deref()),
+            None => query.for_model(payload_model(&self.payload)?.as_deref()),
         }
     }
 
@@ -490,6 +564,25 @@ mod tests {
         assert_eq!(model(body(r#"{"payload":{"model":7}}"#)), None);
         assert_eq!(model(body(r#"{"payload":[1]}"#)), None);
         assert_eq!(model(body(r#"{}"#)), None);
+        assert_eq!(
+            model(body(
+                r#"{"payload":{"a":{"model":"inner"},"model":"x\u0079"}}"#
+            )),
+            Some("xy".into()),
+            "the top-level field, escapes read"
+        );
+        assert!(
+            body(r#"{"payload":{"model":"x","n":1,"model":"y"}}"#)
+                .query("llm.chat")
+                .is_err(),
+            "a model named twice is ambiguous"
+        );
+        assert!(
+            body(r#"{"model":"y","payload":{"model":"x","model":"y"}}"#)
+                .query("llm.chat")
+                .is_ok(),
+            "the request's own field decides; the device refuses the payload"
+        );
     }
 
     #[test]
