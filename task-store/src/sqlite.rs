@@ -227,11 +227,11 @@ fn spawn(
     let path = path.to_owned();
     std::thread::Builder::new()
         .name(name.to_owned())
-        .spawn(move || serve(&path, conn, &queue))
-        .map_err(|source| StoreError::File {
-            path: PathBuf::from(name),
-            source,
+        .spawn({
+            let path = path.clone();
+            move || serve(&path, conn, &queue)
         })
+        .map_err(|source| StoreError::File { path, source })
 }
 
 fn serve(path: &Path, mut conn: Connection, queue: &flume::Receiver<Job>) {
