@@ -1,8 +1,20 @@
 //! Aggregate benchmark: latency of the merged first page of a user's tasks
 //! (`GET /api/aggregate/tasks?limit=50`) over 1, 10 and 100 devices holding 10,000 tasks
-//! each, beside the latency of one device's local query measured in the same run.
+//! each, beside the same work done by NATS scatter-gather, and one device's page query
+//! through its task store beside the same page read with rusqlite directly, all measured
+//! in the same run.
 //!
-//! Everything runs in this one process, the way `adi dev` wires it: an in-process hub
+//! The NATS peer: every device its own NATS connection (to the machine's `nats-server`,
+//! 127.0.0.1:4222 unless `--nats URL`) and its own SQLite file (the very file its cocoon
+//! uses, read with rusqlite directly, a cached prepared statement), answering a request
+//! on one subject with its newest 50 tasks as JSON; the requester publishes once,
+//! gathers every answer, decodes each, merges them with the hub's own merge
+//! (`aggregate::merge`) and encodes the merged answer as the hub does. Its devices run
+//! as tasks in this process, like the cocoons, so both share the same two worker
+//! threads (the default runtime on this machine's two cores).
+//!
+//! Everything runs in this one process (with jemalloc, as the `adi` binary), the way
+//! `adi dev` wires it: an in-process hub
 //! (`adi_signaling::spawn`, SQLite catalog in a temp dir, listening on 127.0.0.1:0), one
 //! user with an API key exchanged for a JWT through `POST /api/auth/token`, and real
 //! cocoons (`adi_cocoon::start`), each with its own data dir and its own SQLite task
@@ -19,12 +31,16 @@
 //! HTTP client, after a warm-up:
 //!
 //! - `merged p1`: the merged first page, checking each answer has a full page and every
-//!   device `ok` (problems are counted and printed, never fatal);
+//!   device `ok` (problems are counted and printed, never fatal), and then the NATS
+//!   peer's merged first page, checked the same way; the two alternate for `--rounds`
+//!   rounds and each figure is the median over the rounds;
 //! - `merged p2`: the second page, with the first page's `next_cursor`;
 //! - `1-dev REST`: one device's page through the hub,
 //!   `GET /api/cocoons/{id}/tasks?limit=50` (one WebSocket round trip, no merge);
 //! - `local`: the device's own query, `store.list(&TaskFilter::default(), None, 50)` on
 //!   the first device's store, which is what each device runs during the fan-out;
+//! - `bare`: the same page read from the same file with rusqlite directly on the
+//!   calling thread (the store's SQL, a cached prepared statement, rows into tasks);
 //! - the process CPU time per merged request (hub, cocoons and client share the
 //!   process and its cores).
 //!
@@ -41,9 +57,10 @@
 //!
 //! Options: `--max-devices N` (default 100; the steps are 1, 10, 100 up to N, plus N),
 //! `--tasks N` (tasks per device, default 10,000), `--iterations N` (measured requests
-//! per scenario; default 200 up to 10 devices, 100 above), `--warmup N` (default 20),
-//! `--limit N` (page size, default 50). Unknown flags (such as the `--bench` cargo adds)
-//! are ignored. Figures and their discussion are in `BENCHMARKS.md`.
+//! per scenario and round; default 500 up to 10 devices, 200 above), `--warmup N`
+//! (default 20), `--limit N` (page size, default 50), `--rounds N` (odd, default 3),
+//! `--nats URL`. Unknown flags (such as the `--bench` cargo adds) are ignored. Figures
+//! and their discussion are in `BENCHMARKS.md`.
 //!
 //! This is a benchmark, not a test: it asserts nothing about the figures, always stops
 //! by itself and removes its temp dir.
@@ -53,16 +70,22 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use adi_cocoon::{CocoonConfig, CocoonHandle};
-use adi_protocol::tasks::{NewTask, TaskFilter, TaskPage};
+use adi_protocol::tasks::{NewTask, Position, Task, TaskFilter, TaskPage};
 use adi_protocol::views::AggregateTasks;
 use adi_protocol::{DeviceId, DeviceReply, DeviceToHub, Outcome, DEFAULT_MAX_FRAME_BYTES};
 use adi_signaling::aggregate::{self, DeviceStatus, Part, PartStatus};
 use adi_signaling::{HubConfig, HubHandle};
 use adi_task_store::{SqliteTaskStore, TaskStore};
 use anyhow::{anyhow, bail, Context, Result};
+use futures_util::StreamExt;
 use serde_json::Value;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
 use sqlx::Connection;
+
+/// The allocator the `adi` binary runs with, so the hub and cocoons here allocate as
+/// they do in production (the NATS peer, in the same process, gets it too).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Fleet sizes measured, in order (the fleet only grows).
 const STEPS: [usize; 3] = [1, 10, 100];
@@ -83,6 +106,8 @@ struct Args {
     iterations: Option<usize>,
     warmup: usize,
     limit: u32,
+    rounds: usize,
+    nats: String,
 }
 
 impl Args {
@@ -93,6 +118,8 @@ impl Args {
             iterations: None,
             warmup: 20,
             limit: 50,
+            rounds: 3,
+            nats: "127.0.0.1:4222".into(),
         };
         let mut it = std::env::args().skip(1);
         while let Some(flag) = it.next() {
@@ -105,6 +132,8 @@ impl Args {
                 "--iterations" => args.iterations = Some(value(&flag)?.parse()?),
                 "--warmup" => args.warmup = value(&flag)?.parse()?,
                 "--limit" => args.limit = value(&flag)?.parse()?,
+                "--rounds" => args.rounds = value(&flag)?.parse()?,
+                "--nats" => args.nats = value(&flag)?,
                 _ => {} // `--bench` and anything else cargo passes.
             }
         }
@@ -113,6 +142,9 @@ impl Args {
         }
         if args.iterations == Some(0) {
             bail!("--iterations must be at least 1");
+        }
+        if args.rounds.is_multiple_of(2) {
+            bail!("--rounds must be odd, so that the median is one round's figure");
         }
         Ok(args)
     }
@@ -131,7 +163,7 @@ impl Args {
 
     fn iterations_for(&self, devices: usize) -> usize {
         self.iterations
-            .unwrap_or(if devices <= 10 { 1000 } else { 500 })
+            .unwrap_or(if devices <= 10 { 500 } else { 200 })
     }
 }
 
@@ -159,6 +191,23 @@ impl Summary {
     }
 }
 
+impl Summary {
+    /// Each figure's median over rounds (an odd number of them, so it is one round's).
+    fn median_of(rounds: &[Summary]) -> Self {
+        let mid = |f: fn(&Summary) -> Duration| {
+            let mut v: Vec<Duration> = rounds.iter().map(f).collect();
+            v.sort_unstable();
+            v.get(v.len() / 2).copied().unwrap_or_default()
+        };
+        Summary {
+            p50: mid(|s| s.p50),
+            p99: mid(|s| s.p99),
+            mean: mid(|s| s.mean),
+            max: mid(|s| s.max),
+        }
+    }
+}
+
 /// Nearest-rank percentile of sorted samples.
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
@@ -177,10 +226,16 @@ struct Scenario {
     devices: usize,
     iterations: usize,
     merged: Summary,
+    merged_rounds: Vec<Summary>,
+    nats: Summary,
+    nats_rounds: Vec<Summary>,
     second_page: Summary,
     single_rest: Summary,
     local: Summary,
+    bare: Summary,
     cpu_per_merged: Option<Duration>,
+    cpu_per_nats: Option<Duration>,
+    nats_server_cpu_per_request: Option<Duration>,
     cpu_per_single: Option<Duration>,
     cpu_per_local: Option<Duration>,
     problems: Problems,
@@ -219,6 +274,8 @@ struct Bench {
     seed_file: PathBuf,
     cocoons: Vec<CocoonHandle>,
     device_ids: Vec<DeviceId>,
+    device_files: Vec<PathBuf>,
+    nats: NatsPeer,
     clk_tck: f64,
 }
 
@@ -280,6 +337,7 @@ impl Bench {
             .as_str()
             .ok_or_else(|| anyhow!("no token in {login}"))?
             .to_owned();
+        let nats = NatsPeer::connect(&args.nats).await?;
         Ok(Bench {
             args,
             hub,
@@ -290,6 +348,8 @@ impl Bench {
             seed_file,
             cocoons: Vec::new(),
             device_ids: Vec::new(),
+            device_files: Vec::new(),
+            nats,
             clk_tck: clock_ticks_per_second(),
         })
     }
@@ -330,6 +390,7 @@ impl Bench {
             )
             .await
             .context("issuing a setup token")?;
+            self.device_files.push(dir.join("tasks.db"));
             let mut config = CocoonConfig::new(self.hub.url(), &dir, format!("bench-{i:03}"));
             config.setup_token = Some(token.token);
             config.exec_allowed = false;
@@ -347,6 +408,13 @@ impl Bench {
             if usize::try_from(total).ok() != Some(self.args.tasks) {
                 bail!("device {i} holds {total} tasks, not {}", self.args.tasks);
             }
+            let file = self
+                .device_files
+                .get(i)
+                .ok_or_else(|| anyhow!("no file for device {i}"))?;
+            self.nats
+                .add_device(&self.args.nats, file, id.clone(), format!("bench-{i:03}"))
+                .await?;
             self.device_ids.push(id);
         }
         Ok(())
@@ -448,33 +516,70 @@ impl Bench {
         }
     }
 
-    async fn measure(&self) -> Result<Scenario> {
+    async fn measure(&mut self) -> Result<Scenario> {
         let devices = self.cocoons.len();
         let iterations = self.args.iterations_for(devices);
         let mut problems = Problems::default();
 
-        // Merged first page.
+        // Merged first page, through the hub and through the NATS peer, in alternating
+        // rounds so that both meet the same disturbances.
         let mut cursor = None;
         for _ in 0..self.args.warmup {
             let (_, page) = self.merged_page(None).await?;
             cursor = page.next_cursor;
+            self.nats.merged(self.args.limit).await?;
         }
-        let mut merged = Vec::with_capacity(iterations);
-        let cpu_before = self.process_cpu();
-        for _ in 0..iterations {
-            match self.merged_page(None).await {
-                Ok((elapsed, page)) => {
-                    merged.push(elapsed);
-                    self.check(&page, &mut problems);
-                    cursor = page.next_cursor;
-                }
-                Err(e) => {
-                    problems.http_errors += 1;
-                    problems.note(format!("{e:#}"));
+        let mut merged_rounds = Vec::with_capacity(self.args.rounds);
+        let mut nats_rounds = Vec::with_capacity(self.args.rounds);
+        let mut cpu_rounds = Vec::with_capacity(self.args.rounds);
+        let mut nats_cpu_rounds = Vec::with_capacity(self.args.rounds);
+        let mut nats_server_rounds = Vec::with_capacity(self.args.rounds);
+        for _ in 0..self.args.rounds {
+            let mut merged = Vec::with_capacity(iterations);
+            let cpu_before = self.process_cpu();
+            for _ in 0..iterations {
+                match self.merged_page(None).await {
+                    Ok((elapsed, page)) => {
+                        merged.push(elapsed);
+                        self.check(&page, &mut problems);
+                        cursor = page.next_cursor;
+                    }
+                    Err(e) => {
+                        problems.http_errors += 1;
+                        problems.note(format!("{e:#}"));
+                    }
                 }
             }
+            cpu_rounds.push(self.cpu_per(cpu_before, merged.len()));
+            merged_rounds.push(Summary::of(&merged));
+
+            let mut nats = Vec::with_capacity(iterations);
+            let cpu_before = self.process_cpu();
+            let server_before = self.nats_server_cpu();
+            for _ in 0..iterations {
+                match self.nats.merged(self.args.limit).await {
+                    Ok(answer) => {
+                        nats.push(answer.elapsed);
+                        self.check(&answer.page, &mut problems);
+                    }
+                    Err(e) => {
+                        problems.http_errors += 1;
+                        problems.note(format!("NATS: {e:#}"));
+                    }
+                }
+            }
+            nats_cpu_rounds.push(self.cpu_per(cpu_before, nats.len()));
+            nats_server_rounds.push(match (server_before, self.nats_server_cpu()) {
+                (Some(a), Some(b)) if b >= a && !nats.is_empty() => {
+                    Some(Duration::from_secs_f64((b - a) / nats.len() as f64))
+                }
+                _ => None,
+            });
+            nats_rounds.push(Summary::of(&nats));
         }
-        let cpu_per_merged = self.cpu_per(cpu_before, merged.len());
+        let cpu_per_merged = median_duration(cpu_rounds);
+        let cpu_per_nats = median_duration(nats_cpu_rounds);
+        let nats_server_cpu_per_request = median_duration(nats_server_rounds);
 
         // Second page, with the first page's cursor.
         let mut second = Vec::with_capacity(iterations);
@@ -530,15 +635,27 @@ impl Bench {
         let cpu_before = self.process_cpu();
         local_latencies(&store, 0, cpu_iterations, self.args.limit).await?;
         let cpu_per_local = self.cpu_per(cpu_before, cpu_iterations);
+        // The same page read with rusqlite directly, on this thread, from the same file.
+        let file = self
+            .device_files
+            .first()
+            .ok_or_else(|| anyhow!("no device file"))?;
+        let bare = bare_latencies(file, self.args.warmup, iterations, self.args.limit)?;
 
         Ok(Scenario {
             devices,
             iterations,
-            merged: Summary::of(&merged),
+            merged: Summary::median_of(&merged_rounds),
+            merged_rounds,
+            nats: Summary::median_of(&nats_rounds),
+            nats_rounds,
             second_page: Summary::of(&second),
             single_rest: Summary::of(&single),
             local: Summary::of(&local),
+            bare: Summary::of(&bare),
             cpu_per_merged,
+            cpu_per_nats,
+            nats_server_cpu_per_request,
             cpu_per_single,
             cpu_per_local,
             problems,
@@ -555,17 +672,10 @@ impl Bench {
             .runner()
             .store()
             .clone();
-        let device = self
-            .device_ids
-            .first()
-            .ok_or_else(|| anyhow!("no device"))?
-            .clone();
-        let mut page = store
+        // As a device sends it: unlabelled (the hub labels each task).
+        let page = store
             .list(&TaskFilter::default(), None, self.args.limit)
             .await?;
-        for t in &mut page.tasks {
-            t.device_id = Some(device.clone());
-        }
         let iterations = self.args.iterations_for(1).max(200);
 
         let frame = adi_protocol::encode(&DeviceToHub::Response {
@@ -574,6 +684,7 @@ impl Bench {
         });
         let mut encode = Vec::with_capacity(iterations);
         let mut decode = Vec::with_capacity(iterations);
+        let mut general = Vec::with_capacity(iterations);
         for i in 0..iterations {
             let msg = DeviceToHub::Response {
                 request_id: i as u64,
@@ -583,9 +694,14 @@ impl Bench {
             let text = adi_protocol::encode(&msg);
             encode.push(t0.elapsed());
             let t0 = Instant::now();
-            let back: DeviceToHub = adi_protocol::decode(text.as_bytes(), DEFAULT_MAX_FRAME_BYTES)
+            let back = adi_protocol::decode_device_frame(text.as_bytes(), DEFAULT_MAX_FRAME_BYTES)
                 .map_err(|e| anyhow!("decoding a device answer: {e}"))?;
             decode.push(t0.elapsed());
+            std::hint::black_box(back);
+            let t0 = Instant::now();
+            let back: DeviceToHub = adi_protocol::decode(text.as_bytes(), DEFAULT_MAX_FRAME_BYTES)
+                .map_err(|e| anyhow!("decoding a device answer: {e}"))?;
+            general.push(t0.elapsed());
             std::hint::black_box(back);
         }
 
@@ -636,15 +752,18 @@ impl Bench {
         }
 
         let (encode, decode) = (Summary::of(&encode), Summary::of(&decode));
+        let general = Summary::of(&general);
         let lookup = Summary::of(&lookup);
         let (merge, encode_answer) = (Summary::of(&merge), Summary::of(&encode_answer));
         println!("\nper-piece costs, in process, no network ({iterations} iterations, p50):");
         println!(
-            "  one device's answer frame ({} tasks, {} bytes): encode {} ms, decode {} ms",
+            "  one device's answer frame ({} tasks, {} bytes): encode {} ms, decode {} ms \
+             (the hub's direct path; {} ms the general way)",
             page.tasks.len(),
             frame.len(),
             ms(encode.p50),
-            ms(decode.p50)
+            ms(decode.p50),
+            ms(general.p50)
         );
         println!(
             "  merge of {n} device pages ({} tasks): {} ms; JSON of the merged answer \
@@ -654,8 +773,8 @@ impl Bench {
             ms(encode_answer.p50)
         );
         println!(
-            "  catalog lookup of the caller's {n} devices (devices_owned_by, once per merged \
-             request): {} ms",
+            "  the caller's {n} devices (devices_of, once per merged request, from the hub's \
+             RAM view): {} ms",
             ms(lookup.p50)
         );
         Ok(())
@@ -668,9 +787,23 @@ impl Bench {
         (n > 0 && after >= before).then(|| Duration::from_secs_f64((after - before) / n as f64))
     }
 
+    /// CPU seconds the local `nats-server` has used (the first process of that name).
+    fn nats_server_cpu(&self) -> Option<f64> {
+        let pid = std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+            let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+            (comm.trim() == "nats-server").then(|| e.file_name())
+        })?;
+        self.cpu_of(&format!("/proc/{}/stat", pid.to_string_lossy()))
+    }
+
     /// CPU seconds (user + system) this process has used, from `/proc/self/stat`.
     fn process_cpu(&self) -> Option<f64> {
-        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        self.cpu_of("/proc/self/stat")
+    }
+
+    /// CPU seconds (user + system) of the process whose `stat` file is `path`.
+    fn cpu_of(&self, path: &str) -> Option<f64> {
+        let stat = std::fs::read_to_string(path).ok()?;
         // Fields after the command name, which is in parentheses and may hold spaces.
         let rest = stat.rsplit_once(')')?.1;
         let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -682,6 +815,7 @@ impl Bench {
 
     /// Stops every cocoon, then the hub; the temp dir goes when `self` is dropped.
     async fn stop(mut self) {
+        self.nats.stop();
         for cocoon in &self.cocoons {
             cocoon.stop();
         }
@@ -754,6 +888,242 @@ async fn seed(dir: &Path, n: usize) -> Result<PathBuf> {
     Ok(snapshot)
 }
 
+/// The subject every NATS peer device answers on: one publish reaches them all.
+const NATS_SUBJECT: &str = "bench.aggregate.tasks";
+/// How long the NATS requester waits for every device, as the hub's default fan-out.
+const NATS_DEADLINE: Duration = Duration::from_secs(5);
+
+/// The listing query of the first page, as the task store builds it for no filter.
+fn page_sql() -> String {
+    "SELECT id, title, description, status, command, requirements, input, output, \
+     exit_code, error, created_at, updated_at FROM tasks WHERE 1 = 1 \
+     ORDER BY created_at DESC, id DESC LIMIT ?"
+        .to_owned()
+}
+
+/// One NATS peer device's answer: its id (which the hub knows from the connection)
+/// and its page.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct NatsAnswer {
+    device_id: DeviceId,
+    page: TaskPage,
+}
+
+/// What one NATS scatter-gather produced.
+struct NatsMerged {
+    elapsed: Duration,
+    page: AggregateTasks,
+}
+
+/// The NATS scatter-gather peer: every device its own NATS connection and its own
+/// SQLite file (the cocoon's own copy of the seed, read with rusqlite directly), the
+/// requester publishing once to all of them, gathering their JSON pages, decoding them,
+/// merging with the hub's own merge and encoding the merged answer as the hub does.
+struct NatsPeer {
+    client: async_nats::Client,
+    replies: async_nats::Subscriber,
+    prefix: String,
+    seq: u64,
+    devices: Vec<tokio::task::JoinHandle<()>>,
+    names: std::collections::HashMap<DeviceId, String>,
+}
+
+impl NatsPeer {
+    async fn connect(url: &str) -> Result<Self> {
+        let client = async_nats::connect(url)
+            .await
+            .with_context(|| format!("connecting to NATS at {url}"))?;
+        let prefix = client.new_inbox();
+        let replies = client.subscribe(format!("{prefix}.*")).await?;
+        client.flush().await?;
+        Ok(NatsPeer {
+            client,
+            replies,
+            prefix,
+            seq: 0,
+            devices: Vec::new(),
+            names: std::collections::HashMap::new(),
+        })
+    }
+
+    /// Starts a device answering from `file`.
+    async fn add_device(
+        &mut self,
+        url: &str,
+        file: &Path,
+        id: DeviceId,
+        name: String,
+    ) -> Result<()> {
+        let client = async_nats::connect(url).await?;
+        let mut requests = client.subscribe(NATS_SUBJECT).await?;
+        client.flush().await?;
+        let conn = rusqlite::Connection::open_with_flags(
+            file,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .with_context(|| format!("opening {file:?}"))?;
+        let device_id = id.clone();
+        self.devices.push(tokio::spawn(async move {
+            let sql = page_sql();
+            while let Some(msg) = requests.next().await {
+                let Some(reply) = msg.reply else { continue };
+                let limit = std::str::from_utf8(&msg.payload)
+                    .ok()
+                    .and_then(|l| l.parse().ok())
+                    .unwrap_or(50);
+                let body = match bare_page(&conn, &sql, limit) {
+                    Ok(page) => serde_json::to_vec(&NatsAnswer {
+                        device_id: device_id.clone(),
+                        page,
+                    })
+                    .unwrap_or_default(),
+                    Err(_) => Vec::new(),
+                };
+                let _ = client.publish(reply, body.into()).await;
+            }
+        }));
+        self.names.insert(id, name);
+        Ok(())
+    }
+
+    /// One merged first page over every device.
+    async fn merged(&mut self, limit: u32) -> Result<NatsMerged> {
+        self.seq += 1;
+        let reply = format!("{}.{}", self.prefix, self.seq);
+        let n = self.devices.len();
+        let t0 = Instant::now();
+        self.client
+            .publish_with_reply(NATS_SUBJECT, reply.clone(), limit.to_string().into())
+            .await?;
+        let until = tokio::time::Instant::now() + NATS_DEADLINE;
+        let mut parts: Vec<Part<TaskPage>> = Vec::with_capacity(n);
+        while parts.len() < n {
+            let msg = match tokio::time::timeout_at(until, self.replies.next()).await {
+                Ok(Some(msg)) => msg,
+                Ok(None) => bail!("the NATS reply subscription ended"),
+                Err(_) => break,
+            };
+            if msg.subject.as_str() != reply {
+                continue; // A late answer to an earlier request.
+            }
+            let answer: NatsAnswer =
+                serde_json::from_slice(&msg.payload).context("decoding a NATS device's answer")?;
+            let mut page = answer.page;
+            for t in &mut page.tasks {
+                t.device_id = Some(answer.device_id.clone());
+            }
+            let name = self
+                .names
+                .get(&answer.device_id)
+                .cloned()
+                .unwrap_or_default();
+            parts.push(Part {
+                status: DeviceStatus {
+                    device_id: answer.device_id,
+                    name,
+                    status: PartStatus::Ok,
+                    error: None,
+                },
+                answer: Some(page),
+            });
+        }
+        let (tasks, next) = aggregate::merge(&parts, limit);
+        let mut devices: Vec<DeviceStatus> = parts.into_iter().map(|p| p.status).collect();
+        devices.sort_by(|a, b| a.name.cmp(&b.name).then(a.device_id.cmp(&b.device_id)));
+        let page = AggregateTasks {
+            tasks,
+            devices,
+            next_cursor: next.map(|c| c.encode()),
+        };
+        let body = serde_json::to_vec(&page)?;
+        let elapsed = t0.elapsed();
+        std::hint::black_box(body);
+        Ok(NatsMerged { elapsed, page })
+    }
+
+    fn stop(&mut self) {
+        for device in self.devices.drain(..) {
+            device.abort();
+        }
+    }
+}
+
+/// The first page read with rusqlite directly: a cached prepared statement, rows into
+/// tasks as the device sends them.
+fn bare_page(conn: &rusqlite::Connection, sql: &str, limit: u32) -> rusqlite::Result<TaskPage> {
+    let mut statement = conn.prepare_cached(sql)?;
+    let tasks = statement
+        .query_map([limit], task_of)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let next = (tasks.len() == usize::try_from(limit).unwrap_or(usize::MAX))
+        .then(|| tasks.last())
+        .flatten()
+        .map(|t| Position {
+            created_at: t.created_at,
+            id: t.id,
+        });
+    Ok(TaskPage { tasks, next })
+}
+
+/// A task row, decoded as a device decodes it.
+fn task_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<Task> {
+    fn bad(i: usize, e: impl std::fmt::Display) -> rusqlite::Error {
+        rusqlite::Error::FromSqlConversionFailure(
+            i,
+            rusqlite::types::Type::Text,
+            e.to_string().into(),
+        )
+    }
+    fn json<T: serde::de::DeserializeOwned>(
+        row: &rusqlite::Row<'_>,
+        i: usize,
+    ) -> rusqlite::Result<Option<T>> {
+        row.get::<_, Option<String>>(i)?
+            .map(|s| serde_json::from_str(&s).map_err(|e| bad(i, e)))
+            .transpose()
+    }
+    Ok(Task {
+        id: row.get::<_, String>(0)?.parse().map_err(|e| bad(0, e))?,
+        title: row.get(1)?,
+        description: row.get(2)?,
+        status: row.get::<_, String>(3)?.parse().map_err(|e| bad(3, e))?,
+        command: json(row, 4)?,
+        requirements: json(row, 5)?.unwrap_or_default(),
+        input: json(row, 6)?,
+        output: json(row, 7)?,
+        exit_code: row.get(8)?,
+        error: row.get(9)?,
+        created_at: row.get(10)?,
+        updated_at: row.get(11)?,
+        device_id: None,
+    })
+}
+
+/// Latencies of [`bare_page`] on `file`, on the calling thread.
+fn bare_latencies(
+    file: &Path,
+    warmup: usize,
+    iterations: usize,
+    limit: u32,
+) -> Result<Vec<Duration>> {
+    let conn = rusqlite::Connection::open_with_flags(
+        file,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    let sql = page_sql();
+    for _ in 0..warmup {
+        bare_page(&conn, &sql, limit)?;
+    }
+    let mut out = Vec::with_capacity(iterations);
+    for _ in 0..iterations {
+        let t0 = Instant::now();
+        let page = bare_page(&conn, &sql, limit)?;
+        out.push(t0.elapsed());
+        std::hint::black_box(page);
+    }
+    Ok(out)
+}
+
 async fn local_latencies(
     store: &Arc<dyn TaskStore>,
     warmup: usize,
@@ -786,13 +1156,33 @@ fn clock_ticks_per_second() -> f64 {
 }
 
 fn print_scenario(s: &Scenario) {
+    for (i, (a, n)) in s.merged_rounds.iter().zip(&s.nats_rounds).enumerate() {
+        println!(
+            "  round {}: merged p1 p50 {} ms p99 {} ms | NATS scatter-gather p50 {} ms p99 {} ms",
+            i + 1,
+            ms(a.p50),
+            ms(a.p99),
+            ms(n.p50),
+            ms(n.p99)
+        );
+    }
     println!(
-        "  merged p1: p50 {} ms  p99 {} ms  mean {} ms  max {} ms  ({} requests)",
+        "  merged p1: p50 {} ms  p99 {} ms  mean {} ms  max {} ms  ({} requests per round, median of {} rounds)",
         ms(s.merged.p50),
         ms(s.merged.p99),
         ms(s.merged.mean),
         ms(s.merged.max),
-        s.iterations
+        s.iterations,
+        s.merged_rounds.len()
+    );
+    println!(
+        "  NATS:      p50 {} ms  p99 {} ms  mean {} ms  max {} ms  (adi/NATS p50 {:.2}, p99 {:.2})",
+        ms(s.nats.p50),
+        ms(s.nats.p99),
+        ms(s.nats.mean),
+        ms(s.nats.max),
+        ratio(s.merged.p50, s.nats.p50),
+        ratio(s.merged.p99, s.nats.p99)
     );
     println!(
         "  merged p2: p50 {} ms  p99 {} ms  mean {} ms",
@@ -812,12 +1202,24 @@ fn print_scenario(s: &Scenario) {
         ms(s.local.p99),
         ms(s.local.mean)
     );
+    println!(
+        "  bare rusqlite: p50 {} ms  p99 {} ms  mean {} ms  (store/bare p50 {:.2})",
+        ms(s.bare.p50),
+        ms(s.bare.p99),
+        ms(s.bare.mean),
+        ratio(s.local.p50, s.bare.p50)
+    );
     let cpu = |d: Option<Duration>| d.map_or_else(|| "-".to_owned(), ms);
     println!(
         "  process CPU per operation: merged p1 {} ms, 1-dev REST {} ms, local {} ms",
         cpu(s.cpu_per_merged),
         cpu(s.cpu_per_single),
         cpu(s.cpu_per_local)
+    );
+    println!(
+        "  CPU per NATS scatter-gather: this process {} ms, nats-server {} ms",
+        cpu(s.cpu_per_nats),
+        cpu(s.nats_server_cpu_per_request)
     );
     let p = &s.problems;
     println!(
@@ -833,7 +1235,51 @@ fn print_scenario(s: &Scenario) {
     }
 }
 
+/// The median of the figures there are (rounds whose clock could not be read left out).
+fn median_duration(figures: Vec<Option<Duration>>) -> Option<Duration> {
+    let mut figures: Vec<Duration> = figures.into_iter().flatten().collect();
+    figures.sort_unstable();
+    figures.get(figures.len() / 2).copied()
+}
+
+fn ratio(a: Duration, b: Duration) -> f64 {
+    a.as_secs_f64() / b.as_secs_f64().max(1e-9)
+}
+
 fn print_table(args: &Args, scenarios: &[Scenario]) {
+    println!(
+        "\nmerged first page, adi (GET /api/aggregate/tasks?limit={}) vs NATS scatter-gather, \
+         ms, medians of {} rounds:",
+        args.limit, args.rounds
+    );
+    println!(
+        "{:>7}  {:>8}  {:>8}  {:>8}  {:>8}  {:>8}  {:>8}  {:>10}  {:>10}  {:>10}",
+        "devices",
+        "adi p50",
+        "NATS p50",
+        "ratio",
+        "adi p99",
+        "NATS p99",
+        "ratio",
+        "store p50",
+        "bare p50",
+        "store/bare"
+    );
+    for s in scenarios {
+        println!(
+            "{:>7}  {:>8}  {:>8}  {:>8}  {:>8}  {:>8}  {:>8}  {:>10}  {:>10}  {:>10}",
+            s.devices,
+            ms(s.merged.p50),
+            ms(s.nats.p50),
+            format!("{:.2}x", ratio(s.merged.p50, s.nats.p50)),
+            ms(s.merged.p99),
+            ms(s.nats.p99),
+            format!("{:.2}x", ratio(s.merged.p99, s.nats.p99)),
+            ms(s.local.p50),
+            ms(s.bare.p50),
+            format!("{:.2}x", ratio(s.local.p50, s.bare.p50)),
+        );
+    }
     println!(
         "\nmerged first page (GET /api/aggregate/tasks?limit={}) vs one device's local query, ms:",
         args.limit

@@ -416,8 +416,13 @@ mod tests {
                 Outcome::Ok(DeviceReply::Tasks { page: TaskPage { tasks, next: None } })
             };
             let msg = DeviceToHub::Response { request_id: id, outcome };
-            let back: DeviceToHub = decode(encode(&msg).as_bytes(), usize::MAX).expect("decodes");
-            prop_assert_eq!(back, msg);
+            let text = encode(&msg);
+            let back: DeviceToHub = decode(text.as_bytes(), usize::MAX).expect("decodes");
+            prop_assert_eq!(&back, &msg);
+            prop_assert_eq!(
+                crate::decode_device_frame(text.as_bytes(), usize::MAX).expect("decodes directly"),
+                msg
+            );
         }
     }
 

@@ -1,5 +1,5 @@
-//! Direct decoding of the frames of a capability round trip, and of a proxied
-//! request's head.
+//! Direct decoding of the frames of a capability round trip, of a device's page of
+//! tasks (each part of a merged view), and of a proxied request's head.
 //!
 //! serde reads an internally tagged message (`{"type": ...}`) by buffering the whole
 //! frame into a tree of its own first, and a flattened field (`outcome`, `request`)
@@ -14,6 +14,7 @@
 use serde::Deserialize;
 
 use crate::codec::{decode, DecodeError};
+use crate::tasks::TaskPage;
 use crate::{
     CapabilityAnswer, CapabilityOutcome, CapabilityQuery, DeviceId, DeviceReply, DeviceRequest,
     DeviceToHub, HubToDevice, Outcome, Payload, ProxyRequest, RemoteError,
@@ -163,7 +164,13 @@ enum CapabilityKind {
     Capability,
 }
 
+/// A device's answer: a capability's or a page of tasks (what every merged view asks
+/// each device for); any other reply goes the general way.
 fn response(frame: &[u8]) -> Option<DeviceToHub> {
+    capability_answer(frame).or_else(|| tasks_response(frame))
+}
+
+fn capability_answer(frame: &[u8]) -> Option<DeviceToHub> {
     #[derive(Deserialize)]
     struct Reply {
         #[allow(dead_code)]
@@ -181,6 +188,37 @@ fn response(frame: &[u8]) -> Option<DeviceToHub> {
         Ok(reply) => Outcome::Ok(DeviceReply::Capability {
             payload: reply.payload,
         }),
+        Err(e) => Outcome::Error(e),
+    };
+    Some(DeviceToHub::Response {
+        request_id: f.request_id,
+        outcome,
+    })
+}
+
+/// The kind of reply [`tasks_response`] reads.
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum TasksKind {
+    Tasks,
+}
+
+fn tasks_response(frame: &[u8]) -> Option<DeviceToHub> {
+    #[derive(Deserialize)]
+    struct Reply {
+        #[allow(dead_code)]
+        kind: TasksKind,
+        page: TaskPage,
+    }
+    #[derive(Deserialize)]
+    struct Frame {
+        request_id: u64,
+        ok: Option<Reply>,
+        error: Option<RemoteError>,
+    }
+    let f: Frame = serde_json::from_slice(frame).ok()?;
+    let outcome = match one_of(f.ok, f.error)? {
+        Ok(reply) => Outcome::Ok(DeviceReply::Tasks { page: reply.page }),
         Err(e) => Outcome::Error(e),
     };
     Some(DeviceToHub::Response {

@@ -12,6 +12,7 @@
 //! to what fits in one frame). The merged page then ends no later than that device's
 //! last task: anything older could be preceded by tasks the device has not sent yet.
 
+use std::collections::BinaryHeap;
 use std::time::Duration;
 
 pub use adi_protocol::client::{DeviceStatus, PartStatus};
@@ -151,6 +152,11 @@ pub fn list_parts<'a>(
 /// merged page stops at the newest such position (the *frontier*) across devices, or
 /// a later page would start past tasks not yet seen. Each device's own tasks up to its
 /// position are all in its page, so whatever lies before the frontier is complete.
+///
+/// Each device's page comes newest first, so the pages are merged as sorted runs: the
+/// newest head among the devices is taken `limit` times, never sorting every task the
+/// devices sent, and only the tasks shown are copied (each once). A page that is not in
+/// order (a faulty device) is put in order first, so it still merges right.
 pub fn merge(parts: &[Part<TaskPage>], limit: u32) -> (Vec<Task>, Option<Cursor>) {
     let frontier: Option<Cursor> = parts
         .iter()
@@ -163,20 +169,34 @@ pub fn merge(parts: &[Part<TaskPage>], limit: u32) -> (Vec<Task>, Option<Cursor>
             })
         })
         .max_by(|a, b| cursor_key(a).cmp(&cursor_key(b)));
-    let mut all: Vec<&Task> = parts
+    let runs: Vec<Run<'_>> = parts
         .iter()
-        .filter_map(|p| p.answer.as_ref())
-        .flat_map(|page| page.tasks.iter())
-        .filter(|t| {
-            frontier
-                .as_ref()
-                .is_none_or(|f| merged_key(t) >= (f.created_at, Some(&f.device_id), f.task_id))
-        })
+        .filter_map(|p| Some(Run::new(&p.status.device_id, &p.answer.as_ref()?.tasks)))
         .collect();
-    all.sort_by(|a, b| merged_key(b).cmp(&merged_key(a)));
+    let shown = |key: &MergedKey<'_>| {
+        frontier
+            .as_ref()
+            .is_none_or(|f| *key >= (f.created_at, &f.device_id, f.task_id))
+    };
+    let mut heads: BinaryHeap<(MergedKey<'_>, usize)> = runs
+        .iter()
+        .enumerate()
+        .filter_map(|(r, run)| Some((run.key(0)?, r)))
+        .filter(|(key, _)| shown(key))
+        .collect();
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-    let cut = all.len() > limit;
-    let page: Vec<Task> = all.into_iter().take(limit).cloned().collect();
+    let mut page: Vec<Task> = Vec::with_capacity(limit.min(heads.len() * 8));
+    let mut taken = vec![0usize; runs.len()];
+    while page.len() < limit {
+        let Some((_, r)) = heads.pop() else { break };
+        let run = &runs[r];
+        page.extend(run.task(taken[r]));
+        taken[r] += 1;
+        if let Some(key) = run.key(taken[r]).filter(|k| shown(k)) {
+            heads.push((key, r));
+        }
+    }
+    let cut = !heads.is_empty();
     let next = match (page.last(), frontier) {
         (Some(last), frontier) if cut || frontier.is_some() => Some(Cursor {
             created_at: last.created_at,
@@ -193,8 +213,55 @@ pub fn merge(parts: &[Part<TaskPage>], limit: u32) -> (Vec<Task>, Option<Cursor>
     (page, next)
 }
 
-fn merged_key(t: &Task) -> (i64, Option<&DeviceId>, TaskId) {
-    (t.created_at, t.device_id.as_ref(), t.id)
+/// A task's place in the merged order: newest first, then by device, then by id.
+type MergedKey<'a> = (i64, &'a DeviceId, TaskId);
+
+/// One device's page as a run in merged order, newest first.
+struct Run<'a> {
+    device: &'a DeviceId,
+    tasks: &'a [Task],
+    /// The order to read `tasks` in, when the device did not send them in order.
+    order: Option<Vec<usize>>,
+}
+
+impl<'a> Run<'a> {
+    fn new(device: &'a DeviceId, tasks: &'a [Task]) -> Self {
+        let sorted = tasks
+            .windows(2)
+            .all(|w| (w[0].created_at, w[0].id) > (w[1].created_at, w[1].id));
+        let order = (!sorted).then(|| {
+            let mut order: Vec<usize> = (0..tasks.len()).collect();
+            order.sort_by(|&a, &b| {
+                let (a, b) = (&tasks[a], &tasks[b]);
+                (b.created_at, b.id).cmp(&(a.created_at, a.id))
+            });
+            order
+        });
+        Run {
+            device,
+            tasks,
+            order,
+        }
+    }
+
+    fn at(&self, i: usize) -> Option<&'a Task> {
+        let i = match &self.order {
+            Some(order) => *order.get(i)?,
+            None => i,
+        };
+        self.tasks.get(i)
+    }
+
+    fn key(&self, i: usize) -> Option<MergedKey<'a>> {
+        self.at(i).map(|t| (t.created_at, self.device, t.id))
+    }
+
+    /// The `i`th task, copied, labelled with the device the hub asked.
+    fn task(&self, i: usize) -> Option<Task> {
+        let mut task = self.at(i)?.clone();
+        task.device_id = Some(self.device.clone());
+        Some(task)
+    }
 }
 
 fn cursor_key(c: &Cursor) -> (i64, &DeviceId, TaskId) {
@@ -424,6 +491,29 @@ mod tests {
             }
         }
         assert_eq!(seen.len(), 120, "every task visited");
+    }
+
+    #[test]
+    fn a_page_sent_out_of_order_still_merges_newest_first() {
+        let (a, b) = (dev(1), dev(2));
+        let a_tasks: Vec<Task> = (0..10).map(|n| task(&a, 2 * n, n as u128)).collect();
+        let b_tasks: Vec<Task> = (0..10)
+            .map(|n| task(&b, 2 * n + 1, 100 + n as u128))
+            .collect();
+        let mut shuffled = device_page(&a_tasks, None, 20);
+        shuffled.tasks.reverse();
+        shuffled.tasks.swap(2, 7);
+        let parts = vec![
+            ok_part(&a, shuffled),
+            ok_part(&b, device_page(&b_tasks, None, 20)),
+        ];
+        let (page, next) = merge(&parts, 8);
+        let instants: Vec<i64> = page.iter().map(|t| t.created_at).collect();
+        assert_eq!(instants, [19, 18, 17, 16, 15, 14, 13, 12]);
+        assert_eq!(next.map(|c| c.created_at), Some(12));
+        assert!(page
+            .iter()
+            .all(|t| t.device_id.as_ref() == Some(if t.created_at % 2 == 0 { &a } else { &b })));
     }
 
     #[test]

@@ -294,6 +294,8 @@ impl HubHandle {
 pub async fn spawn(config: HubConfig) -> Result<HubHandle, HubError> {
     config.validate()?;
     let catalog = catalog::open(config.database_url.as_deref(), &config.data_dir).await?;
+    // Merged views ask for the caller's devices on every request: from RAM.
+    let catalog: Arc<dyn Catalog> = Arc::new(catalog::MemberView::new(catalog));
     let keys = keys::load(catalog.as_ref(), config.key_file.as_deref()).await?;
     let auth = Auth::new(&keys.jwt, config.jwt_ttl);
     for (sid, expires_at) in catalog.revoked_sessions(auth::unix_now_i64()).await? {

@@ -9,9 +9,11 @@
 //!   0600/0700 and loose ones tightened, whatever the umask.
 //! - [`outage`]: which database errors are outages ([`Outage`]), read from SQLite's
 //!   result codes, PostgreSQL's SQLSTATE and sqlx's error variants.
-//! - [`pool`]: how both stores connect to SQLite and to PostgreSQL.
-//! - [`sqlite_tx`]: the SQLite transaction guard ([`Tx`]) that never returns a connection
-//!   whose transaction did not commit to its pool.
+//! - [`pool`]: how the stores connect through sqlx, to SQLite (the catalog) and to
+//!   PostgreSQL (both), and the busy timeout every SQLite connection of either store
+//!   waits with (the task store's SQLite connections are rusqlite's, its own).
+//! - [`sqlite_tx`]: the catalog's SQLite transaction guard ([`Tx`]) that never returns a
+//!   connection whose transaction did not commit to its pool.
 //! - `test_database` (feature `test-support`): a fresh PostgreSQL database per test and
 //!   an SQLite file in a temporary directory, for the stores' conformance suites and the
 //!   end-to-end tests.

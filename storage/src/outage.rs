@@ -68,7 +68,14 @@ impl Outage {
 
     fn of_sqlite(e: &sqlx::sqlite::SqliteError) -> Option<Self> {
         use sqlx::error::DatabaseError;
-        match sqlite_primary_code(e.code().as_deref())? {
+        Self::of_sqlite_code(sqlite_primary_code(e.code().as_deref())?)
+    }
+
+    /// The outage an SQLite result code reports, extended or primary, whichever driver
+    /// read it (sqlx for the catalog, rusqlite for a device's task store), so both
+    /// classify alike.
+    pub fn of_sqlite_code(code: i32) -> Option<Self> {
+        match code & 0xff {
             SQLITE_BUSY | SQLITE_LOCKED => Some(Outage::Busy),
             SQLITE_READONLY => Some(Outage::ReadOnly),
             SQLITE_IOERR => Some(Outage::Io),

@@ -1,7 +1,9 @@
-//! How both stores connect, so the hub's catalog and a device's task store wait, share
-//! and lock alike: one shape of SQLite pool (WAL, foreign keys, a busy timeout, a few
-//! connections around SQLite's one writer) and one shape of PostgreSQL pool (a bounded
-//! share of the server's connections, a bounded wait for a free one).
+//! How the stores connect through sqlx, so the hub's catalog and a device's task store
+//! wait, share and lock alike: one shape of SQLite pool (WAL, foreign keys, a busy
+//! timeout, a few connections around SQLite's one writer) for the catalog, one shape of
+//! PostgreSQL pool (a bounded share of the server's connections, a bounded wait for a
+//! free one) for both, and the busy timeout the task store's own SQLite connections
+//! (rusqlite's, on threads of their own) wait with too.
 //!
 //! This module must never run a store's migrations, nor choose its durability (the
 //! catalog syncs every commit, the task store lets WAL batch them): the callers do.

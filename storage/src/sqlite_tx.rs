@@ -1,4 +1,5 @@
-//! The SQLite transaction guard both SQLite stores write through.
+//! The SQLite transaction guard the catalog's SQLite backend writes through (the task
+//! store's SQLite backend, on rusqlite, keeps the same rule on its own connections).
 //!
 //! SQLite ends a transaction by itself on some errors (a full disk, an I/O error); sqlx's
 //! rollback then fails and leaves its pooled connection believing it is still in a

@@ -1272,6 +1272,55 @@ async fn a_write_the_database_refuses_is_an_outage_not_a_failure() {
 }
 
 #[tokio::test]
+async fn a_write_to_a_read_only_task_file_is_an_outage_not_a_failure() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("tasks.db");
+    SqliteTaskStore::open(&path)
+        .await
+        .expect("open")
+        .close()
+        .await;
+    let read_only =
+        rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .expect("open read-only");
+    let e = StoreError::from(
+        read_only
+            .execute("DELETE FROM tasks", [])
+            .expect_err("a read-only connection refuses writes"),
+    );
+    assert!(
+        matches!(
+            e,
+            StoreError::Unavailable {
+                outage: crate::Outage::ReadOnly,
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn a_closed_sqlite_store_is_unavailable() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let store = SqliteTaskStore::open(&dir.path().join("tasks.db"))
+        .await
+        .expect("open");
+    store.close().await;
+    let e = store.create(titled("too late")).await.expect_err("closed");
+    assert!(
+        matches!(
+            e,
+            StoreError::Unavailable {
+                outage: crate::Outage::Unreachable,
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+#[tokio::test]
 async fn open_picks_backend_from_url() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let default = crate::open(None, dir.path()).await.expect("default store");

@@ -6,8 +6,9 @@
 //! Layout, one job each:
 //! - this file: the [`TaskStore`] trait, its errors and their conversions, and [`open`],
 //!   which picks a backend from a URL.
-//! - `sqlite` ([`SqliteTaskStore`]) and `postgres` ([`PgTaskStore`]): what differs per
-//!   backend: connection, migrations, SQL text and placeholders, locking.
+//! - `sqlite` ([`SqliteTaskStore`], on rusqlite) and `postgres` ([`PgTaskStore`], on
+//!   sqlx): what differs per backend: connection, migrations, SQL text and
+//!   placeholders, locking.
 //! - `rows`: the one mapping between task rows and the protocol's types, for both.
 //! - `rules`: validation, updates, paging, search escaping and the creation clock, for
 //!   both.
@@ -66,11 +67,11 @@ pub enum StoreError {
         /// What is wrong, in words a caller may be shown.
         outage: Outage,
         /// What the database said, for the log.
-        detail: sqlx::Error,
+        detail: DatabaseError,
     },
     /// The database failed.
     #[error("task storage: {0}")]
-    Storage(sqlx::Error),
+    Storage(DatabaseError),
     /// A file or directory of the store could not be made.
     #[error("{}: {source}", path.display())]
     File {
@@ -90,6 +91,21 @@ pub enum StoreError {
     UnsupportedUrl,
 }
 
+/// What a database driver said: each backend keeps its own driver (rusqlite for the
+/// SQLite file, sqlx for PostgreSQL), and a caller logs either the same way.
+#[derive(Debug, thiserror::Error)]
+pub enum DatabaseError {
+    /// From sqlx: PostgreSQL, and SQLite while its migrations run.
+    #[error(transparent)]
+    Sqlx(#[from] sqlx::Error),
+    /// From rusqlite: the SQLite backend.
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
+    /// The store was closed, or its database thread is gone.
+    #[error("the task store is closed")]
+    Closed,
+}
+
 impl From<adi_storage::FileError> for StoreError {
     fn from(e: adi_storage::FileError) -> Self {
         StoreError::File {
@@ -102,8 +118,29 @@ impl From<adi_storage::FileError> for StoreError {
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         match Outage::of(&e) {
-            Some(outage) => StoreError::Unavailable { outage, detail: e },
-            None => StoreError::Storage(e),
+            Some(outage) => StoreError::Unavailable {
+                outage,
+                detail: e.into(),
+            },
+            None => StoreError::Storage(e.into()),
+        }
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        let outage = match &e {
+            rusqlite::Error::SqliteFailure(failure, _) => {
+                Outage::of_sqlite_code(failure.extended_code)
+            }
+            _ => None,
+        };
+        match outage {
+            Some(outage) => StoreError::Unavailable {
+                outage,
+                detail: e.into(),
+            },
+            None => StoreError::Storage(e.into()),
         }
     }
 }

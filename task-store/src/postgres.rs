@@ -23,15 +23,20 @@ use adi_protocol::tasks::{
 use adi_storage::pool;
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool};
-use sqlx::Postgres;
 
-use crate::rows::{self, LogRow, NewTaskRow, StatusCount, TaskRow, TASK_COLUMNS};
+use crate::rows::{self, Bind, Dialect, LogRow, NewTaskRow, StatusCount, TaskRow, TASK_COLUMNS};
 use crate::rules::{self, CreationClock, INTERRUPTED};
 use crate::{Result, StoreError, TaskStore, TaskUpdate, MAX_LOG_PAGE};
 
 /// The transaction-scoped advisory lock creates take (any fixed number; it only has to
 /// be the same for every store on the database).
 const CREATE_LOCK: i64 = 0x0061_6469_7461_736b; // "aditask"
+/// PostgreSQL's listing SQL: `ILIKE` for case-insensitive search, `$n` placeholders.
+const POSTGRES: Dialect = Dialect {
+    like: "ILIKE",
+    numbered: true,
+};
+
 /// A device's tasks in a PostgreSQL database.
 #[derive(Debug)]
 pub struct PgTaskStore {
@@ -110,8 +115,15 @@ impl TaskStore for PgTaskStore {
         limit: u32,
     ) -> Result<TaskPage> {
         let limit = rules::page_limit(limit)?;
-        let tasks = rows::list_query::<Postgres>(filter, after, limit, "ILIKE")
-            .build_query_as::<TaskRow>()
+        let list = rows::list_query(filter, after, limit, POSTGRES);
+        let mut query = sqlx::query_as::<_, TaskRow>(&list.sql);
+        for value in list.binds {
+            query = match value {
+                Bind::Text(s) => query.bind(s),
+                Bind::Int(i) => query.bind(i),
+            };
+        }
+        let tasks = query
             .fetch_all(&self.pool)
             .await?
             .into_iter()

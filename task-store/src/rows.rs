@@ -1,9 +1,10 @@
 //! Task rows: the one mapping between the protocol's task types and the columns both
 //! backends keep them in (ids as lowercase hyphenated text, JSON in text columns, times
-//! as microsecond integers). Every row either backend reads is decoded here, through
-//! `sqlx::FromRow` types whose fields decode on SQLite and PostgreSQL alike, and every
-//! value either writes is encoded here; the listing query is built here once, with its
-//! placeholders left to each backend's query builder.
+//! as microsecond integers). Every row either backend reads is decoded here, into row
+//! types that sqlx fills on PostgreSQL (`sqlx::FromRow`) and rusqlite on SQLite
+//! (`from_sqlite`), then into the protocol's types by one conversion; every value
+//! either writes is encoded here; the listing query is built here once, in each
+//! backend's placeholder style.
 //!
 //! This module must never run a statement: the backends own their connections, their
 //! transactions and their locking.
@@ -11,7 +12,6 @@
 use adi_protocol::tasks::{
     LogLine, LogStream, NewTask, Position, Task, TaskFilter, TaskId, TaskStats, TaskStatus,
 };
-use sqlx::{Database, Encode, QueryBuilder, Type};
 
 use crate::rules::{escape_like, validate_text, validate_title};
 use crate::{Result, StoreError};
@@ -35,6 +35,26 @@ pub(crate) struct TaskRow {
     error: Option<String>,
     created_at: i64,
     updated_at: i64,
+}
+
+impl TaskRow {
+    /// The row rusqlite read, its columns in [`TASK_COLUMNS`] order.
+    pub(crate) fn from_sqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok(TaskRow {
+            id: row.get(0)?,
+            title: row.get(1)?,
+            description: row.get(2)?,
+            status: row.get(3)?,
+            command: row.get(4)?,
+            requirements: row.get(5)?,
+            input: row.get(6)?,
+            output: row.get(7)?,
+            exit_code: row.get(8)?,
+            error: row.get(9)?,
+            created_at: row.get(10)?,
+            updated_at: row.get(11)?,
+        })
+    }
 }
 
 impl TryFrom<TaskRow> for Task {
@@ -77,6 +97,18 @@ pub(crate) struct LogRow {
     text: String,
 }
 
+impl LogRow {
+    /// The row rusqlite read from `SELECT seq, stream, at, text`.
+    pub(crate) fn from_sqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok(LogRow {
+            seq: row.get(0)?,
+            stream: row.get(1)?,
+            at: row.get(2)?,
+            text: row.get(3)?,
+        })
+    }
+}
+
 impl TryFrom<LogRow> for LogLine {
     type Error = StoreError;
 
@@ -96,6 +128,16 @@ impl TryFrom<LogRow> for LogLine {
 pub(crate) struct StatusCount {
     status: String,
     n: i64,
+}
+
+impl StatusCount {
+    /// The row rusqlite read from `SELECT status, COUNT(*) AS n`.
+    pub(crate) fn from_sqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok(StatusCount {
+            status: row.get(0)?,
+            n: row.get(1)?,
+        })
+    }
 }
 
 /// The counts per status, every status present (0 when no row names it), and the total.
@@ -171,54 +213,94 @@ impl NewTaskRow {
     }
 }
 
+/// A value bound to a placeholder of a [`ListQuery`].
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Bind {
+    /// A text value.
+    Text(String),
+    /// An integer value.
+    Int(i64),
+}
+
+impl rusqlite::ToSql for Bind {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        match self {
+            Bind::Text(s) => s.to_sql(),
+            Bind::Int(i) => i.to_sql(),
+        }
+    }
+}
+
+/// The listing query's text and the values of its placeholders, in order.
+#[derive(Debug)]
+pub(crate) struct ListQuery {
+    /// The statement.
+    pub(crate) sql: String,
+    /// What each placeholder holds.
+    pub(crate) binds: Vec<Bind>,
+}
+
+/// What differs between the backends' SQL in the listing query.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Dialect {
+    /// The case-insensitive `LIKE` (SQLite's `LIKE` ignores case for ASCII letters by
+    /// default; PostgreSQL needs `ILIKE`).
+    pub(crate) like: &'static str,
+    /// Whether placeholders are numbered (`$1`, PostgreSQL) or not (`?`, SQLite).
+    pub(crate) numbered: bool,
+}
+
 /// The listing query: [`TASK_COLUMNS`] of up to `limit` tasks matching `filter` after
-/// `after`, newest first. `like` is the backend's case-insensitive `LIKE` (SQLite's
-/// `LIKE` ignores case for ASCII letters by default; PostgreSQL needs `ILIKE`).
-pub(crate) fn list_query<'a, DB>(
+/// `after`, newest first, in `dialect`.
+pub(crate) fn list_query(
     filter: &TaskFilter,
     after: Option<Position>,
     limit: u32,
-    like: &str,
-) -> QueryBuilder<'a, DB>
-where
-    DB: Database,
-    String: Encode<'a, DB> + Type<DB>,
-    i64: Encode<'a, DB> + Type<DB>,
-{
-    let mut query = QueryBuilder::new(format!("SELECT {TASK_COLUMNS} FROM tasks WHERE 1 = 1"));
+    dialect: Dialect,
+) -> ListQuery {
+    let mut sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE 1 = 1");
+    let mut binds = Vec::new();
+    let mut bind = |sql: &mut String, value: Bind| {
+        binds.push(value);
+        if dialect.numbered {
+            sql.push('$');
+            sql.push_str(&binds.len().to_string());
+        } else {
+            sql.push('?');
+        }
+    };
     if let Some(status) = filter.status {
-        query
-            .push(" AND status = ")
-            .push_bind(status.as_str().to_owned());
+        sql.push_str(" AND status = ");
+        bind(&mut sql, Bind::Text(status.as_str().to_owned()));
     }
     if let Some(text) = filter.text.as_deref().filter(|t| !t.is_empty()) {
         let pattern = format!("%{}%", escape_like(text));
-        query
-            .push(format!(" AND (title {like} "))
-            .push_bind(pattern.clone())
-            .push(format!(" ESCAPE '\\' OR description {like} "))
-            .push_bind(pattern)
-            .push(" ESCAPE '\\')");
+        let like = dialect.like;
+        sql.push_str(&format!(" AND (title {like} "));
+        bind(&mut sql, Bind::Text(pattern.clone()));
+        sql.push_str(&format!(" ESCAPE '\\' OR description {like} "));
+        bind(&mut sql, Bind::Text(pattern));
+        sql.push_str(" ESCAPE '\\')");
     }
     if let Some(from) = filter.created_from {
-        query.push(" AND created_at >= ").push_bind(from);
+        sql.push_str(" AND created_at >= ");
+        bind(&mut sql, Bind::Int(from));
     }
     if let Some(to) = filter.created_to {
-        query.push(" AND created_at < ").push_bind(to);
+        sql.push_str(" AND created_at < ");
+        bind(&mut sql, Bind::Int(to));
     }
     if let Some(pos) = after {
         // A row-value comparison, so the index serves it as a range.
-        query
-            .push(" AND (created_at, id) < (")
-            .push_bind(pos.created_at)
-            .push(", ")
-            .push_bind(pos.id.to_string())
-            .push(")");
+        sql.push_str(" AND (created_at, id) < (");
+        bind(&mut sql, Bind::Int(pos.created_at));
+        sql.push_str(", ");
+        bind(&mut sql, Bind::Text(pos.id.to_string()));
+        sql.push(')');
     }
-    query
-        .push(" ORDER BY created_at DESC, id DESC LIMIT ")
-        .push_bind(i64::from(limit));
-    query
+    sql.push_str(" ORDER BY created_at DESC, id DESC LIMIT ");
+    bind(&mut sql, Bind::Int(i64::from(limit)));
+    ListQuery { sql, binds }
 }
 
 /// The `stream` column of a log line.

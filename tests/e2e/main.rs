@@ -25,6 +25,7 @@ mod proxy;
 mod service;
 mod setup;
 mod storage;
+mod task_files;
 mod tasks;
 mod tcp;
 mod throttle;

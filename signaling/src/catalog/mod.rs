@@ -15,6 +15,8 @@
 //!   backend: connection, migrations, the SQLite file checks, SQL text and placeholders,
 //!   locking.
 //! - `rows`: the one mapping between catalog rows and the records, for both.
+//! - `member_view` ([`MemberView`]): each user's devices kept in RAM in front of
+//!   either backend, so that merged views read no catalog per request.
 //! - `conformance` (tests): every behaviour, run against both backends.
 //!
 //! Failures are typed here once: a database error that says the store cannot read or
@@ -22,6 +24,7 @@
 //! [`CatalogError::Unavailable`], which callers answer with 503 and a reason and never
 //! with a success.
 
+mod member_view;
 mod postgres;
 mod rows;
 mod sqlite;
@@ -34,6 +37,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 pub use adi_storage::Outage;
+pub use member_view::MemberView;
 pub use postgres::PgCatalog;
 pub use sqlite::SqliteCatalog;
 
