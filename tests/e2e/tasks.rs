@@ -1293,16 +1293,24 @@ async fn cancel_and_the_end_of_a_task_end_every_descendant_however_it_detached()
     wait_dead(&pids, "the cancelled task's descendants to die").await?;
     assert!(!cgroups.join(id).exists(), "its cgroup is removed");
 
+    // The task exits once the test has seen its daemons run (the `go` file), so they
+    // cannot be ended before they are looked at.
     let exited = tempfile::tempdir()?;
+    let go = exited.path().join("go");
+    let then = format!(
+        "while [ ! -e {} ]; do sleep 0.05; done; exit 0",
+        go.display()
+    );
     let t = create(
         &alice,
         &d,
-        json!({"title": "daemoniser", "command": detacher(exited.path(), "exit 0")}),
+        json!({"title": "daemoniser", "command": detacher(exited.path(), &then)}),
     )
     .await?;
     let id = t["id"].as_str().unwrap_or_default();
     leftovers.cgroups.push(cgroups.join(id));
     let pids = detached_pids(exited.path(), &mut leftovers).await?;
+    std::fs::write(&go, b"")?;
     wait_status(&alice, &d, id, "completed").await?;
     wait_dead(&pids, "the daemons of a task that exited to die").await?;
     assert!(!cgroups.join(id).exists(), "its cgroup is removed");
