@@ -82,19 +82,8 @@ pub(crate) async fn serve(state: Arc<HubState>, mut socket: WebSocket) {
             }
             _ = tick.tick(), if watch.is_some() => {
                 if let Some(w) = watch.as_mut() {
-                    match w.frame(&state, &caller).await {
-                        Ok(Some(frame)) => {
-                            if send(&mut socket, &frame).await.is_err() {
-                                return;
-                            }
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
-                            let err = HubToClient::Error { query_id: None, code: e.code(), message: e.message().to_owned() };
-                            if send(&mut socket, &err).await.is_err() {
-                                return;
-                            }
-                        }
+                    if send_watch(&mut socket, w, &state, &caller).await.is_err() {
+                        return;
                     }
                 }
                 continue;
@@ -137,24 +126,11 @@ pub(crate) async fn serve(state: Arc<HubState>, mut socket: WebSocket) {
             Ok(ClientToHub::WatchDevices) => {
                 // Answered at once; the tick sends the changes from then on.
                 let w = watch.insert(Watch::default());
-                match w.frame(&state, &caller).await {
-                    Ok(Some(frame)) => {
-                        if send(&mut socket, &frame).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        watch = None;
-                        let err = HubToClient::Error {
-                            query_id: None,
-                            code: e.code(),
-                            message: e.message().to_owned(),
-                        };
-                        if send(&mut socket, &err).await.is_err() {
-                            return;
-                        }
-                    }
+                match send_watch(&mut socket, w, &state, &caller).await {
+                    Err(_) => return,
+                    // A watch refused at its start is not kept.
+                    Ok(false) => watch = None,
+                    Ok(true) => {}
                 }
             }
             Ok(ClientToHub::AggregateQuery {
@@ -480,6 +456,28 @@ fn until_unix(at: u64) -> Duration {
 
 /// Sends one frame; a client that takes none for [`SEND_WAIT`] is gone, so that a
 /// peer that stops reading cannot hold this socket's task forever.
+/// Sends a watch's changes, if any; `Ok(false)` when the watch could not be read and
+/// the client was told why.
+async fn send_watch(
+    socket: &mut WebSocket,
+    watch: &mut Watch,
+    state: &HubState,
+    caller: &Caller,
+) -> Result<bool, axum::Error> {
+    match watch.frame(state, caller).await {
+        Ok(Some(frame)) => send(socket, &frame).await.map(|()| true),
+        Ok(None) => Ok(true),
+        Err(e) => {
+            let err = HubToClient::Error {
+                query_id: None,
+                code: e.code(),
+                message: e.message().to_owned(),
+            };
+            send(socket, &err).await.map(|()| false)
+        }
+    }
+}
+
 async fn send(socket: &mut WebSocket, msg: &HubToClient) -> Result<(), axum::Error> {
     let frame = Message::Text(encode(msg).into());
     match tokio::time::timeout(SEND_WAIT, socket.send(frame)).await {

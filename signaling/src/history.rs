@@ -13,7 +13,6 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use adi_protocol::{DeviceId, LoadReport};
@@ -36,7 +35,7 @@ const NO_MEM: u32 = u32::MAX;
 
 /// Every device's recent load.
 pub struct LoadHistory {
-    rings: DashMap<DeviceId, Mutex<Ring>>,
+    rings: DashMap<DeviceId, Ring>,
     step_secs: u32,
     max_points: usize,
     /// When [`prune`](Self::prune) last looked, in Unix seconds.
@@ -131,17 +130,23 @@ impl LoadHistory {
     /// Notes `load`, reported by `id` at `now_unix_ms`.
     pub fn record(&self, id: &DeviceId, load: &LoadReport, now_unix_ms: u64) {
         let at = u32::try_from(now_unix_ms / 1000).unwrap_or(u32::MAX);
-        let entry = self.rings.entry(id.clone()).or_default();
-        let mut ring = entry.lock().unwrap_or_else(PoisonError::into_inner);
-        ring.record(load, at, self.step_secs, self.max_points);
+        // The device's ring exists after its first heartbeat: no key to clone after that.
+        match self.rings.get_mut(id) {
+            Some(mut ring) => ring.record(load, at, self.step_secs, self.max_points),
+            None => self.rings.entry(id.clone()).or_default().record(
+                load,
+                at,
+                self.step_secs,
+                self.max_points,
+            ),
+        }
     }
 
     /// The device's points within the window before `now_unix_ms`; `None` if it has
     /// reported no load in that time.
     pub fn view(&self, id: &DeviceId, now_unix_ms: u64) -> Option<HistoryView> {
         let since = now_unix_ms.saturating_sub(window_ms()) / 1000;
-        let entry = self.rings.get(id)?;
-        let ring = entry.lock().unwrap_or_else(PoisonError::into_inner);
+        let ring = self.rings.get(id)?;
         let skip = ring
             .at
             .iter()
@@ -218,10 +223,8 @@ impl LoadHistory {
         }
         let since = now.saturating_sub(WINDOW.as_secs());
         let before = self.rings.len();
-        self.rings.retain(|_, ring| {
-            let ring = ring.get_mut().unwrap_or_else(PoisonError::into_inner);
-            ring.at.back().is_some_and(|&t| u64::from(t) >= since)
-        });
+        self.rings
+            .retain(|_, ring| ring.at.back().is_some_and(|&t| u64::from(t) >= since));
         before - self.rings.len()
     }
 
