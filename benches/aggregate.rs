@@ -751,8 +751,24 @@ impl Bench {
             std::hint::black_box(owned);
         }
 
+        // The floor any HTTP request to the hub pays on this client: no access check,
+        // no device.
+        let health = format!("{}/healthz", self.hub.url());
+        let mut http = Vec::with_capacity(iterations);
+        for _ in 0..iterations {
+            let t0 = Instant::now();
+            let resp = self.http.get(&health).send().await?;
+            let status = resp.status();
+            resp.bytes().await?;
+            http.push(t0.elapsed());
+            if !status.is_success() {
+                bail!("GET /healthz: HTTP {status}");
+            }
+        }
+
         let (encode, decode) = (Summary::of(&encode), Summary::of(&decode));
         let general = Summary::of(&general);
+        let http = Summary::of(&http);
         let lookup = Summary::of(&lookup);
         let (merge, encode_answer) = (Summary::of(&merge), Summary::of(&encode_answer));
         println!("\nper-piece costs, in process, no network ({iterations} iterations, p50):");
@@ -776,6 +792,10 @@ impl Bench {
             "  the caller's {n} devices (devices_of, once per merged request, from the hub's \
              RAM view): {} ms",
             ms(lookup.p50)
+        );
+        println!(
+            "  one HTTP round trip to the hub on the bench's client (GET /healthz): {} ms",
+            ms(http.p50)
         );
         Ok(())
     }

@@ -1,6 +1,8 @@
 //! Answers the hub's requests about this device's own data. Each request is handled in
-//! its own task, so a slow one never holds up heartbeats or other answers; the answer
-//! goes back on the session that asked, and is dropped if that session has ended.
+//! its own task, so a slow one never holds up heartbeats or other answers (a lookup or
+//! a short page the task store reads at once is answered by the session itself); the
+//! answer goes back on the session that asked, and is dropped if that session has
+//! ended.
 //!
 //! Every answer travels as one control frame, and the hub closes a connection that
 //! sends a frame over its limit. So pages of tasks and of log lines are filled up to

@@ -17,7 +17,7 @@ use adi_protocol::{
     DeviceToHub, ErrorCode, Heartbeat, HubToDevice, Outcome, ProxyRequest, Register, RemoteError,
     ServiceInfo, SUPPORTED_VERSIONS,
 };
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{interval, timeout, Instant, Interval, MissedTickBehavior, Sleep};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -859,14 +859,40 @@ impl<'a> Session<'a> {
         });
     }
 
-    /// Answers a request about this device's tasks, on a task of its own.
+    /// Answers a request about this device's tasks, on a task of its own. A lookup or
+    /// a page of tasks is first tried here: the task store reads a short one on the
+    /// calling thread (tens of microseconds), and when it did, the answer is queued at
+    /// once, without a task to start and wake. Anything that has to wait goes on in its
+    /// own task from where it stopped.
     fn serve_request(&self, request_id: u64, request: DeviceRequest) {
         let runner = self.agent.runner.clone();
         let device_id = self.device_id.clone();
-        let tx = self.answer_tx.clone();
         let budget = self.budget;
+        let quick = matches!(
+            request,
+            DeviceRequest::ListTasks { .. } | DeviceRequest::GetTask { .. }
+        );
+        let mut answer =
+            Box::pin(
+                async move { crate::requests::handle(&runner, &device_id, request, budget).await },
+            );
+        let tx = self.answer_tx.clone();
+        if quick {
+            if let Some(outcome) = (&mut answer).now_or_never() {
+                let response = DeviceToHub::Response {
+                    request_id,
+                    outcome,
+                };
+                if let Err(mpsc::error::TrySendError::Full(response)) = tx.try_send(response) {
+                    self.serving.spawn(async move {
+                        let _ = tx.send(response).await;
+                    });
+                }
+                return;
+            }
+        }
         self.serving.spawn(async move {
-            let outcome = crate::requests::handle(&runner, &device_id, request, budget).await;
+            let outcome = answer.await;
             let _ = tx
                 .send(DeviceToHub::Response {
                     request_id,

@@ -7,10 +7,16 @@
 //! `migrations/sqlite`, its SQL and its locking. Rows are read and written through
 //! `rows`, and the rules they follow are in `rules`, as for PostgreSQL.
 //!
-//! Threads: SQLite calls block, so none runs on the async runtime. Each store has one
-//! writer thread and [`READERS`] reader threads, each owning one connection whose
+//! Threads: SQLite calls block, so almost none runs on the async runtime. Each store has
+//! one writer thread and [`READERS`] reader threads, each owning one connection whose
 //! prepared statements it caches; a call sends a job to the writer's queue or to the
-//! readers' shared queue and awaits the answer. One writer per store means its writes
+//! readers' shared queue and awaits the answer. The one exception is a *short read*:
+//! a lookup by id, or a listing page of at most [`INLINE_ROWS`] tasks that an index
+//! serves (no text search). Those take about as long as waking a thread and being woken
+//! by it (tens of microseconds), so they run on the caller's own thread, on one of
+//! [`INLINE`] connections kept for them, when one is free. Those connections never wait
+//! for a lock (no busy timeout): a short read that finds the file locked, or finds them
+//! all in use, goes to the reader threads instead. One writer per store means its writes
 //! queue in memory instead of contending for SQLite's lock; every write that reads
 //! before it writes (create, update, append_log, fail_interrupted) still starts with
 //! `BEGIN IMMEDIATE`, so a second process or store on the same file serialises on the
@@ -29,7 +35,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, LazyLock, Mutex, RwLock};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
 
 use adi_protocol::tasks::{
@@ -50,6 +56,11 @@ use crate::{DatabaseError, Result, StoreError, TaskStore, TaskUpdate, MAX_LOG_PA
 /// Reader threads per store: reads go on while one of them waits on the disk, and a
 /// listing never waits behind a write.
 const READERS: usize = 2;
+/// Connections for short reads on the caller's thread: one per runtime worker of a
+/// small device, so concurrent short reads rarely fall back to the threads.
+const INLINE: usize = 2;
+/// The largest listing page read on the caller's thread.
+const INLINE_ROWS: u32 = 100;
 /// Prepared statements each connection keeps: every fixed statement, plus the listing's
 /// variants (one per combination of filters).
 const STATEMENT_CACHE: usize = 64;
@@ -83,6 +94,8 @@ struct Queues {
 /// A device's tasks in one SQLite file.
 pub struct SqliteTaskStore {
     queues: RwLock<Option<Queues>>,
+    /// Connections for short reads on the caller's thread; `None` once closed.
+    inline: [Mutex<Option<Connection>>; INLINE],
     threads: Mutex<Vec<JoinHandle<()>>>,
     clock: Arc<CreationClock>,
     path: PathBuf,
@@ -120,6 +133,11 @@ impl SqliteTaskStore {
         let readers = (0..READERS)
             .map(|_| connect(path))
             .collect::<rusqlite::Result<Vec<_>>>()?;
+        let mut inline: [Mutex<Option<Connection>>; INLINE] =
+            std::array::from_fn(|_| Mutex::new(None));
+        for slot in &mut inline {
+            *slot.get_mut().unwrap_or_else(PoisonError::into_inner) = Some(connect_inline(path)?);
+        }
 
         let (writes, write_jobs) = flume::unbounded();
         let (reads, read_jobs) = flume::unbounded();
@@ -130,6 +148,7 @@ impl SqliteTaskStore {
         }
         Ok(SqliteTaskStore {
             queues: RwLock::new(Some(Queues { reads, writes })),
+            inline,
             threads: Mutex::new(threads),
             clock: Arc::new(CreationClock::new(newest)),
             path: path.to_owned(),
@@ -141,6 +160,12 @@ impl SqliteTaskStore {
     pub async fn close(&self) {
         let queues = self.queues.write().ok().and_then(|mut q| q.take());
         drop(queues);
+        for conn in &self.inline {
+            // Waits for a short read in progress, which ends soon.
+            if let Ok(mut conn) = conn.lock() {
+                conn.take();
+            }
+        }
         let threads = match self.threads.lock() {
             Ok(mut threads) => std::mem::take(&mut *threads),
             Err(_) => return,
@@ -173,6 +198,31 @@ impl SqliteTaskStore {
             queue.send(job).map_err(|_| closed())?;
         }
         answered.await.map_err(|_| closed())?
+    }
+
+    /// A short read: on the caller's thread when one of the inline connections is free
+    /// and the file is not locked, else on a reader thread.
+    async fn short_read<R, F>(&self, job: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: Fn(&mut Connection) -> Result<R> + Send + 'static,
+    {
+        for conn in &self.inline {
+            let Ok(mut held) = conn.try_lock() else {
+                continue;
+            };
+            let Some(conn) = held.as_mut() else {
+                return Err(closed());
+            };
+            match job(conn) {
+                Err(StoreError::Unavailable {
+                    outage: Outage::Busy,
+                    ..
+                }) => break,
+                done => return done,
+            }
+        }
+        self.call(Side::Read, job).await
     }
 }
 
@@ -214,6 +264,14 @@ fn connect(path: &Path) -> rusqlite::Result<Connection> {
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    Ok(conn)
+}
+
+/// A connection for short reads on the caller's thread: it never sleeps waiting for a
+/// lock, so a runtime thread is never held by one.
+fn connect_inline(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = connect(path)?;
+    conn.busy_timeout(std::time::Duration::ZERO)?;
     Ok(conn)
 }
 
@@ -288,10 +346,8 @@ impl TaskStore for SqliteTaskStore {
     }
 
     async fn get(&self, id: TaskId) -> Result<Option<Task>> {
-        self.call(Side::Read, move |conn| {
-            select_task(conn, id)?.map(Task::try_from).transpose()
-        })
-        .await
+        self.short_read(move |conn| select_task(conn, id)?.map(Task::try_from).transpose())
+            .await
     }
 
     async fn list(
@@ -302,7 +358,7 @@ impl TaskStore for SqliteTaskStore {
     ) -> Result<TaskPage> {
         let limit = rules::page_limit(limit)?;
         let query = rows::list_query(filter, after, limit, SQLITE);
-        self.call(Side::Read, move |conn| {
+        let read = move |conn: &mut Connection| {
             let mut statement = conn.prepare_cached(&query.sql)?;
             let found = statement.query_map(
                 rusqlite::params_from_iter(&query.binds),
@@ -313,8 +369,13 @@ impl TaskStore for SqliteTaskStore {
                 tasks.push(Task::try_from(row?)?);
             }
             Ok(rules::page(tasks, limit))
-        })
-        .await
+        };
+        let searched = filter.text.as_deref().is_some_and(|t| !t.is_empty());
+        if limit <= INLINE_ROWS && !searched {
+            self.short_read(read).await
+        } else {
+            self.call(Side::Read, read).await
+        }
     }
 
     async fn update(&self, id: TaskId, update: TaskUpdate) -> Result<Task> {
@@ -479,4 +540,57 @@ fn insert_log(
             |row| row.get(0),
         )?;
     rows::log_seq(seq)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A busy answer, as SQLite gives a connection that finds the file locked.
+    fn busy() -> StoreError {
+        rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+            Some("database is locked".into()),
+        )
+        .into()
+    }
+
+    /// A short read runs on the caller's thread; one that finds the file locked there
+    /// is read again on a reader thread, which waits for the lock, and its answer is
+    /// the reader's, never the busy error.
+    #[tokio::test]
+    async fn a_short_read_that_finds_the_file_locked_is_read_again_by_a_reader() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let store = SqliteTaskStore::open(&dir.path().join("tasks.db"))
+            .await
+            .expect("open");
+        let here = std::thread::current().id();
+        let ran_on = |_: &mut Connection| Ok(std::thread::current().id());
+        assert_eq!(store.short_read(ran_on).await.expect("read"), here);
+
+        let locked_here = move |_: &mut Connection| {
+            let on = std::thread::current();
+            if on.id() == here {
+                Err(busy())
+            } else {
+                Ok(on.name().map(str::to_owned))
+            }
+        };
+        assert_eq!(
+            store.short_read(locked_here).await.expect("read again"),
+            Some("adi-tasks-read".to_owned())
+        );
+
+        // Another error is the answer: reading it again would not change it.
+        let failed = |_: &mut Connection| -> Result<()> { Err(StoreError::Invalid("no".into())) };
+        assert!(matches!(
+            store.short_read(failed).await,
+            Err(StoreError::Invalid(_))
+        ));
+        store.close().await;
+        assert!(matches!(
+            store.short_read(ran_on).await,
+            Err(StoreError::Unavailable { .. })
+        ));
+    }
 }

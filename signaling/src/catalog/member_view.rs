@@ -1,8 +1,9 @@
-//! The RAM view of which devices each user is a member of, in front of the catalog, so
-//! that a merged view ("all my tasks") does not read the catalog per request.
+//! The RAM view of which devices each user is a member of, and of the users themselves,
+//! in front of the catalog, so that a merged view ("all my tasks") and the check that a
+//! session's user still exists, made on every REST request, do not read the catalog.
 //!
-//! It owns one answer only, [`Catalog::devices_of`], kept per user with the generation
-//! it was read at. Every write through this hub that can change a membership, a device's
+//! It owns two answers only, [`Catalog::devices_of`] and [`Catalog::user`] (when the
+//! user exists), each kept per user with the generation it was read at. Every write through this hub that can change a membership, a device's
 //! name or capabilities (enrol, claim, member removal, deletion, a device's new
 //! configuration, a user's removal or disabling) moves the generation on after it
 //! returns, and so does every change the hub reads from the catalog's change feed (a
@@ -34,19 +35,21 @@ use super::{
 /// several reads the change feed.
 pub const SHARED_MAX_AGE: Duration = crate::changes::CLUSTER_POLL;
 
-/// One user's devices, as read at a generation.
-struct View {
+/// One user's answer, as read at a generation.
+struct View<T> {
     generation: u64,
     read_at: Instant,
-    devices: Arc<[DeviceRecord]>,
+    value: T,
 }
 
-/// A [`Catalog`] that keeps each user's devices in RAM between the changes that could
-/// alter them; every other call goes straight to the catalog it wraps.
+/// A [`Catalog`] that keeps each user's devices, and each existing user, in RAM between
+/// the changes that could alter them; every other call goes straight to the catalog it
+/// wraps.
 pub struct MemberView {
     inner: Arc<dyn Catalog>,
     generation: AtomicU64,
-    views: DashMap<UserId, View>,
+    views: DashMap<UserId, View<Arc<[DeviceRecord]>>>,
+    users: DashMap<UserId, View<User>>,
     max_age: Option<Duration>,
 }
 
@@ -58,6 +61,7 @@ impl MemberView {
             inner,
             generation: AtomicU64::new(0),
             views: DashMap::new(),
+            users: DashMap::new(),
             max_age,
         }
     }
@@ -66,34 +70,39 @@ impl MemberView {
     fn changed(&self) {
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.views.clear();
+        self.users.clear();
     }
 
-    fn fresh(&self, user: UserId) -> Option<Arc<[DeviceRecord]>> {
-        let view = self.views.get(&user)?;
+    /// `user`'s answer in `views`, unless a change or its age made it stale.
+    fn fresh<T: Clone>(&self, views: &DashMap<UserId, View<T>>, user: UserId) -> Option<T> {
+        let view = views.get(&user)?;
         let current = view.generation == self.generation.load(Ordering::SeqCst);
         let young = self.max_age.is_none_or(|age| view.read_at.elapsed() < age);
-        (current && young).then(|| Arc::clone(&view.devices))
+        (current && young).then(|| view.value.clone())
+    }
+
+    /// A view of `value` read from the catalog at `generation`; a change that landed
+    /// while the catalog was read left it stale already.
+    fn view<T>(&self, generation: u64, read_at: Instant, value: T) -> View<T> {
+        View {
+            generation,
+            read_at,
+            value,
+        }
     }
 }
 
 #[async_trait]
 impl Catalog for MemberView {
     async fn devices_of(&self, user: UserId) -> Result<Vec<DeviceRecord>> {
-        if let Some(devices) = self.fresh(user) {
+        if let Some(devices) = self.fresh(&self.views, user) {
             return Ok(devices.to_vec());
         }
         let generation = self.generation.load(Ordering::SeqCst);
         let read_at = Instant::now();
         let devices = self.inner.devices_of(user).await?;
-        // A change that landed while the catalog was read leaves this view stale.
-        self.views.insert(
-            user,
-            View {
-                generation,
-                read_at,
-                devices: Arc::from(devices.as_slice()),
-            },
-        );
+        let view = self.view(generation, read_at, Arc::from(devices.as_slice()));
+        self.views.insert(user, view);
         Ok(devices)
     }
 
@@ -183,7 +192,18 @@ impl Catalog for MemberView {
     }
 
     async fn user(&self, id: UserId) -> Result<Option<User>> {
-        self.inner.user(id).await
+        if let Some(user) = self.fresh(&self.users, id) {
+            return Ok(Some(user));
+        }
+        let generation = self.generation.load(Ordering::SeqCst);
+        let read_at = Instant::now();
+        let user = self.inner.user(id).await?;
+        // Only a user who exists is kept: one who does not is asked for again.
+        if let Some(user) = &user {
+            self.users
+                .insert(id, self.view(generation, read_at, user.clone()));
+        }
+        Ok(user)
     }
 
     async fn users(&self) -> Result<Vec<User>> {
@@ -389,5 +409,59 @@ mod tests {
 
         view.delete_device(&device, NOW).await.expect("delete");
         assert!(ids(&view, alice).await.is_empty(), "deleted");
+    }
+
+    /// A user disabled or removed through the hub is seen so at once; one removed
+    /// behind the view's back, once the change feed is read.
+    #[tokio::test]
+    async fn a_user_is_seen_as_removed_or_disabled_after_every_change() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let inner: Arc<dyn Catalog> = Arc::new(
+            SqliteCatalog::open(&dir.path().join("catalog.db"))
+                .await
+                .expect("catalog"),
+        );
+        let view = MemberView::new(Arc::clone(&inner));
+        let alice = view.create_user("alice").await.expect("alice").id;
+        let bob = view.create_user("bob").await.expect("bob").id;
+        let seen = |u: Option<User>| u.map(|u| (u.id, u.disabled_at));
+        assert_eq!(
+            seen(view.user(alice).await.expect("alice")),
+            Some((alice, None))
+        );
+
+        view.set_user_disabled(alice, Some(NOW), NOW)
+            .await
+            .expect("disable");
+        assert_eq!(
+            seen(view.user(alice).await.expect("alice")),
+            Some((alice, Some(NOW))),
+            "disabled through the hub"
+        );
+        view.remove_user(alice, Orphans::Delete, NOW)
+            .await
+            .expect("remove");
+        assert_eq!(view.user(alice).await.expect("alice"), None, "removed");
+
+        assert!(view.user(bob).await.expect("bob").is_some());
+        let before = view.last_change().await.expect("last change");
+        inner
+            .remove_user(bob, Orphans::Delete, NOW)
+            .await
+            .expect("removed elsewhere");
+        assert!(
+            view.user(bob).await.expect("bob").is_some(),
+            "not yet read from the feed"
+        );
+        assert!(!view
+            .changes_since(before, 10)
+            .await
+            .expect("feed")
+            .is_empty());
+        assert_eq!(
+            view.user(bob).await.expect("bob"),
+            None,
+            "removed, once the feed is read"
+        );
     }
 }
