@@ -301,7 +301,10 @@ async fn an_owner_claiming_their_own_share_token_is_told_so_and_the_token_still_
 async fn a_session_whose_user_is_gone_is_refused_on_every_route() -> Result<()> {
     let hub = Hub::start().await?;
     let ghost = Api::login(&hub.url, &hub.add_user("ghost")?).await?;
-    // The user is removed from the catalog while their session is still unexpired.
+    assert_eq!(ghost.get("/api/cocoons").await?.0, 200, "signed in");
+    // The user is removed from the catalog while their session is still unexpired, by
+    // hand, so that no change is written for the hub to read: it still sees them gone
+    // within a second, as it sees every other removal of access.
     {
         use sqlx::Connection;
         let url = format!("sqlite:{}", hub.data_dir.join("catalog.db").display());
@@ -318,6 +321,12 @@ async fn a_session_whose_user_is_gone_is_refused_on_every_route() -> Result<()> 
             .execute(&mut db)
             .await?;
     }
+    crate::harness::wait_for(
+        "the removed user's session refused",
+        Duration::from_secs(3),
+        || async { Ok((ghost.get("/api/cocoons").await?.0 == 401).then_some(())) },
+    )
+    .await?;
     for (status, answer) in [
         ghost.get("/api/cocoons").await?,
         ghost.get("/api/aggregate/tasks").await?,

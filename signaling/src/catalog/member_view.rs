@@ -1,9 +1,9 @@
-//! The RAM view of which devices each user is a member of, and of the users themselves,
-//! in front of the catalog, so that a merged view ("all my tasks") and the check that a
+//! The RAM view of which devices each user is a member of, and of which users exist, in
+//! front of the catalog, so that a merged view ("all my tasks") and the check that a
 //! session's user still exists, made on every REST request, do not read the catalog.
 //!
-//! It owns two answers only, [`Catalog::devices_of`] and [`Catalog::user`] (when the
-//! user exists), each kept per user with the generation it was read at. Every write through this hub that can change a membership, a device's
+//! It owns two answers only, [`Catalog::devices_of`] and [`Catalog::user_exists`] (when
+//! the user does), each kept per user with the generation it was read at. Every write through this hub that can change a membership, a device's
 //! name or capabilities (enrol, claim, member removal, deletion, a device's new
 //! configuration, a user's removal or disabling) moves the generation on after it
 //! returns, and so does every change the hub reads from the catalog's change feed (a
@@ -17,6 +17,12 @@
 //! the catalog's answer. Nor may it answer from a view read before a write this hub
 //! made returned: the generation is read before the catalog is, so a view that raced a
 //! write is never used.
+//!
+//! That a user exists is also kept at most [`USER_MAX_AGE`], the interval at which a
+//! hub reads the change feed, on any catalog: a user removed by any means, even one that
+//! writes no change, stops being seen within it, as every other removal of access. Only
+//! that check is answered from here; signing in, and everything that reads a user's
+//! record, reads the catalog.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -34,6 +40,8 @@ use super::{
 /// How long a view of a shared catalog is used at most: the interval at which a hub of
 /// several reads the change feed.
 pub const SHARED_MAX_AGE: Duration = crate::changes::CLUSTER_POLL;
+/// How long that a user exists is used at most, on any catalog.
+pub const USER_MAX_AGE: Duration = crate::changes::POLL;
 
 /// One user's answer, as read at a generation.
 struct View<T> {
@@ -42,14 +50,14 @@ struct View<T> {
     value: T,
 }
 
-/// A [`Catalog`] that keeps each user's devices, and each existing user, in RAM between
+/// A [`Catalog`] that keeps each user's devices, and which users exist, in RAM between
 /// the changes that could alter them; every other call goes straight to the catalog it
 /// wraps.
 pub struct MemberView {
     inner: Arc<dyn Catalog>,
     generation: AtomicU64,
     views: DashMap<UserId, View<Arc<[DeviceRecord]>>>,
-    users: DashMap<UserId, View<User>>,
+    users: DashMap<UserId, View<()>>,
     max_age: Option<Duration>,
 }
 
@@ -73,11 +81,17 @@ impl MemberView {
         self.users.clear();
     }
 
-    /// `user`'s answer in `views`, unless a change or its age made it stale.
-    fn fresh<T: Clone>(&self, views: &DashMap<UserId, View<T>>, user: UserId) -> Option<T> {
+    /// `user`'s answer in `views`, unless a change or its age (over `max_age`, when
+    /// one is set) made it stale.
+    fn fresh<T: Clone>(
+        &self,
+        views: &DashMap<UserId, View<T>>,
+        user: UserId,
+        max_age: Option<Duration>,
+    ) -> Option<T> {
         let view = views.get(&user)?;
         let current = view.generation == self.generation.load(Ordering::SeqCst);
-        let young = self.max_age.is_none_or(|age| view.read_at.elapsed() < age);
+        let young = max_age.is_none_or(|age| view.read_at.elapsed() < age);
         (current && young).then(|| view.value.clone())
     }
 
@@ -95,7 +109,7 @@ impl MemberView {
 #[async_trait]
 impl Catalog for MemberView {
     async fn devices_of(&self, user: UserId) -> Result<Vec<DeviceRecord>> {
-        if let Some(devices) = self.fresh(&self.views, user) {
+        if let Some(devices) = self.fresh(&self.views, user, self.max_age) {
             return Ok(devices.to_vec());
         }
         let generation = self.generation.load(Ordering::SeqCst);
@@ -192,18 +206,22 @@ impl Catalog for MemberView {
     }
 
     async fn user(&self, id: UserId) -> Result<Option<User>> {
-        if let Some(user) = self.fresh(&self.users, id) {
-            return Ok(Some(user));
+        self.inner.user(id).await
+    }
+
+    async fn user_exists(&self, id: UserId) -> Result<bool> {
+        let max_age = self.max_age.unwrap_or(USER_MAX_AGE).min(USER_MAX_AGE);
+        if self.fresh(&self.users, id, Some(max_age)).is_some() {
+            return Ok(true);
         }
         let generation = self.generation.load(Ordering::SeqCst);
         let read_at = Instant::now();
-        let user = self.inner.user(id).await?;
+        let exists = self.inner.user_exists(id).await?;
         // Only a user who exists is kept: one who does not is asked for again.
-        if let Some(user) = &user {
-            self.users
-                .insert(id, self.view(generation, read_at, user.clone()));
+        if exists {
+            self.users.insert(id, self.view(generation, read_at, ()));
         }
-        Ok(user)
+        Ok(exists)
     }
 
     async fn users(&self) -> Result<Vec<User>> {
@@ -411,10 +429,12 @@ mod tests {
         assert!(ids(&view, alice).await.is_empty(), "deleted");
     }
 
-    /// A user disabled or removed through the hub is seen so at once; one removed
-    /// behind the view's back, once the change feed is read.
+    /// A user removed through the hub is gone at once; one removed behind the view's
+    /// back, once the change feed is read; one removed without a trace in the feed,
+    /// once the view of them is [`USER_MAX_AGE`] old. Nothing else is kept: a user's
+    /// record is always read from the catalog.
     #[tokio::test]
-    async fn a_user_is_seen_as_removed_or_disabled_after_every_change() {
+    async fn a_removed_user_is_gone_after_the_removal_the_feed_or_the_age_bound() {
         let dir = tempfile::tempdir().expect("tempdir");
         let inner: Arc<dyn Catalog> = Arc::new(
             SqliteCatalog::open(&dir.path().join("catalog.db"))
@@ -422,35 +442,43 @@ mod tests {
                 .expect("catalog"),
         );
         let view = MemberView::new(Arc::clone(&inner));
-        let alice = view.create_user("alice").await.expect("alice").id;
-        let bob = view.create_user("bob").await.expect("bob").id;
-        let seen = |u: Option<User>| u.map(|u| (u.id, u.disabled_at));
-        assert_eq!(
-            seen(view.user(alice).await.expect("alice")),
-            Some((alice, None))
-        );
+        let [alice, bob, carol] = ["alice", "bob", "carol"];
+        let mut ids = Vec::new();
+        for name in [alice, bob, carol] {
+            let id = view.create_user(name).await.expect("user").id;
+            assert!(view.user_exists(id).await.expect("exists"), "{name}");
+            ids.push(id);
+        }
+        let [alice, bob, carol] = [ids[0], ids[1], ids[2]];
 
         view.set_user_disabled(alice, Some(NOW), NOW)
             .await
             .expect("disable");
         assert_eq!(
-            seen(view.user(alice).await.expect("alice")),
-            Some((alice, Some(NOW))),
-            "disabled through the hub"
+            view.user(alice)
+                .await
+                .expect("alice")
+                .and_then(|u| u.disabled_at),
+            Some(NOW),
+            "the record is the catalog's"
+        );
+        assert!(
+            view.user_exists(alice).await.expect("alice"),
+            "disabled, not gone"
         );
         view.remove_user(alice, Orphans::Delete, NOW)
             .await
             .expect("remove");
-        assert_eq!(view.user(alice).await.expect("alice"), None, "removed");
+        assert!(!view.user_exists(alice).await.expect("alice"), "removed");
 
-        assert!(view.user(bob).await.expect("bob").is_some());
+        assert!(view.user_exists(bob).await.expect("bob"));
         let before = view.last_change().await.expect("last change");
         inner
             .remove_user(bob, Orphans::Delete, NOW)
             .await
             .expect("removed elsewhere");
         assert!(
-            view.user(bob).await.expect("bob").is_some(),
+            view.user_exists(bob).await.expect("bob"),
             "not yet read from the feed"
         );
         assert!(!view
@@ -458,10 +486,20 @@ mod tests {
             .await
             .expect("feed")
             .is_empty());
-        assert_eq!(
-            view.user(bob).await.expect("bob"),
-            None,
-            "removed, once the feed is read"
+        assert!(
+            !view.user_exists(bob).await.expect("bob"),
+            "read from the feed"
+        );
+
+        assert!(view.user_exists(carol).await.expect("carol"));
+        inner
+            .remove_user(carol, Orphans::Delete, NOW)
+            .await
+            .expect("removed elsewhere");
+        tokio::time::sleep(USER_MAX_AGE + Duration::from_millis(50)).await;
+        assert!(
+            !view.user_exists(carol).await.expect("carol"),
+            "gone once the view is too old, feed or not"
         );
     }
 }

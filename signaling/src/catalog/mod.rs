@@ -482,6 +482,13 @@ pub trait Catalog: Send + Sync + 'static {
     async fn user_by_name(&self, name: &str) -> Result<Option<User>>;
     /// Looks a user up by id.
     async fn user(&self, id: UserId) -> Result<Option<User>>;
+    /// Whether a user with this id exists (disabled or not): what every request of a
+    /// session checks, so a catalog may answer it from a view a second old at most
+    /// (`MemberView`); anything that decides on the user's record reads
+    /// [`Catalog::user`].
+    async fn user_exists(&self, id: UserId) -> Result<bool> {
+        Ok(self.user(id).await?.is_some())
+    }
 
     /// Every user, by name.
     async fn users(&self) -> Result<Vec<User>>;

@@ -88,9 +88,9 @@ impl FromRequestParts<AppState> for Caller {
 
 /// The caller, if their user still exists.
 pub(crate) async fn live_user(state: &HubState, caller: Caller) -> Result<Caller, ApiError> {
-    match state.catalog.user(caller.id).await? {
-        Some(_) => Ok(caller),
-        None => Err(ApiError::new(
+    match state.catalog.user_exists(caller.id).await? {
+        true => Ok(caller),
+        false => Err(ApiError::new(
             ErrorCode::Unauthorized,
             "this session's user no longer exists",
         )),
