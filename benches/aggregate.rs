@@ -40,7 +40,8 @@
 //! - `local`: the device's own query, `store.list(&TaskFilter::default(), None, 50)` on
 //!   the first device's store, which is what each device runs during the fan-out;
 //! - `bare`: the same page read from the same file with rusqlite directly on the
-//!   calling thread (the store's SQL, a cached prepared statement, rows into tasks);
+//!   calling thread (the store's SQL, a cached prepared statement, rows into tasks),
+//!   each read in turn with one of `local`'s, so both meet the same disturbances;
 //! - the process CPU time per merged request (hub, cocoons and client share the
 //!   process and its cores).
 //!
@@ -629,18 +630,20 @@ impl Bench {
             .runner()
             .store()
             .clone();
-        let local = local_latencies(&store, self.args.warmup, iterations, self.args.limit).await?;
+        // The same page read with rusqlite directly, on this thread, from the same file,
+        // each query in turn with the store's, so both meet the same disturbances.
+        let file = self
+            .device_files
+            .first()
+            .ok_or_else(|| anyhow!("no device file"))?;
+        let (local, bare) =
+            local_and_bare_latencies(&store, file, self.args.warmup, iterations, self.args.limit)
+                .await?;
         // CPU per local query, over enough queries for the clock-tick resolution.
         let cpu_iterations = iterations.max(LOCAL_CPU_ITERATIONS);
         let cpu_before = self.process_cpu();
         local_latencies(&store, 0, cpu_iterations, self.args.limit).await?;
         let cpu_per_local = self.cpu_per(cpu_before, cpu_iterations);
-        // The same page read with rusqlite directly, on this thread, from the same file.
-        let file = self
-            .device_files
-            .first()
-            .ok_or_else(|| anyhow!("no device file"))?;
-        let bare = bare_latencies(file, self.args.warmup, iterations, self.args.limit)?;
 
         Ok(Scenario {
             devices,
@@ -1120,28 +1123,37 @@ fn task_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<Task> {
 }
 
 /// Latencies of [`bare_page`] on `file`, on the calling thread.
-fn bare_latencies(
+/// The store's page query and the same page read with rusqlite directly, in turn.
+async fn local_and_bare_latencies(
+    store: &Arc<dyn TaskStore>,
     file: &Path,
     warmup: usize,
     iterations: usize,
     limit: u32,
-) -> Result<Vec<Duration>> {
+) -> Result<(Vec<Duration>, Vec<Duration>)> {
     let conn = rusqlite::Connection::open_with_flags(
         file,
         rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     let sql = page_sql();
+    let filter = TaskFilter::default();
     for _ in 0..warmup {
         bare_page(&conn, &sql, limit)?;
+        store.list(&filter, None, limit).await?;
     }
-    let mut out = Vec::with_capacity(iterations);
+    let mut local = Vec::with_capacity(iterations);
+    let mut bare = Vec::with_capacity(iterations);
     for _ in 0..iterations {
         let t0 = Instant::now();
+        let page = store.list(&filter, None, limit).await?;
+        local.push(t0.elapsed());
+        std::hint::black_box(page);
+        let t0 = Instant::now();
         let page = bare_page(&conn, &sql, limit)?;
-        out.push(t0.elapsed());
+        bare.push(t0.elapsed());
         std::hint::black_box(page);
     }
-    Ok(out)
+    Ok((local, bare))
 }
 
 async fn local_latencies(
