@@ -360,18 +360,24 @@ mod tests {
             .collect()
     }
 
+    /// A catalog file in `dir`, and a view in front of it.
+    async fn catalog_and_view(dir: &std::path::Path) -> (Arc<dyn Catalog>, MemberView) {
+        let inner: Arc<dyn Catalog> = Arc::new(
+            SqliteCatalog::open(&dir.join("catalog.db"))
+                .await
+                .expect("catalog"),
+        );
+        let view = MemberView::new(Arc::clone(&inner));
+        (inner, view)
+    }
+
     /// Enrol, claim, removal and deletion through the hub show at once; a change made
     /// behind the view's back (another hub, an admin command) shows once the change
     /// feed is read.
     #[tokio::test]
     async fn a_users_devices_follow_every_membership_change() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let inner: Arc<dyn Catalog> = Arc::new(
-            SqliteCatalog::open(&dir.path().join("catalog.db"))
-                .await
-                .expect("catalog"),
-        );
-        let view = MemberView::new(Arc::clone(&inner));
+        let (inner, view) = catalog_and_view(dir.path()).await;
         let alice = view.create_user("alice").await.expect("alice").id;
         let bob = view.create_user("bob").await.expect("bob").id;
         assert!(ids(&view, alice).await.is_empty());
@@ -436,12 +442,7 @@ mod tests {
     #[tokio::test]
     async fn a_removed_user_is_gone_after_the_removal_the_feed_or_the_age_bound() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let inner: Arc<dyn Catalog> = Arc::new(
-            SqliteCatalog::open(&dir.path().join("catalog.db"))
-                .await
-                .expect("catalog"),
-        );
-        let view = MemberView::new(Arc::clone(&inner));
+        let (inner, view) = catalog_and_view(dir.path()).await;
         let [alice, bob, carol] = ["alice", "bob", "carol"];
         let mut ids = Vec::new();
         for name in [alice, bob, carol] {
