@@ -164,28 +164,34 @@ pub enum Found {
     Stored(DeviceRecord),
 }
 
-/// The device with this id that the caller is a member of, from the catalog, for what
-/// `scope` allows.
+/// The device with this id that the caller is a member of, from the catalog (its RAM
+/// view of the caller's devices, `catalog::MemberView`), for what `scope` allows.
 pub async fn device(
     state: &HubState,
     caller: &Caller,
     raw_id: &str,
     scope: Scope,
 ) -> Result<DeviceRecord, AccessError> {
+    let id = reachable_id(caller, raw_id, scope)?;
+    let device = state.catalog.device_of(caller.id, &id).await?;
+    member_of(device, caller)
+}
+
+/// The id, if it is one the caller's key reaches, for what `scope` allows.
+fn reachable_id(caller: &Caller, raw_id: &str, scope: Scope) -> Result<DeviceId, AccessError> {
     caller.require(scope)?;
     let id: DeviceId = raw_id.parse().map_err(|_| AccessError::NotFound)?;
     if !caller.reaches(&id) {
         return Err(AccessError::NotFound);
     }
-    let device = state
-        .catalog
-        .device(&id)
-        .await?
-        .ok_or(AccessError::NotFound)?;
-    if device.role_of(caller.id).is_none() {
-        return Err(AccessError::NotFound);
-    }
-    Ok(device)
+    Ok(id)
+}
+
+/// The device, if the caller is one of its members.
+fn member_of(device: Option<DeviceRecord>, caller: &Caller) -> Result<DeviceRecord, AccessError> {
+    device
+        .filter(|d| d.role_of(caller.id).is_some())
+        .ok_or(AccessError::NotFound)
 }
 
 /// The device with this id that the caller owns: what sharing it, removing its members
@@ -196,7 +202,10 @@ pub async fn owned_device(
     caller: &Caller,
     raw_id: &str,
 ) -> Result<DeviceRecord, AccessError> {
-    let device = device(state, caller, raw_id, Scope::MembersWrite).await?;
+    // Read from the catalog itself, not the view: what an owner changes next must go by
+    // the members as they are now, such as one who just joined through another hub.
+    let id = reachable_id(caller, raw_id, Scope::MembersWrite)?;
+    let device = member_of(state.catalog.device(&id).await?, caller)?;
     match device.role_of(caller.id) {
         Some(Role::Owner) => Ok(device),
         _ => Err(AccessError::NotOwner),

@@ -2,8 +2,10 @@
 //! front of the catalog, so that a merged view ("all my tasks") and the check that a
 //! session's user still exists, made on every REST request, do not read the catalog.
 //!
-//! It owns two answers only, [`Catalog::devices_of`] and [`Catalog::user_exists`] (when
-//! the user does), each kept per user with the generation it was read at. Every write through this hub that can change a membership, a device's
+//! It owns two answers only, [`Catalog::devices_of`] (which [`Catalog::device_of`], what
+//! every request to a device's routes asks, is answered from) and
+//! [`Catalog::user_exists`] (when the user does), each kept per user with the
+//! generation it was read at. Every write through this hub that can change a membership, a device's
 //! name or capabilities (enrol, claim, member removal, deletion, a device's new
 //! configuration, a user's removal or disabling) moves the generation on after it
 //! returns, and so does every change the hub reads from the catalog's change feed (a
@@ -95,6 +97,19 @@ impl MemberView {
         (current && young).then(|| view.value.clone())
     }
 
+    /// `user`'s devices: the view, or else the catalog's answer, kept as the view.
+    async fn devices(&self, user: UserId) -> Result<Arc<[DeviceRecord]>> {
+        if let Some(devices) = self.fresh(&self.views, user, self.max_age) {
+            return Ok(devices);
+        }
+        let generation = self.generation.load(Ordering::SeqCst);
+        let read_at = Instant::now();
+        let devices: Arc<[DeviceRecord]> = self.inner.devices_of(user).await?.into();
+        let view = self.view(generation, read_at, Arc::clone(&devices));
+        self.views.insert(user, view);
+        Ok(devices)
+    }
+
     /// A view of `value` read from the catalog at `generation`; a change that landed
     /// while the catalog was read left it stale already.
     fn view<T>(&self, generation: u64, read_at: Instant, value: T) -> View<T> {
@@ -109,15 +124,21 @@ impl MemberView {
 #[async_trait]
 impl Catalog for MemberView {
     async fn devices_of(&self, user: UserId) -> Result<Vec<DeviceRecord>> {
-        if let Some(devices) = self.fresh(&self.views, user, self.max_age) {
-            return Ok(devices.to_vec());
+        Ok(self.devices(user).await?.to_vec())
+    }
+
+    /// From the view when it lists the device; otherwise from the catalog, as a device
+    /// enrolled through another hub of a cluster is missing from a view read before it
+    /// (then the view is dropped, so the next listing shows it too).
+    async fn device_of(&self, user: UserId, id: &DeviceId) -> Result<Option<DeviceRecord>> {
+        if let Some(device) = self.devices(user).await?.iter().find(|d| &d.id == id) {
+            return Ok(Some(device.clone()));
         }
-        let generation = self.generation.load(Ordering::SeqCst);
-        let read_at = Instant::now();
-        let devices = self.inner.devices_of(user).await?;
-        let view = self.view(generation, read_at, Arc::from(devices.as_slice()));
-        self.views.insert(user, view);
-        Ok(devices)
+        let device = self.inner.device_of(user, id).await?;
+        if device.is_some() {
+            self.views.remove(&user);
+        }
+        Ok(device)
     }
 
     async fn changes_since(&self, seq: i64, limit: u32) -> Result<Vec<Change>> {
@@ -397,6 +418,11 @@ mod tests {
             .expect("share token");
         view.claim_share("share", NOW, bob).await.expect("claim");
         assert_eq!(ids(&view, bob).await, vec![device.clone()], "claimed");
+        assert!(view
+            .device_of(bob, &device)
+            .await
+            .expect("device")
+            .is_some());
 
         view.update_device(&config(&device, "renamed"))
             .await
@@ -429,6 +455,20 @@ mod tests {
         assert!(
             ids(&view, bob).await.is_empty(),
             "removed, once the feed is read"
+        );
+        assert!(
+            view.device_of(bob, &device)
+                .await
+                .expect("device")
+                .is_none(),
+            "nor found by id"
+        );
+        assert_eq!(
+            view.device_of(alice, &device)
+                .await
+                .expect("device")
+                .map(|d| d.name),
+            Some("renamed".to_owned())
         );
 
         view.delete_device(&device, NOW).await.expect("delete");

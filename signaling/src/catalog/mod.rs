@@ -570,6 +570,12 @@ pub trait Catalog: Send + Sync + 'static {
     async fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>>;
     /// Every device `user` is a member of, ordered by name then id.
     async fn devices_of(&self, user: UserId) -> Result<Vec<DeviceRecord>>;
+    /// The device with this id, with its members, if `user` is one of them: what every
+    /// request to a device's routes asks, so a catalog may answer it from its view of
+    /// the user's devices (`MemberView`).
+    async fn device_of(&self, user: UserId, id: &DeviceId) -> Result<Option<DeviceRecord>> {
+        Ok(self.device(id).await?.filter(|d| d.role_of(user).is_some()))
+    }
     /// The role `user` has on `device`, if they are a member.
     async fn role_of(&self, device: &DeviceId, user: UserId) -> Result<Option<Role>>;
     /// In one transaction: removes `user` from `device`'s members, unless they are its
