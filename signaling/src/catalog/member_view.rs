@@ -61,6 +61,9 @@ pub struct MemberView {
     views: DashMap<UserId, View<Arc<[DeviceRecord]>>>,
     users: DashMap<UserId, View<()>>,
     max_age: Option<Duration>,
+    /// How long that a user exists is used at most: [`USER_MAX_AGE`], or less on a
+    /// shared catalog.
+    user_max_age: Duration,
 }
 
 impl MemberView {
@@ -73,6 +76,7 @@ impl MemberView {
             views: DashMap::new(),
             users: DashMap::new(),
             max_age,
+            user_max_age: max_age.map_or(USER_MAX_AGE, |age| age.min(USER_MAX_AGE)),
         }
     }
 
@@ -97,42 +101,43 @@ impl MemberView {
         (current && young).then(|| view.value.clone())
     }
 
-    /// `user`'s devices: the view, or else the catalog's answer, kept as the view.
-    async fn devices(&self, user: UserId) -> Result<Arc<[DeviceRecord]>> {
+    /// `user`'s devices: the view, or else the catalog's answer, kept as the view (a
+    /// change that lands while the catalog is read leaves it stale already); and
+    /// whether they came from the view.
+    async fn devices(&self, user: UserId) -> Result<(Arc<[DeviceRecord]>, bool)> {
         if let Some(devices) = self.fresh(&self.views, user, self.max_age) {
-            return Ok(devices);
+            return Ok((devices, true));
         }
         let generation = self.generation.load(Ordering::SeqCst);
         let read_at = Instant::now();
         let devices: Arc<[DeviceRecord]> = self.inner.devices_of(user).await?.into();
-        let view = self.view(generation, read_at, Arc::clone(&devices));
-        self.views.insert(user, view);
-        Ok(devices)
-    }
-
-    /// A view of `value` read from the catalog at `generation`; a change that landed
-    /// while the catalog was read left it stale already.
-    fn view<T>(&self, generation: u64, read_at: Instant, value: T) -> View<T> {
-        View {
+        let view = View {
             generation,
             read_at,
-            value,
-        }
+            value: Arc::clone(&devices),
+        };
+        self.views.insert(user, view);
+        Ok((devices, false))
     }
 }
 
 #[async_trait]
 impl Catalog for MemberView {
     async fn devices_of(&self, user: UserId) -> Result<Vec<DeviceRecord>> {
-        Ok(self.devices(user).await?.to_vec())
+        Ok(self.devices(user).await?.0.to_vec())
     }
 
     /// From the view when it lists the device; otherwise from the catalog, as a device
     /// enrolled through another hub of a cluster is missing from a view read before it
-    /// (then the view is dropped, so the next listing shows it too).
+    /// (then the view is dropped, so the next listing shows it too). A list just read
+    /// from the catalog is its answer already.
     async fn device_of(&self, user: UserId, id: &DeviceId) -> Result<Option<DeviceRecord>> {
-        if let Some(device) = self.devices(user).await?.iter().find(|d| &d.id == id) {
+        let (devices, from_view) = self.devices(user).await?;
+        if let Some(device) = devices.iter().find(|d| &d.id == id) {
             return Ok(Some(device.clone()));
+        }
+        if !from_view {
+            return Ok(None);
         }
         let device = self.inner.device_of(user, id).await?;
         if device.is_some() {
@@ -231,8 +236,10 @@ impl Catalog for MemberView {
     }
 
     async fn user_exists(&self, id: UserId) -> Result<bool> {
-        let max_age = self.max_age.unwrap_or(USER_MAX_AGE).min(USER_MAX_AGE);
-        if self.fresh(&self.users, id, Some(max_age)).is_some() {
+        if self
+            .fresh(&self.users, id, Some(self.user_max_age))
+            .is_some()
+        {
             return Ok(true);
         }
         let generation = self.generation.load(Ordering::SeqCst);
@@ -240,7 +247,12 @@ impl Catalog for MemberView {
         let exists = self.inner.user_exists(id).await?;
         // Only a user who exists is kept: one who does not is asked for again.
         if exists {
-            self.users.insert(id, self.view(generation, read_at, ()));
+            let view = View {
+                generation,
+                read_at,
+                value: (),
+            };
+            self.users.insert(id, view);
         }
         Ok(exists)
     }
