@@ -6,6 +6,7 @@
 //! hub within seconds; a draining hub moves its devices before it stops; an agent that
 //! appears on two hubs is kept only by the newer connection.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -401,17 +402,26 @@ async fn capabilities_are_routed_by_load_across_devices_on_different_hubs() -> R
         )
         .await?;
 
-        // Equal devices take turns, whichever hub they are on.
-        let mut served = std::collections::HashSet::new();
-        for _ in 0..6 {
-            let (status, body) =
-                ask(&on_c, "embeddings", json!({"payload": {"text": "hello"}})).await?;
+        // Requests at once spread over both devices, whichever hub they are on: each one
+        // in flight outweighs any difference in the load the devices report (one
+        // machine's CPU, sampled at different moments).
+        let at_once = (0..6).map(|_| {
+            ask(
+                &on_c,
+                "embeddings",
+                json!({"payload": {"text": "hello", "delay_ms": 300}}),
+            )
+        });
+        let mut served: HashMap<String, usize> = HashMap::new();
+        for answer in futures_util::future::join_all(at_once).await {
+            let (status, body) = answer?;
             ensure!(status == 200, "{status} {body}");
             ensure!(body["payload"]["vector"][0] == 5.0, "{body}");
-            served.insert(served_by(&body));
+            *served.entry(served_by(&body)).or_default() += 1;
         }
         ensure!(
-            served == [x_id.clone(), y_id.clone()].into_iter().collect(),
+            served.get(&x_id).copied().unwrap_or(0) >= 2
+                && served.get(&y_id).copied().unwrap_or(0) >= 2,
             "both devices served: {served:?}"
         );
 
