@@ -82,20 +82,32 @@ fn direct_or_general<T: serde::de::DeserializeOwned>(
 /// refuses such a number anywhere, the direct readers only where they read one, not in
 /// a field they skip; so such a frame goes the general way, which gives the one answer.
 /// Our encoder never writes one (an `f64` prints with a two-digit exponent at most, as
-/// `1e-7`), and the scan is one pass over bytes already in cache.
+/// `1e-7`), and the scan is one pass over bytes already in cache that jumps over strings
+/// (most of a frame: ids, titles, text) from one quote or backslash to the next.
 fn may_overflow(frame: &[u8]) -> bool {
-    let mut in_string = false;
-    let mut escaped = false;
     let mut digits = 0usize;
     let mut exponent: Option<usize> = None;
-    for &b in frame {
-        if in_string {
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
-                _ => {}
+    let mut i = 0;
+    while let Some(&b) = frame.get(i) {
+        i += 1;
+        if b == b'"' {
+            // To the closing quote; an unterminated string holds no number.
+            loop {
+                let Some(at) = frame
+                    .get(i..)
+                    .and_then(|rest| memchr::memchr2(b'"', b'\\', rest))
+                else {
+                    return false;
+                };
+                i += at + 1;
+                if frame[i - 1] == b'"' {
+                    break;
+                }
+                // A backslash: the byte after it is escaped.
+                i += 1;
             }
+            digits = 0;
+            exponent = None;
             continue;
         }
         match (b, exponent) {
@@ -113,11 +125,6 @@ fn may_overflow(frame: &[u8]) -> bool {
             }
             (b'e' | b'E', None) if digits > 0 => exponent = Some(0),
             (b'+' | b'-', Some(0)) | (b'.', None) => {}
-            (b'"', _) => {
-                in_string = true;
-                digits = 0;
-                exponent = None;
-            }
             _ => {
                 digits = 0;
                 exponent = None;
@@ -295,6 +302,62 @@ mod tests {
             (r#"{"id":"0123456789abcdef9e999"}"#, false),
         ] {
             assert_eq!(may_overflow(frame.as_bytes()), general, "{frame}");
+        }
+    }
+
+    /// The scan as it reads in words: every byte in turn, tracking whether it is in a
+    /// string, what escapes and how long the run of digits and the exponent are.
+    fn may_overflow_byte_by_byte(frame: &[u8]) -> bool {
+        let (mut in_string, mut escaped) = (false, false);
+        let (mut digits, mut exponent) = (0usize, None::<usize>);
+        for &b in frame {
+            if in_string {
+                match (escaped, b) {
+                    (true, _) => escaped = false,
+                    (false, b'\\') => escaped = true,
+                    (false, b'"') => in_string = false,
+                    _ => {}
+                }
+                continue;
+            }
+            match (b, exponent) {
+                (b'0'..=b'9', Some(n)) if n + 1 >= 3 => return true,
+                (b'0'..=b'9', Some(n)) => exponent = Some(n + 1),
+                (b'0'..=b'9', None) if digits + 1 >= 300 => return true,
+                (b'0'..=b'9', None) => digits += 1,
+                (b'e' | b'E', None) if digits > 0 => exponent = Some(0),
+                (b'+' | b'-', Some(0)) | (b'.', None) => {}
+                (b'"', _) => {
+                    in_string = true;
+                    (digits, exponent) = (0, None);
+                }
+                _ => (digits, exponent) = (0, None),
+            }
+        }
+        false
+    }
+
+    proptest::proptest! {
+        /// Jumping over strings finds what reading every byte finds, escapes, unclosed
+        /// strings and long runs of digits included.
+        #[test]
+        fn jumping_over_strings_agrees_with_reading_every_byte(
+            parts in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::string::string_regex("[0-9eE+.\\-]{1,6}").expect("regex"),
+                    proptest::string::string_regex("[\"\\\\]{1,3}").expect("regex"),
+                    proptest::string::string_regex("[a-z:,{}\\[\\] ]{1,4}").expect("regex"),
+                    proptest::strategy::Just("9".repeat(299)),
+                ],
+                0..40,
+            )
+        ) {
+            let frame = parts.concat();
+            proptest::prop_assert_eq!(
+                may_overflow(frame.as_bytes()),
+                may_overflow_byte_by_byte(frame.as_bytes()),
+                "{}", frame
+            );
         }
     }
 
