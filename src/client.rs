@@ -282,6 +282,15 @@ impl HubClient {
             .await
     }
 
+    pub async fn patch<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<T> {
+        self.call(self.http.patch(format!("{}{path}", self.base)).json(body))
+            .await
+    }
+
     pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         self.call(self.http.delete(format!("{}{path}", self.base)))
             .await

@@ -122,6 +122,14 @@ pub struct MemberView {
     pub role: Role,
 }
 
+/// `PATCH /api/cocoons/{id}/members/{user}`: the role the member has from now on.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RoleChange {
+    /// `owner` or `user`.
+    pub role: Role,
+}
+
 /// `GET /api/cocoons/{id}/members`.
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct MemberList {

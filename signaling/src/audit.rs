@@ -33,6 +33,8 @@ pub enum Kind {
     MemberRemoved,
     /// A member left.
     MemberLeft,
+    /// An owner gave a member another role.
+    MemberRoleChanged,
     /// An owner deleted a device.
     DeviceDeleted,
     /// An API key was made.
@@ -69,6 +71,7 @@ impl Kind {
             Kind::ShareClaimed => "share_claimed",
             Kind::MemberRemoved => "member_removed",
             Kind::MemberLeft => "member_left",
+            Kind::MemberRoleChanged => "member_role_changed",
             Kind::DeviceDeleted => "device_deleted",
             Kind::KeyCreated => "key_created",
             Kind::KeyRevoked => "key_revoked",

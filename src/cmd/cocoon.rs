@@ -32,6 +32,9 @@ pub enum CocoonCmd {
     Members(DeviceArgs),
     /// Remove a member from a device you own (a user name or id); they lose it at once.
     RemoveMember(RemoveMemberArgs),
+    /// Give a member of a device you own another role: `owner` (also shares it, removes
+    /// members and deletes it) or `user`.
+    SetRole(SetRoleArgs),
     /// Stop being a member of a device someone shared with you.
     Leave(DeviceArgs),
     /// Remove a device you own from the hub: every member loses it, its agent is
@@ -157,6 +160,19 @@ pub struct RemoveMemberArgs {
 }
 
 #[derive(Args)]
+pub struct SetRoleArgs {
+    /// Device id or name.
+    device: String,
+    /// The member's user name or id (`me` for yourself).
+    user: String,
+    /// `owner` or `user`.
+    #[arg(value_parser = parse_role)]
+    role: Role,
+    #[command(flatten)]
+    hub: HubArgs,
+}
+
+#[derive(Args)]
 pub struct DeleteArgs {
     /// Device id or name.
     device: String,
@@ -189,6 +205,7 @@ pub async fn run(cmd: CocoonCmd) -> Result<()> {
         CocoonCmd::Claim(a) => claim(a).await,
         CocoonCmd::Members(a) => members(a).await,
         CocoonCmd::RemoveMember(a) => remove_member(a).await,
+        CocoonCmd::SetRole(a) => set_role(a).await,
         CocoonCmd::Leave(a) => leave(a).await,
         CocoonCmd::Delete(a) => delete(a).await,
         CocoonCmd::Tokens(a) => tokens(a).await,
@@ -295,6 +312,30 @@ async fn remove_member(args: RemoveMemberArgs) -> Result<()> {
     println!(
         "removed {} from {}; they lost it at once. Members now:",
         args.user.trim(),
+        args.device
+    );
+    print_members(&list.members);
+    Ok(())
+}
+
+async fn set_role(args: SetRoleArgs) -> Result<()> {
+    let client = HubClient::connect(&args.hub).await?;
+    let device = crate::client::resolve_device(&client, &args.device).await?;
+    let user =
+        percent_encoding::utf8_percent_encode(args.user.trim(), percent_encoding::NON_ALPHANUMERIC);
+    let list: MemberList = client
+        .patch(
+            &format!("/api/cocoons/{device}/members/{user}"),
+            &serde_json::json!({ "role": args.role }),
+        )
+        .await?;
+    println!(
+        "{} is now {} of {}. Members now:",
+        args.user.trim(),
+        match args.role {
+            Role::Owner => "an owner",
+            Role::User => "a user",
+        },
         args.device
     );
     print_members(&list.members);

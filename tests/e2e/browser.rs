@@ -748,7 +748,7 @@ async fn hardware_reads_in_plain_words_and_an_online_device_without_load_is_not_
 }
 
 #[tokio::test]
-async fn an_owner_removes_a_member_revokes_a_key_and_a_token_and_deletes_a_device_in_the_ui(
+async fn an_owner_changes_a_members_role_removes_them_revokes_a_key_and_a_token_and_deletes_a_device_in_the_ui(
 ) -> Result<()> {
     let Some(b) = Browser::start(1280, 1000).await? else {
         return Ok(());
@@ -783,6 +783,28 @@ async fn an_owner_removes_a_member_revokes_a_key_and_a_token_and_deletes_a_devic
     )
     .await?;
 
+    // Make bob an owner and a user again: the API follows each click, the card shows it.
+    let bob_role = || async {
+        let (_, seen) = bob.cocoon(&id).await?;
+        Ok::<_, anyhow::Error>(seen["role"].as_str().unwrap_or_default().to_owned())
+    };
+    for to in ["owner", "user"] {
+        b.click(&format!(
+            "article.device[data-id='{id}'] li[data-member='bob'] button.set-role[data-role='{to}']"
+        ))
+        .await?;
+        wait_for(&format!("bob to be {to}"), BROWSER_WAIT, || async {
+            Ok((bob_role().await? == to).then_some(()))
+        })
+        .await?;
+        let back = if to == "owner" { "user" } else { "owner" };
+        b.wait_text(
+            &format!("article.device[data-id='{id}'] li[data-member='bob'] button.set-role[data-role='{back}']"),
+            if back == "owner" { "Make owner" } else { "Make user" },
+        )
+        .await?;
+    }
+
     // Remove bob: he loses the device in the API.
     b.click(&format!(
         "article.device[data-id='{id}'] li[data-member='bob'] button.remove-member"
@@ -796,7 +818,9 @@ async fn an_owner_removes_a_member_revokes_a_key_and_a_token_and_deletes_a_devic
     assert!(
         asked
             .as_str()
-            .is_some_and(|q| q.contains("Remove bob from shared-box")),
+            .is_some_and(|q| q.contains("Make bob an owner of shared-box")
+                && q.contains("Make bob a user of shared-box")
+                && q.contains("Remove bob from shared-box")),
         "{asked}"
     );
 

@@ -358,6 +358,19 @@ impl Api {
         Ok((status, resp.json().await.unwrap_or(Value::Null)))
     }
 
+    /// PATCH JSON with the bearer token; returns status and JSON body.
+    pub async fn patch(&self, path: &str, body: Value) -> Result<(u16, Value)> {
+        let resp = self
+            .http
+            .patch(format!("{}{path}", self.base))
+            .bearer_auth(&self.jwt)
+            .json(&body)
+            .send()
+            .await?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.json().await.unwrap_or(Value::Null)))
+    }
+
     /// POST JSON with the bearer token; returns status and JSON body.
     pub async fn post(&self, path: &str, body: Value) -> Result<(u16, Value)> {
         let resp = self

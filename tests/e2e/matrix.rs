@@ -207,6 +207,10 @@ async fn every_route_answers_every_kind_of_caller_exactly() -> Result<()> {
             [409, 403, 404, 401, 401, 403, 403, 403, 403, 409, 403, 404],
         ),
         (
+            "PATCH /api/cocoons/{d}/members/alice (to user: the last owner)",
+            [409, 403, 404, 401, 401, 403, 403, 403, 403, 409, 403, 404],
+        ),
+        (
             "GET /api/keys",
             [200, 200, 200, 401, 401, 403, 403, 403, 403, 403, 200, 200],
         ),
@@ -285,6 +289,14 @@ async fn every_route_answers_every_kind_of_caller_exactly() -> Result<()> {
                 "DELETE /api/cocoons/{d}/members/alice (the last owner)" => {
                     status(
                         http.delete(url(&format!("/api/cocoons/{d}/members/alice"))),
+                        &api.jwt,
+                    )
+                    .await?
+                }
+                "PATCH /api/cocoons/{d}/members/alice (to user: the last owner)" => {
+                    status(
+                        http.patch(url(&format!("/api/cocoons/{d}/members/alice")))
+                            .json(&json!({"role": "user"})),
                         &api.jwt,
                     )
                     .await?

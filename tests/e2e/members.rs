@@ -2,7 +2,8 @@
 //! (or an owner, when it says so); a user uses the device but cannot manage it; an owner
 //! removes a member, who loses the device at once, even mid-stream; anyone leaves; the
 //! last owner cannot; an owner deletes a device, whose agent is told, stops and is
-//! refused as removed when it comes back, its task store left alone.
+//! refused as removed when it comes back, its task store left alone; an owner gives a
+//! member another role in place, never leaving the device without an owner.
 
 use std::time::Duration;
 
@@ -235,6 +236,170 @@ async fn a_user_uses_a_shared_device_cannot_manage_it_and_loses_it_at_once_when_
     assert!(bob.cocoons().await?.is_empty());
     let (_, listed) = alice.get(&format!("/api/cocoons/{id}/members")).await?;
     assert_eq!(members(&listed), pairs(&[("alice", "owner")]));
+    drop(cocoon);
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_owner_gives_a_member_another_role_in_place_and_a_device_keeps_an_owner() -> Result<()> {
+    let port = ticking_service().await?;
+    let hub = Hub::start().await?;
+    let alice_key = hub.add_user("alice")?;
+    let bob_key = hub.add_user("bob")?;
+    let carol_key = hub.add_user("carol")?;
+    let alice = Api::login(&hub.url, &alice_key).await?;
+    let bob = Api::login(&hub.url, &bob_key).await?;
+    let carol = Api::login(&hub.url, &carol_key).await?;
+    let cocoon = Cocoon::start(
+        &hub.url,
+        "box",
+        Some(&alice.setup_token(60).await?),
+        &["--service", &format!("web:{port}")],
+    )?;
+    let id = cocoon.device_id().await?;
+    let alice_cfg = tempfile::tempdir()?;
+    let alice_env = [
+        ("ADI_HUB", hub.url.as_str()),
+        ("ADI_API_KEY", alice_key.as_str()),
+    ];
+    let (_, token) = alice
+        .post("/api/tokens", json!({"kind": "share", "device_id": id}))
+        .await?;
+    let (status, _) = bob
+        .post("/api/tokens/claim", json!({"token": token["token"]}))
+        .await?;
+    assert_eq!(status, 200);
+    let role_of = |who: &str| format!("/api/cocoons/{id}/members/{who}");
+
+    // A user cannot raise anyone, themselves included; a stranger cannot see the device.
+    for who in ["bob", "me", "alice"] {
+        let (status, body) = bob.patch(&role_of(who), json!({"role": "owner"})).await?;
+        assert_eq!(status, 403, "{who}: {body}");
+        assert!(message(&body).contains("only an owner"), "{body}");
+    }
+    let (status, body) = carol
+        .patch(&role_of("bob"), json!({"role": "owner"}))
+        .await?;
+    assert_eq!(status, 404, "{body}");
+    // What is not a role, not a member or not the shape is refused and changes nothing.
+    for (who, body, want) in [
+        ("bob", json!({"role": "admin"}), 400),
+        ("bob", json!({"role": "owner", "also": 1}), 400),
+        ("bob", json!({}), 400),
+        ("carol", json!({"role": "owner"}), 404),
+        ("nobody", json!({"role": "owner"}), 404),
+    ] {
+        let (status, answer) = alice.patch(&role_of(who), body.clone()).await?;
+        assert_eq!(status, want, "{who} {body}: {answer}");
+    }
+    let (status, body) = alice.patch(&role_of("me"), json!({"role": "user"})).await?;
+    assert_eq!(status, 409, "{body}");
+    assert!(message(&body).contains("last owner"), "{body}");
+    let (_, listed) = alice.get(&format!("/api/cocoons/{id}/members")).await?;
+    assert_eq!(
+        members(&listed),
+        pairs(&[("alice", "owner"), ("bob", "user")])
+    );
+
+    // Raised with the CLI, bob manages the device at once: he shares it.
+    let (code, out, err) = cli(
+        alice_cfg.path(),
+        &["cocoon", "set-role", "box", "bob", "owner"],
+        &alice_env,
+    )?;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("bob is now an owner of box"), "{out}");
+    assert!(out.contains("owner") && out.contains("USER"), "{out}");
+    let (status, bobs) = bob
+        .post("/api/tokens", json!({"kind": "share", "device_id": id}))
+        .await?;
+    assert_eq!(status, 201, "{bobs}");
+    let (_, seen) = bob.cocoon(&id).await?;
+    assert_eq!(seen["role"], "owner");
+
+    // Now alice may step down; then bob is the last owner and may not.
+    let (status, body) = alice.patch(&role_of("me"), json!({"role": "user"})).await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        members(&body),
+        pairs(&[("bob", "owner"), ("alice", "user")])
+    );
+    let (status, body) = bob.patch(&role_of("me"), json!({"role": "user"})).await?;
+    assert_eq!(status, 409, "{body}");
+
+    // Alice, a user now, cannot raise herself back.
+    let (status, _) = alice
+        .patch(&role_of("me"), json!({"role": "owner"}))
+        .await?;
+    assert_eq!(status, 403);
+
+    // Bob, lowered by the other owner, keeps using the device (his stream goes on) but
+    // the share he made stops working.
+    let (status, body) = bob
+        .patch(&role_of("alice"), json!({"role": "owner"}))
+        .await?;
+    assert_eq!(status, 200, "{body}");
+    let resp = bob
+        .http
+        .get(format!("{}/proxy/{id}/web/stream", hub.url))
+        .bearer_auth(&bob.jwt)
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 200);
+    let mut stream = resp.bytes_stream();
+    let (status, body) = alice
+        .patch(&role_of("bob"), json!({"role": "user"}))
+        .await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        members(&body),
+        pairs(&[("alice", "owner"), ("bob", "user")])
+    );
+    for _ in 0..3 {
+        let tick = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await?
+            .ok_or_else(|| anyhow!("the stream of a member made a user ended"))??;
+        assert!(String::from_utf8_lossy(&tick).contains("tick"));
+    }
+    let (status, body) = carol
+        .post("/api/tokens/claim", json!({"token": bobs["token"]}))
+        .await?;
+    assert!(status == 400 || status == 410, "{status} {body}");
+    assert_eq!(carol.cocoon(&id).await?.0, 404);
+    let (status, body) = bob
+        .post("/api/tokens", json!({"kind": "share", "device_id": id}))
+        .await?;
+    assert_eq!(status, 403, "{body}");
+
+    // Each change is in the audit log, with the role given.
+    let (status, audit) = alice.get("/api/audit?limit=1000").await?;
+    assert_eq!(status, 200, "{audit}");
+    let mut changes: Vec<(String, String)> = audit["events"]
+        .as_array()
+        .map(|events| {
+            events
+                .iter()
+                .filter(|e| e["kind"] == "member_role_changed")
+                .filter_map(|e| {
+                    Some((
+                        e["target_user"].as_str()?.to_owned(),
+                        e["detail"].as_str()?.to_owned(),
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    changes.reverse();
+    assert_eq!(
+        changes,
+        pairs(&[
+            ("bob", "owner"),
+            ("alice", "user"),
+            ("alice", "owner"),
+            ("bob", "user")
+        ]),
+        "{audit}"
+    );
     drop(cocoon);
     Ok(())
 }

@@ -96,6 +96,7 @@ adi_storage::conformance_tests!(
     is_owner_reports_ownership,
     share_tokens_grant_their_role_and_raise_never_lower,
     members_are_removed_but_never_the_last_owner,
+    roles_change_in_place_but_never_leave_a_device_without_an_owner,
     deleted_devices_are_forgotten_and_remembered_as_removed,
     api_keys_are_named_scoped_listed_and_revoked,
     users_are_disabled_enabled_and_removed_without_orphaning_devices,
@@ -1164,6 +1165,84 @@ async fn members_are_removed_but_never_the_last_owner(c: Arc<dyn Catalog>) {
     let revoked = c.token(&alices).await.expect("token").expect("kept");
     assert_eq!(revoked.revoked_at, Some(NOW + 5));
     let kept = c.token(&carols).await.expect("token").expect("kept");
+    assert_eq!(kept.revoked_at, None, "other owners' tokens stay");
+}
+
+async fn roles_change_in_place_but_never_leave_a_device_without_an_owner(c: Arc<dyn Catalog>) {
+    let alice = user(&*c, "alice").await;
+    let bob = user(&*c, "bob").await;
+    let carol = user(&*c, "carol").await;
+    let id = enrolled(&*c, &alice, "pi").await;
+    let other = enrolled(&*c, &alice, "other").await;
+    let token = role_token(&*c, alice.id, &id, Role::User).await;
+    c.claim_share(&token, NOW, bob.id).await.expect("claim");
+    let alices = role_token(&*c, alice.id, &id, Role::Owner).await;
+
+    match c.set_role(&id, alice.id, Role::User, NOW).await {
+        Err(CatalogError::LastOwner(name)) => assert_eq!(name, "alice"),
+        other => panic!("the last owner stays one: {other:?}"),
+    }
+    assert!(matches!(
+        c.set_role(&id, carol.id, Role::Owner, NOW).await,
+        Err(CatalogError::NotFound(_))
+    ));
+    assert!(matches!(
+        c.set_role(&other, bob.id, Role::Owner, NOW).await,
+        Err(CatalogError::NotFound(_))
+    ));
+
+    let before = c.last_change().await.expect("last change");
+    let members = c
+        .set_role(&id, bob.id, Role::Owner, NOW)
+        .await
+        .expect("raise bob");
+    assert_eq!(members, vec![owner(&alice), owner(&bob)]);
+    assert_eq!(
+        c.role_of(&id, bob.id).await.expect("role_of"),
+        Some(Role::Owner)
+    );
+    assert_eq!(
+        c.role_of(&other, bob.id).await.expect("role_of"),
+        None,
+        "only that device"
+    );
+    let changed: Vec<(ChangeKind, String)> = c
+        .changes_since(before, 100)
+        .await
+        .expect("changes")
+        .into_iter()
+        .map(|ch| (ch.kind, ch.subject))
+        .collect();
+    assert_eq!(changed, vec![(ChangeKind::Device, id.to_string())]);
+
+    // Now either may step down, but not both; an owner who does takes the share tokens
+    // they made, unused, with them (a user may not share).
+    let bobs = role_token(&*c, bob.id, &id, Role::User).await;
+    let members = c
+        .set_role(&id, alice.id, Role::User, NOW + 1)
+        .await
+        .expect("alice steps down");
+    assert_eq!(members, vec![owner(&bob), plain_user(&alice)]);
+    match c.set_role(&id, bob.id, Role::User, NOW + 2).await {
+        Err(CatalogError::LastOwner(name)) => assert_eq!(name, "bob"),
+        other => panic!("bob is the last owner now: {other:?}"),
+    }
+    // Giving a member the role they have changes nothing.
+    let same = c
+        .set_role(&id, bob.id, Role::Owner, NOW + 3)
+        .await
+        .expect("same role");
+    assert_eq!(same, vec![owner(&bob), plain_user(&alice)]);
+    let listed = c.devices_of(alice.id).await.expect("devices_of");
+    let pi = listed.iter().find(|d| d.id == id).expect("listed");
+    assert_eq!(
+        pi.members,
+        vec![owner(&bob), plain_user(&alice)],
+        "the device's members everywhere"
+    );
+    let revoked = c.token(&alices).await.expect("token").expect("kept");
+    assert_eq!(revoked.revoked_at, Some(NOW + 1));
+    let kept = c.token(&bobs).await.expect("token").expect("kept");
     assert_eq!(kept.revoked_at, None, "other owners' tokens stay");
 }
 

@@ -182,6 +182,18 @@ impl Catalog for MemberView {
         done
     }
 
+    async fn set_role(
+        &self,
+        device: &DeviceId,
+        user: UserId,
+        role: Role,
+        now: i64,
+    ) -> Result<Vec<Member>> {
+        let done = self.inner.set_role(device, user, role, now).await;
+        self.changed();
+        done
+    }
+
     async fn delete_device(&self, device: &DeviceId, now: i64) -> Result<bool> {
         let done = self.inner.delete_device(device, now).await;
         self.changed();

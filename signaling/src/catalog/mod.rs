@@ -584,6 +584,19 @@ pub trait Catalog: Send + Sync + 'static {
     /// members left; `NotFound` if `user` was not a member.
     async fn remove_member(&self, device: &DeviceId, user: UserId, now: i64)
         -> Result<Vec<Member>>;
+    /// In one transaction: gives member `user` of `device` the role `role`, unless that
+    /// would leave the device without an owner (`LastOwner`), and when that role is
+    /// `User`, revokes (at `now`) the share tokens for it they made that nobody used yet,
+    /// since a user may not share. Returns the members as they are after it;
+    /// `NotFound` if `user` is not a member. Streams they hold stay: a user may hold
+    /// them too.
+    async fn set_role(
+        &self,
+        device: &DeviceId,
+        user: UserId,
+        role: Role,
+        now: i64,
+    ) -> Result<Vec<Member>>;
     /// In one transaction: forgets the device, its members and its share tokens, and
     /// remembers that it was removed (at `now`), so its secret is refused with that
     /// reason. Returns whether there was such a device.

@@ -688,6 +688,45 @@ impl Catalog for PgCatalog {
         Ok(members.into_iter().filter(|m| m.id != user).collect())
     }
 
+    async fn set_role(
+        &self,
+        device: &DeviceId,
+        user: UserId,
+        role: Role,
+        now: i64,
+    ) -> Result<Vec<Member>> {
+        let mut tx = self.pool.begin().await?;
+        // As for removals: two owners making each other users at once cannot leave the
+        // device with none.
+        sqlx::query("SELECT id FROM devices WHERE id = $1 FOR UPDATE")
+            .bind(device.as_str())
+            .execute(&mut *tx)
+            .await?;
+        let members = members_of(&mut tx, device).await?;
+        rows::check_role_change(&members, user, role)?;
+        sqlx::query("UPDATE device_owners SET role = $1 WHERE device_id = $2 AND user_id = $3")
+            .bind(role.as_str())
+            .bind(device.as_str())
+            .bind(user.to_string())
+            .execute(&mut *tx)
+            .await?;
+        if role == Role::User {
+            sqlx::query(
+                "UPDATE tokens SET revoked_at = $1 WHERE device_id = $2 AND created_by = $3 \
+                 AND used_at IS NULL AND revoked_at IS NULL",
+            )
+            .bind(now)
+            .bind(device.as_str())
+            .bind(user.to_string())
+            .execute(&mut *tx)
+            .await?;
+        }
+        record_change(&mut tx, ChangeKind::Device, device.as_str(), now).await?;
+        let after = members_of(&mut tx, device).await?;
+        tx.commit().await?;
+        Ok(after)
+    }
+
     async fn delete_device(&self, device: &DeviceId, now: i64) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("SELECT id FROM devices WHERE id = $1 FOR UPDATE")

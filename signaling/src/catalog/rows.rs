@@ -352,6 +352,23 @@ pub(super) fn check_removable(members: &[Member], user: UserId) -> Result<()> {
     Ok(())
 }
 
+/// Whether `user` may be given `role`: a member, and not the last owner made a user.
+pub(super) fn check_role_change(members: &[Member], user: UserId, role: Role) -> Result<()> {
+    let member = members
+        .iter()
+        .find(|m| m.id == user)
+        .ok_or_else(|| CatalogError::NotFound(format!("member {user}")))?;
+    if role == Role::User {
+        let other_owner = members
+            .iter()
+            .any(|m| m.id != user && m.role == Role::Owner);
+        if member.role == Role::Owner && !other_owner {
+            return Err(CatalogError::LastOwner(member.name.clone()));
+        }
+    }
+    Ok(())
+}
+
 /// A stored role.
 pub(super) fn parse_role(s: &str) -> Result<Role> {
     Role::parse(s).ok_or_else(|| CatalogError::Corrupt(format!("role {s:?}")))

@@ -887,6 +887,39 @@ impl Catalog for SqliteCatalog {
         Ok(members.into_iter().filter(|m| m.id != user).collect())
     }
 
+    async fn set_role(
+        &self,
+        device: &DeviceId,
+        user: UserId,
+        role: Role,
+        now: i64,
+    ) -> Result<Vec<Member>> {
+        let mut tx = Tx::begin(&self.pool, "BEGIN IMMEDIATE").await?;
+        let members = members_of(&mut tx, device).await?;
+        rows::check_role_change(&members, user, role)?;
+        sqlx::query("UPDATE device_owners SET role = ? WHERE device_id = ? AND user_id = ?")
+            .bind(role.as_str())
+            .bind(device.as_str())
+            .bind(user.to_string())
+            .execute(&mut *tx)
+            .await?;
+        if role == Role::User {
+            sqlx::query(
+                "UPDATE tokens SET revoked_at = ? WHERE device_id = ? AND created_by = ? \
+                 AND used_at IS NULL AND revoked_at IS NULL",
+            )
+            .bind(now)
+            .bind(device.as_str())
+            .bind(user.to_string())
+            .execute(&mut *tx)
+            .await?;
+        }
+        record_change(&mut tx, ChangeKind::Device, device.as_str(), now).await?;
+        let after = members_of(&mut tx, device).await?;
+        tx.commit().await?;
+        Ok(after)
+    }
+
     async fn delete_device(&self, device: &DeviceId, now: i64) -> Result<bool> {
         let mut tx = Tx::begin(&self.pool, "BEGIN IMMEDIATE").await?;
         let gone = forget_device(&mut tx, device, now).await?;

@@ -7,7 +7,8 @@
 use std::sync::Arc;
 
 use adi_protocol::views::{
-    CocoonView, ConflictView, DeviceDeleted, MemberList, MemberView, OwnerView, ServiceView,
+    CocoonView, ConflictView, DeviceDeleted, MemberList, MemberView, OwnerView, RoleChange,
+    ServiceView,
 };
 use adi_protocol::{DeviceId, ErrorCode, HealthStatus, Role, Scope, ServiceInfo};
 use axum::extract::{Path, State};
@@ -35,7 +36,10 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/api/cocoons/{id}/services", get(get_services))
         .route("/api/cocoons/{id}/load", get(get_load))
         .route("/api/cocoons/{id}/members", get(list_members))
-        .route("/api/cocoons/{id}/members/{user}", delete(remove_member))
+        .route(
+            "/api/cocoons/{id}/members/{user}",
+            delete(remove_member).patch(set_member_role),
+        )
 }
 
 fn service_views(
@@ -252,6 +256,56 @@ async fn remove_member(
     audit::record(&state, audit::by(&caller, kind).on(&device.id).to(member)).await;
     Ok(Json(MemberList {
         members: left.iter().map(member_view).collect(),
+        device_id: device.id,
+    }))
+}
+
+/// Gives a member another role (`{"role": "owner"}` or `{"role": "user"}`): only an
+/// owner may, and it goes by the members as the catalog has them now. `{user}` is as for
+/// removal. The last owner cannot become a user; an owner who becomes one takes the
+/// share tokens they made with them, as a user may not share.
+async fn set_member_role(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((id, who)): Path<(String, String)>,
+    Json(change): Json<RoleChange>,
+) -> Result<Json<MemberList>, ApiError> {
+    let device = access::owned_device(&state, &caller, &id).await?;
+    let not_a_member = || {
+        ApiError::new(
+            ErrorCode::NotFound,
+            format!("{who:?} is not a member of this device"),
+        )
+    };
+    let member = named_member(&device, &who, caller.id).ok_or_else(not_a_member)?;
+    let members = match state
+        .catalog
+        .set_role(&device.id, member, change.role, unix_now_i64())
+        .await
+    {
+        Ok(members) => members,
+        Err(CatalogError::NotFound(_)) => return Err(not_a_member()),
+        Err(e) => return Err(e.into()),
+    };
+    state.registry.set_grants(&device.id, &Grants::of(&members));
+    state.auth.announce_change();
+    tracing::info!(
+        device_id = %device.id,
+        user = %member,
+        role = change.role.as_str(),
+        by = %caller.id,
+        "member role changed"
+    );
+    audit::record(
+        &state,
+        audit::by(&caller, audit::Kind::MemberRoleChanged)
+            .on(&device.id)
+            .to(member)
+            .detail(change.role.as_str()),
+    )
+    .await;
+    Ok(Json(MemberList {
+        members: members.iter().map(member_view).collect(),
         device_id: device.id,
     }))
 }
