@@ -674,15 +674,7 @@ impl Catalog for PgCatalog {
             .bind(user.to_string())
             .execute(&mut *tx)
             .await?;
-        sqlx::query(
-            "UPDATE tokens SET revoked_at = $1 WHERE device_id = $2 AND created_by = $3 \
-             AND used_at IS NULL AND revoked_at IS NULL",
-        )
-        .bind(now)
-        .bind(device.as_str())
-        .bind(user.to_string())
-        .execute(&mut *tx)
-        .await?;
+        revoke_unused_shares(&mut tx, device, user, now).await?;
         record_change(&mut tx, ChangeKind::Device, device.as_str(), now).await?;
         tx.commit().await?;
         Ok(members.into_iter().filter(|m| m.id != user).collect())
@@ -711,15 +703,7 @@ impl Catalog for PgCatalog {
             .execute(&mut *tx)
             .await?;
         if role == Role::User {
-            sqlx::query(
-                "UPDATE tokens SET revoked_at = $1 WHERE device_id = $2 AND created_by = $3 \
-                 AND used_at IS NULL AND revoked_at IS NULL",
-            )
-            .bind(now)
-            .bind(device.as_str())
-            .bind(user.to_string())
-            .execute(&mut *tx)
-            .await?;
+            revoke_unused_shares(&mut tx, device, user, now).await?;
         }
         record_change(&mut tx, ChangeKind::Device, device.as_str(), now).await?;
         let after = members_of(&mut tx, device).await?;
@@ -845,6 +829,26 @@ async fn record_change(
 }
 
 /// The members of `device`, owners first, each by name.
+/// Revokes (at `now`) the share tokens for `device` that `user` made and nobody used:
+/// what a member hands out goes with their right to hand it out.
+async fn revoke_unused_shares(
+    conn: &mut PgConnection,
+    device: &DeviceId,
+    user: UserId,
+    now: i64,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE tokens SET revoked_at = $1 WHERE device_id = $2 AND created_by = $3 \
+         AND used_at IS NULL AND revoked_at IS NULL",
+    )
+    .bind(now)
+    .bind(device.as_str())
+    .bind(user.to_string())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
 async fn members_of(conn: &mut PgConnection, device: &DeviceId) -> Result<Vec<Member>> {
     let members = sqlx::query_as::<_, MemberRow>(&format!(
         "SELECT {MEMBER_COLUMNS} FROM device_owners o JOIN users u ON u.id = o.user_id \

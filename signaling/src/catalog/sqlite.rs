@@ -873,15 +873,7 @@ impl Catalog for SqliteCatalog {
             .bind(user.to_string())
             .execute(&mut *tx)
             .await?;
-        sqlx::query(
-            "UPDATE tokens SET revoked_at = ? WHERE device_id = ? AND created_by = ? \
-             AND used_at IS NULL AND revoked_at IS NULL",
-        )
-        .bind(now)
-        .bind(device.as_str())
-        .bind(user.to_string())
-        .execute(&mut *tx)
-        .await?;
+        revoke_unused_shares(&mut tx, device, user, now).await?;
         record_change(&mut tx, ChangeKind::Device, device.as_str(), now).await?;
         tx.commit().await?;
         Ok(members.into_iter().filter(|m| m.id != user).collect())
@@ -904,15 +896,7 @@ impl Catalog for SqliteCatalog {
             .execute(&mut *tx)
             .await?;
         if role == Role::User {
-            sqlx::query(
-                "UPDATE tokens SET revoked_at = ? WHERE device_id = ? AND created_by = ? \
-                 AND used_at IS NULL AND revoked_at IS NULL",
-            )
-            .bind(now)
-            .bind(device.as_str())
-            .bind(user.to_string())
-            .execute(&mut *tx)
-            .await?;
+            revoke_unused_shares(&mut tx, device, user, now).await?;
         }
         record_change(&mut tx, ChangeKind::Device, device.as_str(), now).await?;
         let after = members_of(&mut tx, device).await?;
@@ -1036,6 +1020,26 @@ async fn record_change(
 }
 
 /// The members of `device`, owners first, each by name.
+/// Revokes (at `now`) the share tokens for `device` that `user` made and nobody used:
+/// what a member hands out goes with their right to hand it out.
+async fn revoke_unused_shares(
+    conn: &mut SqliteConnection,
+    device: &DeviceId,
+    user: UserId,
+    now: i64,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE tokens SET revoked_at = ? WHERE device_id = ? AND created_by = ? \
+         AND used_at IS NULL AND revoked_at IS NULL",
+    )
+    .bind(now)
+    .bind(device.as_str())
+    .bind(user.to_string())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
 async fn members_of(conn: &mut SqliteConnection, device: &DeviceId) -> Result<Vec<Member>> {
     let members = sqlx::query_as::<_, MemberRow>(&format!(
         "SELECT {MEMBER_COLUMNS} FROM device_owners o JOIN users u ON u.id = o.user_id \
