@@ -4,7 +4,10 @@
 //! connection left idle that long), and ends when the hub stops. The last slots under
 //! the total cap are kept for what must always get through — health checks, sign-ins
 //! and devices reconnecting — so idle or half-open sockets can never lock those out.
-//! A WebSocket keeps its connection's slot for as long as it lives.
+//! A WebSocket keeps its connection's slot for as long as it lives. Another hub of the
+//! cluster opens a connection per request it forwards, so an address from which a
+//! request proved it came from a hub (the cluster's hub key) is not held to the cap per
+//! source for a while after: only to the total cap, whose reserve stays.
 //!
 //! It must never decide anything about what a request may do: routing and access are
 //! the router's. Refusals are written without reading the request, so a refused
@@ -14,7 +17,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use adi_protocol::ErrorCode;
 use axum::body::Body;
@@ -58,7 +61,19 @@ pub(crate) struct Admission {
 struct Counts {
     total: usize,
     by_source: HashMap<IpAddr, usize>,
+    /// Addresses another hub of the cluster proved itself from, and when it last did.
+    hubs: HashMap<IpAddr, Instant>,
 }
+
+/// How long an address a hub proved itself from stays exempt from the cap per source
+/// after its last such request (a cluster's hubs talk every few seconds while in use).
+const HUB_SOURCE_TRUST: Duration = Duration::from_secs(600);
+/// At most this many such addresses are remembered: a cluster has a handful of hubs,
+/// and only holders of the hub key add one.
+const MAX_HUB_SOURCES: usize = 256;
+
+/// Whether a request's headers carry the cluster's hub key.
+pub(crate) type HubCheck = Arc<dyn Fn(&axum::http::HeaderMap) -> bool + Send + Sync>;
 
 /// Counters of refused connections, by reason, for `/metrics`.
 #[derive(Clone)]
@@ -82,7 +97,14 @@ enum Admit {
 /// HTTP connection keeps the slot.
 #[derive(Clone)]
 pub struct ConnSlot {
-    _held: Arc<Held>,
+    held: Arc<Held>,
+}
+
+impl ConnSlot {
+    /// This connection's address sent a request that proved it came from another hub.
+    fn vouch_for_hub(&self) {
+        self.held.admission.vouch_for_hub(self.held.source);
+    }
 }
 
 struct Held {
@@ -124,10 +146,29 @@ impl Admission {
         self.lock().total
     }
 
+    /// Records that a request from `source` proved it came from another hub.
+    fn vouch_for_hub(&self, source: IpAddr) {
+        let mut counts = self.lock();
+        let now = Instant::now();
+        if !counts.hubs.contains_key(&source) && counts.hubs.len() >= MAX_HUB_SOURCES {
+            counts
+                .hubs
+                .retain(|_, seen| now.duration_since(*seen) < HUB_SOURCE_TRUST);
+            if counts.hubs.len() >= MAX_HUB_SOURCES {
+                return;
+            }
+        }
+        counts.hubs.insert(source, now);
+    }
+
     fn admit(self: &Arc<Self>, source: IpAddr) -> Admit {
         let mut counts = self.lock();
         let from_source = counts.by_source.get(&source).copied().unwrap_or(0);
-        if self.max_per_source > 0 && from_source >= self.max_per_source {
+        let hub = counts
+            .hubs
+            .get(&source)
+            .is_some_and(|seen| seen.elapsed() < HUB_SOURCE_TRUST);
+        if self.max_per_source > 0 && from_source >= self.max_per_source && !hub {
             self.refused.per_source.inc();
             return Admit::Refused(TOO_MANY_FROM_SOURCE);
         }
@@ -140,7 +181,7 @@ impl Admission {
         *counts.by_source.entry(source).or_insert(0) += 1;
         drop(counts);
         let slot = ConnSlot {
-            _held: Arc::new(Held {
+            held: Arc::new(Held {
                 admission: self.clone(),
                 source,
             }),
@@ -166,6 +207,7 @@ pub(crate) async fn serve<S>(
     config: &HubConfig,
     tls: Option<tokio_rustls::TlsAcceptor>,
     admission: Arc<Admission>,
+    hub_check: Option<HubCheck>,
     shutdown: CancellationToken,
 ) where
     S: tower::Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
@@ -208,6 +250,7 @@ pub(crate) async fn serve<S>(
             peer,
             slot,
             priority,
+            hub_check: hub_check.clone(),
         });
         let stop = shutdown.clone();
         match &tls {
@@ -290,6 +333,7 @@ struct ConnService<S> {
     peer: SocketAddr,
     slot: ConnSlot,
     priority: bool,
+    hub_check: Option<HubCheck>,
 }
 
 impl<S> tower::Service<hyper::Request<Incoming>> for ConnService<S>
@@ -314,6 +358,11 @@ where
         let mut req = req.map(Body::new);
         if let Some(refusal) = self.refusal(&req) {
             return Either::Left(std::future::ready(Ok(refusal)));
+        }
+        if let Some(check) = &self.hub_check {
+            if req.headers().contains_key(crate::cluster::HUB_KEY_HEADER) && check(req.headers()) {
+                self.slot.vouch_for_hub();
+            }
         }
         req.extensions_mut().insert(ConnectInfo(self.peer));
         req.extensions_mut().insert(self.slot.clone());
@@ -421,5 +470,62 @@ mod tests {
             admission.lock().by_source.is_empty(),
             "no source left behind"
         );
+    }
+
+    #[test]
+    fn an_address_a_hub_proved_itself_from_passes_the_cap_per_source_but_not_the_total() {
+        let config = HubConfig {
+            max_connections: 64,
+            max_connections_per_source: 8,
+            ..HubConfig::default()
+        };
+        let admission = Admission::new(&config, refused());
+        let hub: IpAddr = [127, 0, 0, 2].into();
+        let other: IpAddr = [127, 0, 0, 3].into();
+        let mut held = Vec::new();
+        for ip in [hub, other] {
+            for _ in 0..8 {
+                match admission.admit(ip) {
+                    Admit::Open(slot) => held.push(slot),
+                    _ => panic!("refused under both caps"),
+                }
+            }
+            assert!(matches!(
+                admission.admit(ip),
+                Admit::Refused(TOO_MANY_FROM_SOURCE)
+            ));
+        }
+        // One request from the hub's address carried the hub key.
+        held[0].vouch_for_hub();
+        for _ in 0..44 {
+            match admission.admit(hub) {
+                Admit::Open(slot) => held.push(slot),
+                _ => panic!("a hub's address was held to the cap per source"),
+            }
+        }
+        assert!(
+            matches!(admission.admit(other), Admit::Refused(TOO_MANY_FROM_SOURCE)),
+            "other addresses keep their cap"
+        );
+        // The total cap and its reserve hold for the hub too.
+        let kept: Vec<ConnSlot> = (0..4)
+            .filter_map(|_| match admission.admit(hub) {
+                Admit::Priority(slot) => Some(slot),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(kept.len(), 4);
+        assert!(matches!(admission.admit(hub), Admit::Refused(AT_CAPACITY)));
+        drop((held, kept));
+        assert_eq!(admission.open(), 0);
+    }
+
+    #[test]
+    fn addresses_vouched_for_are_bounded() {
+        let admission = Admission::new(&HubConfig::default(), refused());
+        for i in 0..(MAX_HUB_SOURCES as u32 + 10) {
+            admission.vouch_for_hub(IpAddr::from(i.to_be_bytes()));
+        }
+        assert_eq!(admission.lock().hubs.len(), MAX_HUB_SOURCES);
     }
 }

@@ -14,6 +14,7 @@ use anyhow::{anyhow, ensure, Result};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
 
 use crate::harness::{fresh_postgres, nats_url, wait_for, Api, Cocoon, Hub};
 use crate::proxy::{serve, service, vm_kib, Seen};
@@ -478,6 +479,96 @@ async fn capabilities_are_routed_by_load_across_devices_on_different_hubs() -> R
             killed.elapsed().as_secs_f64()
         );
         drop((x, y));
+        Ok(())
+    })
+    .await
+}
+
+/// A hub forwards each request on its own connection to the device's hub, all from one
+/// address: once one of them carried the hub key, that address is not held to the cap
+/// per source, while any other address still is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_forwarding_many_streams_is_not_held_to_the_cap_per_source() -> Result<()> {
+    const CAP: usize = 16;
+    const STREAMS: usize = 24;
+    let cap = CAP.to_string();
+    in_cluster(&["--max-connections-per-source", &cap], |c| async move {
+        let seen = Arc::new(Seen::default());
+        let port = serve(service(seen.clone())).await?;
+        let token = c.alice(0).await?.setup_token(60).await?;
+        let device = Cocoon::start(
+            &c.hubs[0].url,
+            "box",
+            Some(&token),
+            &["--service", &format!("web:{port}")],
+        )?;
+        let id = device.device_id().await?;
+        let on_b = c.alice(1).await?;
+        online_on(&on_b, &id, Duration::from_secs(5)).await?;
+        // Users on three addresses of their own, each under hub b's cap.
+        let clients: Vec<reqwest::Client> = (2..5u8)
+            .map(|n| {
+                reqwest::Client::builder()
+                    .local_address(std::net::IpAddr::from([127, 0, 0, n]))
+                    .no_proxy()
+                    .build()
+            })
+            .collect::<Result<_, _>>()?;
+        let url = |rest: &str| format!("{}/proxy/{id}/web{rest}", on_b.base);
+        let warm = clients[0]
+            .get(url("/"))
+            .bearer_auth(&on_b.jwt)
+            .send()
+            .await?;
+        anyhow::ensure!(warm.status() == 200, "{}", warm.status());
+
+        // Many streams held open at once through hub b, each its own connection to a.
+        let mut open = Vec::new();
+        for i in 0..STREAMS {
+            let resp = clients[i % clients.len()]
+                .get(url("/sse"))
+                .bearer_auth(&on_b.jwt)
+                .send()
+                .await?;
+            let status = resp.status();
+            if status != 200 {
+                let body = resp.text().await.unwrap_or_default();
+                anyhow::bail!("stream {i}: {status} {body}");
+            }
+            let mut body = resp.bytes_stream();
+            let mut text = String::new();
+            while !text.contains("data: first") {
+                let chunk = tokio::time::timeout(Duration::from_secs(10), body.next())
+                    .await?
+                    .ok_or_else(|| anyhow!("stream {i} ended early"))??;
+                text.push_str(&String::from_utf8_lossy(&chunk));
+            }
+            open.push(body);
+        }
+
+        // Anyone else's address is still held to the cap on hub a.
+        let mut held = Vec::new();
+        let refused = loop {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(std::net::SocketAddr::from(([127, 0, 0, 5], 0)))?;
+            let mut tcp = socket
+                .connect(std::net::SocketAddr::from(([127, 0, 0, 1], c.hubs[0].port)))
+                .await?;
+            let mut first = [0u8; 12];
+            match tokio::time::timeout(Duration::from_millis(300), tcp.read(&mut first)).await {
+                Ok(Ok(n)) => break String::from_utf8_lossy(&first[..n]).into_owned(),
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => held.push(tcp),
+            }
+            anyhow::ensure!(
+                held.len() <= CAP,
+                "{} connections from one address",
+                held.len()
+            );
+        };
+        anyhow::ensure!(held.len() == CAP, "refused after {}", held.len());
+        anyhow::ensure!(refused.starts_with("HTTP/1.1 429"), "{refused}");
+        drop((open, held, device));
         Ok(())
     })
     .await
