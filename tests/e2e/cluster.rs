@@ -484,6 +484,24 @@ async fn capabilities_are_routed_by_load_across_devices_on_different_hubs() -> R
     .await
 }
 
+/// A device on hub a serving the proxy tests' service as `web`, online as seen from hub
+/// b: the device, its id, and alice signed in on hub b.
+async fn web_device_on_a(c: &Cluster) -> Result<(Cocoon, String, Api)> {
+    let seen = Arc::new(Seen::default());
+    let port = serve(service(seen.clone())).await?;
+    let token = c.alice(0).await?.setup_token(60).await?;
+    let device = Cocoon::start(
+        &c.hubs[0].url,
+        "box",
+        Some(&token),
+        &["--service", &format!("web:{port}")],
+    )?;
+    let id = device.device_id().await?;
+    let on_b = c.alice(1).await?;
+    online_on(&on_b, &id, Duration::from_secs(5)).await?;
+    Ok((device, id, on_b))
+}
+
 /// A hub forwards each request on its own connection to the device's hub, all from one
 /// address: once one of them carried the hub key, that address is not held to the cap
 /// per source, while any other address still is.
@@ -493,18 +511,7 @@ async fn a_hub_forwarding_many_streams_is_not_held_to_the_cap_per_source() -> Re
     const STREAMS: usize = 24;
     let cap = CAP.to_string();
     in_cluster(&["--max-connections-per-source", &cap], |c| async move {
-        let seen = Arc::new(Seen::default());
-        let port = serve(service(seen.clone())).await?;
-        let token = c.alice(0).await?.setup_token(60).await?;
-        let device = Cocoon::start(
-            &c.hubs[0].url,
-            "box",
-            Some(&token),
-            &["--service", &format!("web:{port}")],
-        )?;
-        let id = device.device_id().await?;
-        let on_b = c.alice(1).await?;
-        online_on(&on_b, &id, Duration::from_secs(5)).await?;
+        let (device, id, on_b) = web_device_on_a(&c).await?;
         // Users on three addresses of their own, each under hub b's cap.
         let clients: Vec<reqwest::Client> = (2..5u8)
             .map(|n| {
@@ -578,19 +585,8 @@ async fn a_hub_forwarding_many_streams_is_not_held_to_the_cap_per_source() -> Re
 async fn a_killed_hub_s_device_is_back_on_another_within_seconds_and_its_streams_end_at_once(
 ) -> Result<()> {
     in_cluster(&[], |mut c| async move {
-        let seen = Arc::new(Seen::default());
-        let port = serve(service(seen.clone())).await?;
-        let on_b = c.alice(1).await?;
-        let token = c.alice(0).await?.setup_token(60).await?;
         // The device knows hub a only; it learns the others from hub a.
-        let device = Cocoon::start(
-            &c.hubs[0].url,
-            "box",
-            Some(&token),
-            &["--service", &format!("web:{port}")],
-        )?;
-        let id = device.device_id().await?;
-        online_on(&on_b, &id, Duration::from_secs(5)).await?;
+        let (device, id, on_b) = web_device_on_a(&c).await?;
         let client = http()?;
         let url = |rest: &str| format!("{}/proxy/{id}/web{rest}", on_b.base);
         // A stream through hub b from the device on hub a, mid-way when a dies.
