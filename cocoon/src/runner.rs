@@ -1917,12 +1917,19 @@ mod tests {
         let runner = Runner::start(f.store.clone(), config())
             .await
             .expect("start");
+        // It exits once the test has seen both sleeps running: when it does, they go too.
+        let go = f.dir.path().join("go");
+        let exit = format!(
+            "while [ ! -e {} ]; do sleep 0.05; done; exit 0",
+            go.display()
+        );
         let task = runner
-            .submit(shell("daemoniser", &detacher(f.dir.path(), "exit 0")))
+            .submit(shell("daemoniser", &detacher(f.dir.path(), &exit)))
             .await
             .expect("submit");
         cleanup.cgroups.push(cgroups.join(task.id.to_string()));
         let pids = detached_pids(f.dir.path(), &mut cleanup).await;
+        std::fs::write(&go, b"").expect("let the task exit");
         let done = wait_final(&*f.store, task.id).await;
         assert_eq!(done.status, TaskStatus::Completed, "{done:?}");
         wait_dead(&pids, "the end of their task").await;
