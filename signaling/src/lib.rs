@@ -405,11 +405,7 @@ pub async fn spawn(config: HubConfig) -> Result<HubHandle, HubError> {
                 &state.config,
                 acceptor,
                 admission,
-                state.cluster.clone().map(|cluster| {
-                    Arc::new(move |headers: &axum::http::HeaderMap| {
-                        cluster::sent_by_hub(Some(&cluster), headers)
-                    }) as server::HubCheck
-                }),
+                state.cluster.clone(),
                 shutdown.clone(),
             );
             tokio::select! {

@@ -72,9 +72,6 @@ const HUB_SOURCE_TRUST: Duration = Duration::from_secs(600);
 /// and only holders of the hub key add one.
 const MAX_HUB_SOURCES: usize = 256;
 
-/// Whether a request's headers carry the cluster's hub key.
-pub(crate) type HubCheck = Arc<dyn Fn(&axum::http::HeaderMap) -> bool + Send + Sync>;
-
 /// Counters of refused connections, by reason, for `/metrics`.
 #[derive(Clone)]
 pub(crate) struct Refused {
@@ -207,7 +204,7 @@ pub(crate) async fn serve<S>(
     config: &HubConfig,
     tls: Option<tokio_rustls::TlsAcceptor>,
     admission: Arc<Admission>,
-    hub_check: Option<HubCheck>,
+    cluster: Option<Arc<crate::cluster::Cluster>>,
     shutdown: CancellationToken,
 ) where
     S: tower::Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
@@ -250,7 +247,7 @@ pub(crate) async fn serve<S>(
             peer,
             slot,
             priority,
-            hub_check: hub_check.clone(),
+            cluster: cluster.clone(),
         });
         let stop = shutdown.clone();
         match &tls {
@@ -333,7 +330,8 @@ struct ConnService<S> {
     peer: SocketAddr,
     slot: ConnSlot,
     priority: bool,
-    hub_check: Option<HubCheck>,
+    /// Whose hub key proves a request came from another of its hubs.
+    cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl<S> tower::Service<hyper::Request<Incoming>> for ConnService<S>
@@ -359,10 +357,8 @@ where
         if let Some(refusal) = self.refusal(&req) {
             return Either::Left(std::future::ready(Ok(refusal)));
         }
-        if let Some(check) = &self.hub_check {
-            if req.headers().contains_key(crate::cluster::HUB_KEY_HEADER) && check(req.headers()) {
-                self.slot.vouch_for_hub();
-            }
+        if crate::cluster::sent_by_hub(self.cluster.as_deref(), req.headers()) {
+            self.slot.vouch_for_hub();
         }
         req.extensions_mut().insert(ConnectInfo(self.peer));
         req.extensions_mut().insert(self.slot.clone());

@@ -783,26 +783,22 @@ async fn an_owner_changes_a_members_role_removes_them_revokes_a_key_and_a_token_
     )
     .await?;
 
-    // Make bob an owner and a user again: the API follows each click, the card shows it.
-    let bob_role = || async {
-        let (_, seen) = bob.cocoon(&id).await?;
-        Ok::<_, anyhow::Error>(seen["role"].as_str().unwrap_or_default().to_owned())
-    };
-    for to in ["owner", "user"] {
-        b.click(&format!(
-            "article.device[data-id='{id}'] li[data-member='bob'] button.set-role[data-role='{to}']"
-        ))
-        .await?;
+    // Make bob an owner and a user again: the API follows each click, and the card then
+    // offers the way back.
+    for (to, back, label) in [
+        ("owner", "user", "Make user"),
+        ("user", "owner", "Make owner"),
+    ] {
+        let button = |role: &str| {
+            format!("article.device[data-id='{id}'] li[data-member='bob'] button.set-role[data-role='{role}']")
+        };
+        b.click(&button(to)).await?;
         wait_for(&format!("bob to be {to}"), BROWSER_WAIT, || async {
-            Ok((bob_role().await? == to).then_some(()))
+            let (_, seen) = bob.cocoon(&id).await?;
+            Ok((seen["role"] == to).then_some(()))
         })
         .await?;
-        let back = if to == "owner" { "user" } else { "owner" };
-        b.wait_text(
-            &format!("article.device[data-id='{id}'] li[data-member='bob'] button.set-role[data-role='{back}']"),
-            if back == "owner" { "Make owner" } else { "Make user" },
-        )
-        .await?;
+        b.wait_text(&button(back), label).await?;
     }
 
     // Remove bob: he loses the device in the API.

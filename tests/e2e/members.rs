@@ -364,7 +364,8 @@ async fn an_owner_gives_a_member_another_role_in_place_and_a_device_keeps_an_own
     let (status, body) = carol
         .post("/api/tokens/claim", json!({"token": bobs["token"]}))
         .await?;
-    assert!(status == 400 || status == 410, "{status} {body}");
+    assert_eq!(status, 410, "{body}");
+    assert_eq!(body["error"]["code"], "token_revoked", "{body}");
     assert_eq!(carol.cocoon(&id).await?.0, 404);
     let (status, body) = bob
         .post("/api/tokens", json!({"kind": "share", "device_id": id}))

@@ -352,21 +352,14 @@ pub(super) fn check_removable(members: &[Member], user: UserId) -> Result<()> {
     Ok(())
 }
 
-/// Whether `user` may be given `role`: a member, and not the last owner made a user.
+/// Whether `user` may be given `role`: a member, and, made a user, not the last owner
+/// (the same rule as for leaving).
 pub(super) fn check_role_change(members: &[Member], user: UserId, role: Role) -> Result<()> {
-    let member = members
-        .iter()
-        .find(|m| m.id == user)
-        .ok_or_else(|| CatalogError::NotFound(format!("member {user}")))?;
-    if role == Role::User {
-        let other_owner = members
-            .iter()
-            .any(|m| m.id != user && m.role == Role::Owner);
-        if member.role == Role::Owner && !other_owner {
-            return Err(CatalogError::LastOwner(member.name.clone()));
-        }
+    match role {
+        Role::User => check_removable(members, user),
+        Role::Owner if members.iter().any(|m| m.id == user) => Ok(()),
+        Role::Owner => Err(CatalogError::NotFound(format!("member {user}"))),
     }
-    Ok(())
 }
 
 /// A stored role.

@@ -1019,7 +1019,6 @@ async fn record_change(
     Ok(())
 }
 
-/// The members of `device`, owners first, each by name.
 /// Revokes (at `now`) the share tokens for `device` that `user` made and nobody used:
 /// what a member hands out goes with their right to hand it out.
 async fn revoke_unused_shares(
@@ -1040,6 +1039,7 @@ async fn revoke_unused_shares(
     Ok(())
 }
 
+/// The members of `device`, owners first, each by name.
 async fn members_of(conn: &mut SqliteConnection, device: &DeviceId) -> Result<Vec<Member>> {
     let members = sqlx::query_as::<_, MemberRow>(&format!(
         "SELECT {MEMBER_COLUMNS} FROM device_owners o JOIN users u ON u.id = o.user_id \

@@ -222,12 +222,7 @@ async fn remove_member(
     Path((id, who)): Path<(String, String)>,
 ) -> Result<Json<MemberList>, ApiError> {
     let device = access::device(&state, &caller, &id, Scope::MembersWrite).await?;
-    let member = named_member(&device, &who, caller.id).ok_or_else(|| {
-        ApiError::new(
-            ErrorCode::NotFound,
-            format!("{who:?} is not a member of this device"),
-        )
-    })?;
+    let member = named_member(&device, &who, caller.id).ok_or_else(|| not_a_member(&who))?;
     if member != caller.id && device.role_of(caller.id) != Some(Role::Owner) {
         return Err(AccessError::NotOwner.into());
     }
@@ -237,12 +232,7 @@ async fn remove_member(
         .await
     {
         Ok(left) => left,
-        Err(CatalogError::NotFound(_)) => {
-            return Err(ApiError::new(
-                ErrorCode::NotFound,
-                format!("{who:?} is not a member of this device"),
-            ))
-        }
+        Err(CatalogError::NotFound(_)) => return Err(not_a_member(&who)),
         Err(e) => return Err(e.into()),
     };
     state.registry.set_grants(&device.id, &Grants::of(&left));
@@ -271,20 +261,14 @@ async fn set_member_role(
     Json(change): Json<RoleChange>,
 ) -> Result<Json<MemberList>, ApiError> {
     let device = access::owned_device(&state, &caller, &id).await?;
-    let not_a_member = || {
-        ApiError::new(
-            ErrorCode::NotFound,
-            format!("{who:?} is not a member of this device"),
-        )
-    };
-    let member = named_member(&device, &who, caller.id).ok_or_else(not_a_member)?;
+    let member = named_member(&device, &who, caller.id).ok_or_else(|| not_a_member(&who))?;
     let members = match state
         .catalog
         .set_role(&device.id, member, change.role, unix_now_i64())
         .await
     {
         Ok(members) => members,
-        Err(CatalogError::NotFound(_)) => return Err(not_a_member()),
+        Err(CatalogError::NotFound(_)) => return Err(not_a_member(&who)),
         Err(e) => return Err(e.into()),
     };
     state.registry.set_grants(&device.id, &Grants::of(&members));
@@ -308,6 +292,14 @@ async fn set_member_role(
         members: members.iter().map(member_view).collect(),
         device_id: device.id,
     }))
+}
+
+/// `who` names nobody among the device's members.
+fn not_a_member(who: &str) -> ApiError {
+    ApiError::new(
+        ErrorCode::NotFound,
+        format!("{who:?} is not a member of this device"),
+    )
 }
 
 /// The member `who` names: `me`, a user id, or a user name.
