@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use adi_mux::batch::WriteBatch;
+use adi_mux::batch::Pacing;
 use adi_protocol::{
     decode, encode, CapabilityOffer, CapabilityOutcome, DeviceId, DeviceRequest, DeviceSecret,
     DeviceToHub, ErrorCode, Heartbeat, HubToDevice, Outcome, ProxyRequest, Register, RemoteError,
@@ -453,6 +453,8 @@ struct Session<'a> {
     services: Arc<[ServiceInfo]>,
     /// What the device offers and serves, as this session told the hub.
     views: Views,
+    /// Whether this socket's frames have been meeting in its writes.
+    pacing: Pacing,
 }
 
 /// A session's own views of what the device offers and serves, so that a change made
@@ -503,6 +505,7 @@ impl<'a> Session<'a> {
             next_ask: 1,
             services,
             views,
+            pacing: Pacing::default(),
         }
     }
 
@@ -618,7 +621,7 @@ impl<'a> Session<'a> {
         if let Err(e) = self.ws.feed(Message::Binary(first)).await {
             return failed(e);
         }
-        let mut batch = WriteBatch::started();
+        let mut batch = self.pacing.start();
         let mut ran_dry = false;
         while batch.more(ran_dry).await {
             ran_dry = match self.frames.try_recv() {
@@ -632,6 +635,7 @@ impl<'a> Session<'a> {
                 Err(_) => true,
             };
         }
+        self.pacing.finished(&batch);
         self.ws.flush().await.err().and_then(failed)
     }
 
@@ -644,7 +648,7 @@ impl<'a> Session<'a> {
         if let Err(e) = self.ws.feed(frame).await {
             return failed(e);
         }
-        let mut batch = WriteBatch::started();
+        let mut batch = self.pacing.start();
         let mut ran_dry = false;
         while batch.more(ran_dry).await {
             ran_dry = match self.answers.try_recv() {
@@ -659,6 +663,7 @@ impl<'a> Session<'a> {
                 Err(_) => true,
             };
         }
+        self.pacing.finished(&batch);
         self.ws.flush().await.err().and_then(failed)
     }
 

@@ -26,7 +26,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use adi_mux::batch::WriteBatch;
+use adi_mux::batch::Pacing;
 use adi_protocol::{
     decode, encode, negotiate_version, CapabilityOutcome, CapabilityQuery, DecodeError, DeviceId,
     DeviceToHub, ErrorCode, Hardware, HubToDevice, LoadReport, Outcome, Register, Registered,
@@ -173,6 +173,7 @@ pub(crate) async fn serve(
         streams: None,
         frames: None,
         heads: HashMap::new(),
+        pacing: Pacing::default(),
         next_stream: 1,
     };
     tokio::spawn(conn.run());
@@ -312,6 +313,8 @@ struct Connection {
     /// Proxied requests waiting for their response head, by stream.
     heads: HashMap<u32, HeadReply>,
     next_stream: u32,
+    /// Whether this socket's frames have been meeting in its writes.
+    pacing: Pacing,
 }
 
 impl Connection {
@@ -385,11 +388,12 @@ impl Connection {
     /// Writes `first` and whatever else is ready (queued commands, body frames), up to
     /// [`BATCH`] frames, then flushes once: a busy device gets its traffic in few
     /// writes instead of one syscall per frame. When the queue runs dry it yields once
-    /// first, so the requests whose connections are ready on this thread queue theirs
-    /// too: under load a write then carries several frames, for one scheduler pass.
+    /// first while frames have been meeting, so the requests whose connections are
+    /// ready on this thread queue theirs too: under load a write then carries several
+    /// frames, for one scheduler pass.
     async fn write(&mut self, first: Message) -> Result<(), axum::Error> {
         self.socket.feed(first).await?;
-        let mut batch = WriteBatch::started();
+        let mut batch = self.pacing.start();
         let mut ran_dry = false;
         while batch.more(ran_dry).await {
             ran_dry = match self.ready() {
@@ -402,6 +406,7 @@ impl Connection {
                 }
             };
         }
+        self.pacing.finished(&batch);
         self.socket.flush().await
     }
 
