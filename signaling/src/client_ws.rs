@@ -1,8 +1,12 @@
 //! The client WebSocket (`/ws/client`): a signed-in person's live channel. It streams
 //! aggregate queries part by part, so a UI shows the first device's tasks before the
 //! slowest device replies, and, once asked, the live state of the person's devices as
-//! it changes. One actor per socket; queries run one at a time. Which devices a socket
-//! hears of is decided by [`crate::access`], read again on every change of access.
+//! it changes. One actor per socket; queries run one at a time, each in a task of its
+//! own that hands the actor its messages, so that while a query waits for a slow device
+//! the socket still hears of its devices' changes, and still closes at once when its
+//! session ends or the hub stops. A client's next frame is read once the query is done.
+//! Which devices a socket hears of is decided by [`crate::access`], read again on every
+//! change of access.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,6 +16,8 @@ use adi_protocol::client::{ClientToHub, DeviceLive, DeviceRef, HubToClient};
 use adi_protocol::{decode, encode, DeviceId, ErrorCode, Scope};
 use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket};
 use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::debug;
 
 use crate::access;
@@ -27,6 +33,8 @@ const MAX_CLIENT_FRAME: usize = 64 * 1024;
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// How long any other frame may wait for a client that does not read.
 const SEND_WAIT: Duration = Duration::from_secs(30);
+/// A query's messages waiting for the socket: the query waits while the client reads.
+const QUERY_QUEUE: usize = 4;
 
 pub(crate) async fn serve(state: Arc<HubState>, mut socket: WebSocket) {
     let (caller, expires_at) = match authenticate(&state, &mut socket).await {
@@ -50,6 +58,7 @@ pub(crate) async fn serve(state: Arc<HubState>, mut socket: WebSocket) {
     // user disabled first.
     let mut revocations = state.auth.changes();
     let mut watch: Option<Watch> = None;
+    let mut query: Option<Query> = None;
     let mut tick = tokio::time::interval(WATCH_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -88,7 +97,18 @@ pub(crate) async fn serve(state: Arc<HubState>, mut socket: WebSocket) {
                 }
                 continue;
             }
-            f = socket.recv() => f,
+            msg = next_message(&mut query), if query.is_some() => {
+                match msg {
+                    Some(msg) => {
+                        if send(&mut socket, &msg).await.is_err() {
+                            return;
+                        }
+                    }
+                    None => query = None,
+                }
+                continue;
+            }
+            f = socket.recv(), if query.is_none() => f,
         };
         let bytes = match frame {
             None | Some(Ok(Message::Close(_))) => return,
@@ -141,30 +161,13 @@ pub(crate) async fn serve(state: Arc<HubState>, mut socket: WebSocket) {
                 timeout_ms,
             }) => {
                 let params = ListParams::from_query(&filter, limit, timeout_ms);
-                if let Err(e) = aggregate_query(
-                    &state,
-                    &caller,
-                    &mut socket,
-                    &query_id,
-                    &params,
-                    cursor.as_deref(),
-                )
-                .await
-                {
-                    match e {
-                        QueryEnd::Refused(e) => {
-                            let err = HubToClient::Error {
-                                query_id: Some(query_id),
-                                code: e.code(),
-                                message: e.message().to_owned(),
-                            };
-                            if send(&mut socket, &err).await.is_err() {
-                                return;
-                            }
-                        }
-                        QueryEnd::Gone => return,
-                    }
-                }
+                query = Some(Query::start(
+                    state.clone(),
+                    caller.clone(),
+                    query_id,
+                    params,
+                    cursor,
+                ));
             }
         }
     }
@@ -283,10 +286,50 @@ impl From<ApiError> for QueryEnd {
     }
 }
 
+/// A running aggregate query: the messages its task sends the socket. Dropping it (the
+/// socket closing) stops the task, and with it every request still waiting on a device.
+struct Query {
+    messages: mpsc::Receiver<HubToClient>,
+    _task: AbortOnDropHandle<()>,
+}
+
+impl Query {
+    fn start(
+        state: Arc<HubState>,
+        caller: Caller,
+        query_id: String,
+        params: ListParams,
+        cursor: Option<String>,
+    ) -> Self {
+        let (out, messages) = mpsc::channel(QUERY_QUEUE);
+        let task = tokio::spawn(async move {
+            let ended =
+                aggregate_query(&state, &caller, &out, &query_id, &params, cursor.as_deref());
+            if let Err(QueryEnd::Refused(e)) = ended.await {
+                let err = HubToClient::Error {
+                    query_id: Some(query_id),
+                    code: e.code(),
+                    message: e.message().to_owned(),
+                };
+                let _ = out.send(err).await;
+            }
+        });
+        Query {
+            messages,
+            _task: AbortOnDropHandle::new(task),
+        }
+    }
+}
+
+/// The running query's next message; `None` once it has sent its last.
+async fn next_message(query: &mut Option<Query>) -> Option<HubToClient> {
+    query.as_mut()?.messages.recv().await
+}
+
 async fn aggregate_query(
     state: &HubState,
     caller: &Caller,
-    socket: &mut WebSocket,
+    out: &mpsc::Sender<HubToClient>,
     query_id: &str,
     params: &ListParams,
     cursor: Option<&str>,
@@ -316,14 +359,14 @@ async fn aggregate_query(
             .collect(),
         timeout_ms: u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX),
     };
-    send(socket, &started).await.map_err(|_| QueryEnd::Gone)?;
+    out.send(started).await.map_err(|_| QueryEnd::Gone)?;
     for device in &offline {
         let part = HubToClient::AggregateQueryPart {
             query_id: query_id.to_owned(),
             device: device.clone(),
             tasks: vec![],
         };
-        send(socket, &part).await.map_err(|_| QueryEnd::Gone)?;
+        out.send(part).await.map_err(|_| QueryEnd::Gone)?;
     }
     let mut parts = Vec::with_capacity(online.len());
     let mut stream = std::pin::pin!(aggregate::list_parts(
@@ -344,7 +387,7 @@ async fn aggregate_query(
                 .map(|p| p.tasks.clone())
                 .unwrap_or_default(),
         };
-        send(socket, &msg).await.map_err(|_| QueryEnd::Gone)?;
+        out.send(msg).await.map_err(|_| QueryEnd::Gone)?;
         parts.push(part);
     }
     let (tasks, next) = aggregate::merge(&parts, limit);
@@ -356,7 +399,7 @@ async fn aggregate_query(
         tasks,
         next_cursor: next.map(|c| c.encode()),
     };
-    send(socket, &done).await.map_err(|_| QueryEnd::Gone)
+    out.send(done).await.map_err(|_| QueryEnd::Gone)
 }
 
 /// The signed-in caller and the expiry of their credential.

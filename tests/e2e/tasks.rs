@@ -689,6 +689,83 @@ async fn client_websocket_streams_parts_as_devices_answer() -> Result<()> {
     Ok(())
 }
 
+#[tokio::test]
+async fn a_client_socket_waiting_on_a_query_still_hears_its_devices_and_closes_when_signed_out(
+) -> Result<()> {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    // Heartbeats far apart, so the silent hand-driven device stays online for the
+    // whole test; a device that goes away is seen at once by its socket closing.
+    let hub = Hub::start_with(&["--heartbeat-interval", "20s"]).await?;
+    let alice = Api::login(&hub.url, &hub.add_user("alice")?).await?;
+    let fast = Cocoon::start(&hub.url, "fast", Some(&alice.setup_token(60).await?), &[])?;
+    let fast_id = fast.device_id().await?;
+    let (mut slow, _) = raw_task_device(&hub, &alice, "slow").await?;
+    let mut client = crate::wire::client(&hub, &alice.jwt).await?;
+    client
+        .send(Message::text(json!({"type": "watch_devices"}).to_string()))
+        .await?;
+    let listed = crate::wire::next(&mut client).await?;
+    assert_eq!(listed["type"], "devices", "{listed}");
+    assert_eq!(listed["full"], true, "{listed}");
+
+    client
+        .send(Message::text(
+            json!({"type": "aggregate_query", "query_id": "q1", "timeout_ms": 30000}).to_string(),
+        ))
+        .await?;
+    // The slow device holds the request and never answers it.
+    let request = crate::wire::next(&mut slow).await?;
+    assert_eq!(request["op"], "list_tasks", "{request}");
+    let fast_status = |m: &Value| {
+        m["devices"].as_array().and_then(|ds| {
+            ds.iter()
+                .find(|d| d["device_id"] == fast_id.as_str())
+                .map(|d| d["status"].as_str().unwrap_or_default().to_owned())
+        })
+    };
+    // While the query waits, the fast device answers and then goes away, and the watch
+    // says so (each read fails after 10 s without a frame).
+    loop {
+        let m = crate::wire::next(&mut client).await?;
+        assert_ne!(
+            m["type"], "aggregate_query_done",
+            "the query still waits: {m}"
+        );
+        if m["type"] == "aggregate_query_part" && m["device"]["device_id"] == fast_id.as_str() {
+            break;
+        }
+    }
+    drop(fast);
+    loop {
+        let m = crate::wire::next(&mut client).await?;
+        assert_ne!(
+            m["type"], "aggregate_query_done",
+            "the query still waits: {m}"
+        );
+        if m["type"] == "devices" && fast_status(&m).as_deref() == Some("offline") {
+            break;
+        }
+    }
+
+    // Signing out closes the socket at once, the query still waiting on the slow device.
+    let (status, body) = alice.delete("/api/auth/session").await?;
+    assert!(status < 300, "{status} {body}");
+    loop {
+        let m = crate::wire::next(&mut client).await?;
+        assert_ne!(
+            m["type"], "aggregate_query_done",
+            "the query still waits: {m}"
+        );
+        if m.get("close").is_some() {
+            assert_eq!(m["close"], 1008, "{m}");
+            assert_eq!(m["reason"], "session signed out", "{m}");
+            break;
+        }
+    }
+    Ok(())
+}
+
 /// Reads a server-sent event stream to its end: `(event, data)` pairs in order.
 async fn read_sse(api: &Api, path: &str) -> Result<Vec<(String, Value)>> {
     use futures_util::StreamExt;
