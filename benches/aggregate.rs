@@ -43,7 +43,10 @@
 //!   calling thread (the store's SQL, a cached prepared statement, rows into tasks),
 //!   each read in turn with one of `local`'s, so both meet the same disturbances;
 //! - the process CPU time per merged request (hub, cocoons and client share the
-//!   process and its cores).
+//!   process and its cores);
+//! - thread switches per request (every thread's voluntary and involuntary context
+//!   switches, from `/proc`), for adi in this process and for the NATS peer in this
+//!   process and in `nats-server`: what a request pays in sleeps and wake-ups.
 //!
 //! At the end it times, without any network, the pieces the hub and devices repeat per
 //! device (encoding and decoding one device's 50-task answer frame) and the merge of
@@ -239,6 +242,11 @@ struct Scenario {
     nats_server_cpu_per_request: Option<Duration>,
     cpu_per_single: Option<Duration>,
     cpu_per_local: Option<Duration>,
+    /// Times the process's threads went to sleep or were preempted, per merged request.
+    switches_per_merged: Option<f64>,
+    /// The same per NATS scatter-gather, in this process and in `nats-server`.
+    switches_per_nats: Option<f64>,
+    nats_server_switches_per_request: Option<f64>,
     problems: Problems,
 }
 
@@ -535,8 +543,12 @@ impl Bench {
         let mut cpu_rounds = Vec::with_capacity(self.args.rounds);
         let mut nats_cpu_rounds = Vec::with_capacity(self.args.rounds);
         let mut nats_server_rounds = Vec::with_capacity(self.args.rounds);
+        let mut switch_rounds = Vec::with_capacity(self.args.rounds);
+        let mut nats_switch_rounds = Vec::with_capacity(self.args.rounds);
+        let mut nats_server_switch_rounds = Vec::with_capacity(self.args.rounds);
         for _ in 0..self.args.rounds {
             let mut merged = Vec::with_capacity(iterations);
+            let switches_before = switches("/proc/self");
             let cpu_before = self.process_cpu();
             for _ in 0..iterations {
                 match self.merged_page(None).await {
@@ -552,9 +564,17 @@ impl Bench {
                 }
             }
             cpu_rounds.push(self.cpu_per(cpu_before, merged.len()));
+            switch_rounds.push(per_request(
+                switches_before,
+                switches("/proc/self"),
+                merged.len(),
+            ));
             merged_rounds.push(Summary::of(&merged));
 
             let mut nats = Vec::with_capacity(iterations);
+            let server = nats_server_proc();
+            let server_switches_before = server.as_deref().and_then(switches);
+            let switches_before = switches("/proc/self");
             let cpu_before = self.process_cpu();
             let server_before = self.nats_server_cpu();
             for _ in 0..iterations {
@@ -570,6 +590,16 @@ impl Bench {
                 }
             }
             nats_cpu_rounds.push(self.cpu_per(cpu_before, nats.len()));
+            nats_switch_rounds.push(per_request(
+                switches_before,
+                switches("/proc/self"),
+                nats.len(),
+            ));
+            nats_server_switch_rounds.push(per_request(
+                server_switches_before,
+                server.as_deref().and_then(switches),
+                nats.len(),
+            ));
             nats_server_rounds.push(match (server_before, self.nats_server_cpu()) {
                 (Some(a), Some(b)) if b >= a && !nats.is_empty() => {
                     Some(Duration::from_secs_f64((b - a) / nats.len() as f64))
@@ -581,6 +611,9 @@ impl Bench {
         let cpu_per_merged = median_duration(cpu_rounds);
         let cpu_per_nats = median_duration(nats_cpu_rounds);
         let nats_server_cpu_per_request = median_duration(nats_server_rounds);
+        let switches_per_merged = median_f64(switch_rounds);
+        let switches_per_nats = median_f64(nats_switch_rounds);
+        let nats_server_switches_per_request = median_f64(nats_server_switch_rounds);
 
         // Second page, with the first page's cursor.
         let mut second = Vec::with_capacity(iterations);
@@ -659,6 +692,9 @@ impl Bench {
             cpu_per_merged,
             cpu_per_nats,
             nats_server_cpu_per_request,
+            switches_per_merged,
+            switches_per_nats,
+            nats_server_switches_per_request,
             cpu_per_single,
             cpu_per_local,
             problems,
@@ -812,11 +848,7 @@ impl Bench {
 
     /// CPU seconds the local `nats-server` has used (the first process of that name).
     fn nats_server_cpu(&self) -> Option<f64> {
-        let pid = std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-            let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
-            (comm.trim() == "nats-server").then(|| e.file_name())
-        })?;
-        self.cpu_of(&format!("/proc/{}/stat", pid.to_string_lossy()))
+        self.cpu_of(&format!("{}/stat", nats_server_proc()?))
     }
 
     /// CPU seconds (user + system) this process has used, from `/proc/self/stat`.
@@ -1260,6 +1292,13 @@ fn print_scenario(s: &Scenario) {
         cpu(s.cpu_per_nats),
         cpu(s.nats_server_cpu_per_request)
     );
+    let switches = |n: Option<f64>| n.map_or_else(|| "-".to_owned(), |n| format!("{n:.1}"));
+    println!(
+        "  thread switches per request: merged p1 {} in this process; NATS {} in this process + {} in nats-server",
+        switches(s.switches_per_merged),
+        switches(s.switches_per_nats),
+        switches(s.nats_server_switches_per_request)
+    );
     let p = &s.problems;
     println!(
         "  checks: {} problems (short pages {}, non-ok parts {}, missing parts {}, HTTP errors {})",
@@ -1275,6 +1314,52 @@ fn print_scenario(s: &Scenario) {
 }
 
 /// The median of the figures there are (rounds whose clock could not be read left out).
+/// The `/proc` directory of the local `nats-server` (the first process of that name).
+fn nats_server_proc() -> Option<String> {
+    let pid = std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+        (comm.trim() == "nats-server").then(|| e.file_name())
+    })?;
+    Some(format!("/proc/{}", pid.to_string_lossy()))
+}
+
+/// How many times the threads of the process at `proc_dir` have stopped running, by
+/// waiting (voluntary) or being preempted: each is a sleep and a wake-up, the cost a
+/// request pays in hand-offs between threads and processes.
+fn switches(proc_dir: &str) -> Option<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("{proc_dir}/task"))
+        .ok()?
+        .flatten()
+    {
+        // A thread that ended between the listing and the read counts no more.
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        for line in status.lines() {
+            if let Some(n) = line
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                total += n.trim().parse::<u64>().ok()?;
+            }
+        }
+    }
+    Some(total)
+}
+
+/// A count's growth per request.
+fn per_request(before: Option<u64>, after: Option<u64>, n: usize) -> Option<f64> {
+    let (before, after) = (before?, after?);
+    (n > 0 && after >= before).then(|| (after - before) as f64 / n as f64)
+}
+
+fn median_f64(figures: Vec<Option<f64>>) -> Option<f64> {
+    let mut figures: Vec<f64> = figures.into_iter().flatten().collect();
+    figures.sort_unstable_by(f64::total_cmp);
+    figures.get(figures.len() / 2).copied()
+}
+
 fn median_duration(figures: Vec<Option<Duration>>) -> Option<Duration> {
     let mut figures: Vec<Duration> = figures.into_iter().flatten().collect();
     figures.sort_unstable();
