@@ -576,7 +576,9 @@ impl Bench {
             let server_switches_before = server.as_deref().and_then(switches);
             let switches_before = switches("/proc/self");
             let cpu_before = self.process_cpu();
-            let server_before = self.nats_server_cpu();
+            let server_before = server
+                .as_deref()
+                .and_then(|s| self.cpu_of(&format!("{s}/stat")));
             for _ in 0..iterations {
                 match self.nats.merged(self.args.limit).await {
                     Ok(answer) => {
@@ -600,7 +602,10 @@ impl Bench {
                 server.as_deref().and_then(switches),
                 nats.len(),
             ));
-            nats_server_rounds.push(match (server_before, self.nats_server_cpu()) {
+            let server_after = server
+                .as_deref()
+                .and_then(|s| self.cpu_of(&format!("{s}/stat")));
+            nats_server_rounds.push(match (server_before, server_after) {
                 (Some(a), Some(b)) if b >= a && !nats.is_empty() => {
                     Some(Duration::from_secs_f64((b - a) / nats.len() as f64))
                 }
@@ -608,12 +613,12 @@ impl Bench {
             });
             nats_rounds.push(Summary::of(&nats));
         }
-        let cpu_per_merged = median_duration(cpu_rounds);
-        let cpu_per_nats = median_duration(nats_cpu_rounds);
-        let nats_server_cpu_per_request = median_duration(nats_server_rounds);
-        let switches_per_merged = median_f64(switch_rounds);
-        let switches_per_nats = median_f64(nats_switch_rounds);
-        let nats_server_switches_per_request = median_f64(nats_server_switch_rounds);
+        let cpu_per_merged = median(cpu_rounds);
+        let cpu_per_nats = median(nats_cpu_rounds);
+        let nats_server_cpu_per_request = median(nats_server_rounds);
+        let switches_per_merged = median(switch_rounds);
+        let switches_per_nats = median(nats_switch_rounds);
+        let nats_server_switches_per_request = median(nats_server_switch_rounds);
 
         // Second page, with the first page's cursor.
         let mut second = Vec::with_capacity(iterations);
@@ -844,11 +849,6 @@ impl Bench {
         let after = self.process_cpu()?;
         let before = before?;
         (n > 0 && after >= before).then(|| Duration::from_secs_f64((after - before) / n as f64))
-    }
-
-    /// CPU seconds the local `nats-server` has used (the first process of that name).
-    fn nats_server_cpu(&self) -> Option<f64> {
-        self.cpu_of(&format!("{}/stat", nats_server_proc()?))
     }
 
     /// CPU seconds (user + system) this process has used, from `/proc/self/stat`.
@@ -1354,15 +1354,10 @@ fn per_request(before: Option<u64>, after: Option<u64>, n: usize) -> Option<f64>
     (n > 0 && after >= before).then(|| (after - before) as f64 / n as f64)
 }
 
-fn median_f64(figures: Vec<Option<f64>>) -> Option<f64> {
-    let mut figures: Vec<f64> = figures.into_iter().flatten().collect();
-    figures.sort_unstable_by(f64::total_cmp);
-    figures.get(figures.len() / 2).copied()
-}
-
-fn median_duration(figures: Vec<Option<Duration>>) -> Option<Duration> {
-    let mut figures: Vec<Duration> = figures.into_iter().flatten().collect();
-    figures.sort_unstable();
+/// The median of the figures there are (rounds whose figure could not be read left out).
+fn median<T: PartialOrd + Copy>(figures: Vec<Option<T>>) -> Option<T> {
+    let mut figures: Vec<T> = figures.into_iter().flatten().collect();
+    figures.sort_unstable_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     figures.get(figures.len() / 2).copied()
 }
 

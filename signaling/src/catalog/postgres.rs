@@ -661,12 +661,7 @@ impl Catalog for PgCatalog {
         now: i64,
     ) -> Result<Vec<Member>> {
         let mut tx = self.pool.begin().await?;
-        // The device's row lock serialises removals, so two owners removing each other
-        // at once cannot leave it with none.
-        sqlx::query("SELECT id FROM devices WHERE id = $1 FOR UPDATE")
-            .bind(device.as_str())
-            .execute(&mut *tx)
-            .await?;
+        lock_device(&mut tx, device).await?;
         let members = members_of(&mut tx, device).await?;
         rows::check_removable(&members, user)?;
         sqlx::query("DELETE FROM device_owners WHERE device_id = $1 AND user_id = $2")
@@ -688,12 +683,7 @@ impl Catalog for PgCatalog {
         now: i64,
     ) -> Result<Vec<Member>> {
         let mut tx = self.pool.begin().await?;
-        // As for removals: two owners making each other users at once cannot leave the
-        // device with none.
-        sqlx::query("SELECT id FROM devices WHERE id = $1 FOR UPDATE")
-            .bind(device.as_str())
-            .execute(&mut *tx)
-            .await?;
+        lock_device(&mut tx, device).await?;
         let members = members_of(&mut tx, device).await?;
         rows::check_role_change(&members, user, role)?;
         sqlx::query("UPDATE device_owners SET role = $1 WHERE device_id = $2 AND user_id = $3")
@@ -713,10 +703,7 @@ impl Catalog for PgCatalog {
 
     async fn delete_device(&self, device: &DeviceId, now: i64) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("SELECT id FROM devices WHERE id = $1 FOR UPDATE")
-            .bind(device.as_str())
-            .execute(&mut *tx)
-            .await?;
+        lock_device(&mut tx, device).await?;
         let gone = forget_device(&mut tx, device, now).await?;
         tx.commit().await?;
         Ok(gone)
@@ -845,6 +832,17 @@ async fn revoke_unused_shares(
     .bind(user.to_string())
     .execute(&mut *conn)
     .await?;
+    Ok(())
+}
+
+/// Locks `device`'s row until the transaction ends: what changes its members or removes
+/// it takes this lock first, so two owners removing or demoting each other at once
+/// cannot leave it with none.
+async fn lock_device(conn: &mut PgConnection, device: &DeviceId) -> Result<()> {
+    sqlx::query("SELECT id FROM devices WHERE id = $1 FOR UPDATE")
+        .bind(device.as_str())
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
