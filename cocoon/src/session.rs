@@ -455,6 +455,10 @@ struct Session<'a> {
     views: Views,
     /// Whether this socket's frames have been meeting in its writes.
     pacing: Pacing,
+    /// An answer made while reading the hub's frame, written next by this task itself:
+    /// queued on `answers` instead, it would wake this task while it runs, and the
+    /// runtime reschedules a task woken that way by waking another worker thread.
+    answered: Option<DeviceToHub>,
 }
 
 /// A session's own views of what the device offers and serves, so that a change made
@@ -506,6 +510,7 @@ impl<'a> Session<'a> {
             services,
             views,
             pacing: Pacing::default(),
+            answered: None,
         }
     }
 
@@ -534,7 +539,13 @@ impl<'a> Session<'a> {
                 Ok(()) = self.views.capabilities.changed() => self.on_capabilities().await,
                 Ok(()) = self.views.services.changed() => self.on_services().await,
                 Some(call) = calls.recv() => self.on_call(call).await,
-                frame = self.ws.next() => self.on_frame(frame),
+                frame = self.ws.next() => match self.on_frame(frame) {
+                    None => match self.answered.take() {
+                        Some(answer) => self.on_answer(answer).await,
+                        None => None,
+                    },
+                    end => end,
+                },
             };
             if let Some(outcome) = ended {
                 return outcome;
@@ -866,10 +877,10 @@ impl<'a> Session<'a> {
 
     /// Answers a request about this device's tasks, on a task of its own. A lookup or
     /// a page of tasks is first tried here: the task store reads a short one on the
-    /// calling thread (tens of microseconds), and when it did, the answer is queued at
-    /// once, without a task to start and wake. Anything that has to wait goes on in its
-    /// own task from where it stopped.
-    fn serve_request(&self, request_id: u64, request: DeviceRequest) {
+    /// calling thread (tens of microseconds), and when it did, the session writes the
+    /// answer next, without a task to start and wake. Anything that has to wait goes
+    /// on in its own task from where it stopped.
+    fn serve_request(&mut self, request_id: u64, request: DeviceRequest) {
         let runner = self.agent.runner.clone();
         let device_id = self.device_id.clone();
         let budget = self.budget;
@@ -888,10 +899,16 @@ impl<'a> Session<'a> {
                     request_id,
                     outcome,
                 };
-                if let Err(mpsc::error::TrySendError::Full(response)) = tx.try_send(response) {
-                    self.serving.spawn(async move {
-                        let _ = tx.send(response).await;
-                    });
+                match self.answered.replace(response) {
+                    None => {}
+                    Some(earlier) => {
+                        if let Err(mpsc::error::TrySendError::Full(earlier)) = tx.try_send(earlier)
+                        {
+                            self.serving.spawn(async move {
+                                let _ = tx.send(earlier).await;
+                            });
+                        }
+                    }
                 }
                 return;
             }
