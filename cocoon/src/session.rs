@@ -1013,7 +1013,11 @@ mod tests {
             .status(status)
             .body(Some(b"<html>\n  Not here\n</html>".to_vec()))
             .expect("response");
-        connect_failed("ws://hub/ws/cocoon", &roots(), Error::Http(response))
+        connect_failed(
+            "ws://hub/ws/cocoon",
+            &roots(),
+            Error::Http(Box::new(response)),
+        )
     }
 
     /// Stopping for good on a hub that is only busy or restarting would strand a
