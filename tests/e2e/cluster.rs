@@ -581,6 +581,70 @@ async fn a_hub_forwarding_many_streams_is_not_held_to_the_cap_per_source() -> Re
     .await
 }
 
+/// A hub that has not forwarded anything to the device's hub yet, asked for many
+/// streams at once, opens their connections only once the device's hub has read a
+/// request with the hub key from it: none is refused at the cap per source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_streams_from_a_hub_that_has_not_forwarded_yet_is_not_refused() -> Result<()> {
+    const CAP: usize = 3;
+    const STREAMS: u8 = 32;
+    let cap = CAP.to_string();
+    in_cluster(&["--max-connections-per-source", &cap], |c| async move {
+        let (device, id, on_b) = web_device_on_a(&c).await?;
+        // One user address per stream, so hub b's own cap per source holds none back.
+        let clients: Vec<reqwest::Client> = (1..=STREAMS)
+            .map(|n| {
+                reqwest::Client::builder()
+                    .local_address(std::net::IpAddr::from([127, 0, 1, n]))
+                    .no_proxy()
+                    .build()
+            })
+            .collect::<Result<_, _>>()?;
+        // Each user's connection to hub b is open before the burst, so the requests
+        // reach hub b together.
+        for client in &clients {
+            let ok = client.get(format!("{}/healthz", on_b.base)).send().await?;
+            ensure!(ok.status() == 200, "{}", ok.status());
+        }
+        let url = format!("{}/proxy/{id}/web/sse", on_b.base);
+        let open = |client: reqwest::Client| {
+            let url = url.clone();
+            let jwt = on_b.jwt.clone();
+            async move {
+                let resp = client.get(&url).bearer_auth(&jwt).send().await?;
+                let status = resp.status();
+                if status != 200 {
+                    let body = resp.text().await.unwrap_or_default();
+                    anyhow::bail!("{status} {body}");
+                }
+                let mut body = resp.bytes_stream();
+                let mut text = String::new();
+                while !text.contains("data: first") {
+                    let chunk = tokio::time::timeout(Duration::from_secs(10), body.next())
+                        .await?
+                        .ok_or_else(|| anyhow!("the stream ended early"))??;
+                    text.push_str(&String::from_utf8_lossy(&chunk));
+                }
+                Ok(body)
+            }
+        };
+        // All at once, each held open: hub b needs a connection to hub a for every one.
+        let opened = futures_util::future::join_all(clients.into_iter().map(open)).await;
+        let mut held = Vec::new();
+        let mut failed = Vec::new();
+        for (i, stream) in opened.into_iter().enumerate() {
+            match stream {
+                Ok(body) => held.push(body),
+                Err(e) => failed.push(format!("stream {i}: {e:#}")),
+            }
+        }
+        ensure!(failed.is_empty(), "{failed:?}");
+        drop((held, device));
+        Ok(())
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_hub_s_device_is_back_on_another_within_seconds_and_its_streams_end_at_once(
 ) -> Result<()> {

@@ -1,11 +1,21 @@
 //! Requests from this hub to another of its cluster, over HTTP (HTTPS for a hub that
 //! serves TLS), on pooled connections. Each carries the cluster's hub key, which the
 //! other hub checks before it trusts anything the request says about its caller.
+//!
+//! The other hub holds this hub's address to its cap on connections per source until a
+//! request with the key has been read from it. So before this hub forwards anything to a
+//! hub it has not spoken to lately, it greets it with one small request and holds back
+//! the rest until that is answered: a burst of forwards from a hub that has just started
+//! then opens its connections once the address is trusted, instead of racing the first
+//! request's head and being refused with `429`.
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
 
 use adi_protocol::{DeviceId, DeviceReply, DeviceRequest};
 use axum::body::Body;
@@ -28,6 +38,17 @@ const MAX_ANSWER_BYTES: usize = 256 * 1024 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Beyond the request's own deadline, how long the other hub has to send its answer.
 const ANSWER_SLACK: Duration = Duration::from_secs(2);
+/// How long a greeting is trusted to keep this hub's address exempt at the other hub,
+/// which forgets it 10 minutes after the last request with the key.
+const GREETING_LASTS: Duration = Duration::from_secs(300);
+/// After a greeting went unanswered, how long requests go on without waiting for
+/// another: a hub that is down must not make every forward wait twice.
+const GREETING_RETRY: Duration = Duration::from_secs(1);
+/// Longest a greeting may take, connection included.
+const GREETING_TIMEOUT: Duration = Duration::from_secs(3);
+/// Where a greeting goes: it is answered by every hub, and the hub key it carries is
+/// what counts.
+const GREETING_PATH: &str = "/healthz";
 
 type Https = hyper_rustls::HttpsConnector<HttpConnector>;
 
@@ -35,6 +56,18 @@ type Https = hyper_rustls::HttpsConnector<HttpConnector>;
 #[derive(Clone)]
 pub struct Client {
     http: hyper_util::client::legacy::Client<Https, Body>,
+    /// By hub URL: until when that hub need not be greeted again.
+    greetings: Arc<DashMap<String, Arc<Greeting>>>,
+    /// What the greetings' deadlines count from.
+    epoch: Instant,
+}
+
+/// One hub's greeting: until when it holds (ms since the client's epoch, 0 before the
+/// first), and the lock that lets only one request send it.
+#[derive(Default)]
+struct Greeting {
+    until_ms: AtomicU64,
+    sending: tokio::sync::Mutex<()>,
 }
 
 impl Client {
@@ -70,7 +103,68 @@ impl Client {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(256)
             .build(https);
-        Ok(Client { http })
+        Ok(Client {
+            http,
+            greetings: Arc::default(),
+            epoch: Instant::now(),
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Makes sure hub `url` has read a request with the key from this hub lately: the
+    /// first request to it in a while sends a greeting, and any sent meanwhile wait for
+    /// it. A greeting that fails holds nothing back for long; the request that follows
+    /// reports what is wrong.
+    async fn greet(&self, url: &str, key: &str) {
+        let greeting = match self.greetings.get(url) {
+            Some(g) => g.clone(),
+            None => self.greetings.entry(url.to_owned()).or_default().clone(),
+        };
+        if self.now_ms() < greeting.until_ms.load(Ordering::Acquire) {
+            return;
+        }
+        let _sending = greeting.sending.lock().await;
+        if self.now_ms() < greeting.until_ms.load(Ordering::Acquire) {
+            return;
+        }
+        let answered = tokio::time::timeout(GREETING_TIMEOUT, self.send_greeting(url, key))
+            .await
+            .unwrap_or_else(|_| Err("no answer in time".into()));
+        let lasts = match answered {
+            Ok(()) => GREETING_LASTS,
+            Err(why) => {
+                tracing::debug!(hub = url, "greeting another hub failed: {why}");
+                GREETING_RETRY
+            }
+        };
+        let until = self
+            .now_ms()
+            .saturating_add(u64::try_from(lasts.as_millis()).unwrap_or(u64::MAX));
+        greeting.until_ms.store(until, Ordering::Release);
+    }
+
+    async fn send_greeting(&self, url: &str, key: &str) -> Result<(), String> {
+        let uri: Uri = format!("{}{GREETING_PATH}", url.trim_end_matches('/'))
+            .parse()
+            .map_err(|e: axum::http::uri::InvalidUri| e.to_string())?;
+        let req = Request::get(uri)
+            .header(HUB_KEY_HEADER, key)
+            .body(Body::empty())
+            .map_err(|e| e.to_string())?;
+        let response = self.http.request(req).await.map_err(|e| e.to_string())?;
+        let status = response.status();
+        // Read to the end, so the connection goes back to the pool for what follows.
+        axum::body::to_bytes(Body::new(response.into_body()), 4096)
+            .await
+            .map_err(|e| e.to_string())?;
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(format!("answered {status}"))
+        }
     }
 
     /// Asks hub `url` to carry `request` to `device`, connected there; waits up to
@@ -102,6 +196,7 @@ impl Client {
             .body(Body::from(body))
             .map_err(|e| lost(e.to_string()))?;
         let exchange = async {
+            self.greet(url, key).await;
             let response = self
                 .http
                 .request(req)
@@ -140,6 +235,7 @@ impl Client {
         mut req: Request<Body>,
         from: SocketAddr,
     ) -> Result<Response<Incoming>, String> {
+        self.greet(url, key).await;
         let path = req
             .uri()
             .path_and_query()
