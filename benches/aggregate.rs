@@ -738,7 +738,7 @@ impl Bench {
             let text = adi_protocol::encode(&msg);
             encode.push(t0.elapsed());
             let t0 = Instant::now();
-            let back = adi_protocol::decode_device_frame(text.as_bytes(), DEFAULT_MAX_FRAME_BYTES)
+            let back = adi_protocol::decode_device_frame(&text, DEFAULT_MAX_FRAME_BYTES)
                 .map_err(|e| anyhow!("decoding a device answer: {e}"))?;
             decode.push(t0.elapsed());
             std::hint::black_box(back);

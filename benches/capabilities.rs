@@ -143,7 +143,7 @@ async fn register(ws_url: &str, token: String, offers: Vec<CapabilityOffer>) -> 
     });
     ws.send(Message::text(encode(&reg))).await?;
     match ws.next().await {
-        Some(Ok(Message::Text(t))) => match decode_hub_frame(t.as_bytes(), usize::MAX)? {
+        Some(Ok(Message::Text(t))) => match decode_hub_frame(t.as_str(), usize::MAX)? {
             HubToDevice::Registered(_) => Ok(ws),
             other => bail!("registration refused: {other:?}"),
         },
@@ -184,7 +184,7 @@ async fn serve_echo(ws: Ws) {
             request_id,
             request: DeviceRequest::Capability { payload, .. },
             ..
-        }) = decode_hub_frame(t.as_bytes(), usize::MAX)
+        }) = decode_hub_frame(t.as_str(), usize::MAX)
         {
             let answer = DeviceToHub::Response {
                 request_id,
@@ -245,14 +245,12 @@ async fn adi_requester(mut ws: Ws, payload: Payload, mut go: mpsc::Receiver<Go>)
             }
             let ok = loop {
                 match ws.next().await {
-                    Some(Ok(Message::Text(t))) => {
-                        match decode_hub_frame(t.as_bytes(), usize::MAX) {
-                            Ok(HubToDevice::CapabilityResponse { outcome, .. }) => {
-                                break matches!(outcome, CapabilityOutcome::Ok(_))
-                            }
-                            _ => continue,
+                    Some(Ok(Message::Text(t))) => match decode_hub_frame(t.as_str(), usize::MAX) {
+                        Ok(HubToDevice::CapabilityResponse { outcome, .. }) => {
+                            break matches!(outcome, CapabilityOutcome::Ok(_))
                         }
-                    }
+                        _ => continue,
+                    },
                     Some(Ok(_)) => continue,
                     _ => break false,
                 }

@@ -763,7 +763,7 @@ impl<'a> Session<'a> {
             None => Some(lost(true, "hub closed the connection")),
             Some(Err(e)) => Some(lost(true, format!("connection failed: {e}"))),
             Some(Ok(Message::Close(frame))) => Some(lost(true, close_reason(frame.as_ref()))),
-            Some(Ok(Message::Text(t))) => self.on_message(t.as_bytes()),
+            Some(Ok(Message::Text(t))) => self.on_message(t.as_str()),
             Some(Ok(Message::Binary(b))) => {
                 self.on_binary(b);
                 None
@@ -773,7 +773,7 @@ impl<'a> Session<'a> {
     }
 
     /// A control message from the hub.
-    fn on_message(&mut self, text: &[u8]) -> Option<SessionEnd> {
+    fn on_message(&mut self, text: &str) -> Option<SessionEnd> {
         match adi_protocol::decode_hub_frame(text, self.agent.config.max_frame_bytes) {
             // Another agent holds this device's secret and took its place, or an owner
             // removed the device: reconnecting would only take it back, or be refused,

@@ -54,19 +54,23 @@ pub fn hub_frame(data: &[u8]) {
     direct_is_general(data, decode_hub_frame);
 }
 
-/// The direct reader and the general decoder agree, and what decodes round-trips.
-fn direct_is_general<T>(data: &[u8], direct: fn(&[u8], usize) -> Result<T, DecodeError>)
+/// The direct reader and the general decoder agree, and what decodes round-trips. The
+/// direct reader takes text, as the frames it reads are WebSocket text frames.
+fn direct_is_general<T>(data: &[u8], direct: fn(&str, usize) -> Result<T, DecodeError>)
 where
     T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug,
 {
-    let fast = direct(data, DEFAULT_MAX_FRAME_BYTES);
+    round_trip::<T>(data);
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let fast = direct(text, DEFAULT_MAX_FRAME_BYTES);
     let general = decode::<T>(data, DEFAULT_MAX_FRAME_BYTES);
     match (&fast, &general) {
         (Ok(a), Ok(b)) => assert_eq!(a, b, "the direct reader differs from the general one"),
         (Err(_), Err(_)) => {}
         _ => panic!("direct {fast:?} but general {general:?}"),
     }
-    round_trip::<T>(data);
 }
 
 /// A message that decodes survives its own encoding unchanged.

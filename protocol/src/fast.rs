@@ -13,7 +13,7 @@
 
 use serde::Deserialize;
 
-use crate::codec::{decode, DecodeError};
+use crate::codec::{decode_text, DecodeError};
 use crate::tasks::TaskPage;
 use crate::{
     CapabilityAnswer, CapabilityOutcome, CapabilityQuery, DeviceId, DeviceReply, DeviceRequest,
@@ -26,8 +26,9 @@ const REQUEST: &[u8] = br#"{"type":"request","#;
 const CAPABILITY_RESPONSE: &[u8] = br#"{"type":"capability_response","#;
 const PROXY_REQUEST: &[u8] = br#"{"type":"proxy_request","#;
 
-/// Decodes a frame a device sent.
-pub fn decode_device_frame(frame: &[u8], max_len: usize) -> Result<DeviceToHub, DecodeError> {
+/// Decodes a frame a device sent: the text of a WebSocket text frame, which the
+/// WebSocket reader has checked as UTF-8 already.
+pub fn decode_device_frame(frame: &str, max_len: usize) -> Result<DeviceToHub, DecodeError> {
     direct_or_general(
         frame,
         max_len,
@@ -38,8 +39,8 @@ pub fn decode_device_frame(frame: &[u8], max_len: usize) -> Result<DeviceToHub, 
     )
 }
 
-/// Decodes a frame the hub sent.
-pub fn decode_hub_frame(frame: &[u8], max_len: usize) -> Result<HubToDevice, DecodeError> {
+/// Decodes a frame the hub sent, text as in [`decode_device_frame`].
+pub fn decode_hub_frame(frame: &str, max_len: usize) -> Result<HubToDevice, DecodeError> {
     direct_or_general(
         frame,
         max_len,
@@ -57,24 +58,24 @@ type Direct<T> = (&'static [u8], fn(&[u8]) -> Option<T>);
 /// The message from the first direct reader whose prefix the frame starts with and
 /// that accepts it; otherwise the general decoder's answer.
 fn direct_or_general<T: serde::de::DeserializeOwned>(
-    frame: &[u8],
+    frame: &str,
     max_len: usize,
     direct: &[Direct<T>],
 ) -> Result<T, DecodeError> {
-    // Only frames a direct reader takes pay for the scans below: heartbeats and the
-    // rest go straight the general way.
-    let Some((_, read)) = direct.iter().find(|(prefix, _)| frame.starts_with(prefix)) else {
-        return decode(frame, max_len);
+    let bytes = frame.as_bytes();
+    // Only frames a direct reader takes pay for the scan below: heartbeats and the
+    // rest go straight the general way. Being text, the frame is UTF-8 throughout, so
+    // the direct readers, which look only at the fields they read, and the general
+    // decoder, which looks at all of it, cannot disagree about that.
+    let Some((_, read)) = direct.iter().find(|(prefix, _)| bytes.starts_with(prefix)) else {
+        return decode_text(frame, max_len);
     };
-    // The general decoder refuses invalid UTF-8 anywhere in the frame, the direct
-    // readers only where they read a string, not in a field they skip: both must give
-    // one answer (a text frame is UTF-8 already, so this refuses nothing real).
-    if frame.len() <= max_len && std::str::from_utf8(frame).is_ok() && !may_overflow(frame) {
-        if let Some(msg) = read(frame) {
+    if frame.len() <= max_len && !may_overflow(bytes) {
+        if let Some(msg) = read(bytes) {
             return Ok(msg);
         }
     }
-    decode(frame, max_len)
+    decode_text(frame, max_len)
 }
 
 /// Whether a number outside the frame's strings might not fit an `f64`: one with an
@@ -285,6 +286,7 @@ fn capability_response(frame: &[u8]) -> Option<HubToDevice> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::decode;
     use crate::{encode, ErrorCode};
 
     const MAX: usize = crate::DEFAULT_MAX_FRAME_BYTES;
@@ -384,7 +386,7 @@ mod tests {
             }),
         ];
         for frame in &frames {
-            let msg = decode_device_frame(frame.as_bytes(), MAX).expect("decodes");
+            let msg = decode_device_frame(&frame, MAX).expect("decodes");
             assert_eq!(
                 msg,
                 decode::<DeviceToHub>(frame.as_bytes(), MAX).expect("same")
@@ -409,7 +411,7 @@ mod tests {
             }),
         ];
         for frame in &frames {
-            let msg = decode_hub_frame(frame.as_bytes(), MAX).expect("decodes");
+            let msg = decode_hub_frame(&frame, MAX).expect("decodes");
             assert_eq!(
                 msg,
                 decode::<HubToDevice>(frame.as_bytes(), MAX).expect("same")
@@ -434,17 +436,14 @@ mod tests {
             let frame = encode(&head);
             assert!(frame.as_bytes().starts_with(PROXY_REQUEST), "{frame}");
             assert_eq!(proxy_request(frame.as_bytes()).as_ref(), Some(&head));
-            assert_eq!(
-                decode_hub_frame(frame.as_bytes(), MAX).expect("decodes"),
-                head
-            );
+            assert_eq!(decode_hub_frame(&frame, MAX).expect("decodes"), head);
         }
         // A head missing a field is refused with the general decoder's error.
-        let partial = br#"{"type":"proxy_request","stream_id":1,"service":"web"}"#;
-        assert!(proxy_request(partial).is_none());
+        let partial = r#"{"type":"proxy_request","stream_id":1,"service":"web"}"#;
+        assert!(proxy_request(partial.as_bytes()).is_none());
         assert_eq!(
             decode_hub_frame(partial, MAX).map_err(|e| e.to_string()),
-            decode::<HubToDevice>(partial, MAX).map_err(|e| e.to_string())
+            decode::<HubToDevice>(partial.as_bytes(), MAX).map_err(|e| e.to_string())
         );
     }
 
@@ -455,11 +454,11 @@ mod tests {
             outcome: Outcome::Error(RemoteError::new(ErrorCode::NotFound, "no task")),
         });
         assert_eq!(
-            decode_device_frame(stats.as_bytes(), MAX).expect("decodes"),
+            decode_device_frame(&stats, MAX).expect("decodes"),
             decode::<DeviceToHub>(stats.as_bytes(), MAX).expect("decodes")
         );
         // A task request is not a capability one: the direct path declines it.
-        let task = br#"{"type":"request","request_id":1,"deadline_ms":5,"op":"task_stats"}"#;
+        let task = r#"{"type":"request","request_id":1,"deadline_ms":5,"op":"task_stats"}"#;
         assert_eq!(
             decode_hub_frame(task, MAX).expect("decodes"),
             HubToDevice::Request {
@@ -469,13 +468,13 @@ mod tests {
             }
         );
         // Both an answer and an error: refused as the general way refuses it.
-        let both = br#"{"type":"capability_response","request_id":1,"ok":{"from_device":"00","payload":1},"error":{"code":"internal","message":"x"}}"#;
+        let both = r#"{"type":"capability_response","request_id":1,"ok":{"from_device":"00","payload":1},"error":{"code":"internal","message":"x"}}"#;
         assert_eq!(
             decode_hub_frame(both, MAX).map_err(|e| e.to_string()),
-            decode::<HubToDevice>(both, MAX).map_err(|e| e.to_string())
+            decode::<HubToDevice>(both.as_bytes(), MAX).map_err(|e| e.to_string())
         );
         // Fields in another order, tag last: still decoded.
-        let late = br#"{"request_id":5,"capability":{"protocol":"x"},"deadline_ms":1,"type":"capability_request"}"#;
+        let late = r#"{"request_id":5,"capability":{"protocol":"x"},"deadline_ms":1,"type":"capability_request"}"#;
         assert!(matches!(
             decode_device_frame(late, MAX),
             Ok(DeviceToHub::CapabilityRequest { request_id: 5, .. })
@@ -485,10 +484,10 @@ mod tests {
     #[test]
     fn broken_and_oversized_frames_get_the_general_errors() {
         let broken =
-            br#"{"type":"response","request_id":1,"ok":{"kind":"capability","payload":{]}}"#;
+            r#"{"type":"response","request_id":1,"ok":{"kind":"capability","payload":{]}}"#;
         assert_eq!(
             decode_device_frame(broken, MAX),
-            decode::<DeviceToHub>(broken, MAX)
+            decode::<DeviceToHub>(broken.as_bytes(), MAX)
         );
         assert!(decode_device_frame(broken, MAX).is_err());
         let big = encode(&DeviceToHub::Response {
@@ -498,7 +497,7 @@ mod tests {
             }),
         });
         assert!(matches!(
-            decode_device_frame(big.as_bytes(), 100),
+            decode_device_frame(&big, 100),
             Err(DecodeError::TooLarge { max: 100, .. })
         ));
     }

@@ -581,10 +581,12 @@ impl Connection {
     /// Handles one data frame; says what else it calls for. Never waits: the one slow
     /// step, a catalog write, is left to the caller.
     fn handle(&mut self, msg: Message) -> Handled {
-        let Some(bytes) = frame_bytes(&msg) else {
+        // Binary frames are body frames, read before this.
+        let Message::Text(frame) = &msg else {
             return Handled::Done;
         };
-        let decoded = adi_protocol::decode_device_frame(bytes, self.state.config.max_frame_bytes);
+        let decoded =
+            adi_protocol::decode_device_frame(frame.as_str(), self.state.config.max_frame_bytes);
         match decoded {
             Err(e) => {
                 debug!(device_id = %self.config.id, conn_id = self.conn_id, "undecodable frame: {e}");
