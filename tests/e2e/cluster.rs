@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, ensure, Result};
+use anyhow::{anyhow, ensure, Context, Result};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -502,6 +502,30 @@ async fn web_device_on_a(c: &Cluster) -> Result<(Cocoon, String, Api)> {
     Ok((device, id, on_b))
 }
 
+/// Opens the test service's SSE stream at `url` and reads it up to its first event; the
+/// stream is returned open.
+async fn first_event(
+    client: reqwest::Client,
+    url: String,
+    jwt: String,
+) -> Result<impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>>> {
+    let resp = client.get(&url).bearer_auth(&jwt).send().await?;
+    let status = resp.status();
+    if status != 200 {
+        let body = resp.text().await.unwrap_or_default();
+        anyhow::bail!("{status} {body}");
+    }
+    let mut body = resp.bytes_stream();
+    let mut text = String::new();
+    while !text.contains("data: first") {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), body.next())
+            .await?
+            .ok_or_else(|| anyhow!("the stream ended early"))??;
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    Ok(body)
+}
+
 /// A hub forwards each request on its own connection to the device's hub, all from one
 /// address: once one of them carried the hub key, that address is not held to the cap
 /// per source, while any other address still is.
@@ -532,24 +556,10 @@ async fn a_hub_forwarding_many_streams_is_not_held_to_the_cap_per_source() -> Re
         // Many streams held open at once through hub b, each its own connection to a.
         let mut open = Vec::new();
         for i in 0..STREAMS {
-            let resp = clients[i % clients.len()]
-                .get(url("/sse"))
-                .bearer_auth(&on_b.jwt)
-                .send()
-                .await?;
-            let status = resp.status();
-            if status != 200 {
-                let body = resp.text().await.unwrap_or_default();
-                anyhow::bail!("stream {i}: {status} {body}");
-            }
-            let mut body = resp.bytes_stream();
-            let mut text = String::new();
-            while !text.contains("data: first") {
-                let chunk = tokio::time::timeout(Duration::from_secs(10), body.next())
-                    .await?
-                    .ok_or_else(|| anyhow!("stream {i} ended early"))??;
-                text.push_str(&String::from_utf8_lossy(&chunk));
-            }
+            let client = clients[i % clients.len()].clone();
+            let body = first_event(client, url("/sse"), on_b.jwt.clone())
+                .await
+                .with_context(|| format!("stream {i}"))?;
             open.push(body);
         }
 
@@ -607,29 +617,13 @@ async fn a_burst_of_streams_from_a_hub_that_has_not_forwarded_yet_is_not_refused
             ensure!(ok.status() == 200, "{}", ok.status());
         }
         let url = format!("{}/proxy/{id}/web/sse", on_b.base);
-        let open = |client: reqwest::Client| {
-            let url = url.clone();
-            let jwt = on_b.jwt.clone();
-            async move {
-                let resp = client.get(&url).bearer_auth(&jwt).send().await?;
-                let status = resp.status();
-                if status != 200 {
-                    let body = resp.text().await.unwrap_or_default();
-                    anyhow::bail!("{status} {body}");
-                }
-                let mut body = resp.bytes_stream();
-                let mut text = String::new();
-                while !text.contains("data: first") {
-                    let chunk = tokio::time::timeout(Duration::from_secs(10), body.next())
-                        .await?
-                        .ok_or_else(|| anyhow!("the stream ended early"))??;
-                    text.push_str(&String::from_utf8_lossy(&chunk));
-                }
-                Ok(body)
-            }
-        };
         // All at once, each held open: hub b needs a connection to hub a for every one.
-        let opened = futures_util::future::join_all(clients.into_iter().map(open)).await;
+        let opened = futures_util::future::join_all(
+            clients
+                .into_iter()
+                .map(|client| first_event(client, url.clone(), on_b.jwt.clone())),
+        )
+        .await;
         let mut held = Vec::new();
         let mut failed = Vec::new();
         for (i, stream) in opened.into_iter().enumerate() {
