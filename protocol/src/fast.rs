@@ -386,7 +386,7 @@ mod tests {
             }),
         ];
         for frame in &frames {
-            let msg = decode_device_frame(&frame, MAX).expect("decodes");
+            let msg = decode_device_frame(frame, MAX).expect("decodes");
             assert_eq!(
                 msg,
                 decode::<DeviceToHub>(frame.as_bytes(), MAX).expect("same")
@@ -411,7 +411,7 @@ mod tests {
             }),
         ];
         for frame in &frames {
-            let msg = decode_hub_frame(&frame, MAX).expect("decodes");
+            let msg = decode_hub_frame(frame, MAX).expect("decodes");
             assert_eq!(
                 msg,
                 decode::<HubToDevice>(frame.as_bytes(), MAX).expect("same")
