@@ -455,7 +455,7 @@ struct Session<'a> {
     views: Views,
     /// Whether this socket's frames have been meeting in its writes.
     pacing: Pacing,
-    /// An answer made while reading the hub's frame, written next by this task itself:
+    /// The answer made while reading the hub's frame, written next by this task itself:
     /// queued on `answers` instead, it would wake this task while it runs, and the
     /// runtime reschedules a task woken that way by waking another worker thread.
     answered: Option<DeviceToHub>,
@@ -899,17 +899,10 @@ impl<'a> Session<'a> {
                     request_id,
                     outcome,
                 };
-                match self.answered.replace(response) {
-                    None => {}
-                    Some(earlier) => {
-                        if let Err(mpsc::error::TrySendError::Full(earlier)) = tx.try_send(earlier)
-                        {
-                            self.serving.spawn(async move {
-                                let _ = tx.send(earlier).await;
-                            });
-                        }
-                    }
-                }
+                // One frame asks one thing, and the session takes the answer as soon as
+                // the frame is handled.
+                debug_assert!(self.answered.is_none(), "two answers from one frame");
+                self.answered = Some(response);
                 return;
             }
         }

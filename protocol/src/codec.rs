@@ -27,25 +27,22 @@ pub enum DecodeError {
 
 /// Decodes one frame. Errors never quote field values, which may be secrets.
 pub fn decode<T: DeserializeOwned>(frame: &[u8], max_len: usize) -> Result<T, DecodeError> {
-    if frame.len() > max_len {
-        return Err(DecodeError::TooLarge {
-            len: frame.len(),
-            max: max_len,
-        });
-    }
+    fits(frame.len(), max_len)?;
     serde_json::from_slice(frame).map_err(|e| DecodeError::Invalid(describe(&e)))
 }
 
 /// [`decode`] for a frame that is text already (a WebSocket text frame, checked as
 /// UTF-8 when it was read): its strings are not checked again.
 pub fn decode_text<T: DeserializeOwned>(frame: &str, max_len: usize) -> Result<T, DecodeError> {
-    if frame.len() > max_len {
-        return Err(DecodeError::TooLarge {
-            len: frame.len(),
-            max: max_len,
-        });
-    }
+    fits(frame.len(), max_len)?;
     serde_json::from_str(frame).map_err(|e| DecodeError::Invalid(describe(&e)))
+}
+
+fn fits(len: usize, max: usize) -> Result<(), DecodeError> {
+    if len > max {
+        return Err(DecodeError::TooLarge { len, max });
+    }
+    Ok(())
 }
 
 /// Encodes one message as the text of a frame.
